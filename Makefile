@@ -1,0 +1,33 @@
+# Every target installs what it needs into .venv first.
+# CI pins the CPU build of torch: `make test TORCH=torch==2.13.0`; users may leave it unpinned.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m gist_lightning.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gist_lightning tests experiments
+
+bench: $(STAMP)
+	$(PY) experiments/bench_caching.py
+
+clean:
+	rm -rf $(VENV) .cache runs

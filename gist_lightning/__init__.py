@@ -1,0 +1,8 @@
+"""gist-lightning: gist tokens for prompt compression (Mu, Li, Goodman 2023) on PyTorch Lightning."""
+
+from .caching import GistCache, compress, generate
+from .masks import CONDITIONS
+from .tokens import GIST_TOKEN, add_gist_token
+
+__all__ = ["CONDITIONS", "GIST_TOKEN", "GistCache", "add_gist_token", "compress", "generate"]
+__version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""The defining property of gist caching, for every supported family and attention implementation:
+the cached path equals the masked full-prompt forward (logits and greedy tokens), batched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ALL_FAMILIES, make_pair
+
+from gist_lightning import caching, compress, generate
+from gist_lightning.caching import pad_batch
+from gist_lightning.families import gist_forward
+from gist_lightning.templates import encode_example
+
+INSTRUCTIONS = [
+    "reverse the list of words",
+    "count the words",
+    "put cat first and remove every dog from the list please",
+    "sort them",
+]
+INPUTS = ["apple banana cherry", "dog egg fig grape apple", "cat", "the quick brown fox jumps over the lazy dog"]
+OUTPUTS = ["cherry banana apple", "five", "cat", "brown dog fox jumps lazy over quick the the"]
+TOLERANCE = 1e-4
+MAX_DIFF: dict[str, float] = {}  # largest difference seen per family (printed at the end with -s)
+
+
+def _examples(model, tok, gist_id, k, bsz):
+    enc_dec = model.config.is_encoder_decoder
+    return [encode_example(tok, INSTRUCTIONS[i], INPUTS[i], OUTPUTS[i], k, gist_id, enc_dec) for i in range(bsz)]
+
+
+def _full_logits_after_gist(model, tok, gist_id, examples, condition, k):
+    """Logits of the masked full forward at every position after the gist span, per row."""
+    if model.config.is_encoder_decoder:
+        src, src_mask = pad_batch([e.prompt for e in examples], tok.pad_token_id, "right")
+        tgt, tgt_mask = pad_batch([e.target for e in examples], tok.pad_token_id, "right")
+        dec_in = model._shift_right(tgt)
+        out = gist_forward(model, src, src_mask, gist_id, condition, decoder_input_ids=dec_in, num_gist_tokens=k)
+        return [out.logits[i, : len(e.target)] for i, e in enumerate(examples)], dec_in
+    ids, mask = pad_batch([e.prompt + e.target for e in examples], tok.pad_token_id, "left")
+    out = gist_forward(model, ids, mask, gist_id, condition, num_gist_tokens=k)
+    return [out.logits[i, -(len(e.suffix) + len(e.target)) :] for i, e in enumerate(examples)], None
+
+
+def _cached_logits(model, tok, gist_id, examples, condition, k, dec_in):
+    prefix, pmask = pad_batch([e.prefix + e.gists for e in examples], tok.pad_token_id, "left")
+    cache = caching.compress_ids(model, prefix, pmask, gist_id, condition, k)
+    if model.config.is_encoder_decoder:
+        cont, cmask = pad_batch([e.suffix for e in examples], tok.pad_token_id, "right")
+        out = caching.continuation_logits(model, cache, cont, cmask, decoder_input_ids=dec_in)
+        return [out.logits[i, : len(e.target)] for i, e in enumerate(examples)], cache
+    cont, cmask = pad_batch([e.suffix + e.target for e in examples], tok.pad_token_id, "left")
+    out = caching.continuation_logits(model, cache, cont, cmask)
+    return [out.logits[i, -(len(e.suffix) + len(e.target)) :] for i, e in enumerate(examples)], cache
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("condition", ["gist", "pos_control", "neg_control"])
+@pytest.mark.parametrize("bsz,k", [(1, 1), (4, 2), (4, 3)])
+def test_cached_logits_equal_masked_full_forward(family, attn, condition, bsz, k):
+    model, tok, gist_id = make_pair(family, attn)
+    examples = _examples(model, tok, gist_id, k, bsz)
+    if family == "t5" and condition == "pos_control":
+        with pytest.raises(ValueError, match="bidirectional encoder"):
+            _cached_logits(model, tok, gist_id, examples, condition, k, None)
+        return
+    full, dec_in = _full_logits_after_gist(model, tok, gist_id, examples, condition, k)
+    cached, cache = _cached_logits(model, tok, gist_id, examples, condition, k, dec_in)
+    diff = max((f - c).abs().max().item() for f, c in zip(full, cached))
+    MAX_DIFF[family] = max(MAX_DIFF.get(family, 0.0), diff)
+    assert diff <= TOLERANCE, f"{family}/{attn}/{condition}: max abs diff {diff}"
+    expected_len = {"gist": k, "neg_control": 0}.get(condition)
+    if expected_len is not None:
+        assert cache.length == expected_len and bool(cache.valid.all())
+
+
+def _greedy_full(model, tok, gist_id, example, condition, max_new):
+    """Reference: greedy decoding by re-running the masked full forward on one row, no cache."""
+    out = []
+    for _ in range(max_new):
+        if model.config.is_encoder_decoder:
+            src = torch.tensor([example.prompt])
+            dec = torch.tensor([[model.config.decoder_start_token_id] + out])
+            logits = gist_forward(model, src, torch.ones_like(src), gist_id, condition, decoder_input_ids=dec).logits
+        else:
+            ids = torch.tensor([example.prompt + out])
+            logits = gist_forward(model, ids, torch.ones_like(ids), gist_id, condition).logits
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        if nxt == tok.eos_token_id:
+            break
+    return out
+
+
+@pytest.mark.parametrize("condition", ["gist", "neg_control", "pos_control"])
+def test_batched_greedy_generation_equals_full_forward(family, condition):
+    model, tok, gist_id = make_pair(family, "sdpa", seed=1)
+    if family == "t5" and condition == "pos_control":
+        pytest.skip("pos_control cannot be cached for encoder-decoders (tested above)")
+    k, max_new = 2, 8
+    examples = [encode_example(tok, t, x, None, k, gist_id, model.config.is_encoder_decoder) for t, x in zip(INSTRUCTIONS, INPUTS)]
+    want = [_greedy_full(model, tok, gist_id, e, condition, max_new) for e in examples]
+    cache = compress(model, tok, INSTRUCTIONS, k, condition)
+    side = "right" if model.config.is_encoder_decoder else "left"
+    for rows in ([0], [0, 1, 2, 3]):  # batch 1 and batch 4 with mixed instruction lengths
+        cont, cmask = pad_batch([examples[i].suffix for i in rows], tok.pad_token_id, side)
+        got = caching.generate_ids(model, cache.select(rows), cont, cmask, max_new, tok.eos_token_id, tok.pad_token_id)
+        for row, i in zip(got.tolist(), rows):
+            assert row[: len(want[i])] == want[i], (family, condition, i)
+    texts = generate(model, tok, cache, INPUTS, max_new_tokens=max_new)
+    assert texts == [tok.decode(w[:-1] if w[-1] == tok.eos_token_id else w, skip_special_tokens=True).strip() for w in want]
+
+
+def test_neg_control_ignores_the_instruction_pos_control_does_not(family):
+    """Invariance by behaviour: what the mask hides cannot change what comes after the gists."""
+    model, tok, gist_id = make_pair(family, "eager")
+    k = 2
+
+    def post_logits(instruction, condition):
+        e = _examples(model, tok, gist_id, k, 1)[0]
+        e = encode_example(tok, instruction, INPUTS[0], OUTPUTS[0], k, gist_id, model.config.is_encoder_decoder)
+        return _full_logits_after_gist(model, tok, gist_id, [e], condition, k)[0][0]
+
+    a, b = "reverse the list of words", "count the dog and the cat"  # different tokens and lengths
+    assert (post_logits(a, "neg_control") - post_logits(b, "neg_control")).abs().max() < 1e-4
+    assert (post_logits(a, "pos_control") - post_logits(b, "pos_control")).abs().max() > 1e-3
+    assert (post_logits(a, "gist") - post_logits(b, "gist")).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family_name", ALL_FAMILIES)
+def test_eager_and_sdpa_agree_under_the_gist_mask(family_name):
+    """If one implementation ignored the mask, the two would differ."""
+    outs = []
+    for attn in ("eager", "sdpa"):
+        model, tok, gist_id = make_pair(family_name, attn, seed=3)
+        examples = _examples(model, tok, gist_id, 2, 4)
+        outs.append(torch.cat(_full_logits_after_gist(model, tok, gist_id, examples, "gist", 2)[0]))
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+
+def test_report_max_diff():
+    if MAX_DIFF:
+        print("\nlargest cached-vs-full logit difference per family:", {k: f"{v:.2e}" for k, v in MAX_DIFF.items()})
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pos_control_equals_the_models_own_forward(family, attn):
+    """With nothing masked beyond causality and padding, our 4D masks (sliding windows included)
+    must reproduce the model's own forward pass."""
+    model, tok, gist_id = make_pair(family, attn, seed=2)
+    examples = _examples(model, tok, gist_id, 2, 4)
+    if model.config.is_encoder_decoder:
+        src, src_mask = pad_batch([e.prompt for e in examples], tok.pad_token_id, "right")
+        tgt, _ = pad_batch([e.target for e in examples], tok.pad_token_id, "right")
+        ours = gist_forward(model, src, src_mask, gist_id, "pos_control", labels=tgt).logits
+        native = model(input_ids=src, attention_mask=src_mask, labels=tgt).logits
+        lengths = [len(e.target) for e in examples]
+    else:
+        ids, mask = pad_batch([e.prompt + e.target for e in examples], tok.pad_token_id, "right")
+        assert ids.shape[1] > 12  # longer than the sliding windows of the tiny Mistral/Qwen2 configs
+        ours = gist_forward(model, ids, mask, gist_id, "pos_control").logits
+        native = model(input_ids=ids, attention_mask=mask).logits
+        lengths = mask.sum(-1).tolist()
+    for i, n in enumerate(lengths):
+        assert (ours[i, :n] - native[i, :n]).abs().max() < 1e-4
+
+
+def test_local_from_pretrained_round_trip(tmp_path):
+    """The real loading path (from_pretrained of a folder) gives the same cache and generations."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok, gist_id = make_pair("llama", seed=4)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model2 = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    a = generate(model, tok, compress(model, tok, INSTRUCTIONS, 1), INPUTS, max_new_tokens=6)
+    b = generate(model2, tok2, compress(model2, tok2, INSTRUCTIONS, 1), INPUTS, max_new_tokens=6)
+    assert a == b

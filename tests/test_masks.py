@@ -1,0 +1,149 @@
+"""The gist rule: the spec's example, brute-force references over random rows, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gist_lightning import masks
+
+G, PAD = 99, 0
+
+
+def test_spec_example_matrix():
+    ids = torch.tensor([[1, 2, 3, G, 4]])  # a b c G d
+    gist = masks.condition_mask(ids, G, "gist")[0].int().tolist()
+    assert gist == [
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 0],
+        [0, 0, 0, 1, 1],
+    ]
+    neg = masks.condition_mask(ids, G, "neg_control")[0].int().tolist()
+    assert neg[:4] == gist[:4] and neg[4] == [0, 0, 0, 0, 1]
+    assert masks.condition_mask(ids, G, "pos_control").all()
+
+
+def _classes(row: list[int]) -> list[str]:
+    """instr / gist / post for each index, by scanning the row (independent of the library)."""
+    out, seen = [], False
+    for tok in row:
+        if tok == G:
+            out.append("gist")
+            seen = True
+        else:
+            out.append("post" if seen else "instr")
+    return out
+
+
+def _reference_rule(row, condition):
+    cls = _classes(row)
+    n = len(row)
+    if G not in row or condition == "pos_control":
+        return [[True] * n for _ in range(n)]
+    ref = []
+    for i in range(n):
+        line = []
+        for j in range(n):
+            if cls[i] != "post":
+                line.append(cls[j] != "post")
+            elif condition == "gist":
+                line.append(cls[j] != "instr")
+            else:
+                line.append(cls[j] == "post")
+        ref.append(line)
+    return ref
+
+
+@st.composite
+def rows(draw):
+    """A batch of rows [pad | instr | gists | post] or right-padded, with rows without gists."""
+    bsz = draw(st.integers(1, 4))
+    side = draw(st.sampled_from(["left", "right"]))
+    k = draw(st.integers(1, 4))
+    raw = []
+    for _ in range(bsz):
+        instr = draw(st.lists(st.integers(1, 9), min_size=0, max_size=5))
+        post = draw(st.lists(st.integers(1, 9), min_size=0, max_size=5))
+        with_gist = draw(st.booleans()) or bsz == 1
+        raw.append(instr + ([G] * k if with_gist else []) + post)
+    width = max(len(r) for r in raw) + draw(st.integers(0, 2))
+    ids, mask = [], []
+    for r in raw:
+        pad = [PAD] * (width - len(r))
+        ids.append(pad + r if side == "left" else r + pad)
+        m = [0] * len(pad)
+        mask.append(m + [1] * len(r) if side == "left" else [1] * len(r) + m)
+    return torch.tensor(ids), torch.tensor(mask), k
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows(), st.sampled_from(masks.CONDITIONS))
+def test_decoder_mask_matches_brute_force(batch, condition):
+    ids, pad, _ = batch
+    got = masks.decoder_attention_mask(ids, pad, G, condition)
+    assert got.shape == (ids.shape[0], 1, ids.shape[1], ids.shape[1])
+    for b in range(ids.shape[0]):
+        rule = _reference_rule(ids[b].tolist(), condition)
+        for i in range(ids.shape[1]):
+            for j in range(ids.shape[1]):
+                want = j <= i and bool(pad[b, j]) and rule[i][j]
+                assert bool(got[b, 0, i, j]) == want, (b, i, j)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows(), st.sampled_from(masks.CONDITIONS))
+def test_encoder_and_cross_masks_match_brute_force(batch, condition):
+    ids, pad, _ = batch
+    enc = masks.encoder_attention_mask(ids, pad, G, condition)
+    cross = masks.cross_attention_mask(ids, pad, G, condition)
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        rule = _reference_rule(row, condition)
+        cls = _classes(row)
+        for i in range(len(row)):
+            for j in range(len(row)):
+                assert bool(enc[b, 0, i, j]) == (bool(pad[b, j]) and rule[i][j])
+        for j in range(len(row)):
+            if G not in row or condition == "pos_control":
+                want = True
+            elif condition == "gist":
+                want = cls[j] != "instr"
+            else:
+                want = cls[j] == "post"
+            assert bool(cross[b, j]) == (want and bool(pad[b, j]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows(), st.sampled_from(masks.CONDITIONS))
+def test_rows_without_gist_get_the_plain_mask(batch, condition):
+    ids, pad, _ = batch
+    ids = torch.where(ids == G, 5, ids)
+    plain = torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool)) & pad.bool()[:, None, :]
+    assert torch.equal(masks.decoder_attention_mask(ids, pad, G, condition)[:, 0], plain)
+
+
+def test_two_gist_spans_is_an_error():
+    with pytest.raises(ValueError, match="more than one separate span"):
+        masks.decoder_attention_mask(torch.tensor([[1, G, 2, G, 3]]), None, G, "gist")
+
+
+def test_wrong_k_and_k_below_one_are_errors():
+    ids = torch.tensor([[1, G, G, 3]])
+    with pytest.raises(ValueError, match="expected num_gist_tokens=1"):
+        masks.decoder_attention_mask(ids, None, G, "gist", num_gist_tokens=1)
+    with pytest.raises(ValueError, match=">= 1"):
+        masks.decoder_attention_mask(ids, None, G, "gist", num_gist_tokens=0)
+    with pytest.raises(ValueError, match="condition must be one of"):
+        masks.decoder_attention_mask(ids, None, G, "gisst")
+
+
+def test_additive_form_and_positions():
+    allowed = torch.tensor([[True, False]])
+    add = masks.to_additive(allowed, torch.float32)
+    assert add[0, 0] == 0 and add[0, 1] == torch.finfo(torch.float32).min
+    pos = masks.padding_position_ids(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]]), torch.tensor([3, 0]))
+    assert pos[0, 2:].tolist() == [3, 4, 5] and pos[1, :3].tolist() == [0, 1, 2]
