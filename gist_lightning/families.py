@@ -89,33 +89,36 @@ def gist_forward(
     decoder_input_ids: torch.Tensor | None = None,
     decoder_attention_mask: torch.Tensor | None = None,
     num_gist_tokens: int | None = None,
+    gist_masks: dict[str, torch.Tensor] | None = None,
     **kwargs,
 ):
     """The masked full-prompt forward pass (training, and the reference the cache must equal).
 
     Decoder-only: ``input_ids`` is prompt + completion, any padding side; position ids skip
     padding. Encoder-decoder: ``input_ids`` is the source; pass ``labels`` or ``decoder_input_ids``.
+    ``gist_masks`` are the boolean masks of :func:`masks.gist_masks` when the collator made them.
     """
     family = family_of(model)
-    if family.encoder_decoder:
-        enc_mask = masks.encoder_attention_mask(input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
-        encoder_outputs = model.get_encoder()(
-            input_ids=input_ids, attention_mask=masks.to_additive(enc_mask, model.dtype)
+    if gist_masks is None:
+        gist_masks = masks.gist_masks(
+            input_ids, attention_mask, gist_token_id, condition, family.encoder_decoder, num_gist_tokens
         )
-        cross = masks.cross_attention_mask(input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
+    if family.encoder_decoder:
+        encoder_outputs = model.get_encoder()(
+            input_ids=input_ids, attention_mask=masks.to_additive(gist_masks["encoder_mask"], model.dtype)
+        )
         return model(
             encoder_outputs=encoder_outputs,
-            attention_mask=cross.long(),
+            attention_mask=gist_masks["cross_mask"].long(),
             labels=labels,
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             **kwargs,
         )
-    allowed = masks.decoder_attention_mask(input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
     positions = masks.padding_position_ids(attention_mask)
     return model(
         input_ids=input_ids,
-        attention_mask=self_attention_masks(model, allowed, positions, positions),
+        attention_mask=self_attention_masks(model, gist_masks["self_mask"], positions, positions),
         position_ids=positions,
         labels=labels,
         **kwargs,

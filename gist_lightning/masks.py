@@ -162,6 +162,22 @@ def cross_attention_mask(
     return continuation_visibility(input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
 
 
+def gist_masks(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    gist_token_id: int,
+    condition: str,
+    encoder_decoder: bool,
+    num_gist_tokens: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """All boolean masks of a training batch: ``{"self_mask"}`` for decoder-only models,
+    ``{"encoder_mask", "cross_mask"}`` for encoder-decoders."""
+    args = (input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
+    if encoder_decoder:
+        return {"encoder_mask": encoder_attention_mask(*args), "cross_mask": cross_attention_mask(*args)}
+    return {"self_mask": decoder_attention_mask(*args)}
+
+
 def prefix_attention_mask(prefix_valid: torch.Tensor, attention_mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """Mask for new tokens that follow a cached prefix: (B, 1, T, L+T) bool.
 

@@ -75,7 +75,7 @@ def tiny_config(family: str, vocab_size: int, attn: str = "sdpa", **overrides):
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_state(style: str):
     return build_tokenizer(style)
 

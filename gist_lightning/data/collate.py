@@ -1,0 +1,83 @@
+"""Length limits and batching of tokenized examples.
+
+Truncation never cuts a gist token: a target is shortened (keeping at least one token); an
+example whose prompt alone does not fit is dropped (and counted by the DataModule).
+Decoder batches are left-padded so that the last column is every row's last token (batched
+generation); position ids are derived from the padding by the model wrapper. The condition's
+masks come from :mod:`gist_lightning.masks`; nothing here decides what may attend to what.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..caching import pad_batch
+from ..masks import gist_masks
+from ..templates import EncodedExample
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LengthLimits:
+    """Decoder-only: ``max_length`` for prompt + target. Encoder-decoder: source and target limits."""
+
+    max_length: int = 512
+    max_source_length: int = 128
+    max_target_length: int = 256
+
+
+def fit_to_limits(ex: EncodedExample, limits: LengthLimits, encoder_decoder: bool) -> EncodedExample | None:
+    """The example cut to the limits (target shortened, gist span intact), or None to drop it."""
+    if encoder_decoder:
+        if len(ex.prompt) > limits.max_source_length:
+            return None
+        budget = limits.max_target_length
+    else:
+        budget = limits.max_length - len(ex.prompt)
+    if budget < 1 or not ex.target:
+        return None
+    return EncodedExample(ex.prefix, ex.gists, ex.suffix, ex.target[:budget])
+
+
+@dataclass
+class GistCollator:
+    """Turns tokenized examples (dicts with prefix/gists/suffix/target ids) into model batches.
+
+    Training fields: ``input_ids``, ``attention_mask``, ``labels`` and the condition's boolean
+    masks. With ``for_generation`` it adds the cache path's inputs: ``prefix_ids`` (instruction
+    + gists, left-padded), ``continuation_ids`` (what follows the gists) and their masks, plus
+    the raw ``x`` / ``y_true`` strings and instruction lengths.
+    """
+
+    pad_token_id: int
+    gist_token_id: int
+    condition: str
+    encoder_decoder: bool
+    num_gist_tokens: int
+    for_generation: bool = False
+
+    def __call__(self, rows: list[dict]) -> dict:
+        exs = [EncodedExample(r["prefix"], r["gists"], r["suffix"], r["target"]) for r in rows]
+        pad = self.pad_token_id
+        if self.encoder_decoder:
+            input_ids, attention_mask = pad_batch([e.prompt for e in exs], pad, "right")
+            labels, _ = pad_batch([e.target for e in exs], IGNORE_INDEX, "right")
+        else:
+            input_ids, attention_mask = pad_batch([e.prompt + e.target for e in exs], pad, "left")
+            labels, _ = pad_batch([[IGNORE_INDEX] * len(e.prompt) + e.target for e in exs], IGNORE_INDEX, "left")
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch.update(
+            gist_masks(input_ids, attention_mask, self.gist_token_id, self.condition, self.encoder_decoder,
+                       self.num_gist_tokens)
+        )
+        if self.for_generation:
+            batch["prefix_ids"], batch["prefix_mask"] = pad_batch([e.prefix + e.gists for e in exs], pad, "left")
+            side = "right" if self.encoder_decoder else "left"
+            batch["continuation_ids"], batch["continuation_mask"] = pad_batch([e.suffix for e in exs], pad, side)
+            batch["instruction_tokens"] = torch.tensor([len(e.prefix) for e in exs])
+            batch["x"] = [r["x"] for r in rows]
+            batch["y_true"] = [r["output"] for r in rows]
+        return batch

@@ -1,0 +1,199 @@
+"""The embedded task suite: a small instruction-following data set the project generates itself,
+so the main job runs on any laptop with no download.
+
+Each task family maps a list of words (the input) to an output, and is phrased by several
+English paraphrases. Parametrised families carry content in the instruction itself ("remove
+every cat"), so a model cannot solve them without reading the instruction. Splits mirror Alpaca+:
+
+- ``train``: training paraphrases with training parameter values.
+- ``validation_seen``: instruction strings that occur in train, with (instruction, input) pairs
+  that do not.
+- ``validation_unseen``: instruction strings never in train: held-out paraphrases, and training
+  paraphrases with held-out parameter values. Held-out paraphrases use only words that appear
+  in training instructions (tested), so they test compression, not vocabulary.
+- ``validation_human``: hand-written records (``assets/suite_human.json``), worded unlike the
+  templates.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+
+WORDS = (
+    "apple banana cherry grape lemon mango melon peach pear plum "
+    "cat dog fox horse lion mouse owl rabbit sheep tiger "
+    "red blue green yellow black white pink brown gray gold "
+    "book chair clock cup door lamp pen shoe table window "
+    "river cloud stone tree moon star sun rain snow wind"
+).split()
+NUMBERS = "zero one two three four five six seven eight nine ten".split()
+ORDINALS = ["first", "second", "third", "fourth", "fifth"]
+# parameter values never used in training instructions (they still occur in training inputs,
+# so an unseen instruction never holds a word the model has not met)
+HELD_OUT_WORDS = ("plum", "tiger", "gold", "window", "wind")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    paraphrases: tuple[str, ...]  # the last one is held out of training
+    fn: Callable[..., list[str]]  # (words, *params) -> output words
+    param: str | None = None  # None, "word", "two_words" or "ordinal"
+
+    @property
+    def carries_content(self) -> bool:
+        return self.param is not None
+
+
+def _without(words, x):
+    return [w for w in words if w != x]
+
+
+def _move_first(words, x):
+    return [x] + _without(words, x) + [x] * (words.count(x) - 1) if x in words else list(words)
+
+
+TASKS: tuple[Task, ...] = (
+    Task("copy", ("Repeat the list.", "Copy the words.", "Write the list again.", "Say the words again."), lambda w: w),
+    Task("reverse", ("Reverse the list.", "Write the words in reverse order.", "Give the list backwards.",
+                     "Say the words from last to first."), lambda w: w[::-1]),
+    Task("first", ("What is the first word?", "Give the first item.", "Name the word at the start.",
+                   "Say only the first word."), lambda w: w[:1]),
+    Task("last", ("What is the last word?", "Give the last item.", "Name the word at the end.",
+                  "Say only the last word."), lambda w: w[-1:]),
+    Task("count", ("How many words are there?", "Count the words.", "Give the number of items.",
+                   "Say the number of words in the list."), lambda w: [NUMBERS[len(w)]]),
+    Task("sort", ("Sort the words.", "Put the list in alphabetical order.", "Sort the items from a to z.",
+                  "Give the words in order from a to z."), lambda w: sorted(w)),
+    Task("every_other", ("Give every other word.", "Keep every second item, starting with the first.",
+                         "Skip every second word.", "Say every other item."), lambda w: w[::2]),
+    Task("rotate", ("Move the first word to the end.", "Rotate the list by one.",
+                    "Put the first item at the end of the list.", "Move the first item to the end of the list."),
+         lambda w: w[1:] + w[:1]),
+    Task("drop_first", ("Remove the first word.", "Drop the first item.", "Give the list without its first word.",
+                        "Give the words without the first item."), lambda w: w[1:]),
+    Task("drop_last", ("Remove the last word.", "Drop the last item.", "Give the list without its last word.",
+                       "Give the words without the last item."), lambda w: w[:-1]),
+    Task("swap_ends", ("Swap the first and last words.", "Exchange the first item and the last item.",
+                       "Switch the words at the start and the end.", "Put the last word first and the first word last."),
+         lambda w: w[-1:] + w[1:-1] + w[:1] if len(w) > 1 else list(w)),
+    Task("double", ("Say each word twice.", "Repeat every word two times.", "Write each item two times.",
+                    "Say every word two times."), lambda w: [x for x in w for _ in (0, 1)]),
+    Task("longest", ("Which word is the longest?", "Give the longest word.", "Name the longest item.",
+                     "Name the longest word."),
+         lambda w: [max(w, key=lambda x: (len(x), -w.index(x)))]),
+    Task("first_letters", ("Give the first letter of each word.", "Write the first letter of every item.",
+                           "Say the letter each word starts with.", "Say the first letter of each item."),
+         lambda w: [x[0] for x in w]),
+    Task("last_two", ("Give the last two words.", "Say the two items at the end.", "Keep only the last two words.",
+                      "Name the last two items."), lambda w: w[-2:]),
+    Task("remove", ("Remove every {x}.", "Drop each {x} from the list.", "Give the list without {x}.",
+                    "Say the list without each {x}."), _without, "word"),
+    Task("replace", ("Replace every {x} with {y}.", "Change each {x} to {y}.", "Write {y} where the list has {x}.",
+                     "Write {y} in place of each {x}."), lambda w, x, y: [y if v == x else v for v in w], "two_words"),
+    Task("contains", ("Is {x} in the list?", "Does the list have {x}?", "Say yes if {x} is there, else no.",
+                      "Is there a {x} in the words?"), lambda w, x: ["yes" if x in w else "no"], "word"),
+    Task("put_first", ("Put {x} first.", "Move {x} to the start.", "Give the list with {x} at the start.",
+                       "Put {x} at the start of the list."), _move_first, "word"),
+    Task("append", ("Add {x} at the end.", "Put {x} after the last word.", "Give the list with {x} added last.",
+                    "Add {x} after the last item."), lambda w, x: w + [x], "word"),
+    Task("count_word", ("How many times does {x} appear?", "Count each {x}.", "Give the number of {x} items.",
+                        "Say the number of {x} words."), lambda w, x: [NUMBERS[w.count(x)]], "word"),
+    Task("nth", ("What is the {n} word?", "Give the {n} item.", "Name the word in {n} place.",
+                 "Say only the {n} word."), lambda w, n: w[ORDINALS.index(n): ORDINALS.index(n) + 1], "ordinal"),
+    Task("prepend", ("Add {x} at the start.", "Put {x} before the first word.", "Give the list with {x} added first.",
+                     "Add {x} before the first item."), lambda w, x: [x] + w, "word"),
+    Task("after", ("What comes after {x}?", "Give the word after {x}.", "Name the item that follows {x}.",
+                   "Name the word after {x}."),
+         lambda w, x: w[w.index(x) + 1: w.index(x) + 2] if x in w else ["none"], "word"),
+)
+
+
+def _params(task: Task, held_out: bool, rng: random.Random) -> dict[str, str]:
+    if task.param is None:
+        return {}
+    if task.param == "ordinal":
+        return {"n": rng.choice(ORDINALS)}
+    pool = list(HELD_OUT_WORDS) if held_out else [w for w in WORDS if w not in HELD_OUT_WORDS]
+    params = {"x": rng.choice(pool)}
+    if task.param == "two_words":
+        params["y"] = rng.choice([w for w in WORDS if w not in HELD_OUT_WORDS and w != params["x"]])
+    return params
+
+
+def _input(task: Task, params: dict[str, str], rng: random.Random) -> list[str]:
+    n = rng.randint(5 if task.param == "ordinal" else 2, 6)
+    words = [rng.choice(WORDS) for _ in range(n)]
+    x = params.get("x")
+    if x is not None and task.name != "append" and task.name != "prepend":
+        # the parameter should usually occur (sometimes twice), and sometimes not at all
+        if task.name == "contains":
+            present = rng.random() < 0.5
+        elif task.name in ("after", "put_first"):
+            present = True
+        else:
+            present = rng.random() < 0.85
+        words = [w for w in words if w != x]
+        while len(words) < 2:
+            words.append(rng.choice([w for w in WORDS if w != x]))
+        if present:
+            for _ in range(1 if task.name == "after" else rng.choice((1, 1, 2))):
+                pos = rng.randrange(len(words) - (1 if task.name == "after" else 0) + 1)
+                pos = min(pos, len(words) - 1) if task.name == "after" else pos
+                words.insert(pos, x)
+    return words
+
+
+def make_record(task: Task, paraphrase: str, params: dict[str, str], words: list[str], source: str) -> dict:
+    args = [params[p] for p in ("x", "y", "n") if p in params]
+    return {
+        "instruction": paraphrase.format(**params),
+        "input": " ".join(words),
+        "output": " ".join(task.fn(words, *args)),
+        "source": source,
+    }
+
+
+def generate_suite(seed: int = 0, train_size: int = 20000, validation_size: int = 200) -> dict[str, list[dict]]:
+    """The generated splits (``train``, ``validation_seen``, ``validation_unseen``), deterministic for ``seed``."""
+    rng = random.Random(seed)
+    train, seen_pairs, how = [], set(), {}  # how: instruction -> (task, paraphrase, params)
+    while len(train) < train_size:
+        task = rng.choice(TASKS)
+        params = _params(task, held_out=False, rng=rng)
+        paraphrase = rng.choice(task.paraphrases[:-1])
+        rec = make_record(task, paraphrase, params, _input(task, params, rng), "suite")
+        train.append(rec)
+        seen_pairs.add((rec["instruction"], rec["input"]))
+        how.setdefault(rec["instruction"], (task, paraphrase, params))
+    train_instructions = sorted(how)
+
+    seen, seen_keys = [], set()
+    while len(seen) < validation_size:
+        task, paraphrase, params = how[rng.choice(train_instructions)]
+        rec = make_record(task, paraphrase, params, _input(task, params, rng), "suite")
+        key = (rec["instruction"], rec["input"])
+        if key not in seen_pairs and key not in seen_keys:
+            seen.append(rec)
+            seen_keys.add(key)
+
+    unseen, train_set = [], set(train_instructions)
+    while len(unseen) < validation_size:
+        task = rng.choice(TASKS)
+        held_out_paraphrase = task.param in (None, "ordinal") or rng.random() < 0.5
+        paraphrase = task.paraphrases[-1] if held_out_paraphrase else rng.choice(task.paraphrases[:-1])
+        params = _params(task, held_out=not held_out_paraphrase, rng=rng)
+        rec = make_record(task, paraphrase, params, _input(task, params, rng), "suite")
+        if rec["instruction"] not in train_set:
+            unseen.append(rec)
+    return {"train": train, "validation_seen": seen, "validation_unseen": unseen}
+
+
+def human_records() -> list[dict]:
+    """The hand-written validation_human records shipped with the package."""
+    text = resources.files("gist_lightning").joinpath("assets/suite_human.json").read_text()
+    return json.loads(text)

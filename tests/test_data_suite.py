@@ -1,0 +1,75 @@
+"""The embedded suite: deterministic, enough families, split meanings, held-out wording."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from gist_lightning.data.suite import HELD_OUT_WORDS, TASKS, generate_suite, human_records
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return generate_suite(seed=0, train_size=6000, validation_size=150)
+
+
+def words(text):
+    return set(re.findall(r"[A-Za-z']+", text))
+
+
+def test_deterministic_for_a_seed(splits):
+    again = generate_suite(seed=0, train_size=6000, validation_size=150)
+    assert again == splits
+    assert generate_suite(seed=1, train_size=6000, validation_size=150) != splits
+
+
+def test_families_and_content_in_instruction():
+    assert len(TASKS) >= 20
+    assert sum(t.carries_content for t in TASKS) * 3 >= len(TASKS)
+    assert all(len(t.paraphrases) >= 4 for t in TASKS)
+
+
+def test_outputs_follow_the_task(splits):
+    rec = next(r for r in splits["train"] if r["instruction"].startswith("Reverse the list"))
+    assert rec["output"].split() == rec["input"].split()[::-1]
+    rec = next(r for r in splits["train"] if r["instruction"].startswith("Remove every "))
+    x = rec["instruction"].removeprefix("Remove every ").rstrip(".")
+    assert rec["output"].split() == [w for w in rec["input"].split() if w != x]
+
+
+def test_split_meanings(splits):
+    train_instr = {r["instruction"] for r in splits["train"]}
+    train_pairs = {(r["instruction"], r["input"]) for r in splits["train"]}
+    seen, unseen = splits["validation_seen"], splits["validation_unseen"]
+    assert len(seen) == len(unseen) == 150
+    assert all(r["instruction"] in train_instr and (r["instruction"], r["input"]) not in train_pairs for r in seen)
+    assert len({(r["instruction"], r["input"]) for r in seen}) == len(seen)
+    assert not any(r["instruction"] in train_instr for r in unseen)
+    # both kinds of unseen: held-out paraphrases and held-out parameter values
+    held_out_paraphrases = {t.paraphrases[-1].split("{")[0] for t in TASKS}
+    assert any(any(r["instruction"].startswith(p) for p in held_out_paraphrases) for r in unseen)
+    assert any(words(r["instruction"]) & set(HELD_OUT_WORDS) for r in unseen)
+    assert not any(words(r["instruction"]) & set(HELD_OUT_WORDS) for r in splits["train"])
+
+
+def test_held_out_wording_uses_trained_words(splits):
+    trained = set().union(*(words(r["instruction"]) for r in splits["train"]))
+    unseen_words = set().union(*(words(r["instruction"]) for r in splits["validation_unseen"]))
+    assert unseen_words - trained - set(HELD_OUT_WORDS) == set()
+
+
+def test_human_records(splits):
+    human = human_records()
+    assert len(human) >= 60
+    assert all(set(r) == {"instruction", "input", "output", "source"} and r["source"] == "human" for r in human)
+    templates = {t.paraphrases[i].split("{")[0] for t in TASKS for i in range(len(t.paraphrases))}
+    assert not any(r["instruction"].startswith(p) for r in human for p in templates if len(p) > 8)
+    # the shipped outputs are those of the task functions (the file is made by experiments/make_suite_assets.py)
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from make_suite_assets import human_records as rebuilt
+
+    assert rebuilt() == human
