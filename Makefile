@@ -21,13 +21,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m gist_lightning.demo
+	$(VENV)/bin/gist-lightning fit --config configs/tiny.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gist_lightning tests experiments
 
 bench: $(STAMP)
-	$(PY) experiments/bench_caching.py
+	$(PY) experiments/bench_train.py
 
 clean:
 	rm -rf $(VENV) .cache runs

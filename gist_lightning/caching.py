@@ -139,6 +139,22 @@ class GistCache:
         )
 
 
+def cache_bytes_per_position(model) -> int:
+    """Bytes a cache holds per kept prompt position, from the model's shape and dtype.
+
+    Decoder-only: keys and values of every layer (2 x layers x KV heads x head size). T5: the
+    hidden state entering every encoder block and the final norm ((layers + 1) x d_model).
+    """
+    config = model.config
+    size = torch.tensor([], dtype=model.dtype).element_size()
+    if config.is_encoder_decoder:
+        return (config.num_layers + 1) * config.d_model * size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * size
+
+
 def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask) of a list of id lists, padded on ``side`` ("left" or "right")."""
     width = max(len(r) for r in rows)
@@ -238,6 +254,25 @@ def compress_ids(
     )
 
 
+def empty_cache(model, batch_size: int, condition: str = "pos_control") -> GistCache:
+    """A cache that holds nothing: feeding a whole prompt after it is the uncached forward.
+
+    Exact for ``pos_control`` (nothing to mask beyond causality and padding), which is how an
+    encoder-decoder generates under ``pos_control``, whose instruction cannot be cached.
+    """
+    family = family_of(model)
+    device, dtype = model.device, model.dtype
+    rows = torch.zeros((batch_size, 0), dtype=torch.long, device=device)
+    if family.encoder_decoder:
+        encoder = model.get_encoder()
+        states = [torch.zeros((batch_size, 0, model.config.d_model), dtype=dtype, device=device)
+                  for _ in range(len(encoder.block) + 1)]
+    else:
+        states = None  # DynamicCache starts empty; see continuation_logits
+    return GistCache(states=states or [], valid=rows.bool(), positions=rows, next_position=rows.sum(-1),
+                     num_gist_tokens=0, condition=condition, encoder_decoder=family.encoder_decoder)
+
+
 def compress(model, tokenizer, instructions: list[str], num_gist_tokens: int, condition: str = "gist") -> GistCache:
     """Compress a batch of instructions (one cache row each)."""
     gist_id = find_gist_token_id(tokenizer)
@@ -275,7 +310,7 @@ def continuation_logits(model, cache: GistCache, input_ids: torch.Tensor, attent
     positions = masks.padding_position_ids(attention_mask, cache.next_position)
     allowed = masks.prefix_attention_mask(cache.valid, attention_mask)
     key_positions = torch.cat([cache.positions, positions], -1)
-    past = DynamicCache(ddp_cache_data=[(k, v) for k, v in cache.states])
+    past = DynamicCache(ddp_cache_data=[(k, v) for k, v in cache.states]) if cache.states else DynamicCache()
     return model(
         input_ids=input_ids,
         attention_mask=self_attention_masks(model, allowed, positions, key_positions),

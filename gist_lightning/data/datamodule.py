@@ -10,7 +10,8 @@ from pathlib import Path
 
 import lightning as L
 from datasets import Dataset, load_dataset
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
 from ..masks import check_condition
@@ -26,12 +27,47 @@ SUITE = "suite"
 SUITE_TOKENIZER = str(Path(__file__).resolve().parents[1] / "assets" / "suite_tokenizer")
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, add_gist: bool = True):
     """A tokenizer by hub id or local folder (``"suite"``: the one shipped for the embedded suite),
-    with the gist token (and a pad token where it had none) added."""
+    with the gist token (and a pad token where it had none) added unless ``add_gist`` is False
+    (the model adds it itself, to resize its embeddings)."""
     tok = AutoTokenizer.from_pretrained(SUITE_TOKENIZER if name_or_path == SUITE else name_or_path)
-    add_gist_token(tok)
+    if add_gist:
+        add_gist_token(tok)
     return tok
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on (seed, epoch), so a run resumed from a
+    mid-epoch checkpoint sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, size: int, seed: int, epoch_fn):
+        self.size, self.seed, self.epoch_fn = size, seed, epoch_fn
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + 1000003 * self.epoch_fn())
+        order = torch.randperm(self.size, generator=g).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable (``state_dict`` / ``load_state_dict``): it
+    records how many batches of the current epoch the trainer has processed."""
+
+    def __init__(self, *args, progress_fn, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress_fn = progress_fn
+
+    def state_dict(self) -> dict:
+        return {"batches": int(self.progress_fn())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.skip = state["batches"] * self.batch_size
 
 
 class GistDataModule(L.LightningDataModule):
@@ -48,6 +84,7 @@ class GistDataModule(L.LightningDataModule):
         max_length / max_source_length / max_target_length: limits (decoder-only / encoder-decoder).
         max_length_human / max_source_length_human / max_target_length_human: the human split's limits.
         max_validation_records: keep the first N records of each validation split (None: all).
+        seed: the order of training batches (a function of seed and epoch only, so resuming is exact).
         suite_seed / suite_train_size / suite_validation_size: how the embedded suite is generated.
     """
 
@@ -69,6 +106,7 @@ class GistDataModule(L.LightningDataModule):
         max_validation_records: int | None = None,
         num_workers: int = 0,
         cache_dir: str = ".cache/gist_lightning",
+        seed: int = 0,
         suite_seed: int = 0,
         suite_train_size: int = 20000,
         suite_validation_size: int = 200,
@@ -169,9 +207,17 @@ class GistDataModule(L.LightningDataModule):
         return GistCollator(self.tokenizer.pad_token_id, self.gist_token_id, h.condition, h.encoder_decoder,
                             h.num_gist_tokens, for_generation)
 
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _batches_processed(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer is not None else 0
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["train"], batch_size=self.hparams.batch_size, shuffle=True,
-                          collate_fn=self.collator(False), num_workers=self.hparams.num_workers)
+        sampler = EpochSampler(len(self.datasets["train"]), self.hparams.seed, self._epoch)
+        return ResumableLoader(self.datasets["train"], batch_size=self.hparams.batch_size, sampler=sampler,
+                               collate_fn=self.collator(False), num_workers=self.hparams.num_workers,
+                               progress_fn=self._batches_processed)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [

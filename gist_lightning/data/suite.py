@@ -67,8 +67,8 @@ TASKS: tuple[Task, ...] = (
                   "Say only the last word."), lambda w: w[-1:]),
     Task("count", ("How many words are there?", "Count the words.", "Give the number of items.",
                    "Say the number of words in the list."), lambda w: [NUMBERS[len(w)]]),
-    Task("sort", ("Sort the words.", "Put the list in alphabetical order.", "Sort the items from a to z.",
-                  "Give the words in order from a to z."), lambda w: sorted(w)),
+    Task("first_two", ("Give the first two words.", "Say the two items at the start.", "Keep only the first two words.",
+                       "Name the first two items."), lambda w: w[:2]),
     Task("every_other", ("Give every other word.", "Keep every second item, starting with the first.",
                          "Skip every second word.", "Say every other item."), lambda w: w[::2]),
     Task("rotate", ("Move the first word to the end.", "Rotate the list by one.",
@@ -83,12 +83,11 @@ TASKS: tuple[Task, ...] = (
          lambda w: w[-1:] + w[1:-1] + w[:1] if len(w) > 1 else list(w)),
     Task("double", ("Say each word twice.", "Repeat every word two times.", "Write each item two times.",
                     "Say every word two times."), lambda w: [x for x in w for _ in (0, 1)]),
-    Task("longest", ("Which word is the longest?", "Give the longest word.", "Name the longest item.",
-                     "Name the longest word."),
-         lambda w: [max(w, key=lambda x: (len(x), -w.index(x)))]),
-    Task("first_letters", ("Give the first letter of each word.", "Write the first letter of every item.",
-                           "Say the letter each word starts with.", "Say the first letter of each item."),
-         lambda w: [x[0] for x in w]),
+    Task("swap_pair", ("Swap the first two words.", "Exchange the first item and the second item.",
+                       "Switch the first word and the second word.", "Put the second word first."),
+         lambda w: w[1:2] + w[:1] + w[2:]),
+    Task("drop_second", ("Remove the second word.", "Drop the second item.", "Give the list without its second word.",
+                         "Give the words without the second item."), lambda w: w[:1] + w[2:]),
     Task("last_two", ("Give the last two words.", "Say the two items at the end.", "Keep only the last two words.",
                       "Name the last two items."), lambda w: w[-2:]),
     Task("remove", ("Remove every {x}.", "Drop each {x} from the list.", "Give the list without {x}.",
@@ -96,7 +95,7 @@ TASKS: tuple[Task, ...] = (
     Task("replace", ("Replace every {x} with {y}.", "Change each {x} to {y}.", "Write {y} where the list has {x}.",
                      "Write {y} in place of each {x}."), lambda w, x, y: [y if v == x else v for v in w], "two_words"),
     Task("contains", ("Is {x} in the list?", "Does the list have {x}?", "Say yes if {x} is there, else no.",
-                      "Is there a {x} in the words?"), lambda w, x: ["yes" if x in w else "no"], "word"),
+                      "Is {x} in the words?"), lambda w, x: ["yes" if x in w else "no"], "word"),
     Task("put_first", ("Put {x} first.", "Move {x} to the start.", "Give the list with {x} at the start.",
                        "Put {x} at the start of the list."), _move_first, "word"),
     Task("append", ("Add {x} at the end.", "Put {x} after the last word.", "Give the list with {x} added last.",
@@ -170,18 +169,18 @@ def generate_suite(seed: int = 0, train_size: int = 20000, validation_size: int 
         train.append(rec)
         seen_pairs.add((rec["instruction"], rec["input"]))
         how.setdefault(rec["instruction"], (task, paraphrase, params))
-    train_instructions = sorted(how)
 
     seen, seen_keys = [], set()
     while len(seen) < validation_size:
-        task, paraphrase, params = how[rng.choice(train_instructions)]
+        # an instruction as often as it occurs in train, so families weigh as they do in training
+        task, paraphrase, params = how[rng.choice(train)["instruction"]]
         rec = make_record(task, paraphrase, params, _input(task, params, rng), "suite")
         key = (rec["instruction"], rec["input"])
         if key not in seen_pairs and key not in seen_keys:
             seen.append(rec)
             seen_keys.add(key)
 
-    unseen, train_set = [], set(train_instructions)
+    unseen, train_set = [], set(how)
     while len(unseen) < validation_size:
         task = rng.choice(TASKS)
         held_out_paraphrase = task.param in (None, "ordinal") or rng.random() < 0.5

@@ -1,0 +1,1 @@
+"""Metrics and callbacks: ROUGE-L / exact match, compression statistics, predictions, summaries."""

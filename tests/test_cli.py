@@ -1,0 +1,42 @@
+"""Every shipped YAML parses against the CLI; k set once reaches the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gist_lightning.cli import cli_main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+# configs that complete another one rather than stand alone
+LAYERED = {"tiny-t5.yaml": ["tiny.yaml"]}
+
+
+def print_config(paths, extra=(), capsys=None):
+    args = ["fit"]
+    for p in paths:
+        args += ["--config", str(p)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args + ["--print_config", *extra], run=True)
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "configs"], ids=lambda p: p.name)
+def test_shipped_config_parses(path, capsys):
+    base = [path.parent / b for b in LAYERED.get(path.name, [])]
+    cfg = print_config([*base, path], capsys=capsys)
+    # linked arguments are set on the data only
+    assert "num_gist_tokens" in cfg["data"] and "num_gist_tokens" not in cfg["model"]
+    assert ("model_name_or_path" in cfg["model"]) != ("model_config" in cfg["model"] and cfg["model"]["model_config"])
+
+
+def test_one_override_changes_k_everywhere(tmp_path):
+    tiny = CONFIGS[0].parent / "tiny.yaml"
+    cli = cli_main(["--config", str(tiny), "--data.num_gist_tokens", "5", "--data.condition", "neg_control",
+                    "--data.cache_dir", str(tmp_path), "--trainer.logger", "false"], run=False)
+    assert cli.model.hparams.num_gist_tokens == 5 and cli.model.hparams.condition == "neg_control"
+    assert cli.model.hparams.gist_token_id == cli.datamodule.gist_token_id
+    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size
