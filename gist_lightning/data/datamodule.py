@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from datasets import Dataset, load_dataset
 import torch
+from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
