@@ -6,7 +6,7 @@ TORCH  ?= torch
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_train.py
+
+# the default sweep on the embedded default: pos_control, neg_control, gist k in {1,2,5,10}
+sweep: $(STAMP)
+	$(PY) experiments/sweep.py --config configs/tiny.yaml --out experiments/results/tiny-sweep --runs runs/sweep-tiny
 
 clean:
 	rm -rf $(VENV) .cache runs

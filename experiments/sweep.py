@@ -1,0 +1,205 @@
+"""Sweep conditions and the number of gist tokens k over one base config, then aggregate.
+
+One ``gist-lightning fit`` process per run (Lightning's multi-GPU launchers re-run the process's
+own command line on every rank, so an in-process loop would break under DDP/DeepSpeed), each in
+its own folder ``<runs>/<condition>-k<k>-seed<seed>/``. A finished run (``done.json``) is not
+run again; a failed run is reported, moved aside, and the others go on.
+
+    python experiments/sweep.py --config configs/tiny.yaml --out experiments/results/tiny
+    python experiments/sweep.py --config configs/llama-7b.yaml --out sweeps/llama --k 1 2 5 10 \\
+        --seeds 0 1 -- --data.data /path/to/alpaca_plus --trainer.devices 4
+
+Everything after ``--`` is passed to every run. Results: ``<out>/results.csv`` (one row per run),
+``<out>/table.md`` (rows: condition and k; columns: seen / unseen / human; mean ± sd over seeds),
+``<out>/rouge_vs_k.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SPLITS = ("validation_seen", "validation_unseen", "validation_human")
+SHORT = {"validation_seen": "seen", "validation_unseen": "unseen", "validation_human": "human"}
+BEST = "validation_unseen/rougeL"
+
+
+def grid(conditions: list[str], ks: list[int], seeds: list[int]) -> list[dict]:
+    """Controls run once (k=1: the gist token is present, only the mask differs); gist for every k."""
+    cells = []
+    for condition in conditions:
+        for k in ks if condition == "gist" else [1]:
+            for seed in seeds:
+                cells.append({"condition": condition, "k": k, "seed": seed, "name": f"{condition}-k{k}-seed{seed}"})
+    return cells
+
+
+def command(cell: dict, configs: list[str], run_root: Path, extra: list[str]) -> list[str]:
+    cli = str(Path(sys.executable).parent / "gist-lightning")
+    args = [cli, "fit"]
+    for c in configs:
+        args += ["--config", c]
+    args += [
+        "--data.condition", cell["condition"],
+        "--data.num_gist_tokens", str(cell["k"]),
+        "--seed_everything", str(cell["seed"]),
+        "--data.seed", str(cell["seed"]),
+        "--trainer.default_root_dir", str(run_root / cell["name"]),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.init_args.save_dir", str(run_root),
+        "--trainer.logger.init_args.name", cell["name"],
+        "--trainer.logger.init_args.version", "run",
+    ]
+    return args + extra
+
+
+def best_metrics(run_dir: Path) -> dict:
+    """The validation row with the best validation_unseen ROUGE-L (the checkpoint that is kept),
+    plus the compression statistics of that validation."""
+    rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(BEST)]
+    if not rows:
+        raise RuntimeError(f"{run_dir}/metrics.csv has no {BEST}")
+    best = max(rows, key=lambda r: float(r[BEST]))
+    step = int(best["step"]) + 1
+    out = {"step": step}
+    for split in SPLITS:
+        for metric in ("rougeL", "exact_match"):
+            out[f"{SHORT[split]}_{metric}"] = float(best[f"{split}/{metric}"])
+    comp = run_dir / "predictions" / f"step{step:06d}-compression.json"
+    if comp.is_file():
+        stats = json.loads(comp.read_text())
+        for split in SPLITS:
+            if split in stats:
+                out[f"{SHORT[split]}_instruction_tokens"] = stats[split]["instruction_tokens_mean"]
+                out[f"{SHORT[split]}_compression_ratio"] = stats[split]["compression_ratio"]
+    return out
+
+
+def run_cells(cells, configs, run_root: Path, extra: list[str], log=print) -> tuple[list[dict], list[str]]:
+    results, failed = [], []
+    for i, cell in enumerate(cells, 1):
+        folder = run_root / cell["name"] / "run"
+        done = folder / "done.json"
+        if done.is_file():
+            log(f"[{i}/{len(cells)}] {cell['name']}: finished before, skipped")
+            results.append(json.loads(done.read_text()))
+            continue
+        if folder.exists():  # an interrupted or failed attempt: keep it, out of the way
+            aside = folder.with_name(f"run-failed-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(folder), str(aside))
+            log(f"[{i}/{len(cells)}] {cell['name']}: earlier attempt moved to {aside}")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        log(f"[{i}/{len(cells)}] {cell['name']}: running")
+        start = time.time()
+        with open(folder.parent / "stdout.log", "w") as f:
+            proc = subprocess.run(command(cell, configs, run_root, extra), stdout=f, stderr=subprocess.STDOUT)
+        minutes = (time.time() - start) / 60
+        if proc.returncode != 0:
+            failed.append(cell["name"])
+            log(f"[{i}/{len(cells)}] {cell['name']}: FAILED (exit {proc.returncode}) after {minutes:.1f} min; "
+                f"see {folder.parent / 'stdout.log'}")
+            continue
+        result = {**cell, **best_metrics(folder), "minutes": round(minutes, 2)}
+        done.write_text(json.dumps(result, indent=1) + "\n")
+        results.append(result)
+        log(f"[{i}/{len(cells)}] {cell['name']}: done in {minutes:.1f} min, unseen ROUGE-L {result['unseen_rougeL']:.1f}")
+    return results, failed
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def aggregate(results: list[dict], out: Path) -> None:
+    if not results:
+        return
+    keys = list(results[0])
+    for r in results[1:]:
+        keys += [k for k in r if k not in keys]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(results)
+    groups: dict[tuple, list[dict]] = {}
+    order = {"pos_control": 0, "gist": 1, "neg_control": 2}
+    for r in results:
+        groups.setdefault((r["condition"], r["k"]), []).append(r)
+    lines = ["| condition | k | seeds | seen ROUGE-L | unseen ROUGE-L | human ROUGE-L | seen EM | unseen EM | human EM |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (condition, k), rs in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 9), g[0][1])):
+        cells = [_mean_sd([r[f"{s}_rougeL"] for r in rs]) for s in ("seen", "unseen", "human")]
+        cells += [_mean_sd([r[f"{s}_exact_match"] for r in rs]) for s in ("seen", "unseen", "human")]
+        lines.append(f"| {condition} | {k if condition == 'gist' else '-'} | {len(rs)} | " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    plot(groups, out / "rouge_vs_k.png")
+
+
+def plot(groups: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    for ax, split in zip(axes, ("seen", "unseen", "human")):
+        gist = sorted((k, statistics.mean(r[f"{split}_rougeL"] for r in rs)) for (c, k), rs in groups.items() if c == "gist")
+        if gist:
+            ax.plot([k for k, _ in gist], [v for _, v in gist], "o-", color="C0", label="gist")
+        for cond, style, color in (("pos_control", "-", "C2"), ("neg_control", "--", "C3")):
+            values = [r[f"{split}_rougeL"] for (c, _), rs in groups.items() if c == cond for r in rs]
+            if values:
+                ax.axhline(statistics.mean(values), linestyle=style, color=color, label=cond)
+        ax.set_title(f"validation_{split}")
+        ax.set_xlabel("gist tokens k")
+        if gist:
+            ax.set_xscale("log")
+            ax.set_xticks([k for k, _ in gist], [str(k) for k, _ in gist])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("ROUGE-L")
+    axes[0].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[: argv.index("--")]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", required=True, help="base config(s), in order")
+    parser.add_argument("--out", required=True, help="results folder (results.csv, table.md, plot)")
+    parser.add_argument("--runs", default=None, help="where the runs go (checkpoints, exports); default <out>/runs")
+    parser.add_argument("--conditions", nargs="+", default=["pos_control", "gist", "neg_control"])
+    parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 5, 10])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = grid(args.conditions, args.k, args.seeds)
+    print(f"sweep of {len(cells)} runs into {out}" + (f", passing {' '.join(extra)}" if extra else ""), flush=True)
+    run_root = Path(args.runs) if args.runs else out / "runs"
+    results, failed = run_cells(cells, args.config, run_root, extra, log=lambda m: print(m, flush=True))
+    aggregate(results, out)
+    print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'rouge_vs_k.png'}")
+    if results:
+        print((out / "table.md").read_text())
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
