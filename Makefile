@@ -27,6 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gist_lightning tests experiments
 
 bench: $(STAMP)
+	$(PY) experiments/bench_caching.py
 	$(PY) experiments/bench_train.py
 
 # the default sweep on the embedded default: pos_control, neg_control, gist k in {1,2,5,10}

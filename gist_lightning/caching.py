@@ -330,16 +330,26 @@ def generate_ids(
     max_new_tokens: int,
     eos_token_id: int,
     pad_token_id: int,
+    sync_ranks: bool = False,
 ) -> torch.Tensor:
     """Greedy decoding from a cache, batched: (B, N) new tokens, ``pad_token_id`` after EOS.
 
     Decoder-only ``input_ids`` are left-padded, T5 ``input_ids`` right-padded (see
-    :func:`continuation_logits`).
+    :func:`continuation_logits`). With ``sync_ranks`` every process keeps stepping until all
+    processes are done (ZeRO-3 gathers parameters inside each forward, so no rank may stop early).
     """
     bsz = input_ids.shape[0]
     device = input_ids.device
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     tokens = []
+
+    def all_done() -> bool:
+        flag = done.all()
+        if sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = flag.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag)
+
     if cache.encoder_decoder:
         enc, cross = _encode_with_cache(model, cache, input_ids, attention_mask)
         enc_out = BaseModelOutput(last_hidden_state=enc)
@@ -353,7 +363,7 @@ def generate_ids(
             nxt = torch.where(done, pad_token_id, out.logits[:, -1].argmax(-1))
             tokens.append(nxt)
             done |= nxt == eos_token_id
-            if done.all():
+            if all_done():
                 break
             step_ids = nxt[:, None]
         return torch.stack(tokens, 1) if tokens else input_ids.new_zeros((bsz, 0))
@@ -368,7 +378,7 @@ def generate_ids(
         nxt = torch.where(done, pad_token_id, logits.argmax(-1))
         tokens.append(nxt)
         done |= nxt == eos_token_id
-        if done.all() or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or all_done():
             break
         key_valid = torch.cat([key_valid, torch.ones_like(key_valid[:, :1])], -1)
         key_positions = torch.cat([key_positions, position[:, None]], -1)

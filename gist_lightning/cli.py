@@ -3,11 +3,14 @@
     gist-lightning fit --config configs/tiny.yaml [--data.num_gist_tokens 5] [--print_config]
     gist-lightning score predictions.csv [more.csv ...]
     gist-lightning export --ckpt path/to.ckpt --out folder
+    gist-lightning compress --model EXPORT --instruction "..." [--out cache.safetensors] [--input "..."]
+    gist-lightning generate --model EXPORT --cache cache.safetensors --inputs inputs.txt [--batch_size 16]
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -79,7 +82,89 @@ def export_main(argv: list[str]) -> None:
     print(f"exported {cfg.ckpt} -> {out}")
 
 
-COMMANDS = {"score": score_main, "export": export_main}
+def _load_model(path: str, dtype: str | None, device: str):
+    import torch
+
+    from .export import load_pretrained
+
+    model, tokenizer, settings = load_pretrained(path, dtype=getattr(torch, dtype) if dtype else None)
+    return model.to(device), tokenizer, settings
+
+
+def _generate_batched(model, tokenizer, cache, inputs: list[str], batch_size: int, max_new_tokens: int):
+    """Outputs for ``inputs``, all continuing cache row 0, ``batch_size`` rows at a time."""
+    from .caching import generate
+
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        outputs += generate(model, tokenizer, cache.select([0] * len(chunk)), chunk, max_new_tokens)
+    return outputs
+
+
+def compress_main(argv: list[str]) -> None:
+    from .caching import cache_bytes_per_position, compress
+    from .prompt_cache import save_cache
+    from .templates import encode_prefix
+    from .tokens import gist_token_id
+
+    parser = ArgumentParser(prog="gist-lightning compress", description="Compress an instruction into a gist cache "
+                            "file with an exported model; with --input, also answer inputs from it.")
+    parser.add_argument("--model", required=True, help="exported model folder (gist-lightning export, or a run's export/)")
+    parser.add_argument("--instruction", required=True, help="the instruction to compress")
+    parser.add_argument("--out", default=None, help="cache file to write (.safetensors); refuses to overwrite")
+    parser.add_argument("--input", action="append", default=[], help="an input to answer from the cache (repeatable)")
+    parser.add_argument("--inputs", default=None, help="a text file of inputs, one per line")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--device", default="cpu")
+    cfg = parser.parse_args(argv)
+    model, tokenizer, settings = _load_model(cfg.model, cfg.dtype, cfg.device)
+    k, condition = settings["num_gist_tokens"], settings["condition"]
+    cache = compress(model, tokenizer, [cfg.instruction], k, condition)
+    n_instr = len(encode_prefix(tokenizer, cfg.instruction, k, gist_token_id(tokenizer))) - k
+    per_position = cache_bytes_per_position(model)
+    print(f"instruction: {n_instr} tokens -> {cache.length} cached position(s) ({condition}, k={k}): "
+          f"compression factor {n_instr / max(cache.length, 1):.1f}x; cache {cache.nbytes() / 1024:.1f} KiB "
+          f"(instruction caching would hold {n_instr * per_position / 1024:.1f} KiB)")
+    if cfg.out:
+        if Path(cfg.out).exists():
+            raise SystemExit(f"{cfg.out} exists; refusing to overwrite it")
+        save_cache(cache, cfg.out, model, tokenizer, [cfg.instruction])
+        print(f"wrote {cfg.out}")
+    inputs = cfg.input + (_read_lines(cfg.inputs) if cfg.inputs else [])
+    for x, y in zip(inputs, _generate_batched(model, tokenizer, cache, inputs, cfg.batch_size, cfg.max_new_tokens)):
+        print(f"{x}\t{y}")
+
+
+def generate_main(argv: list[str]) -> None:
+    from .prompt_cache import load_cache
+
+    parser = ArgumentParser(prog="gist-lightning generate", description="Answer inputs from a gist cache file, batched.")
+    parser.add_argument("--model", required=True, help="the exported model folder the cache was made with")
+    parser.add_argument("--cache", required=True, help="cache file written by gist-lightning compress")
+    parser.add_argument("--input", action="append", default=[], help="an input (repeatable)")
+    parser.add_argument("--inputs", default=None, help="a text file of inputs, one per line")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default="cpu")
+    cfg = parser.parse_args(argv)
+    model, tokenizer, settings = _load_model(cfg.model, cfg.dtype, cfg.device)
+    cache = load_cache(cfg.cache, model, tokenizer, settings["num_gist_tokens"])
+    inputs = cfg.input + (_read_lines(cfg.inputs) if cfg.inputs else [])
+    if not inputs:
+        raise SystemExit("no inputs: pass --input TEXT or --inputs FILE")
+    for x, y in zip(inputs, _generate_batched(model, tokenizer, cache, inputs, cfg.batch_size, cfg.max_new_tokens)):
+        print(f"{x}\t{y}")
+
+
+def _read_lines(path: str) -> list[str]:
+    return [line.rstrip("\n") for line in open(path, encoding="utf-8") if line.strip()]
+
+
+COMMANDS = {"score": score_main, "export": export_main, "compress": compress_main, "generate": generate_main}
 
 
 def main(argv: list[str] | None = None) -> None:

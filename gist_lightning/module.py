@@ -145,7 +145,7 @@ class GistLitModule(L.LightningModule):
                                          h.condition, h.num_gist_tokens)
             cont, cont_mask = batch["continuation_ids"], batch["continuation_mask"]
         ids = caching.generate_ids(self.model, cache, cont, cont_mask, h.max_new_tokens, tok.eos_token_id,
-                                   tok.pad_token_id)
+                                   tok.pad_token_id, sync_ranks=self._trainer is not None and self.trainer.world_size > 1)
         preds = [tok.decode(caching._until_eos(r, tok.eos_token_id), skip_special_tokens=True).strip()
                  for r in ids.tolist()]
         return preds, cache
@@ -155,12 +155,14 @@ class GistLitModule(L.LightningModule):
         bsz = batch["input_ids"].shape[0]
         self.log(f"{split}/loss", self._loss(batch), batch_size=bsz, add_dataloader_idx=False, sync_dist=True)
         preds, _ = self.generate_batch(batch)
+        real = [not pad for pad in batch["is_padding"]]  # repeats that only keep ranks in step
+        keep = lambda values: [v for v, r in zip(values, real) if r]  # noqa: E731
         return {
             "split": split,
-            "x": batch["x"],
-            "y_pred": preds,
-            "y_true": batch["y_true"],
-            "instruction_tokens": batch["instruction_tokens"].tolist(),
+            "x": keep(batch["x"]),
+            "y_pred": keep(preds),
+            "y_true": keep(batch["y_true"]),
+            "instruction_tokens": keep(batch["instruction_tokens"].tolist()),
         }
 
     test_step = validation_step

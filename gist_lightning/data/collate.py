@@ -80,4 +80,5 @@ class GistCollator:
             batch["instruction_tokens"] = torch.tensor([len(e.prefix) for e in exs])
             batch["x"] = [r["x"] for r in rows]
             batch["y_true"] = [r["output"] for r in rows]
+            batch["is_padding"] = [bool(r.get("is_padding", False)) for r in rows]
         return batch

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from datasets import Dataset, load_dataset
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import AutoTokenizer
 
 from ..masks import check_condition
@@ -68,6 +69,22 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.skip = state["batches"] * self.batch_size
+
+
+class PaddedToMultiple(torch.utils.data.Dataset):
+    """A validation split padded with repeats to a multiple of the world size, each repeat marked
+    ``is_padding`` so that metrics count every record exactly once while every rank runs the same
+    number of batches (ZeRO-3 generation steps all ranks together)."""
+
+    def __init__(self, dataset, multiple: int):
+        self.dataset, self.size = dataset, len(dataset)
+        self.total = -(-self.size // multiple) * multiple
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i % self.size], "is_padding": i >= self.size}
 
 
 class GistDataModule(L.LightningDataModule):
@@ -220,11 +237,16 @@ class GistDataModule(L.LightningDataModule):
                                progress_fn=self._batches_processed)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [
-            DataLoader(self.datasets[s], batch_size=self.hparams.eval_batch_size, shuffle=False,
-                       collate_fn=self.collator(True), num_workers=self.hparams.num_workers)
-            for s in VALIDATION_SPLITS
-        ]
+        loaders = []
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        for split in VALIDATION_SPLITS:
+            dataset, sampler = self.datasets[split], None
+            if distributed:  # our own sampler: Lightning's would count repeated records twice
+                dataset = PaddedToMultiple(dataset, dist.get_world_size())
+                sampler = DistributedSampler(dataset, shuffle=False)
+            loaders.append(DataLoader(dataset, batch_size=self.hparams.eval_batch_size, sampler=sampler,
+                                      collate_fn=self.collator(True), num_workers=self.hparams.num_workers))
+        return loaders
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader

@@ -1,0 +1,219 @@
+"""Gist caching benchmark, as in the paper and beyond.
+
+1. One forward of each prompt at batch size 1 (the compression itself excluded), three ways:
+   no caching (the whole gist prompt), instruction caching (the instruction's KV reused, i.e. a
+   pos_control cache) and gist caching (k positions). For each: prefill FLOPs
+   (torch.utils.flop_counter), wall time (median of warm repeats), cache bytes held per prompt,
+   and the ratio to no caching, beside the token ratio (k + |input|) / (|instruction| + k + |input|).
+2. Generation from caches, batched, against the batch-1 loop of the authors' code: same prompts,
+   same new tokens (checked equal), tokens per second at batch 1, 4 and 16.
+
+    python experiments/bench_caching.py                                   # tiny default shape, CPU
+    python experiments/bench_caching.py --model runs/tiny/version_0/export
+    python experiments/bench_caching.py --shape llama-7b --dtype bfloat16 --device cuda
+
+Random weights are fine for speed. Figures go to stdout and to a CSV under experiments/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from gist_lightning import caching
+from gist_lightning.data.datamodule import load_tokenizer
+from gist_lightning.data.suite import human_records
+from gist_lightning.export import load_pretrained
+from gist_lightning.families import gist_forward
+from gist_lightning.templates import encode_example
+from gist_lightning.tokens import add_gist_token
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
+}
+
+
+def load_model(args):
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        model, tok, settings = load_pretrained(args.model, dtype=dtype)
+        return model.to(args.device), tok, settings["num_gist_tokens"], args.model
+    tok = load_tokenizer("suite", add_gist=False)
+    if args.shape == "tiny":
+        fields = yaml.safe_load(open(ROOT / "configs" / "tiny.yaml"))["model"]["model_config"]
+        fields = {k: v for k, v in fields.items() if k != "model_type"}
+        fields["vocab_size"] = len(tok)
+    else:
+        fields = SHAPES[args.shape]
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**fields), dtype=dtype, attn_implementation="sdpa")
+    add_gist_token(tok, model)
+    return model.eval(), tok, args.k, f"{args.shape} (random weights)"
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops(model, fn) -> int:
+    """FLOPs of ``fn``, counted under eager attention so that the attention matmuls are counted
+    too (a fused SDPA kernel may not be); the two implementations compute the same thing."""
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+    finally:
+        model.config._attn_implementation = impl
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def prefill_table(model, tok, examples, k, gist_id, repeats, device):
+    rows = {"no caching": [], "instruction caching": [], "gist caching": []}
+    token_ratios = []
+    ones = torch.ones_like
+    for ex in examples:
+        prompt = torch.tensor([ex.prompt], device=device)
+        prefix = torch.tensor([ex.prefix + ex.gists], device=device)
+        suffix = torch.tensor([ex.suffix], device=device)
+        caches = {
+            "instruction caching": caching.compress_ids(model, prefix, ones(prefix), gist_id, "pos_control"),
+            "gist caching": caching.compress_ids(model, prefix, ones(prefix), gist_id, "gist"),
+        }
+        runs = {"no caching": lambda prompt=prompt: gist_forward(model, prompt, ones(prompt), gist_id, "gist")}
+        for name, cache in caches.items():
+            runs[name] = lambda cache=cache, suffix=suffix: caching.continuation_logits(model, cache, suffix,
+                                                                                     ones(suffix))
+        for name, fn in runs.items():
+            rows[name].append({"flops": flops(model, fn), "seconds": timed(fn, repeats, device),
+                               "bytes": caches[name].nbytes() if name in caches else 0})
+        token_ratios.append((k + len(ex.suffix)) / (len(ex.prefix) + k + len(ex.suffix)))
+    return rows, statistics.mean(token_ratios)
+
+
+@torch.no_grad()
+def generation_table(model, tok, examples, k, gist_id, new_tokens, batch_sizes, repeats, device):
+    """Tokens per second from caches: the batch-1 loop against batches of each size."""
+    prefixes = [ex.prefix + ex.gists for ex in examples]
+    suffixes = [ex.suffix for ex in examples]
+
+    def run(batch_size):
+        out = []
+        for start in range(0, len(examples), batch_size):
+            p_ids, p_mask = caching.pad_batch(prefixes[start:start + batch_size], tok.pad_token_id, "left")
+            s_ids, s_mask = caching.pad_batch(suffixes[start:start + batch_size], tok.pad_token_id, "left")
+            cache = caching.compress_ids(model, p_ids.to(device), p_mask.to(device), gist_id, "gist")
+            # eos=-1: every row generates exactly new_tokens, so the token counts are equal
+            out += caching.generate_ids(model, cache, s_ids.to(device), s_mask.to(device), new_tokens, -1,
+                                        tok.pad_token_id).tolist()
+        return out
+
+    reference = run(1)
+    results = []
+    for bs in batch_sizes:
+        outputs = run(bs)
+        same = outputs == reference
+        seconds = timed(lambda bs=bs: run(bs), repeats, device)
+        results.append({"batch_size": bs, "tokens_per_second": len(examples) * new_tokens / seconds,
+                        "seconds": seconds, "outputs_equal_batch1": same})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="exported model folder (default: random weights of --shape)")
+    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
+    parser.add_argument("--k", type=int, default=1, help="gist tokens (for random-weight shapes)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num_prompts", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new_tokens", type=int, default=16)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--out", default=str(ROOT / "experiments" / "results"))
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    model, tok, k, label = load_model(args)
+    gist_id = tok.convert_tokens_to_ids("<GIST>")
+    records = human_records()[: args.num_prompts]
+    examples = [encode_example(tok, r["instruction"], r["input"], None, k, gist_id, False) for r in records]
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    header = (f"model: {label}, {args.dtype}, k={k}, device: {args.device} ({device_name}, "
+              f"{torch.get_num_threads()} threads), {len(examples)} prompts of the suite's validation_human")
+    print(header)
+
+    rows, token_ratio = prefill_table(model, tok, examples, k, gist_id, args.repeats, args.device)
+    base_flops = statistics.mean(r["flops"] for r in rows["no caching"])
+    base_time = statistics.mean(r["seconds"] for r in rows["no caching"])
+    out_rows = []
+    print("\n| | no caching | instruction caching | gist caching |\n|---|---|---|---|")
+    summary = {}
+    for name, rs in rows.items():
+        f = statistics.mean(r["flops"] for r in rs)
+        t = statistics.mean(r["seconds"] for r in rs)
+        b = statistics.mean(r["bytes"] for r in rs)
+        summary[name] = (f, t, b)
+        out_rows.append({"part": "prefill", "condition": name, "mflops": f / 1e6, "ms": 1e3 * t, "cache_bytes": b,
+                         "flops_ratio": f / base_flops, "time_ratio": t / base_time, "token_ratio": token_ratio})
+    names = list(rows)
+    print("| prefill MFLOPs | " + " | ".join(f"{summary[n][0] / 1e6:.2f} ({summary[n][0] / base_flops:.3f}x)" for n in names) + " |")
+    print("| wall ms (median, warm) | " + " | ".join(f"{1e3 * summary[n][1]:.2f} ({summary[n][1] / base_time:.3f}x)" for n in names) + " |")
+    print("| cache bytes per prompt | " + " | ".join(f"{summary[n][2] / 1024:.1f} KiB" for n in names) + " |")
+    gist_ratio = summary["gist caching"][0] / base_flops
+    print(f"\ngist caching FLOPs ratio {gist_ratio:.3f} vs token ratio (k+|input|)/(|instr|+k+|input|) "
+          f"{token_ratio:.3f}: {100 * (gist_ratio / token_ratio - 1):+.1f}% (goal: at most +5%)")
+
+    gen = generation_table(model, tok, examples, k, gist_id, args.new_tokens, args.batch_sizes, args.repeats, args.device)
+    base_tps = gen[0]["tokens_per_second"]
+    print(f"\ngeneration from gist caches, {args.new_tokens} new tokens per prompt (compression included):")
+    print("| batch size | tokens/s | vs batch-1 loop | outputs equal to batch 1 |\n|---|---|---|---|")
+    for g in gen:
+        print(f"| {g['batch_size']} | {g['tokens_per_second']:.1f} | {g['tokens_per_second'] / base_tps:.2f}x | "
+              f"{g['outputs_equal_batch1']} |")
+        out_rows.append({"part": "generation", "condition": f"batch {g['batch_size']}",
+                         "tokens_per_second": g["tokens_per_second"], "speedup": g["tokens_per_second"] / base_tps,
+                         "outputs_equal_batch1": g["outputs_equal_batch1"]})
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.shape if not args.model else 'model'}-{args.dtype}-{args.device.split(':')[0]}"
+    path = out / f"bench_caching-{tag}.csv"
+    keys = []
+    for r in out_rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        f.write(f"# {header}\n")
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(out_rows)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Compressed instructions on disk: one safetensors file per cache, and a store of many.
+
+A file holds a :class:`~gist_lightning.caching.GistCache` (one or more rows) plus what is
+needed to check that it belongs to a model: a fingerprint of the model (config and a sample of
+its weights), of the tokenizer (vocabulary and special tokens), k, the condition and the dtype.
+Loading into anything else is refused with an error that says what differs.
+
+Files are written to a temporary name in the same folder and renamed into place, so a reader
+never sees half a file, a crash leaves at most a stray temporary file, and two writers of the
+same key leave one complete file (the last one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .caching import GistCache, compress
+
+FORMAT = "gist-lightning-cache/1"
+
+
+class CacheMismatchError(ValueError):
+    """A cache file made for another model, tokenizer, k, condition or dtype."""
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    """Config plus a strided sample of every parameter: cheap for a 7B model, and it tells two
+    fine-tunes of one base model apart."""
+    h = hashlib.sha256()
+    h.update(model.config.to_json_string(use_diff=True).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _meta(cache: GistCache, model, tokenizer, instructions: list[str] | None) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "num_gist_tokens": str(cache.num_gist_tokens),
+        "condition": cache.condition,
+        "encoder_decoder": str(cache.encoder_decoder),
+        "dtype": str(cache.tensors()[0].dtype if cache.tensors() else model.dtype),
+        "model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
+        "model_fingerprint": model_fingerprint(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "instructions": json.dumps(instructions or []),
+    }
+
+
+def _tensors(cache: GistCache) -> dict[str, torch.Tensor]:
+    out = {"valid": cache.valid, "positions": cache.positions, "next_position": cache.next_position}
+    if cache.encoder_decoder:
+        out.update({f"state.{i}": t for i, t in enumerate(cache.states)})
+    else:
+        for i, (k, v) in enumerate(cache.states):
+            out[f"layer.{i}.key"], out[f"layer.{i}.value"] = k, v
+    return {name: t.detach().contiguous().cpu() for name, t in out.items()}
+
+
+def _write_atomic(path: Path, tensors: dict, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_cache(cache: GistCache, path: str | os.PathLike, model, tokenizer, instructions: list[str] | None = None) -> Path:
+    """Write ``cache`` (with the checks its loader needs) to ``path`` (a ``.safetensors`` file)."""
+    path = Path(path)
+    _write_atomic(path, _tensors(cache), _meta(cache, model, tokenizer, instructions))
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise CacheMismatchError(f"{path}: not a gist-lightning cache file (format {meta.get('format')!r})")
+    return meta
+
+
+def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int | None = None) -> GistCache:
+    """Read a cache file for ``model``/``tokenizer``; refuse one made for something else."""
+    path = Path(path)
+    meta = read_metadata(path)
+    checks = [
+        ("model", meta["model_fingerprint"], model_fingerprint(model),
+         f"it was made with model {meta['model']!r}"),
+        ("tokenizer", meta["tokenizer_fingerprint"], tokenizer_fingerprint(tokenizer), "its vocabulary differs"),
+        ("dtype", meta["dtype"], str(model.dtype), f"it holds {meta['dtype']}, the model runs in {model.dtype}"),
+    ]
+    if num_gist_tokens is not None:
+        checks.append(("k", meta["num_gist_tokens"], str(num_gist_tokens),
+                       f"it holds k={meta['num_gist_tokens']}, asked for k={num_gist_tokens}"))
+    for what, stored, current, why in checks:
+        if stored != current:
+            raise CacheMismatchError(f"{path}: refusing to load this cache into a different {what}: {why}")
+    tensors = {}
+    with safe_open(str(path), framework="pt", device=str(model.device)) as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open has no iterator)
+            tensors[name] = f.get_tensor(name)
+    enc_dec = meta["encoder_decoder"] == "True"
+    if enc_dec:
+        states = [tensors[f"state.{i}"] for i in range(sum(n.startswith("state.") for n in tensors))]
+    else:
+        n_layers = sum(n.endswith(".key") for n in tensors)
+        states = [(tensors[f"layer.{i}.key"], tensors[f"layer.{i}.value"]) for i in range(n_layers)]
+    return GistCache(states=states, valid=tensors["valid"], positions=tensors["positions"],
+                     next_position=tensors["next_position"], num_gist_tokens=int(meta["num_gist_tokens"]),
+                     condition=meta["condition"], encoder_decoder=enc_dec,
+                     meta={"instructions": json.loads(meta["instructions"])})
+
+
+class CacheStore:
+    """Many compressed instructions in one folder, keyed by their text.
+
+    One file per instruction (named by a hash of the text and the settings), so concurrent
+    writers never share a file that is being written, and the listing is read from the files
+    themselves (there is no index to corrupt).
+    """
+
+    def __init__(self, folder: str | os.PathLike, model, tokenizer, num_gist_tokens: int, condition: str = "gist"):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.model, self.tokenizer = model, tokenizer
+        self.num_gist_tokens, self.condition = num_gist_tokens, condition
+
+    def path(self, instruction: str) -> Path:
+        key = json.dumps([instruction, self.num_gist_tokens, self.condition])
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def add(self, instruction: str, cache: GistCache | None = None) -> Path:
+        """Store the compressed ``instruction`` (compressing it now unless ``cache`` is given)."""
+        if cache is None:
+            cache = compress(self.model, self.tokenizer, [instruction], self.num_gist_tokens, self.condition)
+        if cache.batch_size != 1:
+            raise ValueError(f"a store entry holds one instruction; got a cache of {cache.batch_size} rows")
+        return save_cache(cache, self.path(instruction), self.model, self.tokenizer, [instruction])
+
+    def get(self, instruction: str) -> GistCache:
+        path = self.path(instruction)
+        if not path.is_file():
+            raise KeyError(f"no cache for instruction {instruction[:80]!r} in {self.folder}")
+        return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens)
+
+    def get_or_add(self, instruction: str) -> GistCache:
+        if not self.path(instruction).is_file():
+            self.add(instruction)
+        return self.get(instruction)
+
+    def __contains__(self, instruction: str) -> bool:
+        return self.path(instruction).is_file()
+
+    def list(self) -> list[str]:
+        """The stored instructions (complete files only; temporary files of crashed writers are ignored)."""
+        out = []
+        for path in sorted(self.folder.glob("*.safetensors")):
+            try:
+                meta = read_metadata(path)
+            except Exception:  # noqa: BLE001 - a foreign or damaged file is skipped, not fatal
+                continue
+            if meta["num_gist_tokens"] == str(self.num_gist_tokens) and meta["condition"] == self.condition:
+                out += json.loads(meta["instructions"])
+        return out
+
+    def delete(self, instruction: str) -> bool:
+        try:
+            self.path(instruction).unlink()
+            return True
+        except FileNotFoundError:
+            return False
