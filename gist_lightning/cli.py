@@ -69,17 +69,31 @@ def score_main(argv: list[str]) -> None:
 
 
 def export_main(argv: list[str]) -> None:
+    import tempfile
+
+    import torch
+
     from .export import export_pretrained
 
-    parser = ArgumentParser(prog="gist-lightning export", description="Turn a Lightning checkpoint into an HF folder "
-                            "(model, tokenizer with <GIST>, gist_config.json).")
-    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file")
+    parser = ArgumentParser(prog="gist-lightning export", description="Turn a Lightning checkpoint (a .ckpt file, or "
+                            "the folder a DeepSpeed ZeRO run saves) into an HF folder: model, tokenizer with <GIST>, "
+                            "gist_config.json.")
+    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file or DeepSpeed checkpoint folder")
     parser.add_argument("--out", required=True, help="output folder (must not hold an export already)")
+    parser.add_argument("--dtype", default="float32", help="weights' dtype in the export: float32 or bfloat16")
     cfg = parser.parse_args(argv)
-    module = GistLitModule.load_from_checkpoint(cfg.ckpt, map_location="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = cfg.ckpt
+        if Path(ckpt).is_dir():  # ZeRO shards -> one fp32 Lightning checkpoint
+            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+            ckpt = str(Path(tmp) / "consolidated.ckpt")
+            convert_zero_checkpoint_to_fp32_state_dict(cfg.ckpt, ckpt)
+        module = GistLitModule.load_from_checkpoint(ckpt, map_location="cpu")
     h = module.hparams
-    out = export_pretrained(module.model, module.tokenizer, cfg.out, h.num_gist_tokens, h.condition)
-    print(f"exported {cfg.ckpt} -> {out}")
+    model = module.model.to(getattr(torch, cfg.dtype))
+    out = export_pretrained(model, module.tokenizer, cfg.out, h.num_gist_tokens, h.condition)
+    print(f"exported {cfg.ckpt} -> {out} ({cfg.dtype})")
 
 
 def _load_model(path: str, dtype: str | None, device: str):
