@@ -9,7 +9,8 @@ run again; a failed run is reported, moved aside, and the others go on.
     python experiments/sweep.py --config configs/llama-7b.yaml --out sweeps/llama --k 1 2 5 10 \\
         --seeds 0 1 -- --data.data /path/to/alpaca_plus --trainer.devices 4
 
-Everything after ``--`` is passed to every run. Results: ``<out>/results.csv`` (one row per run),
+Everything after ``--`` is passed to every run. Results cover every finished run in the runs
+folder (so a second call with more seeds adds to the table): ``<out>/results.csv`` (one row per run),
 ``<out>/table.md`` (rows: condition and k; columns: seen / unseen / human; mean ± sd over seeds),
 ``<out>/rouge_vs_k.png``.
 """
@@ -60,18 +61,20 @@ def command(cell: dict, configs: list[str], run_root: Path, extra: list[str]) ->
     return args + extra
 
 
-def best_metrics(run_dir: Path) -> dict:
-    """The validation row with the best validation_unseen ROUGE-L (the checkpoint that is kept),
-    plus the compression statistics of that validation."""
+def run_metrics(run_dir: Path) -> dict:
+    """Per-split metrics of the validation with the best validation_unseen ROUGE-L (the checkpoint
+    that is kept, as in the paper) and, prefixed ``final_``, of the last validation; plus the
+    compression statistics of the best one."""
     rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(BEST)]
     if not rows:
         raise RuntimeError(f"{run_dir}/metrics.csv has no {BEST}")
     best = max(rows, key=lambda r: float(r[BEST]))
     step = int(best["step"]) + 1
-    out = {"step": step}
-    for split in SPLITS:
-        for metric in ("rougeL", "exact_match"):
-            out[f"{SHORT[split]}_{metric}"] = float(best[f"{split}/{metric}"])
+    out = {"step": step, "final_step": int(rows[-1]["step"]) + 1}
+    for prefix, row in (("", best), ("final_", rows[-1])):
+        for split in SPLITS:
+            for metric in ("rougeL", "exact_match"):
+                out[f"{prefix}{SHORT[split]}_{metric}"] = float(row[f"{split}/{metric}"])
     comp = run_dir / "predictions" / f"step{step:06d}-compression.json"
     if comp.is_file():
         stats = json.loads(comp.read_text())
@@ -89,7 +92,7 @@ def run_cells(cells, configs, run_root: Path, extra: list[str], log=print) -> tu
         done = folder / "done.json"
         if done.is_file():
             log(f"[{i}/{len(cells)}] {cell['name']}: finished before, skipped")
-            results.append(json.loads(done.read_text()))
+            results.append({**json.loads(done.read_text()), **run_metrics(folder)})
             continue
         if folder.exists():  # an interrupted or failed attempt: keep it, out of the way
             aside = folder.with_name(f"run-failed-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -106,11 +109,17 @@ def run_cells(cells, configs, run_root: Path, extra: list[str], log=print) -> tu
             log(f"[{i}/{len(cells)}] {cell['name']}: FAILED (exit {proc.returncode}) after {minutes:.1f} min; "
                 f"see {folder.parent / 'stdout.log'}")
             continue
-        result = {**cell, **best_metrics(folder), "minutes": round(minutes, 2)}
+        result = {**cell, "minutes": round(minutes, 2), **run_metrics(folder)}
         done.write_text(json.dumps(result, indent=1) + "\n")
         results.append(result)
         log(f"[{i}/{len(cells)}] {cell['name']}: done in {minutes:.1f} min, unseen ROUGE-L {result['unseen_rougeL']:.1f}")
     return results, failed
+
+
+def finished_runs(run_root: Path) -> list[dict]:
+    order = {"pos_control": 0, "gist": 1, "neg_control": 2}
+    runs = [{**json.loads(done.read_text()), **run_metrics(done.parent)} for done in run_root.glob("*/run/done.json")]
+    return sorted(runs, key=lambda r: (order.get(r["condition"], 9), r["k"], r["seed"]))
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -133,12 +142,17 @@ def aggregate(results: list[dict], out: Path) -> None:
     order = {"pos_control": 0, "gist": 1, "neg_control": 2}
     for r in results:
         groups.setdefault((r["condition"], r["k"]), []).append(r)
-    lines = ["| condition | k | seeds | seen ROUGE-L | unseen ROUGE-L | human ROUGE-L | seen EM | unseen EM | human EM |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for (condition, k), rs in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 9), g[0][1])):
-        cells = [_mean_sd([r[f"{s}_rougeL"] for r in rs]) for s in ("seen", "unseen", "human")]
-        cells += [_mean_sd([r[f"{s}_exact_match"] for r in rs]) for s in ("seen", "unseen", "human")]
-        lines.append(f"| {condition} | {k if condition == 'gist' else '-'} | {len(rs)} | " + " | ".join(cells) + " |")
+    lines = []
+    for prefix, title in (("", "best checkpoint by validation_unseen ROUGE-L (the paper's protocol)"),
+                          ("final_", "last validation")):
+        lines += [f"{title}:", "",
+                  "| condition | k | seeds | seen ROUGE-L | unseen ROUGE-L | human ROUGE-L | seen EM | unseen EM | human EM |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (condition, k), rs in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 9), g[0][1])):
+            cells = [_mean_sd([r[f"{prefix}{s}_rougeL"] for r in rs]) for s in ("seen", "unseen", "human")]
+            cells += [_mean_sd([r[f"{prefix}{s}_exact_match"] for r in rs]) for s in ("seen", "unseen", "human")]
+            lines.append(f"| {condition} | {k if condition == 'gist' else '-'} | {len(rs)} | " + " | ".join(cells) + " |")
+        lines.append("")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot(groups, out / "rouge_vs_k.png")
 
@@ -190,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = grid(args.conditions, args.k, args.seeds)
     print(f"sweep of {len(cells)} runs into {out}" + (f", passing {' '.join(extra)}" if extra else ""), flush=True)
     run_root = Path(args.runs) if args.runs else out / "runs"
-    results, failed = run_cells(cells, args.config, run_root, extra, log=lambda m: print(m, flush=True))
+    _, failed = run_cells(cells, args.config, run_root, extra, log=lambda m: print(m, flush=True))
+    results = finished_runs(run_root)  # this grid and every earlier finished run in the folder
     aggregate(results, out)
     print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'rouge_vs_k.png'}")
     if results:

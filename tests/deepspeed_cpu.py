@@ -47,7 +47,7 @@ def main(stage: int, devices: int, out: Path) -> None:
     dm = GistDataModule(cache_dir=str(out / "cache"), suite_train_size=64, suite_validation_size=5, batch_size=8,
                         eval_batch_size=4, max_validation_records=5)
     module = GistLitModule(model_config=TINY_MODEL, learning_rate=1e-3, max_new_tokens=4)
-    callbacks = [c for c in default_callbacks() if type(c).__name__ not in ("ExportBest", "ModelCheckpoint")]
+    callbacks = [c for c in default_callbacks() if type(c).__name__ != "ModelCheckpoint"]
     callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="zero", save_last=False))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=CPUDeepSpeedStrategy(stage=stage,
                         process_group_backend="gloo"), max_steps=4, val_check_interval=4, num_sanity_val_steps=0,

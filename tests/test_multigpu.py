@@ -64,6 +64,7 @@ def test_two_process_zero_on_cpu_fits_validates_and_converts(tmp_path, stage):
     assert "validation_unseen" in (tmp_path / "rouge.txt").read_text()
     ckpt = tmp_path / "checkpoints" / "zero.ckpt"
     assert ckpt.is_dir()  # DeepSpeed writes a folder of shards
+    assert not (tmp_path / "export").exists()  # sharded weights are converted, never exported as they are
     from gist_lightning.cli import main
 
     main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")])

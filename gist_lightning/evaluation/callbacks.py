@@ -176,6 +176,10 @@ class ExportBest(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        if type(trainer.strategy).__name__.startswith("DeepSpeed") or (ckpt and Path(ckpt).is_dir()):
+            # ZeRO shards the weights across ranks: convert the saved checkpoint instead
+            self.source = f"not exported under DeepSpeed; run: gist-lightning export --ckpt {ckpt} --out <folder>"
+            return
         if ckpt and Path(ckpt).is_file():
             state = torch.load(ckpt, map_location=pl_module.device, weights_only=False)["state_dict"]
             pl_module.load_state_dict(state)
@@ -224,6 +228,8 @@ class RunSummary(L.Callback):
         writer, export = cbs.get("PredictionWriter"), cbs.get("ExportBest")
         if writer and writer.written:
             lines.append(f"predictions: {writer.written[-1].parent}/")
+        if export and export.path is None and export.source.startswith("not exported"):
+            lines.append(export.source)
         if export and export.path:
             lines.append(f"exported model ({export.source}): {export.path}")
             lines.append(f"  load it: model, tokenizer, settings = gist_lightning.export.load_pretrained('{export.path}')")
