@@ -408,11 +408,13 @@ def generate(
     out = generate_ids(
         model, cache.to(device), ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
     )
+    return decode_new_tokens(tokenizer, out, skip_special_tokens)
+
+
+def decode_new_tokens(tokenizer, ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+    """Text of each row of generated ids, cut at the first EOS and stripped."""
+    eos = tokenizer.eos_token_id
     return [
-        tokenizer.decode(_until_eos(r, tokenizer.eos_token_id), skip_special_tokens=skip_special_tokens).strip()
-        for r in out.tolist()
+        tokenizer.decode(r[: r.index(eos)] if eos in r else r, skip_special_tokens=skip_special_tokens).strip()
+        for r in ids.tolist()
     ]
-
-
-def _until_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos)] if eos in ids else ids

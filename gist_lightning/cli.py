@@ -105,6 +105,24 @@ def _load_model(path: str, dtype: str | None, device: str):
     return model.to(device), tokenizer, settings
 
 
+def _add_answer_args(parser) -> None:
+    """Arguments of the commands that answer inputs from a cache."""
+    parser.add_argument("--input", action="append", default=[], help="an input to answer from the cache (repeatable)")
+    parser.add_argument("--inputs", default=None, help="a text file of inputs, one per line")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--device", default="cpu")
+
+
+def _answer(model, tokenizer, cache, cfg) -> int:
+    """Print ``input<TAB>output`` for every input of ``--input``/``--inputs``; return how many."""
+    inputs = cfg.input + (_read_lines(cfg.inputs) if cfg.inputs else [])
+    for x, y in zip(inputs, _generate_batched(model, tokenizer, cache, inputs, cfg.batch_size, cfg.max_new_tokens)):
+        print(f"{x}\t{y}")
+    return len(inputs)
+
+
 def _generate_batched(model, tokenizer, cache, inputs: list[str], batch_size: int, max_new_tokens: int):
     """Outputs for ``inputs``, all continuing cache row 0, ``batch_size`` rows at a time."""
     from .caching import generate
@@ -127,12 +145,7 @@ def compress_main(argv: list[str]) -> None:
     parser.add_argument("--model", required=True, help="exported model folder (gist-lightning export, or a run's export/)")
     parser.add_argument("--instruction", required=True, help="the instruction to compress")
     parser.add_argument("--out", default=None, help="cache file to write (.safetensors); refuses to overwrite")
-    parser.add_argument("--input", action="append", default=[], help="an input to answer from the cache (repeatable)")
-    parser.add_argument("--inputs", default=None, help="a text file of inputs, one per line")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
-    parser.add_argument("--device", default="cpu")
+    _add_answer_args(parser)
     cfg = parser.parse_args(argv)
     model, tokenizer, settings = _load_model(cfg.model, cfg.dtype, cfg.device)
     k, condition = settings["num_gist_tokens"], settings["condition"]
@@ -147,9 +160,7 @@ def compress_main(argv: list[str]) -> None:
             raise SystemExit(f"{cfg.out} exists; refusing to overwrite it")
         save_cache(cache, cfg.out, model, tokenizer, [cfg.instruction])
         print(f"wrote {cfg.out}")
-    inputs = cfg.input + (_read_lines(cfg.inputs) if cfg.inputs else [])
-    for x, y in zip(inputs, _generate_batched(model, tokenizer, cache, inputs, cfg.batch_size, cfg.max_new_tokens)):
-        print(f"{x}\t{y}")
+    _answer(model, tokenizer, cache, cfg)
 
 
 def generate_main(argv: list[str]) -> None:
@@ -158,20 +169,12 @@ def generate_main(argv: list[str]) -> None:
     parser = ArgumentParser(prog="gist-lightning generate", description="Answer inputs from a gist cache file, batched.")
     parser.add_argument("--model", required=True, help="the exported model folder the cache was made with")
     parser.add_argument("--cache", required=True, help="cache file written by gist-lightning compress")
-    parser.add_argument("--input", action="append", default=[], help="an input (repeatable)")
-    parser.add_argument("--inputs", default=None, help="a text file of inputs, one per line")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--device", default="cpu")
+    _add_answer_args(parser)
     cfg = parser.parse_args(argv)
     model, tokenizer, settings = _load_model(cfg.model, cfg.dtype, cfg.device)
     cache = load_cache(cfg.cache, model, tokenizer, settings["num_gist_tokens"])
-    inputs = cfg.input + (_read_lines(cfg.inputs) if cfg.inputs else [])
-    if not inputs:
+    if not _answer(model, tokenizer, cache, cfg):
         raise SystemExit("no inputs: pass --input TEXT or --inputs FILE")
-    for x, y in zip(inputs, _generate_batched(model, tokenizer, cache, inputs, cfg.batch_size, cfg.max_new_tokens)):
-        print(f"{x}\t{y}")
 
 
 def _read_lines(path: str) -> list[str]:

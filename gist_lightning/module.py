@@ -146,9 +146,7 @@ class GistLitModule(L.LightningModule):
             cont, cont_mask = batch["continuation_ids"], batch["continuation_mask"]
         ids = caching.generate_ids(self.model, cache, cont, cont_mask, h.max_new_tokens, tok.eos_token_id,
                                    tok.pad_token_id, sync_ranks=self._trainer is not None and self.trainer.world_size > 1)
-        preds = [tok.decode(caching._until_eos(r, tok.eos_token_id), skip_special_tokens=True).strip()
-                 for r in ids.tolist()]
-        return preds, cache
+        return caching.decode_new_tokens(tok, ids), cache
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         split = self.validation_names[dataloader_idx]

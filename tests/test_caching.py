@@ -177,3 +177,19 @@ def test_local_from_pretrained_round_trip(tmp_path):
     a = generate(model, tok, compress(model, tok, INSTRUCTIONS, 1), INPUTS, max_new_tokens=6)
     b = generate(model2, tok2, compress(model2, tok2, INSTRUCTIONS, 1), INPUTS, max_new_tokens=6)
     assert a == b
+
+
+def test_concatenated_caches_equal_one_batched_compress():
+    """Caches made one by one (as a store holds them) and concatenated give the batched result,
+    also when their lengths differ (pos_control keeps whole instructions)."""
+    model, tok, _ = make_pair("llama")
+    for condition in ("gist", "pos_control"):
+        together = compress(model, tok, INSTRUCTIONS, 2, condition)
+        joined = caching.GistCache.concat([compress(model, tok, [t], 2, condition) for t in INSTRUCTIONS])
+        assert joined.length == together.length and torch.equal(joined.valid, together.valid)
+        cont, cmask = pad_batch([encode_example(tok, t, x, None, 2, tok.convert_tokens_to_ids("<GIST>"),
+                                                False).suffix for t, x in zip(INSTRUCTIONS, INPUTS)],
+                                tok.pad_token_id, "left")
+        a = caching.continuation_logits(model, together, cont, cmask).logits
+        b = caching.continuation_logits(model, joined, cont, cmask).logits
+        assert (a - b).abs().max() < 1e-4
