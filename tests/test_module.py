@@ -35,9 +35,9 @@ def tiny_config(tmp_path, model_config=None, **trainer):
     return path
 
 
-def validate_metrics(module, datamodule):
+def validate_metrics(module, datamodule, root):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=default_callbacks(), enable_checkpointing=True)
+                        callbacks=default_callbacks(), enable_checkpointing=True, default_root_dir=str(root))
     trainer.validate(module, datamodule=datamodule)
     rouge = next(c for c in trainer.callbacks if isinstance(c, RougeCallback))
     return rouge.last
@@ -55,17 +55,17 @@ def test_fit_validate_reload_and_export(tmp_path, model_config):
     predictions = sorted(p.name for p in (tmp_path / "runs" / "t" / "version_0" / "predictions").iterdir())
     assert "step000006-validation_seen.csv" in predictions and "step000012-compression.json" in predictions
 
-    first = validate_metrics(cli.model, cli.datamodule)
+    first = validate_metrics(cli.model, cli.datamodule, tmp_path / "v1")
     assert set(first) == {"validation_seen", "validation_unseen", "validation_human"}
     # a checkpoint reloaded in a fresh module gives the same metrics
     best = trainer.checkpoint_callback.best_model_path
     reloaded = GistLitModule.load_from_checkpoint(best)
-    assert validate_metrics(reloaded, cli.datamodule) == first
+    assert validate_metrics(reloaded, cli.datamodule, tmp_path / "v2") == first
     # so does the exported HF folder, loaded through from_pretrained
     export = next(c for c in trainer.callbacks if type(c).__name__ == "ExportBest").path
     from_export = GistLitModule(model_name_or_path=str(export), tokenizer=str(export),
                                 num_gist_tokens=1, max_new_tokens=8)
-    assert validate_metrics(from_export, cli.datamodule) == first
+    assert validate_metrics(from_export, cli.datamodule, tmp_path / "v3") == first
 
 
 def _train(tmp_path, name, max_steps, callbacks=(), ckpt=None):
