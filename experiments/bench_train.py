@@ -15,15 +15,16 @@ import time
 import torch
 import yaml
 
-from gist_lightning.data.datamodule import GistDataModule
+from gist_lightning.data import EmbeddedSuite
 from gist_lightning.module import GistLitModule
 
 
 def time_condition(condition: str, rows: list, config: dict, batch_size: int, steps: int, warmup: int) -> float:
     torch.manual_seed(0)
-    dm = GistDataModule(cache_dir=".cache/gist_lightning", condition=condition, batch_size=batch_size)
-    collate = dm.collator(for_generation=False)
     module = GistLitModule(model_config=config["model"]["model_config"], condition=condition)
+    dm = EmbeddedSuite(cache_dir=".cache/gist_lightning", batch_size=batch_size)
+    dm.connect(**module.data_facts())
+    collate = dm.collator(for_generation=False)
     module.configure_model()
     module.model.train()
     opt = torch.optim.AdamW(module.model.parameters(), lr=1e-3)
@@ -48,8 +49,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     config = yaml.safe_load(open(args.config))
-    batch_size = args.batch_size or config["data"]["batch_size"]
-    dm = GistDataModule(cache_dir=".cache/gist_lightning", batch_size=batch_size)
+    batch_size = args.batch_size or config["data"]["init_args"]["batch_size"]
+    dm = EmbeddedSuite(cache_dir=".cache/gist_lightning", batch_size=batch_size)
+    dm.connect(**GistLitModule(model_config=config["model"]["model_config"]).data_facts())
     dm.prepare_data()
     dm.setup("fit")
     rows = [dm.datasets["train"][i] for i in range(batch_size * (args.steps + args.warmup))]

@@ -17,6 +17,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from gist_lightning.data.suite import TASKS, generate_suite, make_record
+from gist_lightning.templates import continuation_text, instruction_text
+from gist_lightning.tokens import PAD_TOKEN
 
 ASSETS = Path(__file__).resolve().parents[1] / "gist_lightning" / "assets"
 
@@ -105,13 +107,13 @@ def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=1024,
-        special_tokens=["<s>", "</s>", "<PAD>"],
+        special_tokens=["<s>", "</s>", PAD_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<PAD>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token=PAD_TOKEN)
 
 
 def main() -> None:
@@ -121,7 +123,10 @@ def main() -> None:
     suite = generate_suite(seed=0)
     texts = []
     for rec in suite["train"] + human:
-        texts += [f"Instruction: {rec['instruction']}\n", f"\nInput: {rec['input']}\nOutput:", rec["output"]]
+        # the pieces the templates tokenize separately (decoder-only wording; the encoder-decoder
+        # source is a prefix of it)
+        texts += [instruction_text(rec["instruction"]), continuation_text(rec["input"], encoder_decoder=False),
+                  rec["output"]]
     tok = train_tokenizer(texts)
     tok.save_pretrained(ASSETS / "suite_tokenizer")
     print(f"wrote {len(human)} human records and a {len(tok)}-token tokenizer to {ASSETS}")

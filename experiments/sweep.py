@@ -7,7 +7,7 @@ run again; a failed run is reported, moved aside, and the others go on.
 
     python experiments/sweep.py --config configs/tiny.yaml --out experiments/results/tiny
     python experiments/sweep.py --config configs/llama-7b.yaml --out sweeps/llama --k 1 2 5 10 \\
-        --seeds 0 1 -- --data.data /path/to/alpaca_plus --trainer.devices 4
+        --seeds 0 1 -- --data.folder /path/to/alpaca_plus --trainer.devices 4
 
 Everything after ``--`` is passed to every run. Results cover every finished run in the runs
 folder (so a second call with more seeds adds to the table): ``<out>/results.csv`` (one row per run),
@@ -27,9 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-SPLITS = ("validation_seen", "validation_unseen", "validation_human")
-SHORT = {"validation_seen": "seen", "validation_unseen": "unseen", "validation_human": "human"}
-BEST = "validation_unseen/rougeL"
+from gist_lightning.splits import BEST_METRIC, QUALITY_METRICS, SHORT, VALIDATION_SPLITS, metric_key
 
 
 def grid(conditions: list[str], ks: list[int], seeds: list[int]) -> list[dict]:
@@ -48,8 +46,8 @@ def command(cell: dict, configs: list[str], run_root: Path, extra: list[str]) ->
     for c in configs:
         args += ["--config", c]
     args += [
-        "--data.condition", cell["condition"],
-        "--data.num_gist_tokens", str(cell["k"]),
+        "--model.condition", cell["condition"],
+        "--model.num_gist_tokens", str(cell["k"]),
         "--seed_everything", str(cell["seed"]),
         "--data.seed", str(cell["seed"]),
         "--trainer.default_root_dir", str(run_root / cell["name"]),
@@ -65,20 +63,20 @@ def run_metrics(run_dir: Path) -> dict:
     """Per-split metrics of the validation with the best validation_unseen ROUGE-L (the checkpoint
     that is kept, as in the paper) and, prefixed ``final_``, of the last validation; plus the
     compression statistics of the best one."""
-    rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(BEST)]
+    rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get(BEST_METRIC)]
     if not rows:
-        raise RuntimeError(f"{run_dir}/metrics.csv has no {BEST}")
-    best = max(rows, key=lambda r: float(r[BEST]))
+        raise RuntimeError(f"{run_dir}/metrics.csv has no {BEST_METRIC}")
+    best = max(rows, key=lambda r: float(r[BEST_METRIC]))
     step = int(best["step"]) + 1
     out = {"step": step, "final_step": int(rows[-1]["step"]) + 1}
     for prefix, row in (("", best), ("final_", rows[-1])):
-        for split in SPLITS:
-            for metric in ("rougeL", "exact_match"):
-                out[f"{prefix}{SHORT[split]}_{metric}"] = float(row[f"{split}/{metric}"])
+        for split in VALIDATION_SPLITS:
+            for metric in QUALITY_METRICS:
+                out[f"{prefix}{SHORT[split]}_{metric}"] = float(row[metric_key(split, metric)])
     comp = run_dir / "predictions" / f"step{step:06d}-compression.json"
     if comp.is_file():
         stats = json.loads(comp.read_text())
-        for split in SPLITS:
+        for split in VALIDATION_SPLITS:
             if split in stats:
                 out[f"{SHORT[split]}_instruction_tokens"] = stats[split]["instruction_tokens_mean"]
                 out[f"{SHORT[split]}_compression_ratio"] = stats[split]["compression_ratio"]
@@ -149,8 +147,8 @@ def aggregate(results: list[dict], out: Path) -> None:
                   "| condition | k | seeds | seen ROUGE-L | unseen ROUGE-L | human ROUGE-L | seen EM | unseen EM | human EM |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for (condition, k), rs in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 9), g[0][1])):
-            cells = [_mean_sd([r[f"{prefix}{s}_rougeL"] for r in rs]) for s in ("seen", "unseen", "human")]
-            cells += [_mean_sd([r[f"{prefix}{s}_exact_match"] for r in rs]) for s in ("seen", "unseen", "human")]
+            cells = [_mean_sd([r[f"{prefix}{SHORT[s]}_{m}"] for r in rs]) for m in QUALITY_METRICS
+                     for s in VALIDATION_SPLITS]
             lines.append(f"| {condition} | {k if condition == 'gist' else '-'} | {len(rs)} | " + " | ".join(cells) + " |")
         lines.append("")
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -164,7 +162,7 @@ def plot(groups: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
-    for ax, split in zip(axes, ("seen", "unseen", "human")):
+    for ax, split in zip(axes, (SHORT[s] for s in VALIDATION_SPLITS)):
         gist = sorted((k, statistics.mean(r[f"{split}_rougeL"] for r in rs)) for (c, k), rs in groups.items() if c == "gist")
         if gist:
             ax.plot([k for k, _ in gist], [v for _, v in gist], "o-", color="C0", label="gist")

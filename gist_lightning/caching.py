@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from . import masks
 from .families import family_of, gist_forward, self_attention_masks
+from .padding import pad_batch
 from .templates import encode_continuation, encode_prefix
 from .tokens import gist_token_id as find_gist_token_id
 
@@ -153,20 +154,6 @@ def cache_bytes_per_position(model) -> int:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 2 * config.num_hidden_layers * kv_heads * head_dim * size
-
-
-def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) of a list of id lists, padded on ``side`` ("left" or "right")."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if not r:
-            continue
-        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
 
 
 def _kept_columns(visible: torch.Tensor) -> int:

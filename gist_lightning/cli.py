@@ -1,6 +1,6 @@
 """``gist-lightning``: LightningCLI (fit / validate / test / predict) plus small commands.
 
-    gist-lightning fit --config configs/tiny.yaml [--data.num_gist_tokens 5] [--print_config]
+    gist-lightning fit --config configs/tiny.yaml [--model.num_gist_tokens 5] [--print_config]
     gist-lightning score predictions.csv [more.csv ...]
     gist-lightning export --ckpt path/to.ckpt --out folder
     gist-lightning compress --model EXPORT --instruction "..." [--out cache.safetensors] [--input "..."]
@@ -19,18 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from .data.datamodule import GistDataModule
 from .evaluation.callbacks import CompressionStats, ExportBest, PredictionWriter, RougeCallback, RunSummary
 from .module import GistLitModule
-
-BEST_METRIC = "validation_unseen/rougeL"
-
-
-class GistCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser):
-        # k, the condition and the tokenizer are set once, on the data, and reach the model from there
-        parser.link_arguments("data.num_gist_tokens", "model.num_gist_tokens")
-        parser.link_arguments("data.condition", "model.condition")
-        parser.link_arguments("data.tokenizer", "model.tokenizer")
-        parser.link_arguments("data.gist_token_id", "model.gist_token_id", apply_on="instantiate")
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+from .splits import BEST_METRIC, BEST_MODE
 
 
 def default_callbacks():
@@ -38,17 +27,21 @@ def default_callbacks():
         RougeCallback(),
         PredictionWriter(),
         CompressionStats(),
-        ModelCheckpoint(monitor=BEST_METRIC, mode="max", save_top_k=1, save_last=True,
+        ModelCheckpoint(monitor=BEST_METRIC, mode=BEST_MODE, save_top_k=1, save_last=True,
                         filename="best-step{step}", auto_insert_metric_name=False),
         ExportBest(),
         RunSummary(),
     ]
 
 
-def cli_main(args=None, run: bool = True) -> GistCLI:
-    return GistCLI(
+def cli_main(args=None, run: bool = True) -> LightningCLI:
+    """The training CLI. The model owns the tokenizer, k and the condition (``--model.*``); the data
+    source is a ``GistDataModule`` subclass chosen by ``class_path`` (``EmbeddedSuite``,
+    ``AlpacaPlus``) and receives them from the model."""
+    return LightningCLI(
         GistLitModule,
         GistDataModule,
+        subclass_mode_data=True,
         trainer_defaults={"callbacks": default_callbacks()},
         save_config_kwargs={"overwrite": False},
         args=args,

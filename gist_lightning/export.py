@@ -7,9 +7,11 @@ import json
 import os
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from .tokens import gist_token_id
+from .families import model_class
+from .files import write_text_atomic
+from .tokens import GIST_TOKEN, gist_token_id
 
 SETTINGS_FILE = "gist_config.json"
 
@@ -22,9 +24,9 @@ def export_pretrained(model, tokenizer, out_dir: str | os.PathLike, num_gist_tok
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    settings = {"num_gist_tokens": num_gist_tokens, "condition": condition, "gist_token": "<GIST>",
+    settings = {"num_gist_tokens": num_gist_tokens, "condition": condition, "gist_token": GIST_TOKEN,
                 "gist_token_id": gist_token_id(tokenizer)}
-    (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+    write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
     return out_dir
 
 
@@ -36,8 +38,7 @@ def load_pretrained(path: str | os.PathLike, attn_implementation: str = "sdpa", 
         raise FileNotFoundError(f"{path}: no {SETTINGS_FILE}; is this a folder made by gist-lightning export?")
     settings = json.loads(settings_path.read_text())
     config = AutoConfig.from_pretrained(path)
-    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = cls.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype).eval()
+    model = model_class(config).from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if gist_token_id(tokenizer) != settings["gist_token_id"]:
         raise ValueError(f"{path}: the tokenizer's <GIST> id differs from {SETTINGS_FILE}")

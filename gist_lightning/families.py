@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from . import masks
 
@@ -38,6 +39,12 @@ FAMILIES = {
         Family("t5", encoder_decoder=True),
     )
 }
+
+
+def model_class(config):
+    """The transformers auto class that builds or loads a model of ``config``: the one place the
+    seq2seq-or-causal choice is made."""
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
 def family_of(model) -> Family:

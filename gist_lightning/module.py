@@ -5,33 +5,29 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    get_scheduler,
-)
+from transformers import AutoConfig, get_scheduler
 
 from . import caching
-from .data.alpaca_plus import VALIDATION_SPLITS
-from .data.datamodule import load_tokenizer
-from .families import family_of, gist_forward
+from .evaluation.results import ValidationBatchOutput
+from .families import family_of, gist_forward, model_class
 from .masks import check_condition
-from .tokens import add_gist_token
+from .splits import VALIDATION_SPLITS, metric_key
+from .tokens import SUITE_TOKENIZER_NAME, add_special_tokens, fit_embeddings, gist_token_id, load_tokenizer
 
 MASK_KEYS = ("self_mask", "encoder_mask", "cross_mask")
 
 
 class GistLitModule(L.LightningModule):
-    """Gist fine-tuning of an HF model.
+    """Gist fine-tuning of an HF model. It owns the model, its tokenizer (with ``<GIST>``), k and the
+    condition; the DataModule receives them from here (:meth:`data_facts`).
 
     Args:
         model_name_or_path: hub id or local folder for ``from_pretrained``; or None with ``model_config``.
         model_config: HF config fields for a model built from scratch (must hold ``model_type``).
-        tokenizer: hub id or local folder; ``"suite"`` for the embedded suite's tokenizer.
+        tokenizer: hub id or local folder; ``"suite"`` for the embedded suite's tokenizer. Default:
+            ``model_name_or_path``, or ``"suite"`` for a model built from scratch.
         condition: ``gist``, ``pos_control`` or ``neg_control``.
         num_gist_tokens: k.
-        gist_token_id / vocab_size: linked from the DataModule; checked against the model's tokenizer.
         attn_implementation: ``sdpa`` or ``eager`` (the ones that take the gist mask).
         dtype: weights' dtype for ``from_pretrained`` (e.g. ``bfloat16``); None keeps the checkpoint's.
         learning_rate / weight_decay / warmup_ratio / scheduler: AdamW with a transformers schedule
@@ -44,11 +40,9 @@ class GistLitModule(L.LightningModule):
         self,
         model_name_or_path: str | None = None,
         model_config: dict | None = None,
-        tokenizer: str = "suite",
+        tokenizer: str | None = None,
         condition: str = "gist",
         num_gist_tokens: int = 1,
-        gist_token_id: int | None = None,
-        vocab_size: int | None = None,
         attn_implementation: str = "sdpa",
         dtype: str | None = None,
         learning_rate: float = 2e-5,
@@ -63,61 +57,75 @@ class GistLitModule(L.LightningModule):
             raise ValueError("give exactly one of model_name_or_path (pretrained) or model_config (from scratch)")
         if model_config is not None and "model_type" not in model_config:
             raise ValueError("model_config needs a 'model_type' (e.g. llama, t5)")
+        if num_gist_tokens < 1:
+            raise ValueError(f"num_gist_tokens must be >= 1; got {num_gist_tokens}")
         check_condition(condition)
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(tokenizer, add_gist=False)
+        self.tokenizer = load_tokenizer(tokenizer or model_name_or_path or SUITE_TOKENIZER_NAME)
+        # <GIST> (and <PAD> where missing) join the tokenizer now, so the data can tokenize before
+        # the model exists; configure_model gives the new ids their embedding rows
+        self._new_token_ids = add_special_tokens(self.tokenizer)
+        self.hf_config = self._hf_config()
         self.model = None
+
+    def _hf_config(self):
+        h = self.hparams
+        if h.model_name_or_path is not None:
+            return AutoConfig.from_pretrained(h.model_name_or_path)
+        fields, tok, added = dict(h.model_config), self.tokenizer, set(self._new_token_ids)
+        # the model is built for the tokenizer as loaded, then grown by the tokens added above
+        fields.setdefault("vocab_size", len(tok) - len(added))
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            value = getattr(tok, key)
+            fields.setdefault(key, None if value in added else value)
+        config = AutoConfig.for_model(**fields)
+        if config.is_encoder_decoder:
+            config.decoder_start_token_id = tok.pad_token_id
+        config._attn_implementation = h.attn_implementation
+        return config
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return bool(self.hf_config.is_encoder_decoder)
 
     @property
     def gist_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids("<GIST>")
+        return gist_token_id(self.tokenizer)
 
     @property
     def validation_names(self) -> tuple[str, ...]:
         return VALIDATION_SPLITS
 
+    def data_facts(self) -> dict:
+        """What a :class:`~gist_lightning.data.datamodule.GistDataModule` takes from the model."""
+        h = self.hparams
+        return {"tokenizer": self.tokenizer, "encoder_decoder": self.encoder_decoder,
+                "num_gist_tokens": h.num_gist_tokens, "condition": h.condition}
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
         h = self.hparams
+        cls = model_class(self.hf_config)
         if h.model_name_or_path is not None:
-            config = AutoConfig.from_pretrained(h.model_name_or_path)
-            cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
             dtype = getattr(torch, h.dtype) if h.dtype else None
             model = cls.from_pretrained(h.model_name_or_path, attn_implementation=h.attn_implementation, dtype=dtype)
         else:
-            fields = dict(h.model_config)
-            tok = self.tokenizer
-            fields.setdefault("vocab_size", len(tok))
-            for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-                fields.setdefault(key, getattr(tok, key))
-            config = AutoConfig.for_model(**fields)
-            if config.is_encoder_decoder:
-                config.decoder_start_token_id = tok.pad_token_id
-            config._attn_implementation = h.attn_implementation
-            cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-            model = cls.from_config(config, attn_implementation=h.attn_implementation)
-        gist_id = add_gist_token(self.tokenizer, model)
+            model = cls.from_config(self.hf_config, attn_implementation=h.attn_implementation)
+        fit_embeddings(model, self.tokenizer, self._new_token_ids)
         if model.config.is_encoder_decoder and model.config.decoder_start_token_id is None:
             model.config.decoder_start_token_id = self.tokenizer.pad_token_id
         family_of(model)  # a clear error for unsupported families / attention implementations
-        if h.gist_token_id is not None and h.gist_token_id != gist_id:
-            raise ValueError(f"the data's <GIST> id {h.gist_token_id} differs from the model tokenizer's {gist_id}: "
-                             "data.tokenizer and model.tokenizer must name the same tokenizer")
-        if h.vocab_size is not None and h.vocab_size != len(self.tokenizer):
-            raise ValueError(f"the data's vocabulary ({h.vocab_size}) differs from the model tokenizer's "
-                             f"({len(self.tokenizer)}): data.tokenizer and model.tokenizer must match")
         if h.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and getattr(dm.hparams, "encoder_decoder", None) is not None:
-            self.configure_model()
-            if dm.hparams.encoder_decoder != self.model.config.is_encoder_decoder:
-                raise ValueError(f"data.encoder_decoder={dm.hparams.encoder_decoder} but the model is "
-                                 f"{'an encoder-decoder' if self.model.config.is_encoder_decoder else 'decoder-only'}")
+        # Build the model here, before Lightning enters the strategy's sharded context for
+        # configure_model: under DeepSpeed ZeRO-3 that context (zero.Init) partitions parameters as
+        # they are created, and transformers' weight init then fails on the empty shards (padding
+        # row of the embedding). Every rank holds the whole model until the engine partitions it.
+        self.configure_model()
 
     # -- training -----------------------------------------------------------------------------
     def _loss(self, batch) -> torch.Tensor:
@@ -148,20 +156,16 @@ class GistLitModule(L.LightningModule):
                                    tok.pad_token_id, sync_ranks=self._trainer is not None and self.trainer.world_size > 1)
         return caching.decode_new_tokens(tok, ids), cache
 
-    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0) -> ValidationBatchOutput:
         split = self.validation_names[dataloader_idx]
         bsz = batch["input_ids"].shape[0]
-        self.log(f"{split}/loss", self._loss(batch), batch_size=bsz, add_dataloader_idx=False, sync_dist=True)
+        self.log(metric_key(split, "loss"), self._loss(batch), batch_size=bsz, add_dataloader_idx=False,
+                 sync_dist=True)
         preds, _ = self.generate_batch(batch)
         real = [not pad for pad in batch["is_padding"]]  # repeats that only keep ranks in step
         keep = lambda values: [v for v, r in zip(values, real) if r]  # noqa: E731
-        return {
-            "split": split,
-            "x": keep(batch["x"]),
-            "y_pred": keep(preds),
-            "y_true": keep(batch["y_true"]),
-            "instruction_tokens": keep(batch["instruction_tokens"].tolist()),
-        }
+        return ValidationBatchOutput(split=split, x=keep(batch["x"]), y_pred=keep(preds), y_true=keep(batch["y_true"]),
+                                     instruction_tokens=keep(batch["instruction_tokens"].tolist()))
 
     test_step = validation_step
 

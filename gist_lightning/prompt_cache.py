@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,19 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .caching import GistCache, compress
+from .files import atomic_path
+from .tokens import tokenizer_fingerprint
 
 FORMAT = "gist-lightning-cache/1"
 
 
 class CacheMismatchError(ValueError):
     """A cache file made for another model, tokenizer, k, condition or dtype."""
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]).encode())
-    return h.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -76,25 +70,11 @@ def _tensors(cache: GistCache) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous().cpu() for name, t in out.items()}
 
 
-def _write_atomic(path: Path, tensors: dict, meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_cache(cache: GistCache, path: str | os.PathLike, model, tokenizer, instructions: list[str] | None = None) -> Path:
     """Write ``cache`` (with the checks its loader needs) to ``path`` (a ``.safetensors`` file)."""
     path = Path(path)
-    _write_atomic(path, _tensors(cache), _meta(cache, model, tokenizer, instructions))
+    with atomic_path(path) as tmp:
+        save_file(_tensors(cache), str(tmp), metadata=_meta(cache, model, tokenizer, instructions))
     return path
 
 

@@ -1,14 +1,36 @@
-"""The gist token: adding ``<GIST>`` (and a pad token where missing) to a tokenizer and a model,
+"""Tokenizers and the gist token: loading a tokenizer (the suite's shipped one or any HF one),
+adding ``<GIST>`` (and a pad token where missing) to it and to a model, telling tokenizers apart,
 and tokenizing user text so that it can never produce a gist token."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 GIST_TOKEN = "<GIST>"
 PAD_TOKEN = "<PAD>"
+# the embedded suite's byte-level BPE tokenizer, shipped with the package
+SUITE_TOKENIZER_NAME = "suite"
+SUITE_TOKENIZER = Path(__file__).resolve().parent / "assets" / "suite_tokenizer"
+
+
+def load_tokenizer(name_or_path: str):
+    """A tokenizer by hub id or local folder, as it is (no gist token added); ``"suite"`` is the
+    one shipped for the embedded suite."""
+    return AutoTokenizer.from_pretrained(str(SUITE_TOKENIZER) if name_or_path == SUITE_TOKENIZER_NAME else name_or_path)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary and special tokens: equal for tokenizers that encode alike."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]).encode())
+    return h.hexdigest()[:16]
 
 
 def add_gist_token(tokenizer, model=None) -> int:
@@ -19,19 +41,31 @@ def add_gist_token(tokenizer, model=None) -> int:
     New embedding rows (input, and output head when untied) are the mean of the existing
     vocabulary rows. Calling it twice is harmless.
     """
+    new_ids = add_special_tokens(tokenizer)
+    if model is not None:
+        fit_embeddings(model, tokenizer, new_ids)
+    return gist_token_id(tokenizer)
+
+
+def add_special_tokens(tokenizer) -> list[int]:
+    """Add ``<GIST>`` (and ``<PAD>`` where there is no pad token) to the tokenizer alone; return
+    the ids added now (empty when it had both), for :func:`fit_embeddings` to give them rows."""
     n_before = len(tokenizer)
     if GIST_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"extra_special_tokens": [GIST_TOKEN]}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    gist_id = tokenizer.convert_tokens_to_ids(GIST_TOKEN)
-    if model is not None:
-        new_ids = list(range(n_before, len(tokenizer)))
-        resize_with_mean(model, len(tokenizer), n_before, new_ids)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return gist_id
+    return list(range(n_before, len(tokenizer)))
+
+
+def fit_embeddings(model, tokenizer, new_ids: list[int]) -> None:
+    """Give the model rows for the tokens ``new_ids`` that :func:`add_special_tokens` added (the
+    mean of the rows before them), and the tokenizer's pad id."""
+    if new_ids:
+        resize_with_mean(model, len(tokenizer), min(new_ids), new_ids)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 @torch.no_grad()

@@ -1,15 +1,18 @@
-"""Tiny tokenizers and models of every supported family, built from configs (no download)."""
+"""Shared test helpers, as fixtures: tiny tokenizers and models of every supported family built
+from configs (no download), tiny run configs, a model trained until its answers depend on the
+instruction and the input (made once per test session), and the experiments' scripts."""
 
 from __future__ import annotations
 
-import functools
+import importlib.util
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
@@ -18,7 +21,10 @@ from transformers import (
     T5Config,
 )
 
-from gist_lightning import add_gist_token
+from gist_lightning import add_gist_token, compress, generate
+from gist_lightning.families import model_class
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CORPUS = [
     "Instruction: reverse the list of words",
@@ -29,7 +35,14 @@ CORPUS = [
 ] * 4
 
 DECODER_FAMILIES = ["llama", "mistral", "qwen2", "gpt_neox"]
-ALL_FAMILIES = DECODER_FAMILIES + ["t5"]
+ALL_FAMILIES = [*DECODER_FAMILIES, "t5"]
+# the tokenizer framing each family's checkpoints use
+_TOKENIZER_STYLE = {"llama": "llama", "mistral": "llama", "qwen2": "neox", "gpt_neox": "neox", "t5": "t5"}
+
+# run-sized models for the training tests (the HF config fields of model.model_config)
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+TINY_T5 = {"model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
 
 
 def build_tokenizer(style: str) -> PreTrainedTokenizerFast:
@@ -49,7 +62,8 @@ def build_tokenizer(style: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def tiny_config(family: str, vocab_size: int, attn: str = "sdpa", **overrides):
+def tiny_hf_config(family: str, vocab_size: int, attn: str = "sdpa", **overrides):
+    """A tiny random config of ``family`` (sliding windows of 8 where the family has them)."""
     common = dict(vocab_size=vocab_size, attn_implementation=attn)
     if family == "llama":
         cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -75,29 +89,125 @@ def tiny_config(family: str, vocab_size: int, attn: str = "sdpa", **overrides):
     return cfg
 
 
-@functools.cache
-def _tokenizer_state(style: str):
-    return build_tokenizer(style)
-
-
-def make_pair(family: str, attn: str = "sdpa", seed: int = 0, **overrides):
-    """(model, tokenizer, gist_id) for a family: fresh random weights, gist token added, eval mode."""
-    style = {"llama": "llama", "mistral": "llama", "qwen2": "neox", "gpt_neox": "neox", "t5": "t5"}[family]
-    tokenizer = build_tokenizer(style)
+def _make_pair(family: str, attn: str = "sdpa", seed: int = 0, **overrides):
+    tokenizer = build_tokenizer(_TOKENIZER_STYLE[family])
     torch.manual_seed(seed)
-    cfg = tiny_config(family, len(tokenizer), attn, **overrides)
+    cfg = tiny_hf_config(family, len(tokenizer), attn, **overrides)
     if family == "t5":
         cfg.pad_token_id = tokenizer.eos_token_id  # replaced by add_gist_token's new pad id
         cfg.eos_token_id = tokenizer.eos_token_id
-        model = AutoModelForSeq2SeqLM.from_config(cfg)
-    else:
-        model = AutoModelForCausalLM.from_config(cfg)
+    model = model_class(cfg).from_config(cfg)
     gist_id = add_gist_token(tokenizer, model)
     if family == "t5":
         model.config.decoder_start_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer, gist_id
 
 
+@pytest.fixture
+def make_pair():
+    """``make_pair(family, attn="sdpa", seed=0, **config_overrides) -> (model, tokenizer, gist_id)``:
+    fresh random weights, gist token added, eval mode."""
+    return _make_pair
+
+
+@pytest.fixture
+def make_tokenizer():
+    """``make_tokenizer(style)``: a tiny tokenizer framed like "llama", "t5" or "neox", without a pad token."""
+    return build_tokenizer
+
+
+@pytest.fixture
+def tiny_models() -> dict[str, dict]:
+    """Run-sized model configs (``model.model_config``) by name: ``llama`` and ``t5``."""
+    return {"llama": dict(TINY_LLAMA), "t5": dict(TINY_T5)}
+
+
+@pytest.fixture
+def make_hf_config():
+    """``make_hf_config(family, vocab_size, attn="sdpa", **overrides)``: a tiny random HF config."""
+    return tiny_hf_config
+
+
 @pytest.fixture(params=ALL_FAMILIES)
 def family(request):
     return request.param
+
+
+def _run_config(folder: Path, model_config: dict | None = None, **trainer) -> Path:
+    """A tiny ``gist-lightning fit`` config in ``folder``: the embedded suite at 256 training records,
+    ``TINY_LLAMA`` unless ``model_config``, 12 steps validated at 6 and 12 unless ``trainer`` says otherwise."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 12, "val_check_interval": 6,
+                    "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(folder / "runs"),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(folder / "runs"), "name": "t"}}, **trainer},
+        "model": {"model_config": model_config or TINY_LLAMA, "learning_rate": 1e-2, "max_new_tokens": 8},
+        "data": {"class_path": "gist_lightning.data.EmbeddedSuite",
+                 "init_args": {"cache_dir": str(folder / "cache"), "train_size": 256, "validation_size": 16,
+                               "batch_size": 16, "eval_batch_size": 8, "max_validation_records": 16}},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    """``run_config(model_config=None, **trainer) -> Path`` of a tiny fit config in ``tmp_path``."""
+    return lambda model_config=None, **trainer: _run_config(tmp_path, model_config, **trainer)
+
+
+# -- a model whose answers depend on the instruction and on the input -------------------------------
+# Tests that compare two ways of computing the same metric (1 vs 2 processes, a checkpoint vs its
+# export) need such a model: an untrained one answers every record alike, so the two ways agree
+# whatever instruction either of them used.
+TRAINED_STEPS = 2000
+PROBE_INSTRUCTIONS = ["Repeat the list.", "Reverse the list.", "What is the last word?", "Remove every cat."]
+PROBE_INPUTS = ["dog cat owl", "apple pear plum lemon", "cat red"]
+
+
+@pytest.fixture(scope="session")
+def trained_export(tmp_path_factory) -> Path:
+    """An exported gist model (tiny LLaMA, k=1) trained on the embedded suite for 2000 steps
+    (about a minute on 2 cores), checked here to answer by instruction and input: for every probe
+    input, at least two different answers over four instructions, and for every instruction a
+    different answer to each input."""
+    from gist_lightning.data import EmbeddedSuite
+    from gist_lightning.export import export_pretrained, load_pretrained
+    from gist_lightning.module import GistLitModule
+
+    folder = tmp_path_factory.mktemp("trained")
+    L.seed_everything(0)
+    module = GistLitModule(model_config=dict(TINY_LLAMA, hidden_size=64, intermediate_size=128),
+                           learning_rate=3e-3, warmup_ratio=0.05)
+    data = EmbeddedSuite(cache_dir=str(folder / "cache"), train_size=8000, validation_size=40, batch_size=32)
+    trainer = L.Trainer(accelerator="cpu", max_steps=TRAINED_STEPS, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(folder))
+    trainer.fit(module, datamodule=data)
+    export = export_pretrained(module.model, module.tokenizer, folder / "export", num_gist_tokens=1, condition="gist")
+
+    model, tok, _ = load_pretrained(export)
+    cache = compress(model, tok, PROBE_INSTRUCTIONS, 1)
+    answers = {(t, x): generate(model, tok, cache.select([i]), [x], max_new_tokens=8)[0]
+               for i, t in enumerate(PROBE_INSTRUCTIONS) for x in PROBE_INPUTS}
+    by_instruction = {x: {answers[t, x] for t in PROBE_INSTRUCTIONS} for x in PROBE_INPUTS}
+    by_input = {t: {answers[t, x] for x in PROBE_INPUTS} for t in PROBE_INSTRUCTIONS}
+    assert all(len(v) >= 2 for v in by_instruction.values()), f"answers ignore the instruction: {answers}"
+    assert all(len(v) == len(PROBE_INPUTS) for v in by_input.values()), f"answers ignore the input: {answers}"
+    return export
+
+
+@pytest.fixture
+def load_experiment():
+    """``load_experiment("sweep")``: the module ``experiments/sweep.py``, imported from its file."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"experiments_{name}", ROOT / "experiments" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

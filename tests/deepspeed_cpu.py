@@ -5,11 +5,12 @@ Lightning refuses DeepSpeed without CUDA in ``setup_environment`` and checks GPU
 ``setup_distributed``; DeepSpeed itself runs on its CPU accelerator. Run as a script (Lightning's
 launcher re-runs the command line on every rank):
 
-    DS_ACCELERATOR=cpu python tests/deepspeed_cpu.py STAGE DEVICES OUT_DIR
+    DS_ACCELERATOR=cpu python tests/deepspeed_cpu.py STAGE DEVICES OUT_DIR MODEL_CONFIG_JSON
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,8 +19,6 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -36,18 +35,17 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
 
-def main(stage: int, devices: int, out: Path) -> None:
-    from test_module import TINY_MODEL
-
+def main(stage: int, devices: int, out: Path, model_config: dict) -> None:
     from gist_lightning.cli import default_callbacks
-    from gist_lightning.data.datamodule import GistDataModule
+    from gist_lightning.data import EmbeddedSuite
+    from gist_lightning.evaluation.callbacks import RougeCallback
     from gist_lightning.module import GistLitModule
 
     L.seed_everything(0)
-    dm = GistDataModule(cache_dir=str(out / "cache"), suite_train_size=64, suite_validation_size=5, batch_size=8,
-                        eval_batch_size=4, max_validation_records=5)
-    module = GistLitModule(model_config=TINY_MODEL, learning_rate=1e-3, max_new_tokens=4)
-    callbacks = [c for c in default_callbacks() if type(c).__name__ != "ModelCheckpoint"]
+    dm = EmbeddedSuite(cache_dir=str(out / "cache"), train_size=64, validation_size=5, batch_size=8,
+                       eval_batch_size=4, max_validation_records=5)
+    module = GistLitModule(model_config=model_config, learning_rate=1e-3, max_new_tokens=4)
+    callbacks = [c for c in default_callbacks() if not isinstance(c, ModelCheckpoint)]
     callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="zero", save_last=False))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=CPUDeepSpeedStrategy(stage=stage,
                         process_group_backend="gloo"), max_steps=4, val_check_interval=4, num_sanity_val_steps=0,
@@ -55,13 +53,13 @@ def main(stage: int, devices: int, out: Path) -> None:
                         default_root_dir=str(out), callbacks=callbacks)
     trainer.fit(module, datamodule=dm)
     if stage == 2 and trainer.is_global_zero:  # ZeRO-2 keeps full weights on every rank
-        ids = torch.tensor([[dm.tokenizer.bos_token_id, 5, 6, 7, dm.gist_token_id, 8, 9]])
+        ids = torch.tensor([[dm.tokenizer.bos_token_id, 5, 6, 7, module.gist_token_id, 8, 9]])
         logits = module.model(input_ids=ids).logits
         torch.save(logits.detach().float(), out / "logits.pt")
-    rouge = next(c for c in trainer.callbacks if type(c).__name__ == "RougeCallback")
+    rouge = next(c for c in trainer.callbacks if isinstance(c, RougeCallback))
     if trainer.is_global_zero:
         (out / "rouge.txt").write_text(repr(rouge.last))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4]))

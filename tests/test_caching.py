@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, make_pair
 
 from gist_lightning import caching, compress, generate
-from gist_lightning.caching import pad_batch
 from gist_lightning.families import gist_forward
+from gist_lightning.padding import pad_batch
 from gist_lightning.templates import encode_example
+from gist_lightning.tokens import gist_token_id
 
 INSTRUCTIONS = [
     "reverse the list of words",
@@ -21,7 +21,6 @@ INSTRUCTIONS = [
 INPUTS = ["apple banana cherry", "dog egg fig grape apple", "cat", "the quick brown fox jumps over the lazy dog"]
 OUTPUTS = ["cherry banana apple", "five", "cat", "brown dog fox jumps lazy over quick the the"]
 TOLERANCE = 1e-4
-MAX_DIFF: dict[str, float] = {}  # largest difference seen per family (printed at the end with -s)
 
 
 def _examples(model, tok, gist_id, k, bsz):
@@ -57,7 +56,7 @@ def _cached_logits(model, tok, gist_id, examples, condition, k, dec_in):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("condition", ["gist", "pos_control", "neg_control"])
 @pytest.mark.parametrize("bsz,k", [(1, 1), (4, 2), (4, 3)])
-def test_cached_logits_equal_masked_full_forward(family, attn, condition, bsz, k):
+def test_cached_logits_equal_masked_full_forward(make_pair, family, attn, condition, bsz, k):
     model, tok, gist_id = make_pair(family, attn)
     examples = _examples(model, tok, gist_id, k, bsz)
     if family == "t5" and condition == "pos_control":
@@ -67,7 +66,7 @@ def test_cached_logits_equal_masked_full_forward(family, attn, condition, bsz, k
     full, dec_in = _full_logits_after_gist(model, tok, gist_id, examples, condition, k)
     cached, cache = _cached_logits(model, tok, gist_id, examples, condition, k, dec_in)
     diff = max((f - c).abs().max().item() for f, c in zip(full, cached))
-    MAX_DIFF[family] = max(MAX_DIFF.get(family, 0.0), diff)
+    print(f"{family}/{attn}/{condition}/b{bsz}/k{k}: cached vs masked full forward, max abs diff {diff:.1e}")
     assert diff <= TOLERANCE, f"{family}/{attn}/{condition}: max abs diff {diff}"
     expected_len = {"gist": k, "neg_control": 0}.get(condition)
     if expected_len is not None:
@@ -93,7 +92,7 @@ def _greedy_full(model, tok, gist_id, example, condition, max_new):
 
 
 @pytest.mark.parametrize("condition", ["gist", "neg_control", "pos_control"])
-def test_batched_greedy_generation_equals_full_forward(family, condition):
+def test_batched_greedy_generation_equals_full_forward(make_pair, family, condition):
     model, tok, gist_id = make_pair(family, "sdpa", seed=1)
     if family == "t5" and condition == "pos_control":
         pytest.skip("pos_control cannot be cached for encoder-decoders (tested above)")
@@ -111,61 +110,7 @@ def test_batched_greedy_generation_equals_full_forward(family, condition):
     assert texts == [tok.decode(w[:-1] if w[-1] == tok.eos_token_id else w, skip_special_tokens=True).strip() for w in want]
 
 
-def test_neg_control_ignores_the_instruction_pos_control_does_not(family):
-    """Invariance by behaviour: what the mask hides cannot change what comes after the gists."""
-    model, tok, gist_id = make_pair(family, "eager")
-    k = 2
-
-    def post_logits(instruction, condition):
-        e = _examples(model, tok, gist_id, k, 1)[0]
-        e = encode_example(tok, instruction, INPUTS[0], OUTPUTS[0], k, gist_id, model.config.is_encoder_decoder)
-        return _full_logits_after_gist(model, tok, gist_id, [e], condition, k)[0][0]
-
-    a, b = "reverse the list of words", "count the dog and the cat"  # different tokens and lengths
-    assert (post_logits(a, "neg_control") - post_logits(b, "neg_control")).abs().max() < 1e-4
-    assert (post_logits(a, "pos_control") - post_logits(b, "pos_control")).abs().max() > 1e-3
-    assert (post_logits(a, "gist") - post_logits(b, "gist")).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("family_name", ALL_FAMILIES)
-def test_eager_and_sdpa_agree_under_the_gist_mask(family_name):
-    """If one implementation ignored the mask, the two would differ."""
-    outs = []
-    for attn in ("eager", "sdpa"):
-        model, tok, gist_id = make_pair(family_name, attn, seed=3)
-        examples = _examples(model, tok, gist_id, 2, 4)
-        outs.append(torch.cat(_full_logits_after_gist(model, tok, gist_id, examples, "gist", 2)[0]))
-    assert (outs[0] - outs[1]).abs().max() < 1e-4
-
-
-def test_report_max_diff():
-    if MAX_DIFF:
-        print("\nlargest cached-vs-full logit difference per family:", {k: f"{v:.2e}" for k, v in MAX_DIFF.items()})
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_pos_control_equals_the_models_own_forward(family, attn):
-    """With nothing masked beyond causality and padding, our 4D masks (sliding windows included)
-    must reproduce the model's own forward pass."""
-    model, tok, gist_id = make_pair(family, attn, seed=2)
-    examples = _examples(model, tok, gist_id, 2, 4)
-    if model.config.is_encoder_decoder:
-        src, src_mask = pad_batch([e.prompt for e in examples], tok.pad_token_id, "right")
-        tgt, _ = pad_batch([e.target for e in examples], tok.pad_token_id, "right")
-        ours = gist_forward(model, src, src_mask, gist_id, "pos_control", labels=tgt).logits
-        native = model(input_ids=src, attention_mask=src_mask, labels=tgt).logits
-        lengths = [len(e.target) for e in examples]
-    else:
-        ids, mask = pad_batch([e.prompt + e.target for e in examples], tok.pad_token_id, "right")
-        assert ids.shape[1] > 12  # longer than the sliding windows of the tiny Mistral/Qwen2 configs
-        ours = gist_forward(model, ids, mask, gist_id, "pos_control").logits
-        native = model(input_ids=ids, attention_mask=mask).logits
-        lengths = mask.sum(-1).tolist()
-    for i, n in enumerate(lengths):
-        assert (ours[i, :n] - native[i, :n]).abs().max() < 1e-4
-
-
-def test_local_from_pretrained_round_trip(tmp_path):
+def test_local_from_pretrained_round_trip(make_pair, tmp_path):
     """The real loading path (from_pretrained of a folder) gives the same cache and generations."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,7 +124,7 @@ def test_local_from_pretrained_round_trip(tmp_path):
     assert a == b
 
 
-def test_concatenated_caches_equal_one_batched_compress():
+def test_concatenated_caches_equal_one_batched_compress(make_pair):
     """Caches made one by one (as a store holds them) and concatenated give the batched result,
     also when their lengths differ (pos_control keeps whole instructions)."""
     model, tok, _ = make_pair("llama")
@@ -187,7 +132,7 @@ def test_concatenated_caches_equal_one_batched_compress():
         together = compress(model, tok, INSTRUCTIONS, 2, condition)
         joined = caching.GistCache.concat([compress(model, tok, [t], 2, condition) for t in INSTRUCTIONS])
         assert joined.length == together.length and torch.equal(joined.valid, together.valid)
-        cont, cmask = pad_batch([encode_example(tok, t, x, None, 2, tok.convert_tokens_to_ids("<GIST>"),
+        cont, cmask = pad_batch([encode_example(tok, t, x, None, 2, gist_token_id(tok),
                                                 False).suffix for t, x in zip(INSTRUCTIONS, INPUTS)],
                                 tok.pad_token_id, "left")
         a = caching.continuation_logits(model, together, cont, cmask).logits

@@ -1,14 +1,22 @@
-"""Every shipped YAML parses against the CLI; k set once reaches the model."""
+"""The command line: every shipped YAML parses (configs are data), one override reaches what it
+sets, and the commands beside LightningCLI (export, compress, generate) run end to end."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from gist_lightning.cli import cli_main
+from gist_lightning import caching, compress
+from gist_lightning.cli import cli_main, main
+from gist_lightning.data import AlpacaPlus, EmbeddedSuite
+from gist_lightning.export import export_pretrained, load_pretrained
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
@@ -16,6 +24,7 @@ CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 LAYERED = {"tiny-t5.yaml": ["tiny.yaml"]}
 for preset in (CONFIG_DIR / "strategies").glob("*.yaml"):
     LAYERED[preset.name] = ["tiny.yaml"]
+BIN = str(Path(sys.executable).parent / "gist-lightning")
 
 
 def print_config(paths, extra=(), capsys=None):
@@ -35,15 +44,73 @@ def test_shipped_config_parses(path, capsys, monkeypatch):
     monkeypatch.chdir(CONFIG_DIR.parent)  # presets name DeepSpeed JSON files relative to the repository root
     base = [CONFIG_DIR / b for b in LAYERED.get(path.name, [])]
     cfg = print_config([*base, path], capsys=capsys)
-    # linked arguments are set on the data only
-    assert "num_gist_tokens" in cfg["data"] and "num_gist_tokens" not in cfg["model"]
+    # the model owns k and the condition; the data names its source class
+    assert "num_gist_tokens" in cfg["model"] and "num_gist_tokens" not in cfg["data"]["init_args"]
+    assert cfg["data"]["class_path"] in ("gist_lightning.data.EmbeddedSuite", "gist_lightning.data.AlpacaPlus")
     assert ("model_name_or_path" in cfg["model"]) != ("model_config" in cfg["model"] and cfg["model"]["model_config"])
 
 
-def test_one_override_changes_k_everywhere(tmp_path):
+def test_one_override_reaches_model_and_data(tmp_path):
     tiny = CONFIG_DIR / "tiny.yaml"
-    cli = cli_main(["--config", str(tiny), "--data.num_gist_tokens", "5", "--data.condition", "neg_control",
+    cli = cli_main(["--config", str(tiny), "--model.num_gist_tokens", "5", "--model.condition", "neg_control",
                     "--data.cache_dir", str(tmp_path), "--trainer.logger", "false"], run=False)
     assert cli.model.hparams.num_gist_tokens == 5 and cli.model.hparams.condition == "neg_control"
-    assert cli.model.hparams.gist_token_id == cli.datamodule.gist_token_id
-    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size
+    assert isinstance(cli.datamodule, EmbeddedSuite)
+    assert cli.datamodule.limits.max_length == 96 and cli.datamodule.human_limits.max_length == 128
+    cli.datamodule.connect(**cli.model.data_facts())
+    collate = cli.datamodule.collator(for_generation=False)
+    assert (collate.num_gist_tokens, collate.condition) == (5, "neg_control")
+
+
+def test_the_data_source_is_chosen_by_class_path(tmp_path):
+    cli = cli_main(["--config", str(CONFIG_DIR / "tiny.yaml"), "--data", "gist_lightning.data.AlpacaPlus",
+                    "--data.folder", str(tmp_path), "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.datamodule, AlpacaPlus) and cli.datamodule.hparams.folder == str(tmp_path)
+
+
+def test_export_command_writes_the_checkpoints_weights(make_pair, tmp_path, tiny_models):
+    import lightning as L
+
+    from gist_lightning.module import GistLitModule
+
+    module = GistLitModule(model_config=tiny_models["t5"], num_gist_tokens=2)
+    module.configure_model()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(torch.randn_like(p))  # weights no config can rebuild
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    main(["export", "--ckpt", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "hf")])
+    model, tok, settings = load_pretrained(tmp_path / "hf")
+    assert settings["num_gist_tokens"] == 2
+    for (name, a), b in zip(module.model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_compress_and_generate_commands_end_to_end(make_pair, tmp_path):
+    instructions = ["reverse the list of words", "put cat first and remove every dog from the list please"]
+    inputs = ["apple banana cherry", "dog egg fig grape apple"]
+    model, tok, _ = make_pair("llama", seed=0)
+    export_pretrained(model, tok, tmp_path / "m", num_gist_tokens=1, condition="gist")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([BIN, "compress", "--model", str(tmp_path / "m"), "--instruction", instructions[1],
+                          "--out", str(tmp_path / "c.safetensors"), "--input", inputs[0]],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compression factor" in out.stdout and "KiB" in out.stdout
+    (tmp_path / "inputs.txt").write_text("\n".join(inputs * 3) + "\n")
+    gen = subprocess.run([BIN, "generate", "--model", str(tmp_path / "m"), "--cache", str(tmp_path / "c.safetensors"),
+                          "--inputs", str(tmp_path / "inputs.txt"), "--batch_size", "4", "--max_new_tokens", "5"],
+                         capture_output=True, text=True, env=env)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    lines = gen.stdout.strip().splitlines()
+    assert len(lines) == 6
+    # the batched command gives what the Python API gives one by one
+    cache = compress(model, tok, [instructions[1]], 1)
+    for line, x in zip(lines, inputs * 3):
+        want = caching.generate(model, tok, cache, [x], max_new_tokens=5)[0]
+        assert line == f"{x}\t{want}"
+    again = subprocess.run([BIN, "compress", "--model", str(tmp_path / "m"), "--instruction", "x",
+                            "--out", str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=env)
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr

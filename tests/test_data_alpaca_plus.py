@@ -1,4 +1,5 @@
-"""Alpaca+ builder invariants on raw fixture files, the real validation files, bad input."""
+"""Alpaca+: builder invariants on raw fixture files, the DataModule over a folder of split files,
+the real validation files when present, bad input."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gist_lightning.data.alpaca_plus import DataFormatError, build_alpaca_plus, load_records, split_file
+from gist_lightning.data import AlpacaPlus
+from gist_lightning.data.alpaca_plus import build_alpaca_plus, split_file
+from gist_lightning.data.records import DataFormatError, load_records
+from gist_lightning.module import GistLitModule
+from gist_lightning.splits import SPLITS, VALIDATION_SPLITS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_plus"
 
@@ -65,34 +70,52 @@ def test_builder_refuses_to_overwrite_and_names_bad_records(tmp_path):
     assert (out / "alpaca_plus_train.json").read_bytes() == before
 
 
-@pytest.mark.parametrize(
-    "content,message",
-    [
-        ('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "input": ""}]',
-         r"bad.json: record 1: missing field 'output'"),
-        ('[{"instruction": "a", "input": "", "output": 5}]', r"bad.json: record 0: field 'output' must be a string"),
-        ('[{"instruction": "a",\n "input": ""', r"bad.json: malformed JSON at line 2"),
-        ('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "a"', r"bad.json: malformed JSON on line 2"),
-        ('["just a string"]', r"bad.json: record 0: expected an object"),
-    ],
-)
-def test_bad_split_files_name_file_and_record(tmp_path, content, message):
-    path = tmp_path / "bad.json"
-    path.write_text(content)
-    with pytest.raises(DataFormatError, match=message):
-        load_records(path)
-
-
-def test_jsonl_and_json_load_the_same(tmp_path):
-    recs = [{"instruction": "i", "input": "", "output": "o", "source": "alpaca"}] * 3
-    (tmp_path / "a.json").write_text(json.dumps(recs))
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    assert load_records(tmp_path / "a.json") == load_records(tmp_path / "a.jsonl") == recs
-
-
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"real Alpaca+ validation files not present at {SHARED}")
 def test_real_validation_files():
     sizes = {s: len(load_records(split_file(SHARED, s))) for s in ("validation_seen", "validation_unseen", "validation_human")}
     assert sizes == {"validation_seen": 1000, "validation_unseen": 1000, "validation_human": 252}
     unseen = load_records(split_file(SHARED, "validation_unseen"))
     assert all(r["source"] in ("alpaca", "self_instruct") for r in unseen)
+
+
+def _connected(folder, tmp_path, tiny_models):
+    data = AlpacaPlus(folder=str(folder), cache_dir=str(tmp_path / "cache"))
+    data.connect(**GistLitModule(model_config=tiny_models["llama"]).data_facts())
+    return data
+
+
+def test_a_bad_record_in_a_split_file_names_it(tmp_path, tiny_models):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    good = {"instruction": "Say hi.", "input": "", "output": "hi", "source": "alpaca"}
+    for split in SPLITS:
+        (folder / f"{split}.json").write_text(json.dumps([good] * 4))
+    (folder / "validation_unseen.json").write_text(json.dumps([good, {"instruction": "x", "input": ""}]))
+    data = _connected(folder, tmp_path, tiny_models)
+    with pytest.raises(DataFormatError, match=r"validation_unseen.json: record 1: missing field 'output'"):
+        data.setup("fit")
+
+
+def test_a_missing_split_file_is_named(tmp_path, tiny_models):
+    data = _connected(tmp_path, tmp_path, tiny_models)
+    with pytest.raises(FileNotFoundError, match="no file for split 'train'"):
+        data.setup("fit")
+
+
+def test_built_splits_through_the_datamodule(tmp_path, tiny_models):
+    build_alpaca_plus(*write_raw(tmp_path), tmp_path / "out", seen_size=4, unseen_size=5)
+    data = _connected(tmp_path / "out", tmp_path, tiny_models)
+    data.setup("fit")
+    assert {s: len(data.datasets[s]) for s in VALIDATION_SPLITS} == {
+        "validation_seen": 4, "validation_unseen": 5, "validation_human": 9}
+    assert next(iter(data.train_dataloader()))["input_ids"].shape[0] == min(32, len(data.datasets["train"]))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"real Alpaca+ validation files not present at {SHARED}")
+def test_real_alpaca_plus_validation_through_the_datamodule(tmp_path, tiny_models):
+    data = _connected(SHARED, tmp_path, tiny_models)
+    data.setup("validate")
+    sizes = {s: len(data.datasets[s]) + data.dropped[s] for s in data.validation_names}
+    assert sizes == {"validation_seen": 1000, "validation_unseen": 1000, "validation_human": 252}
+    batch = next(iter(data.val_dataloader()[1]))
+    assert batch["instruction_tokens"].float().mean() > 5

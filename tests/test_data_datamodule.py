@@ -1,46 +1,71 @@
-"""The DataModule: prepare/setup, named validation loaders, drops counted, real files, bad input."""
+"""The shared DataModule: connecting to the model's facts, named validation loaders, limits and
+drops, loaders, and what happens without a model."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-from gist_lightning.data.alpaca_plus import DataFormatError
-from gist_lightning.data.datamodule import GistDataModule
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_plus"
-
-
-def small_suite(tmp_path, **kw):
-    args = dict(cache_dir=str(tmp_path / "cache"), suite_train_size=300, suite_validation_size=20, batch_size=8,
-                eval_batch_size=16)
-    args.update(kw)
-    return GistDataModule(**args)
+from gist_lightning.data import EmbeddedSuite, LengthLimits
+from gist_lightning.module import GistLitModule
+from gist_lightning.splits import SPLITS, VALIDATION_SPLITS
+from gist_lightning.tokens import gist_token_id
 
 
-def test_suite_prepare_then_setup(tmp_path):
-    dm = small_suite(tmp_path, num_gist_tokens=3)
-    dm.prepare_data()
-    files = sorted(p.name for p in dm._suite_dir().iterdir())
-    assert files == ["train.json", "validation_human.json", "validation_seen.json", "validation_unseen.json"]
+@pytest.fixture
+def suite_module(tmp_path, tiny_models):
+    """(a small EmbeddedSuite, a connected tiny LLaMA module) factory: ``suite_module(k=1, **data)``."""
+
+    def make(num_gist_tokens=1, condition="gist", **data_args):
+        args = dict(cache_dir=str(tmp_path / "cache"), train_size=300, validation_size=20, batch_size=8,
+                    eval_batch_size=16)
+        data = EmbeddedSuite(**{**args, **data_args})
+        module = GistLitModule(model_config=tiny_models["llama"], num_gist_tokens=num_gist_tokens, condition=condition)
+        data.connect(**module.data_facts())
+        data.prepare_data()
+        return data, module
+
+    return make
+
+
+def test_connect_then_setup_gives_named_loaders(suite_module):
+    dm, module = suite_module(num_gist_tokens=3)
     dm.setup("fit")
     assert {s: len(d) for s, d in dm.datasets.items()} == {
         "train": 300, "validation_seen": 20, "validation_unseen": 20, "validation_human": 64}
-    assert dm.validation_names == ("validation_seen", "validation_unseen", "validation_human")
+    assert dm.validation_names == VALIDATION_SPLITS and tuple(dm.datasets) == SPLITS
+    gist = gist_token_id(module.tokenizer)
     batch = next(iter(dm.train_dataloader()))
-    assert (batch["input_ids"] == dm.gist_token_id).sum(-1).tolist() == [3] * 8
+    assert (batch["input_ids"] == gist).sum(-1).tolist() == [3] * 8
     loaders = dm.val_dataloader()
     assert len(loaders) == 3
     vb = next(iter(loaders[2]))
-    assert "y_true" in vb and vb["prefix_ids"][:, -3:].eq(dm.gist_token_id).all()
-    assert dm.vocab_size == len(dm.tokenizer) and dm.tokenizer.pad_token_id != dm.tokenizer.eos_token_id
+    assert "y_true" in vb and vb["prefix_ids"][:, -3:].eq(gist).all()
+    assert dm.tokenizer is module.tokenizer and dm.tokenizer.pad_token_id != dm.tokenizer.eos_token_id
 
 
-def test_examples_that_cannot_fit_are_dropped_and_counted(tmp_path):
-    dm = small_suite(tmp_path, max_length=22, max_length_human=1000)
-    dm.prepare_data()
+def test_without_a_model_the_data_says_what_it_needs(tmp_path):
+    dm = EmbeddedSuite(cache_dir=str(tmp_path / "cache"), train_size=30, validation_size=5)
+    dm.prepare_data()  # generating the files needs no tokenizer
+    with pytest.raises(RuntimeError, match=r"connect\(tokenizer, encoder_decoder, num_gist_tokens, condition\)"):
+        dm.setup("fit")
+
+
+def test_reconnecting_other_facts_retokenizes(suite_module, tiny_models):
+    dm, _ = suite_module(num_gist_tokens=1)
+    dm.setup("validate")
+    one = dm.datasets["validation_seen"][0]
+    five = GistLitModule(model_config=tiny_models["llama"], num_gist_tokens=5)
+    dm.connect(**five.data_facts())
+    assert dm.datasets == {}
+    dm.setup("validate")
+    assert len(dm.datasets["validation_seen"][0]["gists"]) == 5 and len(one["gists"]) == 1
+    same = dm.datasets
+    dm.connect(**five.data_facts())  # the same facts keep the tokenized splits
+    assert dm.datasets is same
+
+
+def test_examples_that_cannot_fit_are_dropped_and_counted(suite_module):
+    dm, _ = suite_module(limits=LengthLimits(max_length=22), human_limits=LengthLimits(max_length=1000))
     dm.setup("fit")
     assert dm.dropped["train"] > 0 and dm.dropped["validation_human"] == 0
     assert len(dm.datasets["train"]) == 300 - dm.dropped["train"]
@@ -48,23 +73,7 @@ def test_examples_that_cannot_fit_are_dropped_and_counted(tmp_path):
         assert len(row["prefix"]) + len(row["gists"]) + len(row["suffix"]) + len(row["target"]) <= 22
 
 
-def test_bad_record_in_a_split_file_names_it(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    good = {"instruction": "Say hi.", "input": "", "output": "hi", "source": "alpaca"}
-    for split in ("train", "validation_seen", "validation_unseen", "validation_human"):
-        (folder / f"{split}.json").write_text(json.dumps([good] * 4))
-    (folder / "validation_unseen.json").write_text(json.dumps([good, {"instruction": "x", "input": ""}]))
-    dm = GistDataModule(data=str(folder), cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(DataFormatError, match=r"validation_unseen.json: record 1: missing field 'output'"):
-        dm.setup("fit")
-
-
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"real Alpaca+ validation files not present at {SHARED}")
-def test_real_alpaca_plus_validation_through_the_datamodule(tmp_path):
-    dm = GistDataModule(data=str(SHARED), cache_dir=str(tmp_path / "cache"), num_gist_tokens=1)
-    dm.setup("validate")
-    sizes = {s: len(dm.datasets[s]) + dm.dropped[s] for s in dm.validation_names}
-    assert sizes == {"validation_seen": 1000, "validation_unseen": 1000, "validation_human": 252}
-    batch = next(iter(dm.val_dataloader()[1]))
-    assert batch["instruction_tokens"].float().mean() > 5
+def test_limits_given_as_a_mapping_are_read(suite_module):
+    """LightningCLI hands a dataclass argument of a subclass over as a plain mapping."""
+    dm, _ = suite_module(limits={"max_length": 30})
+    assert dm.limits_for("train") == LengthLimits(max_length=30) and dm.limits_for("validation_human").max_length == 768

@@ -1,4 +1,4 @@
-"""The embedded suite: deterministic, enough families, split meanings, held-out wording."""
+"""The embedded suite: deterministic, enough families, split meanings, held-out wording, its DataModule."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import re
 
 import pytest
 
-from gist_lightning.data.suite import HELD_OUT_WORDS, TASKS, generate_suite, human_records
+from gist_lightning.data.records import load_records
+from gist_lightning.data.suite import HELD_OUT_WORDS, TASKS, EmbeddedSuite, generate_suite, human_records
+from gist_lightning.splits import SPLITS
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +61,23 @@ def test_held_out_wording_uses_trained_words(splits):
     assert unseen_words - trained - set(HELD_OUT_WORDS) == set()
 
 
-def test_human_records(splits):
+def test_human_records(splits, load_experiment):
     human = human_records()
     assert len(human) >= 60
     assert all(set(r) == {"instruction", "input", "output", "source"} and r["source"] == "human" for r in human)
     templates = {t.paraphrases[i].split("{")[0] for t in TASKS for i in range(len(t.paraphrases))}
     assert not any(r["instruction"].startswith(p) for r in human for p in templates if len(p) > 8)
     # the shipped outputs are those of the task functions (the file is made by experiments/make_suite_assets.py)
-    import sys
-    from pathlib import Path
+    assert load_experiment("make_suite_assets").human_records() == human
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    from make_suite_assets import human_records as rebuilt
 
-    assert rebuilt() == human
+def test_the_datamodule_generates_the_splits_once(tmp_path):
+    data = EmbeddedSuite(cache_dir=str(tmp_path), train_size=50, validation_size=7, generation_seed=3)
+    data.prepare_data()
+    assert sorted(p.name for p in data.folder.iterdir()) == sorted(f"{s}.json" for s in SPLITS)
+    want = generate_suite(3, 50, 7)
+    assert load_records(data.split_path("validation_unseen")) == want["validation_unseen"]
+    assert load_records(data.split_path("validation_human")) == human_records()
+    stamp = data.split_path("train").stat().st_mtime_ns
+    data.prepare_data()  # already there: nothing is rewritten
+    assert data.split_path("train").stat().st_mtime_ns == stamp

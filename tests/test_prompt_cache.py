@@ -1,20 +1,17 @@
-"""Caches on disk: round trips, refusals, a store under concurrent writers and crashes, the commands."""
+"""Caches on disk: round trips, refusals, a store under concurrent writers and crashes."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_pair
 
 from gist_lightning import caching, compress
-from gist_lightning.caching import pad_batch
-from gist_lightning.export import export_pretrained
+from gist_lightning.export import export_pretrained, load_pretrained
+from gist_lightning.padding import pad_batch
 from gist_lightning.prompt_cache import CacheMismatchError, CacheStore, load_cache, save_cache
 from gist_lightning.templates import encode_continuation
 
@@ -30,7 +27,7 @@ def _logits(model, tok, cache):
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])
-def test_save_load_round_trip_gives_identical_logits(tmp_path, family):
+def test_save_load_round_trip_gives_identical_logits(make_pair, tmp_path, family):
     model, tok, _ = make_pair(family)
     cache = compress(model, tok, INSTRUCTIONS, 2)
     path = save_cache(cache, tmp_path / "c.safetensors", model, tok, INSTRUCTIONS)
@@ -39,7 +36,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, family):
     assert torch.equal(_logits(model, tok, cache), _logits(model, tok, loaded))
 
 
-def test_a_mismatched_model_tokenizer_k_or_dtype_is_refused(tmp_path):
+def test_a_mismatched_model_tokenizer_k_or_dtype_is_refused(make_pair, tmp_path):
     model, tok, _ = make_pair("llama", seed=0)
     path = save_cache(compress(model, tok, INSTRUCTIONS, 1), tmp_path / "c.safetensors", model, tok)
     other_model, _, _ = make_pair("llama", seed=1)  # same architecture, other weights
@@ -55,8 +52,15 @@ def test_a_mismatched_model_tokenizer_k_or_dtype_is_refused(tmp_path):
         load_cache(path, model2.to(torch.float64), tok2)
 
 
-def _writer(folder, worker, n):
+@pytest.fixture
+def saved_llama(make_pair, tmp_path):
+    """A tiny LLaMA saved as an export folder, so that other processes load the same model."""
     model, tok, _ = make_pair("llama", seed=0)
+    return export_pretrained(model, tok, tmp_path / "model", num_gist_tokens=1, condition="gist")
+
+
+def _writer(model_dir, folder, worker, n):
+    model, tok, _ = load_pretrained(model_dir)
     store = CacheStore(folder, model, tok, num_gist_tokens=1)
     for i in range(n):
         store.add(f"shared instruction {i % 3}")  # both workers write these keys
@@ -64,10 +68,10 @@ def _writer(folder, worker, n):
 
 
 @pytest.mark.slow
-def test_store_with_two_concurrent_writers_and_a_crashed_one(tmp_path):
+def test_store_with_two_concurrent_writers_and_a_crashed_one(saved_llama, tmp_path):
     folder = tmp_path / "store"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(folder, w, 6)) for w in range(2)]
+    procs = [ctx.Process(target=_writer, args=(saved_llama, folder, w, 6)) for w in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -75,7 +79,7 @@ def test_store_with_two_concurrent_writers_and_a_crashed_one(tmp_path):
         assert p.exitcode == 0
     # a writer that dies half-way leaves only a temporary file behind
     (folder / ".deadbeef.safetensors.123.tmp").write_bytes(b"\x00" * 100)
-    model, tok, _ = make_pair("llama", seed=0)
+    model, tok, _ = load_pretrained(saved_llama)
     store = CacheStore(folder, model, tok, num_gist_tokens=1)
     listed = store.list()
     assert sorted(listed) == sorted({f"shared instruction {i}" for i in range(3)}
@@ -87,60 +91,22 @@ def test_store_with_two_concurrent_writers_and_a_crashed_one(tmp_path):
         store.get("instruction 1-4")
 
 
-def test_killed_writer_never_leaves_a_half_file(tmp_path):
+def test_killed_writer_never_leaves_a_half_file(saved_llama, tmp_path):
     """Kill a process inside the write (after the bytes, before the rename): the store stays readable."""
     script = f"""
-import os, sys
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from conftest import make_pair
-import gist_lightning.prompt_cache as pc
-model, tok, _ = make_pair("llama", seed=0)
-store = pc.CacheStore({str(tmp_path / 'store')!r}, model, tok, 1)
+import os
+import gist_lightning.files as files
+from gist_lightning.export import load_pretrained
+from gist_lightning.prompt_cache import CacheStore
+model, tok, _ = load_pretrained({str(saved_llama)!r})
+store = CacheStore({str(tmp_path / 'store')!r}, model, tok, 1)
 store.add("kept")
-pc.os.replace = lambda *a: os._exit(9)   # die between writing and renaming
+files.os.replace = lambda *a: os._exit(9)   # die between writing and renaming
 store.add("lost")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr[-2000:]
-    model, tok, _ = make_pair("llama", seed=0)
+    model, tok, _ = load_pretrained(saved_llama)
     store = CacheStore(tmp_path / "store", model, tok, 1)
     assert store.list() == ["kept"] and "lost" not in store
     assert any(p.name.endswith(".tmp") for p in (tmp_path / "store").iterdir())
-
-
-def test_compress_and_generate_commands_end_to_end(tmp_path):
-    model, tok, _ = make_pair("llama", seed=0)
-    export_pretrained(model, tok, tmp_path / "m", num_gist_tokens=1, condition="gist")
-    cli = str(Path(sys.executable).parent / "gist-lightning")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([cli, "compress", "--model", str(tmp_path / "m"), "--instruction", INSTRUCTIONS[1],
-                          "--out", str(tmp_path / "c.safetensors"), "--input", INPUTS[0]],
-                         capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "compression factor" in out.stdout and "KiB" in out.stdout
-    (tmp_path / "inputs.txt").write_text("\n".join(INPUTS * 3) + "\n")
-    gen = subprocess.run([cli, "generate", "--model", str(tmp_path / "m"), "--cache", str(tmp_path / "c.safetensors"),
-                          "--inputs", str(tmp_path / "inputs.txt"), "--batch_size", "4", "--max_new_tokens", "5"],
-                         capture_output=True, text=True, env=env)
-    assert gen.returncode == 0, gen.stderr[-2000:]
-    lines = gen.stdout.strip().splitlines()
-    assert len(lines) == 6
-    # the batched command gives what the Python API gives one by one
-    cache = compress(model, tok, [INSTRUCTIONS[1]], 1)
-    for line, x in zip(lines, INPUTS * 3):
-        want = caching.generate(model, tok, cache, [x], max_new_tokens=5)[0]
-        assert line == f"{x}\t{want}"
-    again = subprocess.run([cli, "compress", "--model", str(tmp_path / "m"), "--instruction", "x",
-                            "--out", str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=env)
-    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
-
-
-@pytest.mark.slow
-def test_caching_benchmark_runs_and_batched_outputs_equal_batch_one(tmp_path):
-    bench = Path(__file__).resolve().parents[1] / "experiments" / "bench_caching.py"
-    proc = subprocess.run([sys.executable, str(bench), "--num_prompts", "6", "--repeats", "1", "--new_tokens", "3",
-                           "--batch_sizes", "1", "4", "--out", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 4 |")]
-    assert rows and rows[0].rstrip().endswith("True |")
-    assert (tmp_path / "bench_caching-tiny-float32-cpu.csv").is_file()

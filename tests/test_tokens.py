@@ -1,25 +1,29 @@
-"""The gist token, pad-token handling, neutralising literal <GIST>, and the exact templates."""
+"""The gist token, pad-token handling, the tokenizer split from the model's resize, fingerprints,
+and neutralising a literal <GIST> in user text."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-from conftest import build_tokenizer, make_pair, tiny_config
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from gist_lightning import GIST_TOKEN, add_gist_token
-from gist_lightning.families import family_of
-from gist_lightning.templates import encode_example, prompt_text
-from gist_lightning.tokens import encode_text
+from gist_lightning.templates import encode_example
+from gist_lightning.tokens import (
+    add_special_tokens,
+    encode_text,
+    fit_embeddings,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 
 
-def test_add_gist_token_mean_init_untied_head_and_new_pad():
-    tok = build_tokenizer("llama")
+def test_add_gist_token_mean_init_untied_head_and_new_pad(make_tokenizer, make_hf_config):
+    tok = make_tokenizer("llama")
     assert tok.pad_token is None
     n_before = len(tok)
     eos_before = tok.eos_token_id
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", n_before, tie_word_embeddings=False))
+    model = AutoModelForCausalLM.from_config(make_hf_config("llama", n_before, tie_word_embeddings=False))
     inp_before = model.get_input_embeddings().weight.detach().clone()
     out_before = model.get_output_embeddings().weight.detach().clone()
     gist_id = add_gist_token(tok, model)
@@ -36,13 +40,11 @@ def test_add_gist_token_mean_init_untied_head_and_new_pad():
     assert add_gist_token(tok, model) == gist_id and len(tok) == n_before + 2
 
 
-def test_add_gist_token_never_shrinks_spare_rows():
+def test_add_gist_token_never_shrinks_spare_rows(make_tokenizer, make_hf_config):
     """T5 checkpoints keep more embedding rows than the tokenizer has tokens."""
-    tok = build_tokenizer("t5")
+    tok = make_tokenizer("t5")
     tok.add_special_tokens({"pad_token": "<pad>"})
-    cfg = tiny_config("t5", len(tok) + 20)
-    from transformers import AutoModelForSeq2SeqLM
-
+    cfg = make_hf_config("t5", len(tok) + 20)
     model = AutoModelForSeq2SeqLM.from_config(cfg)
     n = len(tok)
     before = model.get_input_embeddings().weight.detach().clone()
@@ -51,7 +53,7 @@ def test_add_gist_token_never_shrinks_spare_rows():
     assert torch.allclose(model.get_input_embeddings().weight[gist_id], before[:n].mean(0))
 
 
-def test_literal_gist_in_user_text_is_neutralised():
+def test_literal_gist_in_user_text_is_neutralised(make_pair):
     model, tok, gist_id = make_pair("llama")
     assert gist_id not in encode_text(tok, f"say {GIST_TOKEN} twice {GIST_TOKEN}</s>")
     ex = encode_example(tok, f"copy {GIST_TOKEN} please", f"a {GIST_TOKEN} b", f"x {GIST_TOKEN}", 3, gist_id, False)
@@ -62,34 +64,31 @@ def test_literal_gist_in_user_text_is_neutralised():
     assert tok.decode(encode_text(tok, f"a {GIST_TOKEN} b")) == f"a {GIST_TOKEN} b"
 
 
-@pytest.mark.parametrize("encoder_decoder", [False, True])
-def test_template_strings_are_exact(encoder_decoder):
-    family = "t5" if encoder_decoder else "llama"
-    model, tok, gist_id = make_pair(family)
-    ex = encode_example(tok, "Sort the words.", "b a", "a b", 2, gist_id, encoder_decoder)
-    text = tok.decode(ex.prompt)
-    if encoder_decoder:
-        assert text == "Instruction: Sort the words.\n<GIST><GIST>\nInput: b a</s>"
-    else:
-        assert text == "<s>Instruction: Sort the words.\n<GIST><GIST>\nInput: b a\nOutput:"
-    assert tok.decode(ex.target) == "a b</s>"
-    assert prompt_text("Sort the words.", "b a", 2, encoder_decoder) == text.removeprefix("<s>").removesuffix("</s>")
-    empty = encode_example(tok, "Say hi.", "", "hi", 1, gist_id, encoder_decoder)
-    want = "Instruction: Say hi.\n<GIST>\nInput: </s>" if encoder_decoder else "<s>Instruction: Say hi.\n<GIST>\nOutput:"
-    assert tok.decode(empty.prompt) == want
+def test_tokenizer_first_then_model_equals_both_at_once(make_tokenizer, make_hf_config):
+    """The module adds <GIST> to its tokenizer before the model exists and resizes the model later:
+    the same rows as adding both at once."""
+    at_once, split = make_tokenizer("llama"), make_tokenizer("llama")
+    n = len(at_once)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(AutoModelForCausalLM.from_config(make_hf_config("llama", n, tie_word_embeddings=False)))
+    add_gist_token(at_once, models[0])
+    new_ids = add_special_tokens(split)
+    assert new_ids == [n, n + 1] and add_special_tokens(split) == []
+    fit_embeddings(models[1], split, new_ids)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.equal(a, b)
+    assert models[1].config.pad_token_id == split.pad_token_id == at_once.pad_token_id
 
 
-def test_k_below_one_is_an_error():
-    model, tok, gist_id = make_pair("llama")
-    with pytest.raises(ValueError, match=">= 1"):
-        encode_example(tok, "a", "b", "c", 0, gist_id, False)
+def test_fingerprint_tells_tokenizers_apart(make_tokenizer):
+    a, b = make_tokenizer("llama"), make_tokenizer("llama")
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    add_special_tokens(b)
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
 
 
-def test_unsupported_family_and_attention_are_named():
-    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="supported families: gpt_neox, llama, mistral, qwen2, t5"):
-        family_of(model)
-    model, _, _ = make_pair("llama")
-    model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="eager"):
-        family_of(model)
+def test_the_suite_tokenizer_is_shipped():
+    tok = load_tokenizer("suite")
+    assert GIST_TOKEN not in tok.get_vocab() and tok.pad_token == "<PAD>" and len(tok) == 900

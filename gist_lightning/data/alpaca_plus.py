@@ -1,79 +1,27 @@
-"""Alpaca+ records: reading and checking split files, and building the splits from the raw
-Alpaca and Self-Instruct sources by the paper's recipe.
+"""Alpaca+ (the paper's data): the DataModule over a folder of released split files, and the
+builder of those splits from the raw Alpaca and Self-Instruct sources by the paper's recipe.
 
-Records are ``{"instruction", "input", "output", "source"}`` (the released schema). Every read
-checks every record and names the file and the record (index, and line for JSONL) on error.
+Records are ``{"instruction", "input", "output", "source"}`` (the released schema); reading and
+checking them is :mod:`gist_lightning.data.records`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
-FIELDS = ("instruction", "input", "output")
-SPLITS = ("train", "validation_seen", "validation_unseen", "validation_human")
-VALIDATION_SPLITS = SPLITS[1:]
-
-
-class DataFormatError(ValueError):
-    """A data file that does not hold what it should; the message names the file and record."""
-
-
-def _where(path: Path, index: int, line: int | None) -> str:
-    return f"{path}: record {index}" + (f" (line {line})" if line is not None else "")
-
-
-def read_json_records(path: str | os.PathLike) -> list[tuple[dict, int, int | None]]:
-    """(record, index, line) for a JSON list file or a JSONL file; malformed JSON names the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        return [(rec, i, None) for i, rec in enumerate(data)]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((json.loads(line), len(records), lineno))
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path}: malformed JSON on line {lineno}: {e.msg}") from None
-    return records
-
-
-def check_record(rec, path: Path, index: int, line: int | None, fields=FIELDS) -> dict:
-    if not isinstance(rec, dict):
-        raise DataFormatError(f"{_where(path, index, line)}: expected an object, got {type(rec).__name__}")
-    for field in fields:
-        if field not in rec:
-            raise DataFormatError(f"{_where(path, index, line)}: missing field {field!r}")
-        if not isinstance(rec[field], str):
-            raise DataFormatError(
-                f"{_where(path, index, line)}: field {field!r} must be a string, got {type(rec[field]).__name__}"
-            )
-    return rec
-
-
-def load_records(path: str | os.PathLike, default_source: str = "local") -> list[dict]:
-    """Checked records of a split file (JSON list or JSONL in the released schema)."""
-    path = Path(path)
-    out = []
-    for rec, index, line in read_json_records(path):
-        rec = check_record(rec, path, index, line)
-        source = rec.get("source", default_source)
-        if not isinstance(source, str):
-            raise DataFormatError(f"{_where(path, index, line)}: field 'source' must be a string")
-        out.append({"instruction": rec["instruction"], "input": rec["input"], "output": rec["output"], "source": source})
-    return out
+from ..splits import SPLITS
+from .datamodule import GistDataModule
+from .records import (
+    DataFormatError,
+    check_record,
+    load_records,
+    read_json_records,
+    record_location,
+    write_records,
+)
 
 
 def split_file(folder: str | os.PathLike, split: str) -> Path:
@@ -85,22 +33,25 @@ def split_file(folder: str | os.PathLike, split: str) -> Path:
     raise FileNotFoundError(f"{folder}: no file for split {split!r} (looked for alpaca_plus_{split}.json, {split}.json[l])")
 
 
-def write_json_atomic(path: Path, obj, overwrite: bool = False) -> None:
-    """Write JSON to ``path`` through a temporary file in the same folder; never clobber by default."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+class AlpacaPlus(GistDataModule):
+    """Alpaca+ split files in ``folder`` (``alpaca_plus_<split>.json``, or ``<split>.json[l]``), as
+    released by the authors or made by :func:`build_alpaca_plus`. Nothing is downloaded.
+
+    Args:
+        folder: the folder of split files.
+        kwargs: batch sizes, length limits, ... of :class:`~gist_lightning.data.datamodule.GistDataModule`.
+    """
+
+    def __init__(
+        self,
+        folder: str = "data/alpaca_plus",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+
+    def split_path(self, split: str) -> Path:
+        return split_file(self.hparams.folder, split)
 
 
 def build_alpaca_plus(
@@ -137,7 +88,7 @@ def build_alpaca_plus(
     for rec, index, line in read_json_records(path):
         check_record(rec, path, index, line, fields=("instruction",))
         if not isinstance(rec.get("instances"), list):
-            raise DataFormatError(f"{_where(path, index, line)}: missing list field 'instances'")
+            raise DataFormatError(f"{record_location(path, index, line)}: missing list field 'instances'")
         for j, inst in enumerate(rec["instances"]):
             try:
                 check_record(inst, path, index, line, fields=("input", "output"))
@@ -186,5 +137,5 @@ def build_alpaca_plus(
 
     splits = {"train": train, "validation_seen": seen, "validation_unseen": unseen, "validation_human": human}
     for split, path in targets.items():
-        write_json_atomic(path, splits[split], overwrite=overwrite)
+        write_records(path, splits[split], overwrite=overwrite)
     return {s: len(v) for s, v in splits.items()}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..caching import pad_batch
 from ..masks import gist_masks
+from ..padding import pad_batch
 from ..templates import EncodedExample
 
 IGNORE_INDEX = -100

@@ -1,11 +1,19 @@
-"""The LightningDataModule of every run: the embedded suite or Alpaca+ split files, tokenized
-with k gist tokens, cut to the length limits and batched with the condition's masks."""
+"""The base LightningDataModule of every data source: it reads a source's split files, tokenizes
+them with the model's tokenizer and k gist tokens, cuts them to the length limits, and batches
+them with the condition's masks. A source (``suite.EmbeddedSuite``, ``alpaca_plus.AlpacaPlus``)
+only says where its split files are and how to make them.
+
+What the data needs from the model (tokenizer, architecture, k, condition) it receives once,
+through :meth:`GistDataModule.connect`: by hand, or in ``setup`` from the LightningModule the
+trainer runs (``GistLitModule`` owns all four).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -13,29 +21,46 @@ import torch
 import torch.distributed as dist
 from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
-from transformers import AutoTokenizer
 
 from ..masks import check_condition
+from ..splits import HUMAN, SPLITS, TRAIN, VALIDATION_SPLITS
 from ..templates import encode_example, prompt_text
-from ..tokens import add_gist_token
-from . import suite
-from .alpaca_plus import SPLITS, VALIDATION_SPLITS, load_records, split_file, write_json_atomic
+from ..tokens import gist_token_id, tokenizer_fingerprint
 from .collate import GistCollator, LengthLimits, fit_to_limits
+from .records import load_records
 
 log = logging.getLogger(__name__)
 
-SUITE = "suite"
-SUITE_TOKENIZER = str(Path(__file__).resolve().parents[1] / "assets" / "suite_tokenizer")
+# the paper's limits for Alpaca+ (LLaMA 512 / human 768; FLAN-T5 source 128, target 256 / human 384, 384)
+DEFAULT_LIMITS = LengthLimits(max_length=512, max_source_length=128, max_target_length=256)
+DEFAULT_HUMAN_LIMITS = LengthLimits(max_length=768, max_source_length=384, max_target_length=384)
+# any odd number far from small epoch counts keeps the per-epoch seeds of EpochSampler apart
+_EPOCH_SEED_STRIDE = 1000003
 
 
-def load_tokenizer(name_or_path: str, add_gist: bool = True):
-    """A tokenizer by hub id or local folder (``"suite"``: the one shipped for the embedded suite),
-    with the gist token (and a pad token where it had none) added unless ``add_gist`` is False
-    (the model adds it itself, to resize its embeddings)."""
-    tok = AutoTokenizer.from_pretrained(SUITE_TOKENIZER if name_or_path == SUITE else name_or_path)
-    if add_gist:
-        add_gist_token(tok)
-    return tok
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the data takes from the model: its tokenizer (with ``<GIST>``), whether it is an
+    encoder-decoder, k and the condition. Two equal ``key``s tokenize and batch alike."""
+
+    tokenizer: object
+    encoder_decoder: bool
+    num_gist_tokens: int
+    condition: str
+
+    def __post_init__(self):
+        if self.num_gist_tokens < 1:
+            raise ValueError(f"num_gist_tokens must be >= 1; got {self.num_gist_tokens}")
+        check_condition(self.condition)
+        gist_token_id(self.tokenizer)  # a clear error for a tokenizer without <GIST>
+
+    @property
+    def gist_token_id(self) -> int:
+        return gist_token_id(self.tokenizer)
+
+    @property
+    def key(self) -> tuple:
+        return (tokenizer_fingerprint(self.tokenizer), self.encoder_decoder, self.num_gist_tokens, self.condition)
 
 
 class EpochSampler(Sampler[int]):
@@ -50,7 +75,7 @@ class EpochSampler(Sampler[int]):
         return self.size
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + 1000003 * self.epoch_fn())
+        g = torch.Generator().manual_seed(self.seed + _EPOCH_SEED_STRIDE * self.epoch_fn())
         order = torch.randperm(self.size, generator=g).tolist()
         skip, self.skip = self.skip, 0
         return iter(order[skip:])
@@ -88,113 +113,94 @@ class PaddedToMultiple(torch.utils.data.Dataset):
 
 
 class GistDataModule(L.LightningDataModule):
-    """Train loader and three named validation loaders (``validation_seen``, ``validation_unseen``,
-    ``validation_human``).
+    """Train loader and one named loader per validation split (``splits.VALIDATION_SPLITS``).
+
+    Subclasses say where the split files are (:meth:`split_path`) and may make them
+    (:meth:`prepare_data`); everything else is shared.
 
     Args:
-        data: ``"suite"`` (the embedded suite, generated into ``cache_dir``) or a folder of
-            Alpaca+ split files (``alpaca_plus_<split>.json``, or ``<split>.json[l]``).
-        tokenizer: hub id or local folder; ``"suite"`` for the shipped suite tokenizer.
-        num_gist_tokens: k, the number of gist tokens after the instruction.
-        condition: ``gist``, ``pos_control`` or ``neg_control``.
-        encoder_decoder: use the encoder-decoder template and batching (T5).
-        max_length / max_source_length / max_target_length: limits (decoder-only / encoder-decoder).
-        max_length_human / max_source_length_human / max_target_length_human: the human split's limits.
+        batch_size / eval_batch_size: per-process batch sizes for training / validation.
+        limits: token limits (decoder-only: ``max_length`` of prompt + target; encoder-decoder:
+            ``max_source_length`` and ``max_target_length``). A target is shortened, an example
+            whose prompt does not fit is dropped and counted; gist tokens are never cut.
+        human_limits: the same for ``validation_human`` (hand-written instructions run longer).
         max_validation_records: keep the first N records of each validation split (None: all).
+        num_workers: DataLoader workers.
+        cache_dir: where generated data and tokenized datasets are kept.
         seed: the order of training batches (a function of seed and epoch only, so resuming is exact).
-        suite_seed / suite_train_size / suite_validation_size: how the embedded suite is generated.
     """
 
     def __init__(
         self,
-        data: str = SUITE,
-        tokenizer: str = SUITE,
-        num_gist_tokens: int = 1,
-        condition: str = "gist",
-        encoder_decoder: bool = False,
         batch_size: int = 32,
         eval_batch_size: int = 64,
-        max_length: int = 512,
-        max_source_length: int = 128,
-        max_target_length: int = 256,
-        max_length_human: int = 768,
-        max_source_length_human: int = 384,
-        max_target_length_human: int = 384,
+        limits: LengthLimits = DEFAULT_LIMITS,
+        human_limits: LengthLimits = DEFAULT_HUMAN_LIMITS,
         max_validation_records: int | None = None,
         num_workers: int = 0,
         cache_dir: str = ".cache/gist_lightning",
         seed: int = 0,
-        suite_seed: int = 0,
-        suite_train_size: int = 20000,
-        suite_validation_size: int = 200,
     ):
         super().__init__()
-        if num_gist_tokens < 1:
-            raise ValueError(f"num_gist_tokens must be >= 1; got {num_gist_tokens}")
-        check_condition(condition)
-        self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(tokenizer)
+        # the CLI may hand a dataclass argument over as a plain dict
+        self.limits, self.human_limits = (x if isinstance(x, LengthLimits) else LengthLimits(**x)
+                                          for x in (limits, human_limits))
+        # hyperparameters stay plain data, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["limits", "human_limits"])
+        self.hparams.update(limits=asdict(self.limits), human_limits=asdict(self.human_limits))
+        self.facts: ModelFacts | None = None
         self.datasets: dict[str, Dataset] = {}
         self.dropped: dict[str, int] = {}
 
-    # what the model needs, for LightningCLI argument links
-    @property
-    def gist_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids("<GIST>")
+    # -- what a source provides ---------------------------------------------------------------
+    def split_path(self, split: str) -> Path:
+        """The JSON / JSONL file of ``split`` (records ``{"instruction", "input", "output", "source"}``)."""
+        raise NotImplementedError
+
+    # -- what the model provides --------------------------------------------------------------
+    def connect(self, tokenizer, encoder_decoder: bool, num_gist_tokens: int, condition: str) -> None:
+        """Take the model's tokenizer (with ``<GIST>``), architecture, k and condition. Connecting
+        the same facts again keeps the tokenized splits; other facts drop them."""
+        facts = ModelFacts(tokenizer, encoder_decoder, num_gist_tokens, condition)
+        if self.facts is None or self.facts.key != facts.key:
+            self.datasets, self.dropped = {}, {}
+        self.facts = facts
+
+    def _connected(self) -> ModelFacts:
+        if self.facts is None:
+            raise RuntimeError(f"{type(self).__name__} has no tokenizer yet: run it with a GistLitModule in a "
+                               "Trainer, or call connect(tokenizer, encoder_decoder, num_gist_tokens, condition)")
+        return self.facts
 
     @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
+    def tokenizer(self):
+        return self._connected().tokenizer
 
     @property
     def validation_names(self) -> tuple[str, ...]:
         return VALIDATION_SPLITS
 
-    def _suite_dir(self) -> Path:
-        h = self.hparams
-        return Path(h.cache_dir) / f"suite-seed{h.suite_seed}-train{h.suite_train_size}-val{h.suite_validation_size}"
-
-    def split_path(self, split: str) -> Path:
-        if self.hparams.data == SUITE:
-            return self._suite_dir() / f"{split}.json"
-        return split_file(self.hparams.data, split)
-
-    def prepare_data(self) -> None:
-        """Generate the embedded suite into the cache folder (once); nothing else is downloaded."""
-        if self.hparams.data != SUITE:
-            return
-        folder = self._suite_dir()
-        if all((folder / f"{s}.json").is_file() for s in SPLITS):
-            return
-        h = self.hparams
-        splits = suite.generate_suite(h.suite_seed, h.suite_train_size, h.suite_validation_size)
-        splits["validation_human"] = suite.human_records()
-        for name, records in splits.items():
-            write_json_atomic(folder / f"{name}.json", records, overwrite=True)
-
-    def _limits(self, split: str) -> LengthLimits:
-        h = self.hparams
-        if split == "validation_human":
-            return LengthLimits(h.max_length_human, h.max_source_length_human, h.max_target_length_human)
-        return LengthLimits(h.max_length, h.max_source_length, h.max_target_length)
+    # -- loading ------------------------------------------------------------------------------
+    def limits_for(self, split: str) -> LengthLimits:
+        return self.human_limits if split == HUMAN else self.limits
 
     def _load_split(self, split: str) -> Dataset:
+        facts, h = self._connected(), self.hparams
         path = self.split_path(split)
         records = load_records(path)  # checks every record, names file and record on error
-        if split != "train" and self.hparams.max_validation_records is not None:
-            records = records[: self.hparams.max_validation_records]
-        h = self.hparams
-        limits = self._limits(split)
+        if split != TRAIN and h.max_validation_records is not None:
+            records = records[: h.max_validation_records]
+        limits = self.limits_for(split)
         stat = path.stat()
         fingerprint = hashlib.sha1(
-            json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, len(records), h.tokenizer,
-                        self.vocab_size, h.num_gist_tokens, h.encoder_decoder, limits.__dict__]).encode()
+            json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, len(records), *facts.key,
+                        limits.__dict__]).encode()
         ).hexdigest()
-        if split == "train":
+        if split == TRAIN:
             ds = load_dataset("json", data_files=str(path), split="train", cache_dir=str(Path(h.cache_dir) / "datasets"))
         else:
             ds = Dataset.from_list(records)
-        tok, gist_id, k, enc_dec = self.tokenizer, self.gist_token_id, h.num_gist_tokens, h.encoder_decoder
+        tok, gist_id, k, enc_dec = facts.tokenizer, facts.gist_token_id, facts.num_gist_tokens, facts.encoder_decoder
 
         def tokenize(rec):
             ex = encode_example(tok, rec["instruction"], rec["input"], rec["output"], k, gist_id, enc_dec)
@@ -214,15 +220,19 @@ class GistDataModule(L.LightningDataModule):
         return kept
 
     def setup(self, stage: str | None = None) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and hasattr(module, "data_facts"):
+            self.connect(**module.data_facts())
         splits = VALIDATION_SPLITS if stage in ("validate", "test", "predict") else SPLITS
         for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = self._load_split(split)
 
+    # -- batching -----------------------------------------------------------------------------
     def collator(self, for_generation: bool) -> GistCollator:
-        h = self.hparams
-        return GistCollator(self.tokenizer.pad_token_id, self.gist_token_id, h.condition, h.encoder_decoder,
-                            h.num_gist_tokens, for_generation)
+        facts = self._connected()
+        return GistCollator(facts.tokenizer.pad_token_id, facts.gist_token_id, facts.condition,
+                            facts.encoder_decoder, facts.num_gist_tokens, for_generation)
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
@@ -231,8 +241,8 @@ class GistDataModule(L.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.datasets["train"]), self.hparams.seed, self._epoch)
-        return ResumableLoader(self.datasets["train"], batch_size=self.hparams.batch_size, sampler=sampler,
+        sampler = EpochSampler(len(self.datasets[TRAIN]), self.hparams.seed, self._epoch)
+        return ResumableLoader(self.datasets[TRAIN], batch_size=self.hparams.batch_size, sampler=sampler,
                                collate_fn=self.collator(False), num_workers=self.hparams.num_workers,
                                progress_fn=self._batches_processed)
 

@@ -13,6 +13,8 @@ every cat"), so a model cannot solve them without reading the instruction. Split
   in training instructions (tested), so they test compression, not vocabulary.
 - ``validation_human``: hand-written records (``assets/suite_human.json``), worded unlike the
   templates.
+
+:class:`EmbeddedSuite` is the DataModule that generates the splits into its cache folder.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
+
+from ..splits import HUMAN, SPLITS
+from .datamodule import GistDataModule
+from .records import write_records
 
 WORDS = (
     "apple banana cherry grape lemon mango melon peach pear plum "
@@ -35,6 +42,17 @@ ORDINALS = ["first", "second", "third", "fourth", "fifth"]
 # parameter values never used in training instructions (they still occur in training inputs,
 # so an unseen instruction never holds a word the model has not met)
 HELD_OUT_WORDS = ("plum", "tiger", "gold", "window", "wind")
+
+# Inputs: 2-6 words (at least 5 for "the n-th word", whose ordinals go up to "fifth"). A word
+# parameter is in the input 85% of the time (so "remove x" is not always a no-op, nor never
+# one), half the time for the yes/no task "is x in the list?", and always where the task needs it
+# ("what comes after x?", "put x first"); when present it occurs twice one time in three.
+MIN_WORDS, MAX_WORDS, MIN_WORDS_ORDINAL = 2, 6, 5
+P_PARAM_PRESENT, P_PARAM_PRESENT_YES_NO = 0.85, 0.5
+PARAM_REPEATS = (1, 1, 2)
+# unseen instructions: a parametrised family holds out its last paraphrase half the time, and
+# otherwise a held-out parameter word with a training paraphrase
+P_HELD_OUT_PARAPHRASE = 0.5
 
 
 @dataclass(frozen=True)
@@ -125,22 +143,22 @@ def _params(task: Task, held_out: bool, rng: random.Random) -> dict[str, str]:
 
 
 def _input(task: Task, params: dict[str, str], rng: random.Random) -> list[str]:
-    n = rng.randint(5 if task.param == "ordinal" else 2, 6)
+    n = rng.randint(MIN_WORDS_ORDINAL if task.param == "ordinal" else MIN_WORDS, MAX_WORDS)
     words = [rng.choice(WORDS) for _ in range(n)]
     x = params.get("x")
     if x is not None and task.name != "append" and task.name != "prepend":
-        # the parameter should usually occur (sometimes twice), and sometimes not at all
         if task.name == "contains":
-            present = rng.random() < 0.5
+            present = rng.random() < P_PARAM_PRESENT_YES_NO
         elif task.name in ("after", "put_first"):
             present = True
         else:
-            present = rng.random() < 0.85
+            present = rng.random() < P_PARAM_PRESENT
         words = [w for w in words if w != x]
-        while len(words) < 2:
+        while len(words) < MIN_WORDS:
             words.append(rng.choice([w for w in WORDS if w != x]))
         if present:
-            for _ in range(1 if task.name == "after" else rng.choice((1, 1, 2))):
+            # "after x" needs x before the last place, so it has a successor, and only once
+            for _ in range(1 if task.name == "after" else rng.choice(PARAM_REPEATS)):
                 pos = rng.randrange(len(words) - (1 if task.name == "after" else 0) + 1)
                 pos = min(pos, len(words) - 1) if task.name == "after" else pos
                 words.insert(pos, x)
@@ -183,7 +201,7 @@ def generate_suite(seed: int = 0, train_size: int = 20000, validation_size: int 
     unseen, train_set = [], set(how)
     while len(unseen) < validation_size:
         task = rng.choice(TASKS)
-        held_out_paraphrase = task.param in (None, "ordinal") or rng.random() < 0.5
+        held_out_paraphrase = task.param in (None, "ordinal") or rng.random() < P_HELD_OUT_PARAPHRASE
         paraphrase = task.paraphrases[-1] if held_out_paraphrase else rng.choice(task.paraphrases[:-1])
         params = _params(task, held_out=not held_out_paraphrase, rng=rng)
         rec = make_record(task, paraphrase, params, _input(task, params, rng), "suite")
@@ -196,3 +214,41 @@ def human_records() -> list[dict]:
     """The hand-written validation_human records shipped with the package."""
     text = resources.files("gist_lightning").joinpath("assets/suite_human.json").read_text()
     return json.loads(text)
+
+
+class EmbeddedSuite(GistDataModule):
+    """The embedded task suite as a DataModule: generated into ``cache_dir`` once (at
+    ``prepare_data``), with the shipped hand-written human split. No download.
+
+    Args:
+        generation_seed: the generator's seed (the data itself; ``seed`` orders the batches).
+        train_size / validation_size: records in train and in each generated validation split.
+        kwargs: batch sizes, length limits, ... of :class:`~gist_lightning.data.datamodule.GistDataModule`.
+    """
+
+    def __init__(
+        self,
+        generation_seed: int = 0,
+        train_size: int = 20000,
+        validation_size: int = 200,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+
+    @property
+    def folder(self) -> Path:
+        h = self.hparams
+        return Path(h.cache_dir) / f"suite-seed{h.generation_seed}-train{h.train_size}-val{h.validation_size}"
+
+    def split_path(self, split: str) -> Path:
+        return self.folder / f"{split}.json"
+
+    def prepare_data(self) -> None:
+        """Generate the splits into the cache folder (once)."""
+        if all(self.split_path(s).is_file() for s in SPLITS):
+            return
+        h = self.hparams
+        splits = generate_suite(h.generation_seed, h.train_size, h.validation_size)
+        splits[HUMAN] = human_records()
+        for name, records in splits.items():
+            write_records(self.split_path(name), records, overwrite=True)

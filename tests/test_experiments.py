@@ -1,0 +1,65 @@
+"""The experiments' scripts: the sweep driver on a two-cell grid (runs, skips finished runs,
+reports failures, aggregates, plots), and the caching benchmark, whose cached outputs are checked
+against the uncached prompt."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_two_cell_sweep_runs_skips_and_aggregates(run_config, load_experiment, tmp_path, capsys):
+    sweep = load_experiment("sweep")
+    config = run_config(max_steps=6, val_check_interval=6)
+    out = tmp_path / "sweep"
+    args = ["--config", str(config), "--out", str(out), "--conditions", "gist", "neg_control", "--k", "1"]
+    assert sweep.main(args + ["--", "--model.max_new_tokens", "4"]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["condition"], r["k"]) for r in rows] == [("gist", "1"), ("neg_control", "1")]
+    assert all(0 <= float(r["unseen_rougeL"]) <= 100 and float(r["seen_instruction_tokens"]) > 0 for r in rows)
+    table = (out / "table.md").read_text()
+    assert "| gist | 1 | 1 |" in table and "| neg_control | - | 1 |" in table
+    assert (out / "rouge_vs_k.png").stat().st_size > 1000
+    capsys.readouterr()
+    # a second call finds both runs finished and runs nothing
+    assert sweep.main(args) == 0
+    assert capsys.readouterr().out.count("finished before, skipped") == 2
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_reported_and_the_rest_go_on(run_config, load_experiment, tmp_path, capsys):
+    sweep = load_experiment("sweep")
+    config = run_config(max_steps=4, val_check_interval=4)
+    out = tmp_path / "sweep"
+    args = ["--config", str(config), "--out", str(out), "--conditions", "gist", "--k", "1", "2"]
+    code = sweep.main(args + ["--", "--data.limits.max_length", "25", "--model.max_new_tokens", "2"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    bad = sweep.main(["--config", str(config), "--out", str(out), "--conditions", "gist", "--k", "3",
+                      "--", "--model.attn_implementation", "flash_attention_2"])
+    printed = capsys.readouterr()
+    assert bad == 1 and "gist-k3-seed0: FAILED" in printed.out and "1 run(s) failed" in printed.err
+    # the earlier runs are still aggregated
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 2
+
+
+@pytest.mark.slow
+def test_caching_benchmark_checks_its_outputs_against_the_uncached_prompt(tmp_path):
+    bench = ROOT / "experiments" / "bench_caching.py"
+    proc = subprocess.run([sys.executable, str(bench), "--num_prompts", "6", "--repeats", "1", "--new_tokens", "3",
+                           "--batch_sizes", "1", "4", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    diffs = next(line for line in lines if line.startswith("| max logit diff vs uncached prompt"))
+    assert all(float(v) <= 1e-4 for v in diffs.split("|")[2:-1])
+    for bs in (1, 4):
+        row = next(line for line in lines if line.startswith(f"| {bs} |"))
+        assert row.rstrip().endswith("| 6/6 |"), row
+    assert (tmp_path / "bench_caching-tiny-float32-cpu.csv").is_file()
