@@ -162,7 +162,8 @@ def plot(groups: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
-    for ax, split in zip(axes, (SHORT[s] for s in VALIDATION_SPLITS)):
+    for ax, full_name in zip(axes, VALIDATION_SPLITS):
+        split = SHORT[full_name]
         gist = sorted((k, statistics.mean(r[f"{split}_rougeL"] for r in rs)) for (c, k), rs in groups.items() if c == "gist")
         if gist:
             ax.plot([k for k, _ in gist], [v for _, v in gist], "o-", color="C0", label="gist")
@@ -170,7 +171,7 @@ def plot(groups: dict, path: Path) -> None:
             values = [r[f"{split}_rougeL"] for (c, _), rs in groups.items() if c == cond for r in rs]
             if values:
                 ax.axhline(statistics.mean(values), linestyle=style, color=color, label=cond)
-        ax.set_title(f"validation_{split}")
+        ax.set_title(full_name)
         ax.set_xlabel("gist tokens k")
         if gist:
             ax.set_xscale("log")

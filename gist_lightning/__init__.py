@@ -1,6 +1,8 @@
 """gist-lightning: gist tokens for prompt compression (Mu, Li, Goodman 2023) on PyTorch Lightning."""
 
-from .caching import GistCache, compress, generate
+from .cache import GistCache
+from .caching import compress
+from .generation import generate
 from .masks import CONDITIONS
 from .tokens import GIST_TOKEN, add_gist_token
 

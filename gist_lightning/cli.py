@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from .data.datamodule import GistDataModule
 from .evaluation.callbacks import CompressionStats, ExportBest, PredictionWriter, RougeCallback, RunSummary
 from .module import GistLitModule
-from .splits import BEST_METRIC, BEST_MODE
+from .splits import BEST_METRIC, BEST_MODE, EXACT_MATCH, ROUGE_L
 
 
 def default_callbacks():
@@ -58,7 +58,7 @@ def score_main(argv: list[str]) -> None:
     cfg = parser.parse_args(argv)
     for path in cfg.files:
         s = score_csv(path)
-        print(f"{path}: rougeL={s['rougeL']:.2f} exact_match={s['exact_match']:.2f} records={s['count']}")
+        print(f"{path}: {ROUGE_L}={s[ROUGE_L]:.2f} {EXACT_MATCH}={s[EXACT_MATCH]:.2f} records={s['count']}")
 
 
 def export_main(argv: list[str]) -> None:
@@ -118,7 +118,7 @@ def _answer(model, tokenizer, cache, cfg) -> int:
 
 def _generate_batched(model, tokenizer, cache, inputs: list[str], batch_size: int, max_new_tokens: int):
     """Outputs for ``inputs``, all continuing cache row 0, ``batch_size`` rows at a time."""
-    from .caching import generate
+    from .generation import generate
 
     outputs = []
     for start in range(0, len(inputs), batch_size):

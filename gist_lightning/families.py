@@ -1,12 +1,18 @@
-"""Supported HF model families and the masked forward pass, through each model's public
-interface (4D masks, position ids, caches, encoder outputs). No modeling code is copied.
+"""The supported HF model families, as data: one :class:`Family` entry per ``model_type`` says
+which backend runs it (decoder-only KV caches or encoder states), how its layers read the gist
+mask, and which attention implementations honour an arbitrary mask. Everything reaches the
+models through their public interfaces (4D masks, position ids, caches, encoder outputs); no
+modeling code is copied.
 
-Where families differ:
-- LLaMA, GPT-NeoX: one 4D mask for every layer.
-- Mistral: every layer uses the sliding window of ``config.sliding_window``; the window is
-  applied to our 4D mask by position id (a custom 4D mask bypasses the model's own window).
-- Qwen2: some layers may slide (``config.layer_types``); the model takes one mask per layer type.
-- T5: encoder self-attention gets the bidirectional rule, decoder cross-attention a key mask.
+How the mask reaches the layers (``Family.layers``):
+- ``uniform``: one 4D mask for every layer.
+- ``uniform_window``: one 4D mask; when ``config.sliding_window`` is set every layer slides, so
+  the window is applied to our mask by position id (a custom 4D mask bypasses the model's own).
+- ``layer_types``: one mask per layer type (``config.layer_types``: ``full_attention`` /
+  ``sliding_attention``), passed as a dict, the windowed one cut by position id.
+
+Positions (partial rotary, layers without RoPE, rope scaling, a local RoPE base on sliding
+layers) need nothing from us: the model reads them off the position ids we pass.
 """
 
 from __future__ import annotations
@@ -18,26 +24,62 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from . import masks
 
-SUPPORTED_ATTENTION = ("eager", "sdpa")
+MASKED_ATTENTION = ("eager", "sdpa")
+LAYER_MODES = ("uniform", "uniform_window", "layer_types")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
 class Family:
     model_type: str
-    encoder_decoder: bool = False
-    # how sliding-window attention is configured: "none", "all_layers" (Mistral), "layer_types" (Qwen2)
-    sliding: str = "none"
+    differs: str  # what is particular about it, for the README's family table
+    backend: str = "decoder_kv"  # gist_lightning.backends: "decoder_kv" or "t5_encoder"
+    layers: str = "uniform"  # how the mask reaches the layers (see the module docstring)
+    attention: tuple[str, ...] = MASKED_ATTENTION  # implementations that honour our mask here
+    attention_why: str = ""  # why the others of MASKED_ATTENTION are refused
+
+    def __post_init__(self):
+        if self.layers not in LAYER_MODES:
+            raise ValueError(f"{self.model_type}: layers must be one of {LAYER_MODES}; got {self.layers!r}")
 
 
+_T5 = "bidirectional encoder: encoder rule + cross-attention key mask; encoder states cached"
 FAMILIES = {
     f.model_type: f
     for f in (
-        Family("llama"),
-        Family("mistral", sliding="all_layers"),
-        Family("qwen2", sliding="layer_types"),
-        Family("gpt_neox"),
-        Family("t5", encoder_decoder=True),
+        Family("llama", "GQA; Llama 3.x rope scaling; SmolLM2 and TinyLlama are this architecture"),
+        Family("mistral", "sliding window on every layer", layers="uniform_window"),
+        Family("mixtral", "mixture of experts; sliding window on every layer when set", layers="uniform_window"),
+        Family("qwen2", "sliding window on the layers config.layer_types names", layers="layer_types"),
+        Family("qwen3", "q/k norm; sliding window on the layers config.layer_types names", layers="layer_types"),
+        Family("qwen3_moe", "mixture of experts, q/k norm; sliding window on every layer when set",
+               layers="uniform_window"),
+        Family("gemma2", "alternating sliding / full layers; attention logit soft-capping", layers="layer_types",
+               attention=("eager",), attention_why="attention logit soft-capping is computed by eager attention only"),
+        Family("gemma3_text", "sliding / full layers by pattern, another RoPE base on sliding layers",
+               layers="layer_types"),
+        Family("phi3", "partial rotary; sliding window on every layer when set", layers="uniform_window"),
+        Family("olmo2", "q/k norm, norms after attention and MLP"),
+        Family("smollm3", "layers without RoPE (no_rope_layers); sliding layers by config.layer_types",
+               layers="layer_types"),
+        Family("granite", "embedding, residual, attention and logit multipliers"),
+        Family("gpt_neox", "partial rotary, parallel residual"),
+        Family("t5", _T5, backend="t5_encoder"),
+        Family("mt5", _T5 + "; multilingual vocabulary", backend="t5_encoder"),
+        Family("umt5", _T5 + "; a relative position bias in every layer", backend="t5_encoder"),
     )
+}
+
+# families that cannot take an arbitrary mask, and why
+_CHUNKED = ("chunked local attention: its layers see only their own chunk of the sequence, a third "
+            "mask type that the gist rule has not been written for")
+REFUSED = {"llama4": _CHUNKED, "llama4_text": _CHUNKED}
+# attention implementations that drop an arbitrary 4D mask
+REFUSED_ATTENTION = {
+    "flash_attention_2": "FlashAttention kernels take a padding mask only and drop an arbitrary 4D mask",
+    "flash_attention_3": "FlashAttention kernels take a padding mask only and drop an arbitrary 4D mask",
+    "flex_attention": "the gist BlockMask path does not exist yet",
+    "paged_attention": "paged attention builds its own masks",
 }
 
 
@@ -47,86 +89,46 @@ def model_class(config):
     return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
-def family_of(model) -> Family:
-    """The model's family; a clear error for families and attention implementations we do not support."""
-    config = model.config
-    family = FAMILIES.get(config.model_type)
+def family_of(model_or_config) -> Family:
+    """The family of a model (or config); a clear error for families, attention implementations
+    and layer types we do not support."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = config.model_type
+    if model_type in REFUSED:
+        raise ValueError(f"model type {model_type!r} cannot be gist-tuned: {REFUSED[model_type]}")
+    family = FAMILIES.get(model_type)
     if family is None:
-        raise ValueError(
-            f"model type {config.model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
-        )
+        raise ValueError(f"model type {model_type!r} is not supported; supported families: "
+                         f"{', '.join(sorted(FAMILIES))}")
     impl = config._attn_implementation
-    if impl not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"attention implementation {impl!r} cannot take the gist mask (an arbitrary 4D mask); "
-            f"load the model with attn_implementation in {SUPPORTED_ATTENTION}"
-        )
-    if family.sliding == "layer_types":
-        unknown = set(config.layer_types) - {"full_attention", "sliding_attention"}
+    if impl not in family.attention:
+        why = REFUSED_ATTENTION.get(impl) or family.attention_why or "it cannot take an arbitrary 4D mask"
+        raise ValueError(f"{model_type}: attention implementation {impl!r} cannot take the gist mask ({why}); "
+                         f"load the model with attn_implementation in {family.attention}")
+    if family.layers == "layer_types":
+        unknown = set(config.layer_types) - set(LAYER_TYPES)
         if unknown:
-            raise ValueError(f"layer types {sorted(unknown)} are not supported for gisting")
+            raise ValueError(f"{model_type}: layer types {sorted(unknown)} are not supported for gisting")
     return family
 
 
 def self_attention_masks(model, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor):
-    """Turn a boolean (B, 1, T, S) mask into what the decoder takes: one additive mask, or one per
-    layer type, with the sliding window applied where the model has one."""
+    """Turn a boolean (B, 1, T, S) mask into what the decoder layers take: one additive mask, or
+    one per layer type, with the sliding window (by position id) where the layers slide."""
     family = family_of(model)
-    config = model.config
-    dtype = model.dtype
+    config, dtype = model.config, model.dtype
     window = getattr(config, "sliding_window", None)
-    if family.sliding == "all_layers" and window is not None:
+    if family.layers == "uniform_window" and window is not None:
         allowed = allowed & masks.sliding_window_mask(query_positions, key_positions, window)
-    if family.sliding == "layer_types" and "sliding_attention" in config.layer_types:
+    if family.layers == "layer_types" and "sliding_attention" in config.layer_types:
         windowed = allowed & masks.sliding_window_mask(query_positions, key_positions, window)
-        return {
-            "full_attention": masks.to_additive(allowed, dtype),
-            "sliding_attention": masks.to_additive(windowed, dtype),
-        }
+        return {"full_attention": masks.to_additive(allowed, dtype), "sliding_attention": masks.to_additive(windowed, dtype)}
     return masks.to_additive(allowed, dtype)
 
 
-def gist_forward(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    gist_token_id: int,
-    condition: str,
-    labels: torch.Tensor | None = None,
-    decoder_input_ids: torch.Tensor | None = None,
-    decoder_attention_mask: torch.Tensor | None = None,
-    num_gist_tokens: int | None = None,
-    gist_masks: dict[str, torch.Tensor] | None = None,
-    **kwargs,
-):
-    """The masked full-prompt forward pass (training, and the reference the cache must equal).
-
-    Decoder-only: ``input_ids`` is prompt + completion, any padding side; position ids skip
-    padding. Encoder-decoder: ``input_ids`` is the source; pass ``labels`` or ``decoder_input_ids``.
-    ``gist_masks`` are the boolean masks of :func:`masks.gist_masks` when the collator made them.
-    """
-    family = family_of(model)
-    if gist_masks is None:
-        gist_masks = masks.gist_masks(
-            input_ids, attention_mask, gist_token_id, condition, family.encoder_decoder, num_gist_tokens
-        )
-    if family.encoder_decoder:
-        encoder_outputs = model.get_encoder()(
-            input_ids=input_ids, attention_mask=masks.to_additive(gist_masks["encoder_mask"], model.dtype)
-        )
-        return model(
-            encoder_outputs=encoder_outputs,
-            attention_mask=gist_masks["cross_mask"].long(),
-            labels=labels,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            **kwargs,
-        )
-    positions = masks.padding_position_ids(attention_mask)
-    return model(
-        input_ids=input_ids,
-        attention_mask=self_attention_masks(model, gist_masks["self_mask"], positions, positions),
-        position_ids=positions,
-        labels=labels,
-        **kwargs,
-    )
+def family_table() -> str:
+    """The README's family table, from the registry."""
+    rows = ["| family (`model_type`) | what differs | mask per layer | attention | backend |", "|---|---|---|---|---|"]
+    for f in FAMILIES.values():
+        rows.append(f"| `{f.model_type}` | {f.differs} | {f.layers} | {', '.join(f.attention)} | {f.backend} |")
+    return "\n".join(rows)

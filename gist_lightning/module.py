@@ -7,9 +7,11 @@ import lightning as L
 import torch
 from transformers import AutoConfig, get_scheduler
 
-from . import caching
+from . import caching, generation
+from .backends import backend_of, gist_forward
+from .cache import GistCache
 from .evaluation.results import ValidationBatchOutput
-from .families import family_of, gist_forward, model_class
+from .families import family_of, model_class
 from .masks import check_condition
 from .splits import VALIDATION_SPLITS, metric_key
 from .tokens import SUITE_TOKENIZER_NAME, add_special_tokens, fit_embeddings, gist_token_id, load_tokenizer
@@ -92,10 +94,6 @@ class GistLitModule(L.LightningModule):
     def gist_token_id(self) -> int:
         return gist_token_id(self.tokenizer)
 
-    @property
-    def validation_names(self) -> tuple[str, ...]:
-        return VALIDATION_SPLITS
-
     def data_facts(self) -> dict:
         """What a :class:`~gist_lightning.data.datamodule.GistDataModule` takes from the model."""
         h = self.hparams
@@ -142,22 +140,22 @@ class GistLitModule(L.LightningModule):
 
     # -- validation: generation through the gist cache ----------------------------------------
     @torch.no_grad()
-    def generate_batch(self, batch) -> tuple[list[str], caching.GistCache]:
+    def generate_batch(self, batch) -> tuple[list[str], GistCache]:
         h, tok = self.hparams, self.tokenizer
-        if self.model.config.is_encoder_decoder and h.condition == "pos_control":
-            # the instruction of a bidirectional encoder cannot be cached: feed the whole source
+        if backend_of(self.model).cannot_cache(h.condition):
+            # e.g. the instruction of a bidirectional encoder under pos_control: feed the whole source
             cache = caching.empty_cache(self.model, batch["input_ids"].shape[0])
             cont, cont_mask = batch["input_ids"], batch["attention_mask"]
         else:
             cache = caching.compress_ids(self.model, batch["prefix_ids"], batch["prefix_mask"], self.gist_token_id,
                                          h.condition, h.num_gist_tokens)
             cont, cont_mask = batch["continuation_ids"], batch["continuation_mask"]
-        ids = caching.generate_ids(self.model, cache, cont, cont_mask, h.max_new_tokens, tok.eos_token_id,
+        ids = generation.generate_ids(self.model, cache, cont, cont_mask, h.max_new_tokens, tok.eos_token_id,
                                    tok.pad_token_id, sync_ranks=self._trainer is not None and self.trainer.world_size > 1)
-        return caching.decode_new_tokens(tok, ids), cache
+        return generation.decode_new_tokens(tok, ids), cache
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0) -> ValidationBatchOutput:
-        split = self.validation_names[dataloader_idx]
+        split = VALIDATION_SPLITS[dataloader_idx]  # the DataModule's loaders come in this order
         bsz = batch["input_ids"].shape[0]
         self.log(metric_key(split, "loss"), self._loss(batch), batch_size=bsz, add_dataloader_idx=False,
                  sync_dist=True)

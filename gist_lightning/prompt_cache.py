@@ -1,6 +1,6 @@
 """Compressed instructions on disk: one safetensors file per cache, and a store of many.
 
-A file holds a :class:`~gist_lightning.caching.GistCache` (one or more rows) plus what is
+A file holds a :class:`~gist_lightning.cache.GistCache` (one or more rows) plus what is
 needed to check that it belongs to a model: a fingerprint of the model (config and a sample of
 its weights), of the tokenizer (vocabulary and special tokens), k, the condition and the dtype.
 Loading into anything else is refused with an error that says what differs.
@@ -21,7 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .caching import GistCache, compress
+from .backends import backend_named
+from .cache import GistCache
+from .caching import compress
 from .files import atomic_path
 from .tokens import tokenizer_fingerprint
 
@@ -51,7 +53,7 @@ def _meta(cache: GistCache, model, tokenizer, instructions: list[str] | None) ->
         "format": FORMAT,
         "num_gist_tokens": str(cache.num_gist_tokens),
         "condition": cache.condition,
-        "encoder_decoder": str(cache.encoder_decoder),
+        "backend": cache.backend,
         "dtype": str(cache.tensors()[0].dtype if cache.tensors() else model.dtype),
         "model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
         "model_fingerprint": model_fingerprint(model),
@@ -61,12 +63,8 @@ def _meta(cache: GistCache, model, tokenizer, instructions: list[str] | None) ->
 
 
 def _tensors(cache: GistCache) -> dict[str, torch.Tensor]:
-    out = {"valid": cache.valid, "positions": cache.positions, "next_position": cache.next_position}
-    if cache.encoder_decoder:
-        out.update({f"state.{i}": t for i, t in enumerate(cache.states)})
-    else:
-        for i, (k, v) in enumerate(cache.states):
-            out[f"layer.{i}.key"], out[f"layer.{i}.value"] = k, v
+    out = {"valid": cache.valid, "positions": cache.positions, "next_position": cache.next_position,
+           **cache.ops.named_tensors(cache.states)}
     return {name: t.detach().contiguous().cpu() for name, t in out.items()}
 
 
@@ -106,15 +104,11 @@ def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int |
     with safe_open(str(path), framework="pt", device=str(model.device)) as f:
         for name in f.keys():  # noqa: SIM118 (safe_open has no iterator)
             tensors[name] = f.get_tensor(name)
-    enc_dec = meta["encoder_decoder"] == "True"
-    if enc_dec:
-        states = [tensors[f"state.{i}"] for i in range(sum(n.startswith("state.") for n in tensors))]
-    else:
-        n_layers = sum(n.endswith(".key") for n in tensors)
-        states = [(tensors[f"layer.{i}.key"], tensors[f"layer.{i}.value"]) for i in range(n_layers)]
-    return GistCache(states=states, valid=tensors["valid"], positions=tensors["positions"],
-                     next_position=tensors["next_position"], num_gist_tokens=int(meta["num_gist_tokens"]),
-                     condition=meta["condition"], encoder_decoder=enc_dec,
+    # files of version 0.1 name the architecture instead of the backend
+    name = meta.get("backend") or ("t5_encoder" if meta.get("encoder_decoder") == "True" else "decoder_kv")
+    return GistCache(states=backend_named(name).states_from(tensors), valid=tensors["valid"],
+                     positions=tensors["positions"], next_position=tensors["next_position"],
+                     num_gist_tokens=int(meta["num_gist_tokens"]), condition=meta["condition"], backend=name,
                      meta={"instructions": json.loads(meta["instructions"])})
 
 

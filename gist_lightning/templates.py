@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tokens import encode_text, special_frame
+from .tokens import GIST_TOKEN, encode_text, special_frame
 
 
 def instruction_text(instruction: str) -> str:
@@ -27,7 +27,7 @@ def continuation_text(input: str, encoder_decoder: bool) -> str:
     return f"\nInput: {input}\nOutput:" if input else "\nOutput:"
 
 
-def prompt_text(instruction: str, input: str, num_gist_tokens: int, encoder_decoder: bool, gist_token: str = "<GIST>") -> str:
+def prompt_text(instruction: str, input: str, num_gist_tokens: int, encoder_decoder: bool, gist_token: str = GIST_TOKEN) -> str:
     """The prompt as one string (for display and CSVs; never re-tokenized)."""
     return instruction_text(instruction) + gist_token * num_gist_tokens + continuation_text(input, encoder_decoder)
 

@@ -26,10 +26,12 @@ def load_tokenizer(name_or_path: str):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the vocabulary and special tokens: equal for tokenizers that encode alike."""
+    """A short hash of the vocabulary, the special tokens and the ids framing a text (BOS before,
+    EOS after...): equal for tokenizers that encode alike."""
     h = hashlib.sha256()
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]).encode())
+    h.update(json.dumps(special_frame(tokenizer)).encode())
     return h.hexdigest()[:16]
 
 

@@ -12,17 +12,10 @@ import pytest
 import torch
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    GPTNeoXConfig,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    T5Config,
-)
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from gist_lightning import add_gist_token, compress, generate
-from gist_lightning.families import model_class
+from gist_lightning.families import FAMILIES, model_class
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,10 +27,41 @@ CORPUS = [
     "count the words, sort them, put cat first, remove every dog < > / GIST PAD",
 ] * 4
 
-DECODER_FAMILIES = ["llama", "mistral", "qwen2", "gpt_neox"]
-ALL_FAMILIES = [*DECODER_FAMILIES, "t5"]
-# the tokenizer framing each family's checkpoints use
-_TOKENIZER_STYLE = {"llama": "llama", "mistral": "llama", "qwen2": "neox", "gpt_neox": "neox", "t5": "t5"}
+# One tiny random config per supported family (and variants worth their own row), built without
+# download: (model_type, config fields, tokenizer framing). Adding a family to the registry means
+# adding its line here; test_families checks that every registry entry has one. Sliding windows
+# are 8 positions, shorter than the test instructions.
+_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_WINDOW = dict(sliding_window=8)
+_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+           relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0)
+TINY_FAMILIES = {
+    "llama": ("llama", _SMALL, "llama"),
+    "llama3-rope": ("llama", dict(_SMALL, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}), "llama"),
+    "mistral": ("mistral", dict(_SMALL, num_key_value_heads=1, **_WINDOW), "llama"),
+    "mixtral": ("mixtral", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, **_WINDOW), "llama"),
+    "qwen2": ("qwen2", dict(_SMALL, num_hidden_layers=3, use_sliding_window=True, max_window_layers=1, **_WINDOW), "neox"),
+    "qwen3": ("qwen3", dict(_SMALL, num_hidden_layers=3, head_dim=8, use_sliding_window=True, max_window_layers=1,
+                            **_WINDOW), "neox"),
+    "qwen3_moe": ("qwen3_moe", dict(_SMALL, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    use_sliding_window=True, **_WINDOW), "neox"),
+    "gemma2": ("gemma2", dict(_SMALL, num_hidden_layers=3, head_dim=8, **_WINDOW), "llama"),
+    "gemma3_text": ("gemma3_text", dict(_SMALL, num_hidden_layers=3, head_dim=8, **_WINDOW,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]), "llama"),
+    "phi3": ("phi3", dict(_SMALL, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.5}, **_WINDOW), "llama"),
+    "olmo2": ("olmo2", _SMALL, "neox"),
+    "smollm3": ("smollm3", dict(_SMALL, num_hidden_layers=4, use_sliding_window=True, **_WINDOW), "llama"),
+    "granite": ("granite", dict(_SMALL, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3,
+                                logits_scaling=2.0), "llama"),
+    "gpt_neox": ("gpt_neox", dict(_SMALL, rotary_pct=0.25), "neox"),
+    "t5": ("t5", _T5, "t5"),
+    "mt5": ("mt5", _T5, "t5"),
+    "umt5": ("umt5", _T5, "t5"),
+}
+ALL_FAMILIES = list(TINY_FAMILIES)
 
 # run-sized models for the training tests (the HF config fields of model.model_config)
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -63,51 +87,51 @@ def build_tokenizer(style: str) -> PreTrainedTokenizerFast:
 
 
 def tiny_hf_config(family: str, vocab_size: int, attn: str = "sdpa", **overrides):
-    """A tiny random config of ``family`` (sliding windows of 8 where the family has them)."""
-    common = dict(vocab_size=vocab_size, attn_implementation=attn)
-    if family == "llama":
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=256, **common)
-    elif family == "mistral":
-        cfg = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=1, sliding_window=8, max_position_embeddings=256, **common)
-    elif family == "qwen2":
-        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1,
-                          max_position_embeddings=256, **common)
-    elif family == "gpt_neox":
-        cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            rotary_pct=0.25, max_position_embeddings=256, **common)
-    elif family == "t5":
-        cfg = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                       relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                       decoder_start_token_id=0, **common)
-    else:
-        raise ValueError(family)
+    """A tiny random config of ``family`` (a key of ``TINY_FAMILIES``)."""
+    model_type, fields, _ = TINY_FAMILIES[family]
+    # the checkpoints' special ids lie outside a tiny vocabulary; add_gist_token sets the pad id
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=None,
+                               bos_token_id=None, eos_token_id=None, **fields)
+    cfg._attn_implementation = attn
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
 
 
-def _make_pair(family: str, attn: str = "sdpa", seed: int = 0, **overrides):
-    tokenizer = build_tokenizer(_TOKENIZER_STYLE[family])
+def _make_pair(family: str, attn: str | None = None, seed: int = 0, **overrides):
+    attn = attn or FAMILIES[TINY_FAMILIES[family][0]].attention[-1]  # sdpa where the family takes it
+    tokenizer = build_tokenizer(TINY_FAMILIES[family][2])
     torch.manual_seed(seed)
     cfg = tiny_hf_config(family, len(tokenizer), attn, **overrides)
-    if family == "t5":
+    if cfg.is_encoder_decoder:
         cfg.pad_token_id = tokenizer.eos_token_id  # replaced by add_gist_token's new pad id
         cfg.eos_token_id = tokenizer.eos_token_id
-    model = model_class(cfg).from_config(cfg)
+    model = model_class(cfg).from_config(cfg, attn_implementation=attn)
     gist_id = add_gist_token(tokenizer, model)
-    if family == "t5":
+    if cfg.is_encoder_decoder:
         model.config.decoder_start_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer, gist_id
 
 
 @pytest.fixture
 def make_pair():
-    """``make_pair(family, attn="sdpa", seed=0, **config_overrides) -> (model, tokenizer, gist_id)``:
-    fresh random weights, gist token added, eval mode."""
+    """``make_pair(family, attn=None, seed=0, **config_overrides) -> (model, tokenizer, gist_id)``:
+    fresh random weights of a ``TINY_FAMILIES`` entry (attention: ``attn``, or sdpa where the family
+    takes it), gist token added, eval mode."""
     return _make_pair
+
+
+@pytest.fixture
+def require_attention():
+    """``require_attention(family, attn)``: skip unless the registry accepts ``attn`` for the family
+    (the refusal itself is tested in test_families)."""
+
+    def check(family: str, attn: str) -> None:
+        model_type = TINY_FAMILIES[family][0]
+        if attn not in FAMILIES[model_type].attention:
+            pytest.skip(f"{model_type} refuses {attn}: {FAMILIES[model_type].attention_why}")
+
+    return check
 
 
 @pytest.fixture
@@ -130,7 +154,13 @@ def make_hf_config():
 
 @pytest.fixture(params=ALL_FAMILIES)
 def family(request):
+    """Every entry of ``TINY_FAMILIES``: each supported family, and variants."""
     return request.param
+
+
+@pytest.fixture
+def tiny_family_table():
+    return TINY_FAMILIES
 
 
 def _run_config(folder: Path, model_config: dict | None = None, **trainer) -> Path:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from gist_lightning import caching, compress
+from gist_lightning import compress, generate
 from gist_lightning.cli import cli_main, main
 from gist_lightning.data import AlpacaPlus, EmbeddedSuite
 from gist_lightning.export import export_pretrained, load_pretrained
@@ -109,7 +109,7 @@ def test_compress_and_generate_commands_end_to_end(make_pair, tmp_path):
     # the batched command gives what the Python API gives one by one
     cache = compress(model, tok, [instructions[1]], 1)
     for line, x in zip(lines, inputs * 3):
-        want = caching.generate(model, tok, cache, [x], max_new_tokens=5)[0]
+        want = generate(model, tok, cache, [x], max_new_tokens=5)[0]
         assert line == f"{x}\t{want}"
     again = subprocess.run([BIN, "compress", "--model", str(tmp_path / "m"), "--instruction", "x",
                             "--out", str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=env)

@@ -62,6 +62,9 @@ def test_reconnecting_other_facts_retokenizes(suite_module, tiny_models):
     same = dm.datasets
     dm.connect(**five.data_facts())  # the same facts keep the tokenized splits
     assert dm.datasets is same
+    other_condition = GistLitModule(model_config=tiny_models["llama"], num_gist_tokens=5, condition="neg_control")
+    dm.connect(**other_condition.data_facts())  # the condition changes the masks only, built per batch
+    assert dm.datasets is same and dm.collator(for_generation=False).condition == "neg_control"
 
 
 def test_examples_that_cannot_fit_are_dropped_and_counted(suite_module):

@@ -25,6 +25,8 @@ from gist_lightning.evaluation.results import ExportResult, SplitScores
 from gist_lightning.module import GistLitModule
 from gist_lightning.splits import VALIDATION_SPLITS, metric_key
 
+pytestmark = pytest.mark.slow  # the trained fixture is a 2000-step fit
+
 
 @pytest.fixture
 def validated(trained_export, tmp_path):

@@ -1,13 +1,24 @@
-"""Model families through their public interfaces: the model class, refusals, our masks against
-each model's own forward, and the gist mask honoured by every allowed attention implementation."""
+"""The family registry, over every entry of it: the model class, refusals with their reasons, our
+masks against each model's own forward, and the gist mask honoured by every allowed attention
+implementation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GPT2Config, LlamaConfig, T5Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    GPT2Config,
+    LlamaConfig,
+    T5Config,
+)
 
-from gist_lightning.families import gist_forward, model_class
+from gist_lightning.backends import gist_forward
+from gist_lightning.families import FAMILIES, REFUSED_ATTENTION, family_of, family_table, model_class
 from gist_lightning.padding import pad_batch
 from gist_lightning.templates import encode_example
 
@@ -39,22 +50,43 @@ def test_model_class_is_chosen_by_architecture():
     assert model_class(T5Config()) is AutoModelForSeq2SeqLM
 
 
-def test_unsupported_family_and_attention_are_named(make_pair):
-    from gist_lightning.families import family_of
+def test_every_registry_family_has_a_tiny_config(tiny_family_table):
+    assert {model_type for model_type, _, _ in tiny_family_table.values()} == set(FAMILIES)
 
+
+def test_what_is_refused_says_why(make_pair):
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="supported families: gpt_neox, llama, mistral, qwen2, t5"):
+    with pytest.raises(ValueError, match="supported families: " + ", ".join(sorted(FAMILIES))):
         family_of(model)
-    model, _, _ = make_pair("llama")
-    model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="eager"):
-        family_of(model)
+    with pytest.raises(ValueError, match="chunked local attention"):
+        family_of(AutoConfig.for_model("llama4_text"))
+    for impl, why in REFUSED_ATTENTION.items():
+        model, _, _ = make_pair("llama")
+        model.config._attn_implementation = impl
+        with pytest.raises(ValueError, match=f"{impl!r} cannot take the gist mask \\({why}"):
+            family_of(model)
+    gemma2, _, _ = make_pair("gemma2", attn="eager")
+    gemma2.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="soft-capping is computed by eager attention only"):
+        family_of(gemma2)
+    config = AutoConfig.for_model("qwen3", layer_types=["full_attention", "chunked_attention"], num_hidden_layers=2)
+    config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="layer types \\['chunked_attention'\\]"):
+        family_of(config)
+
+
+def test_the_readme_table_is_the_registry():
+    table = family_table()
+    assert all(f"| `{model_type}` |" in table for model_type in FAMILIES)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table in readme, "README.md's family table differs from families.family_table(); paste it in"
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_pos_control_equals_the_models_own_forward(make_pair, family, attn):
+def test_pos_control_equals_the_models_own_forward(make_pair, require_attention, family, attn):
     """With nothing masked beyond causality and padding, our 4D masks (sliding windows included)
     must reproduce the model's own forward pass."""
+    require_attention(family, attn)
     model, tok, gist_id = make_pair(family, attn, seed=2)
     examples = _examples(model, tok, gist_id, 2)
     if model.config.is_encoder_decoder:
@@ -65,7 +97,7 @@ def test_pos_control_equals_the_models_own_forward(make_pair, family, attn):
         lengths = [len(e.target) for e in examples]
     else:
         ids, mask = pad_batch([e.prompt + e.target for e in examples], tok.pad_token_id, "right")
-        assert ids.shape[1] > 12  # longer than the sliding windows of the tiny Mistral/Qwen2 configs
+        assert ids.shape[1] > 12  # longer than the sliding windows (8) of the tiny configs
         ours = gist_forward(model, ids, mask, gist_id, "pos_control").logits
         native = model(input_ids=ids, attention_mask=mask).logits
         lengths = mask.sum(-1).tolist()
@@ -85,9 +117,10 @@ def test_neg_control_ignores_the_instruction_pos_control_does_not(make_pair, fam
         assert (diff < 1e-4) if same else (diff > 1e-3), (condition, float(diff))
 
 
-def test_eager_and_sdpa_agree_under_the_gist_mask(make_pair, family):
+def test_eager_and_sdpa_agree_under_the_gist_mask(make_pair, require_attention, family):
     """If one implementation ignored the mask, the two would differ (the gist mask hides the
     instruction, so ignoring it changes every logit after the gists)."""
+    require_attention(family, "sdpa")
     outs = []
     for attn in ("eager", "sdpa"):
         model, tok, gist_id = make_pair(family, attn, seed=3)

@@ -75,6 +75,7 @@ def test_fit_validate_reload_and_export(run_config, tiny_models, tmp_path, arch)
     assert validate_metrics(from_export, cli.datamodule, tmp_path / "v3") == first
 
 
+@pytest.mark.slow
 def test_an_exported_model_validates_as_it_answers(trained_export, tmp_path):
     """The trained fixture through the whole validation path: a model that answers by instruction
     scores well above nothing, and the same folder validated twice gives the same metrics."""

@@ -87,6 +87,8 @@ def test_fingerprint_tells_tokenizers_apart(make_tokenizer):
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
     add_special_tokens(b)
     assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
+    # the same vocabulary framed otherwise (BOS before a text, or nothing) encodes otherwise
+    assert tokenizer_fingerprint(make_tokenizer("llama")) != tokenizer_fingerprint(make_tokenizer("neox"))
 
 
 def test_the_suite_tokenizer_is_shipped():

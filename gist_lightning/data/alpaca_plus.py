@@ -135,7 +135,7 @@ def build_alpaca_plus(
     seen_pairs = {(r["instruction"], r["input"]) for r in seen}
     train = [r for r in train if (r["instruction"], r["input"]) not in seen_pairs]
 
-    splits = {"train": train, "validation_seen": seen, "validation_unseen": unseen, "validation_human": human}
+    splits = dict(zip(SPLITS, (train, seen, unseen, human)))
     for split, path in targets.items():
         write_records(path, splits[split], overwrite=overwrite)
     return {s: len(v) for s, v in splits.items()}

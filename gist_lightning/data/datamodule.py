@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -41,7 +41,8 @@ _EPOCH_SEED_STRIDE = 1000003
 @dataclass(frozen=True)
 class ModelFacts:
     """What the data takes from the model: its tokenizer (with ``<GIST>``), whether it is an
-    encoder-decoder, k and the condition. Two equal ``key``s tokenize and batch alike."""
+    encoder-decoder, k and the condition. Two equal ``token_key``s tokenize alike (the condition
+    only changes the masks, which the collator builds per batch)."""
 
     tokenizer: object
     encoder_decoder: bool
@@ -59,8 +60,8 @@ class ModelFacts:
         return gist_token_id(self.tokenizer)
 
     @property
-    def key(self) -> tuple:
-        return (tokenizer_fingerprint(self.tokenizer), self.encoder_decoder, self.num_gist_tokens, self.condition)
+    def token_key(self) -> tuple:
+        return (tokenizer_fingerprint(self.tokenizer), self.encoder_decoder, self.num_gist_tokens)
 
 
 class EpochSampler(Sampler[int]):
@@ -142,12 +143,15 @@ class GistDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        # the CLI may hand a dataclass argument over as a plain dict
-        self.limits, self.human_limits = (x if isinstance(x, LengthLimits) else LengthLimits(**x)
-                                          for x in (limits, human_limits))
-        # hyperparameters stay plain data, so checkpoints load with torch.load(weights_only=True)
+        # the CLI may hand a dataclass argument over as a mapping; missing fields keep the defaults
+        self.limits, self.human_limits = (x if isinstance(x, LengthLimits) else replace(default, **x)
+                                          for x, default in ((limits, DEFAULT_LIMITS),
+                                                             (human_limits, DEFAULT_HUMAN_LIMITS)))
+        # hyperparameters stay plain data, so checkpoints load with torch.load(weights_only=True);
+        # the second call records them as the run's initial hyperparameters too (hparams.yaml)
         self.save_hyperparameters(ignore=["limits", "human_limits"])
-        self.hparams.update(limits=asdict(self.limits), human_limits=asdict(self.human_limits))
+        self.save_hyperparameters({**self.hparams, "limits": asdict(self.limits),
+                                   "human_limits": asdict(self.human_limits)})
         self.facts: ModelFacts | None = None
         self.datasets: dict[str, Dataset] = {}
         self.dropped: dict[str, int] = {}
@@ -160,9 +164,9 @@ class GistDataModule(L.LightningDataModule):
     # -- what the model provides --------------------------------------------------------------
     def connect(self, tokenizer, encoder_decoder: bool, num_gist_tokens: int, condition: str) -> None:
         """Take the model's tokenizer (with ``<GIST>``), architecture, k and condition. Connecting
-        the same facts again keeps the tokenized splits; other facts drop them."""
+        facts that tokenize alike again keeps the tokenized splits; other facts drop them."""
         facts = ModelFacts(tokenizer, encoder_decoder, num_gist_tokens, condition)
-        if self.facts is None or self.facts.key != facts.key:
+        if self.facts is None or self.facts.token_key != facts.token_key:
             self.datasets, self.dropped = {}, {}
         self.facts = facts
 
@@ -193,7 +197,7 @@ class GistDataModule(L.LightningDataModule):
         limits = self.limits_for(split)
         stat = path.stat()
         fingerprint = hashlib.sha1(
-            json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, len(records), *facts.key,
+            json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, len(records), *facts.token_key,
                         limits.__dict__]).encode()
         ).hexdigest()
         if split == TRAIN:

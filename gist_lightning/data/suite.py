@@ -207,7 +207,7 @@ def generate_suite(seed: int = 0, train_size: int = 20000, validation_size: int 
         rec = make_record(task, paraphrase, params, _input(task, params, rng), "suite")
         if rec["instruction"] not in train_set:
             unseen.append(rec)
-    return {"train": train, "validation_seen": seen, "validation_unseen": unseen}
+    return dict(zip(SPLITS, (train, seen, unseen)))
 
 
 def human_records() -> list[dict]:

@@ -17,11 +17,12 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from ..caching import cache_bytes_per_position
 from ..export import export_pretrained
 from ..files import free_path, write_text_atomic
-from ..splits import EXACT_MATCH, QUALITY_METRICS, ROUGE_L, VALIDATION_SPLITS, metric_key
+from ..splits import BEST_METRIC, EXACT_MATCH, QUALITY_METRICS, ROUGE_L, VALIDATION_SPLITS, metric_key
 from .metrics import RougeL
 from .results import ExportResult, SplitCompression, SplitScores, ValidationBatchOutput
 
@@ -69,7 +70,7 @@ class RougeCallback(L.Callback):
                                            count=int(values["count"]))
             for name in QUALITY_METRICS:
                 pl_module.log(metric_key(split, name), values[name].float(), add_dataloader_idx=False,
-                              sync_dist=False, prog_bar=name == ROUGE_L and split == "validation_unseen")
+                              sync_dist=False, prog_bar=metric_key(split, name) == BEST_METRIC)
 
     on_test_batch_end = on_validation_batch_end
     on_test_epoch_end = on_validation_epoch_end
@@ -169,7 +170,7 @@ class ExportBest(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        if type(trainer.strategy).__name__.startswith("DeepSpeed") or (ckpt and Path(ckpt).is_dir()):
+        if isinstance(trainer.strategy, DeepSpeedStrategy) or (ckpt and Path(ckpt).is_dir()):
             # ZeRO shards the weights across ranks: convert the saved checkpoint instead
             self.result = ExportResult(path=None, source=ckpt, skipped=f"not exported under DeepSpeed; run: "
                                        f"gist-lightning export --ckpt {ckpt} --out <folder>")

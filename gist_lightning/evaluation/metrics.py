@@ -11,6 +11,8 @@ import torch
 from rouge_score import rouge_scorer
 from torchmetrics import Metric
 
+from ..splits import EXACT_MATCH, ROUGE_L
+
 _SCORER = None
 
 
@@ -42,7 +44,7 @@ class RougeL(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.count.clamp(min=1)
-        return {"rougeL": self.rouge_sum / n, "exact_match": 100.0 * self.exact_sum / n, "count": self.count}
+        return {ROUGE_L: self.rouge_sum / n, EXACT_MATCH: 100.0 * self.exact_sum / n, "count": self.count}
 
 
 def score_csv(path: str | os.PathLike) -> dict[str, float]:
@@ -59,4 +61,4 @@ def score_csv(path: str | os.PathLike) -> dict[str, float]:
     metric = RougeL()
     metric.update(preds, refs)
     out = metric.compute()
-    return {"rougeL": float(out["rougeL"]), "exact_match": float(out["exact_match"]), "count": int(out["count"])}
+    return {ROUGE_L: float(out[ROUGE_L]), EXACT_MATCH: float(out[EXACT_MATCH]), "count": int(out["count"])}

@@ -1,0 +1,62 @@
+"""What every architecture backend provides: the masked full forward, compression of a prompt
+into cached states, the forward of what follows a cache, and one step of greedy decoding.
+A backend is stateless; what it keeps between decoding steps it returns to the caller."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import masks
+
+
+class Backend:
+    name: str = ""
+    encoder_decoder: bool = False  # the encoder-decoder templates and batching (right-padded sources)
+    seq_dim: int = 0  # the axis of every cached state tensor that runs over prompt positions
+
+    def cannot_cache(self, condition: str) -> str | None:
+        """Why prompts of ``condition`` cannot be cached by this backend (None: they can)."""
+        return None
+
+    def gist_masks(self, input_ids, attention_mask, gist_token_id, condition, num_gist_tokens=None) -> dict:
+        """The boolean masks of a training batch (what the collator builds)."""
+        return masks.gist_masks(input_ids, attention_mask, gist_token_id, condition, self.encoder_decoder,
+                                num_gist_tokens)
+
+    def forward(self, model, input_ids, attention_mask, gist_token_id, condition, gist_masks=None,
+                num_gist_tokens=None, **kwargs):
+        """The masked full-prompt forward (training, and the reference a cache must equal)."""
+        raise NotImplementedError
+
+    def compress(self, model, prompt_ids, attention_mask, gist_token_id, condition, cols: slice) -> list:
+        """The states of the prompt columns ``cols`` (what later tokens may see), as a nested list of
+        tensors whose axis ``seq_dim`` runs over those columns."""
+        raise NotImplementedError
+
+    def empty_states(self, model, batch_size: int) -> list:
+        """States of a cache that holds nothing (the whole prompt is fed after it)."""
+        raise NotImplementedError
+
+    def continuation(self, model, cache, input_ids, attention_mask, **kwargs):
+        """One forward of what follows the gist span, from ``cache``; returns the model output."""
+        raise NotImplementedError
+
+    def start(self, model, cache, input_ids, attention_mask) -> tuple[torch.Tensor, object]:
+        """Greedy decoding, first forward: (logits of the first new token (B, V), decoding state)."""
+        raise NotImplementedError
+
+    def step(self, model, state, tokens: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Greedy decoding, one more token (B,): (logits of the next one (B, V), new state)."""
+        raise NotImplementedError
+
+    def bytes_per_position(self, model) -> int:
+        """Bytes a cache holds per kept prompt position, from the model's shape and dtype."""
+        raise NotImplementedError
+
+    def named_tensors(self, states: list) -> dict[str, torch.Tensor]:
+        """The states as named tensors (for a cache file)."""
+        raise NotImplementedError
+
+    def states_from(self, tensors: dict[str, torch.Tensor]) -> list:
+        """The inverse of :meth:`named_tensors`."""
+        raise NotImplementedError

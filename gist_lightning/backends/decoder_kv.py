@@ -1,0 +1,83 @@
+"""Decoder-only models: a cache is every layer's keys/values at the kept prompt positions, with
+their position ids; later tokens continue from the position they had in the full prompt, so the
+cached result equals the masked full forward."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from .. import masks
+from ..families import self_attention_masks
+from .base import Backend
+
+
+class DecoderKV(Backend):
+    name = "decoder_kv"
+    encoder_decoder = False
+    seq_dim = 2  # keys/values are (B, KV heads, L, head size)
+
+    def forward(self, model, input_ids, attention_mask, gist_token_id, condition, gist_masks=None,
+                num_gist_tokens=None, **kwargs):
+        # input_ids: prompt + completion (B, S), either padding side; positions skip padding
+        if gist_masks is None:
+            gist_masks = self.gist_masks(input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
+        positions = masks.padding_position_ids(attention_mask)
+        return model(input_ids=input_ids, position_ids=positions,
+                     attention_mask=self_attention_masks(model, gist_masks["self_mask"], positions, positions),
+                     **kwargs)
+
+    def compress(self, model, prompt_ids, attention_mask, gist_token_id, condition, cols):
+        out = self.forward(model, prompt_ids, attention_mask, gist_token_id, condition, use_cache=True,
+                           cache=DynamicCache())
+        return [(layer.keys[:, :, cols], layer.values[:, :, cols]) for layer in out.cache.layers]
+
+    def empty_states(self, model, batch_size):
+        return []  # a DynamicCache starts empty (see continuation)
+
+    def continuation(self, model, cache, input_ids, attention_mask, **kwargs):
+        # input_ids (B, T), left-padded; new tokens see every valid cache entry and, causally, each other
+        positions = masks.padding_position_ids(attention_mask, cache.next_position)
+        allowed = masks.prefix_attention_mask(cache.valid, attention_mask)  # (B, 1, T, L+T)
+        key_positions = torch.cat([cache.positions, positions], -1)
+        past = DynamicCache(ddp_cache_data=[(k, v) for k, v in cache.states]) if cache.states else DynamicCache()
+        return model(input_ids=input_ids, position_ids=positions, cache=past, use_cache=True,
+                     attention_mask=self_attention_masks(model, allowed, positions, key_positions), **kwargs)
+
+    def start(self, model, cache, input_ids, attention_mask):
+        out = self.continuation(model, cache, input_ids, attention_mask)
+        state = {
+            "past": out.cache,
+            "key_valid": torch.cat([cache.valid, attention_mask.bool()], -1),  # (B, L+T) keys seen so far
+            "key_positions": torch.cat([cache.positions, masks.padding_position_ids(attention_mask, cache.next_position)], -1),
+            "position": cache.next_position + attention_mask.long().sum(-1),  # (B,) the next token's position id
+        }
+        return out.logits[:, -1], state
+
+    def step(self, model, state, tokens):
+        key_valid = torch.cat([state["key_valid"], torch.ones_like(state["key_valid"][:, :1])], -1)
+        position = state["position"]
+        key_positions = torch.cat([state["key_positions"], position[:, None]], -1)
+        out = model(input_ids=tokens[:, None], position_ids=position[:, None], cache=state["past"], use_cache=True,
+                    attention_mask=self_attention_masks(model, key_valid[:, None, None, :], position[:, None],
+                                                        key_positions))
+        state = {"past": out.cache, "key_valid": key_valid, "key_positions": key_positions, "position": position + 1}
+        return out.logits[:, -1], state
+
+    def bytes_per_position(self, model):
+        # keys and values of every layer: 2 x layers x KV heads x head size
+        config = model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=model.dtype).element_size()
+
+    def named_tensors(self, states):
+        out = {}
+        for i, (k, v) in enumerate(states):
+            out[f"layer.{i}.key"], out[f"layer.{i}.value"] = k, v
+        return out
+
+    def states_from(self, tensors):
+        n_layers = sum(name.endswith(".key") for name in tensors)
+        return [(tensors[f"layer.{i}.key"], tensors[f"layer.{i}.value"]) for i in range(n_layers)]

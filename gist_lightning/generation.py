@@ -1,0 +1,76 @@
+"""Greedy generation from gist caches, batched: one loop for every architecture (the backend
+says how the first forward and each further step run)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .backends import backend_named
+from .cache import GistCache
+from .padding import pad_batch
+from .templates import encode_continuation
+
+
+def _all_ranks_done(done: torch.Tensor, sync_ranks: bool) -> bool:
+    """Whether every row is done, on every process when ``sync_ranks`` (ZeRO-3 gathers parameters
+    inside each forward, so no rank may stop stepping before the others)."""
+    flag = done.all()
+    if sync_ranks and dist.is_available() and dist.is_initialized():
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    cache: GistCache,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    sync_ranks: bool = False,
+) -> torch.Tensor:
+    """Greedy new tokens (B, N <= max_new_tokens) for what follows each cache row: decoder
+    ``input_ids`` left-padded, encoder-decoder ``input_ids`` (the rest of the source) right-padded.
+    A row that has produced EOS goes on with padding until every row (on every rank) is done."""
+    backend = backend_named(cache.backend)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    # the prompt's continuation in one forward: the logits of the first new token
+    logits, state = backend.start(model, cache, input_ids, attention_mask)
+    for step in range(max_new_tokens):
+        nxt = torch.where(done, pad_token_id, logits.argmax(-1))
+        tokens.append(nxt)
+        done |= nxt == eos_token_id
+        if step == max_new_tokens - 1 or _all_ranks_done(done, sync_ranks):
+            break
+        # one token more for every row (finished rows feed padding, which nothing reads)
+        logits, state = backend.step(model, state, nxt)
+    return torch.stack(tokens, 1) if tokens else input_ids.new_zeros((input_ids.shape[0], 0))
+
+
+def generate(
+    model, tokenizer, cache: GistCache, inputs: list[str], max_new_tokens: int = 64, skip_special_tokens: bool = True
+) -> list[str]:
+    """Greedy completions for ``inputs``, row i continuing cache row i (``cache.select`` to reuse one)."""
+    if len(inputs) != cache.batch_size:
+        raise ValueError(f"{len(inputs)} inputs for a cache of {cache.batch_size} rows; use cache.select to reuse rows")
+    rows = [encode_continuation(tokenizer, x, cache.encoder_decoder) for x in inputs]
+    ids, mask = pad_batch(rows, tokenizer.pad_token_id, "right" if cache.encoder_decoder else "left")
+    device = model.device
+    out = generate_ids(
+        model, cache.to(device), ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    return decode_new_tokens(tokenizer, out, skip_special_tokens)
+
+
+def decode_new_tokens(tokenizer, ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+    """Text of each row of generated ids, cut at the first EOS and stripped."""
+    eos = tokenizer.eos_token_id
+    return [
+        tokenizer.decode(r[: r.index(eos)] if eos in r else r, skip_special_tokens=skip_special_tokens).strip()
+        for r in ids.tolist()
+    ]
