@@ -116,14 +116,16 @@ def test_batched_greedy_generation_equals_full_forward(make_pair, family, condit
     assert texts == [tok.decode(w[:-1] if w[-1] == tok.eos_token_id else w, skip_special_tokens=True).strip() for w in want]
 
 
-def test_local_from_pretrained_round_trip(make_pair, tmp_path):
+def test_local_from_pretrained_round_trip(make_pair, family, tmp_path):
     """The real loading path (from_pretrained of a folder) gives the same cache and generations."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model, tok, gist_id = make_pair("llama", seed=4)
+    from gist_lightning.families import model_class
+
+    model, tok, gist_id = make_pair(family, seed=4)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    model2 = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model2 = model_class(model.config).from_pretrained(tmp_path, attn_implementation="eager").eval()
     tok2 = AutoTokenizer.from_pretrained(tmp_path)
     a = generate(model, tok, compress(model, tok, INSTRUCTIONS, 1), INPUTS, max_new_tokens=6)
     b = generate(model2, tok2, compress(model2, tok2, INSTRUCTIONS, 1), INPUTS, max_new_tokens=6)

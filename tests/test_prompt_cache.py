@@ -36,6 +36,23 @@ def test_save_load_round_trip_gives_identical_logits(make_pair, tmp_path, family
     assert torch.equal(_logits(model, tok, cache), _logits(model, tok, loaded))
 
 
+def test_a_cache_file_of_version_0_1_still_loads(make_pair, tmp_path):
+    """0.1 files named the architecture (``encoder_decoder``) where files now name the backend."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, tok, _ = make_pair("t5")
+    cache = compress(model, tok, INSTRUCTIONS, 2)
+    path = save_cache(cache, tmp_path / "new.safetensors", model, tok, INSTRUCTIONS)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    old = {k: v for k, v in meta.items() if k != "backend"} | {"encoder_decoder": "True"}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=old)
+    loaded = load_cache(tmp_path / "old.safetensors", model, tok)
+    assert loaded.backend == "t5_encoder" and torch.equal(_logits(model, tok, cache), _logits(model, tok, loaded))
+
+
 def test_a_mismatched_model_tokenizer_k_or_dtype_is_refused(make_pair, tmp_path):
     model, tok, _ = make_pair("llama", seed=0)
     path = save_cache(compress(model, tok, INSTRUCTIONS, 1), tmp_path / "c.safetensors", model, tok)
