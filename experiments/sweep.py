@@ -51,7 +51,7 @@ def command(cell: dict, configs: list[str], run_root: Path, extra: list[str]) ->
         "--seed_everything", str(cell["seed"]),
         "--data.seed", str(cell["seed"]),
         "--trainer.default_root_dir", str(run_root / cell["name"]),
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger", "gist_lightning.loggers.CSVLogger",
         "--trainer.logger.init_args.save_dir", str(run_root),
         "--trainer.logger.init_args.name", cell["name"],
         "--trainer.logger.init_args.version", "run",

@@ -17,6 +17,7 @@ import torch
 from . import masks
 from .backends import backend_named, backend_of
 from .cache import GistCache
+from .errors import ContextLengthError
 from .padding import pad_batch
 from .templates import encode_prefix
 from .tokens import gist_token_id as find_gist_token_id
@@ -48,6 +49,11 @@ def compress_ids(
     if (last != prompt_ids.shape[1] - 1).any():
         raise ValueError("every prompt row must end with its gist span (left padding, nothing after the gists)")
     k = int((last - first + 1)[0].item())
+    context = backend.context_length(model.config)
+    longest = int(attention_mask.sum(-1).max())
+    if context is not None and longest >= context:
+        raise ContextLengthError(f"an instruction of {longest - k} tokens + {k} gist tokens leaves no room in the "
+                                 f"model's {context} positions for an input; shorten the instruction")
     visible = masks.continuation_visibility(prompt_ids, attention_mask, gist_token_id, condition)
     keep = _kept_columns(visible)
     cols = slice(prompt_ids.shape[1] - keep, prompt_ids.shape[1])

@@ -9,15 +9,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .data.datamodule import GistDataModule
+from .errors import CorruptFileError, GistError, read_text
 from .evaluation.callbacks import CompressionStats, ExportBest, PredictionWriter, RougeCallback, RunSummary
+from .files import free_path
 from .module import GistLitModule
 from .splits import BEST_METRIC, BEST_MODE, EXACT_MATCH, ROUGE_L
 
@@ -27,21 +31,73 @@ def default_callbacks():
         RougeCallback(),
         PredictionWriter(),
         CompressionStats(),
+        # enable_version_counter=False: the clock checkpoint (GistCLI) writes the same last.ckpt
         ModelCheckpoint(monitor=BEST_METRIC, mode=BEST_MODE, save_top_k=1, save_last=True,
-                        filename="best-step{step}", auto_insert_metric_name=False),
+                        filename="best-step{step}", auto_insert_metric_name=False, enable_version_counter=False),
         ExportBest(),
         RunSummary(),
     ]
+
+
+class ClockCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` on a clock: every ``train_time_interval`` or ``every_n_train_steps``, and when
+    training ends (Lightning 2.6 refreshes ``last.ckpt`` at a validation only when the best
+    checkpoint improved, so without this a killed run could lose everything since its last
+    improving validation). Lightning writes through an fsspec transaction (a temporary file renamed
+    into place): a kill mid-write leaves the previous ``last.ckpt`` whole."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def clock_checkpoint(minutes: float | None = 10.0, every_n_steps: int | None = None) -> ModelCheckpoint | None:
+    """The :class:`ClockCheckpoint` for ``minutes`` of training or ``every_n_steps`` steps (None / 0: none)."""
+    common = dict(save_top_k=0, save_last=True, enable_version_counter=False)
+    if every_n_steps:
+        return ClockCheckpoint(every_n_train_steps=every_n_steps, **common)
+    if minutes:
+        return ClockCheckpoint(train_time_interval=timedelta(minutes=minutes), **common)
+    return None
+
+
+class SaveConfigUnlessResuming(SaveConfigCallback):
+    """Refuses, as Lightning's does, to overwrite the config.yaml of a run folder, except that a run
+    resumed into its own folder (``--ckpt_path``) writes ``config-resumed.yaml`` (``-1``, ``-2``...) beside it."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.config.get("ckpt_path") is not None:
+            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            if (folder / self.config_filename).exists():
+                self.config_filename = free_path(folder / "config-resumed.yaml").name
+        super().setup(trainer, pl_module, stage)
+
+
+class GistCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.add_argument("--checkpoint_minutes", type=float, default=10.0,
+                            help="write last.ckpt at least every this many minutes of training (0: only at validation)")
+        parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=None,
+                            help="write last.ckpt every this many steps instead")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        clock = clock_checkpoint(self._get(self.config_init, "checkpoint_minutes"),
+                                 self._get(self.config_init, "checkpoint_every_n_steps"))
+        if clock is not None and trainer.checkpoint_callback is not None:  # none when checkpointing is off
+            trainer.callbacks.append(clock)
+        return trainer
 
 
 def cli_main(args=None, run: bool = True) -> LightningCLI:
     """The training CLI. The model owns the tokenizer, k and the condition (``--model.*``); the data
     source is a ``GistDataModule`` subclass chosen by ``class_path`` (``EmbeddedSuite``,
     ``AlpacaPlus``) and receives them from the model."""
-    return LightningCLI(
+    return GistCLI(
         GistLitModule,
         GistDataModule,
         subclass_mode_data=True,
+        save_config_callback=SaveConfigUnlessResuming,
         trainer_defaults={"callbacks": default_callbacks()},
         save_config_kwargs={"overwrite": False},
         args=args,
@@ -63,6 +119,7 @@ def score_main(argv: list[str]) -> None:
 
 def export_main(argv: list[str]) -> None:
     import tempfile
+    import zipfile
 
     import torch
 
@@ -82,6 +139,11 @@ def export_main(argv: list[str]) -> None:
 
             ckpt = str(Path(tmp) / "consolidated.ckpt")
             convert_zero_checkpoint_to_fp32_state_dict(cfg.ckpt, ckpt)
+        if not Path(ckpt).exists():
+            raise FileNotFoundError(f"{ckpt}: no such checkpoint")
+        if not zipfile.is_zipfile(ckpt):  # torch.save writes a zip archive; a truncated one has no directory
+            raise CorruptFileError(f"{ckpt}: not a readable Lightning checkpoint (not a torch zip archive: "
+                                   "truncated, corrupt or another kind of file)")
         module = GistLitModule.load_from_checkpoint(ckpt, map_location="cpu")
     h = module.hparams
     model = module.model.to(getattr(torch, cfg.dtype))
@@ -106,24 +168,29 @@ def _add_answer_args(parser) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--on_overflow", default="error", choices=["error", "truncate_input"],
+                        help="an input that does not fit the model's positions: refuse (default) or drop its last words")
 
 
 def _answer(model, tokenizer, cache, cfg) -> int:
     """Print ``input<TAB>output`` for every input of ``--input``/``--inputs``; return how many."""
     inputs = cfg.input + (_read_lines(cfg.inputs) if cfg.inputs else [])
-    for x, y in zip(inputs, _generate_batched(model, tokenizer, cache, inputs, cfg.batch_size, cfg.max_new_tokens)):
+    for x, y in zip(inputs, _generate_batched(model, tokenizer, cache, inputs, cfg.batch_size, cfg.max_new_tokens,
+                                              cfg.on_overflow)):
         print(f"{x}\t{y}")
     return len(inputs)
 
 
-def _generate_batched(model, tokenizer, cache, inputs: list[str], batch_size: int, max_new_tokens: int):
+def _generate_batched(model, tokenizer, cache, inputs: list[str], batch_size: int, max_new_tokens: int,
+                      on_overflow: str = "error"):
     """Outputs for ``inputs``, all continuing cache row 0, ``batch_size`` rows at a time."""
     from .generation import generate
 
     outputs = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
-        outputs += generate(model, tokenizer, cache.select([0] * len(chunk)), chunk, max_new_tokens)
+        outputs += generate(model, tokenizer, cache.select([0] * len(chunk)), chunk, max_new_tokens,
+                            on_overflow=on_overflow)
     return outputs
 
 
@@ -150,7 +217,7 @@ def compress_main(argv: list[str]) -> None:
           f"(instruction caching would hold {n_instr * per_position / 1024:.1f} KiB)")
     if cfg.out:
         if Path(cfg.out).exists():
-            raise SystemExit(f"{cfg.out} exists; refusing to overwrite it")
+            raise FileExistsError(f"{cfg.out} exists; refusing to overwrite it")
         save_cache(cache, cfg.out, model, tokenizer, [cfg.instruction])
         print(f"wrote {cfg.out}")
     _answer(model, tokenizer, cache, cfg)
@@ -167,22 +234,69 @@ def generate_main(argv: list[str]) -> None:
     model, tokenizer, settings = _load_model(cfg.model, cfg.dtype, cfg.device)
     cache = load_cache(cfg.cache, model, tokenizer, settings["num_gist_tokens"])
     if not _answer(model, tokenizer, cache, cfg):
-        raise SystemExit("no inputs: pass --input TEXT or --inputs FILE")
+        raise ValueError("no inputs: pass --input TEXT or --inputs FILE")
 
 
 def _read_lines(path: str) -> list[str]:
-    return [line.rstrip("\n") for line in open(path, encoding="utf-8") if line.strip()]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such inputs file")
+    return [line for line in read_text(path).splitlines() if line.strip()]
 
 
 COMMANDS = {"score": score_main, "export": export_main, "compress": compress_main, "generate": generate_main}
+LIGHTNING_COMMANDS = {
+    "fit": "train (and validate) a gist model: gist-lightning fit --config configs/tiny.yaml",
+    "validate": "validate a model or checkpoint on the validation splits (ROUGE-L, compression)",
+    "test": "the same on the test loaders",
+    "predict": "the same, predictions only",
+}
+HELP = {
+    "score": "ROUGE-L and exact match of predictions CSVs (columns y_pred, y_true)",
+    "export": "a Lightning checkpoint (or DeepSpeed checkpoint folder) -> an HF folder with the gist settings",
+    "compress": "compress an instruction into a gist cache file with an exported model",
+    "generate": "answer inputs from a gist cache file, batched",
+}
+DEBUG_ENV = "GIST_LIGHTNING_DEBUG"
+# failures that are the input's, not the program's: printed as one line (tracebacks with --debug)
+EXPECTED = (GistError, ValueError, OSError, KeyError)
+
+
+def print_help(file=sys.stdout) -> None:
+    lines = ["usage: gist-lightning COMMAND [options]      (gist-lightning COMMAND --help: its options)", "",
+             "training and evaluation (LightningCLI):"]
+    lines += [f"  {name:<10}{text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "gist caches, results and models:"]
+    lines += [f"  {name:<10}{text}" for name, text in HELP.items()]
+    lines += ["", f"--debug (or {DEBUG_ENV}=1) shows the traceback of a failure instead of one line."]
+    print("\n".join(lines), file=file)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in COMMANDS:
-        COMMANDS[args[0]](args[1:])
-        return
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself (DDP launchers re-run the command line)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if "--debug" in args:
+        args.remove("--debug")
+        if argv is None:
+            sys.argv.remove("--debug")  # LightningCLI (and DDP launchers) read sys.argv themselves
+    if not args or args[0] in ("-h", "--help"):
+        print_help(sys.stdout if args else sys.stderr)
+        sys.exit(0 if args else 2)
+    if args[0] not in COMMANDS and args[0] not in LIGHTNING_COMMANDS and not args[0].startswith("-"):
+        print_help(sys.stderr)
+        sys.exit(f"gist-lightning: error: unknown command {args[0]!r}")
+    try:
+        if args[0] in COMMANDS:
+            COMMANDS[args[0]](args[1:])
+        else:
+            cli_main(args if argv is not None else None)  # None: LightningCLI reads sys.argv itself
+    except EXPECTED as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, GistError):
+            message = f"{message} ({type(e).__name__})"
+        print(f"gist-lightning: error: {message}  [--debug shows the traceback]", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

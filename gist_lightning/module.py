@@ -8,10 +8,11 @@ import torch
 from transformers import AutoConfig, get_scheduler
 
 from . import caching, generation
-from .backends import backend_of, gist_forward
+from .backends import backend_named, backend_of, gist_forward
 from .cache import GistCache
+from .errors import ContextLengthError
 from .evaluation.results import ValidationBatchOutput
-from .families import family_of, model_class
+from .families import FAMILIES, family_of, model_class
 from .masks import check_condition
 from .splits import VALIDATION_SPLITS, metric_key
 from .tokens import SUITE_TOKENIZER_NAME, add_special_tokens, fit_embeddings, gist_token_id, load_tokenizer
@@ -98,7 +99,13 @@ class GistLitModule(L.LightningModule):
         """What a :class:`~gist_lightning.data.datamodule.GistDataModule` takes from the model."""
         h = self.hparams
         return {"tokenizer": self.tokenizer, "encoder_decoder": self.encoder_decoder,
-                "num_gist_tokens": h.num_gist_tokens, "condition": h.condition}
+                "num_gist_tokens": h.num_gist_tokens, "condition": h.condition, "context_length": self.context_length}
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions a prompt and its completion may span (None: no fixed limit, e.g. T5)."""
+        family = FAMILIES.get(self.hf_config.model_type)  # an unknown family is refused when the model is built
+        return backend_named(family.backend).context_length(self.hf_config) if family else None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -124,6 +131,22 @@ class GistLitModule(L.LightningModule):
         # they are created, and transformers' weight init then fails on the empty shards (padding
         # row of the embedding). Every rank holds the whole model until the engine partitions it.
         self.configure_model()
+        self._check_validation_fits()
+
+    def _check_validation_fits(self) -> None:
+        """Refuse, before any training step, validation prompts that leave no room for
+        ``max_new_tokens`` in the model's positions (a refusal hours into a run loses the run)."""
+        dm, context = getattr(self._trainer, "datamodule", None), self.context_length
+        if dm is None or context is None or not hasattr(dm, "longest_prompt"):
+            return
+        for split in VALIDATION_SPLITS:
+            if split in getattr(dm, "datasets", {}):
+                longest = dm.longest_prompt(split)
+                if longest + self.hparams.max_new_tokens > context:
+                    raise ContextLengthError(
+                        f"{split}: the longest prompt ({longest} tokens) + model.max_new_tokens="
+                        f"{self.hparams.max_new_tokens} exceeds the model's {context} positions; lower "
+                        "model.max_new_tokens or the data limits")
 
     # -- training -----------------------------------------------------------------------------
     def _loss(self, batch) -> torch.Tensor:

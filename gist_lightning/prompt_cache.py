@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -24,13 +25,15 @@ from safetensors.torch import save_file
 from .backends import backend_named
 from .cache import GistCache
 from .caching import compress
+from .errors import CorruptFileError, GistError
 from .files import atomic_path
 from .tokens import tokenizer_fingerprint
 
 FORMAT = "gist-lightning-cache/1"
+log = logging.getLogger(__name__)
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(GistError, ValueError):
     """A cache file made for another model, tokenizer, k, condition or dtype."""
 
 
@@ -77,8 +80,13 @@ def save_cache(cache: GistCache, path: str | os.PathLike, model, tokenizer, inst
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such cache file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+        raise CorruptFileError(f"{path}: not a readable cache file, truncated or corrupt ({e})") from None
     if meta.get("format") != FORMAT:
         raise CacheMismatchError(f"{path}: not a gist-lightning cache file (format {meta.get('format')!r})")
     return meta
@@ -101,9 +109,12 @@ def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int |
         if stored != current:
             raise CacheMismatchError(f"{path}: refusing to load this cache into a different {what}: {why}")
     tensors = {}
-    with safe_open(str(path), framework="pt", device=str(model.device)) as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open has no iterator)
-            tensors[name] = f.get_tensor(name)
+    try:
+        with safe_open(str(path), framework="pt", device=str(model.device)) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no iterator)
+                tensors[name] = f.get_tensor(name)
+    except Exception as e:  # noqa: BLE001
+        raise CorruptFileError(f"{path}: the cache file's tensors cannot be read, truncated or corrupt ({e})") from None
     # files of version 0.1 name the architecture instead of the backend
     name = meta.get("backend") or ("t5_encoder" if meta.get("encoder_decoder") == "True" else "decoder_kv")
     return GistCache(states=backend_named(name).states_from(tensors), valid=tensors["valid"],
@@ -153,12 +164,16 @@ class CacheStore:
         return self.path(instruction).is_file()
 
     def list(self) -> list[str]:
-        """The stored instructions (complete files only; temporary files of crashed writers are ignored)."""
+        """The stored instructions (complete files only; temporary files of crashed writers are
+        ignored). Files that cannot be read are left out, logged, and kept in ``self.unreadable``."""
         out = []
+        self.unreadable: list[tuple[Path, str]] = []
         for path in sorted(self.folder.glob("*.safetensors")):
             try:
                 meta = read_metadata(path)
-            except Exception:  # noqa: BLE001 - a foreign or damaged file is skipped, not fatal
+            except GistError as e:  # a foreign or damaged file is reported, not fatal
+                self.unreadable.append((path, str(e)))
+                log.warning("%s", e)
                 continue
             if meta["num_gist_tokens"] == str(self.num_gist_tokens) and meta["condition"] == self.condition:
                 out += json.loads(meta["instructions"])

@@ -65,7 +65,7 @@ ALL_FAMILIES = list(TINY_FAMILIES)
 
 # run-sized models for the training tests (the HF config fields of model.model_config)
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 768}
 TINY_T5 = {"model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
 
 
@@ -171,7 +171,7 @@ def _run_config(folder: Path, model_config: dict | None = None, **trainer) -> Pa
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 12, "val_check_interval": 6,
                     "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "enable_progress_bar": False,
                     "enable_model_summary": False, "default_root_dir": str(folder / "runs"),
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "logger": {"class_path": "gist_lightning.loggers.CSVLogger",
                                "init_args": {"save_dir": str(folder / "runs"), "name": "t"}}, **trainer},
         "model": {"model_config": model_config or TINY_LLAMA, "learning_rate": 1e-2, "max_new_tokens": 8},
         "data": {"class_path": "gist_lightning.data.EmbeddedSuite",

@@ -3,6 +3,7 @@ sets, and the commands beside LightningCLI (export, compress, generate) run end 
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -114,3 +115,110 @@ def test_compress_and_generate_commands_end_to_end(make_pair, tmp_path):
     again = subprocess.run([BIN, "compress", "--model", str(tmp_path / "m"), "--instruction", "x",
                             "--out", str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=env)
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+
+
+# -- killed and resumed ----------------------------------------------------------------------------
+def _fit_command(config: Path, folder: Path, *extra: str) -> list[str]:
+    # 40 steps, validation at 20 and 40, last.ckpt every 3 steps; a fixed logger version, so that a
+    # resumed run finds its last.ckpt and writes into the same run folder
+    return [BIN, "fit", "--config", str(config), "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
+            "--trainer.default_root_dir", str(folder), "--trainer.logger.init_args.save_dir", str(folder),
+            "--trainer.logger.init_args.version", "run", "--checkpoint_every_n_steps", "3", *extra]
+
+
+def _run_folder(folder: Path) -> Path:
+    return folder / "t" / "run"
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    import signal
+    import time
+
+    start = time.time()
+    while not ready():
+        assert proc.poll() is None, "the run ended before the kill point: " + proc.stderr.read()[-2000:]
+        assert time.time() - start < timeout, "kill point never reached"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _step_of_last(folder: Path) -> int:
+    path = _run_folder(folder) / "checkpoints" / "last.ckpt"
+    try:
+        return torch.load(path, weights_only=True)["global_step"] if path.is_file() else -1
+    except Exception:  # noqa: BLE001 - being replaced right now
+        return -1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_point", ["training", "validation"])
+def test_a_killed_fit_resumed_from_last_equals_the_uninterrupted_run(run_config, tmp_path, kill_point):
+    config = run_config(val_check_interval=20)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run(_fit_command(config, straight), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(_fit_command(config, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    if kill_point == "training":  # a few steps after a clock checkpoint, before the first validation
+        _kill_when(proc, lambda: _step_of_last(killed) >= 9)
+    else:  # the first validation has written one split's predictions, not yet the others
+        seen = _run_folder(killed) / "predictions" / "step000020-validation_seen.csv"
+        _kill_when(proc, seen.is_file)
+    assert _step_of_last(killed) < 40
+    resumed = subprocess.run(_fit_command(config, killed, "--ckpt_path", "last"), capture_output=True, text=True,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    want = torch.load(_run_folder(straight) / "checkpoints" / "last.ckpt", weights_only=True)
+    got = torch.load(_run_folder(killed) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert got["global_step"] == want["global_step"] == 40  # the clock saves when training ends
+    for name, tensor in want["state_dict"].items():
+        assert torch.allclose(tensor, got["state_dict"][name], atol=1e-6), name
+    # the validation metrics of both validations, logged before and after the kill, all kept
+    def validations(folder):
+        rows = csv.DictReader(open(_run_folder(folder) / "metrics.csv"))
+        return [(r["step"], r["validation_unseen/rougeL"]) for r in rows if r.get("validation_unseen/rougeL")]
+
+    assert validations(killed) == validations(straight) and len(validations(straight)) == 2
+    # every prediction file once, with the same content as the uninterrupted run's
+    names = sorted(p.name for p in (_run_folder(straight) / "predictions").iterdir())
+    assert sorted(p.name for p in (_run_folder(killed) / "predictions").iterdir()) == names
+    for name in names:
+        assert (_run_folder(killed) / "predictions" / name).read_text() == \
+            (_run_folder(straight) / "predictions" / name).read_text(), name
+
+
+def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path, tiny_models):
+    """Lightning writes checkpoints through an fsspec transaction; a process that dies after writing
+    half the bytes must leave the previous last.ckpt readable and unchanged."""
+    script = f"""
+import os, torch, lightning as L
+import fsspec.implementations.local as local
+from gist_lightning.module import GistLitModule
+module = GistLitModule(model_config={tiny_models["llama"]!r})
+module.configure_model()
+trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_steps=0)
+trainer.strategy.connect(module)
+path = {str(tmp_path / "last.ckpt")!r}
+trainer.save_checkpoint(path)
+torch.save({{k: v.clone() for k, v in module.state_dict().items()}}, {str(tmp_path / "first.pt")!r})
+with torch.no_grad():
+    for p in module.parameters():
+        p.add_(1.0)
+write = local.LocalFileOpener.write
+def half_then_die(self, data):
+    write(self, data[: len(data) // 2])
+    self.flush()
+    os._exit(9)
+local.LocalFileOpener.write = half_then_die
+trainer.save_checkpoint(path)
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]  # readable: whole
+    first = torch.load(tmp_path / "first.pt", weights_only=True)
+    assert state.keys() == first.keys() and all(torch.equal(state[k], first[k]) for k in first)  # the first save

@@ -68,7 +68,7 @@ def test_reconnecting_other_facts_retokenizes(suite_module, tiny_models):
 
 
 def test_examples_that_cannot_fit_are_dropped_and_counted(suite_module):
-    dm, _ = suite_module(limits=LengthLimits(max_length=22), human_limits=LengthLimits(max_length=1000))
+    dm, _ = suite_module(limits=LengthLimits(max_length=22), human_limits=LengthLimits(max_length=700))
     dm.setup("fit")
     assert dm.dropped["train"] > 0 and dm.dropped["validation_human"] == 0
     assert len(dm.datasets["train"]) == 300 - dm.dropped["train"]
@@ -80,3 +80,10 @@ def test_limits_given_as_a_mapping_are_read(suite_module):
     """LightningCLI hands a dataclass argument of a subclass over as a plain mapping."""
     dm, _ = suite_module(limits={"max_length": 30})
     assert dm.limits_for("train") == LengthLimits(max_length=30) and dm.limits_for("validation_human").max_length == 768
+
+
+def test_limits_beyond_the_models_positions_are_refused(suite_module):
+    from gist_lightning.errors import ContextLengthError
+
+    with pytest.raises(ContextLengthError, match=r"data.human_limits.max_length=900 exceeds the model's 768 positions"):
+        suite_module(human_limits=LengthLimits(max_length=900))

@@ -63,3 +63,30 @@ def test_caching_benchmark_checks_its_outputs_against_the_uncached_prompt(tmp_pa
         row = next(line for line in lines if line.startswith(f"| {bs} |"))
         assert row.rstrip().endswith("| 6/6 |"), row
     assert (tmp_path / "bench_caching-tiny-float32-cpu.csv").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_rerun_loses_and_duplicates_nothing(run_config, tmp_path):
+    import os
+    import signal
+    import time
+
+    config = run_config(max_steps=6, val_check_interval=6)
+    out, runs = tmp_path / "sweep", tmp_path / "runs"
+    argv = [sys.executable, str(ROOT / "experiments" / "sweep.py"), "--config", str(config), "--out", str(out),
+            "--runs", str(runs), "--conditions", "gist", "--k", "1", "2", "--", "--model.max_new_tokens", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # kill the driver and its run (one process group, as a terminal or a scheduler would) while the
+    # second run is under way
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    start = time.time()
+    while not ((runs / "gist-k1-seed0" / "run" / "done.json").is_file() and (runs / "gist-k2-seed0" / "run").is_dir()):
+        assert proc.poll() is None and time.time() - start < 300
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "gist-k1-seed0: finished before, skipped" in rerun.stdout and "earlier attempt moved to" in rerun.stdout
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted((r["condition"], r["k"]) for r in rows) == [("gist", "1"), ("gist", "2")]

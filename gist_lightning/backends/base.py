@@ -49,6 +49,10 @@ class Backend:
         """Greedy decoding, one more token (B,): (logits of the next one (B, V), new state)."""
         raise NotImplementedError
 
+    def context_length(self, config) -> int | None:
+        """How many positions a prompt plus its new tokens may span (None: no fixed limit)."""
+        raise NotImplementedError
+
     def bytes_per_position(self, model) -> int:
         """Bytes a cache holds per kept prompt position, from the model's shape and dtype."""
         raise NotImplementedError

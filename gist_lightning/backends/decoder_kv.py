@@ -64,6 +64,9 @@ class DecoderKV(Backend):
         state = {"past": out.cache, "key_valid": key_valid, "key_positions": key_positions, "position": position + 1}
         return out.logits[:, -1], state
 
+    def context_length(self, config):
+        return getattr(config, "max_position_embeddings", None)
+
     def bytes_per_position(self, model):
         # keys and values of every layer: 2 x layers x KV heads x head size
         config = model.config

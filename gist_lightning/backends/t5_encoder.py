@@ -112,6 +112,9 @@ class T5Encoder(Backend):
                     decoder_input_ids=tokens[:, None], cache=state["past"], use_cache=True)
         return out.logits[:, -1], {**state, "past": out.cache}
 
+    def context_length(self, config):
+        return None  # relative position buckets: no position table to run past
+
     def bytes_per_position(self, model):
         # the hidden state entering every encoder block and the final norm: (layers + 1) x d_model
         config = model.config

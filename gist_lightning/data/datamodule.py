@@ -22,6 +22,7 @@ import torch.distributed as dist
 from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from ..errors import ContextLengthError
 from ..masks import check_condition
 from ..splits import HUMAN, SPLITS, TRAIN, VALIDATION_SPLITS
 from ..templates import encode_example, prompt_text
@@ -48,6 +49,7 @@ class ModelFacts:
     encoder_decoder: bool
     num_gist_tokens: int
     condition: str
+    context_length: int | None = None  # positions a prompt + target may span (None: no fixed limit)
 
     def __post_init__(self):
         if self.num_gist_tokens < 1:
@@ -162,10 +164,15 @@ class GistDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     # -- what the model provides --------------------------------------------------------------
-    def connect(self, tokenizer, encoder_decoder: bool, num_gist_tokens: int, condition: str) -> None:
-        """Take the model's tokenizer (with ``<GIST>``), architecture, k and condition. Connecting
-        facts that tokenize alike again keeps the tokenized splits; other facts drop them."""
-        facts = ModelFacts(tokenizer, encoder_decoder, num_gist_tokens, condition)
+    def connect(self, tokenizer, encoder_decoder: bool, num_gist_tokens: int, condition: str,
+                context_length: int | None = None) -> None:
+        """Take the model's tokenizer (with ``<GIST>``), architecture, k, condition and context length.
+        Connecting facts that tokenize alike again keeps the tokenized splits; other facts drop them."""
+        facts = ModelFacts(tokenizer, encoder_decoder, num_gist_tokens, condition, context_length)
+        for name, limits in (("limits", self.limits), ("human_limits", self.human_limits)):
+            if not encoder_decoder and context_length is not None and limits.max_length > context_length:
+                raise ContextLengthError(f"data.{name}.max_length={limits.max_length} exceeds the model's "
+                                         f"{context_length} positions; set it to {context_length} or less")
         if self.facts is None or self.facts.token_key != facts.token_key:
             self.datasets, self.dropped = {}, {}
         self.facts = facts
@@ -231,6 +238,11 @@ class GistDataModule(L.LightningDataModule):
         for split in splits:
             if split not in self.datasets:
                 self.datasets[split] = self._load_split(split)
+
+    def longest_prompt(self, split: str) -> int:
+        """Tokens of the longest prompt (instruction + gists + input) of a loaded split."""
+        ds = self.datasets[split]
+        return max((len(a) + len(b) + len(c) for a, b, c in zip(ds["prefix"], ds["gists"], ds["suffix"])), default=0)
 
     # -- batching -----------------------------------------------------------------------------
     def collator(self, for_generation: bool) -> GistCollator:

@@ -11,13 +11,10 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import DataFormatError, read_text
 from ..files import write_text_atomic
 
 FIELDS = ("instruction", "input", "output")
-
-
-class DataFormatError(ValueError):
-    """A data file that does not hold what it should; the message names the file and record."""
 
 
 def record_location(path: Path, index: int, line: int | None) -> str:
@@ -29,7 +26,7 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[dict, int, int | No
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)

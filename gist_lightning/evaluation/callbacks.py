@@ -33,6 +33,13 @@ def run_dir(trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def result_path(trainer, path: Path) -> Path:
+    """Where a validation result file of this step goes. During fit, the same step of the same run
+    is the same validation: a run resumed after a crash redoes it and replaces what the crash left,
+    so no file is lost or duplicated. Otherwise nothing is overwritten (``name-1.csv``...)."""
+    return path if trainer.state.fn == "fit" else free_path(path)
+
+
 def in_split_order(splits) -> list[str]:
     return sorted(splits, key=VALIDATION_SPLITS.index)
 
@@ -100,7 +107,7 @@ class PredictionWriter(L.Callback):
             writer.writerow(["x", "y_pred", "y_true"])
             writer.writerows(all_rows)
             path = folder / f"step{trainer.global_step:06d}-{split}.csv"
-            self.written.append(write_text_atomic(free_path(path), buf.getvalue()))
+            self.written.append(write_text_atomic(result_path(trainer, path), buf.getvalue()))
 
     on_test_batch_end = on_validation_batch_end
     on_test_epoch_end = on_validation_epoch_end
@@ -150,7 +157,7 @@ class CompressionStats(L.Callback):
         if trainer.is_global_zero:
             path = folder / f"step{trainer.global_step:06d}-compression.json"
             text = json.dumps({split: asdict(s) for split, s in stats.items()}, indent=1) + "\n"
-            write_text_atomic(free_path(path), text)
+            write_text_atomic(result_path(trainer, path), text)
 
     on_test_batch_end = on_validation_batch_end
     on_test_epoch_end = on_validation_epoch_end

@@ -5,12 +5,14 @@ records; exact match beside it. The state is a sum and a count, so it syncs acro
 from __future__ import annotations
 
 import csv
+import io
 import os
 
 import torch
 from rouge_score import rouge_scorer
 from torchmetrics import Metric
 
+from ..errors import DataFormatError, read_text
 from ..splits import EXACT_MATCH, ROUGE_L
 
 _SCORER = None
@@ -49,15 +51,17 @@ class RougeL(Metric):
 
 def score_csv(path: str | os.PathLike) -> dict[str, float]:
     """ROUGE-L and exact match of a predictions CSV with ``y_pred`` and ``y_true`` columns."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    try:
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
         missing = {"y_pred", "y_true"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
+            raise DataFormatError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
         preds, refs = [], []
         for row in reader:
             preds.append(row["y_pred"] or "")
             refs.append(row["y_true"] or "")
+    except csv.Error as e:
+        raise DataFormatError(f"{path}: not a readable CSV file ({e})") from None
     metric = RougeL()
     metric.update(preds, refs)
     out = metric.compute()
