@@ -83,6 +83,18 @@ def run_metrics(run_dir: Path) -> dict:
     return out
 
 
+def _die_with_parent() -> None:
+    """In the run's process: die when the driver dies (Linux). Otherwise a killed driver leaves its
+    run going, writing into a folder that the next sweep moves aside and runs again."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_cells(cells, configs, run_root: Path, extra: list[str], log=print) -> tuple[list[dict], list[str]]:
     results, failed = [], []
     for i, cell in enumerate(cells, 1):
@@ -100,7 +112,8 @@ def run_cells(cells, configs, run_root: Path, extra: list[str], log=print) -> tu
         log(f"[{i}/{len(cells)}] {cell['name']}: running")
         start = time.time()
         with open(folder.parent / "stdout.log", "w") as f:
-            proc = subprocess.run(command(cell, configs, run_root, extra), stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.run(command(cell, configs, run_root, extra), stdout=f, stderr=subprocess.STDOUT,
+                                  preexec_fn=_die_with_parent)
         minutes = (time.time() - start) / 60
         if proc.returncode != 0:
             failed.append(cell["name"])

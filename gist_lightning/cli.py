@@ -46,6 +46,11 @@ class ClockCheckpoint(ModelCheckpoint):
     improving validation). Lightning writes through an fsspec transaction (a temporary file renamed
     into place): a kill mid-write leaves the previous ``last.ckpt`` whole."""
 
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        # a time-triggered save between micro-batches of one accumulation would lose their gradients
+        if not trainer.fit_loop._should_accumulate():
+            super().on_train_batch_end(trainer, *args, **kwargs)
+
     def on_train_end(self, trainer, pl_module) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -276,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if "--debug" in args:
         args.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"  # processes that DDP launches re-read the command line, not --debug
         if argv is None:
             sys.argv.remove("--debug")  # LightningCLI (and DDP launchers) read sys.argv themselves
     if not args or args[0] in ("-h", "--help"):
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if args else 2)
     if args[0] not in COMMANDS and args[0] not in LIGHTNING_COMMANDS and not args[0].startswith("-"):
         print_help(sys.stderr)
-        sys.exit(f"gist-lightning: error: unknown command {args[0]!r}")
+        print(f"gist-lightning: error: unknown command {args[0]!r}", file=sys.stderr)
+        sys.exit(2)
     try:
         if args[0] in COMMANDS:
             COMMANDS[args[0]](args[1:])

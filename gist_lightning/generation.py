@@ -62,19 +62,25 @@ def prompt_lengths(cache: GistCache, attention_mask: torch.Tensor) -> torch.Tens
     return cache.next_position.to(attention_mask.device) + attention_mask.long().sum(-1)
 
 
+def positions_needed(prompt_tokens, max_new_tokens: int):
+    """Positions a prompt and its greedy continuation occupy: the last new token is never fed back."""
+    return prompt_tokens + max_new_tokens - 1
+
+
 def check_fits(model, cache: GistCache, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
     """Refuse, with the numbers, prompts that leave no room for ``max_new_tokens`` in the model's positions."""
     context = backend_named(cache.backend).context_length(model.config)
     if context is None:
         return
     lengths = prompt_lengths(cache, attention_mask)
-    over = (lengths + max_new_tokens > context).nonzero().flatten().tolist()
+    over = (positions_needed(lengths, max_new_tokens) > context).nonzero().flatten().tolist()
     if over:
         i = max(over, key=lambda r: int(lengths[r]))
         prefix, rest = int(cache.next_position[i]), int(lengths[i]) - int(cache.next_position[i])
         raise ContextLengthError(
             f"{len(over)} of {len(lengths)} prompts do not fit the model's {context} positions; the longest: "
-            f"instruction + gists {prefix} + input {rest} + {max_new_tokens} new tokens = {prefix + rest + max_new_tokens}. "
+            f"instruction + gists {prefix} + input {rest} + {max_new_tokens} new tokens need "
+            f"{positions_needed(prefix + rest, max_new_tokens)} positions (the last new token is not fed back). "
             "Shorten the input, ask for fewer new tokens, or truncate inputs (on_overflow='truncate_input')")
 
 
@@ -90,7 +96,7 @@ def fit_inputs(model, tokenizer, cache: GistCache, inputs: list[str], max_new_to
     out, cut = [], []
     for i, x in enumerate(inputs):
         words = x.split(" ")
-        budget = context - max_new_tokens - int(cache.next_position[i])
+        budget = context + 1 - max_new_tokens - int(cache.next_position[i])  # see positions_needed
         n = len(words)
         while n > 0 and len(encode_continuation(tokenizer, " ".join(words[:n]), cache.encoder_decoder)) > budget:
             n -= 1

@@ -21,7 +21,12 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class CSVLogger(LightningCSVLogger):
-    """Lightning's CSVLogger, except that an existing ``metrics.csv`` is appended to, never deleted."""
+    """Lightning's CSVLogger, except that an existing ``metrics.csv`` is appended to, never deleted,
+    and rows reach the disk as they are logged (``flush_logs_every_n_steps=1``), so a killed run
+    keeps what it logged."""
+
+    def __init__(self, *args, flush_logs_every_n_steps: int = 1, **kwargs):
+        super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
 
     @property
     @rank_zero_experiment

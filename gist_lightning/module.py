@@ -13,6 +13,7 @@ from .cache import GistCache
 from .errors import ContextLengthError
 from .evaluation.results import ValidationBatchOutput
 from .families import FAMILIES, family_of, model_class
+from .generation import positions_needed
 from .masks import check_condition
 from .splits import VALIDATION_SPLITS, metric_key
 from .tokens import SUITE_TOKENIZER_NAME, add_special_tokens, fit_embeddings, gist_token_id, load_tokenizer
@@ -142,7 +143,7 @@ class GistLitModule(L.LightningModule):
         for split in VALIDATION_SPLITS:
             if split in getattr(dm, "datasets", {}):
                 longest = dm.longest_prompt(split)
-                if longest + self.hparams.max_new_tokens > context:
+                if positions_needed(longest, self.hparams.max_new_tokens) > context:
                     raise ContextLengthError(
                         f"{split}: the longest prompt ({longest} tokens) + model.max_new_tokens="
                         f"{self.hparams.max_new_tokens} exceeds the model's {context} positions; lower "

@@ -99,7 +99,9 @@ def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int |
     checks = [
         ("model", meta["model_fingerprint"], model_fingerprint(model),
          f"it was made with model {meta['model']!r}"),
-        ("tokenizer", meta["tokenizer_fingerprint"], tokenizer_fingerprint(tokenizer), "its vocabulary differs"),
+        # files of version 0.1 (no "backend" key) hold the fingerprint without the framing
+        ("tokenizer", meta["tokenizer_fingerprint"], tokenizer_fingerprint(tokenizer, framing="backend" in meta),
+         "its vocabulary, special tokens or framing differ"),
         ("dtype", meta["dtype"], str(model.dtype), f"it holds {meta['dtype']}, the model runs in {model.dtype}"),
     ]
     if num_gist_tokens is not None:

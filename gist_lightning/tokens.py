@@ -25,13 +25,15 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(str(SUITE_TOKENIZER) if name_or_path == SUITE_TOKENIZER_NAME else name_or_path)
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer, framing: bool = True) -> str:
     """A short hash of the vocabulary, the special tokens and the ids framing a text (BOS before,
-    EOS after...): equal for tokenizers that encode alike."""
+    EOS after...): equal for tokenizers that encode alike. ``framing=False`` is the fingerprint of
+    version 0.1, which left the framing out (kept to read its cache files)."""
     h = hashlib.sha256()
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]).encode())
-    h.update(json.dumps(special_frame(tokenizer)).encode())
+    if framing:
+        h.update(json.dumps(special_frame(tokenizer)).encode())
     return h.hexdigest()[:16]
 
 

@@ -45,6 +45,7 @@ TINY_FAMILIES = {
     "qwen2": ("qwen2", dict(_SMALL, num_hidden_layers=3, use_sliding_window=True, max_window_layers=1, **_WINDOW), "neox"),
     "qwen3": ("qwen3", dict(_SMALL, num_hidden_layers=3, head_dim=8, use_sliding_window=True, max_window_layers=1,
                             **_WINDOW), "neox"),
+    "qwen3-no-sliding": ("qwen3", dict(_SMALL, head_dim=8), "neox"),  # layer_types, all full attention
     "qwen3_moe": ("qwen3_moe", dict(_SMALL, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                     use_sliding_window=True, **_WINDOW), "neox"),
     "gemma2": ("gemma2", dict(_SMALL, num_hidden_layers=3, head_dim=8, **_WINDOW), "llama"),

@@ -55,8 +55,22 @@ def test_an_input_beyond_the_context_is_refused_with_the_numbers(exported):
     model, tok, _, _ = exported
     cache = compress(model, tok, ["Reverse the list."], 1)
     long_input = " ".join(["cat"] * 3000)
-    with pytest.raises(ContextLengthError, match=r"do not fit the model's 256 positions.*\+ 8 new tokens = \d+"):
+    with pytest.raises(ContextLengthError, match=r"do not fit the model's 256 positions.*\+ 8 new tokens need \d+"):
         generate(model, tok, cache, [long_input], max_new_tokens=8)
+
+
+def test_the_limit_is_exact(exported):
+    """A prompt whose greedy continuation ends on the model's last position is served; one more new
+    token is refused (the last new token is never fed back, so it needs no position)."""
+    from gist_lightning.templates import encode_continuation
+
+    model, tok, _, _ = exported
+    cache = compress(model, tok, ["Reverse the list."], 1)
+    text = "cat dog owl"
+    room = 256 - int(cache.next_position[0]) - len(encode_continuation(tok, text, False))  # positions left
+    generate(model, tok, cache, [text], max_new_tokens=room + 1)
+    with pytest.raises(ContextLengthError, match=f"need {256 + 1} positions"):
+        generate(model, tok, cache, [text], max_new_tokens=room + 2)
 
 
 def test_truncate_input_cuts_words_never_gists_and_says_so(exported):
@@ -67,7 +81,14 @@ def test_truncate_input_cuts_words_never_gists_and_says_so(exported):
         out = generate(model, tok, cache, [short, " ".join(["cat"] * 3000)], max_new_tokens=8,
                        on_overflow="truncate_input")
     assert out[0] == generate(model, tok, cache.select([0]), [short], max_new_tokens=8)[0]  # fitting rows unchanged
-    assert len(out) == 2
+    # the cut row now fits exactly as the refusal rule counts, with its gist and instruction intact
+    from gist_lightning.generation import fit_inputs
+
+    [cut] = fit_inputs(model, tok, cache.select([1]), [" ".join(["cat"] * 3000)], 8)
+    assert 0 < len(cut.split()) < 3000
+    generate(model, tok, cache.select([1]), [cut], max_new_tokens=8)
+    with pytest.raises(ContextLengthError):
+        generate(model, tok, cache.select([1]), [cut + " cat cat"], max_new_tokens=8)
 
 
 def test_an_instruction_that_fills_the_context_is_refused(exported):
@@ -134,7 +155,6 @@ def test_the_installed_command_exits_1_with_one_line_and_traceback_on_debug(expo
     env = dict(os.environ, OMP_NUM_THREADS="1")
     plain = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert plain.returncode == 1 and "Traceback" not in plain.stderr, plain.stderr
-    assert plain.stderr.strip().splitlines()[-1].startswith("gist-lightning: error: t.safetensors") is False
     assert "t.safetensors: not a readable cache file" in plain.stderr.strip().splitlines()[-1]
     debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "CorruptFileError" in debug.stderr

@@ -76,15 +76,30 @@ def test_a_killed_sweep_rerun_loses_and_duplicates_nothing(run_config, tmp_path)
     argv = [sys.executable, str(ROOT / "experiments" / "sweep.py"), "--config", str(config), "--out", str(out),
             "--runs", str(runs), "--conditions", "gist", "--k", "1", "2", "--", "--model.max_new_tokens", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    # kill the driver and its run (one process group, as a terminal or a scheduler would) while the
-    # second run is under way
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    # kill the driver alone while the second run is under way: its run must die with it
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     start = time.time()
     while not ((runs / "gist-k1-seed0" / "run" / "done.json").is_file() and (runs / "gist-k2-seed0" / "run").is_dir()):
         assert proc.poll() is None and time.time() - start < 300
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+    def orphans() -> list[str]:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(runs) in text and "gist-lightning" in text:
+                found.append(text)
+        return found
+
+    deadline = time.time() + 10
+    while orphans() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not orphans(), "a run outlived its killed sweep driver"
     rerun = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "gist-k1-seed0: finished before, skipped" in rerun.stdout and "earlier attempt moved to" in rerun.stdout

@@ -47,7 +47,11 @@ def test_a_cache_file_of_version_0_1_still_loads(make_pair, tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    old = {k: v for k, v in meta.items() if k != "backend"} | {"encoder_decoder": "True"}
+    from gist_lightning.tokens import tokenizer_fingerprint
+
+    # 0.1 named the architecture, not the backend, and fingerprinted the tokenizer without its framing
+    old = {k: v for k, v in meta.items() if k != "backend"} | {
+        "encoder_decoder": "True", "tokenizer_fingerprint": tokenizer_fingerprint(tok, framing=False)}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=old)
     loaded = load_cache(tmp_path / "old.safetensors", model, tok)
     assert loaded.backend == "t5_encoder" and torch.equal(_logits(model, tok, cache), _logits(model, tok, loaded))

@@ -90,6 +90,14 @@ class PredictionWriter(L.Callback):
         self.rows: dict[str, list] = {}
         self.written: list[Path] = []
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # a run killed inside an atomic write leaves its temporary file; the resumed run rewrites
+        # the file itself, so the temporary is litter
+        folder = run_dir(trainer) / "predictions"
+        if stage == "fit" and trainer.is_global_zero and folder.is_dir():
+            for stray in folder.glob(".*.tmp"):
+                stray.unlink(missing_ok=True)
+
     def on_validation_batch_end(self, trainer, pl_module, outputs: ValidationBatchOutput, batch, batch_idx,
                                 dataloader_idx=0):
         if not trainer.sanity_checking:
