@@ -87,6 +87,20 @@ def check_fits(model, cache: GistCache, attention_mask: torch.Tensor, max_new_to
 OVERFLOW_POLICIES = ("error", "truncate_input")
 
 
+def _words_that_fit(tokenizer, words: list[str], budget: int, encoder_decoder: bool) -> int:
+    """The most leading ``words`` whose continuation takes at most ``budget`` tokens, by bisection
+    (more words never take fewer tokens); 0 when even an empty input does not fit, which
+    ``generate`` then refuses with the numbers."""
+    lo, hi = 0, len(words)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encode_continuation(tokenizer, " ".join(words[:mid]), encoder_decoder)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def fit_inputs(model, tokenizer, cache: GistCache, inputs: list[str], max_new_tokens: int) -> list[str]:
     """``inputs`` with words dropped from the end of each one that does not fit (instruction and gist
     tokens are never cut); a warning says which rows lost how many words."""
@@ -97,9 +111,8 @@ def fit_inputs(model, tokenizer, cache: GistCache, inputs: list[str], max_new_to
     for i, x in enumerate(inputs):
         words = x.split(" ")
         budget = context + 1 - max_new_tokens - int(cache.next_position[i])  # see positions_needed
-        n = len(words)
-        while n > 0 and len(encode_continuation(tokenizer, " ".join(words[:n]), cache.encoder_decoder)) > budget:
-            n -= 1
+
+        n = _words_that_fit(tokenizer, words, budget, cache.encoder_decoder)
         if n < len(words):
             cut.append(f"row {i}: {len(words) - n} of {len(words)} words")
         out.append(" ".join(words[:n]))

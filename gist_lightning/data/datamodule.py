@@ -10,6 +10,7 @@ trainer runs (``GistLitModule`` owns all four).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -61,8 +62,9 @@ class ModelFacts:
     def gist_token_id(self) -> int:
         return gist_token_id(self.tokenizer)
 
-    @property
+    @functools.cached_property
     def token_key(self) -> tuple:
+        # cached: hashing a 100k+ vocabulary takes a while, and connect/setup ask for it per split
         return (tokenizer_fingerprint(self.tokenizer), self.encoder_decoder, self.num_gist_tokens)
 
 

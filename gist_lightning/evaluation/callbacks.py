@@ -33,6 +33,11 @@ def run_dir(trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def predictions_dir(trainer) -> Path:
+    """Where a run's prediction CSVs and compression statistics go (a collective call, see run_dir)."""
+    return run_dir(trainer) / "predictions"
+
+
 def result_path(trainer, path: Path) -> Path:
     """Where a validation result file of this step goes. During fit, the same step of the same run
     is the same validation: a run resumed after a crash redoes it and replaces what the crash left,
@@ -93,7 +98,7 @@ class PredictionWriter(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         # a run killed inside an atomic write leaves its temporary file; the resumed run rewrites
         # the file itself, so the temporary is litter
-        folder = run_dir(trainer) / "predictions"
+        folder = predictions_dir(trainer)
         if stage == "fit" and trainer.is_global_zero and folder.is_dir():
             for stray in folder.glob(".*.tmp"):
                 stray.unlink(missing_ok=True)
@@ -105,7 +110,7 @@ class PredictionWriter(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         rows, self.rows = self.rows, {}
-        folder = run_dir(trainer) / "predictions"
+        folder = predictions_dir(trainer)
         for split in in_split_order(rows):
             all_rows = gather_lists(rows[split])
             if not trainer.is_global_zero:
@@ -161,7 +166,7 @@ class CompressionStats(L.Callback):
                 pl_module.log(metric_key(split, name), torch.tensor(getattr(stats[split], name), dtype=torch.float32),
                               add_dataloader_idx=False, rank_zero_only=True)
         self.last = stats
-        folder = run_dir(trainer) / "predictions"
+        folder = predictions_dir(trainer)
         if trainer.is_global_zero:
             path = folder / f"step{trainer.global_step:06d}-compression.json"
             text = json.dumps({split: asdict(s) for split, s in stats.items()}, indent=1) + "\n"
