@@ -128,7 +128,6 @@ def export_main(argv: list[str]) -> None:
 
     import torch
 
-    from .export import export_pretrained
 
     parser = ArgumentParser(prog="gist-lightning export", description="Turn a Lightning checkpoint (a .ckpt file, or "
                             "the folder a DeepSpeed ZeRO run saves) into an HF folder: model, tokenizer with <GIST>, "
@@ -136,6 +135,9 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file or DeepSpeed checkpoint folder")
     parser.add_argument("--out", required=True, help="output folder (must not hold an export already)")
     parser.add_argument("--dtype", default="float32", help="weights' dtype in the export: float32 or bfloat16")
+    parser.add_argument("--form", default="merged", choices=GistLitModule.EXPORT_FORMS,
+                        help="for a model.peft run: merged (adapters folded into the base: a plain HF folder) or "
+                        "adapter (PEFT's adapter files and token rows, loaded onto the base named inside)")
     cfg = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = cfg.ckpt
@@ -150,10 +152,10 @@ def export_main(argv: list[str]) -> None:
             raise CorruptFileError(f"{ckpt}: not a readable Lightning checkpoint (not a torch zip archive: "
                                    "truncated, corrupt or another kind of file)")
         module = GistLitModule.load_from_checkpoint(ckpt, map_location="cpu")
-    h = module.hparams
-    model = module.model.to(getattr(torch, cfg.dtype))
-    out = export_pretrained(model, module.tokenizer, cfg.out, h.num_gist_tokens, h.condition)
-    print(f"exported {cfg.ckpt} -> {out} ({cfg.dtype})")
+    module.model.to(getattr(torch, cfg.dtype))
+    out = module.export(cfg.out, form=cfg.form)
+    form = f", {cfg.form}" if module.peft_model is not None else ""
+    print(f"exported {cfg.ckpt} -> {out} ({cfg.dtype}{form})")
 
 
 def _load_model(path: str, dtype: str | None, device: str):

@@ -1,5 +1,7 @@
 """Export a trained gist model as an HF folder (model, tokenizer with ``<GIST>``, gist settings),
-and load it back for caching without the training code."""
+and load it back for caching without the training code. A parameter-efficient run exports either
+merged (a plain HF folder) or as an adapter folder: PEFT's adapters with the trained token rows,
+the tokenizer and the settings, naming the base model they go on."""
 
 from __future__ import annotations
 
@@ -9,37 +11,83 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from .families import model_class
+from .families import FAMILIES, model_class
 from .files import write_text_atomic
-from .tokens import GIST_TOKEN, gist_token_id
+from .tokens import GIST_TOKEN, fit_embeddings, gist_token_id
 
 SETTINGS_FILE = "gist_config.json"
+ADAPTER_FILE = "adapter_config.json"  # PEFT's
 
 
-def export_pretrained(model, tokenizer, out_dir: str | os.PathLike, num_gist_tokens: int, condition: str,
-                      overwrite: bool = False) -> Path:
+def _start(out_dir, overwrite: bool) -> Path:
     out_dir = Path(out_dir)
     if (out_dir / SETTINGS_FILE).exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds an exported model; refusing to overwrite it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    settings = {"num_gist_tokens": num_gist_tokens, "condition": condition, "gist_token": GIST_TOKEN,
-                "gist_token_id": gist_token_id(tokenizer)}
-    write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
     return out_dir
 
 
-def load_pretrained(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype=None):
-    """(model in eval mode, tokenizer, settings) of an exported folder."""
+def _finish(out_dir: Path, tokenizer, num_gist_tokens: int, condition: str, **extra) -> Path:
+    tokenizer.save_pretrained(out_dir)
+    settings = {"num_gist_tokens": num_gist_tokens, "condition": condition, "gist_token": GIST_TOKEN,
+                "gist_token_id": gist_token_id(tokenizer), **extra}
+    write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")  # last: marks it complete
+    return out_dir
+
+
+def export_pretrained(model, tokenizer, out_dir: str | os.PathLike, num_gist_tokens: int, condition: str,
+                      overwrite: bool = False) -> Path:
+    """A whole model (or a PEFT model merged into its base) as an HF folder."""
+    out_dir = _start(out_dir, overwrite)
+    model.save_pretrained(out_dir)
+    return _finish(out_dir, tokenizer, num_gist_tokens, condition)
+
+
+def export_adapter(peft_model, tokenizer, out_dir: str | os.PathLike, num_gist_tokens: int, condition: str,
+                   base_model: str, added_token_ids: list[int], overwrite: bool = False) -> Path:
+    """PEFT's adapter files (LoRA weights and the trained token rows) with the tokenizer and the gist
+    settings; ``base_model`` (hub id or folder) is what :func:`load_pretrained` puts them on, after
+    giving it rows for ``added_token_ids``."""
+    out_dir = _start(out_dir, overwrite)
+    if Path(base_model).is_dir():
+        base_model = str(Path(base_model).resolve())  # loadable from another working directory
+    # the token rows are adapter parameters, saved with the adapters; no full embedding copy
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
+    return _finish(out_dir, tokenizer, num_gist_tokens, condition,
+                   adapter={"base_model": base_model, "added_token_ids": list(added_token_ids)})
+
+
+def load_pretrained(path: str | os.PathLike, attn_implementation: str | None = None, dtype=None,
+                    base_model: str | None = None, merge: bool = True):
+    """(model in eval mode, tokenizer, settings) of an exported folder. For an adapter folder the
+    base is loaded from where the export names it (or ``base_model``), given the added token rows,
+    and the adapters are merged into it (``merge=False`` keeps them as separate layers).
+    ``attn_implementation`` None: sdpa where the family takes the gist mask under it, else eager."""
     path = Path(path)
     settings_path = path / SETTINGS_FILE
     if not settings_path.is_file():
         raise FileNotFoundError(f"{path}: no {SETTINGS_FILE}; is this a folder made by gist-lightning export?")
     settings = json.loads(settings_path.read_text())
-    config = AutoConfig.from_pretrained(path)
-    model = model_class(config).from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if gist_token_id(tokenizer) != settings["gist_token_id"]:
         raise ValueError(f"{path}: the tokenizer's <GIST> id differs from {SETTINGS_FILE}")
-    return model, tokenizer, settings
+    adapter = settings.get("adapter")
+    source = (base_model or adapter["base_model"]) if adapter else path
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        if not adapter:
+            raise
+        raise FileNotFoundError(f"{path}: the adapters go on the base model {source!r}, which cannot be loaded "
+                                f"({e}); pass its location as base_model") from None
+    if attn_implementation is None:
+        family = FAMILIES.get(config.model_type)  # an unknown family is refused by the backends
+        attn_implementation = family.preferred_attention if family else "sdpa"
+    model = model_class(config).from_pretrained(source, attn_implementation=attn_implementation, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        fit_embeddings(model, tokenizer, adapter["added_token_ids"])
+        model = PeftModel.from_pretrained(model, path)
+        model = model.merge_and_unload() if merge else model.get_base_model()
+    return model.eval(), tokenizer, settings

@@ -37,6 +37,12 @@ class Family:
     layers: str = "uniform"  # how the mask reaches the layers (see the module docstring)
     attention: tuple[str, ...] = MASKED_ATTENTION  # implementations that honour our mask here
     attention_why: str = ""  # why the others of MASKED_ATTENTION are refused
+    moe: bool = False  # fused expert weights and a router (what LoRA may adapt: gist_lightning.adapters)
+
+    @property
+    def preferred_attention(self) -> str:
+        """sdpa where the family takes the gist mask under it, else eager."""
+        return self.attention[-1]
 
     def __post_init__(self):
         if self.layers not in LAYER_MODES:
@@ -49,11 +55,12 @@ FAMILIES = {
     for f in (
         Family("llama", "GQA; Llama 3.x rope scaling; SmolLM2 and TinyLlama are this architecture"),
         Family("mistral", "sliding window on every layer", layers="uniform_window"),
-        Family("mixtral", "mixture of experts; sliding window on every layer when set", layers="uniform_window"),
+        Family("mixtral", "mixture of experts; sliding window on every layer when set", layers="uniform_window",
+               moe=True),
         Family("qwen2", "sliding window on the layers config.layer_types names", layers="layer_types"),
         Family("qwen3", "q/k norm; sliding window on the layers config.layer_types names", layers="layer_types"),
         Family("qwen3_moe", "mixture of experts, q/k norm; sliding window on every layer when set",
-               layers="uniform_window"),
+               layers="uniform_window", moe=True),
         Family("gemma2", "alternating sliding / full layers; attention logit soft-capping", layers="layer_types",
                attention=("eager",), attention_why="attention logit soft-capping is computed by eager attention only"),
         Family("gemma3_text", "sliding / full layers by pattern, another RoPE base on sliding layers",

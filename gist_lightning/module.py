@@ -3,14 +3,21 @@ generation through the gist cache (the same code users call)."""
 
 from __future__ import annotations
 
+import copy
+import random
+from dataclasses import asdict
+
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, get_scheduler
 
-from . import caching, generation
+from . import adapters, caching, generation
+from .adapters import PeftSettings
 from .backends import backend_named, backend_of, gist_forward
 from .cache import GistCache
-from .errors import ContextLengthError
+from .errors import ContextLengthError, CorruptFileError, GistError
 from .evaluation.results import ValidationBatchOutput
 from .families import FAMILIES, family_of, model_class
 from .generation import positions_needed
@@ -38,6 +45,9 @@ class GistLitModule(L.LightningModule):
             (``cosine``, ``constant_with_warmup``, ``linear``...).
         gradient_checkpointing: trade compute for memory.
         max_new_tokens: greedy generation budget during validation.
+        peft: parameter-efficient tuning (:class:`~gist_lightning.adapters.PeftSettings`: LoRA rank,
+            alpha, dropout, target modules, 4-bit base); None trains every weight. Needs a pretrained
+            base (``model_name_or_path``); checkpoints then hold only what trains.
     """
 
     def __init__(
@@ -55,6 +65,7 @@ class GistLitModule(L.LightningModule):
         scheduler: str = "cosine",
         gradient_checkpointing: bool = False,
         max_new_tokens: int = 64,
+        peft: PeftSettings | None = None,
     ):
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
@@ -64,13 +75,20 @@ class GistLitModule(L.LightningModule):
         if num_gist_tokens < 1:
             raise ValueError(f"num_gist_tokens must be >= 1; got {num_gist_tokens}")
         check_condition(condition)
-        self.save_hyperparameters()
+        # the CLI may hand the dataclass over as a mapping; hparams keep plain data (weights_only loads)
+        self.peft = peft if peft is None or isinstance(peft, PeftSettings) else PeftSettings(**peft)
+        if self.peft is not None and model_name_or_path is None:
+            raise ValueError("model.peft trains adapters on a pretrained base: give model.model_name_or_path "
+                             "(a hub id or a folder, e.g. an export of a model trained from scratch)")
+        self.save_hyperparameters(ignore=["peft"])
+        self.save_hyperparameters({**self.hparams, "peft": asdict(self.peft) if self.peft else None})
         self.tokenizer = load_tokenizer(tokenizer or model_name_or_path or SUITE_TOKENIZER_NAME)
         # <GIST> (and <PAD> where missing) join the tokenizer now, so the data can tokenize before
         # the model exists; configure_model gives the new ids their embedding rows
         self._new_token_ids = add_special_tokens(self.tokenizer)
         self.hf_config = self._hf_config()
         self.model = None
+        self.peft_model = None  # PEFT's wrapper around self.model when model.peft is set
 
     def _hf_config(self):
         h = self.hparams
@@ -115,16 +133,101 @@ class GistLitModule(L.LightningModule):
         cls = model_class(self.hf_config)
         if h.model_name_or_path is not None:
             dtype = getattr(torch, h.dtype) if h.dtype else None
-            model = cls.from_pretrained(h.model_name_or_path, attn_implementation=h.attn_implementation, dtype=dtype)
+            extra = {}
+            if self.peft is not None and self.peft.quantize:
+                adapters.check_quantization_possible(self.peft)
+                extra["quantization_config"] = adapters.quantization_config(self.peft, dtype)
+            model = cls.from_pretrained(h.model_name_or_path, attn_implementation=h.attn_implementation, dtype=dtype,
+                                        **extra)
         else:
             model = cls.from_config(self.hf_config, attn_implementation=h.attn_implementation)
         fit_embeddings(model, self.tokenizer, self._new_token_ids)
-        if model.config.is_encoder_decoder and model.config.decoder_start_token_id is None:
-            model.config.decoder_start_token_id = self.tokenizer.pad_token_id
         family_of(model)  # a clear error for unsupported families / attention implementations
+        if self.peft is not None and self.peft.quantize:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if h.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model
+        if self.peft is not None:
+            # the adapters go into the model in place; the wrapper is kept out of the module tree
+            # (object.__setattr__) so that the weights are registered once, under self.model
+            object.__setattr__(self, "peft_model", adapters.apply_peft(model, self.peft, self.trained_token_ids))
+            trainable, total = adapters.parameter_counts(model)
+            rank_zero_info(f"model.peft: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%): "
+                           f"rank-{self.peft.rank} adapters and the rows of tokens {self.trained_token_ids}")
+        # from_pretrained returns a model in eval mode, and Lightning keeps a submodule's mode: train
+        # with the model's dropout on (Lightning switches to eval for validation and back)
+        self.model = model.train()
+
+    @property
+    def trained_token_ids(self) -> list[int]:
+        """The embedding rows that train under model.peft: the tokens added here, and <GIST> always
+        (a base exported by gist-lightning has it already)."""
+        return sorted(set(self._new_token_ids) | {self.gist_token_id})
+
+    # -- export -----------------------------------------------------------------------------------
+    EXPORT_FORMS = ("merged", "adapter")
+
+    def export(self, out_dir, form: str = "merged", overwrite: bool = False):
+        """Write the model as an HF folder with the gist settings. Under model.peft, ``merged`` folds
+        the adapters and token rows into a copy of the base (a plain HF folder; the run's model is
+        left as it is) and ``adapter`` writes PEFT's adapter files naming the base."""
+        from .export import export_adapter, export_pretrained
+
+        if form not in self.EXPORT_FORMS:
+            raise ValueError(f"export form must be one of {self.EXPORT_FORMS}; got {form!r}")
+        h = self.hparams
+        if self.peft_model is None:
+            if form == "adapter":
+                raise GistError("an adapter export needs a model.peft run; this one trained every weight")
+            return export_pretrained(self.model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite)
+        if form == "adapter":
+            return export_adapter(self.peft_model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition,
+                                  h.model_name_or_path, self._new_token_ids, overwrite)
+        if self.peft.quantize:
+            raise GistError("a 4-bit base cannot be merged exactly; export form 'adapter' and load it on the "
+                            "full-precision base")
+        merged = copy.deepcopy(self.peft_model).merge_and_unload()
+        return export_pretrained(merged, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite)
+
+    # -- checkpoints hold only what trains under model.peft -----------------------------------
+    def trainable_names(self) -> set[str]:
+        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the random state, so that a resumed run draws the same dropout masks (exact on one device)
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        if self.peft is not None:
+            keep = self.trainable_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # applied at the first training batch: creating the data iterator draws from the random state
+        self._resumed_rng = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        states, self._resumed_rng = getattr(self, "_resumed_rng", None), None
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
+            if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states["cuda"])
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Under model.peft a checkpoint holds the trainable tensors only: the frozen base comes from
+        ``model_name_or_path`` (already loaded), and every trainable tensor must be in the file."""
+        if self.peft is not None and self.model is not None:
+            missing = sorted(self.trainable_names() - set(state_dict))
+            if missing:
+                raise CorruptFileError(f"the checkpoint lacks {len(missing)} trainable tensors of this model.peft "
+                                       f"run (first: {missing[0]}); was it saved with other peft settings?")
+            full = self.state_dict()
+            full.update(state_dict)
+            state_dict = full
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def setup(self, stage: str) -> None:
         # Build the model here, before Lightning enters the strategy's sharded context for
@@ -133,6 +236,9 @@ class GistLitModule(L.LightningModule):
         # row of the embedding). Every rank holds the whole model until the engine partitions it.
         self.configure_model()
         self._check_validation_fits()
+        if self.peft is not None and self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            raise GistError("model.peft runs on one GPU or with DDP; DeepSpeed would shard and save the frozen base "
+                            "too: drop trainer.strategy (or use ddp)")
 
     def _check_validation_fits(self) -> None:
         """Refuse, before any training step, validation prompts that leave no room for

@@ -64,10 +64,13 @@ def add_special_tokens(tokenizer) -> list[int]:
 
 def fit_embeddings(model, tokenizer, new_ids: list[int]) -> None:
     """Give the model rows for the tokens ``new_ids`` that :func:`add_special_tokens` added (the
-    mean of the rows before them), and the tokenizer's pad id."""
+    mean of the rows before them), and the tokenizer's pad id (an encoder-decoder without a decoder
+    start token starts from pad)."""
     if new_ids:
         resize_with_mean(model, len(tokenizer), min(new_ids), new_ids)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if model.config.is_encoder_decoder and model.config.decoder_start_token_id is None:
+        model.config.decoder_start_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 

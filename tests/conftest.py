@@ -100,7 +100,7 @@ def tiny_hf_config(family: str, vocab_size: int, attn: str = "sdpa", **overrides
 
 
 def _make_pair(family: str, attn: str | None = None, seed: int = 0, **overrides):
-    attn = attn or FAMILIES[TINY_FAMILIES[family][0]].attention[-1]  # sdpa where the family takes it
+    attn = attn or FAMILIES[TINY_FAMILIES[family][0]].preferred_attention
     tokenizer = build_tokenizer(TINY_FAMILIES[family][2])
     torch.manual_seed(seed)
     cfg = tiny_hf_config(family, len(tokenizer), attn, **overrides)

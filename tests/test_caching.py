@@ -116,6 +116,31 @@ def test_batched_greedy_generation_equals_full_forward(make_pair, family, condit
     assert texts == [tok.decode(w[:-1] if w[-1] == tok.eos_token_id else w, skip_special_tokens=True).strip() for w in want]
 
 
+@pytest.mark.parametrize("condition", ["gist", "neg_control"])
+def test_cached_logits_equal_masked_full_forward_with_adapters(make_pair, family, condition):
+    """model.peft puts LoRA layers and trainable token rows into the model: the cache still equals
+    the masked full forward, with adapters and a gist row that are far from their initial values."""
+    from gist_lightning.adapters import PeftSettings, apply_peft
+
+    model, tok, gist_id = make_pair(family, seed=2)
+    before = _full_logits_after_gist(model, tok, gist_id, _examples(model, tok, gist_id, 2, 4), condition, 2)[0]
+    apply_peft(model, PeftSettings(rank=4, dropout=0.0), [gist_id])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # lora_B starts at zero and the row delta at the base row: move both
+                p.add_(0.2 * torch.randn_like(p))
+    model.eval()
+    examples = _examples(model, tok, gist_id, 2, 4)
+    full, dec_in = _full_logits_after_gist(model, tok, gist_id, examples, condition, 2)
+    assert max((f - b).abs().max().item() for f, b in zip(full, before)) > 1e-3  # the adapters are in the path
+    cached, _ = _cached_logits(model, tok, gist_id, examples, condition, 2, dec_in)
+    diff = max((f - c).abs().max().item() for f, c in zip(full, cached))
+    scale = max(1.0, max(f.abs().max().item() for f in full))  # the perturbed adapters make logits larger
+    print(f"{family}/{condition}: diff {diff:.1e} scale {scale:.1f}")
+    assert diff <= TOLERANCE * scale, f"{family}/{condition}: max abs diff {diff} at logits up to {scale}"
+
+
 def test_local_from_pretrained_round_trip(make_pair, family, tmp_path):
     """The real loading path (from_pretrained of a folder) gives the same cache and generations."""
     from transformers import AutoTokenizer

@@ -20,7 +20,6 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from ..caching import cache_bytes_per_position
-from ..export import export_pretrained
 from ..files import free_path, write_text_atomic
 from ..splits import BEST_METRIC, EXACT_MATCH, QUALITY_METRICS, ROUGE_L, VALIDATION_SPLITS, metric_key
 from .metrics import RougeL
@@ -178,10 +177,13 @@ class CompressionStats(L.Callback):
 
 class ExportBest(L.Callback):
     """At the end of fit, load the best checkpoint (by the checkpoint callback's monitor, e.g.
-    ``validation_unseen/rougeL``) and export it as an HF folder ``<run>/export``."""
+    ``validation_unseen/rougeL``) and export it as an HF folder ``<run>/export``: the whole model,
+    or for a model.peft run ``form`` (default ``adapter``: small, and it leaves the run's model as it
+    is; ``gist-lightning export --form merged`` folds it into the base later)."""
 
-    def __init__(self, dirname: str = "export"):
+    def __init__(self, dirname: str = "export", form: str = "adapter"):
         self.dirname = dirname
+        self.form = form
         self.result: ExportResult | None = None
 
     @property
@@ -203,9 +205,7 @@ class ExportBest(L.Callback):
         folder = run_dir(trainer) / self.dirname
         path = None
         if trainer.is_global_zero:
-            h = pl_module.hparams
-            path = export_pretrained(pl_module.model, pl_module.tokenizer, free_path(folder),
-                                     h.num_gist_tokens, h.condition)
+            path = pl_module.export(free_path(folder), form=self.form if pl_module.peft_model is not None else "merged")
         self.result = ExportResult(path=path, source=source)
 
 
