@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from . import masks
 
-MASKED_ATTENTION = ("eager", "sdpa")
+MASKED_ATTENTION = ("eager", "sdpa", "flex_attention")
 LAYER_MODES = ("uniform", "uniform_window", "layer_types")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -42,7 +42,7 @@ class Family:
     @property
     def preferred_attention(self) -> str:
         """sdpa where the family takes the gist mask under it, else eager."""
-        return self.attention[-1]
+        return "sdpa" if "sdpa" in self.attention else "eager"
 
     def __post_init__(self):
         if self.layers not in LAYER_MODES:
@@ -50,6 +50,8 @@ class Family:
 
 
 _T5 = "bidirectional encoder: encoder rule + cross-attention key mask; encoder states cached"
+_T5_ATTENTION = dict(attention=("eager", "sdpa"), attention_why="transformers has no FlexAttention path for T5 "
+                     "models (relative position bias)")
 FAMILIES = {
     f.model_type: f
     for f in (
@@ -62,7 +64,8 @@ FAMILIES = {
         Family("qwen3_moe", "mixture of experts, q/k norm; sliding window on every layer when set",
                layers="uniform_window", moe=True),
         Family("gemma2", "alternating sliding / full layers; attention logit soft-capping", layers="layer_types",
-               attention=("eager",), attention_why="attention logit soft-capping is computed by eager attention only"),
+               attention=("eager", "flex_attention"),
+               attention_why="attention logit soft-capping is computed by eager and flex attention only"),
         Family("gemma3_text", "sliding / full layers by pattern, another RoPE base on sliding layers",
                layers="layer_types"),
         Family("phi3", "partial rotary; sliding window on every layer when set", layers="uniform_window"),
@@ -71,9 +74,9 @@ FAMILIES = {
                layers="layer_types"),
         Family("granite", "embedding, residual, attention and logit multipliers"),
         Family("gpt_neox", "partial rotary, parallel residual"),
-        Family("t5", _T5, backend="t5_encoder"),
-        Family("mt5", _T5 + "; multilingual vocabulary", backend="t5_encoder"),
-        Family("umt5", _T5 + "; a relative position bias in every layer", backend="t5_encoder"),
+        Family("t5", _T5, backend="t5_encoder", **_T5_ATTENTION),
+        Family("mt5", _T5 + "; multilingual vocabulary", backend="t5_encoder", **_T5_ATTENTION),
+        Family("umt5", _T5 + "; a relative position bias in every layer", backend="t5_encoder", **_T5_ATTENTION),
     )
 }
 
@@ -85,7 +88,6 @@ REFUSED = {"llama4": _CHUNKED, "llama4_text": _CHUNKED}
 REFUSED_ATTENTION = {
     "flash_attention_2": "FlashAttention kernels take a padding mask only and drop an arbitrary 4D mask",
     "flash_attention_3": "FlashAttention kernels take a padding mask only and drop an arbitrary 4D mask",
-    "flex_attention": "the gist BlockMask path does not exist yet",
     "paged_attention": "paged attention builds its own masks",
 }
 
@@ -119,18 +121,40 @@ def family_of(model_or_config) -> Family:
     return family
 
 
-def self_attention_masks(model, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor):
-    """Turn a boolean (B, 1, T, S) mask into what the decoder layers take: one additive mask, or
-    one per layer type, with the sliding window (by position id) where the layers slide."""
+def per_layer_masks(model, build):
+    """What the decoder layers take: ``build(window)`` is the mask of layers that slide over
+    ``window`` positions (None: full attention); one mask for all layers, or one per layer type."""
     family = family_of(model)
-    config, dtype = model.config, model.dtype
+    config = model.config
     window = getattr(config, "sliding_window", None)
     if family.layers == "uniform_window" and window is not None:
-        allowed = allowed & masks.sliding_window_mask(query_positions, key_positions, window)
+        return build(window)
     if family.layers == "layer_types" and "sliding_attention" in config.layer_types:
-        windowed = allowed & masks.sliding_window_mask(query_positions, key_positions, window)
-        return {"full_attention": masks.to_additive(allowed, dtype), "sliding_attention": masks.to_additive(windowed, dtype)}
-    return masks.to_additive(allowed, dtype)
+        return {"full_attention": build(None), "sliding_attention": build(window)}
+    return build(None)
+
+
+def self_attention_masks(model, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor):
+    """A boolean (B, 1, T, S) mask as the decoder layers take it: additive, with the sliding window
+    (by position id) where the layers slide."""
+    def build(window):
+        windowed = allowed if window is None else allowed & masks.sliding_window_mask(query_positions, key_positions, window)
+        return masks.to_additive(windowed, model.dtype)
+
+    return per_layer_masks(model, build)
+
+
+def self_attention_block_masks(model, mask_mod_for, batch: int, query_len: int, key_len: int, device):
+    """A rule as FlexAttention BlockMasks (memory per block, not per (query, key) pair):
+    ``mask_mod_for(window)`` is the ``mask_mod`` of layers that slide over ``window`` positions
+    (None: full attention), e.g. :func:`masks.decoder_mask_mod` or :func:`masks.prefix_mask_mod`."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def build(window):
+        return create_block_mask(mask_mod_for(window), batch, None, query_len, key_len, device=device,
+                                 _compile=torch.device(device).type == "cuda")
+
+    return per_layer_masks(model, build)
 
 
 def family_table() -> str:

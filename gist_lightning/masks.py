@@ -8,9 +8,13 @@ Positions of a row are ``[instruction | G1..Gk | input (+ output)]``; ``True`` m
 - ``neg_control``: as ``gist``, but tokens after the last gist cannot see the gist tokens either.
 - A row without a gist token gets the unmodified (causal + padding) mask.
 
-The rule is written once, in :func:`_condition_rule`. Decoder-only self-attention, encoder
-self-attention, decoder cross-attention and the choice of what a gist cache keeps are all
-read off it.
+A packed decoder row holds several examples (segments, numbered from 1; 0 is padding): the rule
+holds per segment, with that segment's gist span, and no token sees another segment.
+
+The rule is written once, in :func:`_condition_rule`. Decoder-only self-attention (as a dense
+mask or as a FlexAttention ``mask_mod``, one predicate :func:`_decoder_rule` evaluated either on
+index grids or per block), encoder self-attention, decoder cross-attention and the choice of
+what a gist cache keeps are all read off it.
 """
 
 from __future__ import annotations
@@ -85,6 +89,80 @@ def _condition_rule(
     return allowed_before | allowed_after
 
 
+def segment_gist_spans(
+    input_ids: torch.Tensor, segment_ids: torch.Tensor, gist_token_id: int, num_gist_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last gist column of the segment each position belongs to, as (B, S) long tensors
+    (a segment without gist tokens, and padding (segment 0), get ``S``: the rule is then a no-op).
+    Raises if a segment holds two separate gist spans, or a span of another length than
+    ``num_gist_tokens``. Linear in S (no (S, S) intermediate)."""
+    if num_gist_tokens is not None and num_gist_tokens < 1:
+        raise ValueError(f"num_gist_tokens must be >= 1; got {num_gist_tokens}")
+    bsz, seq_len = input_ids.shape
+    segment_ids = segment_ids.long()
+    n_seg = int(segment_ids.max()) + 1 if segment_ids.numel() else 1
+    is_gist = (input_ids == gist_token_id) & (segment_ids > 0)
+    idx = torch.arange(seq_len, device=input_ids.device).expand(bsz, seq_len)
+    per_segment = lambda fill, values, how: torch.full((bsz, n_seg), fill, device=input_ids.device).scatter_reduce(  # noqa: E731
+        1, segment_ids, values, how)
+    first = per_segment(seq_len, torch.where(is_gist, idx, seq_len), "amin")
+    last = per_segment(-1, torch.where(is_gist, idx, -1), "amax")
+    count = per_segment(0, is_gist.long(), "sum")
+    has = count > 0
+    split = has & (last - first + 1 != count)
+    if split.any():
+        where = [(r, s) for r, s in split.nonzero().tolist()]
+        raise ValueError(f"(row, segment) {where} hold more than one separate span of gist tokens; "
+                         "the gist tokens of an example must be one contiguous span")
+    if num_gist_tokens is not None:
+        wrong = has & (count != num_gist_tokens)
+        if wrong.any():
+            where = [(r, s) for r, s in wrong.nonzero().tolist()]
+            raise ValueError(f"(row, segment) {where} hold {count[wrong].tolist()} gist tokens; expected "
+                             f"num_gist_tokens={num_gist_tokens}")
+    first, last = torch.where(has, first, seq_len), torch.where(has, last, seq_len)
+    return first.gather(1, segment_ids), last.gather(1, segment_ids)
+
+
+def segment_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 in every segment of a packed row (padding gets 0)."""
+    bsz, seq_len = segment_ids.shape
+    idx = torch.arange(seq_len, device=segment_ids.device).expand(bsz, seq_len)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_col = torch.where(starts, idx, 0).cummax(-1).values
+    return torch.where(segment_ids > 0, idx - start_col, 0)
+
+
+def _decoder_rule(b, q, k, segment_ids, first, last, condition: str) -> torch.Tensor:
+    """May query column ``q`` of row ``b`` attend to key column ``k`` in decoder self-attention?
+    Causal, same segment, a real key, and the condition's rule with the query's segment span.
+    The arguments broadcast: index grids for a dense mask, or scalars in a FlexAttention mask_mod."""
+    segment = segment_ids[b, q]
+    return ((q >= k) & (segment_ids[b, k] == segment) & (segment_ids[b, k] > 0)
+            & _condition_rule(q, k, first[b, q], last[b, q], condition))
+
+
+def within_window(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """Sliding-window attention by position id: the key is less than ``window`` positions behind."""
+    return query_positions - key_positions < window
+
+
+def decoder_mask_mod(segment_ids: torch.Tensor, first: torch.Tensor, last: torch.Tensor, condition: str,
+                     positions: torch.Tensor | None = None, window: int | None = None):
+    """The FlexAttention ``mask_mod`` of :func:`_decoder_rule` (and of a sliding window, by position
+    id, when ``window`` is set). One code object for every call, so compiled kernels are reused."""
+    check_condition(condition)
+
+    def mask_mod(b, h, q, k):
+        allowed = _decoder_rule(b, q, k, segment_ids, first, last, condition)
+        if window is not None:
+            allowed = allowed & within_window(positions[b, q], positions[b, k], window)
+        return allowed
+
+    return mask_mod
+
+
 def condition_mask(
     input_ids: torch.Tensor, gist_token_id: int, condition: str, num_gist_tokens: int | None = None
 ) -> torch.Tensor:
@@ -94,24 +172,32 @@ def condition_mask(
     return _condition_rule(idx[None, :, None], idx[None, None, :], first[:, None, None], last[:, None, None], condition)
 
 
+def decoder_segments(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """The segment ids of a batch: given for packed rows; else 1 on real tokens and 0 on padding."""
+    if segment_ids is not None:
+        return segment_ids.long()
+    return torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+
+
 def decoder_attention_mask(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     gist_token_id: int,
     condition: str,
     num_gist_tokens: int | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decoder-only self-attention: causal AND key padding AND the rule, (B, 1, S, S) bool.
-
-    Works for left or right padding (the rule is stated in column indices).
-    """
+    """Decoder-only self-attention: causal AND same segment AND real key AND the rule, as a dense
+    (B, 1, S, S) bool mask. ``segment_ids`` (B, S) for packed rows; without it each row is one
+    example and ``attention_mask`` marks padding (either side: the rule is stated in columns)."""
+    check_condition(condition)
+    segments = decoder_segments(input_ids, attention_mask, segment_ids)
+    first, last = segment_gist_spans(input_ids, segments, gist_token_id, num_gist_tokens)
     bsz, seq_len = input_ids.shape
     idx = torch.arange(seq_len, device=input_ids.device)
-    causal = idx[None, :, None] >= idx[None, None, :]  # (1, S, S)
-    mask = causal & condition_mask(input_ids, gist_token_id, condition, num_gist_tokens)
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, :]
-    return mask[:, None]
+    b = torch.arange(bsz, device=input_ids.device)[:, None, None]
+    return _decoder_rule(b, idx[None, :, None], idx[None, None, :], segments, first, last, condition)[:, None]
 
 
 def encoder_attention_mask(
@@ -162,42 +248,31 @@ def cross_attention_mask(
     return continuation_visibility(input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
 
 
-def gist_masks(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    gist_token_id: int,
-    condition: str,
-    encoder_decoder: bool,
-    num_gist_tokens: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """All boolean masks of a training batch: ``{"self_mask"}`` for decoder-only models,
-    ``{"encoder_mask", "cross_mask"}`` for encoder-decoders."""
-    args = (input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
-    if encoder_decoder:
-        return {"encoder_mask": encoder_attention_mask(*args), "cross_mask": cross_attention_mask(*args)}
-    return {"self_mask": decoder_attention_mask(*args)}
+def _prefix_rule(b, q, k, key_valid, n_prefix: int, causal: bool) -> torch.Tensor:
+    """May new token ``q`` (0-based among the new ones) see key column ``k``, when the first
+    ``n_prefix`` keys are a cached prefix? Any valid key, and (causal) no later new token. The
+    prefix already went through the gist rule when it was cached."""
+    allowed = key_valid[b, k]
+    return allowed & (k <= n_prefix + q) if causal else allowed
 
 
 def prefix_attention_mask(prefix_valid: torch.Tensor, attention_mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """Mask for new tokens that follow a cached prefix: (B, 1, T, L+T) bool.
-
-    The prefix (L cached positions, ``prefix_valid`` (B, L)) already went through the rule when
-    it was cached, so new tokens may see every valid prefix entry, plus the new tokens allowed by
-    padding (``attention_mask`` (B, T)) and, for decoders, causality.
-    """
+    """Mask for new tokens that follow a cached prefix: (B, 1, T, L+T) bool, from the L cached
+    positions' validity ``prefix_valid`` (B, L) and the new tokens' padding ``attention_mask`` (B, T)."""
+    key_valid = torch.cat([prefix_valid.bool(), attention_mask.bool()], -1)
     bsz, new_len = attention_mask.shape
-    new_keys = attention_mask.bool()[:, None, :].expand(bsz, new_len, new_len)
-    if causal:
-        idx = torch.arange(new_len, device=attention_mask.device)
-        new_keys = new_keys & (idx[:, None] >= idx[None, :])
-    old_keys = prefix_valid.bool()[:, None, :].expand(bsz, new_len, prefix_valid.shape[1])
-    return torch.cat([old_keys, new_keys], dim=-1)[:, None]
+    n_prefix = prefix_valid.shape[1]
+    device = attention_mask.device
+    b = torch.arange(bsz, device=device)[:, None, None]
+    q = torch.arange(new_len, device=device)[None, :, None]
+    k = torch.arange(n_prefix + new_len, device=device)[None, None, :]
+    allowed = _prefix_rule(b, q, k, key_valid, n_prefix, causal)
+    return allowed.expand(bsz, new_len, n_prefix + new_len)[:, None]
 
 
 def sliding_window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
     """Keys within ``window`` positions behind each query, by position id: (B, 1, T, S) bool."""
-    distance = query_positions[:, :, None] - key_positions[:, None, :]
-    return (distance < window)[:, None]
+    return within_window(query_positions[:, :, None], key_positions[:, None, :], window)[:, None]
 
 
 def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -25,8 +25,6 @@ from .masks import check_condition
 from .splits import VALIDATION_SPLITS, metric_key
 from .tokens import SUITE_TOKENIZER_NAME, add_special_tokens, fit_embeddings, gist_token_id, load_tokenizer
 
-MASK_KEYS = ("self_mask", "encoder_mask", "cross_mask")
-
 
 class GistLitModule(L.LightningModule):
     """Gist fine-tuning of an HF model. It owns the model, its tokenizer (with ``<GIST>``), k and the
@@ -39,7 +37,8 @@ class GistLitModule(L.LightningModule):
             ``model_name_or_path``, or ``"suite"`` for a model built from scratch.
         condition: ``gist``, ``pos_control`` or ``neg_control``.
         num_gist_tokens: k.
-        attn_implementation: ``sdpa`` or ``eager`` (the ones that take the gist mask).
+        attn_implementation: ``sdpa``, ``eager`` or ``flex_attention`` (the family registry says which
+            of them a family takes the gist mask under; flex builds BlockMasks, O(S) mask memory).
         dtype: weights' dtype for ``from_pretrained`` (e.g. ``bfloat16``); None keeps the checkpoint's.
         learning_rate / weight_decay / warmup_ratio / scheduler: AdamW with a transformers schedule
             (``cosine``, ``constant_with_warmup``, ``linear``...).
@@ -236,6 +235,11 @@ class GistLitModule(L.LightningModule):
         # row of the embedding). Every rank holds the whole model until the engine partitions it.
         self.configure_model()
         self._check_validation_fits()
+        if (stage == "fit" and self.hparams.attn_implementation == "flex_attention" and self._trainer is not None
+                and self.trainer.strategy.root_device.type == "cpu"):
+            raise GistError("attn_implementation=flex_attention cannot train on a CPU: torch has no FlexAttention "
+                            "backward there. Train with sdpa on CPU (validation and compress under flex_attention "
+                            "do run on CPU), or on a GPU")
         if self.peft is not None and self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
             raise GistError("model.peft runs on one GPU or with DDP; DeepSpeed would shard and save the frozen base "
                             "too: drop trainer.strategy (or use ddp)")
@@ -260,7 +264,7 @@ class GistLitModule(L.LightningModule):
         h = self.hparams
         return gist_forward(
             self.model, batch["input_ids"], batch["attention_mask"], self.gist_token_id, h.condition,
-            labels=batch["labels"], gist_masks={k: batch[k] for k in MASK_KEYS if k in batch},
+            labels=batch["labels"], num_gist_tokens=h.num_gist_tokens, segment_ids=batch.get("segment_ids"),
         ).loss
 
     def training_step(self, batch, batch_idx):

@@ -87,3 +87,25 @@ def test_limits_beyond_the_models_positions_are_refused(suite_module):
 
     with pytest.raises(ContextLengthError, match=r"data.human_limits.max_length=900 exceeds the model's 768 positions"):
         suite_module(human_limits=LengthLimits(max_length=900))
+
+
+def test_packing_fills_rows_with_every_training_example_once(suite_module, tiny_models):
+    dm, module = suite_module(packing=True, limits={"max_length": 96})
+    dm.setup("fit")
+    rows = dm.packed_rows()
+    assert sorted(i for row in rows for i in row) == list(range(len(dm.datasets["train"])))
+    assert len(rows) < len(dm.datasets["train"]) / 2  # several examples per row
+    gist = gist_token_id(module.tokenizer)
+    seen = 0
+    for batch in dm.train_dataloader():
+        assert batch["input_ids"].shape[1] <= 96
+        segments = batch["segment_ids"]
+        for i in range(segments.shape[0]):
+            n = int(segments[i].max())
+            # one gist span per example
+            assert (batch["input_ids"][i] == gist).sum().item() == n
+            seen += n
+    assert seen == len(dm.datasets["train"])
+    t5 = GistLitModule(model_config=tiny_models["t5"])
+    with pytest.raises(ValueError, match="data.packing"):
+        dm.connect(**t5.data_facts())

@@ -67,8 +67,12 @@ def test_what_is_refused_says_why(make_pair):
             family_of(model)
     gemma2, _, _ = make_pair("gemma2", attn="eager")
     gemma2.config._attn_implementation = "sdpa"
-    with pytest.raises(ValueError, match="soft-capping is computed by eager attention only"):
+    with pytest.raises(ValueError, match="soft-capping is computed by eager and flex attention only"):
         family_of(gemma2)
+    t5, _, _ = make_pair("t5")
+    t5.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="no FlexAttention path for T5"):
+        family_of(t5)
     config = AutoConfig.for_model("qwen3", layer_types=["full_attention", "chunked_attention"], num_hidden_layers=2)
     config._attn_implementation = "sdpa"
     with pytest.raises(ValueError, match="layer types \\['chunked_attention'\\]"):

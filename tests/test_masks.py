@@ -90,7 +90,8 @@ def test_decoder_mask_matches_brute_force(batch, condition):
         rule = _reference_rule(ids[b].tolist(), condition)
         for i in range(ids.shape[1]):
             for j in range(ids.shape[1]):
-                want = j <= i and bool(pad[b, j]) and rule[i][j]
+                # padding sees nothing and is seen by nothing
+                want = j <= i and bool(pad[b, i]) and bool(pad[b, j]) and rule[i][j]
                 assert bool(got[b, 0, i, j]) == want, (b, i, j)
 
 
@@ -122,7 +123,8 @@ def test_encoder_and_cross_masks_match_brute_force(batch, condition):
 def test_rows_without_gist_get_the_plain_mask(batch, condition):
     ids, pad, _ = batch
     ids = torch.where(ids == G, 5, ids)
-    plain = torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool)) & pad.bool()[:, None, :]
+    plain = (torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool)) & pad.bool()[:, None, :]
+             & pad.bool()[:, :, None])
     assert torch.equal(masks.decoder_attention_mask(ids, pad, G, condition)[:, 0], plain)
 
 
@@ -147,3 +149,71 @@ def test_additive_form_and_positions():
     assert add[0, 0] == 0 and add[0, 1] == torch.finfo(torch.float32).min
     pos = masks.padding_position_ids(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]]), torch.tensor([3, 0]))
     assert pos[0, 2:].tolist() == [3, 4, 5] and pos[1, :3].tolist() == [0, 1, 2]
+
+
+@st.composite
+def packed_rows(draw):
+    """Examples [instr | gists | post] (some without gists) packed into rows, with segment ids
+    (1, 2, ... per row; 0 for the padding at the end)."""
+    k = draw(st.integers(1, 3))
+    rows_, segs = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        row, seg = [], []
+        for s in range(1, draw(st.integers(1, 4)) + 1):
+            instr = draw(st.lists(st.integers(1, 9), min_size=0, max_size=4))
+            post = draw(st.lists(st.integers(1, 9), min_size=1, max_size=4))
+            ex = instr + ([G] * k if draw(st.booleans()) else []) + post
+            row += ex
+            seg += [s] * len(ex)
+        rows_.append(row)
+        segs.append(seg)
+    width = max(len(r) for r in rows_) + draw(st.integers(0, 2))
+    ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows_])
+    seg = torch.tensor([s + [0] * (width - len(s)) for s in segs])
+    return ids, seg, k
+
+
+@settings(max_examples=150, deadline=None)
+@given(packed_rows(), st.sampled_from(masks.CONDITIONS))
+def test_a_packed_row_is_its_examples_masks_on_the_diagonal(batch, condition):
+    """Each example of a packed row sees exactly what it would see alone, and nothing of the others;
+    positions restart at 0 in every example."""
+    ids, seg, k = batch
+    got = masks.decoder_attention_mask(ids, None, G, condition, num_gist_tokens=None, segment_ids=seg)[:, 0]
+    positions = masks.segment_position_ids(seg)
+    for b in range(ids.shape[0]):
+        want = torch.zeros_like(got[b])
+        for s in seg[b].unique().tolist():
+            if s == 0:
+                continue
+            cols = (seg[b] == s).nonzero().flatten()
+            alone = masks.decoder_attention_mask(ids[b, cols][None], None, G, condition)[0, 0]
+            want[cols[:, None], cols[None, :]] = alone
+            assert positions[b, cols].tolist() == list(range(len(cols)))
+        assert torch.equal(got[b], want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(packed_rows(), st.sampled_from(masks.CONDITIONS))
+def test_the_flex_mask_mod_is_the_dense_rule(batch, condition):
+    """The FlexAttention mask_mod evaluated per (query, key) pair gives the dense mask, with and
+    without a sliding window."""
+    ids, seg, k = batch
+    first, last = masks.segment_gist_spans(ids, seg, G)
+    positions = masks.segment_position_ids(seg)
+    dense = masks.decoder_attention_mask(ids, None, G, condition, segment_ids=seg)[:, 0]
+    for window in (None, 2):
+        mod = masks.decoder_mask_mod(seg, first, last, condition, positions, window)
+        want = dense if window is None else dense & masks.sliding_window_mask(positions, positions, window)[:, 0]
+        for b in range(ids.shape[0]):
+            for q in range(ids.shape[1]):
+                for kv in range(ids.shape[1]):
+                    got = mod(torch.tensor(b), torch.tensor(0), torch.tensor(q), torch.tensor(kv))
+                    assert bool(got) == bool(want[b, q, kv]), (b, q, kv, window)
+
+
+def test_an_example_with_two_gist_spans_in_a_packed_row_is_named():
+    ids = torch.tensor([[1, G, 2, 3, G, 4, G, 5]])
+    seg = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 2]])
+    with pytest.raises(ValueError, match=r"\(row, segment\) \[\(0, 2\)\]"):
+        masks.decoder_attention_mask(ids, None, G, "gist", segment_ids=seg)

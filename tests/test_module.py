@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gist_lightning.cli import cli_main, default_callbacks
 from gist_lightning.data import EmbeddedSuite
+from gist_lightning.errors import GistError
 from gist_lightning.evaluation.callbacks import ExportBest, RougeCallback
 from gist_lightning.export import load_pretrained
 from gist_lightning.module import GistLitModule
@@ -97,9 +98,10 @@ class StepCounter(L.Callback):
         self.count += 1
 
 
-def _train(tmp_path, model_config, name, max_steps, callbacks=(), ckpt=None):
+def _train(tmp_path, model_config, name, max_steps, callbacks=(), ckpt=None, packing=False):
     L.seed_everything(0)
-    dm = EmbeddedSuite(cache_dir=str(tmp_path / "cache"), train_size=256, validation_size=8, batch_size=16)
+    dm = EmbeddedSuite(cache_dir=str(tmp_path / "cache"), train_size=256, validation_size=8,
+                       batch_size=4 if packing else 16, packing=packing, limits={"max_length": 128})
     module = GistLitModule(model_config=model_config, learning_rate=1e-2)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, limit_val_batches=0, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
@@ -111,17 +113,42 @@ def _train(tmp_path, model_config, name, max_steps, callbacks=(), ckpt=None):
 
 
 @pytest.mark.slow
-def test_resume_from_a_mid_epoch_checkpoint_continues_the_same_run(tmp_path, tiny_models):
-    # 256 records / 16 = 16 batches per epoch; a checkpoint at step 20 is in the middle of epoch 1
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_resume_from_a_mid_epoch_checkpoint_continues_the_same_run(tmp_path, tiny_models, packing):
+    # 256 records / 16 = 16 batches per epoch (packed: about 14 rows of 128 tokens / 4 per batch);
+    # a checkpoint at step 20 is in the middle of an epoch after the first
     llama = tiny_models["llama"]
-    _, straight, _ = _train(tmp_path, llama, "a", max_steps=24)
+    _, straight, _ = _train(tmp_path, llama, "a", max_steps=24, packing=packing)
     every = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=20, save_top_k=-1,
                             filename="mid-{step}")
-    _train(tmp_path, llama, "b", max_steps=24, callbacks=[every])
+    _train(tmp_path, llama, "b", max_steps=24, callbacks=[every], packing=packing)
     ckpt = tmp_path / "ckpts" / "mid-step=20.ckpt"
     state = torch.load(ckpt, weights_only=False)
-    assert state["epoch"] == 1 and state["global_step"] == 20
-    resumed_trainer, resumed, steps_run = _train(tmp_path, llama, "c", max_steps=24, ckpt=str(ckpt))
+    assert state["epoch"] >= 1 and state["global_step"] == 20
+    resumed_trainer, resumed, steps_run = _train(tmp_path, llama, "c", max_steps=24, ckpt=str(ckpt), packing=packing)
     assert resumed_trainer.global_step == 24 and steps_run == 4
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_flex_attention_training_on_cpu_is_refused_with_the_reason(tmp_path, tiny_models):
+    module = GistLitModule(model_config=tiny_models["llama"], attn_implementation="flex_attention")
+    dm = EmbeddedSuite(cache_dir=str(tmp_path / "cache"), train_size=64, validation_size=8, batch_size=8,
+                       limits={"max_length": 128}, human_limits={"max_length": 160})
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(GistError, match="no FlexAttention backward"):
+        trainer.fit(module, datamodule=dm)
+
+
+@pytest.mark.slow
+def test_validation_under_flex_attention_gives_the_dense_metrics(trained_export, tmp_path):
+    """The same exported model validated with BlockMasks (flex_attention) and with dense masks (sdpa):
+    the same generations, so the same metrics."""
+    data = EmbeddedSuite(cache_dir=str(tmp_path / "cache"), train_size=64, validation_size=24,
+                         max_validation_records=24, eval_batch_size=12)
+    dense = validate_metrics(GistLitModule(model_name_or_path=str(trained_export), max_new_tokens=12), data,
+                             tmp_path / "dense")
+    flex = GistLitModule(model_name_or_path=str(trained_export), max_new_tokens=12, attn_implementation="flex_attention")
+    assert validate_metrics(flex, data, tmp_path / "flex") == dense
+    assert dense["validation_seen"].rougeL > 40

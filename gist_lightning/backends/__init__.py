@@ -24,15 +24,17 @@ def backend_of(model) -> Backend:
 
 
 def gist_forward(model, input_ids, attention_mask, gist_token_id: int, condition: str, num_gist_tokens=None,
-                 gist_masks=None, **kwargs):
+                 segment_ids=None, **kwargs):
     """The masked full-prompt forward pass: training, and the reference every cache must equal.
 
     Decoder-only: ``input_ids`` is prompt + completion, any padding side; position ids skip
-    padding. Encoder-decoder: ``input_ids`` is the source; pass ``labels`` or ``decoder_input_ids``.
-    ``gist_masks`` are the boolean masks of :func:`masks.gist_masks` when the collator made them.
+    padding; ``segment_ids`` (B, S) for packed rows (1, 2, ... per example, 0 for padding), whose
+    examples see only themselves and whose positions restart per example. Under
+    ``flex_attention`` the rule reaches the layers as BlockMasks, otherwise as dense masks.
+    Encoder-decoder: ``input_ids`` is the source; pass ``labels`` or ``decoder_input_ids``.
     """
     return backend_of(model).forward(model, input_ids, attention_mask, gist_token_id, condition,
-                                     gist_masks=gist_masks, num_gist_tokens=num_gist_tokens, **kwargs)
+                                     num_gist_tokens=num_gist_tokens, segment_ids=segment_ids, **kwargs)
 
 
 __all__ = ["BACKENDS", "Backend", "backend_named", "backend_of", "gist_forward"]

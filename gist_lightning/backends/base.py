@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import masks
-
 
 class Backend:
     name: str = ""
@@ -18,14 +16,10 @@ class Backend:
         """Why prompts of ``condition`` cannot be cached by this backend (None: they can)."""
         return None
 
-    def gist_masks(self, input_ids, attention_mask, gist_token_id, condition, num_gist_tokens=None) -> dict:
-        """The boolean masks of a training batch (what the collator builds)."""
-        return masks.gist_masks(input_ids, attention_mask, gist_token_id, condition, self.encoder_decoder,
-                                num_gist_tokens)
-
-    def forward(self, model, input_ids, attention_mask, gist_token_id, condition, gist_masks=None,
-                num_gist_tokens=None, **kwargs):
-        """The masked full-prompt forward (training, and the reference a cache must equal)."""
+    def forward(self, model, input_ids, attention_mask, gist_token_id, condition, num_gist_tokens=None,
+                segment_ids=None, **kwargs):
+        """The masked full-prompt forward (training, and the reference a cache must equal);
+        ``segment_ids`` (B, S) for packed rows (several examples per row, decoder-only)."""
         raise NotImplementedError
 
     def compress(self, model, prompt_ids, attention_mask, gist_token_id, condition, cols: slice) -> list:

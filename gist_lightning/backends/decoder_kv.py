@@ -4,12 +4,34 @@ cached result equals the masked full forward."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import DynamicCache
 
 from .. import masks
-from ..families import self_attention_masks
+from ..families import FAMILIES, self_attention_block_masks, self_attention_masks
 from .base import Backend
+
+
+def _flex(model) -> bool:
+    return model.config._attn_implementation == "flex_attention"
+
+
+@contextlib.contextmanager
+def _dense_attention(model):
+    """The new tokens after a cache see a small (T, L+T) mask: under flex_attention they run with
+    the family's dense implementation (every layer reads the shared config at call time), which
+    saves building BlockMasks at every decoding step. Inductor's CPU FlexAttention kernel also
+    fails to compile a key-validity mask when queries and keys differ in length (torch 2.13)."""
+    if not _flex(model):
+        yield
+        return
+    model.config._attn_implementation = FAMILIES[model.config.model_type].preferred_attention
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = "flex_attention"
 
 
 class DecoderKV(Backend):
@@ -17,15 +39,26 @@ class DecoderKV(Backend):
     encoder_decoder = False
     seq_dim = 2  # keys/values are (B, KV heads, L, head size)
 
-    def forward(self, model, input_ids, attention_mask, gist_token_id, condition, gist_masks=None,
-                num_gist_tokens=None, **kwargs):
-        # input_ids: prompt + completion (B, S), either padding side; positions skip padding
-        if gist_masks is None:
-            gist_masks = self.gist_masks(input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
-        positions = masks.padding_position_ids(attention_mask)
-        return model(input_ids=input_ids, position_ids=positions,
-                     attention_mask=self_attention_masks(model, gist_masks["self_mask"], positions, positions),
-                     **kwargs)
+    def forward(self, model, input_ids, attention_mask, gist_token_id, condition, num_gist_tokens=None,
+                segment_ids=None, **kwargs):
+        # input_ids: prompt + completion (B, S), either padding side, or packed rows of several
+        # examples (segment_ids); positions skip padding and restart in every example
+        if segment_ids is None:
+            positions = masks.padding_position_ids(attention_mask)
+        else:
+            positions = masks.segment_position_ids(segment_ids)
+        if _flex(model):
+            segments = masks.decoder_segments(input_ids, attention_mask, segment_ids)
+            first, last = masks.segment_gist_spans(input_ids, segments, gist_token_id, num_gist_tokens)
+            bsz, seq_len = input_ids.shape
+            mask = self_attention_block_masks(
+                model, lambda window: masks.decoder_mask_mod(segments, first, last, condition, positions, window),
+                bsz, seq_len, seq_len, input_ids.device)
+        else:
+            allowed = masks.decoder_attention_mask(input_ids, attention_mask, gist_token_id, condition,
+                                                   num_gist_tokens, segment_ids)
+            mask = self_attention_masks(model, allowed, positions, positions)
+        return model(input_ids=input_ids, position_ids=positions, attention_mask=mask, **kwargs)
 
     def compress(self, model, prompt_ids, attention_mask, gist_token_id, condition, cols):
         out = self.forward(model, prompt_ids, attention_mask, gist_token_id, condition, use_cache=True,
@@ -38,11 +71,12 @@ class DecoderKV(Backend):
     def continuation(self, model, cache, input_ids, attention_mask, **kwargs):
         # input_ids (B, T), left-padded; new tokens see every valid cache entry and, causally, each other
         positions = masks.padding_position_ids(attention_mask, cache.next_position)
-        allowed = masks.prefix_attention_mask(cache.valid, attention_mask)  # (B, 1, T, L+T)
         key_positions = torch.cat([cache.positions, positions], -1)
         past = DynamicCache(ddp_cache_data=[(k, v) for k, v in cache.states]) if cache.states else DynamicCache()
-        return model(input_ids=input_ids, position_ids=positions, cache=past, use_cache=True,
-                     attention_mask=self_attention_masks(model, allowed, positions, key_positions), **kwargs)
+        allowed = masks.prefix_attention_mask(cache.valid, attention_mask)  # (B, 1, T, L+T)
+        with _dense_attention(model):
+            return model(input_ids=input_ids, position_ids=positions, cache=past, use_cache=True,
+                         attention_mask=self_attention_masks(model, allowed, positions, key_positions), **kwargs)
 
     def start(self, model, cache, input_ids, attention_mask):
         out = self.continuation(model, cache, input_ids, attention_mask)
@@ -58,9 +92,10 @@ class DecoderKV(Backend):
         key_valid = torch.cat([state["key_valid"], torch.ones_like(state["key_valid"][:, :1])], -1)
         position = state["position"]
         key_positions = torch.cat([state["key_positions"], position[:, None]], -1)
-        out = model(input_ids=tokens[:, None], position_ids=position[:, None], cache=state["past"], use_cache=True,
-                    attention_mask=self_attention_masks(model, key_valid[:, None, None, :], position[:, None],
-                                                        key_positions))
+        with _dense_attention(model):
+            out = model(input_ids=tokens[:, None], position_ids=position[:, None], cache=state["past"],
+                        use_cache=True, attention_mask=self_attention_masks(model, key_valid[:, None, None, :],
+                                                                            position[:, None], key_positions))
         state = {"past": out.cache, "key_valid": key_valid, "key_positions": key_positions, "position": position + 1}
         return out.logits[:, -1], state
 

@@ -59,15 +59,16 @@ class T5Encoder(Backend):
                     "(the paper has no instruction-caching figure for FLAN-T5 for the same reason)")
         return None
 
-    def forward(self, model, input_ids, attention_mask, gist_token_id, condition, gist_masks=None,
-                num_gist_tokens=None, **kwargs):
+    def forward(self, model, input_ids, attention_mask, gist_token_id, condition, num_gist_tokens=None,
+                segment_ids=None, **kwargs):
         # input_ids: the source (B, S); pass labels or decoder_input_ids for the target
-        if gist_masks is None:
-            gist_masks = self.gist_masks(input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
+        if segment_ids is not None:
+            raise ValueError("packed rows are for decoder-only models; an encoder-decoder takes one source per row")
+        args = (input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
         encoder_outputs = model.get_encoder()(
-            input_ids=input_ids, attention_mask=masks.to_additive(gist_masks["encoder_mask"], model.dtype)
+            input_ids=input_ids, attention_mask=masks.to_additive(masks.encoder_attention_mask(*args), model.dtype)
         )
-        return model(encoder_outputs=encoder_outputs, attention_mask=gist_masks["cross_mask"].long(), **kwargs)
+        return model(encoder_outputs=encoder_outputs, attention_mask=masks.cross_attention_mask(*args).long(), **kwargs)
 
     def compress(self, model, prompt_ids, attention_mask, gist_token_id, condition, cols):
         enc_mask = masks.encoder_attention_mask(prompt_ids, attention_mask, gist_token_id, condition)

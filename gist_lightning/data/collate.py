@@ -3,8 +3,9 @@
 Truncation never cuts a gist token: a target is shortened (keeping at least one token); an
 example whose prompt alone does not fit is dropped (and counted by the DataModule).
 Decoder batches are left-padded so that the last column is every row's last token (batched
-generation); position ids are derived from the padding by the model wrapper. The condition's
-masks come from :mod:`gist_lightning.masks`; nothing here decides what may attend to what.
+generation); position ids are derived from the padding by the model wrapper. Packed decoder
+batches hold several examples per row, numbered by ``segment_ids``. The masks are built from
+these by the backends (:mod:`gist_lightning.masks`); nothing here decides what may attend to what.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import gist_masks
 from ..padding import pad_batch
 from ..templates import EncodedExample
 
@@ -27,6 +27,27 @@ class LengthLimits:
     max_length: int = 512
     max_source_length: int = 128
     max_target_length: int = 256
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Example indices grouped into rows of at most ``capacity`` tokens, best fit decreasing (each
+    example goes into the fullest row it fits in). Deterministic; every index appears once."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    by_space: dict[int, list[int]] = {}  # free tokens -> rows with that much room
+    for i in order:
+        need = lengths[i]
+        if need > capacity:
+            raise ValueError(f"example {i} has {need} tokens, more than a packed row's {capacity}")
+        space = next((s for s in range(need, capacity + 1) if by_space.get(s)), None)
+        if space is None:
+            rows.append([])
+            row, space = len(rows) - 1, capacity
+        else:
+            row = by_space[space].pop()
+        rows[row].append(i)
+        by_space.setdefault(space - need, []).append(row)
+    return rows
 
 
 def fit_to_limits(ex: EncodedExample, limits: LengthLimits, encoder_decoder: bool) -> EncodedExample | None:
@@ -46,10 +67,12 @@ def fit_to_limits(ex: EncodedExample, limits: LengthLimits, encoder_decoder: boo
 class GistCollator:
     """Turns tokenized examples (dicts with prefix/gists/suffix/target ids) into model batches.
 
-    Training fields: ``input_ids``, ``attention_mask``, ``labels`` and the condition's boolean
-    masks. With ``for_generation`` it adds the cache path's inputs: ``prefix_ids`` (instruction
-    + gists, left-padded), ``continuation_ids`` (what follows the gists) and their masks, plus
-    the raw ``x`` / ``y_true`` strings and instruction lengths.
+    Training fields: ``input_ids``, ``attention_mask``, ``labels``. With ``packed`` (decoder-only,
+    training) each item is a list of examples put end to end in one row, right-padded, with
+    ``segment_ids`` (1, 2, ... per example, 0 on padding). With ``for_generation`` it adds the
+    cache path's inputs: ``prefix_ids`` (instruction + gists, left-padded), ``continuation_ids``
+    (what follows the gists) and their masks, plus the raw ``x`` / ``y_true`` strings and
+    instruction lengths.
     """
 
     pad_token_id: int
@@ -58,8 +81,31 @@ class GistCollator:
     encoder_decoder: bool
     num_gist_tokens: int
     for_generation: bool = False
+    packed: bool = False
+
+    def __post_init__(self):
+        if self.packed and (self.encoder_decoder or self.for_generation):
+            raise ValueError("packed batches are for training decoder-only models")
+
+    def _packed(self, rows: list[list[dict]]) -> dict:
+        seqs, segments, labels = [], [], []
+        for row in rows:
+            ids, seg, lab = [], [], []
+            for s, r in enumerate(row, start=1):
+                prompt = r["prefix"] + r["gists"] + r["suffix"]
+                ids += prompt + r["target"]
+                seg += [s] * (len(prompt) + len(r["target"]))
+                lab += [IGNORE_INDEX] * len(prompt) + r["target"]
+            seqs.append(ids)
+            segments.append(seg)
+            labels.append(lab)
+        input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, "right")
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": pad_batch(labels, IGNORE_INDEX, "right")[0], "segment_ids": pad_batch(segments, 0, "right")[0]}
 
     def __call__(self, rows: list[dict]) -> dict:
+        if self.packed:
+            return self._packed(rows)
         exs = [EncodedExample(r["prefix"], r["gists"], r["suffix"], r["target"]) for r in rows]
         pad = self.pad_token_id
         if self.encoder_decoder:
@@ -69,10 +115,6 @@ class GistCollator:
             input_ids, attention_mask = pad_batch([e.prompt + e.target for e in exs], pad, "left")
             labels, _ = pad_batch([[IGNORE_INDEX] * len(e.prompt) + e.target for e in exs], IGNORE_INDEX, "left")
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        batch.update(
-            gist_masks(input_ids, attention_mask, self.gist_token_id, self.condition, self.encoder_decoder,
-                       self.num_gist_tokens)
-        )
         if self.for_generation:
             batch["prefix_ids"], batch["prefix_mask"] = pad_batch([e.prefix + e.gists for e in exs], pad, "left")
             side = "right" if self.encoder_decoder else "left"

@@ -28,7 +28,7 @@ from ..masks import check_condition
 from ..splits import HUMAN, SPLITS, TRAIN, VALIDATION_SPLITS
 from ..templates import encode_example, prompt_text
 from ..tokens import gist_token_id, tokenizer_fingerprint
-from .collate import GistCollator, LengthLimits, fit_to_limits
+from .collate import GistCollator, LengthLimits, fit_to_limits, pack_rows
 from .records import load_records
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,19 @@ class PaddedToMultiple(torch.utils.data.Dataset):
         return {**self.dataset[i % self.size], "is_padding": i >= self.size}
 
 
+class PackedRows(torch.utils.data.Dataset):
+    """Training rows of several examples each (:func:`~gist_lightning.data.collate.pack_rows`)."""
+
+    def __init__(self, dataset, rows: list[list[int]]):
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return [self.dataset[j] for j in self.rows[i]]
+
+
 class GistDataModule(L.LightningDataModule):
     """Train loader and one named loader per validation split (``splits.VALIDATION_SPLITS``).
 
@@ -133,6 +146,9 @@ class GistDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         cache_dir: where generated data and tokenized datasets are kept.
         seed: the order of training batches (a function of seed and epoch only, so resuming is exact).
+        packing: training rows hold several examples end to end, up to ``limits.max_length`` tokens
+            (decoder-only); ``batch_size`` then counts rows. Each example keeps its own gist rule and
+            positions and sees no other example, so its loss is what it would be alone.
     """
 
     def __init__(
@@ -145,6 +161,7 @@ class GistDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str = ".cache/gist_lightning",
         seed: int = 0,
+        packing: bool = False,
     ):
         super().__init__()
         # the CLI may hand a dataclass argument over as a mapping; missing fields keep the defaults
@@ -175,6 +192,9 @@ class GistDataModule(L.LightningDataModule):
             if not encoder_decoder and context_length is not None and limits.max_length > context_length:
                 raise ContextLengthError(f"data.{name}.max_length={limits.max_length} exceeds the model's "
                                          f"{context_length} positions; set it to {context_length} or less")
+        if self.hparams.packing and encoder_decoder:
+            raise ValueError("data.packing puts several examples in one decoder row; an encoder-decoder model "
+                             "takes one source per row: set data.packing false")
         if self.facts is None or self.facts.token_key != facts.token_key:
             self.datasets, self.dropped = {}, {}
         self.facts = facts
@@ -247,10 +267,24 @@ class GistDataModule(L.LightningDataModule):
         return max((len(a) + len(b) + len(c) for a, b, c in zip(ds["prefix"], ds["gists"], ds["suffix"])), default=0)
 
     # -- batching -----------------------------------------------------------------------------
-    def collator(self, for_generation: bool) -> GistCollator:
+    def collator(self, for_generation: bool, packed: bool = False) -> GistCollator:
         facts = self._connected()
         return GistCollator(facts.tokenizer.pad_token_id, facts.gist_token_id, facts.condition,
-                            facts.encoder_decoder, facts.num_gist_tokens, for_generation)
+                            facts.encoder_decoder, facts.num_gist_tokens, for_generation, packed)
+
+    def packed_rows(self) -> list[list[int]]:
+        """The training examples' indices, packed into rows of ``limits.max_length`` tokens (once per
+        loaded split: the rows are fixed, their order is shuffled per epoch)."""
+        ds = self.datasets[TRAIN]
+        key = (id(ds), self.limits.max_length)
+        if getattr(self, "_packing", (None,))[0] != key:
+            lengths = [len(a) + len(b) + len(c) + len(d)
+                       for a, b, c, d in zip(ds["prefix"], ds["gists"], ds["suffix"], ds["target"])]
+            rows = pack_rows(lengths, self.limits.max_length)
+            log.info("packing: %d examples into %d rows of %d tokens (%.0f%% filled)", len(lengths), len(rows),
+                     self.limits.max_length, 100 * sum(lengths) / max(1, len(rows) * self.limits.max_length))
+            self._packing = (key, rows)
+        return self._packing[1]
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
@@ -259,10 +293,13 @@ class GistDataModule(L.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.datasets[TRAIN]), self.hparams.seed, self._epoch)
-        return ResumableLoader(self.datasets[TRAIN], batch_size=self.hparams.batch_size, sampler=sampler,
-                               collate_fn=self.collator(False), num_workers=self.hparams.num_workers,
-                               progress_fn=self._batches_processed)
+        dataset = self.datasets[TRAIN]
+        if self.hparams.packing:
+            dataset = PackedRows(dataset, self.packed_rows())
+        sampler = EpochSampler(len(dataset), self.hparams.seed, self._epoch)
+        return ResumableLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                               collate_fn=self.collator(False, packed=self.hparams.packing),
+                               num_workers=self.hparams.num_workers, progress_fn=self._batches_processed)
 
     def val_dataloader(self) -> list[DataLoader]:
         loaders = []
