@@ -29,6 +29,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) experiments/bench_caching.py
 	$(PY) experiments/bench_train.py
+	$(PY) experiments/bench_attention.py
 
 # the default sweep on the embedded default: pos_control, neg_control, gist k in {1,2,5,10}
 sweep: $(STAMP)

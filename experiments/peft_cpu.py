@@ -63,8 +63,11 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+SUITE_OVERRIDES: dict = {}  # --max_validation_records (a quick check of the script)
+
+
 def data(config: dict, seed: int, cache_dir: str) -> EmbeddedSuite:
-    args = dict(config["data"]["init_args"], cache_dir=cache_dir, seed=seed)
+    args = dict(config["data"]["init_args"], cache_dir=cache_dir, seed=seed, **SUITE_OVERRIDES)
     return EmbeddedSuite(**args)
 
 
@@ -161,7 +164,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--pretrain_steps", type=int, default=5000)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--max_validation_records", type=int, default=None, help="per split (default: all)")
     args = parser.parse_args()
+    if args.max_validation_records:
+        SUITE_OVERRIDES["max_validation_records"] = args.max_validation_records
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     config = yaml.safe_load(open(args.config))
     out, work = Path(args.out), Path(args.work)

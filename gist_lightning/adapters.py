@@ -20,6 +20,7 @@ from .families import family_of
 
 QUANTIZE = ("nf4", "fp4")
 MOE_ROUTERS = ("gate",)  # module names of the routers in the MoE families of the registry
+MOE_EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")  # their fused expert weights
 
 
 @dataclass
@@ -97,10 +98,17 @@ def apply_peft(model, settings: PeftSettings, token_ids: list[int]):
             rank_zero_warn(f"{family.model_type}: LoRA on fused expert weights takes no dropout; model.peft.dropout="
                            f"{dropout} -> 0 (or name model.peft.target_modules without the experts)")
             dropout = 0.0
+        modules, parameters = settings.target_modules or "all-linear", None
+        if family.moe and settings.target_modules is None:
+            # PEFT's all-linear adapts the routers' weights too (as parameters); MoE routers keep
+            # their pretrained routing: every linear layer but the head and routers, and the experts
+            head = model.get_output_embeddings()
+            modules = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and m is not head
+                              and name.rsplit(".", 1)[-1] not in MOE_ROUTERS})
+            parameters = list(MOE_EXPERT_PARAMETERS)
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=dropout,
-                            target_modules=settings.target_modules or "all-linear",
-                            # MoE routers keep their pretrained routing
-                            exclude_modules=list(MOE_ROUTERS) if family.moe else None,
+                            target_modules=modules, target_parameters=parameters,
                             trainable_token_indices=targets,
                             task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
     return get_peft_model(model, config)

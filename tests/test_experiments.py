@@ -5,6 +5,7 @@ against the uncached prompt."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,34 @@ def test_a_killed_sweep_rerun_loses_and_duplicates_nothing(run_config, tmp_path)
     assert "gist-k1-seed0: finished before, skipped" in rerun.stdout and "earlier attempt moved to" in rerun.stdout
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted((r["condition"], r["k"]) for r in rows) == [("gist", "1"), ("gist", "2")]
+
+
+@pytest.mark.slow
+def test_attention_benchmark_runs_every_mode_and_packing_fills_rows(tmp_path):
+    bench = ROOT / "experiments" / "bench_attention.py"
+    out = tmp_path / "attention.md"
+    proc = subprocess.run([sys.executable, str(bench), "--lengths", "256", "--steps", "1", "--warmup", "0",
+                           "--tokens_per_step", "512", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    assert set(rows) == {"causal", "dense", "flex", "packed-dense", "packed-flex"}
+    # packed rows carry more real tokens than padded ones; BlockMasks are smaller than dense masks
+    assert rows["packed-dense"]["real_tokens_per_step"] > rows["dense"]["real_tokens_per_step"]
+    assert rows["flex"]["mask_MB"] < rows["dense"]["mask_MB"]
+    assert rows["flex"]["work"] == "forward" and rows["dense"]["work"] == "train"  # no flex backward on CPU
+
+
+@pytest.mark.slow
+def test_the_peft_experiment_reports_every_arm(tmp_path):
+    script = ROOT / "experiments" / "peft_cpu.py"
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--work", str(tmp_path / "work"),
+                           "--seeds", "0", "--pretrain_steps", "6", "--steps", "12", "--max_validation_records", "8"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    arms = {r["arm"]: r for r in rows}
+    assert len(arms) == 6
+    lora, row_only, full = (arms["gist (LoRA r16 + gist row)"], arms["gist (gist row only)"], arms["gist (full)"])
+    assert row_only["trainable_params"] < lora["trainable_params"] < full["trainable_params"] == full["total_params"]
+    assert row_only["checkpoint_bytes"] < lora["checkpoint_bytes"] < full["checkpoint_bytes"]
+    assert "| gist (gist row only) |" in (out / "table.md").read_text()

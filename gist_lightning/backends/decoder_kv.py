@@ -18,12 +18,20 @@ def _flex(model) -> bool:
     return model.config._attn_implementation == "flex_attention"
 
 
+def _static_shapes_on_cpu(device):
+    """Inductor's CPU FlexAttention kernel fails to compile once a second sequence length makes it
+    dynamic (torch 2.13: "cur_kvSplitSize0 was not declared"): on CPU, compile per shape instead."""
+    if torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64)
+
+
 @contextlib.contextmanager
 def _dense_attention(model):
     """The new tokens after a cache see a small (T, L+T) mask: under flex_attention they run with
     the family's dense implementation (every layer reads the shared config at call time), which
-    saves building BlockMasks at every decoding step. Inductor's CPU FlexAttention kernel also
-    fails to compile a key-validity mask when queries and keys differ in length (torch 2.13)."""
+    saves building BlockMasks at every decoding step (and inductor's CPU FlexAttention kernel failed
+    to compile the decoding masks here, torch 2.13)."""
     if not _flex(model):
         yield
         return
@@ -54,6 +62,8 @@ class DecoderKV(Backend):
             mask = self_attention_block_masks(
                 model, lambda window: masks.decoder_mask_mod(segments, first, last, condition, positions, window),
                 bsz, seq_len, seq_len, input_ids.device)
+            with _static_shapes_on_cpu(input_ids.device):
+                return model(input_ids=input_ids, position_ids=positions, attention_mask=mask, **kwargs)
         else:
             allowed = masks.decoder_attention_mask(input_ids, attention_mask, gist_token_id, condition,
                                                    num_gist_tokens, segment_ids)
