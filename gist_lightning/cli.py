@@ -152,7 +152,8 @@ def export_main(argv: list[str]) -> None:
             raise CorruptFileError(f"{ckpt}: not a readable Lightning checkpoint (not a torch zip archive: "
                                    "truncated, corrupt or another kind of file)")
         module = GistLitModule.load_from_checkpoint(ckpt, map_location="cpu")
-    module.model.to(getattr(torch, cfg.dtype))
+    if not (module.peft and module.peft.quantize):  # 4-bit weights cannot be cast; their adapters stay as trained
+        module.model.to(getattr(torch, cfg.dtype))
     out = module.export(cfg.out, form=cfg.form)
     form = f", {cfg.form}" if module.peft_model is not None else ""
     print(f"exported {cfg.ckpt} -> {out} ({cfg.dtype}{form})")

@@ -198,22 +198,24 @@ class GistLitModule(L.LightningModule):
         # the random state, so that a resumed run draws the same dropout masks (exact on one device)
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state()  # this process's device
         if self.peft is not None:
             keep = self.trainable_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # applied at the first training batch: creating the data iterator draws from the random state
-        self._resumed_rng = checkpoint.get("rng_states")
+        # applied at the first training batch of a resumed fit (creating the data iterator draws from
+        # the random state); only rank 0's state is saved, so with several processes it is not restored
+        resuming = (self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.world_size == 1)
+        self._resumed_rng = checkpoint.get("rng_states") if resuming else None
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         states, self._resumed_rng = getattr(self, "_resumed_rng", None), None
         if states is not None:
             torch.set_rng_state(states["torch"])
             random.setstate(states["python"])
-            if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(states["cuda"])
+            if "cuda" in states and torch.cuda.is_available() and states["cuda"].dim() == 1:
+                torch.cuda.set_rng_state(states["cuda"])
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Under model.peft a checkpoint holds the trainable tensors only: the frozen base comes from
@@ -226,6 +228,12 @@ class GistLitModule(L.LightningModule):
             full = self.state_dict()
             full.update(state_dict)
             state_dict = full
+            if self.peft.quantize:  # bitsandbytes keeps quantization state beside its weights: check by hand
+                result = super().load_state_dict(state_dict, strict=False, assign=assign)
+                if strict and result.unexpected_keys:
+                    raise CorruptFileError(f"the checkpoint holds tensors this model has not: "
+                                           f"{result.unexpected_keys[:3]}")
+                return result
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def setup(self, stage: str) -> None:

@@ -197,6 +197,7 @@ class GistDataModule(L.LightningDataModule):
                              "takes one source per row: set data.packing false")
         if self.facts is None or self.facts.token_key != facts.token_key:
             self.datasets, self.dropped = {}, {}
+            self._packing = (None,)  # the rows of the dropped training split
         self.facts = facts
 
     def _connected(self) -> ModelFacts:
