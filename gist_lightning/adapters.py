@@ -92,13 +92,7 @@ def apply_peft(model, settings: PeftSettings, token_ids: list[int]):
     if settings.rank == 0:
         config = TrainableTokensConfig(target_modules=list(targets), token_indices=list(token_ids))
     else:
-        dropout = settings.dropout
-        if family.moe and dropout and settings.target_modules is None:
-            # PEFT adapts fused expert weights as parameters, where dropout on the input cannot be applied
-            rank_zero_warn(f"{family.model_type}: LoRA on fused expert weights takes no dropout; model.peft.dropout="
-                           f"{dropout} -> 0 (or name model.peft.target_modules without the experts)")
-            dropout = 0.0
-        modules, parameters = settings.target_modules or "all-linear", None
+        dropout, modules, parameters = settings.dropout, settings.target_modules or "all-linear", None
         if family.moe and settings.target_modules is None:
             # PEFT's all-linear adapts the routers' weights too (as parameters); MoE routers keep
             # their pretrained routing: every linear layer but the head and routers, and the experts
@@ -107,6 +101,11 @@ def apply_peft(model, settings: PeftSettings, token_ids: list[int]):
                               if isinstance(m, torch.nn.Linear) and m is not head
                               and name.rsplit(".", 1)[-1] not in MOE_ROUTERS})
             parameters = list(MOE_EXPERT_PARAMETERS)
+            if dropout:  # dropout on the input cannot be applied to weights adapted as parameters
+                rank_zero_warn(f"{family.model_type}: LoRA on fused expert weights takes no dropout; "
+                               f"model.peft.dropout={dropout} -> 0 (or name model.peft.target_modules without the "
+                               "experts)")
+                dropout = 0.0
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=dropout,
                             target_modules=modules, target_parameters=parameters,
                             trainable_token_indices=targets,

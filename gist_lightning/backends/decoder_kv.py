@@ -62,13 +62,13 @@ class DecoderKV(Backend):
             mask = self_attention_block_masks(
                 model, lambda window: masks.decoder_mask_mod(segments, first, last, condition, positions, window),
                 bsz, seq_len, seq_len, input_ids.device)
-            with _static_shapes_on_cpu(input_ids.device):
-                return model(input_ids=input_ids, position_ids=positions, attention_mask=mask, **kwargs)
+            shapes = _static_shapes_on_cpu(input_ids.device)
         else:
             allowed = masks.decoder_attention_mask(input_ids, attention_mask, gist_token_id, condition,
                                                    num_gist_tokens, segment_ids)
-            mask = self_attention_masks(model, allowed, positions, positions)
-        return model(input_ids=input_ids, position_ids=positions, attention_mask=mask, **kwargs)
+            mask, shapes = self_attention_masks(model, allowed, positions, positions), contextlib.nullcontext()
+        with shapes:
+            return model(input_ids=input_ids, position_ids=positions, attention_mask=mask, **kwargs)
 
     def compress(self, model, prompt_ids, attention_mask, gist_token_id, condition, cols):
         out = self.forward(model, prompt_ids, attention_mask, gist_token_id, condition, use_cache=True,
