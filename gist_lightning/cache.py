@@ -67,6 +67,23 @@ class GistCache:
         per_entry = sum(t.numel() // rows_x_len * t.element_size() for t in self.tensors())
         return int(per_entry * self.valid.sum().item() / self.batch_size)
 
+    def held_bytes(self) -> int:
+        """Bytes its tensors occupy, padding included (what a memory budget must count)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def trimmed(self) -> GistCache:
+        """Without the leading columns that no row holds (left padding of rows that were batched
+        with longer ones)."""
+        used = self.valid.any(0).nonzero()
+        start = int(used[0]) if len(used) else self.length
+        if not start:
+            return self
+        seq_dim = self.ops.seq_dim
+        cols = torch.arange(start, self.length, device=self.valid.device)
+        out = self._map(lambda t: t.index_select(seq_dim, cols), lambda t: t)
+        out.valid, out.positions = self.valid[:, start:], self.positions[:, start:]
+        return out
+
     def _map(self, fn_states, fn_rows) -> GistCache:
         return GistCache(
             states=_map_states(fn_states, self.states),

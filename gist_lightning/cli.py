@@ -251,7 +251,14 @@ def _read_lines(path: str) -> list[str]:
     return [line for line in read_text(path).splitlines() if line.strip()]
 
 
-COMMANDS = {"score": score_main, "export": export_main, "compress": compress_main, "generate": generate_main}
+def serve_main(argv: list[str]) -> None:
+    from .serving.server import serve_main as run
+
+    run(argv)
+
+
+COMMANDS = {"score": score_main, "export": export_main, "compress": compress_main, "generate": generate_main,
+            "serve": serve_main}
 LIGHTNING_COMMANDS = {
     "fit": "train (and validate) a gist model: gist-lightning fit --config configs/tiny.yaml",
     "validate": "validate a model or checkpoint on the validation splits (ROUGE-L, compression)",
@@ -263,6 +270,7 @@ HELP = {
     "export": "a Lightning checkpoint (or DeepSpeed checkpoint folder) -> an HF folder with the gist settings",
     "compress": "compress an instruction into a gist cache file with an exported model",
     "generate": "answer inputs from a gist cache file, batched",
+    "serve": "an OpenAI-compatible server of an exported model: instructions compressed once, caches reused",
 }
 DEBUG_ENV = "GIST_LIGHTNING_DEBUG"
 # failures that are the input's, not the program's: printed as one line (tracebacks with --debug)

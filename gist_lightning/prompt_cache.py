@@ -51,7 +51,12 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _meta(cache: GistCache, model, tokenizer, instructions: list[str] | None) -> dict[str, str]:
+def fingerprints(model, tokenizer) -> dict[str, str]:
+    """What a cache file records of the model and tokenizer it belongs to."""
+    return {"model_fingerprint": model_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+
+
+def _meta(cache: GistCache, model, tokenizer, instructions: list[str] | None, prints: dict | None) -> dict[str, str]:
     return {
         "format": FORMAT,
         "num_gist_tokens": str(cache.num_gist_tokens),
@@ -59,8 +64,7 @@ def _meta(cache: GistCache, model, tokenizer, instructions: list[str] | None) ->
         "backend": cache.backend,
         "dtype": str(cache.tensors()[0].dtype if cache.tensors() else model.dtype),
         "model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
-        "model_fingerprint": model_fingerprint(model),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        **(prints or fingerprints(model, tokenizer)),
         "instructions": json.dumps(instructions or []),
     }
 
@@ -71,11 +75,13 @@ def _tensors(cache: GistCache) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous().cpu() for name, t in out.items()}
 
 
-def save_cache(cache: GistCache, path: str | os.PathLike, model, tokenizer, instructions: list[str] | None = None) -> Path:
-    """Write ``cache`` (with the checks its loader needs) to ``path`` (a ``.safetensors`` file)."""
+def save_cache(cache: GistCache, path: str | os.PathLike, model, tokenizer, instructions: list[str] | None = None,
+               prints: dict[str, str] | None = None) -> Path:
+    """Write ``cache`` (with the checks its loader needs) to ``path`` (a ``.safetensors`` file);
+    ``prints``: :func:`fingerprints` of model and tokenizer when the caller has them already."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(_tensors(cache), str(tmp), metadata=_meta(cache, model, tokenizer, instructions))
+        save_file(_tensors(cache), str(tmp), metadata=_meta(cache, model, tokenizer, instructions, prints))
     return path
 
 
@@ -92,15 +98,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
-def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int | None = None) -> GistCache:
-    """Read a cache file for ``model``/``tokenizer``; refuse one made for something else."""
+def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int | None = None,
+               prints: dict[str, str] | None = None) -> GistCache:
+    """Read a cache file for ``model``/``tokenizer``; refuse one made for something else
+    (``prints``: their :func:`fingerprints`, when the caller has them already)."""
     path = Path(path)
     meta = read_metadata(path)
+    # files of version 0.1 (no "backend" key) hold the tokenizer's fingerprint without the framing
+    current = prints if prints and "backend" in meta else {
+        "model_fingerprint": prints["model_fingerprint"] if prints else model_fingerprint(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer, framing="backend" in meta)}
     checks = [
-        ("model", meta["model_fingerprint"], model_fingerprint(model),
+        ("model", meta["model_fingerprint"], current["model_fingerprint"],
          f"it was made with model {meta['model']!r}"),
-        # files of version 0.1 (no "backend" key) hold the fingerprint without the framing
-        ("tokenizer", meta["tokenizer_fingerprint"], tokenizer_fingerprint(tokenizer, framing="backend" in meta),
+        ("tokenizer", meta["tokenizer_fingerprint"], current["tokenizer_fingerprint"],
          "its vocabulary, special tokens or framing differ"),
         ("dtype", meta["dtype"], str(model.dtype), f"it holds {meta['dtype']}, the model runs in {model.dtype}"),
     ]
@@ -133,11 +144,15 @@ class CacheStore:
     themselves (there is no index to corrupt).
     """
 
-    def __init__(self, folder: str | os.PathLike, model, tokenizer, num_gist_tokens: int, condition: str = "gist"):
+    def __init__(self, folder: str | os.PathLike, model, tokenizer, num_gist_tokens: int, condition: str = "gist",
+                 frozen: bool = False):
+        """``frozen``: the model's weights do not change while the store is used (serving), so its
+        fingerprint is computed once instead of at every read and write."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = model, tokenizer
         self.num_gist_tokens, self.condition = num_gist_tokens, condition
+        self.prints = fingerprints(model, tokenizer) if frozen else None
 
     def path(self, instruction: str) -> Path:
         key = json.dumps([instruction, self.num_gist_tokens, self.condition])
@@ -149,13 +164,13 @@ class CacheStore:
             cache = compress(self.model, self.tokenizer, [instruction], self.num_gist_tokens, self.condition)
         if cache.batch_size != 1:
             raise ValueError(f"a store entry holds one instruction; got a cache of {cache.batch_size} rows")
-        return save_cache(cache, self.path(instruction), self.model, self.tokenizer, [instruction])
+        return save_cache(cache, self.path(instruction), self.model, self.tokenizer, [instruction], self.prints)
 
     def get(self, instruction: str) -> GistCache:
         path = self.path(instruction)
         if not path.is_file():
             raise KeyError(f"no cache for instruction {instruction[:80]!r} in {self.folder}")
-        return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens)
+        return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens, self.prints)
 
     def get_or_add(self, instruction: str) -> GistCache:
         if not self.path(instruction).is_file():

@@ -43,6 +43,16 @@ class Backend:
         """Greedy decoding, one more token (B,): (logits of the next one (B, V), new state)."""
         raise NotImplementedError
 
+    def select_rows(self, state, rows: torch.Tensor) -> object:
+        """The decoding state of rows ``rows`` (B',) alone, in that order (finished requests leave a
+        running batch). May reuse ``state``'s tensors; ``state`` is not used afterwards."""
+        raise NotImplementedError
+
+    def merge(self, states: list) -> object | None:
+        """One decoding state holding the rows of ``states`` in order, so that requests started at
+        different times decode in one batch; None where this backend keeps them apart."""
+        return None
+
     def context_length(self, config) -> int | None:
         """How many positions a prompt plus its new tokens may span (None: no fixed limit)."""
         raise NotImplementedError

@@ -109,6 +109,36 @@ class DecoderKV(Backend):
         state = {"past": out.cache, "key_valid": key_valid, "key_positions": key_positions, "position": position + 1}
         return out.logits[:, -1], state
 
+    def select_rows(self, state, rows):
+        past = state["past"]
+        past.batch_select_indices(rows)
+        key_valid = state["key_valid"][rows]
+        # columns no remaining row can see (padding of rows that left) are dropped
+        used = key_valid.any(0).nonzero()
+        start = int(used[0]) if len(used) else key_valid.shape[1]
+        if start:
+            for layer in past.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+        return {"past": past, "key_valid": key_valid[:, start:], "key_positions": state["key_positions"][rows, start:],
+                "position": state["position"][rows]}
+
+    def merge(self, states):
+        # rows of different lengths: left-pad every key axis to the longest (padding is never valid)
+        width = max(s["key_valid"].shape[1] for s in states)
+
+        def pad(t, dim):
+            shape = list(t.shape)
+            shape[dim] = width - t.shape[dim]
+            return torch.cat([t.new_zeros(shape), t], dim) if shape[dim] else t
+
+        layers = [(torch.cat([pad(s["past"].layers[i].keys, 2) for s in states]),
+                   torch.cat([pad(s["past"].layers[i].values, 2) for s in states]))
+                  for i in range(len(states[0]["past"].layers))]
+        return {"past": DynamicCache(ddp_cache_data=layers),
+                "key_valid": torch.cat([pad(s["key_valid"], 1) for s in states]),
+                "key_positions": torch.cat([pad(s["key_positions"], 1) for s in states]),
+                "position": torch.cat([s["position"] for s in states])}
+
     def context_length(self, config):
         return getattr(config, "max_position_embeddings", None)
 

@@ -113,6 +113,14 @@ class T5Encoder(Backend):
                     decoder_input_ids=tokens[:, None], cache=state["past"], use_cache=True)
         return out.logits[:, -1], {**state, "past": out.cache}
 
+    def select_rows(self, state, rows):
+        # merge stays None: rows started at different times are at different decoder positions,
+        # and T5's decoder takes no position ids to align them
+        state["past"].batch_select_indices(rows)
+        enc = state["encoder_outputs"].last_hidden_state[rows]
+        return {"encoder_outputs": BaseModelOutput(last_hidden_state=enc), "cross": state["cross"][rows],
+                "past": state["past"]}
+
     def context_length(self, config):
         return None  # relative position buckets: no position table to run past
 

@@ -1,0 +1,370 @@
+"""The OpenAI-compatible HTTP face of the server, as a LitServe spec: request schemas, their
+checks (every bad request gets a 4xx JSON error in OpenAI's shape, naming what is wrong), the
+endpoints, and the response and stream chunk formats.
+
+Endpoints: ``POST /v1/chat/completions`` (the system message is the instruction, the user message
+the input; without a system message the user message is the instruction), ``POST /v1/completions``
+(``prompt`` is the instruction, the extra field ``input`` the input; a list of prompts gives one
+choice each), ``GET /v1/models``, ``GET /v1/cache/stats`` (the engine's cache counters); LitServe
+adds ``GET /health``. The engine runs in LitServe's inference worker; this runs in its HTTP
+process and talks to it through LitServe's queues: a request, or a cancellation when the client
+goes away, or a stats question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+import time
+import uuid
+from collections import deque
+from typing import Annotated, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# what a client may send beside the fields read here (OpenAI clients send some by default)
+_LAX = ConfigDict(strict=True, extra="ignore")
+Text = Annotated[str, Field(max_length=1_000_000)]
+
+
+class TextPart(BaseModel):
+    model_config = _LAX
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = _LAX
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class _Sampling(BaseModel):
+    model_config = _LAX
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Text | list[Text]
+    input: Text = ""  # not in OpenAI's API: the input that follows the instruction
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
+                            status_code=self.status)
+
+
+def _parse(schema: type[BaseModel], body) -> BaseModel:
+    try:
+        return schema.model_validate(body)
+    except ValidationError as e:
+        # one line per field; a field that fits no member of a union lists what each member wanted
+        problems: dict[str, list[str]] = {}
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier()) or "body"
+            problems.setdefault(where, []).append(err["msg"])
+        text = "; ".join(f"{where}: {' or '.join(dict.fromkeys(msgs))}" for where, msgs in list(problems.items())[:5])
+        raise ApiError(400, f"invalid request: {text}", param=next(iter(problems))) from None
+
+
+def chat_prompt(messages: list[ChatMessage]) -> tuple[str, str]:
+    """(instruction, input) of a chat: the system (or developer) message and the user message."""
+    system = [m.text for m in messages if m.role in ("system", "developer")]
+    user = [m.text for m in messages if m.role == "user"]
+    other = sorted({m.role for m in messages} - {"system", "developer", "user"})
+    if other or len(user) != 1 or len(system) > 1:
+        raise ApiError(400, "a gist model answers one instruction and one input: send at most one system message "
+                       "(the instruction) and exactly one user message (the input, or the instruction when there is "
+                       f"no system message); got roles {[m.role for m in messages]}", param="messages")
+    return (system[0], user[0]) if system else (user[0], "")
+
+
+class GistOpenAISpec(LitSpec):
+    def __init__(self, model_name: str, default_max_tokens: int = 128, max_tokens_limit: int = 1024,
+                 max_prompts: int = 64):
+        super().__init__()
+        self.model_name = model_name
+        self.default_max_tokens, self.max_tokens_limit, self.max_prompts = default_max_tokens, max_tokens_limit, max_prompts
+        self.api_path = "/v1/chat/completions"  # LitServe's request queue is keyed by it; every endpoint uses it
+        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
+        self.add_endpoint("/v1/completions", self.completions, ["POST"])
+        self.add_endpoint("/v1/models", self.models, ["GET"])
+        self.add_endpoint("/v1/cache/stats", self.cache_stats, ["GET"])
+
+    @property
+    def stream(self):
+        return True
+
+    def decode_request(self, request, context_kwargs=None):
+        return request
+
+    def encode_response(self, output, context_kwargs=None):
+        return output
+
+    # -- endpoints -----------------------------------------------------------------------------
+    async def chat_completions(self, request: Request):
+        try:
+            req = _parse(ChatRequest, await _json_body(request))
+            instruction, input = chat_prompt(req.messages)
+            gens = [self._generation(req, instruction, input, req.max_completion_tokens or req.max_tokens)]
+            return await self._respond(request, gens, req.stream, _ChatFormat(self.model_name))
+        except ApiError as e:
+            return e.response()
+
+    async def completions(self, request: Request):
+        try:
+            req = _parse(CompletionRequest, await _json_body(request))
+            prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+            if not 1 <= len(prompts) <= self.max_prompts:
+                raise ApiError(400, f"prompt: give 1 to {self.max_prompts} prompts; got {len(prompts)}", "prompt")
+            gens = [self._generation(req, p, req.input, req.max_tokens) for p in prompts]
+            return await self._respond(request, gens, req.stream, _CompletionFormat(self.model_name))
+        except ApiError as e:
+            return e.response()
+
+    async def models(self, request: Request):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                            "owned_by": "gist-lightning"}]}
+
+    async def cache_stats(self, request: Request):
+        uid = self._send({"kind": "stats"})
+        try:
+            async for event in self._events(uid):
+                return event.get("stats", event)
+        finally:
+            self.response_buffer.pop(uid, None)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _generation(self, req: _Sampling, instruction: str, input: str, max_tokens: int | None) -> dict:
+        if req.model not in (None, "", self.model_name):
+            raise ApiError(404, f"model {req.model!r} is not served here; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+        if req.n != 1:
+            raise ApiError(400, f"n: only n=1 is supported; got {req.n}", "n")
+        if not instruction.strip():
+            raise ApiError(400, "the instruction (system message, or prompt) is empty", "messages")
+        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= self.max_tokens_limit:
+            raise ApiError(400, f"max_tokens must be between 1 and {self.max_tokens_limit}; got {max_tokens}",
+                           "max_tokens")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ApiError(400, "stop: at most 4 non-empty strings", "stop")
+        return {"instruction": instruction, "input": input, "max_tokens": max_tokens, "temperature": req.temperature,
+                "top_p": req.top_p, "seed": req.seed, "stop": tuple(stop)}
+
+    def _send(self, payload: dict) -> str:
+        uid = uuid.uuid4().hex
+        self.response_buffer[uid] = ResponseBufferItem(response_queue=deque(), event=asyncio.Event())
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
+        return uid
+
+    def _cancel(self, uids: list[str]) -> None:
+        for uid in uids:
+            # the cancellation is a request of its own, answered by the engine (and dropped here)
+            self.request_queue.put((self.response_queue_id, uuid.uuid4().hex, time.monotonic(),
+                                    {"kind": "cancel", "uid": uid}))
+
+    async def _events(self, uid: str):
+        """The engine's events for ``uid`` as dicts, until its last one."""
+        async for data, status in self.data_streamer(self.response_buffer[uid].response_queue,
+                                                     self.response_buffer[uid].event, send_status=True):
+            if status == LitAPIStatus.ERROR:
+                data = pickle.loads(data) if isinstance(data, bytes) else data
+                event = json.loads(data) if isinstance(data, str) else {"error": str(data), "status": 500}
+            else:
+                event = json.loads(data)
+            yield event
+            if "error" in event:
+                return
+
+    async def _respond(self, request: Request, gens: list[dict], stream: bool, fmt):
+        uids = [self._send({"kind": "generate", "request": g}) for g in gens]
+        streams = [self._events(uid) for uid in uids]
+        done = False
+        try:
+            # every choice's first event first: a refused request gets its 4xx before any stream starts
+            firsts = await self._watch(request, uids, asyncio.gather(*(anext(s) for s in streams)))
+            errors = [e for e in firsts if "error" in e]
+            if errors:
+                e = errors[0]
+                raise ApiError(e.get("status", 500), e["error"], code=e.get("code"))
+            if not stream:
+                events = await self._watch(request, uids, asyncio.gather(
+                    *(_rest(first, s) for first, s in zip(firsts, streams))))
+                done = True
+                failed = [e for evs in events for e in evs if "error" in e]
+                if failed:
+                    raise ApiError(failed[0].get("status", 500), failed[0]["error"])
+                return fmt.response(events)
+            done = True  # the stream's generator owns the requests from here
+            return StreamingResponse(self._sse(fmt, uids, firsts, streams), media_type="text/event-stream")
+        finally:
+            if not done:
+                self._cancel(uids)
+                for uid in uids:
+                    self.response_buffer.pop(uid, None)
+            elif not stream:
+                for uid in uids:
+                    self.response_buffer.pop(uid, None)
+
+    async def _watch(self, request: Request, uids: list[str], work):
+        """``work``'s result, or cancel the requests if the client goes away first."""
+        task = asyncio.ensure_future(work)
+        while True:
+            finished, _ = await asyncio.wait({task}, timeout=0.25)
+            if finished:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise asyncio.CancelledError("client disconnected")
+
+    async def _sse(self, fmt, uids, firsts, streams):
+        finished, tasks = set(), []
+        try:
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i, first, stream):
+                await queue.put((i, first))
+                if not _last(first):
+                    async for event in stream:
+                        await queue.put((i, event))
+                        if _last(event):
+                            break
+
+            tasks = [asyncio.ensure_future(pump(i, f, s)) for i, (f, s) in enumerate(zip(firsts, streams))]
+            usage = []
+            while len(finished) < len(uids):
+                i, event = await queue.get()
+                if "error" in event:
+                    yield "data: " + json.dumps({"error": {"message": event["error"], "type": "server_error"}}) + "\n\n"
+                    finished.add(i)
+                    continue
+                yield "data: " + json.dumps(fmt.chunk(i, event)) + "\n\n"
+                if _last(event):
+                    finished.add(i)
+                    usage.append(event.get("usage") or {})
+            await asyncio.gather(*tasks)
+            yield "data: " + json.dumps(fmt.usage_chunk(usage)) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:
+                task.cancel()
+            gone = [uid for i, uid in enumerate(uids) if i not in finished]
+            if gone:  # the client went away mid-stream: free its rows in the running batch
+                self._cancel(gone)
+            for uid in uids:
+                self.response_buffer.pop(uid, None)
+
+
+def _last(event: dict) -> bool:
+    return "finish_reason" in event or "error" in event
+
+
+async def _rest(first: dict, stream) -> list[dict]:
+    events = [first]
+    if not _last(first):
+        async for event in stream:
+            events.append(event)
+            if _last(event):
+                break
+    return events
+
+
+async def _json_body(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _usage(usages: list[dict]) -> dict:
+    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}
+    for u in usages:
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            total[key] += u.get(key, 0)
+        total["prompt_tokens_details"]["cached_tokens"] += u.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    return total
+
+
+class _Format:
+    """One response shape (chat or text completion), whole or as stream chunks."""
+
+    object = ""
+
+    def __init__(self, model: str):
+        self.model, self.id, self.created = model, f"{self.prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def _head(self, object_name: str) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
+    def response(self, events: list[list[dict]]) -> dict:
+        choices = [self.choice(i, "".join(e.get("text", "") for e in evs), evs[-1].get("finish_reason"))
+                   for i, evs in enumerate(events)]
+        caches = [evs[0].get("cache") for evs in events]
+        return {**self._head(self.object), "choices": choices, "usage": _usage([evs[-1].get("usage") or {}
+                                                                                 for evs in events]),
+                "gist_cache": caches if len(caches) > 1 else caches[0]}
+
+    def usage_chunk(self, usages: list[dict]) -> dict:
+        return {**self._head(self.chunk_object), "choices": [], "usage": _usage(usages)}
+
+
+class _ChatFormat(_Format):
+    prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def choice(self, i, text, finish_reason):
+        return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                "logprobs": None}
+
+    def chunk(self, i, event):
+        delta = {"content": event.get("text", "")}
+        if "cache" in event:
+            delta["role"] = "assistant"
+        out = {**self._head(self.chunk_object),
+               "choices": [{"index": i, "delta": delta, "finish_reason": event.get("finish_reason"), "logprobs": None}]}
+        if "cache" in event:
+            out["gist_cache"] = event["cache"]
+        return out
+
+
+class _CompletionFormat(_Format):
+    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def choice(self, i, text, finish_reason):
+        return {"index": i, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+    def chunk(self, i, event):
+        out = {**self._head(self.chunk_object), "choices": [
+            {"index": i, "text": event.get("text", ""), "finish_reason": event.get("finish_reason"), "logprobs": None}]}
+        if "cache" in event:
+            out["gist_cache"] = event["cache"]
+        return out

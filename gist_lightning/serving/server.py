@@ -1,0 +1,164 @@
+"""``gist-lightning serve``: the engine behind LitServe. LitServe runs the HTTP process (the spec in
+``openai_spec.py``) and one inference worker that owns the model and the engine; its continuous
+batching loop calls :meth:`GistServeAPI.step` for as long as the engine has work, and hands it
+every queued message (a request, a cancellation, a stats question) through ``add_request``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from argparse import ArgumentParser
+from pathlib import Path
+
+import litserve as ls
+from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
+from litserve.utils import LitAPIStatus
+
+from .engine import MODES, Event, ServingEngine, parse_bytes
+from .openai_spec import GistOpenAISpec
+
+log = logging.getLogger(__name__)
+
+
+class _Loop(ContinuousBatchingLoop):
+    """LitServe's continuous batching loop, resting while the engine is idle (LitServe's own
+    loop polls without pause, which takes a core from the HTTP process)."""
+
+    async def run(self, lit_api, *args, **kwargs):
+        if not lit_api.has_active_requests():
+            await asyncio.sleep(0.002)
+            return
+        await super().run(lit_api, *args, **kwargs)
+
+
+class GistServeAPI(ls.LitAPI):
+    def __init__(self, model: str, mode: str = "gist", cache_dir: str | None = None, cache_memory: str = "256MB",
+                 max_batch_size: int = 16, dtype: str | None = None, model_name: str | None = None,
+                 default_max_tokens: int = 128, max_tokens_limit: int = 1024):
+        if mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}; got {mode!r}")
+        parse_bytes(cache_memory)  # a bad size fails here, before any process starts
+        self.model_path, self.mode, self.cache_dir, self.cache_memory = model, mode, cache_dir, cache_memory
+        self.dtype = dtype
+        spec = GistOpenAISpec(model_name or Path(model).name, default_max_tokens, max_tokens_limit)
+        super().__init__(max_batch_size=max_batch_size, stream=True, spec=spec, loop=_Loop())
+
+    def setup(self, device):
+        import torch
+
+        from ..export import load_pretrained
+
+        model, tokenizer, settings = load_pretrained(self.model_path,
+                                                     dtype=getattr(torch, self.dtype) if self.dtype else None)
+        self.engine = ServingEngine(model.to(device), tokenizer, settings["num_gist_tokens"], settings["condition"],
+                                    mode=self.mode, cache_memory=self.cache_memory, cache_dir=self.cache_dir,
+                                    max_batch_size=self.max_batch_size)
+        if self.mode == "instruction" and settings["condition"] != "pos_control":
+            log.warning("--mode instruction caches whole instructions (pos_control); this model was trained with "
+                        "%s, so its answers here are not what it learned: use this mode for cost comparisons or "
+                        "with a pos_control model", settings["condition"])
+
+    # -- what the continuous batching loop calls --------------------------------------------------
+    def add_request(self, uid, request):
+        kind = request.get("kind")
+        if kind == "cancel":
+            self.engine.cancel(request["uid"], ack=uid)
+        elif kind == "stats":
+            self.engine.request_stats(uid)
+        else:
+            self.engine.submit(uid, request["request"])
+
+    def has_capacity(self):
+        return True  # the engine queues what does not fit its batch
+
+    def has_active_requests(self):
+        return self.engine.busy()
+
+    def step(self, prev_outputs):
+        try:
+            events = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - one failed step must not take the server down
+            log.exception("engine step failed")
+            events = self.engine.fail_all(f"the server failed while generating: {type(e).__name__}: {e}")
+        outputs = []
+        for event in events:
+            if event.error is not None:
+                outputs.append(Output(event.uid, event.as_dict(), LitAPIStatus.ERROR))
+                continue
+            outputs.append(Output(event.uid, event.as_dict(), LitAPIStatus.OK))
+            if event.done:
+                outputs.append(Output(event.uid, {}, LitAPIStatus.FINISH_STREAMING))
+        return outputs
+
+    def encode_response(self, output):
+        return output
+
+    def predict(self, *args, **kwargs):  # the loop calls step; LitServe checks that predict exists
+        raise NotImplementedError
+
+
+def build_server(cfg) -> ls.LitServer:
+    api = GistServeAPI(cfg.model, cfg.mode, cfg.cache_dir, cfg.cache_memory, cfg.max_batch_size, cfg.dtype,
+                       cfg.served_model_name, cfg.default_max_tokens, cfg.max_tokens_limit)
+    return ls.LitServer(api, accelerator=cfg.accelerator, devices=1, workers_per_device=1, timeout=False)
+
+
+class _QuietClientErrors(logging.Filter):
+    """LitServe logs every error event as a server error; a refused request (4xx) is not one."""
+
+    def filter(self, record):
+        return "Error occurred while streaming outputs from the inference worker" not in record.getMessage()
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (and SIGINT, which a shell ignores in background jobs) shut the server down the way
+    Ctrl-C does: LitServe then stops its HTTP process and inference worker instead of leaving them."""
+    import os
+    import signal
+
+    main_pid = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != main_pid:  # the forked HTTP process re-raises what uvicorn caught: just exit
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    logging.getLogger("litserve.server").addFilter(_QuietClientErrors())
+
+
+def serve_main(argv: list[str]) -> None:
+    parser = ArgumentParser(prog="gist-lightning serve", description="Serve an exported gist model with an "
+                            "OpenAI-compatible API (POST /v1/chat/completions and /v1/completions, GET /v1/models, "
+                            "/v1/cache/stats, /health): each instruction is compressed once and its cache reused.")
+    parser.add_argument("--model", required=True, help="exported model folder (gist-lightning export)")
+    parser.add_argument("--mode", default="gist", choices=MODES, help="gist: cache as trained (default); "
+                        "instruction: keep whole instructions (pos_control caching, decoder-only); full: no caching")
+    parser.add_argument("--cache_dir", default=None, help="also keep caches on disk here (a CacheStore), across restarts")
+    parser.add_argument("--cache_memory", default="256MB", help="memory for cached instructions (LRU), e.g. 256MB, 2GiB")
+    parser.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together at most")
+    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"])
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the export's)")
+    parser.add_argument("--served_model_name", default=None, help="the model id clients name (default: the folder name)")
+    parser.add_argument("--default_max_tokens", type=int, default=128, help="max_tokens of a request that sets none")
+    parser.add_argument("--max_tokens_limit", type=int, default=1024, help="the largest max_tokens a request may ask")
+    parser.add_argument("--log_level", default="warning")
+    cfg = parser.parse_args(argv)
+    settings = Path(cfg.model) / "gist_config.json"
+    if not settings.is_file():
+        raise FileNotFoundError(f"{cfg.model}: no gist_config.json; is this a folder made by gist-lightning export?")
+    if cfg.max_batch_size < 1:
+        raise ValueError(f"--max_batch_size must be at least 1; got {cfg.max_batch_size}")
+    server = build_server(cfg)
+    _stop_on_signals()
+    print(f"serving {cfg.model} ({cfg.mode} mode) on http://{cfg.host}:{cfg.port}/v1", flush=True)
+    server.run(host=cfg.host, port=cfg.port, generate_client_file=False, log_level=cfg.log_level,
+               num_api_servers=1)
+
+
+__all__ = ["GistServeAPI", "build_server", "serve_main", "Event"]

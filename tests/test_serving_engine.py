@@ -1,0 +1,224 @@
+"""The serving engine in-process: what requests get back is what the library's cached generation
+gives (the masked full forward, by test_caching), however requests arrive, batch, repeat, leave
+or get cancelled; the cache policies of the three modes; refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ALL_FAMILIES, TINY_FAMILIES
+
+from gist_lightning import compress, generate
+from gist_lightning.errors import GistError
+from gist_lightning.prompt_cache import CacheStore
+from gist_lightning.serving import GenerationRequest, ServingEngine, parse_bytes
+from gist_lightning.templates import encode_continuation
+
+INSTRUCTIONS = ["reverse the list of words", "count the words", "Write a haiku about autumn leaves and rain.",
+                "sort them, put cat first"]
+INPUTS = ["apple banana", "", "cherry dog egg fig grape", "cat"]
+K = 2
+
+
+def _encoder_decoder(family: str) -> bool:
+    return TINY_FAMILIES[family][0] in ("t5", "mt5", "umt5")
+
+
+def reference(model, tok, instruction, input, max_tokens=10, condition="gist"):
+    cache = compress(model, tok, [instruction], K, condition)
+    return generate(model, tok, cache, [input], max_new_tokens=max_tokens)[0]
+
+
+def run(engine, arrivals: dict[int, list[tuple[str, GenerationRequest]]], cancel: dict[int, str] | None = None):
+    """Step ``engine`` until idle, submitting ``arrivals[step]`` before that step (and cancelling
+    ``cancel[step]``); returns {uid: (text, finish_reason or error)} and every event."""
+    texts, ends, events, step = {}, {}, [], 0
+    while engine.busy() or any(s >= step for s in arrivals):
+        for uid, req in arrivals.get(step, []):
+            engine.submit(uid, req)
+        if cancel and step in cancel:
+            engine.cancel(cancel[step])
+        for e in engine.step():
+            events.append(e)
+            texts[e.uid] = texts.get(e.uid, "") + e.text
+            if e.done:
+                ends[e.uid] = e.error or e.finish_reason
+        step += 1
+        assert step < 500, "the engine never went idle"
+    return {uid: (texts[uid], ends[uid]) for uid in ends}, events
+
+
+def staggered(max_tokens=10):
+    """Requests arriving over three steps, the first instruction again with the first input."""
+    req = [GenerationRequest(t, x, max_tokens=max_tokens) for t, x in zip(INSTRUCTIONS, INPUTS)]
+    return {0: [("r0", req[0]), ("r1", req[1])], 2: [("r2", req[2]), ("r3", req[3]), ("r4", req[0])]}
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("mode", ["gist", "full", "instruction"])
+def test_answers_equal_cached_generation_however_requests_arrive(make_pair, family, mode):
+    if mode == "instruction" and _encoder_decoder(family):
+        pytest.skip("instruction caching is decoder-only (test_refusals)")
+    condition = "pos_control" if mode == "instruction" else "gist"
+    # random weights: the first seed whose answers tell the requests apart (tiny random smollm3 answers
+    # ":" to everything at the default init scale; a larger one then)
+    for seed, overrides in [(0, {}), (1, {}), (0, {"initializer_range": 0.2}), (1, {"initializer_range": 0.2})]:
+        model, tok, _ = make_pair(family, seed=seed, **overrides)
+        want = [reference(model, tok, t, x, condition=condition) for t, x in zip(INSTRUCTIONS, INPUTS)]
+        if len(set(want)) > 1:
+            break
+    assert len(set(want)) > 1, "the model answers every request alike: the comparison would prove nothing"
+    # max_batch_size 3: r3 waits for a free row, joins a batch already decoding (continuous batching)
+    engine = ServingEngine(model, tok, K, "gist", mode=mode, max_batch_size=3)
+    got, _ = run(engine, staggered())
+    assert [got[f"r{i}"][0] for i in range(5)] == want + [want[0]]
+    alone = ServingEngine(model, tok, K, "gist", mode=mode, max_batch_size=1)
+    got_alone, _ = run(alone, staggered())
+    assert got_alone == got
+
+
+def test_one_compression_per_instruction_however_many_ask(make_pair):
+    model, tok, _ = make_pair("llama")
+    engine = ServingEngine(model, tok, K, "gist", max_batch_size=4)
+    same = {0: [(f"r{i}", GenerationRequest(INSTRUCTIONS[0], INPUTS[i % 4], max_tokens=4)) for i in range(6)]}
+    got, events = run(engine, same)
+    # four join at once and share one compression; two wait for a free row and find it in memory
+    assert engine.counts["compressed"] == 1 and engine.counts["compressed_waits"] == 4
+    assert [e.cache for e in events if e.cache] == ["compressed"] * 4 + ["memory"] * 2
+    got2, events2 = run(engine, {0: [("again", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=4))]})
+    assert engine.counts["compressed"] == 1 and [e.cache for e in events2 if e.cache] == ["memory"]
+    assert got2["again"][0] == got["r0"][0] == reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 4)
+    # full mode: every request pays for its whole prompt
+    full = ServingEngine(model, tok, K, "gist", mode="full", max_batch_size=4)
+    run(full, same)
+    assert full.counts["compressed"] == 6 and len(full.memory) == 0
+
+
+def test_memory_is_an_lru_bounded_in_bytes(make_pair):
+    model, tok, _ = make_pair("llama")
+    one = ServingEngine(model, tok, K, "gist")
+    run(one, {0: [("a", GenerationRequest(INSTRUCTIONS[0], max_tokens=1))]})
+    entry = one.memory.used
+    assert entry == 2 * 2 * 2 * 8 * K * 4  # K/V x layers x kv heads x head size x k positions x fp32
+
+    engine = ServingEngine(model, tok, K, "gist", cache_memory=int(2.5 * entry))
+    for i, t in enumerate(INSTRUCTIONS[:3]):
+        run(engine, {0: [(f"r{i}", GenerationRequest(t, max_tokens=1))]})
+    assert len(engine.memory) == 2 and engine.memory.evicted == 1 and engine.memory.used <= engine.memory.capacity
+    assert list(engine.memory.entries) == INSTRUCTIONS[1:3]  # the least recently used left
+    run(engine, {0: [("again", GenerationRequest(INSTRUCTIONS[1], max_tokens=1))]})
+    assert engine.counts["memory_hits"] == 1
+    run(engine, {0: [("back", GenerationRequest(INSTRUCTIONS[0], max_tokens=1))]})
+    assert engine.counts["compressed"] == 4 and list(engine.memory.entries) == [INSTRUCTIONS[1], INSTRUCTIONS[0]]
+
+    none = ServingEngine(model, tok, K, "gist", cache_memory="0")
+    got, _ = run(none, {0: [("x", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
+    assert len(none.memory) == 0 and got["x"][0] == reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
+
+
+def test_instruction_mode_holds_whole_instructions(make_pair):
+    model, tok, _ = make_pair("llama")
+    sizes = {}
+    for mode in ("gist", "instruction"):
+        engine = ServingEngine(model, tok, K, "gist", mode=mode)
+        _, events = run(engine, {0: [("a", GenerationRequest(INSTRUCTIONS[2], max_tokens=1))]})
+        sizes[mode] = engine.memory.used
+        prefix = events[-1].usage["prompt_tokens"] - len(encode_continuation(tok, "", False))
+    assert sizes["instruction"] == sizes["gist"] * prefix // K  # every prompt position vs the k gist positions
+
+
+def test_cache_store_on_disk_serves_a_fresh_engine(make_pair, tmp_path):
+    model, tok, _ = make_pair("llama")
+    first = ServingEngine(model, tok, K, "gist", cache_dir=str(tmp_path))
+    got, _ = run(first, {0: [("a", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
+    assert INSTRUCTIONS[0] in CacheStore(tmp_path, model, tok, K, "gist")
+    second = ServingEngine(model, tok, K, "gist", cache_dir=str(tmp_path))
+    got2, events = run(second, {0: [("b", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
+    assert second.counts["disk_hits"] == 1 and second.counts["compressed"] == 0 and events[0].cache == "disk"
+    assert got2["b"][0] == got["a"][0]
+    assert events[-1].usage["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_cancelled_request_leaves_and_the_others_go_on(make_pair, family):
+    model, tok, _ = make_pair(family)
+    want = [reference(model, tok, t, x, 12) for t, x in zip(INSTRUCTIONS, INPUTS)]
+    engine = ServingEngine(model, tok, K, "gist", max_batch_size=4)
+    reqs = [(f"r{i}", GenerationRequest(t, x, max_tokens=12)) for i, (t, x) in enumerate(zip(INSTRUCTIONS, INPUTS))]
+    got, _ = run(engine, {0: reqs[:2], 1: reqs[2:]}, cancel={3: "r1"})
+    assert got["r1"][1] == "cancelled"
+    assert [got[f"r{i}"][0] for i in (0, 2, 3)] == [want[0], want[2], want[3]]
+    assert engine.counts["cancelled"] == 1 and not engine.running
+
+
+def test_refusals_are_events_and_do_not_disturb_others(make_pair):
+    model, tok, _ = make_pair("llama")  # 256 positions
+    engine = ServingEngine(model, tok, K, "gist")
+    good = GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6)
+    got, events = run(engine, {0: [
+        ("long", GenerationRequest(INSTRUCTIONS[0], "word " * 300, max_tokens=4)),
+        ("many", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=250)),
+        ("zero", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=0)),
+        ("empty", GenerationRequest("  ", INPUTS[0])),
+        ("ok", good)]})
+    errors = {e.uid: e for e in events if e.error}
+    assert set(errors) == {"long", "many", "zero", "empty"} and all(e.status == 400 for e in errors.values())
+    assert errors["long"].code == errors["many"].code == "context_length_exceeded"
+    assert "256 positions" in errors["many"].error and "max_tokens 250" in errors["many"].error
+    assert got["ok"][0] == reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
+    with pytest.raises(GistError, match="pos_control cannot be cached for an encoder-decoder"):
+        ServingEngine(*make_pair("t5")[:2], K, "gist", mode="instruction")
+
+
+def test_streamed_pieces_and_stop_strings(make_pair):
+    model, tok, _ = make_pair("llama")
+    full = reference(model, tok, INSTRUCTIONS[2], INPUTS[2], 16)
+    engine = ServingEngine(model, tok, K, "gist")
+    got, events = run(engine, {0: [("a", GenerationRequest(INSTRUCTIONS[2], INPUTS[2], max_tokens=16))]})
+    pieces = [e.text for e in events if e.uid == "a"]
+    assert "".join(pieces) == full and sum(bool(p) for p in pieces) > 3  # text arrives as it is made
+    assert got["a"][1] == "length" and events[-1].usage["completion_tokens"] == 16
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    got, events = run(engine, {0: [("s", GenerationRequest(INSTRUCTIONS[2], INPUTS[2], max_tokens=16, stop=(stop,)))]})
+    assert got["s"] == (full[:full.index(stop)].rstrip(), "stop")
+    assert stop not in "".join(e.text for e in events)
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(make_pair):
+    model, tok, _ = make_pair("llama")
+    engine = ServingEngine(model, tok, K, "gist")
+    sample = dict(instruction=INSTRUCTIONS[1], input=INPUTS[0], max_tokens=12, temperature=1.5)
+    got, _ = run(engine, {0: [("a", GenerationRequest(**sample, seed=1)), ("b", GenerationRequest(**sample, seed=1)),
+                              ("c", GenerationRequest(**sample, seed=2)),
+                              ("g", GenerationRequest(**sample, top_p=1e-6, seed=3))]})
+    assert got["a"] == got["b"] and got["a"] != got["c"]
+    assert got["g"][0] == reference(model, tok, INSTRUCTIONS[1], INPUTS[0], 12)
+
+
+def test_a_literal_gist_token_in_user_text_is_text(make_pair):
+    model, tok, gist_id = make_pair("llama")
+    text = "cat <GIST> dog"
+    assert gist_id not in encode_continuation(tok, text, False)
+    engine = ServingEngine(model, tok, K, "gist")
+    got, _ = run(engine, {0: [("a", GenerationRequest(INSTRUCTIONS[0] + " <GIST>", text, max_tokens=8))]})
+    assert got["a"][0] == reference(model, tok, INSTRUCTIONS[0] + " <GIST>", text, 8)
+    assert got["a"][0] != reference(model, tok, INSTRUCTIONS[0], text.replace("<GIST>", ""), 8)
+
+
+def test_parse_bytes():
+    assert parse_bytes("256MB") == 256 * 10**6 and parse_bytes("1GiB") == 2**30 and parse_bytes("0") == 0
+    assert parse_bytes(" 1.5 kb") == 1500 and parse_bytes(4096) == 4096
+    with pytest.raises(ValueError, match="as a size"):
+        parse_bytes("lots")
+
+
+def test_a_failed_step_fails_its_requests_not_the_engine(make_pair, monkeypatch):
+    model, tok, _ = make_pair("llama")
+    engine = ServingEngine(model, tok, K, "gist")
+    engine.submit("a", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))
+    engine.step()
+    events = engine.fail_all("boom")
+    assert [(e.uid, e.status) for e in events] == [("a", 500)] and not engine.busy()
+    got, _ = run(engine, {0: [("b", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
+    assert got["b"][0] == reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
+    assert torch.is_grad_enabled()  # step's no_grad does not leak
