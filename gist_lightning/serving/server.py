@@ -149,6 +149,7 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--max_tokens_limit", type=int, default=1024, help="the largest max_tokens a request may ask")
     parser.add_argument("--log_level", default="warning")
     cfg = parser.parse_args(argv)
+    parse_bytes(cfg.cache_memory)
     settings = Path(cfg.model) / "gist_config.json"
     if not settings.is_file():
         raise FileNotFoundError(f"{cfg.model}: no gist_config.json; is this a folder made by gist-lightning export?")
