@@ -257,8 +257,14 @@ def serve_main(argv: list[str]) -> None:
     run(argv)
 
 
+def judge_main(argv: list[str]) -> None:
+    from .evaluation.judge import judge_main as run
+
+    run(argv)
+
+
 COMMANDS = {"score": score_main, "export": export_main, "compress": compress_main, "generate": generate_main,
-            "serve": serve_main}
+            "serve": serve_main, "judge": judge_main}
 LIGHTNING_COMMANDS = {
     "fit": "train (and validate) a gist model: gist-lightning fit --config configs/tiny.yaml",
     "validate": "validate a model or checkpoint on the validation splits (ROUGE-L, compression)",
@@ -270,6 +276,7 @@ HELP = {
     "export": "a Lightning checkpoint (or DeepSpeed checkpoint folder) -> an HF folder with the gist settings",
     "compress": "compress an instruction into a gist cache file with an exported model",
     "generate": "answer inputs from a gist cache file, batched",
+    "judge": "pairwise comparison of two prediction CSVs by a judge model at any OpenAI-compatible endpoint",
     "serve": "an OpenAI-compatible server of an exported model: instructions compressed once, caches reused",
 }
 DEBUG_ENV = "GIST_LIGHTNING_DEBUG"

@@ -12,6 +12,7 @@ the ids of a cached prompt are the ids the model was trained on.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .tokens import GIST_TOKEN, encode_text, special_frame
@@ -30,6 +31,12 @@ def continuation_text(input: str, encoder_decoder: bool) -> str:
 def prompt_text(instruction: str, input: str, num_gist_tokens: int, encoder_decoder: bool, gist_token: str = GIST_TOKEN) -> str:
     """The prompt as one string (for display and CSVs; never re-tokenized)."""
     return instruction_text(instruction) + gist_token * num_gist_tokens + continuation_text(input, encoder_decoder)
+
+
+def without_gists(prompt: str, gist_token: str = GIST_TOKEN) -> str:
+    """A prompt's text without its gist tokens (and the line they stood on), so that prompts of runs
+    with different k, or of conditions, compare equal."""
+    return re.sub("\n(?:" + re.escape(gist_token) + ")+(?=\n|$)", "", prompt).replace(gist_token, "")
 
 
 @dataclass

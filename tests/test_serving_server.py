@@ -125,7 +125,7 @@ def test_models_health_and_cache_stats(server):
     post(server, "/v1/chat/completions", chat("Count the words.", "d e"))
     status, stats = get(server, "/v1/cache/stats")
     assert stats["mode"] == "gist" and stats["cached_instructions"] >= 1 and stats["memory_hits"] >= 1
-    assert stats["cache_bytes"] == stats["cached_instructions"] * stats["bytes_per_instruction"]
+    assert stats["cache_bytes"] == stats["cached_instructions"] * stats["bytes_per_instruction"]  # k=1: all alike
 
 
 def test_a_literal_gist_token_is_served_as_text(server, library):
@@ -252,3 +252,41 @@ def test_serve_refuses_what_it_cannot_serve(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["serve", *argv])
         assert e.value.code == 1 and message in capsys.readouterr().err
+
+
+def test_judge_against_this_projects_server(server, library, tmp_path, monkeypatch, capsys):
+    import csv
+
+    from gist_lightning.cli import main
+    from gist_lightning.evaluation.judge import QUESTION, JudgeClient, combine, judge, parse_verdict
+
+    pairs = [(t, x) for t in PROBE_INSTRUCTIONS[:3] for x in PROBE_INPUTS[:2]]
+    for name, answer in [("a.csv", lambda t, x: library(t, x)), ("b.csv", lambda t, x: x)]:
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["x", "y_pred", "y_true"])
+            w.writerows([[f"Instruction: {t}\n<GIST>\nInput: {x}\nOutput:", answer(t, x), ""] for t, x in pairs])
+    before = get(server, "/v1/cache/stats")[1]["requests"]
+    client = JudgeClient(server.url, "tiny-gist", api_key="unused")
+    summary = judge(tmp_path / "a.csv", tmp_path / "b.csv", client, tmp_path / "j.csv")
+    assert get(server, "/v1/cache/stats")[1]["requests"] - before == 2 * len(pairs)  # both orders, every record
+    rows = list(csv.DictReader(open(tmp_path / "j.csv")))
+    assert len(rows) == summary["records"] == len(pairs)
+    for row in rows:  # what was recorded is what the endpoint answers to that question, read by the rules
+        question = QUESTION.format(task=row["x"], first=row["a"], second=row["b"])
+        assert row["raw_ab"] == client.ask(question)
+        assert row["outcome"] == combine(parse_verdict(row["raw_ab"]), parse_verdict(row["raw_ba"]))
+    assert summary["win_rate"] + summary["tie_rate"] + summary["loss_rate"] == pytest.approx(1)
+    # the command line: key from the environment, refuses to overwrite what it wrote
+    monkeypatch.setenv("JUDGE_KEY", "unused")
+    args = ["judge", "--a", str(tmp_path / "a.csv"), "--b", str(tmp_path / "b.csv"), "--url", server.url,
+            "--model", "tiny-gist", "--api_key_env", "JUDGE_KEY", "--out", str(tmp_path / "cli.csv"), "--limit", "2"]
+    main(args)
+    assert "2 records judged in both orders" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "exists; refusing to overwrite" in capsys.readouterr().err
+    monkeypatch.delenv("JUDGE_KEY")
+    with pytest.raises(SystemExit):
+        main([*args[:-4], "--out", str(tmp_path / "other.csv")])
+    assert "no API key: set JUDGE_KEY" in capsys.readouterr().err

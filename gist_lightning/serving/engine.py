@@ -105,6 +105,7 @@ class PromptCacheLRU:
         self.entries: OrderedDict[str, GistCache] = OrderedDict()
         self.used = 0
         self.evicted = 0
+        self.added, self.added_bytes = 0, 0  # every entry ever kept: its mean size is what one instruction costs
 
     def get(self, key: str) -> GistCache | None:
         cache = self.entries.get(key)
@@ -124,6 +125,8 @@ class PromptCacheLRU:
             self.evicted += 1
         self.entries[key] = cache
         self.used += size
+        self.added += 1
+        self.added_bytes += size
         return True
 
     def __len__(self) -> int:
@@ -205,7 +208,8 @@ class ServingEngine:
                 "cache_bytes": self.memory.used, "cache_capacity": self.memory.capacity,
                 "evicted": self.memory.evicted, "running": sum(len(b.jobs) for b in self.running),
                 "waiting": len(self.waiting),
-                "bytes_per_instruction": self.memory.used / entries if entries else None}
+                # the mean size of every entry kept so far (not only of those still held)
+                "bytes_per_instruction": self.memory.added_bytes / self.memory.added if self.memory.added else None}
 
     @torch.no_grad()
     def step(self) -> list[Event]:

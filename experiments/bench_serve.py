@@ -1,0 +1,286 @@
+"""Load test of ``gist-lightning serve``: the same workload against the three modes (gist caching,
+instruction caching, no caching) with the same cache-memory budget, at several concurrencies.
+
+Workload: M distinct instructions (synthetic ones of about ``--instruction_tokens`` tokens, or the
+instructions of an Alpaca+-style JSON file as they are), N requests whose instructions are drawn
+Zipf(s) over them (a few popular prompts, a long tail), each with a short input, greedy answers
+of ``--max_tokens`` tokens. Every (mode, concurrency) cell gets a fresh server (cold cache but for one
+warm-up request with an instruction outside the workload, before the timing) on a
+free loopback port, runs until its N requests are answered or ``--time_limit`` seconds have passed
+(in-flight requests are then awaited), and is stopped. Requests are streamed, so the
+time to the first token is measured. Reported per cell: requests/s, generated tokens/s, latency
+p50/p99, time to first token p50/p99, cache hit rate (requests whose instruction was in memory
+or on disk), failures, and how many instructions the budget holds (capacity / bytes per cached
+instruction, from the server's /v1/cache/stats).
+
+The model: an exported one (``--model``) or a random-weight shape (``--shape``: the text is
+meaningless, the work is real), exported to a temporary folder with the suite tokenizer.
+
+    python experiments/bench_serve.py --shape 100m --out experiments/results/serve-100m-cpu
+    python experiments/bench_serve.py --shape tiny --out experiments/results/serve-tiny-cpu
+    python experiments/bench_serve.py --shape 100m --device cuda --requests 1024 --out ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gist_lightning.serving.launch import ServerProcess
+
+SHAPES = {
+    # the embedded default's model shape (configs/tiny.yaml)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    # ~90M parameters: where the prompt's compute counts on a CPU
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12),
+}
+WORDS = ("the a user assistant answer question always never must should reply format list table summary "
+         "polite concise detailed customer order refund policy product shipping account password security "
+         "step explain example code python error message language english french tone friendly formal "
+         "include avoid mention number date time price support ticket escalate manager review rules").split()
+
+
+def export_random(shape: str, folder: Path, positions: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gist_lightning.export import export_pretrained
+    from gist_lightning.tokens import add_gist_token, load_tokenizer
+
+    tok = load_tokenizer("suite")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 2, max_position_embeddings=positions, **SHAPES[shape]))
+    add_gist_token(tok, model)
+    return export_pretrained(model, tok, folder / f"random-{shape}", num_gist_tokens=1, condition="gist")
+
+
+def synthetic_instructions(n: int, tokens: int, tokenizer, rng: random.Random) -> list[str]:
+    out = []
+    for i in range(n):
+        words = [f"Rule set {i}:"]
+        while len(tokenizer(" ".join(words))["input_ids"]) < tokens:
+            words += [rng.choice(WORDS) for _ in range(rng.randint(6, 14))] + ["."]
+        out.append(" ".join(words))
+    return out
+
+
+def file_instructions(path: str, n: int, rng: random.Random) -> list[str]:
+    records = json.loads(Path(path).read_text())
+    distinct = list(dict.fromkeys(r["instruction"] for r in records))
+    rng.shuffle(distinct)
+    return distinct[:n]
+
+
+def workload(instructions: list[str], n: int, s: float, rng: random.Random) -> list[tuple[str, str]]:
+    weights = [1 / (i + 1) ** s for i in range(len(instructions))]
+    picks = rng.choices(range(len(instructions)), weights, k=n)
+    return [(instructions[i], " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))) for i in picks]
+
+
+def one_request(port: int, instruction: str, input: str, max_tokens: int) -> dict:
+    """Stream one chat completion; the times of its first content and its end, tokens, cache source."""
+    body = {"messages": [{"role": "system", "content": instruction}, {"role": "user", "content": input}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    out = {"start": start, "ok": False, "first": None, "tokens": 0, "cache": None}
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            out["error"] = f"HTTP {r.status}: {r.read()[:200]!r}"
+            return out
+        for line in r:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                out["error"] = chunk["error"]
+                return out
+            if chunk.get("gist_cache"):
+                out["cache"] = chunk["gist_cache"]
+            if chunk["choices"] and out["first"] is None:
+                out["first"] = time.perf_counter()
+            if chunk.get("usage"):
+                out["tokens"] = chunk["usage"]["completion_tokens"]
+        conn.close()
+        out["ok"] = True
+    except OSError as e:
+        out["error"] = repr(e)
+    finally:
+        out["end"] = time.perf_counter()
+    return out
+
+
+def run_cell(port: int, requests: list[tuple[str, str]], concurrency: int, max_tokens: int, time_limit: float):
+    results, lock, next_index = [], threading.Lock(), [0]
+    t0 = time.perf_counter()
+
+    def worker():
+        while True:
+            with lock:
+                i = next_index[0]
+                if i >= len(requests) or time.perf_counter() - t0 > time_limit:
+                    return
+                next_index[0] += 1
+            r = one_request(port, *requests[i], max_tokens)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    ok = [r for r in results if r["ok"]]
+    latency = [r["end"] - r["start"] for r in ok]
+    ttft = [r["first"] - r["start"] for r in ok if r["first"] is not None]
+    hits = sum(r["cache"] in ("memory", "disk") for r in ok)
+    return {"requests": len(results), "failed": len(results) - len(ok), "seconds": wall,
+            "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+            "latency_p50": percentile(latency, 50), "latency_p99": percentile(latency, 99),
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+            "hit_rate": hits / len(ok) if ok else 0.0,
+            "errors": sorted({str(r.get("error")) for r in results if not r["ok"]})[:3]}
+
+
+def get_json(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path)
+    return json.loads(conn.getresponse().read())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="an exported model folder (default: a random-weight --shape)")
+    p.add_argument("--shape", default="100m", choices=list(SHAPES))
+    p.add_argument("--instructions_file", default=None, help="Alpaca+-style JSON: use its instructions as they are")
+    p.add_argument("--instruction_tokens", type=int, default=300, help="length of the synthetic instructions")
+    p.add_argument("--num_instructions", type=int, default=64)
+    p.add_argument("--requests", type=int, default=192)
+    p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--max_tokens", type=int, default=32)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--modes", nargs="+", default=["gist", "instruction", "full"])
+    p.add_argument("--cache_memory", default="64MB", help="the same budget for every mode")
+    p.add_argument("--max_batch_size", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--time_limit", type=float, default=120.0, help="seconds a cell may issue requests")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for results.json and results.md")
+    cfg = p.parse_args(argv)
+
+    from gist_lightning.templates import encode_prefix
+    from gist_lightning.tokens import add_gist_token, gist_token_id, load_tokenizer
+
+    rng = random.Random(cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = cfg.model or str(export_random(cfg.shape, Path(tmp), 1024))
+        tokenizer = load_tokenizer(model)
+        instructions = (file_instructions(cfg.instructions_file, cfg.num_instructions, rng) if cfg.instructions_file
+                        else synthetic_instructions(cfg.num_instructions, cfg.instruction_tokens, tokenizer, rng))
+        requests = workload(instructions, cfg.requests, cfg.zipf, rng)
+        used = list(dict.fromkeys(t for t, _ in requests))
+        # warm-up: an instruction of the same kind outside the workload (its cache entry is typical)
+        warm = next((t for t in instructions if t not in used), "Warm up.")
+        k = json.loads((Path(model) / "gist_config.json").read_text())["num_gist_tokens"]
+        # instruction tokens as the server sees them: specials + "Instruction: {t}\n" (the prompt before the gists)
+        add_gist_token(tokenizer)
+        lengths = [len(encode_prefix(tokenizer, t, k, gist_token_id(tokenizer))) - k for t in used]
+        params = sum(t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+            str(Path(model) / "model.safetensors")).values()) if (Path(model) / "model.safetensors").is_file() else None
+        info = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}; "
+                           f"{torch.get_num_threads()} torch threads; torch {torch.__version__}",
+                "model": cfg.model or f"random {cfg.shape} LLaMA shape", "parameters": params, "k": k,
+                "instructions": len(instructions), "mean_instruction_tokens": statistics.mean(lengths),
+                "distinct_in_workload": len({t for t, _ in requests}), "requests": len(requests),
+                "zipf": cfg.zipf, "max_tokens": cfg.max_tokens, "cache_memory": cfg.cache_memory,
+                "max_batch_size": cfg.max_batch_size, "device": cfg.device}
+        print(json.dumps(info, indent=1), flush=True)
+        cells = []
+        for mode in cfg.modes:
+            for concurrency in cfg.concurrency:
+                args = ["--mode", mode, "--cache_memory", cfg.cache_memory, "--max_batch_size", str(cfg.max_batch_size),
+                        "--accelerator", cfg.device, "--max_tokens_limit", str(max(cfg.max_tokens, 1024))]
+                if cfg.dtype:
+                    args += ["--dtype", cfg.dtype]
+                with ServerProcess(model, *args, log=str(Path(tmp) / f"server-{mode}-{concurrency}.log")) as server:
+                    one_request(server.port, warm, "a", 2)  # first-call overheads out of the timing
+                    results, wall = run_cell(server.port, requests, concurrency, cfg.max_tokens, cfg.time_limit)
+                    stats = get_json(server.port, "/v1/cache/stats")
+                cell = {"mode": mode, "concurrency": concurrency, **summarize(results, wall),
+                        "cached_instructions": stats["cached_instructions"],
+                        "bytes_per_instruction": stats["bytes_per_instruction"],
+                        "instructions_in_budget": (int(stats["cache_capacity"] // stats["bytes_per_instruction"])
+                                                   if stats["bytes_per_instruction"] else None),
+                        "compressions": stats["compressed"]}
+                cells.append(cell)
+                print(json.dumps(cell), flush=True)
+    table = render(info, cells)
+    print(table)
+    if cfg.out:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"info": info, "cells": cells}, indent=1))
+        (out / "results.md").write_text(table)
+
+
+def render(info: dict, cells: list[dict]) -> str:
+    lines = [f"# bench_serve: {info['model']}, k={info['k']}, {info['device']}", "",
+             info["machine"], "", f"    {info['command']}", "",
+             f"{info['instructions']} instructions, {info['distinct_in_workload']} of them in the workload "
+             f"({info['mean_instruction_tokens']:.0f} tokens on average), {info['requests']} requests Zipf({info['zipf']}), "
+             f"{info['max_tokens']} new tokens each (greedy), cache memory {info['cache_memory']} in every mode, "
+             f"max batch {info['max_batch_size']}.", "",
+             "| mode | concurrency | requests | failed | req/s | gen tok/s | latency p50 s | p99 s | TTFT p50 s | p99 s "
+             "| hit rate | compressions | bytes / instruction | instructions in budget |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        per = f"{c['bytes_per_instruction']:.0f}" if c["bytes_per_instruction"] else "-"
+        fit = c["instructions_in_budget"] if c["instructions_in_budget"] is not None else "-"
+        lines.append(f"| {c['mode']} | {c['concurrency']} | {c['requests']} | {c['failed']} | {c['requests_per_s']:.2f} "
+                     f"| {c['tokens_per_s']:.1f} | {c['latency_p50']:.2f} | {c['latency_p99']:.2f} | {c['ttft_p50']:.2f} "
+                     f"| {c['ttft_p99']:.2f} | {c['hit_rate']:.2f} | {c['compressions']} | {per} | {fit} |")
+    by = {(c["mode"], c["concurrency"]): c for c in cells}
+    notes = []
+    for conc in sorted({c["concurrency"] for c in cells}):
+        if ("gist", conc) in by and ("full", conc) in by:
+            notes.append(f"concurrency {conc}: gist / full requests/s = "
+                         f"{by['gist', conc]['requests_per_s'] / by['full', conc]['requests_per_s']:.2f}x")
+    gist = next((c for c in cells if c["mode"] == "gist" and c["bytes_per_instruction"]), None)
+    instr = next((c for c in cells if c["mode"] == "instruction" and c["bytes_per_instruction"]), None)
+    if gist and instr:
+        notes.append(f"instructions held in the same memory, gist / instruction = "
+                     f"{instr['bytes_per_instruction'] / gist['bytes_per_instruction']:.1f}x (mean instruction tokens / k = "
+                     f"{info['mean_instruction_tokens'] / info['k']:.1f})")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+if __name__ == "__main__":
+    main()
