@@ -31,9 +31,11 @@ bench: $(STAMP)
 	$(PY) experiments/bench_train.py
 	$(PY) experiments/bench_attention.py
 
-# the default sweep on the embedded default: pos_control, neg_control, gist k in {1,2,5,10}
+# the default sweep on the embedded default: pos_control, neg_control, gist k in {1,2,5,10}, 3 seeds each
+# (it resumes: finished runs are skipped)
 sweep: $(STAMP)
-	$(PY) experiments/sweep.py --config configs/tiny.yaml --out experiments/results/tiny-sweep --runs runs/sweep-tiny
+	$(PY) experiments/sweep.py --config configs/tiny.yaml --out experiments/results/tiny-sweep --runs runs/sweep-tiny \
+		--conditions pos_control neg_control gist --seeds 0 1 2
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -11,8 +11,10 @@ run again; a failed run is reported, moved aside, and the others go on.
 
 Everything after ``--`` is passed to every run. Results cover every finished run in the runs
 folder (so a second call with more seeds adds to the table): ``<out>/results.csv`` (one row per run),
-``<out>/table.md`` (rows: condition and k; columns: seen / unseen / human; mean ± sd over seeds),
-``<out>/rouge_vs_k.png``.
+``<out>/table.md`` (rows: condition and k; columns: seen / unseen / human; mean ± sd over seeds;
+then the per-record paired differences against pos_control with bootstrap 95% intervals over
+seeds and records), ``<out>/paired.json``, ``<out>/rouge_vs_k.png`` (the differences against k,
+with their intervals as error bars).
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from gist_lightning.evaluation.metrics import rouge_l
+from gist_lightning.evaluation.stats import paired_bootstrap
 from gist_lightning.splits import BEST_METRIC, QUALITY_METRICS, SHORT, VALIDATION_SPLITS, metric_key
+from gist_lightning.templates import without_gists
+
+BASELINE = "pos_control"
 
 
 def grid(conditions: list[str], ks: list[int], seeds: list[int]) -> list[dict]:
@@ -80,6 +89,46 @@ def run_metrics(run_dir: Path) -> dict:
             if split in stats:
                 out[f"{SHORT[split]}_instruction_tokens"] = stats[split]["instruction_tokens_mean"]
                 out[f"{SHORT[split]}_compression_ratio"] = stats[split]["compression_ratio"]
+    return out
+
+
+def record_scores(run_dir: Path, step: int, split: str) -> tuple[list[str], np.ndarray]:
+    """(prompts without gist tokens, ROUGE-L of each record) of one run's validation at ``step``."""
+    path = run_dir / "predictions" / f"step{step:06d}-{split}.csv"
+    rows = list(csv.DictReader(open(path, newline="")))
+    return [without_gists(r["x"]) for r in rows], np.array([rouge_l(r["y_pred"], r["y_true"]) for r in rows])
+
+
+def paired_differences(results: list[dict], run_root: Path, prefix: str = "") -> dict:
+    """For every (condition, k) but the baseline and every split: the per-record ROUGE-L difference
+    to pos_control of the same seed, over the seeds both have, with a bootstrap 95% interval over
+    seeds and records. ``prefix`` "" uses each run's kept (best) validation, "final_" its last one."""
+    scores: dict[tuple, dict[int, dict[str, tuple]]] = {}
+    for r in results:
+        run_dir = run_root / r["name"] / "run"
+        step = r["step" if not prefix else "final_step"]
+        for split in VALIDATION_SPLITS:
+            scores.setdefault((r["condition"], r["k"]), {}).setdefault(r["seed"], {})[split] = \
+                record_scores(run_dir, step, split)
+    base = next((v for (c, _), v in scores.items() if c == BASELINE), None)
+    out = {}
+    if base is None:
+        return out
+    for (condition, k), by_seed in scores.items():
+        if condition == BASELINE:
+            continue
+        seeds = sorted(set(by_seed) & set(base))
+        if not seeds:
+            continue
+        for split in VALIDATION_SPLITS:
+            diffs = []
+            for seed in seeds:
+                (keys, a), (base_keys, b) = by_seed[seed][split], base[seed][split]
+                if keys != base_keys:
+                    raise RuntimeError(f"{condition} k={k} seed {seed} and {BASELINE} validated different "
+                                       f"{split} records; paired differences need the same records in the same order")
+                diffs.append(a - b)
+            out[f"{condition}|{k}|{SHORT[split]}"] = paired_bootstrap(np.stack(diffs))
     return out
 
 
@@ -139,7 +188,11 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def aggregate(results: list[dict], out: Path) -> None:
+def _interval(d: dict) -> str:
+    return f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+
+
+def aggregate(results: list[dict], out: Path, run_root: Path | None = None) -> None:
     if not results:
         return
     keys = list(results[0])
@@ -164,34 +217,74 @@ def aggregate(results: list[dict], out: Path) -> None:
                      for s in VALIDATION_SPLITS]
             lines.append(f"| {condition} | {k if condition == 'gist' else '-'} | {len(rs)} | " + " | ".join(cells) + " |")
         lines.append("")
+    paired = {}
+    if run_root is not None:
+        for prefix, title in (("", "best checkpoint"), ("final_", "last validation")):
+            paired[prefix or "best"] = diffs = paired_differences(results, run_root, prefix)
+            if not diffs:
+                continue
+            lines += [f"ROUGE-L minus {BASELINE} of the same seed, per record ({title}): mean [bootstrap 95% interval "
+                      "over seeds and records]; an interval that excludes 0 is a difference the data support:", "",
+                      "| condition | k | seeds | records (seen / unseen / human) | seen | unseen | human |",
+                      "|---|---|---|---|---|---|---|"]
+            for (condition, k), _ in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 9), g[0][1])):
+                cells = [diffs.get(f"{condition}|{k}|{SHORT[s]}") for s in VALIDATION_SPLITS]
+                if condition == BASELINE or None in cells:
+                    continue
+                lines.append(f"| {condition} | {k if condition == 'gist' else '-'} | {cells[0]['seeds']} | "
+                             + " / ".join(str(c["records"]) for c in cells) + " | "
+                             + " | ".join(_interval(c) for c in cells) + " |")
+            lines.append("")
+        (out / "paired.json").write_text(json.dumps(paired, indent=1) + "\n")
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    plot(groups, out / "rouge_vs_k.png")
+    plot(groups, paired.get("best", {}), out / "rouge_vs_k.png")
 
 
-def plot(groups: dict, path: Path) -> None:
+def plot(groups: dict, paired: dict, path: Path) -> None:
+    """Per split: mean ROUGE-L against k (top), and the paired difference to pos_control with its
+    95% interval (bottom; the controls as bands)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
-    for ax, full_name in zip(axes, VALIDATION_SPLITS):
+    rows = 2 if paired else 1
+    fig, axes = plt.subplots(rows, 3, figsize=(12, 3.6 * rows), sharey="row", squeeze=False)
+    ks = sorted(k for c, k in groups if c == "gist")
+    for col, full_name in enumerate(VALIDATION_SPLITS):
         split = SHORT[full_name]
-        gist = sorted((k, statistics.mean(r[f"{split}_rougeL"] for r in rs)) for (c, k), rs in groups.items() if c == "gist")
+        ax = axes[0][col]
+        gist = [(k, [r[f"{split}_rougeL"] for r in groups["gist", k]]) for k in ks]
         if gist:
-            ax.plot([k for k, _ in gist], [v for _, v in gist], "o-", color="C0", label="gist")
-        for cond, style, color in (("pos_control", "-", "C2"), ("neg_control", "--", "C3")):
+            ax.errorbar(ks, [statistics.mean(v) for _, v in gist],
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in gist], fmt="o-", color="C0",
+                        capsize=3, label="gist (± sd over seeds)")
+        for cond, style, color in ((BASELINE, "-", "C2"), ("neg_control", "--", "C3")):
             values = [r[f"{split}_rougeL"] for (c, _), rs in groups.items() if c == cond for r in rs]
             if values:
                 ax.axhline(statistics.mean(values), linestyle=style, color=color, label=cond)
         ax.set_title(full_name)
-        ax.set_xlabel("gist tokens k")
-        if gist:
-            ax.set_xscale("log")
-            ax.set_xticks([k for k, _ in gist], [str(k) for k, _ in gist])
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("ROUGE-L")
-    axes[0].legend(loc="lower left", fontsize=8)
+        ax.set_ylabel("ROUGE-L" if col == 0 else "")
+        if paired:
+            ax = axes[1][col]
+            pts = [(k, paired[f"gist|{k}|{split}"]) for k in ks if f"gist|{k}|{split}" in paired]
+            if pts:
+                ax.errorbar([k for k, _ in pts], [d["mean"] for _, d in pts],
+                            yerr=[[d["mean"] - d["low"] for _, d in pts], [d["high"] - d["mean"] for _, d in pts]],
+                            fmt="o-", color="C0", capsize=3, label=f"gist - {BASELINE} (95% CI)")
+            neg = paired.get(f"neg_control|1|{split}")
+            if neg:
+                ax.axhspan(neg["low"], neg["high"], color="C3", alpha=0.2, label=f"neg_control - {BASELINE}")
+            ax.axhline(0, color="C2", linewidth=1)
+            ax.set_ylabel(f"ROUGE-L minus {BASELINE}" if col == 0 else "")
+        for ax in axes[:, col]:
+            ax.set_xlabel("gist tokens k")
+            if ks:
+                ax.set_xscale("log")
+                ax.set_xticks(ks, [str(k) for k in ks])
+            ax.grid(alpha=0.3)
+    for row in axes:
+        row[0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -218,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     run_root = Path(args.runs) if args.runs else out / "runs"
     _, failed = run_cells(cells, args.config, run_root, extra, log=lambda m: print(m, flush=True))
     results = finished_runs(run_root)  # this grid and every earlier finished run in the folder
-    aggregate(results, out)
-    print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'rouge_vs_k.png'}")
+    aggregate(results, out, run_root)
+    print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'paired.json'}, {out / 'rouge_vs_k.png'}")
     if results:
         print((out / "table.md").read_text())
     if failed:

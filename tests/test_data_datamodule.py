@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gist_lightning.data import EmbeddedSuite, LengthLimits
+from gist_lightning.data.suite import human_records
 from gist_lightning.module import GistLitModule
 from gist_lightning.splits import SPLITS, VALIDATION_SPLITS
 from gist_lightning.tokens import gist_token_id
@@ -31,7 +32,7 @@ def test_connect_then_setup_gives_named_loaders(suite_module):
     dm, module = suite_module(num_gist_tokens=3)
     dm.setup("fit")
     assert {s: len(d) for s, d in dm.datasets.items()} == {
-        "train": 300, "validation_seen": 20, "validation_unseen": 20, "validation_human": 64}
+        "train": 300, "validation_seen": 20, "validation_unseen": 20, "validation_human": len(human_records())}
     assert dm.validation_names == VALIDATION_SPLITS and tuple(dm.datasets) == SPLITS
     gist = gist_token_id(module.tokenizer)
     batch = next(iter(dm.train_dataloader()))

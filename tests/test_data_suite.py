@@ -7,7 +7,14 @@ import re
 import pytest
 
 from gist_lightning.data.records import load_records
-from gist_lightning.data.suite import HELD_OUT_WORDS, TASKS, EmbeddedSuite, generate_suite, human_records
+from gist_lightning.data.suite import (
+    HELD_OUT_WORDS,
+    TASKS,
+    EmbeddedSuite,
+    generate_suite,
+    human_records,
+    training_wordings,
+)
 from gist_lightning.splits import SPLITS
 
 
@@ -35,7 +42,7 @@ def test_families_and_content_in_instruction():
 def test_outputs_follow_the_task(splits):
     rec = next(r for r in splits["train"] if r["instruction"].startswith("Reverse the list"))
     assert rec["output"].split() == rec["input"].split()[::-1]
-    rec = next(r for r in splits["train"] if r["instruction"].startswith("Remove every "))
+    rec = next(r for r in splits["train"] if re.fullmatch(r"Remove every \w+\.", r["instruction"]))
     x = rec["instruction"].removeprefix("Remove every ").rstrip(".")
     assert rec["output"].split() == [w for w in rec["input"].split() if w != x]
 
@@ -61,12 +68,21 @@ def test_held_out_wording_uses_trained_words(splits):
     assert unseen_words - trained - set(HELD_OUT_WORDS) == set()
 
 
+def test_training_wordings_are_compositional(splits):
+    copy = {r["instruction"] for r in splits["train"] if r["instruction"] in training_wordings(TASKS[0])}
+    assert len(copy) >= 30  # 6 paraphrases x several frames, not 3 fixed sentences
+
+
 def test_human_records(splits, load_experiment):
     human = human_records()
-    assert len(human) >= 60
+    assert len(human) >= 150 and len({r["instruction"] for r in human}) == len(human)
     assert all(set(r) == {"instruction", "input", "output", "source"} and r["source"] == "human" for r in human)
-    templates = {t.paraphrases[i].split("{")[0] for t in TASKS for i in range(len(t.paraphrases))}
-    assert not any(r["instruction"].startswith(p) for r in human for p in templates if len(p) > 8)
+    # written by hand: no human wording is one that training can hold, nor a held-out paraphrase
+    trainable = set().union(*(training_wordings(t) for t in TASKS))
+    assert {r["instruction"] for r in splits["train"]} <= trainable
+    assert not any(r["instruction"] in trainable for r in human)
+    held_out = {t.paraphrases[-1].format(x="{x}") for t in TASKS if t.param is None}
+    assert not any(r["instruction"] in held_out for r in human)
     # the shipped outputs are those of the task functions (the file is made by experiments/make_suite_assets.py)
     assert load_experiment("make_suite_assets").human_records() == human
 

@@ -16,22 +16,33 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_two_cell_sweep_runs_skips_and_aggregates(run_config, load_experiment, tmp_path, capsys):
+def test_sweep_runs_skips_and_aggregates_with_paired_intervals(run_config, load_experiment, tmp_path, capsys):
     sweep = load_experiment("sweep")
     config = run_config(max_steps=6, val_check_interval=6)
     out = tmp_path / "sweep"
-    args = ["--config", str(config), "--out", str(out), "--conditions", "gist", "neg_control", "--k", "1"]
+    args = ["--config", str(config), "--out", str(out), "--conditions", "pos_control", "gist", "--k", "1",
+            "--seeds", "0", "1"]
     assert sweep.main(args + ["--", "--model.max_new_tokens", "4"]) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [(r["condition"], r["k"]) for r in rows] == [("gist", "1"), ("neg_control", "1")]
+    assert [(r["condition"], r["k"], r["seed"]) for r in rows] == [("pos_control", "1", "0"), ("pos_control", "1", "1"),
+                                                                   ("gist", "1", "0"), ("gist", "1", "1")]
     assert all(0 <= float(r["unseen_rougeL"]) <= 100 and float(r["seen_instruction_tokens"]) > 0 for r in rows)
     table = (out / "table.md").read_text()
-    assert "| gist | 1 | 1 |" in table and "| neg_control | - | 1 |" in table
+    assert "| gist | 1 | 2 |" in table and "| pos_control | - | 2 |" in table
+    assert "ROUGE-L minus pos_control of the same seed" in table
+    paired = json.loads((out / "paired.json").read_text())
+    for protocol, prefix in (("best", ""), ("final_", "final_")):
+        d = paired[protocol]["gist|1|unseen"]
+        assert (d["seeds"], d["records"]) == (2, 16) and d["low"] <= d["mean"] <= d["high"]
+        # a second path to the same number: the per-record mean difference is the difference of the
+        # logged split means, averaged over seeds
+        logged = [float(g[f"{prefix}unseen_rougeL"]) - float(p[f"{prefix}unseen_rougeL"]) for g, p in zip(rows[2:], rows[:2])]
+        assert d["mean"] == pytest.approx(sum(logged) / 2, abs=1e-3)
     assert (out / "rouge_vs_k.png").stat().st_size > 1000
     capsys.readouterr()
-    # a second call finds both runs finished and runs nothing
+    # a second call finds every run finished and runs nothing
     assert sweep.main(args) == 0
-    assert capsys.readouterr().out.count("finished before, skipped") == 2
+    assert capsys.readouterr().out.count("finished before, skipped") == 4
 
 
 @pytest.mark.slow

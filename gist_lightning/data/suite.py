@@ -75,59 +75,127 @@ def _move_first(words, x):
     return [x] + _without(words, x) + [x] * (words.count(x) - 1) if x in words else list(words)
 
 
+# Each family's wordings: its training paraphrases (several verbs and phrasings, so that a model can
+# learn the words a person might use), then one held out of training (the last). Training
+# instructions wrap a paraphrase in a frame (FRAMES) most of the time, so the wordings a model
+# trains on are compositional, not a few fixed sentences.
 TASKS: tuple[Task, ...] = (
-    Task("copy", ("Repeat the list.", "Copy the words.", "Write the list again.", "Say the words again."), lambda w: w),
+    Task("copy", ("Repeat the list.", "Copy the words.", "Write the list again.", "Echo the words.",
+                  "Give the words back unchanged.", "Return the list as it is.", "Say the words again."), lambda w: w),
     Task("reverse", ("Reverse the list.", "Write the words in reverse order.", "Give the list backwards.",
+                     "Flip the order of the words.", "Read the list from the end.", "Put the words back to front.",
                      "Say the words from last to first."), lambda w: w[::-1]),
     Task("first", ("What is the first word?", "Give the first item.", "Name the word at the start.",
+                   "Which word comes first?", "Tell me the opening word.", "Give the word at the front.",
                    "Say only the first word."), lambda w: w[:1]),
-    Task("last", ("What is the last word?", "Give the last item.", "Name the word at the end.",
-                  "Say only the last word."), lambda w: w[-1:]),
-    Task("count", ("How many words are there?", "Count the words.", "Give the number of items.",
+    Task("last", ("What is the last word?", "Give the last item.", "Name the word at the end.", "Which word comes last?",
+                  "Tell me the closing word.", "Give the final word.", "Say only the last word."), lambda w: w[-1:]),
+    Task("count", ("How many words are there?", "Count the words.", "Give the number of items.", "How long is the list?",
+                   "Tell me how many words there are.", "Give the length of the list.",
                    "Say the number of words in the list."), lambda w: [NUMBERS[len(w)]]),
     Task("first_two", ("Give the first two words.", "Say the two items at the start.", "Keep only the first two words.",
+                       "Give the opening two words.", "Keep the two words at the front.", "Tell me the first pair of words.",
                        "Name the first two items."), lambda w: w[:2]),
     Task("every_other", ("Give every other word.", "Keep every second item, starting with the first.",
-                         "Skip every second word.", "Say every other item."), lambda w: w[::2]),
-    Task("rotate", ("Move the first word to the end.", "Rotate the list by one.",
-                    "Put the first item at the end of the list.", "Move the first item to the end of the list."),
-         lambda w: w[1:] + w[:1]),
+                         "Skip every second word.", "Keep the words in odd places.", "Take one word, skip one, and so on.",
+                         "Drop the words in even places.", "Say every other item."), lambda w: w[::2]),
+    Task("rotate", ("Move the first word to the end.", "Rotate the list by one.", "Put the first item at the end of the list.",
+                    "Send the first word to the back.", "Shift the list left by one.", "Move the opening word to the end.",
+                    "Move the first item to the end of the list."), lambda w: w[1:] + w[:1]),
     Task("drop_first", ("Remove the first word.", "Drop the first item.", "Give the list without its first word.",
+                        "Leave out the first word.", "Cut the opening word.", "Give everything except the first word.",
                         "Give the words without the first item."), lambda w: w[1:]),
     Task("drop_last", ("Remove the last word.", "Drop the last item.", "Give the list without its last word.",
+                       "Leave out the last word.", "Cut the final word.", "Give everything except the last word.",
                        "Give the words without the last item."), lambda w: w[:-1]),
     Task("swap_ends", ("Swap the first and last words.", "Exchange the first item and the last item.",
-                       "Switch the words at the start and the end.", "Put the last word first and the first word last."),
+                       "Switch the words at the start and the end.", "Trade the first and last words.",
+                       "Swap the opening and closing words.", "Exchange the words at both ends.",
+                       "Put the last word first and the first word last."),
          lambda w: w[-1:] + w[1:-1] + w[:1] if len(w) > 1 else list(w)),
     Task("double", ("Say each word twice.", "Repeat every word two times.", "Write each item two times.",
+                    "Echo each word after itself.", "Make every word appear twice.", "Give each item two times in a row.",
                     "Say every word two times."), lambda w: [x for x in w for _ in (0, 1)]),
     Task("swap_pair", ("Swap the first two words.", "Exchange the first item and the second item.",
-                       "Switch the first word and the second word.", "Put the second word first."),
+                       "Switch the first word and the second word.", "Trade the first two words.",
+                       "Put the first word second.", "Swap the opening pair of words.", "Put the second word first."),
          lambda w: w[1:2] + w[:1] + w[2:]),
     Task("drop_second", ("Remove the second word.", "Drop the second item.", "Give the list without its second word.",
+                         "Leave out the second word.", "Cut the word in second place.", "Skip the second item.",
                          "Give the words without the second item."), lambda w: w[:1] + w[2:]),
     Task("last_two", ("Give the last two words.", "Say the two items at the end.", "Keep only the last two words.",
+                      "Give the final two words.", "Keep the two words at the back.", "Tell me the last pair of words.",
                       "Name the last two items."), lambda w: w[-2:]),
     Task("remove", ("Remove every {x}.", "Drop each {x} from the list.", "Give the list without {x}.",
+                    "Take out every {x}.", "Get rid of each {x}.", "Delete all {x} words.",
                     "Say the list without each {x}."), _without, "word"),
     Task("replace", ("Replace every {x} with {y}.", "Change each {x} to {y}.", "Write {y} where the list has {x}.",
+                     "Make each {x} a {y}.", "Swap each {x} for {y}.", "Use {y} instead of {x}.",
                      "Write {y} in place of each {x}."), lambda w, x, y: [y if v == x else v for v in w], "two_words"),
     Task("contains", ("Is {x} in the list?", "Does the list have {x}?", "Say yes if {x} is there, else no.",
+                      "Can you find {x} in the list?", "Check if the list has {x}.", "Does {x} show up in the words?",
                       "Is {x} in the words?"), lambda w, x: ["yes" if x in w else "no"], "word"),
     Task("put_first", ("Put {x} first.", "Move {x} to the start.", "Give the list with {x} at the start.",
+                       "Place {x} at the front.", "Let {x} lead the list.", "Move {x} to the front.",
                        "Put {x} at the start of the list."), _move_first, "word"),
     Task("append", ("Add {x} at the end.", "Put {x} after the last word.", "Give the list with {x} added last.",
+                    "Place {x} at the end.", "Stick {x} on the end.", "End the list with {x}.",
                     "Add {x} after the last item."), lambda w, x: w + [x], "word"),
     Task("count_word", ("How many times does {x} appear?", "Count each {x}.", "Give the number of {x} items.",
-                        "Say the number of {x} words."), lambda w, x: [NUMBERS[w.count(x)]], "word"),
+                        "How often does {x} appear?", "Tell me how many {x} words there are.",
+                        "Count how many times {x} shows up.", "Say the number of {x} words."),
+         lambda w, x: [NUMBERS[w.count(x)]], "word"),
     Task("nth", ("What is the {n} word?", "Give the {n} item.", "Name the word in {n} place.",
-                 "Say only the {n} word."), lambda w, n: w[ORDINALS.index(n): ORDINALS.index(n) + 1], "ordinal"),
+                 "Which word is in {n} place?", "Tell me the {n} word.", "Grab the {n} item.", "Say only the {n} word."),
+         lambda w, n: w[ORDINALS.index(n): ORDINALS.index(n) + 1], "ordinal"),
     Task("prepend", ("Add {x} at the start.", "Put {x} before the first word.", "Give the list with {x} added first.",
+                     "Start the list with {x}.", "Stick {x} in front.", "Begin the list with {x}.",
                      "Add {x} before the first item."), lambda w, x: [x] + w, "word"),
     Task("after", ("What comes after {x}?", "Give the word after {x}.", "Name the item that follows {x}.",
+                   "Which item comes after {x}?", "Tell me the word right after {x}.", "What is the next word after {x}?",
                    "Name the word after {x}."),
          lambda w, x: w[w.index(x) + 1: w.index(x) + 2] if x in w else ["none"], "word"),
 )
+
+# Frames around a training paraphrase: {s} the paraphrase, {l} it with a lower-case first letter,
+# {b} that without its final punctuation. Questions and requests take different frames.
+FRAMES_REQUEST = ("{s}", "{s}", "Please {l}", "{s} Thanks.", "Now {l}", "I need you to {l}", "Could you {b}?",
+                  "Task: {s}", "{s} Answer with the words only.")
+FRAMES_QUESTION = ("{s}", "{s}", "Quick question: {s}", "{s} Answer in a few words.", "Tell me: {l}", "Task: {s}",
+                   "Look at the list. {s}")
+
+
+def frame(paraphrase: str, rng: random.Random) -> str:
+    """A training wording: ``paraphrase`` in a frame drawn by ``rng``."""
+    frames = FRAMES_QUESTION if paraphrase.endswith("?") else FRAMES_REQUEST
+    lower = paraphrase[0].lower() + paraphrase[1:]
+    return rng.choice(frames).format(s=paraphrase, l=lower, b=lower.rstrip(".?!"))
+
+
+def training_wordings(task: Task) -> set[str]:
+    """Every instruction string training can hold for ``task`` (each paraphrase but the held-out
+    one, in every frame, with every training parameter value): the set a human-written
+    instruction must stay out of."""
+    out = set()
+    for paraphrase in task.paraphrases[:-1]:
+        frames = FRAMES_QUESTION if paraphrase.endswith("?") else FRAMES_REQUEST
+        lower = paraphrase[0].lower() + paraphrase[1:]
+        for f in frames:
+            text = f.format(s=paraphrase, l=lower, b=lower.rstrip(".?!"))
+            for params in _all_params(task):
+                out.add(text.format(**params))
+    return out
+
+
+def _all_params(task: Task) -> list[dict[str, str]]:
+    pool = [w for w in WORDS if w not in HELD_OUT_WORDS]
+    if task.param is None:
+        return [{}]
+    if task.param == "ordinal":
+        return [{"n": n} for n in ORDINALS]
+    if task.param == "word":
+        return [{"x": x} for x in pool]
+    return [{"x": x, "y": y} for x in pool for y in pool if y != x]
 
 
 def _params(task: Task, held_out: bool, rng: random.Random) -> dict[str, str]:
@@ -182,7 +250,7 @@ def generate_suite(seed: int = 0, train_size: int = 20000, validation_size: int 
     while len(train) < train_size:
         task = rng.choice(TASKS)
         params = _params(task, held_out=False, rng=rng)
-        paraphrase = rng.choice(task.paraphrases[:-1])
+        paraphrase = frame(rng.choice(task.paraphrases[:-1]), rng)
         rec = make_record(task, paraphrase, params, _input(task, params, rng), "suite")
         train.append(rec)
         seen_pairs.add((rec["instruction"], rec["input"]))
