@@ -223,3 +223,27 @@ trainer.save_checkpoint(path)
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]  # readable: whole
     first = torch.load(tmp_path / "first.pt", weights_only=True)
     assert state.keys() == first.keys() and all(torch.equal(state[k], first[k]) for k in first)  # the first save
+
+
+@pytest.mark.slow
+def test_the_same_config_and_seed_twice_give_identical_metrics(run_config, tmp_path):
+    """Reproducibility on one machine: two processes, one config and seed, the same numbers to the
+    last digit (losses, ROUGE-L, exact match, the checkpoint's weights, every prediction)."""
+    config = run_config(val_check_interval=20)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for folder in runs:
+        done = subprocess.run(_fit_command(config, folder), capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    def logged(folder):
+        rows = list(csv.DictReader(open(_run_folder(folder) / "metrics.csv")))
+        return [{k: v for k, v in r.items() if v and "time" not in k} for r in rows]
+
+    first, second = (logged(f) for f in runs)
+    assert first == second and any("validation_unseen/rougeL" in r for r in first)
+    assert any(k.endswith("loss") for r in first for k in r)
+    a, b = (torch.load(_run_folder(f) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for f in runs)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    for p in sorted((_run_folder(runs[0]) / "predictions").iterdir()):
+        assert (_run_folder(runs[1]) / "predictions" / p.name).read_text() == p.read_text(), p.name
