@@ -102,9 +102,12 @@ def one_request(port: int, instruction: str, input: str, max_tokens: int) -> dic
         if r.status != 200:
             out["error"] = f"HTTP {r.status}: {r.read()[:200]!r}"
             return out
+        done = False
         for line in r:
             line = line.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            if line == b"data: [DONE]":
+                done = True
+            if not line.startswith(b"data: ") or done:
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
@@ -117,7 +120,10 @@ def one_request(port: int, instruction: str, input: str, max_tokens: int) -> dic
             if chunk.get("usage"):
                 out["tokens"] = chunk["usage"]["completion_tokens"]
         conn.close()
-        out["ok"] = True
+        # a stream cut off before its usage chunk and [DONE] is a failure, not a short answer
+        out["ok"] = done and out["tokens"] > 0
+        if not out["ok"]:
+            out["error"] = "the stream ended without its usage chunk and [DONE]"
     except OSError as e:
         out["error"] = repr(e)
     finally:

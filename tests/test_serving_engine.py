@@ -212,13 +212,70 @@ def test_parse_bytes():
         parse_bytes("lots")
 
 
-def test_a_failed_step_fails_its_requests_not_the_engine(make_pair, monkeypatch):
+@pytest.mark.parametrize("where", ["compress", "start", "step"])
+def test_a_failed_step_answers_every_request_and_the_engine_goes_on(make_pair, monkeypatch, where):
+    import gist_lightning.serving.engine as engine_module
+
     model, tok, _ = make_pair("llama")
-    engine = ServingEngine(model, tok, K, "gist")
-    engine.submit("a", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))
+    engine = ServingEngine(model, tok, K, "gist", max_batch_size=2)
+    engine.submit("running", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=20))
     engine.step()
-    events = engine.fail_all("boom")
-    assert [(e.uid, e.status) for e in events] == [("a", 500)] and not engine.busy()
+    # next step: a refusal, a stats question, a waiting request and one being admitted when it fails
+    for uid, req in [("refused", GenerationRequest(INSTRUCTIONS[1], max_tokens=0)),
+                     ("admitted", GenerationRequest(INSTRUCTIONS[1], INPUTS[1], max_tokens=5)),
+                     ("waiting", GenerationRequest(INSTRUCTIONS[2], INPUTS[2], max_tokens=5))]:
+        engine.submit(uid, req)
+    engine.request_stats("stats")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    if where == "compress":
+        monkeypatch.setattr(engine_module, "compress", boom)
+    else:
+        monkeypatch.setattr(engine.backend, where, boom)
+    events = engine.step()
+    monkeypatch.undo()
+    finals = {e.uid: e for e in events if e.done}
+    assert sorted(finals) == ["admitted", "refused", "running", "stats", "waiting"]  # each answered once
+    assert len([e for e in events if e.done]) == len(finals)
+    assert finals["refused"].status == 400 and finals["stats"].stats is not None
+    assert all(finals[u].status == 500 and "out of memory" in finals[u].error for u in ("admitted", "running", "waiting"))
+    assert not engine.busy()
     got, _ = run(engine, {0: [("b", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
     assert got["b"][0] == reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
-    assert torch.is_grad_enabled()  # step's no_grad does not leak
+    assert torch.is_grad_enabled()  # the step's no_grad does not leak
+
+
+def test_a_request_that_cannot_sample_fails_alone(make_pair):
+    model, tok, _ = make_pair("llama")
+    engine = ServingEngine(model, tok, K, "gist")
+    got, events = run(engine, {0: [("ok", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6)),
+                                   ("seed", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], temperature=1.0, seed=10**30)),
+                                   ("cold", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6, temperature=1e-40))]})
+    assert got["seed"][1].startswith("seed must be between") and got["ok"][1] == "length"
+    want = reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
+    assert got["ok"][0] == got["cold"][0] == want  # a temperature too small to divide by is greedy
+
+
+def test_cancelling_a_waiting_request(make_pair):
+    model, tok, _ = make_pair("llama")
+    engine = ServingEngine(model, tok, K, "gist", max_batch_size=1)
+    got, events = run(engine, {0: [("a", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6)),
+                                   ("b", GenerationRequest(INSTRUCTIONS[1], INPUTS[1], max_tokens=6))]},
+                      cancel={1: "b"})
+    assert got["b"] == ("", "cancelled") and engine.counts["compressed"] == 1  # b never ran
+    assert got["a"][0] == reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
+
+
+def test_a_store_entry_of_another_model_is_made_again(make_pair, tmp_path):
+    model, tok, _ = make_pair("llama")
+    other, _, _ = make_pair("llama", seed=5)  # "retrained": same shape, other weights, same tokenizer
+    run(ServingEngine(other, tok, K, "gist", cache_dir=str(tmp_path)),
+        {0: [("a", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
+    engine = ServingEngine(model, tok, K, "gist", cache_dir=str(tmp_path))
+    got, events = run(engine, {0: [("b", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
+    assert events[0].cache == "compressed" and got["b"][0] == reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
+    again = ServingEngine(model, tok, K, "gist", cache_dir=str(tmp_path))  # the entry was replaced
+    _, events = run(again, {0: [("c", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
+    assert events[0].cache == "disk"

@@ -142,6 +142,8 @@ BAD = [
     ("max_tokens 0", chat("Repeat.", "a", max_tokens=0), "max_tokens must be between 1 and"),
     ("max_tokens too large", chat("Repeat.", "a", max_tokens=10**6), "max_tokens must be between 1 and"),
     ("max_tokens as text", chat("Repeat.", "a", max_tokens="5"), "max_tokens: Input should be a valid integer"),
+    ("max_completion_tokens 0", chat("Repeat.", "a", max_completion_tokens=0), "max_tokens must be between 1 and"),
+    ("seed beyond 64 bits", chat("Repeat.", "a", seed=10**30), "seed: Input should be less than"),
     ("negative temperature", chat("Repeat.", "a", temperature=-1), "temperature"),
     ("two turns", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
      "one instruction and one input"),

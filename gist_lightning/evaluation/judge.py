@@ -121,6 +121,8 @@ def judge(a_path, b_path, client: JudgeClient, out: str | os.PathLike, limit: in
     """Judge every prompt the two CSVs share (or ``limit`` of them, drawn with ``seed``); write one
     row per record to ``out`` (refusing to overwrite) and return the summary (also in ``out``.json)."""
     out = Path(out)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1; got {limit}")
     if out.exists():
         raise FileExistsError(f"{out} exists; refusing to overwrite it")
     a, b = read_predictions(a_path), read_predictions(b_path)

@@ -21,8 +21,10 @@ Modes, i.e. what a prompt costs:
 
 from __future__ import annotations
 
+import logging
 import queue
 import re
+import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -39,6 +41,8 @@ from ..templates import encode_continuation, encode_prefix
 from ..tokens import gist_token_id
 
 MODES = ("gist", "instruction", "full")
+MIN_TEMPERATURE = 1e-5  # a request below it is answered greedily
+log = logging.getLogger(__name__)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -180,6 +184,7 @@ class ServingEngine:
                       if cache_dir and mode != "full" else None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[_Job] = deque()
+        self.admitting: list[_Job] = []  # taken from waiting, not yet running (a failure must still answer them)
         self.running: list[_Batch] = []
         # per request: served from memory, from disk, or waiting for a compression ("compressed_waits");
         # "compressed": compressions run (one per distinct missing instruction; per request in full mode)
@@ -211,9 +216,20 @@ class ServingEngine:
                 # the mean size of every entry kept so far (not only of those still held)
                 "bytes_per_instruction": self.memory.added_bytes / self.memory.added if self.memory.added else None}
 
-    @torch.no_grad()
     def step(self) -> list[Event]:
+        """One step (see the module docstring). A failure inside it (a bug, out of memory) ends every
+        request in flight with a 500 event, keeps the events made before it, and leaves the engine
+        ready for new requests."""
         events: list[Event] = []
+        try:
+            self._step(events)
+        except Exception as e:  # noqa: BLE001 - one failed step must not lose requests or stop the engine
+            log.exception("engine step failed")
+            events += self.fail_all(f"the server failed while generating: {type(e).__name__}: {e}")
+        return events
+
+    @torch.no_grad()
+    def _step(self, events: list[Event]) -> None:
         self._drain(events)
         for batch in list(self.running):
             logits, batch.state = self.backend.step(self.model, batch.state, batch.tokens)
@@ -224,13 +240,12 @@ class ServingEngine:
             if merged is not None:
                 self.running = [_Batch(merged, [j for b in self.running for j in b.jobs],
                                        torch.cat([b.tokens for b in self.running]))]
-        return events
 
     def fail_all(self, message: str) -> list[Event]:
         """Error events for every request in flight (after a failure inside a step), and a clean slate."""
-        jobs = [j for b in self.running for j in b.jobs] + list(self.waiting)
-        self.running, self.waiting = [], deque()
-        return [Event(j.uid, error=message, status=500) for j in jobs]
+        jobs = [j for b in self.running for j in b.jobs] + self.admitting + list(self.waiting)
+        self.running, self.admitting, self.waiting = [], [], deque()
+        return [Event(j.uid, error=message, status=500) for j in dict((j.uid, j) for j in jobs).values()]
 
     def _drain(self, events: list[Event]) -> None:
         while not self._inbox.empty():
@@ -245,9 +260,9 @@ class ServingEngine:
                 self.counts["requests"] += 1
                 try:
                     self.waiting.append(self._job(uid, payload))
-                except RequestError as e:
+                except (RequestError, TypeError, ValueError, OverflowError) as e:  # this request's alone
                     self.counts["refused"] += 1
-                    events.append(Event(uid, error=str(e), status=400, code=e.code))
+                    events.append(Event(uid, error=str(e), status=400, code=getattr(e, "code", None)))
 
     def _cancel(self, uid: str, events: list[Event]) -> None:
         for job in list(self.waiting):
@@ -283,17 +298,19 @@ class ServingEngine:
                     f"the prompt does not fit the model's {self.context} positions: instruction + gists {prefix} + "
                     f"input {len(cont)} tokens + max_tokens {request.max_tokens} need {need} (the last new token is "
                     "not fed back); shorten the input or ask for fewer tokens", "context_length_exceeded")
+        if request.seed is not None and not 0 <= request.seed < 2**63:
+            raise RequestError(f"seed must be between 0 and 2**63 - 1; got {request.seed}")
         generator = None
-        if request.temperature > 0:
+        if request.temperature >= MIN_TEMPERATURE:  # below it, sampling is greedy (and 1/t overflows)
             generator = torch.Generator(device=self.model.device)
-            generator.manual_seed(request.seed if request.seed is not None else int(torch.seed() % 2**63))
+            generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
         return _Job(uid, request, prefix, cont, generator)
 
     def _admit(self, events: list[Event]) -> None:
         free = self.max_batch_size - sum(len(b.jobs) for b in self.running)
         if free <= 0 or not self.waiting:
             return
-        jobs = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        jobs = self.admitting = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
         cache = GistCache.concat(self._prompt_caches(jobs))
         side = "right" if self.backend.encoder_decoder else "left"
         ids, mask = pad_batch([j.continuation for j in jobs], self.tokenizer.pad_token_id, side)
@@ -301,6 +318,7 @@ class ServingEngine:
         logits, state = self.backend.start(self.model, cache.to(device), ids.to(device), mask.to(device))
         batch = _Batch(state, jobs, torch.zeros(len(jobs), dtype=torch.long, device=device))
         self._advance(batch, self._choose(logits, jobs), events, first=True)
+        self.admitting = []
         if batch.jobs:
             self.running.append(batch)
 
@@ -318,8 +336,8 @@ class ServingEngine:
             if text not in source:
                 if (hit := self.memory.get(text)) is not None:
                     found[text], source[text] = hit, "memory"
-                elif self.store is not None and text in self.store:
-                    found[text], source[text] = self.store.get(text), "disk"
+                elif self.store is not None and (stored := self._from_disk(text)) is not None:
+                    found[text], source[text] = stored, "disk"
                     self.memory.put(text, found[text])
                 else:
                     missing.append(text)
@@ -340,6 +358,17 @@ class ServingEngine:
             if self.store is not None:
                 self.store.add(text, row)
         return [found[j.request.instruction] for j in jobs]
+
+    def _from_disk(self, text: str) -> GistCache | None:
+        """The store's entry for ``text``; None when it has none or one that does not belong to this
+        model (a store folder reused after retraining) or cannot be read: it is made again."""
+        if text not in self.store:
+            return None
+        try:
+            return self.store.get(text)
+        except GistError as e:
+            log.warning("cache store entry for %r not used (it is made again): %s", text[:60], e)
+            return None
 
     def _choose(self, logits: torch.Tensor, jobs: list[_Job]) -> torch.Tensor:
         """The next token of every row: greedy at temperature 0, else sampled (top-p) with the job's seed."""

@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from typing import Annotated, Literal
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
@@ -57,7 +57,7 @@ class _Sampling(BaseModel):
     n: int = 1
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
 
 
 class ChatRequest(_Sampling):
@@ -133,10 +133,12 @@ class GistOpenAISpec(LitSpec):
         try:
             req = _parse(ChatRequest, await _json_body(request))
             instruction, input = chat_prompt(req.messages)
-            gens = [self._generation(req, instruction, input, req.max_completion_tokens or req.max_tokens)]
+            gens = [self._generation(req, instruction, input, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)]
             return await self._respond(request, gens, req.stream, _ChatFormat(self.model_name))
         except ApiError as e:
             return e.response()
+        except _ClientGone:
+            return Response(status_code=499)  # nobody reads it; its requests were cancelled
 
     async def completions(self, request: Request):
         try:
@@ -148,6 +150,8 @@ class GistOpenAISpec(LitSpec):
             return await self._respond(request, gens, req.stream, _CompletionFormat(self.model_name))
         except ApiError as e:
             return e.response()
+        except _ClientGone:
+            return Response(status_code=499)
 
     async def models(self, request: Request):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
@@ -244,7 +248,7 @@ class GistOpenAISpec(LitSpec):
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
-                raise asyncio.CancelledError("client disconnected")
+                raise _ClientGone
 
     async def _sse(self, fmt, uids, firsts, streams):
         finished, tasks = set(), []
@@ -252,19 +256,23 @@ class GistOpenAISpec(LitSpec):
             queue: asyncio.Queue = asyncio.Queue()
 
             async def pump(i, first, stream):
-                await queue.put((i, first))
-                if not _last(first):
-                    async for event in stream:
-                        await queue.put((i, event))
-                        if _last(event):
-                            break
+                try:
+                    await queue.put((i, first))
+                    if not _last(first):
+                        async for event in stream:
+                            await queue.put((i, event))
+                            if _last(event):
+                                break
+                except Exception as e:  # noqa: BLE001 - the stream must end, with the reason
+                    await queue.put((i, {"error": f"{type(e).__name__}: {e}", "status": 500}))
 
             tasks = [asyncio.ensure_future(pump(i, f, s)) for i, (f, s) in enumerate(zip(firsts, streams))]
             usage = []
             while len(finished) < len(uids):
                 i, event = await queue.get()
                 if "error" in event:
-                    yield "data: " + json.dumps({"error": {"message": event["error"], "type": "server_error"}}) + "\n\n"
+                    yield "data: " + json.dumps({"error": {"message": event["error"], "type": "server_error",
+                                                           "index": i}}) + "\n\n"
                     finished.add(i)
                     continue
                 yield "data: " + json.dumps(fmt.chunk(i, event)) + "\n\n"
@@ -282,6 +290,10 @@ class GistOpenAISpec(LitSpec):
                 self._cancel(gone)
             for uid in uids:
                 self.response_buffer.pop(uid, None)
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its answer was complete."""
 
 
 def _last(event: dict) -> bool:
