@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gist_lightning.evaluation.metrics import rouge_l
+from gist_lightning.evaluation.metrics import read_predictions_csv, rouge_l
 from gist_lightning.evaluation.stats import paired_bootstrap
 from gist_lightning.splits import BEST_METRIC, QUALITY_METRICS, SHORT, VALIDATION_SPLITS, metric_key
 from gist_lightning.templates import without_gists
@@ -94,8 +94,7 @@ def run_metrics(run_dir: Path) -> dict:
 
 def record_scores(run_dir: Path, step: int, split: str) -> tuple[list[str], np.ndarray]:
     """(prompts without gist tokens, ROUGE-L of each record) of one run's validation at ``step``."""
-    path = run_dir / "predictions" / f"step{step:06d}-{split}.csv"
-    rows = list(csv.DictReader(open(path, newline="")))
+    rows = read_predictions_csv(run_dir / "predictions" / f"step{step:06d}-{split}.csv", {"x", "y_pred", "y_true"})
     return [without_gists(r["x"]) for r in rows], np.array([rouge_l(r["y_pred"], r["y_true"]) for r in rows])
 
 

@@ -25,9 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataFormatError, GistError, read_text
+from ..errors import DataFormatError, GistError
 from ..files import write_text_atomic
 from ..templates import without_gists
+from .metrics import read_predictions_csv
 from .stats import bootstrap_interval
 
 SYSTEM = ("You are a careful grader. You read a task and two answers to it and decide which answer does what "
@@ -63,20 +64,13 @@ def combine(first_order: str | None, swapped: str | None) -> str:
 
 def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     """{task: prediction} of a predictions CSV (columns x, y_pred)."""
-    try:
-        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-        missing = {"x", "y_pred"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataFormatError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
-        rows = {}
-        for line, row in enumerate(reader, start=2):
-            task = task_text(row["x"] or "")
-            if task in rows:
-                raise DataFormatError(f"{path}, line {line}: the prompt occurs twice; pairing by prompt needs each once")
-            rows[task] = row["y_pred"] or ""
-        return rows
-    except csv.Error as e:
-        raise DataFormatError(f"{path}: not a readable CSV file ({e})") from None
+    rows = {}
+    for line, row in enumerate(read_predictions_csv(path, {"x", "y_pred"}), start=2):
+        task = task_text(row["x"])
+        if task in rows:
+            raise DataFormatError(f"{path}, line {line}: the prompt occurs twice; pairing by prompt needs each once")
+        rows[task] = row["y_pred"]
+    return rows
 
 
 @dataclass

@@ -49,20 +49,23 @@ class RougeL(Metric):
         return {ROUGE_L: self.rouge_sum / n, EXACT_MATCH: 100.0 * self.exact_sum / n, "count": self.count}
 
 
-def score_csv(path: str | os.PathLike) -> dict[str, float]:
-    """ROUGE-L and exact match of a predictions CSV with ``y_pred`` and ``y_true`` columns."""
+def read_predictions_csv(path: str | os.PathLike, columns: set[str]) -> list[dict[str, str]]:
+    """The rows of a predictions CSV (as validation writes them: ``x, y_pred, y_true``), refused with
+    the file named when it lacks one of ``columns`` or is not a CSV; a missing field reads as ""."""
     try:
         reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-        missing = {"y_pred", "y_true"} - set(reader.fieldnames or [])
+        missing = columns - set(reader.fieldnames or [])
         if missing:
             raise DataFormatError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
-        preds, refs = [], []
-        for row in reader:
-            preds.append(row["y_pred"] or "")
-            refs.append(row["y_true"] or "")
+        return [{k: v or "" for k, v in row.items()} for row in reader]
     except csv.Error as e:
         raise DataFormatError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def score_csv(path: str | os.PathLike) -> dict[str, float]:
+    """ROUGE-L and exact match of a predictions CSV with ``y_pred`` and ``y_true`` columns."""
+    rows = read_predictions_csv(path, {"y_pred", "y_true"})
     metric = RougeL()
-    metric.update(preds, refs)
+    metric.update([r["y_pred"] for r in rows], [r["y_true"] for r in rows])
     out = metric.compute()
     return {ROUGE_L: float(out[ROUGE_L]), EXACT_MATCH: float(out[EXACT_MATCH]), "count": int(out["count"])}

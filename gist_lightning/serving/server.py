@@ -14,7 +14,7 @@ import litserve as ls
 from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
 from litserve.utils import LitAPIStatus
 
-from .engine import MODES, Event, ServingEngine, parse_bytes
+from .engine import MODES, ServingEngine, parse_bytes
 from .openai_spec import GistOpenAISpec
 
 log = logging.getLogger(__name__)
@@ -158,4 +158,4 @@ def serve_main(argv: list[str]) -> None:
                num_api_servers=1)
 
 
-__all__ = ["GistServeAPI", "build_server", "serve_main", "Event"]
+__all__ = ["GistServeAPI", "build_server", "serve_main"]
