@@ -11,6 +11,7 @@ from gist_lightning.data.suite import (
     HELD_OUT_WORDS,
     TASKS,
     EmbeddedSuite,
+    _all_params,
     generate_suite,
     human_records,
     training_wordings,
@@ -36,7 +37,7 @@ def test_deterministic_for_a_seed(splits):
 def test_families_and_content_in_instruction():
     assert len(TASKS) >= 20
     assert sum(t.carries_content for t in TASKS) * 3 >= len(TASKS)
-    assert all(len(t.paraphrases) >= 4 for t in TASKS)
+    assert all(len(t.paraphrases) >= 4 and len(t.held_out) >= 3 for t in TASKS)
 
 
 def test_outputs_follow_the_task(splits):
@@ -56,16 +57,26 @@ def test_split_meanings(splits):
     assert len({(r["instruction"], r["input"]) for r in seen}) == len(seen)
     assert not any(r["instruction"] in train_instr for r in unseen)
     # both kinds of unseen: held-out paraphrases and held-out parameter values
-    held_out_paraphrases = {t.paraphrases[-1].split("{")[0] for t in TASKS}
+    held_out_paraphrases = {h.split("{")[0] for t in TASKS for h in t.held_out}
     assert any(any(r["instruction"].startswith(p) for p in held_out_paraphrases) for r in unseen)
+    # several held-out sentences per family, not one: the unseen score averages over many wordings
+    bare = {h for t in TASKS for h in t.held_out if t.param is None}
+    assert len({r["instruction"] for r in unseen} & bare) > 2 * sum(t.param is None for t in TASKS)
     assert any(words(r["instruction"]) & set(HELD_OUT_WORDS) for r in unseen)
     assert not any(words(r["instruction"]) & set(HELD_OUT_WORDS) for r in splits["train"])
+
+
+def held_out_wordings():
+    return {h.format(**p) for t in TASKS for h in t.held_out for p in _all_params(t)}
 
 
 def test_held_out_wording_uses_trained_words(splits):
     trained = set().union(*(words(r["instruction"]) for r in splits["train"]))
     unseen_words = set().union(*(words(r["instruction"]) for r in splits["validation_unseen"]))
     assert unseen_words - trained - set(HELD_OUT_WORDS) == set()
+    # every held-out sentence, not only those this sample drew; none is a wording training can hold
+    assert set().union(*map(words, held_out_wordings())) - trained == set()
+    assert not held_out_wordings() & set().union(*(training_wordings(t) for t in TASKS))
 
 
 def test_training_wordings_are_compositional(splits):
@@ -81,8 +92,7 @@ def test_human_records(splits, load_experiment):
     trainable = set().union(*(training_wordings(t) for t in TASKS))
     assert {r["instruction"] for r in splits["train"]} <= trainable
     assert not any(r["instruction"] in trainable for r in human)
-    held_out = {t.paraphrases[-1].format(x="{x}") for t in TASKS if t.param is None}
-    assert not any(r["instruction"] in held_out for r in human)
+    assert not any(r["instruction"] in held_out_wordings() for r in human)
     # the shipped outputs are those of the task functions (the file is made by experiments/make_suite_assets.py)
     assert load_experiment("make_suite_assets").human_records() == human
 

@@ -50,17 +50,21 @@ HELD_OUT_WORDS = ("plum", "tiger", "gold", "window", "wind")
 MIN_WORDS, MAX_WORDS, MIN_WORDS_ORDINAL = 2, 6, 5
 P_PARAM_PRESENT, P_PARAM_PRESENT_YES_NO = 0.85, 0.5
 PARAM_REPEATS = (1, 1, 2)
-# unseen instructions: a parametrised family holds out its last paraphrase half the time, and
+# unseen instructions: a parametrised family takes a held-out paraphrase half the time, and
 # otherwise a held-out parameter word with a training paraphrase
 P_HELD_OUT_PARAPHRASE = 0.5
+# the generator's version, part of the cache folder's name: raise it whenever what generate_suite
+# writes for a seed changes, so that splits cached by an earlier version are not read as this one's
+SUITE_VERSION = 3
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    paraphrases: tuple[str, ...]  # the last one is held out of training
+    paraphrases: tuple[str, ...]  # the training wordings (each in frames)
     fn: Callable[..., list[str]]  # (words, *params) -> output words
     param: str | None = None  # None, "word", "two_words" or "ordinal"
+    held_out: tuple[str, ...] = ()  # wordings never in training (validation_unseen), used bare
 
     @property
     def carries_content(self) -> bool:
@@ -76,85 +80,96 @@ def _move_first(words, x):
 
 
 # Each family's wordings: its training paraphrases (several verbs and phrasings, so that a model can
-# learn the words a person might use), then one held out of training (the last). Training
-# instructions wrap a paraphrase in a frame (FRAMES) most of the time, so the wordings a model
-# trains on are compositional, not a few fixed sentences.
+# learn the words a person might use), and three held out of training. Training instructions wrap a
+# paraphrase in a frame (FRAMES) most of the time, so the wordings a model trains on are
+# compositional, not a few fixed sentences. Three held-out sentences per family, not one: with one,
+# validation_unseen held only 24 distinct sentences, and whether a seed generalised to each of them
+# was most of the seed-to-seed spread (experiments/results/tiny-variance/). The two added later each
+# carry a word or phrase the family's training wordings never use ("Grab", "Get rid of"), as most of
+# the first ones do; held-out sentences that only swap a noun ("items" for "words") scored ~96 and
+# made the split easier, not better.
 TASKS: tuple[Task, ...] = (
     Task("copy", ("Repeat the list.", "Copy the words.", "Write the list again.", "Echo the words.",
-                  "Give the words back unchanged.", "Return the list as it is.", "Say the words again."), lambda w: w),
+                  "Give the words back unchanged.", "Return the list as it is."), lambda w: w,
+         held_out=("Say the words again.", "Tell me the words again.", "Keep every word as it is.")),
     Task("reverse", ("Reverse the list.", "Write the words in reverse order.", "Give the list backwards.",
-                     "Flip the order of the words.", "Read the list from the end.", "Put the words back to front.",
-                     "Say the words from last to first."), lambda w: w[::-1]),
+                     "Flip the order of the words.", "Read the list from the end.", "Put the words back to front."), lambda w: w[::-1],
+         held_out=("Say the words from last to first.", "Tell me the list backwards.", "Write the words from the end to the start.")),
     Task("first", ("What is the first word?", "Give the first item.", "Name the word at the start.",
-                   "Which word comes first?", "Tell me the opening word.", "Give the word at the front.",
-                   "Say only the first word."), lambda w: w[:1]),
+                   "Which word comes first?", "Tell me the opening word.", "Give the word at the front."), lambda w: w[:1],
+         held_out=("Say only the first word.", "Grab the opening word.", "Return the word at the start.")),
     Task("last", ("What is the last word?", "Give the last item.", "Name the word at the end.", "Which word comes last?",
-                  "Tell me the closing word.", "Give the final word.", "Say only the last word."), lambda w: w[-1:]),
+                  "Tell me the closing word.", "Give the final word."), lambda w: w[-1:],
+         held_out=("Say only the last word.", "Grab the closing word.", "Return the word at the end.")),
     Task("count", ("How many words are there?", "Count the words.", "Give the number of items.", "How long is the list?",
-                   "Tell me how many words there are.", "Give the length of the list.",
-                   "Say the number of words in the list."), lambda w: [NUMBERS[len(w)]]),
+                   "Tell me how many words there are.", "Give the length of the list."), lambda w: [NUMBERS[len(w)]],
+         held_out=("Say the number of words in the list.", "Name the number of words.", "Check how many items the list has.")),
     Task("first_two", ("Give the first two words.", "Say the two items at the start.", "Keep only the first two words.",
-                       "Give the opening two words.", "Keep the two words at the front.", "Tell me the first pair of words.",
-                       "Name the first two items."), lambda w: w[:2]),
+                       "Give the opening two words.", "Keep the two words at the front.", "Tell me the first pair of words."), lambda w: w[:2],
+         held_out=("Name the first two items.", "Grab the first pair of words.", "Return the opening pair.")),
     Task("every_other", ("Give every other word.", "Keep every second item, starting with the first.",
                          "Skip every second word.", "Keep the words in odd places.", "Take one word, skip one, and so on.",
-                         "Drop the words in even places.", "Say every other item."), lambda w: w[::2]),
+                         "Drop the words in even places."), lambda w: w[::2],
+         held_out=("Say every other item.", "Tell me every second word.", "Return the words in odd places.")),
     Task("rotate", ("Move the first word to the end.", "Rotate the list by one.", "Put the first item at the end of the list.",
-                    "Send the first word to the back.", "Shift the list left by one.", "Move the opening word to the end.",
-                    "Move the first item to the end of the list."), lambda w: w[1:] + w[:1]),
+                    "Send the first word to the back.", "Shift the list left by one.", "Move the opening word to the end."), lambda w: w[1:] + w[:1],
+         held_out=("Move the first item to the end of the list.", "Stick the first word on the end.", "Take the first item and put it at the end.")),
     Task("drop_first", ("Remove the first word.", "Drop the first item.", "Give the list without its first word.",
-                        "Leave out the first word.", "Cut the opening word.", "Give everything except the first word.",
-                        "Give the words without the first item."), lambda w: w[1:]),
+                        "Leave out the first word.", "Cut the opening word.", "Give everything except the first word."), lambda w: w[1:],
+         held_out=("Give the words without the first item.", "Skip the first word.", "Get rid of the opening word.")),
     Task("drop_last", ("Remove the last word.", "Drop the last item.", "Give the list without its last word.",
-                       "Leave out the last word.", "Cut the final word.", "Give everything except the last word.",
-                       "Give the words without the last item."), lambda w: w[:-1]),
+                       "Leave out the last word.", "Cut the final word.", "Give everything except the last word."), lambda w: w[:-1],
+         held_out=("Give the words without the last item.", "Skip the last word.", "Get rid of the final word.")),
     Task("swap_ends", ("Swap the first and last words.", "Exchange the first item and the last item.",
                        "Switch the words at the start and the end.", "Trade the first and last words.",
-                       "Swap the opening and closing words.", "Exchange the words at both ends.",
-                       "Put the last word first and the first word last."),
-         lambda w: w[-1:] + w[1:-1] + w[:1] if len(w) > 1 else list(w)),
+                       "Swap the opening and closing words.", "Exchange the words at both ends."),
+         lambda w: w[-1:] + w[1:-1] + w[:1] if len(w) > 1 else list(w),
+         held_out=("Put the last word first and the first word last.", "Put the last word at the front and the first word at the end.", "Swap the words at the front and the back.")),
     Task("double", ("Say each word twice.", "Repeat every word two times.", "Write each item two times.",
-                    "Echo each word after itself.", "Make every word appear twice.", "Give each item two times in a row.",
-                    "Say every word two times."), lambda w: [x for x in w for _ in (0, 1)]),
+                    "Echo each word after itself.", "Make every word appear twice.", "Give each item two times in a row."), lambda w: [x for x in w for _ in (0, 1)],
+         held_out=("Say every word two times.", "Tell me each word twice.", "Copy each item two times.")),
     Task("swap_pair", ("Swap the first two words.", "Exchange the first item and the second item.",
                        "Switch the first word and the second word.", "Trade the first two words.",
-                       "Put the first word second.", "Swap the opening pair of words.", "Put the second word first."),
-         lambda w: w[1:2] + w[:1] + w[2:]),
+                       "Put the first word second.", "Swap the opening pair of words."),
+         lambda w: w[1:2] + w[:1] + w[2:],
+         held_out=("Put the second word first.", "Let the second word lead.", "Put the first two words in reverse order.")),
     Task("drop_second", ("Remove the second word.", "Drop the second item.", "Give the list without its second word.",
-                         "Leave out the second word.", "Cut the word in second place.", "Skip the second item.",
-                         "Give the words without the second item."), lambda w: w[:1] + w[2:]),
+                         "Leave out the second word.", "Cut the word in second place.", "Skip the second item."), lambda w: w[:1] + w[2:],
+         held_out=("Give the words without the second item.", "Get rid of the second word.", "Take out the word in second place.")),
     Task("last_two", ("Give the last two words.", "Say the two items at the end.", "Keep only the last two words.",
-                      "Give the final two words.", "Keep the two words at the back.", "Tell me the last pair of words.",
-                      "Name the last two items."), lambda w: w[-2:]),
+                      "Give the final two words.", "Keep the two words at the back.", "Tell me the last pair of words."), lambda w: w[-2:],
+         held_out=("Name the last two items.", "Grab the last pair of words.", "Return the closing two words.")),
     Task("remove", ("Remove every {x}.", "Drop each {x} from the list.", "Give the list without {x}.",
-                    "Take out every {x}.", "Get rid of each {x}.", "Delete all {x} words.",
-                    "Say the list without each {x}."), _without, "word"),
+                    "Take out every {x}.", "Get rid of each {x}.", "Delete all {x} words."), _without, "word",
+         held_out=("Say the list without each {x}.", "Leave out every {x}.", "Skip each {x}.")),
     Task("replace", ("Replace every {x} with {y}.", "Change each {x} to {y}.", "Write {y} where the list has {x}.",
-                     "Make each {x} a {y}.", "Swap each {x} for {y}.", "Use {y} instead of {x}.",
-                     "Write {y} in place of each {x}."), lambda w, x, y: [y if v == x else v for v in w], "two_words"),
+                     "Make each {x} a {y}.", "Swap each {x} for {y}.", "Use {y} instead of {x}."), lambda w, x, y: [y if v == x else v for v in w], "two_words",
+         held_out=("Write {y} in place of each {x}.", "Put {y} where the list has {x}.", "Let {y} take the place of each {x}.")),
     Task("contains", ("Is {x} in the list?", "Does the list have {x}?", "Say yes if {x} is there, else no.",
-                      "Can you find {x} in the list?", "Check if the list has {x}.", "Does {x} show up in the words?",
-                      "Is {x} in the words?"), lambda w, x: ["yes" if x in w else "no"], "word"),
+                      "Can you find {x} in the list?", "Check if the list has {x}.", "Does {x} show up in the words?"), lambda w, x: ["yes" if x in w else "no"], "word",
+         held_out=("Is {x} in the words?", "Tell me if {x} is in the list.", "Does {x} appear in the list?")),
     Task("put_first", ("Put {x} first.", "Move {x} to the start.", "Give the list with {x} at the start.",
-                       "Place {x} at the front.", "Let {x} lead the list.", "Move {x} to the front.",
-                       "Put {x} at the start of the list."), _move_first, "word"),
+                       "Place {x} at the front.", "Let {x} lead the list.", "Move {x} to the front."), _move_first, "word",
+         held_out=("Put {x} at the start of the list.", "Send {x} to the front.", "Shift {x} to the start.")),
     Task("append", ("Add {x} at the end.", "Put {x} after the last word.", "Give the list with {x} added last.",
-                    "Place {x} at the end.", "Stick {x} on the end.", "End the list with {x}.",
-                    "Add {x} after the last item."), lambda w, x: w + [x], "word"),
+                    "Place {x} at the end.", "Stick {x} on the end.", "End the list with {x}."), lambda w, x: w + [x], "word",
+         held_out=("Add {x} after the last item.", "Write {x} at the end.", "Tell me the list with {x} added last.")),
     Task("count_word", ("How many times does {x} appear?", "Count each {x}.", "Give the number of {x} items.",
                         "How often does {x} appear?", "Tell me how many {x} words there are.",
-                        "Count how many times {x} shows up.", "Say the number of {x} words."),
-         lambda w, x: [NUMBERS[w.count(x)]], "word"),
+                        "Count how many times {x} shows up."),
+         lambda w, x: [NUMBERS[w.count(x)]], "word",
+         held_out=("Say the number of {x} words.", "Name the number of {x} words.", "Check how many times {x} shows up.")),
     Task("nth", ("What is the {n} word?", "Give the {n} item.", "Name the word in {n} place.",
-                 "Which word is in {n} place?", "Tell me the {n} word.", "Grab the {n} item.", "Say only the {n} word."),
-         lambda w, n: w[ORDINALS.index(n): ORDINALS.index(n) + 1], "ordinal"),
+                 "Which word is in {n} place?", "Tell me the {n} word.", "Grab the {n} item."),
+         lambda w, n: w[ORDINALS.index(n): ORDINALS.index(n) + 1], "ordinal",
+         held_out=("Say only the {n} word.", "Return the {n} word.", "Keep only the {n} word.")),
     Task("prepend", ("Add {x} at the start.", "Put {x} before the first word.", "Give the list with {x} added first.",
-                     "Start the list with {x}.", "Stick {x} in front.", "Begin the list with {x}.",
-                     "Add {x} before the first item."), lambda w, x: [x] + w, "word"),
+                     "Start the list with {x}.", "Stick {x} in front.", "Begin the list with {x}."), lambda w, x: [x] + w, "word",
+         held_out=("Add {x} before the first item.", "Write {x} before the first word.", "Give the words with {x} added first.")),
     Task("after", ("What comes after {x}?", "Give the word after {x}.", "Name the item that follows {x}.",
-                   "Which item comes after {x}?", "Tell me the word right after {x}.", "What is the next word after {x}?",
-                   "Name the word after {x}."),
-         lambda w, x: w[w.index(x) + 1: w.index(x) + 2] if x in w else ["none"], "word"),
+                   "Which item comes after {x}?", "Tell me the word right after {x}.", "What is the next word after {x}?"),
+         lambda w, x: w[w.index(x) + 1: w.index(x) + 2] if x in w else ["none"], "word",
+         held_out=("Name the word after {x}.", "Grab the word after {x}.", "Say which word follows {x}.")),
 )
 
 # Frames around a training paraphrase: {s} the paraphrase, {l} it with a lower-case first letter,
@@ -173,11 +188,11 @@ def frame(paraphrase: str, rng: random.Random) -> str:
 
 
 def training_wordings(task: Task) -> set[str]:
-    """Every instruction string training can hold for ``task`` (each paraphrase but the held-out
-    one, in every frame, with every training parameter value): the set a human-written
-    instruction must stay out of."""
+    """Every instruction string training can hold for ``task`` (each training paraphrase in every
+    frame, with every training parameter value): the set a human-written or held-out instruction
+    must stay out of."""
     out = set()
-    for paraphrase in task.paraphrases[:-1]:
+    for paraphrase in task.paraphrases:
         frames = FRAMES_QUESTION if paraphrase.endswith("?") else FRAMES_REQUEST
         lower = paraphrase[0].lower() + paraphrase[1:]
         for f in frames:
@@ -250,7 +265,7 @@ def generate_suite(seed: int = 0, train_size: int = 20000, validation_size: int 
     while len(train) < train_size:
         task = rng.choice(TASKS)
         params = _params(task, held_out=False, rng=rng)
-        paraphrase = frame(rng.choice(task.paraphrases[:-1]), rng)
+        paraphrase = frame(rng.choice(task.paraphrases), rng)
         rec = make_record(task, paraphrase, params, _input(task, params, rng), "suite")
         train.append(rec)
         seen_pairs.add((rec["instruction"], rec["input"]))
@@ -270,7 +285,7 @@ def generate_suite(seed: int = 0, train_size: int = 20000, validation_size: int 
     while len(unseen) < validation_size:
         task = rng.choice(TASKS)
         held_out_paraphrase = task.param in (None, "ordinal") or rng.random() < P_HELD_OUT_PARAPHRASE
-        paraphrase = task.paraphrases[-1] if held_out_paraphrase else rng.choice(task.paraphrases[:-1])
+        paraphrase = rng.choice(task.held_out if held_out_paraphrase else task.paraphrases)
         params = _params(task, held_out=not held_out_paraphrase, rng=rng)
         rec = make_record(task, paraphrase, params, _input(task, params, rng), "suite")
         if rec["instruction"] not in train_set:
@@ -306,7 +321,8 @@ class EmbeddedSuite(GistDataModule):
     @property
     def folder(self) -> Path:
         h = self.hparams
-        return Path(h.cache_dir) / f"suite-seed{h.generation_seed}-train{h.train_size}-val{h.validation_size}"
+        name = f"suite-v{SUITE_VERSION}-seed{h.generation_seed}-train{h.train_size}-val{h.validation_size}"
+        return Path(h.cache_dir) / name
 
     def split_path(self, split: str) -> Path:
         return self.folder / f"{split}.json"
