@@ -98,6 +98,24 @@ def record_scores(run_dir: Path, step: int, split: str) -> tuple[list[str], np.n
     return [without_gists(r["x"]) for r in rows], np.array([rouge_l(r["y_pred"], r["y_true"]) for r in rows])
 
 
+def _check_same_records(scores: dict) -> None:
+    """Every run must have validated the same records of each split (its prompts without gist
+    tokens): runs made from different data (a changed generator or data folder, runs kept from an
+    earlier sweep) cannot share a table."""
+    for split in VALIDATION_SPLITS:
+        groups: dict[tuple, list[str]] = {}
+        for (condition, k), by_seed in scores.items():
+            for seed, by_split in by_seed.items():
+                groups.setdefault(tuple(by_split[split][0]), []).append(f"{condition}-k{k}-seed{seed}")
+        if len(groups) > 1:
+            sizes = sorted(groups.values(), key=len, reverse=True)
+            raise RuntimeError(
+                f"the runs validated different {split} records: {', '.join(sizes[0])} agree, but "
+                + "; ".join(", ".join(g) for g in sizes[1:])
+                + " validated others. Were they made from other data (an earlier version of the suite, "
+                "another data folder)? Move those runs out of the runs folder and run the sweep again.")
+
+
 def paired_differences(results: list[dict], run_root: Path, prefix: str = "") -> dict:
     """For every (condition, k) but the baseline and every split: the per-record ROUGE-L difference
     to pos_control of the same seed, over the seeds both have, with a bootstrap 95% interval over
@@ -109,6 +127,7 @@ def paired_differences(results: list[dict], run_root: Path, prefix: str = "") ->
         for split in VALIDATION_SPLITS:
             scores.setdefault((r["condition"], r["k"]), {}).setdefault(r["seed"], {})[split] = \
                 record_scores(run_dir, step, split)
+    _check_same_records(scores)
     base = next((v for (c, _), v in scores.items() if c == BASELINE), None)
     out = {}
     if base is None:
@@ -122,11 +141,7 @@ def paired_differences(results: list[dict], run_root: Path, prefix: str = "") ->
         for split in VALIDATION_SPLITS:
             diffs = []
             for seed in seeds:
-                (keys, a), (base_keys, b) = by_seed[seed][split], base[seed][split]
-                if keys != base_keys:
-                    raise RuntimeError(f"{condition} k={k} seed {seed} and {BASELINE} validated different "
-                                       f"{split} records; paired differences need the same records in the same order")
-                diffs.append(a - b)
+                diffs.append(by_seed[seed][split][1] - base[seed][split][1])  # same records: checked above
             out[f"{condition}|{k}|{SHORT[split]}"] = paired_bootstrap(np.stack(diffs))
     return out
 
@@ -310,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     run_root = Path(args.runs) if args.runs else out / "runs"
     _, failed = run_cells(cells, args.config, run_root, extra, log=lambda m: print(m, flush=True))
     results = finished_runs(run_root)  # this grid and every earlier finished run in the folder
-    aggregate(results, out, run_root)
+    try:
+        aggregate(results, out, run_root)
+    except RuntimeError as e:  # runs that cannot share a table: say which, leave the runs as they are
+        print(f"sweep: cannot aggregate {run_root}: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'paired.json'}, {out / 'rouge_vs_k.png'}")
     if results:
         print((out / "table.md").read_text())

@@ -43,6 +43,18 @@ def test_sweep_runs_skips_and_aggregates_with_paired_intervals(run_config, load_
     # a second call finds every run finished and runs nothing
     assert sweep.main(args) == 0
     assert capsys.readouterr().out.count("finished before, skipped") == 4
+    # a run made from other data (here: one validation record's prompt changed) cannot share the table
+    kept = json.loads((out / "runs" / "gist-k1-seed1" / "run" / "done.json").read_text())["step"]
+    path = out / "runs" / "gist-k1-seed1" / "run" / "predictions" / f"step{kept:06d}-validation_unseen.csv"
+    rows = list(csv.DictReader(open(path)))
+    rows[0]["x"] = rows[0]["x"].replace("Instruction: ", "Instruction: Now ", 1)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert sweep.main(args) == 1
+    err = capsys.readouterr().err
+    assert "different validation_unseen records" in err and "gist-k1-seed1 validated others" in err
 
 
 @pytest.mark.slow
