@@ -7,9 +7,11 @@ import csv
 
 import pytest
 
-from gist_lightning.errors import DataFormatError
+from gist_lightning.errors import DataFormatError, GistError
 from gist_lightning.evaluation.judge import (
     combine,
+    journal_path,
+    judge,
     parse_verdict,
     read_predictions,
     summarize,
@@ -61,3 +63,49 @@ def test_summary_rates_and_intervals():
     assert s["win_rate_ties_half"] == pytest.approx(0.7)
     lo, hi = s["win_rate_ties_half_interval"]
     assert lo < 0.7 < hi and 0.05 < hi - lo < 0.25  # about +-1.96 * sqrt(.7 * .3 / 100) ~ +-0.09
+
+
+class FakeJudge:
+    """Prefers the longer answer (so verdicts depend on the records); fails on questions it is told to."""
+
+    url, model = "http://judge.invalid/v1", "fake"
+
+    def __init__(self, fail_on=()):
+        self.asked, self.fail_on = [], list(fail_on)
+
+    def ask(self, question):
+        self.asked.append(question)
+        if any(s in question for s in self.fail_on):
+            raise GistError("the judge at http://judge.invalid/v1 answered HTTP 400: bad")
+        first = question.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+        second = question.split("Answer B:\n")[1].split("\n\nWhich")[0]
+        return "TIE" if len(first) == len(second) else "A" if len(first) > len(second) else "B"
+
+
+def test_a_failed_request_loses_no_reply_and_the_same_command_resumes(tmp_path):
+    def write(name, answers):
+        path = tmp_path / name
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["x", "y_pred", "y_true"])
+            w.writerows([[f"Instruction: task {i}\n<GIST>\nOutput:", ans, ""] for i, ans in enumerate(answers)])
+        return path
+
+    a = write("a.csv", ["long answer", "x", "same", "longer one", "b"])
+    b = write("b.csv", ["short", "yy", "sama", "no", "bb"])
+    whole = judge(a, b, FakeJudge(), tmp_path / "whole.csv")
+    assert (whole["win_rate"], whole["tie_rate"], whole["loss_rate"]) == (0.4, 0.2, 0.4)
+
+    out = tmp_path / "v.csv"
+    broken = FakeJudge(fail_on=["task 3"])  # both orders of record 3 fail
+    with pytest.raises(GistError, match=r"2 of 10 judge requests failed .* the 8 replies received are kept in .*"
+                                        r"run the same command again"):
+        judge(a, b, broken, out)
+    assert not out.exists() and len(journal_path(out).read_text().splitlines()) == 8
+    with open(journal_path(out), "a") as f:
+        f.write('{"key": "cut sho')  # a line cut short by a killed run is ignored
+    again = FakeJudge()
+    assert judge(a, b, again, out) == whole
+    assert len(again.asked) == 2 and all("task 3" in q for q in again.asked)  # only what was missing
+    assert not journal_path(out).exists()
+    assert list(csv.DictReader(open(out))) == list(csv.DictReader(open(tmp_path / "whole.csv")))

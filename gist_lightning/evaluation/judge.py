@@ -13,6 +13,7 @@ runs with different k pair up).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -21,7 +22,7 @@ import re
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,9 @@ class JudgeClient:
 def judge(a_path, b_path, client: JudgeClient, out: str | os.PathLike, limit: int | None = None,
           concurrency: int = 4, seed: int = 0) -> dict:
     """Judge every prompt the two CSVs share (or ``limit`` of them, drawn with ``seed``); write one
-    row per record to ``out`` (refusing to overwrite) and return the summary (also in ``out``.json)."""
+    row per record to ``out`` (refusing to overwrite) and return the summary (also in ``out``.json).
+    Replies are kept in :func:`journal_path` as they arrive: a run that fails or is killed part way
+    resumes when the same command is run again, asking only what is missing."""
     out = Path(out)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1; got {limit}")
@@ -127,8 +130,7 @@ def judge(a_path, b_path, client: JudgeClient, out: str | os.PathLike, limit: in
         tasks = random.Random(seed).sample(tasks, limit)
     questions = [QUESTION.format(task=t, first=first, second=second)
                  for t in tasks for first, second in ((a[t], b[t]), (b[t], a[t]))]
-    with ThreadPoolExecutor(max(1, concurrency)) as pool:
-        replies = list(pool.map(client.ask, questions))
+    replies = _ask_all(client, questions, journal_path(out), concurrency)
     rows = []
     for i, task in enumerate(tasks):
         raw_ab, raw_ba = replies[2 * i], replies[2 * i + 1]
@@ -145,7 +147,54 @@ def judge(a_path, b_path, client: JudgeClient, out: str | os.PathLike, limit: in
     writer.writerows(rows)
     write_text_atomic(out, buf.getvalue())
     write_text_atomic(out.with_suffix(out.suffix + ".json"), json.dumps(summary, indent=1))
+    journal_path(out).unlink(missing_ok=True)
     return summary
+
+
+def journal_path(out: str | os.PathLike) -> Path:
+    """Where a judge run keeps every reply as it arrives (``<out>.replies.jsonl``), until ``out`` is written."""
+    out = Path(out)
+    return out.with_suffix(out.suffix + ".replies.jsonl")
+
+
+def _question_key(client, question: str) -> str:
+    # a reply is reused only for the same question to the same judge model at the same endpoint
+    return hashlib.sha256(json.dumps([client.url, client.model, question]).encode()).hexdigest()
+
+
+def _ask_all(client, questions: list[str], journal: Path, concurrency: int) -> list[str]:
+    """Every question's reply, each asked once: replies in ``journal`` from an earlier, interrupted
+    run are reused; new ones are appended as they arrive, so a failed request or a killed run loses
+    nothing received. A request that still fails after the client's retries does not stop the
+    others; at the end the run fails, saying how to resume."""
+    known: dict[str, str] = {}
+    if journal.is_file():
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                known[entry["key"]] = entry["reply"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a killed run: that question is asked again
+    keys = [_question_key(client, q) for q in questions]
+    todo = {k: q for k, q in zip(keys, questions) if k not in known}
+    failed: list[str] = []
+    if todo:
+        with open(journal, "a", encoding="utf-8") as f, ThreadPoolExecutor(max(1, concurrency)) as pool:
+            futures = {pool.submit(client.ask, q): k for k, q in todo.items()}
+            for future in as_completed(futures):
+                try:
+                    reply = future.result()
+                except GistError as e:
+                    failed.append(str(e))
+                    continue
+                known[futures[future]] = reply
+                f.write(json.dumps({"key": futures[future], "reply": reply}) + "\n")
+                f.flush()
+    if failed:
+        raise GistError(f"{len(failed)} of {len(todo)} judge requests failed (first: {failed[0]}); the "
+                        f"{len(todo) - len(failed)} replies received are kept in {journal}: run the same command "
+                        "again to ask only the rest")
+    return [known[k] for k in keys]
 
 
 def summarize(outcomes: list[str], seed: int = 0) -> dict:
