@@ -70,13 +70,14 @@ class FakeJudge:
 
     url, model = "http://judge.invalid/v1", "fake"
 
-    def __init__(self, fail_on=()):
+    def __init__(self, fail_on=(), error=None):
         self.asked, self.fail_on = [], list(fail_on)
+        self.error = error or GistError("the judge at http://judge.invalid/v1 answered HTTP 400: bad")
 
     def ask(self, question):
         self.asked.append(question)
         if any(s in question for s in self.fail_on):
-            raise GistError("the judge at http://judge.invalid/v1 answered HTTP 400: bad")
+            raise self.error
         first = question.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
         second = question.split("Answer B:\n")[1].split("\n\nWhich")[0]
         return "TIE" if len(first) == len(second) else "A" if len(first) > len(second) else "B"
@@ -97,15 +98,27 @@ def test_a_failed_request_loses_no_reply_and_the_same_command_resumes(tmp_path):
     assert (whole["win_rate"], whole["tie_rate"], whole["loss_rate"]) == (0.4, 0.2, 0.4)
 
     out = tmp_path / "v.csv"
-    broken = FakeJudge(fail_on=["task 3"])  # both orders of record 3 fail
-    with pytest.raises(GistError, match=r"2 of 10 judge requests failed .* the 8 replies received are kept in .*"
+    broken = FakeJudge(fail_on=["task 3", "task 4"])  # both orders of records 3 and 4 fail
+    with pytest.raises(GistError, match=r"4 of 10 judge requests failed .* the 6 replies received are kept in .*"
                                         r"run the same command again"):
         judge(a, b, broken, out)
-    assert not out.exists() and len(journal_path(out).read_text().splitlines()) == 8
+    assert not out.exists() and len(journal_path(out).read_text().splitlines()) == 6
     with open(journal_path(out), "a") as f:
-        f.write('{"key": "cut sho')  # a line cut short by a killed run is ignored
+        f.write('{"key": "cut sho')  # a line cut short by a killed run
+    # another kind of failure (a reply that is not JSON, say) is a failed request too; the rest go on
+    odd = FakeJudge(fail_on=["task 4"], error=ValueError("Expecting value: line 1 column 1"))
+    with pytest.raises(GistError, match=r"2 of 4 judge requests failed \(first: Expecting value"):
+        judge(a, b, odd, out)
     again = FakeJudge()
     assert judge(a, b, again, out) == whole
-    assert len(again.asked) == 2 and all("task 3" in q for q in again.asked)  # only what was missing
+    assert len(again.asked) == 2 and all("task 4" in q for q in again.asked)  # only what was missing
     assert not journal_path(out).exists()
     assert list(csv.DictReader(open(out))) == list(csv.DictReader(open(tmp_path / "whole.csv")))
+    # replies of one judge model are not reused for another
+    with pytest.raises(GistError):
+        judge(a, b, FakeJudge(fail_on=["task 0"]), tmp_path / "other.csv")
+    assert len(journal_path(tmp_path / "other.csv").read_text().splitlines()) == 8
+    other = FakeJudge()
+    other.model = "another"
+    judge(a, b, other, tmp_path / "other.csv")
+    assert len(other.asked) == 10

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -96,18 +97,23 @@ class JudgeClient:
             req = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", data=body, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(r.read())["choices"][0]["message"]["content"] or ""
+                    raw = r.read()
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode(errors="replace")
                 if e.code in (429, 500, 502, 503, 504) and attempt < self.retries:
                     time.sleep(min(30.0, 2.0 ** attempt))
                     continue
                 raise GistError(f"the judge at {self.url} answered HTTP {e.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError) as e:
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, a connection cut mid-reply
                 if attempt < self.retries:
                     time.sleep(min(30.0, 2.0 ** attempt))
                     continue
-                raise GistError(f"cannot reach the judge at {self.url}: {e}") from None
+                raise GistError(f"cannot reach the judge at {self.url}: {e!r}") from None
+            try:
+                return json.loads(raw)["choices"][0]["message"]["content"] or ""
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise GistError(f"the judge at {self.url} answered something that is not a chat completion: "
+                                f"{raw[:300].decode(errors='replace')!r}") from None
         raise AssertionError("unreachable")
 
 
@@ -158,8 +164,10 @@ def journal_path(out: str | os.PathLike) -> Path:
 
 
 def _question_key(client, question: str) -> str:
-    # a reply is reused only for the same question to the same judge model at the same endpoint
-    return hashlib.sha256(json.dumps([client.url, client.model, question]).encode()).hexdigest()
+    # a reply is reused only for the same question, instructions and settings to the same judge model
+    # at the same endpoint
+    settings = [client.url, client.model, SYSTEM, getattr(client, "max_tokens", None), question]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
 
 
 def _ask_all(client, questions: list[str], journal: Path, concurrency: int) -> list[str]:
@@ -179,17 +187,24 @@ def _ask_all(client, questions: list[str], journal: Path, concurrency: int) -> l
     todo = {k: q for k, q in zip(keys, questions) if k not in known}
     failed: list[str] = []
     if todo:
-        with open(journal, "a", encoding="utf-8") as f, ThreadPoolExecutor(max(1, concurrency)) as pool:
-            futures = {pool.submit(client.ask, q): k for k, q in todo.items()}
-            for future in as_completed(futures):
-                try:
-                    reply = future.result()
-                except GistError as e:
-                    failed.append(str(e))
-                    continue
-                known[futures[future]] = reply
-                f.write(json.dumps({"key": futures[future], "reply": reply}) + "\n")
-                f.flush()
+        cut_short = journal.is_file() and not journal.read_bytes().endswith(b"\n") and journal.stat().st_size > 0
+        pool = ThreadPoolExecutor(max(1, concurrency))
+        try:
+            with open(journal, "a", encoding="utf-8") as f:
+                if cut_short:  # end the cut line, so the next entry starts on its own
+                    f.write("\n")
+                futures = {pool.submit(client.ask, q): k for k, q in todo.items()}
+                for future in as_completed(futures):
+                    try:
+                        reply = future.result()
+                    except Exception as e:  # noqa: BLE001 - any failure of one request: the others go on
+                        failed.append(str(e) or repr(e))
+                        continue
+                    known[futures[future]] = reply
+                    f.write(json.dumps({"key": futures[future], "reply": reply}) + "\n")
+                    f.flush()
+        finally:  # interrupted (Ctrl-C): ask nothing more; what arrived is in the journal
+            pool.shutdown(wait=True, cancel_futures=True)
     if failed:
         raise GistError(f"{len(failed)} of {len(todo)} judge requests failed (first: {failed[0]}); the "
                         f"{len(todo) - len(failed)} replies received are kept in {journal}: run the same command "
