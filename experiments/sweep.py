@@ -92,42 +92,47 @@ def run_metrics(run_dir: Path) -> dict:
     return out
 
 
-def record_scores(run_dir: Path, step: int, split: str) -> tuple[list[str], np.ndarray]:
-    """(prompts without gist tokens, ROUGE-L of each record) of one run's validation at ``step``."""
-    rows = read_predictions_csv(run_dir / "predictions" / f"step{step:06d}-{split}.csv", {"x", "y_pred", "y_true"})
-    return [without_gists(r["x"]) for r in rows], np.array([rouge_l(r["y_pred"], r["y_true"]) for r in rows])
+def _predictions(run_dir: Path, step: int, split: str) -> list[dict[str, str]]:
+    return read_predictions_csv(run_dir / "predictions" / f"step{step:06d}-{split}.csv", {"x", "y_pred", "y_true"})
 
 
-def _check_same_records(scores: dict) -> None:
-    """Every run must have validated the same records of each split (its prompts without gist
-    tokens): runs made from different data (a changed generator or data folder, runs kept from an
-    earlier sweep) cannot share a table."""
+def record_scores(run_dir: Path, step: int, split: str) -> np.ndarray:
+    """ROUGE-L of each record of one run's validation at ``step``."""
+    return np.array([rouge_l(r["y_pred"], r["y_true"]) for r in _predictions(run_dir, step, split)])
+
+
+def record_keys(run_dir: Path, step: int, split: str) -> tuple[tuple[str, str], ...]:
+    """(prompt without gist tokens, reference) of each record of one run's validation at ``step``."""
+    return tuple((without_gists(r["x"]), r["y_true"]) for r in _predictions(run_dir, step, split))
+
+
+def check_same_records(runs: list[dict], run_root: Path) -> None:
+    """Every run must have validated the same records (prompts without gist tokens, and references)
+    of each split: runs made from different data (a changed generator or data folder, runs kept from
+    an earlier sweep) cannot share a table. Raises naming the groups of runs that agree."""
     for split in VALIDATION_SPLITS:
         groups: dict[tuple, list[str]] = {}
-        for (condition, k), by_seed in scores.items():
-            for seed, by_split in by_seed.items():
-                groups.setdefault(tuple(by_split[split][0]), []).append(f"{condition}-k{k}-seed{seed}")
+        for r in runs:
+            groups.setdefault(record_keys(run_root / r["name"] / "run", r["step"], split), []).append(r["name"])
         if len(groups) > 1:
-            sizes = sorted(groups.values(), key=len, reverse=True)
+            listed = "; ".join(f"({len(g)}) {', '.join(g)}" for g in sorted(groups.values(), key=len, reverse=True))
             raise RuntimeError(
-                f"the runs validated different {split} records: {', '.join(sizes[0])} agree, but "
-                + "; ".join(", ".join(g) for g in sizes[1:])
-                + " validated others. Were they made from other data (an earlier version of the suite, "
-                "another data folder)? Move those runs out of the runs folder and run the sweep again.")
+                f"the runs validated {len(groups)} different sets of {split} records: {listed}. Runs made from "
+                "other data (an earlier version of the suite, another data folder) cannot share a table: move the "
+                "stale ones out of the runs folder and run the sweep again.")
 
 
 def paired_differences(results: list[dict], run_root: Path, prefix: str = "") -> dict:
     """For every (condition, k) but the baseline and every split: the per-record ROUGE-L difference
     to pos_control of the same seed, over the seeds both have, with a bootstrap 95% interval over
     seeds and records. ``prefix`` "" uses each run's kept (best) validation, "final_" its last one."""
-    scores: dict[tuple, dict[int, dict[str, tuple]]] = {}
+    scores: dict[tuple, dict[int, dict[str, np.ndarray]]] = {}
     for r in results:
         run_dir = run_root / r["name"] / "run"
         step = r["step" if not prefix else "final_step"]
         for split in VALIDATION_SPLITS:
             scores.setdefault((r["condition"], r["k"]), {}).setdefault(r["seed"], {})[split] = \
                 record_scores(run_dir, step, split)
-    _check_same_records(scores)
     base = next((v for (c, _), v in scores.items() if c == BASELINE), None)
     out = {}
     if base is None:
@@ -141,7 +146,7 @@ def paired_differences(results: list[dict], run_root: Path, prefix: str = "") ->
         for split in VALIDATION_SPLITS:
             diffs = []
             for seed in seeds:
-                diffs.append(by_seed[seed][split][1] - base[seed][split][1])  # same records: checked above
+                diffs.append(by_seed[seed][split] - base[seed][split])  # the same records: check_same_records
             out[f"{condition}|{k}|{SHORT[split]}"] = paired_bootstrap(np.stack(diffs))
     return out
 
@@ -187,6 +192,11 @@ def run_cells(cells, configs, run_root: Path, extra: list[str], log=print) -> tu
         done.write_text(json.dumps(result, indent=1) + "\n")
         results.append(result)
         log(f"[{i}/{len(cells)}] {cell['name']}: done in {minutes:.1f} min, unseen ROUGE-L {result['unseen_rougeL']:.1f}")
+        try:  # the same records as every finished run in the folder (which the table will hold)?
+            check_same_records(finished_runs(run_root), run_root)
+        except RuntimeError as e:  # stop now rather than after the whole grid
+            log(f"[{i}/{len(cells)}] stopping the sweep: {e}")
+            break
     return results, failed
 
 
@@ -209,6 +219,8 @@ def _interval(d: dict) -> str:
 def aggregate(results: list[dict], out: Path, run_root: Path | None = None) -> None:
     if not results:
         return
+    if run_root is not None:
+        check_same_records(results, run_root)  # before anything is written
     keys = list(results[0])
     for r in results[1:]:
         keys += [k for k in r if k not in keys]
@@ -327,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     results = finished_runs(run_root)  # this grid and every earlier finished run in the folder
     try:
         aggregate(results, out, run_root)
-    except RuntimeError as e:  # runs that cannot share a table: say which, leave the runs as they are
+    except RuntimeError as e:  # runs that cannot share a table: say which, leave runs and results as they are
         print(f"sweep: cannot aggregate {run_root}: {e}", file=sys.stderr)
+        if failed:
+            print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     print(f"wrote {out / 'results.csv'}, {out / 'table.md'}, {out / 'paired.json'}, {out / 'rouge_vs_k.png'}")
     if results:

@@ -52,9 +52,16 @@ def test_sweep_runs_skips_and_aggregates_with_paired_intervals(run_config, load_
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    written = {name: (out / name).read_bytes() for name in ("results.csv", "table.md", "paired.json")}
     assert sweep.main(args) == 1
     err = capsys.readouterr().err
-    assert "different validation_unseen records" in err and "gist-k1-seed1 validated others" in err
+    assert "2 different sets of validation_unseen records" in err and "(1) gist-k1-seed1." in err
+    assert {name: (out / name).read_bytes() for name in written} == written  # nothing rewritten
+    # a new run that validates other records than the kept runs stops the sweep at once, not after the grid
+    assert sweep.main(args[:-2] + ["0", "2"]) == 1  # seeds 0 and 2: pos_control-k1-seed2 is new
+    captured = capsys.readouterr()
+    assert "pos_control-k1-seed2: running" in captured.out and "stopping the sweep" in captured.out
+    assert not (out / "runs" / "gist-k1-seed2").exists()
 
 
 @pytest.mark.slow
