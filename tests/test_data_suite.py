@@ -6,9 +6,10 @@ import re
 
 import pytest
 
-from gist_lightning.data.records import load_records
+from gist_lightning.data.records import load_records, write_records
 from gist_lightning.data.suite import (
     HELD_OUT_WORDS,
+    SUITE_VERSION,
     TASKS,
     EmbeddedSuite,
     _all_params,
@@ -104,6 +105,26 @@ def test_the_datamodule_generates_the_splits_once(tmp_path):
     want = generate_suite(3, 50, 7)
     assert load_records(data.split_path("validation_unseen")) == want["validation_unseen"]
     assert load_records(data.split_path("validation_human")) == human_records()
-    stamp = data.split_path("train").stat().st_mtime_ns
+    stamps = {s: data.split_path(s).stat().st_mtime_ns for s in SPLITS}
     data.prepare_data()  # already there: nothing is rewritten
-    assert data.split_path("train").stat().st_mtime_ns == stamp
+    assert {s: data.split_path(s).stat().st_mtime_ns for s in SPLITS} == stamps
+    # a cached human split that is not the shipped one (the asset was edited since) is replaced
+    write_records(data.split_path("validation_human"), human_records()[:3], overwrite=True)
+    data.prepare_data()
+    assert load_records(data.split_path("validation_human")) == human_records()
+    assert data.split_path("train").stat().st_mtime_ns == stamps["train"]
+    assert data.folder.name.startswith(f"suite-v{SUITE_VERSION}-")
+
+
+# what generate_suite writes at this SUITE_VERSION; a change of the generator must come with a new
+# version (so that cached splits of the old one are not read as the new one's) and a new digest
+SUITE_DIGESTS = {3: "84beba2f612a228c3383feb9b58e33714b574c2d9e985e1087ab627e3938b276"}
+
+
+def test_the_generator_changes_only_with_its_version():
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(generate_suite(0, 300, 50), sort_keys=True).encode()).hexdigest()
+    assert SUITE_DIGESTS.get(SUITE_VERSION) == digest, (
+        "generate_suite's output changed: raise SUITE_VERSION in gist_lightning/data/suite.py and record the new digest")

@@ -167,3 +167,18 @@ def test_the_peft_experiment_reports_every_arm(tmp_path):
     assert row_only["trainable_params"] < lora["trainable_params"] < full["trainable_params"] == full["total_params"]
     assert row_only["checkpoint_bytes"] < lora["checkpoint_bytes"] < full["checkpoint_bytes"]
     assert "| gist (gist row only) |" in (out / "table.md").read_text()
+
+
+def test_unseen_breakdown_groups_records_by_held_out_wording(load_experiment, tmp_path, capsys):
+    breakdown = load_experiment("unseen_breakdown")
+    path = tmp_path / "unseen.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["x", "y_pred", "y_true"])
+        w.writerow(["Instruction: Say the words again.\n<GIST>\nInput: a b\nOutput:", "a b", "a b"])  # copy, 1st
+        w.writerow(["Instruction: Grab the opening word.\n<GIST><GIST>\nInput: a b\nOutput:", "b", "a"])  # first, 2nd
+        w.writerow(["Instruction: Remove every plum.\n<GIST>\nInput: plum a\nOutput:", "a", "a"])  # held-out word
+    assert breakdown.breakdown(str(path)) == {"held-out sentence 1": [100.0], "held-out sentence 2": [0.0],
+                                              "held-out parameter word": [100.0]}
+    assert breakdown.main([str(path)]) == 0
+    assert "| 66.7 (3) |" in capsys.readouterr().out

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..splits import HUMAN, SPLITS
 from .datamodule import GistDataModule
-from .records import write_records
+from .records import load_records, write_records
 
 WORDS = (
     "apple banana cherry grape lemon mango melon peach pear plum "
@@ -84,10 +84,14 @@ def _move_first(words, x):
 # paraphrase in a frame (FRAMES) most of the time, so the wordings a model trains on are
 # compositional, not a few fixed sentences. Three held-out sentences per family, not one: with one,
 # validation_unseen held only 24 distinct sentences, and whether a seed generalised to each of them
-# was most of the seed-to-seed spread (experiments/results/tiny-variance/). The two added later each
-# carry a word or phrase the family's training wordings never use ("Grab", "Get rid of"), as most of
-# the first ones do; held-out sentences that only swap a noun ("items" for "words") scored ~96 and
-# made the split easier, not better.
+# was most of the seed-to-seed spread (experiments/results/tiny-variance/). The two added later were
+# written to carry a word or phrase the family's training wordings never use ("Grab", "Get rid of"),
+# as most of the first ones do; held-out sentences that only swap a noun ("items" for "words") scored
+# ~96 and made the split easier, not better. Known flaws, kept at this version so that the committed
+# sweep reproduces (fix them with the next version): two barely bring anything new ("Write the words
+# from the end to the start.", "Give the words with {x} added first."), and two can be read otherwise
+# ("Tell me every second word." as words 2, 4, ...; "Stick the first word on the end." like append's
+# "Stick {x} on the end.").
 TASKS: tuple[Task, ...] = (
     Task("copy", ("Repeat the list.", "Copy the words.", "Write the list again.", "Echo the words.",
                   "Give the words back unchanged.", "Return the list as it is."), lambda w: w,
@@ -328,11 +332,14 @@ class EmbeddedSuite(GistDataModule):
         return self.folder / f"{split}.json"
 
     def prepare_data(self) -> None:
-        """Generate the splits into the cache folder (once)."""
-        if all(self.split_path(s).is_file() for s in SPLITS):
-            return
-        h = self.hparams
-        splits = generate_suite(h.generation_seed, h.train_size, h.validation_size)
-        splits[HUMAN] = human_records()
-        for name, records in splits.items():
-            write_records(self.split_path(name), records, overwrite=True)
+        """Generate the splits into the cache folder (once; the folder names the generator's version),
+        and copy the shipped human split there whenever the cached copy differs from it."""
+        generated = [s for s in SPLITS if s != HUMAN]
+        if not all(self.split_path(s).is_file() for s in generated):
+            h = self.hparams
+            splits = generate_suite(h.generation_seed, h.train_size, h.validation_size)
+            for name in generated:
+                write_records(self.split_path(name), splits[name], overwrite=True)
+        human, path = human_records(), self.split_path(HUMAN)
+        if not path.is_file() or load_records(path) != human:  # an edited asset is not served stale
+            write_records(path, human, overwrite=True)
