@@ -96,25 +96,38 @@ def _predictions(run_dir: Path, step: int, split: str) -> list[dict[str, str]]:
     return read_predictions_csv(run_dir / "predictions" / f"step{step:06d}-{split}.csv", {"x", "y_pred", "y_true"})
 
 
-def record_scores(run_dir: Path, step: int, split: str) -> np.ndarray:
-    """ROUGE-L of each record of one run's validation at ``step``."""
-    return np.array([rouge_l(r["y_pred"], r["y_true"]) for r in _predictions(run_dir, step, split)])
+def _keyed(rows: list[dict[str, str]]) -> list[tuple[tuple[str, str, int], dict[str, str]]]:
+    """Each row with its key: (prompt without gist tokens, reference, how many times it came before)."""
+    seen: dict[tuple[str, str], int] = {}
+    out = []
+    for r in rows:
+        key = (without_gists(r["x"]), r["y_true"])
+        seen[key] = seen.get(key, -1) + 1
+        out.append(((*key, seen[key]), r))
+    return out
 
 
-def record_keys(run_dir: Path, step: int, split: str) -> tuple[tuple[str, str], ...]:
-    """(prompt without gist tokens, reference) of each record of one run's validation at ``step``."""
-    return tuple((without_gists(r["x"]), r["y_true"]) for r in _predictions(run_dir, step, split))
+def record_scores(run_dir: Path, step: int, split: str) -> dict[tuple[str, str, int], float]:
+    """ROUGE-L of each record of one run's validation at ``step``, by :func:`record_keys`' key."""
+    return {key: rouge_l(r["y_pred"], r["y_true"]) for key, r in _keyed(_predictions(run_dir, step, split))}
+
+
+def record_keys(run_dir: Path, step: int, split: str) -> tuple[tuple[str, str, int], ...]:
+    """(prompt without gist tokens, reference, repeat) of each record of one run's validation at ``step``."""
+    return tuple(key for key, _ in _keyed(_predictions(run_dir, step, split)))
 
 
 def check_same_records(runs: list[dict], run_root: Path) -> None:
-    """Every run must have validated the same records (prompts without gist tokens, and references)
-    of each split: runs made from different data (a changed generator or data folder, runs kept from
-    an earlier sweep) cannot share a table. Raises naming the groups of runs that agree."""
+    """The runs must have validated records of the same data: of any two runs, one's records of a
+    split hold the other's (a larger k may drop a few more examples that no longer fit, never others).
+    Runs made from different data (a changed generator or data folder, runs kept from an earlier
+    sweep) cannot share a table. Raises naming the groups of runs that validated the same records."""
     for split in VALIDATION_SPLITS:
         groups: dict[tuple, list[str]] = {}
         for r in runs:
             groups.setdefault(record_keys(run_root / r["name"] / "run", r["step"], split), []).append(r["name"])
-        if len(groups) > 1:
+        sets = [set(keys) for keys in groups]
+        if any(not (a <= b or b <= a) for i, a in enumerate(sets) for b in sets[i + 1:]):
             listed = "; ".join(f"({len(g)}) {', '.join(g)}" for g in sorted(groups.values(), key=len, reverse=True))
             raise RuntimeError(
                 f"the runs validated {len(groups)} different sets of {split} records: {listed}. Runs made from "
@@ -124,9 +137,10 @@ def check_same_records(runs: list[dict], run_root: Path) -> None:
 
 def paired_differences(results: list[dict], run_root: Path, prefix: str = "") -> dict:
     """For every (condition, k) but the baseline and every split: the per-record ROUGE-L difference
-    to pos_control of the same seed, over the seeds both have, with a bootstrap 95% interval over
-    seeds and records. ``prefix`` "" uses each run's kept (best) validation, "final_" its last one."""
-    scores: dict[tuple, dict[int, dict[str, np.ndarray]]] = {}
+    to pos_control of the same seed, over the seeds both have and the records every one of those runs
+    validated, with a bootstrap 95% interval over seeds and records. ``prefix`` "" uses each run's
+    kept (best) validation, "final_" its last one."""
+    scores: dict[tuple, dict[int, dict[str, dict]]] = {}
     for r in results:
         run_dir = run_root / r["name"] / "run"
         step = r["step" if not prefix else "final_step"]
@@ -144,10 +158,10 @@ def paired_differences(results: list[dict], run_root: Path, prefix: str = "") ->
         if not seeds:
             continue
         for split in VALIDATION_SPLITS:
-            diffs = []
-            for seed in seeds:
-                diffs.append(by_seed[seed][split] - base[seed][split])  # the same records: check_same_records
-            out[f"{condition}|{k}|{SHORT[split]}"] = paired_bootstrap(np.stack(diffs))
+            runs = [by_seed[seed][split] for seed in seeds] + [base[seed][split] for seed in seeds]
+            common = [key for key in base[seeds[0]][split] if all(key in run for run in runs)]
+            diffs = [[by_seed[seed][split][key] - base[seed][split][key] for key in common] for seed in seeds]
+            out[f"{condition}|{k}|{SHORT[split]}"] = paired_bootstrap(np.array(diffs))
     return out
 
 
