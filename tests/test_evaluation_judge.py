@@ -33,14 +33,18 @@ def test_both_orders_must_agree_for_a_win():
     assert combine("B", "B") == "tie" and combine("TIE", "B") == "tie" and combine(None, "B") == "tie"
 
 
+def write_predictions(path, rows):
+    """A predictions CSV (columns x, y_pred, y_true) with ``rows``."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["x", "y_pred", "y_true"])
+        w.writerows(rows)
+    return path
+
+
 def test_predictions_pair_by_prompt_whatever_k(tmp_path):
     def write(name, rows):
-        path = tmp_path / name
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["x", "y_pred", "y_true"])
-            w.writerows(rows)
-        return path
+        return write_predictions(tmp_path / name, rows)
 
     k1 = write("k1.csv", [["Instruction: Sort.\n<GIST>\nInput: b a\nOutput:", "a b", "a b"]])
     k5 = write("k5.csv", [["Instruction: Sort.\n" + "<GIST>" * 5 + "\nInput: b a\nOutput:", "b a", "a b"]])
@@ -85,12 +89,8 @@ class FakeJudge:
 
 def test_a_failed_request_loses_no_reply_and_the_same_command_resumes(tmp_path):
     def write(name, answers):
-        path = tmp_path / name
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["x", "y_pred", "y_true"])
-            w.writerows([[f"Instruction: task {i}\n<GIST>\nOutput:", ans, ""] for i, ans in enumerate(answers)])
-        return path
+        rows = [[f"Instruction: task {i}\n<GIST>\nOutput:", ans, ""] for i, ans in enumerate(answers)]
+        return write_predictions(tmp_path / name, rows)
 
     a = write("a.csv", ["long answer", "x", "same", "longer one", "b"])
     b = write("b.csv", ["short", "yy", "sama", "no", "bb"])
