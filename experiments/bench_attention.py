@@ -46,6 +46,16 @@ SHAPES = {
 GIST, PAD = 3, 0  # token ids (any id works: the weights are random)
 VOCAB = 4096  # random ids are drawn below this (the smallest vocabulary of SHAPES)
 ALPACA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "alpaca_plus"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def device_arg(text: str) -> str:
+    """argparse type: a device torch can name (cpu, cuda, cuda:1), kept as the string it was given."""
+    try:
+        torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def example_lengths(n: int, rng: random.Random) -> tuple[list[int], str]:
@@ -197,11 +207,12 @@ def table(results: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--device", default="cpu", type=device_arg)
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--tokens_per_step", type=int, default=8192, help="rows per step = this / S")
     parser.add_argument("--work", choices=["train", "forward"], default="train",
@@ -209,7 +220,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the table (markdown) and the rows (JSON) here")
-    args = parser.parse_args()
+    parser.add_argument("--check_args", action="store_true",
+                        help="validate the arguments, print what would run and exit (no model, no work)")
+    args = parser.parse_args(argv)
+    if args.check_args:
+        print(f"bench_attention would run: {vars(args)}")
+        return
     results = run(args)
     text = table(results, args.device)
     print(text)
@@ -219,7 +235,7 @@ def main() -> None:
         machine = (f"{platform.platform()}; torch {torch.__version__}; device {args.device}"
                    + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f", {torch.get_num_threads()} threads"))
         out.write_text(f"# bench_attention, {args.shape} LLaMA shape, {args.dtype}\n\n{machine}\n\n"
-                       f"    python experiments/bench_attention.py {' '.join(f'--{k} ' + (' '.join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in vars(args).items() if k != 'out' and v is not None)}\n\n{text}\n")
+                       f"    python experiments/bench_attention.py {' '.join(f'--{k} ' + (' '.join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in vars(args).items() if k not in ('out', 'check_args') and v is not None)}\n\n{text}\n")
         out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
 
 

@@ -48,6 +48,17 @@ SHAPES = {
                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
 }
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def device_arg(text: str) -> str:
+    """argparse type: a device torch can name (cpu, cuda, cuda:1), kept as the string it was given."""
+    try:
+        torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
 
 def load_model(args):
     dtype = getattr(torch, args.dtype)
@@ -175,19 +186,25 @@ def generation_table(model, tok, examples, k, gist_id, new_tokens, batch_sizes, 
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", default=None, help="exported model folder (default: random weights of --shape)")
     parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
     parser.add_argument("--k", type=int, default=1, help="gist tokens (for random-weight shapes)")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     parser.add_argument("--num_prompts", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results"))
-    args = parser.parse_args()
+    parser.add_argument("--check_args", action="store_true",
+                        help="validate the arguments, print what would run and exit (no model, no work)")
+    args = parser.parse_args(argv)
+    if args.check_args:
+        print(f"bench_caching would run: {vars(args)}")
+        return
     logging.disable(logging.WARNING)
     model, tok, k, label = load_model(args)
     gist_id = gist_token_id(tok)

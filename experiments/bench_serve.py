@@ -181,7 +181,7 @@ def get_json(port: int, path: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", default=None, help="an exported model folder (default: a random-weight --shape)")
     p.add_argument("--shape", default="100m", choices=list(SHAPES))
     p.add_argument("--instructions_file", default=None, help="Alpaca+-style JSON: use its instructions as they are")
@@ -195,11 +195,16 @@ def main(argv=None) -> None:
     p.add_argument("--cache_memory", default="64MB", help="the same budget for every mode")
     p.add_argument("--max_batch_size", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--time_limit", type=float, default=120.0, help="seconds a cell may issue requests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
+    p.add_argument("--check_args", action="store_true",
+                   help="validate the arguments, print what would run and exit (no server, no work)")
     cfg = p.parse_args(argv)
+    if cfg.check_args:
+        print(f"bench_serve would run: {vars(cfg)}")
+        return
 
     from gist_lightning.templates import encode_prefix
     from gist_lightning.tokens import add_gist_token, gist_token_id, load_tokenizer
