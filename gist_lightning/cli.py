@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import timedelta
+import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .data.datamodule import GistDataModule
 from .errors import CorruptFileError, GistError, read_text
 from .evaluation.callbacks import CompressionStats, ExportBest, PredictionWriter, RougeCallback, RunSummary
 from .files import free_path
 from .module import GistLitModule
+from .progress import use_step_progress_bar
+from .resume import (
+    SIGTERM_EXIT,
+    ResumableRun,
+    clock_checkpoint,
+    stopped_early_message,
+    use_atomic_checkpoints,
+)
 from .splits import BEST_METRIC, BEST_MODE, EXACT_MATCH, ROUGE_L
 
 
@@ -36,34 +45,8 @@ def default_callbacks():
                         filename="best-step{step}", auto_insert_metric_name=False, enable_version_counter=False),
         ExportBest(),
         RunSummary(),
+        ResumableRun(),
     ]
-
-
-class ClockCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` on a clock: every ``train_time_interval`` or ``every_n_train_steps``, and when
-    training ends (Lightning 2.6 refreshes ``last.ckpt`` at a validation only when the best
-    checkpoint improved, so without this a killed run could lose everything since its last
-    improving validation). Lightning writes through an fsspec transaction (a temporary file renamed
-    into place): a kill mid-write leaves the previous ``last.ckpt`` whole."""
-
-    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
-        # a time-triggered save between micro-batches of one accumulation would lose their gradients
-        if not trainer.fit_loop._should_accumulate():
-            super().on_train_batch_end(trainer, *args, **kwargs)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-def clock_checkpoint(minutes: float | None = 10.0, every_n_steps: int | None = None) -> ModelCheckpoint | None:
-    """The :class:`ClockCheckpoint` for ``minutes`` of training or ``every_n_steps`` steps (None / 0: none)."""
-    common = dict(save_top_k=0, save_last=True, enable_version_counter=False)
-    if every_n_steps:
-        return ClockCheckpoint(every_n_train_steps=every_n_steps, **common)
-    if minutes:
-        return ClockCheckpoint(train_time_interval=timedelta(minutes=minutes), **common)
-    return None
 
 
 class SaveConfigUnlessResuming(SaveConfigCallback):
@@ -91,13 +74,37 @@ class GistCLI(LightningCLI):
                                  self._get(self.config_init, "checkpoint_every_n_steps"))
         if clock is not None and trainer.checkpoint_callback is not None:  # none when checkpointing is off
             trainer.callbacks.append(clock)
+        use_atomic_checkpoints(trainer)
+        use_step_progress_bar(trainer)
         return trainer
+
+    def parse_arguments(self, parser, args) -> None:
+        self.command_line = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+        super().parse_arguments(parser, args)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            if subcommand != "fit":
+                raise
+            raise StoppedEarly(stopped_early_message(self.trainer, self.command_line)) from None
+
+
+class StoppedEarly(SystemExit):
+    """A fit that a SIGTERM stopped: exits with 143 after one line that says how to resume."""
+
+    def __init__(self, message: str):
+        super().__init__(SIGTERM_EXIT)
+        self.message = message
 
 
 def cli_main(args=None, run: bool = True) -> LightningCLI:
     """The training CLI. The model owns the tokenizer, k and the condition (``--model.*``); the data
     source is a ``GistDataModule`` subclass chosen by ``class_path`` (``EmbeddedSuite``,
     ``AlpacaPlus``) and receives them from the model."""
+    # Lightning 2.6 on torch 2.13: a deprecation inside Lightning, nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     return GistCLI(
         GistLitModule,
         GistDataModule,
@@ -314,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS[args[0]](args[1:])
         else:
             cli_main(args if argv is not None else None)  # None: LightningCLI reads sys.argv itself
+    except StoppedEarly as e:
+        print(f"gist-lightning: {e.message}", file=sys.stderr, flush=True)
+        raise
     except EXPECTED as e:
         if debug:
             raise

@@ -36,15 +36,17 @@ def _finish(out_dir: Path, tokenizer, num_gist_tokens: int, condition: str, **ex
 
 
 def export_pretrained(model, tokenizer, out_dir: str | os.PathLike, num_gist_tokens: int, condition: str,
-                      overwrite: bool = False) -> Path:
-    """A whole model (or a PEFT model merged into its base) as an HF folder."""
+                      overwrite: bool = False, source: dict | None = None) -> Path:
+    """A whole model (or a PEFT model merged into its base) as an HF folder. ``source`` (e.g. the
+    checkpoint and step the weights come from) is kept in the settings file as ``source``."""
     out_dir = _start(out_dir, overwrite)
     model.save_pretrained(out_dir)
-    return _finish(out_dir, tokenizer, num_gist_tokens, condition)
+    return _finish(out_dir, tokenizer, num_gist_tokens, condition, **({"source": source} if source else {}))
 
 
 def export_adapter(peft_model, tokenizer, out_dir: str | os.PathLike, num_gist_tokens: int, condition: str,
-                   base_model: str, added_token_ids: list[int], overwrite: bool = False) -> Path:
+                   base_model: str, added_token_ids: list[int], overwrite: bool = False,
+                   source: dict | None = None) -> Path:
     """PEFT's adapter files (LoRA weights and the trained token rows) with the tokenizer and the gist
     settings; ``base_model`` (hub id or folder) is what :func:`load_pretrained` puts them on, after
     giving it rows for ``added_token_ids``."""
@@ -54,7 +56,16 @@ def export_adapter(peft_model, tokenizer, out_dir: str | os.PathLike, num_gist_t
     # the token rows are adapter parameters, saved with the adapters; no full embedding copy
     peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     return _finish(out_dir, tokenizer, num_gist_tokens, condition,
-                   adapter={"base_model": base_model, "added_token_ids": list(added_token_ids)})
+                   adapter={"base_model": base_model, "added_token_ids": list(added_token_ids)},
+                   **({"source": source} if source else {}))
+
+
+def read_settings(path: str | os.PathLike) -> dict | None:
+    """The gist settings of an exported folder, or None where the folder holds no complete export."""
+    try:
+        return json.loads((Path(path) / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def load_pretrained(path: str | os.PathLike, attn_implementation: str | None = None, dtype=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,3 +50,44 @@ def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = True
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; when the block succeeds it is renamed onto
+    ``path``, so a reader (or a resumed run) sees the whole folder or none of it. ``replace=True``
+    puts it in place of an existing ``path`` (moved aside first, removed once the new one is in);
+    otherwise an existing ``path`` is refused before anything is written. When the block fails the
+    temporary folder is removed; a kill leaves a ``.<name>.*.tmp`` folder (:func:`remove_strays`)."""
+    path = Path(path)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.", suffix=".tmp"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_strays(folder: str | os.PathLike) -> list[Path]:
+    """Remove what killed writes of :func:`atomic_path` / :func:`atomic_dir` left under ``folder``
+    (``.<name>.*.tmp`` files and folders); return what was removed."""
+    removed = []
+    for stray in sorted(Path(folder).rglob(".*.tmp")):
+        if not stray.exists():  # inside a stray folder removed just before
+            continue
+        if stray.is_dir():
+            shutil.rmtree(stray, ignore_errors=True)
+        else:
+            stray.unlink(missing_ok=True)
+        removed.append(stray)
+    return removed

@@ -168,10 +168,11 @@ class GistLitModule(L.LightningModule):
     # -- export -----------------------------------------------------------------------------------
     EXPORT_FORMS = ("merged", "adapter")
 
-    def export(self, out_dir, form: str = "merged", overwrite: bool = False):
+    def export(self, out_dir, form: str = "merged", overwrite: bool = False, source: dict | None = None):
         """Write the model as an HF folder with the gist settings. Under model.peft, ``merged`` folds
         the adapters and token rows into a copy of the base (a plain HF folder; the run's model is
-        left as it is) and ``adapter`` writes PEFT's adapter files naming the base."""
+        left as it is) and ``adapter`` writes PEFT's adapter files naming the base. ``source``
+        (where the weights come from) is recorded in the settings file."""
         from .export import export_adapter, export_pretrained
 
         if form not in self.EXPORT_FORMS:
@@ -180,15 +181,16 @@ class GistLitModule(L.LightningModule):
         if self.peft_model is None:
             if form == "adapter":
                 raise GistError("an adapter export needs a model.peft run; this one trained every weight")
-            return export_pretrained(self.model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite)
+            return export_pretrained(self.model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite,
+                                     source)
         if form == "adapter":
             return export_adapter(self.peft_model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition,
-                                  h.model_name_or_path, self._new_token_ids, overwrite)
+                                  h.model_name_or_path, self._new_token_ids, overwrite, source)
         if self.peft.quantize:
             raise GistError("a 4-bit base cannot be merged exactly; export form 'adapter' and load it on the "
                             "full-precision base")
         merged = copy.deepcopy(self.peft_model).merge_and_unload()
-        return export_pretrained(merged, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite)
+        return export_pretrained(merged, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite, source)
 
     # -- checkpoints hold only what trains under model.peft -----------------------------------
     def trainable_names(self) -> set[str]:

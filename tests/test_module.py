@@ -3,6 +3,8 @@ and the model as the one owner of tokenizer, architecture, k and condition."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -68,7 +70,8 @@ def test_fit_validate_reload_and_export(run_config, tiny_models, tmp_path, arch)
     want = probe_logits(reloaded.model.eval(), reloaded.tokenizer)
     model, tok, settings = load_pretrained(export)
     assert settings == {"num_gist_tokens": 1, "condition": "gist", "gist_token": GIST_TOKEN,
-                        "gist_token_id": reloaded.gist_token_id}
+                        "gist_token_id": reloaded.gist_token_id,
+                        "source": {"checkpoint": Path(best).name, "global_step": torch.load(best)["global_step"]}}
     assert torch.allclose(probe_logits(model, tok), want, atol=1e-5)
     from_export = GistLitModule(model_name_or_path=str(export), num_gist_tokens=1, max_new_tokens=8)
     from_export.configure_model()

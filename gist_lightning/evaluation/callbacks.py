@@ -20,7 +20,8 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from ..caching import cache_bytes_per_position
-from ..files import free_path, write_text_atomic
+from ..export import read_settings
+from ..files import atomic_dir, free_path, write_text_atomic
 from ..splits import BEST_METRIC, EXACT_MATCH, QUALITY_METRICS, ROUGE_L, VALIDATION_SPLITS, metric_key
 from .metrics import RougeL
 from .results import ExportResult, SplitCompression, SplitScores, ValidationBatchOutput
@@ -58,11 +59,21 @@ def gather_lists(rows: list) -> list:
 
 
 class RougeCallback(L.Callback):
-    """ROUGE-L and exact match per split (``validation_seen/rougeL``...), synced across processes."""
+    """ROUGE-L and exact match per split (``validation_seen/rougeL``...), synced across processes.
+    The last validation's scores (``last``, at ``step``) travel in checkpoints, so the summary of a
+    run resumed after its last validation still shows them."""
 
     def __init__(self):
         self.metrics: dict[str, RougeL] = {}
         self.last: dict[str, SplitScores] = {}
+        self.step: int | None = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "last": {split: asdict(s) for split, s in self.last.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step = state_dict.get("step")
+        self.last = {split: SplitScores(**s) for split, s in state_dict.get("last", {}).items()}
 
     def on_validation_batch_end(self, trainer, pl_module, outputs: ValidationBatchOutput, batch, batch_idx,
                                 dataloader_idx=0):
@@ -79,6 +90,7 @@ class RougeCallback(L.Callback):
                 continue
             self.last[split] = SplitScores(rougeL=float(values[ROUGE_L]), exact_match=float(values[EXACT_MATCH]),
                                            count=int(values["count"]))
+            self.step = trainer.global_step
             for name in QUALITY_METRICS:
                 pl_module.log(metric_key(split, name), values[name].float(), add_dataloader_idx=False,
                               sync_dist=False, prog_bar=metric_key(split, name) == BEST_METRIC)
@@ -93,14 +105,6 @@ class PredictionWriter(L.Callback):
     def __init__(self):
         self.rows: dict[str, list] = {}
         self.written: list[Path] = []
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        # a run killed inside an atomic write leaves its temporary file; the resumed run rewrites
-        # the file itself, so the temporary is litter
-        folder = predictions_dir(trainer)
-        if stage == "fit" and trainer.is_global_zero and folder.is_dir():
-            for stray in folder.glob(".*.tmp"):
-                stray.unlink(missing_ok=True)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs: ValidationBatchOutput, batch, batch_idx,
                                 dataloader_idx=0):
@@ -133,6 +137,12 @@ class CompressionStats(L.Callback):
     def __init__(self):
         self.tokens: dict[str, list[int]] = {}
         self.last: dict[str, SplitCompression] = {}
+
+    def state_dict(self) -> dict:
+        return {"last": {split: asdict(s) for split, s in self.last.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last = {split: SplitCompression(**s) for split, s in state_dict.get("last", {}).items()}
 
     def on_validation_batch_end(self, trainer, pl_module, outputs: ValidationBatchOutput, batch, batch_idx,
                                 dataloader_idx=0):
@@ -179,7 +189,12 @@ class ExportBest(L.Callback):
     """At the end of fit, load the best checkpoint (by the checkpoint callback's monitor, e.g.
     ``validation_unseen/rougeL``) and export it as an HF folder ``<run>/export``: the whole model,
     or for a model.peft run ``form`` (default ``adapter``: small, and it leaves the run's model as it
-    is; ``gist-lightning export --form merged`` folds it into the base later)."""
+    is; ``gist-lightning export --form merged`` folds it into the base later).
+
+    The folder is written beside its place and renamed into it, so ``export/`` is whole or absent.
+    A resumed run whose export was cut short writes it again in the same place; an export of the
+    same checkpoint is replaced; any other export already there is kept, and this one goes to
+    ``export-1`` with a line saying so. The settings file records the checkpoint and step."""
 
     def __init__(self, dirname: str = "export", form: str = "adapter"):
         self.dirname = dirname
@@ -191,22 +206,48 @@ class ExportBest(L.Callback):
         return self.result.path if self.result else None
 
     def on_fit_end(self, trainer, pl_module):
-        ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        callback = trainer.checkpoint_callback
+        ckpt = getattr(callback, "best_model_path", "") if callback else ""
         if isinstance(trainer.strategy, DeepSpeedStrategy) or (ckpt and Path(ckpt).is_dir()):
             # ZeRO shards the weights across ranks: convert the saved checkpoint instead
             self.result = ExportResult(path=None, source=ckpt, skipped=f"not exported under DeepSpeed; run: "
                                        f"gist-lightning export --ckpt {ckpt} --out <folder>")
             return
-        source = "last weights"
+        notes = []
         if ckpt and Path(ckpt).is_file():
-            state = torch.load(ckpt, map_location=pl_module.device, weights_only=False)["state_dict"]
-            pl_module.load_state_dict(state)
-            source = ckpt
-        folder = run_dir(trainer) / self.dirname
+            checkpoint = torch.load(ckpt, map_location=pl_module.device, weights_only=False)
+            pl_module.load_state_dict(checkpoint["state_dict"])
+            source = {"checkpoint": Path(ckpt).name, "global_step": int(checkpoint.get("global_step", -1))}
+            described = ckpt
+        else:
+            source = {"checkpoint": None, "global_step": int(trainer.global_step)}
+            described = f"last weights, step {trainer.global_step}"
+            if callback is not None and callback.monitor:
+                notes.append(f"no validation logged {callback.monitor}, so no best checkpoint was chosen: "
+                             f"the export holds the last weights (step {trainer.global_step})")
         path = None
         if trainer.is_global_zero:
-            path = pl_module.export(free_path(folder), form=self.form if pl_module.peft_model is not None else "merged")
-        self.result = ExportResult(path=path, source=source)
+            target, replace, note = self._target(run_dir(trainer) / self.dirname, source)
+            notes += [note] if note else []
+            form = self.form if pl_module.peft_model is not None else "merged"
+            with atomic_dir(target, replace=replace) as tmp:
+                pl_module.export(tmp, form=form, source=source)
+            path = target
+        self.result = ExportResult(path=path, source=described, notes=tuple(notes))
+
+    @staticmethod
+    def _target(folder: Path, source: dict) -> tuple[Path, bool, str | None]:
+        """(where to export, whether that replaces what is there, a line saying what happened)."""
+        if not folder.exists():
+            return folder, False, None
+        settings = read_settings(folder)
+        if settings is None:
+            return folder, True, f"replaced {folder}, an incomplete export (cut short by a kill)"
+        if settings.get("source") == source:
+            return folder, True, f"replaced {folder}, an earlier export of the same checkpoint"
+        other = free_path(folder)
+        return other, False, (f"{folder} holds another export (of {settings.get('source') or 'unrecorded weights'}); "
+                              f"kept it, this one is {other}")
 
 
 class RunSummary(L.Callback):
@@ -229,7 +270,12 @@ class RunSummary(L.Callback):
 
         rouge, comp = find(RougeCallback), find(CompressionStats)
         h = pl_module.hparams
+        step = rouge.step if rouge and rouge.step is not None else trainer.global_step
         lines = [f"\n== {h.condition}, k={h.num_gist_tokens} (step {trainer.global_step}) =="]
+        if rouge and rouge.last and step != trainer.global_step:
+            lines.append(f"(the last validation ran at step {step})")
+        elif trainer.state.fn == "fit" and not (rouge and rouge.last):
+            lines.append("no validation ran in this run: no scores to report")
         lines.append(f"{'split':<20}{'ROUGE-L':>9}{'exact':>8}{'records':>9}{'instr tok':>11}{'ratio':>7}"
                      f"{'instr cache':>13}{'gist cache':>12}")
         for split in VALIDATION_SPLITS:
@@ -253,5 +299,6 @@ class RunSummary(L.Callback):
             lines.append(done.skipped)
         if done and done.path:
             lines.append(f"exported model ({done.source}): {done.path}")
+            lines += [f"  note: {note}" for note in done.notes]
             lines.append(f"  load it: model, tokenizer, settings = gist_lightning.export.load_pretrained('{done.path}')")
         print("\n".join(lines), flush=True)

@@ -47,8 +47,10 @@ class SplitCompression:
 @dataclass(frozen=True)
 class ExportResult:
     """Where the best model was exported (``path``), from which weights (``source``), or why it
-    was not (``skipped``, with the command that does it)."""
+    was not (``skipped``, with the command that does it); ``notes``: what a user should know about
+    it (no validation chose the weights, an earlier export replaced or kept beside it)."""
 
     path: Path | None
     source: str
     skipped: str | None = None
+    notes: tuple[str, ...] = ()

@@ -1,0 +1,147 @@
+"""A run killed at any moment and resumed with ``--ckpt_path last`` ends as the uninterrupted run:
+the same predictions, metrics rows, best checkpoint, export and last weights, with nothing left
+behind. Kills land from inside the process at named moments (``tests/kill_points.py``), with the
+clock checkpoint every 10 steps (dividing the validation interval of 20) and every 7 (not)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+BIN = str(Path(sys.executable).parent / "gist-lightning")
+TESTS = str(Path(__file__).resolve().parent)
+pytestmark = pytest.mark.slow
+
+
+def _command(config: Path, folder: Path, every: int, *extra: str) -> list[str]:
+    # 40 steps, validation at 20 and 40; a fixed logger version, so a resumed run finds its folder
+    return [BIN, "fit", "--config", str(config), "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
+            "--trainer.log_every_n_steps", "5", "--trainer.default_root_dir", str(folder),
+            "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.version", "run",
+            "--checkpoint_every_n_steps", str(every), "--trainer.callbacks+=kill_points.KillAt", *extra]
+
+
+def _env(tmp: Path, kill_at: str = "") -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=TESTS, GIST_KILL_AT=kill_at, TMPDIR=str(tmp))
+
+
+def _folder(root: Path) -> Path:
+    return root / "t" / "run"
+
+
+def _metrics(root: Path) -> list[dict]:
+    with open(_folder(root) / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run (its config, folder and printed output)."""
+    from conftest import _run_config
+
+    base = tmp_path_factory.mktemp("resume")
+    config = _run_config(base, val_check_interval=20)
+    root = base / "straight"
+    done = subprocess.run(_command(config, root, 10, "--trainer.enable_progress_bar", "true"), capture_output=True,
+                          text=True, env=_env(base / "tmp-straight"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, root, done
+
+
+def test_the_uninterrupted_run_shows_steps_and_no_library_warnings(straight):
+    _, root, done = straight
+    assert "40/40" in done.stdout and "Epoch 0/-" not in done.stdout  # steps out of max_steps
+    assert "LeafSpec" not in done.stderr
+    assert (_folder(root) / "checkpoints" / "best-step20.ckpt").is_file()  # the case the kills must keep
+
+
+CASES = [  # (clock every n steps, where the kill lands)
+    (10, "validation_start:20"),
+    (10, "validation_batch:20"),
+    (10, "validation_end:20"),
+    (10, "validation_batch:40"),
+    (10, "validation_end:40"),
+    (10, "export:40"),
+    (10, "checkpoint_write:20"),  # best-step20.ckpt cut in half; last.ckpt of step 10 whole
+    (7, "validation_batch:20"),
+    (7, "validation_end:40"),
+]
+
+
+@pytest.mark.parametrize("every, kill_at", CASES, ids=[f"every{n}-{k.replace(':', '@')}" for n, k in CASES])
+def test_a_kill_at_any_phase_resumes_to_the_uninterrupted_result(straight, tmp_path, every, kill_at):
+    config, want_root, _ = straight
+    root, tmp = tmp_path / "killed", tmp_path / "tmp"
+    killed = subprocess.run(_command(config, root, every), capture_output=True, text=True, env=_env(tmp, kill_at))
+    assert killed.returncode == -9, killed.stderr[-3000:]  # it died where it was told to
+    resumed = subprocess.run(_command(config, root, every, "--ckpt_path", "last"), capture_output=True, text=True,
+                             env=_env(tmp))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    got, want = _folder(root), _folder(want_root)
+    # every prediction file, once, with the uninterrupted run's content
+    names = sorted(p.name for p in (want / "predictions").iterdir())
+    assert sorted(p.name for p in (got / "predictions").iterdir()) == names
+    for name in names:
+        assert (got / "predictions" / name).read_text() == (want / "predictions" / name).read_text(), name
+    # the same metrics rows, none missing and none twice
+    assert _metrics(root) == _metrics(want_root)
+    # the same best checkpoint, and the export made from it
+    assert sorted(p.name for p in (got / "checkpoints").iterdir()) == ["best-step20.ckpt", "last.ckpt"]
+    assert _same_tensors(_state(got / "checkpoints" / "best-step20.ckpt"), _state(want / "checkpoints" /
+                                                                                  "best-step20.ckpt"))
+    assert _same_tensors(_state(got / "checkpoints" / "last.ckpt"), _state(want / "checkpoints" / "last.ckpt"))
+    assert sorted(p.name for p in got.iterdir() if p.name.startswith("export")) == ["export"]  # no export-1
+    assert json.loads((got / "export" / "gist_config.json").read_text())["source"] == \
+        {"checkpoint": "best-step20.ckpt", "global_step": 20}
+    assert _same_tensors(load_file(got / "export" / "model.safetensors"),
+                         load_file(want / "export" / "model.safetensors"))
+    # the summary reports the validation it kept, and nothing is left of the killed writes, in the
+    # run folder or in $TMPDIR (Lightning's own writer puts its temporary file there)
+    assert "best validation_unseen/rougeL" in resumed.stdout and "validation_human" in resumed.stdout
+    assert "no validation ran" not in resumed.stdout
+    assert not list(got.rglob("*.tmp"))
+    assert not [p for p in tmp.iterdir() if not p.name.startswith("torchinductor")]  # torch's compile cache
+
+
+@pytest.mark.parametrize("kill_at, stopped_at", [("sigterm_train:25", 25), ("sigterm_validation:20", 20)])
+def test_sigterm_says_how_to_resume_and_the_command_does(straight, tmp_path, kill_at, stopped_at):
+    config, want_root, _ = straight
+    root, tmp = tmp_path / "stopped", tmp_path / "tmp"
+    stopped = subprocess.run(_command(config, root, 10), capture_output=True, text=True, env=_env(tmp, kill_at))
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    lines = [line for line in stopped.stderr.splitlines() if "stopped early by SIGTERM" in line]
+    assert len(lines) == 1 and f"at step {stopped_at} of 40" in lines[0], stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    # between steps last.ckpt holds the stopping step; inside a validation, the step before it
+    step = torch.load(_folder(root) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert step == (25 if kill_at.startswith("sigterm_train") else 10)
+    command = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert command[0] == "gist-lightning" and command[-4:] == ["--ckpt_path", "last",
+                                                              "--trainer.logger.init_args.version", "run"]
+    resumed = subprocess.run([BIN, *command[1:]], capture_output=True, text=True, env=_env(tmp))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in sorted(p.name for p in (_folder(want_root) / "predictions").iterdir()):
+        assert (_folder(root) / "predictions" / name).read_text() == \
+            (_folder(want_root) / "predictions" / name).read_text(), name
+    assert _metrics(root) == _metrics(want_root)
+    assert _same_tensors(load_file(_folder(root) / "export" / "model.safetensors"),
+                         load_file(_folder(want_root) / "export" / "model.safetensors"))
