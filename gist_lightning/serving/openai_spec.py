@@ -8,24 +8,36 @@ the input; without a system message the user message is the instruction), ``POST
 choice each), ``GET /v1/models``, ``GET /v1/cache/stats`` (the engine's cache counters); LitServe
 adds ``GET /health``. The engine runs in LitServe's inference worker; this runs in its HTTP
 process and talks to it through LitServe's queues: a request, or a cancellation when the client
-goes away, or a stats question.
+goes away, or a stats question. :func:`install_error_handlers` gives FastAPI's own refusals (unknown
+path, wrong method) the same error shape; a client that leaves is one log line, not a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import pickle
 import time
 import uuid
 from collections import deque
 from typing import Annotated, Literal
 
-from fastapi import Request, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+log = logging.getLogger(__name__)
+# a real request nests 4 levels (body, messages, a message, its content parts); clients may add a few
+# more in fields read by nobody here (tools' JSON schemas), so this leaves room without letting a body
+# reach the parser's or pydantic's recursion limits
+MAX_DEPTH = 64
+DEFAULT_MAX_TOKENS = 128
 
 # what a client may send beside the fields read here (OpenAI clients send some by default)
 _LAX = ConfigDict(strict=True, extra="ignore")
@@ -52,8 +64,9 @@ class _Sampling(BaseModel):
     model_config = _LAX
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    # NaN passes no comparison, so without allow_inf_nan it would be refused as "not <= 2"
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     n: int = 1
     stream: bool = False
     stop: str | list[str] | None = None
@@ -106,12 +119,27 @@ def chat_prompt(messages: list[ChatMessage]) -> tuple[str, str]:
     return (system[0], user[0]) if system else (user[0], "")
 
 
+def resolve_max_tokens(default_max_tokens: int | None, max_tokens_limit: int) -> int:
+    """The max_tokens of a request that sets none: ``default_max_tokens``, or without it 128 capped
+    at the limit (a default above the limit would refuse every such request with a number the client
+    never sent, so it is refused here, before the server starts)."""
+    if max_tokens_limit < 1:
+        raise ValueError(f"--max_tokens_limit must be at least 1; got {max_tokens_limit}")
+    if default_max_tokens is None:
+        return min(DEFAULT_MAX_TOKENS, max_tokens_limit)
+    if not 1 <= default_max_tokens <= max_tokens_limit:
+        raise ValueError(f"--default_max_tokens {default_max_tokens} must be between 1 and --max_tokens_limit "
+                         f"{max_tokens_limit}")
+    return default_max_tokens
+
+
 class GistOpenAISpec(LitSpec):
-    def __init__(self, model_name: str, default_max_tokens: int = 128, max_tokens_limit: int = 1024,
-                 max_prompts: int = 64):
+    def __init__(self, model_name: str, default_max_tokens: int | None = None, max_tokens_limit: int = 1024,
+                 max_prompts: int = 64, max_body_bytes: int = 16 * 2**20):
         super().__init__()
         self.model_name = model_name
-        self.default_max_tokens, self.max_tokens_limit, self.max_prompts = default_max_tokens, max_tokens_limit, max_prompts
+        self.default_max_tokens = resolve_max_tokens(default_max_tokens, max_tokens_limit)
+        self.max_tokens_limit, self.max_prompts, self.max_body_bytes = max_tokens_limit, max_prompts, max_body_bytes
         self.api_path = "/v1/chat/completions"  # LitServe's request queue is keyed by it; every endpoint uses it
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
@@ -131,18 +159,19 @@ class GistOpenAISpec(LitSpec):
     # -- endpoints -----------------------------------------------------------------------------
     async def chat_completions(self, request: Request):
         try:
-            req = _parse(ChatRequest, await _json_body(request))
+            req = _parse(ChatRequest, await _json_body(request, self.max_body_bytes))
             instruction, input = chat_prompt(req.messages)
-            gens = [self._generation(req, instruction, input, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens)]
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            gens = [self._generation(req, instruction, input, max_tokens)]
             return await self._respond(request, gens, req.stream, _ChatFormat(self.model_name))
         except ApiError as e:
             return e.response()
-        except _ClientGone:
-            return Response(status_code=499)  # nobody reads it; its requests were cancelled
+        except _ClientGone as e:
+            return e.response(request)
 
     async def completions(self, request: Request):
         try:
-            req = _parse(CompletionRequest, await _json_body(request))
+            req = _parse(CompletionRequest, await _json_body(request, self.max_body_bytes))
             prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
             if not 1 <= len(prompts) <= self.max_prompts:
                 raise ApiError(400, f"prompt: give 1 to {self.max_prompts} prompts; got {len(prompts)}", "prompt")
@@ -150,8 +179,8 @@ class GistOpenAISpec(LitSpec):
             return await self._respond(request, gens, req.stream, _CompletionFormat(self.model_name))
         except ApiError as e:
             return e.response()
-        except _ClientGone:
-            return Response(status_code=499)
+        except _ClientGone as e:
+            return e.response(request)
 
     async def models(self, request: Request):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
@@ -248,7 +277,7 @@ class GistOpenAISpec(LitSpec):
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
-                raise _ClientGone
+                raise _ClientGone("before its answer was ready; its request was cancelled")
 
     async def _sse(self, fmt, uids, firsts, streams):
         finished, tasks = set(), []
@@ -288,12 +317,19 @@ class GistOpenAISpec(LitSpec):
             gone = [uid for i, uid in enumerate(uids) if i not in finished]
             if gone:  # the client went away mid-stream: free its rows in the running batch
                 self._cancel(gone)
+                log.warning("a client left mid-stream; its request was cancelled")
             for uid in uids:
                 self.response_buffer.pop(uid, None)
 
 
 class _ClientGone(Exception):
     """The client closed the connection before its answer was complete."""
+
+    def response(self, request: Request) -> Response:
+        # one line: a client that hangs up is routine, not a failure of the server
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.warning("client %s left %s", client, self)
+        return Response(status_code=499)  # nobody reads it
 
 
 def _last(event: dict) -> bool:
@@ -310,12 +346,80 @@ async def _rest(first: dict, stream) -> list[dict]:
     return events
 
 
-async def _json_body(request: Request):
-    raw = await request.body()
+async def _json_body(request: Request, max_bytes: int):
+    too_large = ApiError(413, f"the request body is larger than {max_bytes} bytes (the server's --max_body_size)",
+                         code="request_too_large")
+    # a body too large is still read to its end, discarded: closing on unread data resets the connection,
+    # and the client would see the reset instead of this answer; but not without bound
+    drain = 4 * max_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > drain:
+        raise too_large
+    chunks, size = [], 0
     try:
-        return json.loads(raw)
+        async for chunk in request.stream():  # in pieces: a body without a length is stopped at the bound too
+            size += len(chunk)
+            if size <= max_bytes:
+                chunks.append(chunk)
+            elif size > drain:
+                break
+    except ClientDisconnect:
+        raise _ClientGone("before its request was read") from None
+    if size > max_bytes:
+        raise too_large
+    nested = ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels of arrays and objects")
+    try:
+        body = json.loads(b"".join(chunks))
+    except RecursionError:  # far deeper than MAX_DEPTH: the parser gave up first
+        raise nested from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if _deeper_than(body, MAX_DEPTH):  # pydantic would recurse into it, and its errors would say less
+        raise nested
+    return body
+
+
+def _deeper_than(value, limit: int) -> bool:
+    """Whether arrays and objects nest in ``value`` more than ``limit`` levels (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Give the refusals FastAPI makes itself (unknown path, wrong method, a malformed request to a
+    route, an unexpected failure) OpenAI's error shape instead of ``{"detail": ...}``, so that a
+    client's error handling reads every answer of this server the same way."""
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        what = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = f"no such endpoint: {what}"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+            message = f"method not allowed: {what}" + (f" (allowed: {allowed})" if allowed else "")
+        else:
+            message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
+        response = ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None).response()
+        response.headers.update(exc.headers or {})
+        return response
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:5])
+        return ApiError(400, f"invalid request: {problems}").response()
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        # Starlette still logs the traceback: this is a bug of the server, not of the request
+        return ApiError(500, f"internal server error ({type(exc).__name__})").response()
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
 
 
 def _usage(usages: list[dict]) -> dict:

@@ -1,12 +1,21 @@
 """``gist-lightning serve``: the engine behind LitServe. LitServe runs the HTTP process (the spec in
 ``openai_spec.py``) and one inference worker that owns the model and the engine; its continuous
 batching loop calls :meth:`GistServeAPI.step` for as long as the engine has work, and hands it
-every queued message (a request, a cancellation, a stats question) through ``add_request``."""
+every queued message (a request, a cancellation, a stats question) through ``add_request``.
+
+Stopping: SIGTERM or SIGINT (Ctrl-C) to the main process at any moment (loading, idle, answering)
+stops the HTTP process, the inference worker and LitServe's manager, and the server exits with status
+0, without a traceback. Only a signal that arrives while Python is still importing, before ``serve``
+has started anything, ends it the default way (status 143, -15 to ``subprocess``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import signal
+import threading
 from argparse import ArgumentParser
 from pathlib import Path
 
@@ -15,7 +24,7 @@ from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Outp
 from litserve.utils import LitAPIStatus
 
 from .engine import MODES, ServingEngine, parse_bytes
-from .openai_spec import GistOpenAISpec
+from .openai_spec import GistOpenAISpec, install_error_handlers, resolve_max_tokens
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +43,27 @@ class _Loop(ContinuousBatchingLoop):
 class GistServeAPI(ls.LitAPI):
     def __init__(self, model: str, mode: str = "gist", cache_dir: str | None = None, cache_memory: str = "256MB",
                  max_batch_size: int = 16, dtype: str | None = None, model_name: str | None = None,
-                 default_max_tokens: int = 128, max_tokens_limit: int = 1024):
+                 default_max_tokens: int | None = None, max_tokens_limit: int = 1024,
+                 max_body_size: str | int = "16MiB"):
         if mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}; got {mode!r}")
         parse_bytes(cache_memory)  # a bad size fails here, before any process starts
         self.model_path, self.mode, self.cache_dir, self.cache_memory = model, mode, cache_dir, cache_memory
         self.dtype = dtype
-        spec = GistOpenAISpec(model_name or Path(model).name, default_max_tokens, max_tokens_limit)
+        spec = GistOpenAISpec(model_name or Path(model).name, default_max_tokens, max_tokens_limit,
+                              max_body_bytes=parse_bytes(max_body_size))
         super().__init__(max_batch_size=max_batch_size, stream=True, spec=spec, loop=_Loop())
 
     def setup(self, device):
         import torch
+        from tqdm import tqdm
+
+        # the main process stops this worker (SIGTERM); a Ctrl-C reaches the whole process group and
+        # would end it mid-step with a KeyboardInterrupt traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # tqdm's default lock is a multiprocessing semaphore; SIGTERM ends this process before it is
+        # freed, and the resource tracker then warned of a leaked semaphore at every shutdown
+        tqdm.set_lock(threading.RLock())
 
         from ..export import load_pretrained
 
@@ -95,8 +114,10 @@ class GistServeAPI(ls.LitAPI):
 
 def build_server(cfg) -> ls.LitServer:
     api = GistServeAPI(cfg.model, cfg.mode, cfg.cache_dir, cfg.cache_memory, cfg.max_batch_size, cfg.dtype,
-                       cfg.served_model_name, cfg.default_max_tokens, cfg.max_tokens_limit)
-    return ls.LitServer(api, accelerator=cfg.accelerator, devices=1, workers_per_device=1, timeout=False)
+                       cfg.served_model_name, cfg.default_max_tokens, cfg.max_tokens_limit, cfg.max_body_size)
+    server = ls.LitServer(api, accelerator=cfg.accelerator, devices=1, workers_per_device=1, timeout=False)
+    install_error_handlers(server.app)  # before run(): the HTTP process gets a copy of this app
+    return server
 
 
 class _QuietClientErrors(logging.Filter):
@@ -107,23 +128,37 @@ class _QuietClientErrors(logging.Filter):
 
 
 def _stop_on_signals() -> None:
-    """SIGTERM (and SIGINT, which a shell ignores in background jobs) shut the server down the way
-    Ctrl-C does: LitServe then stops its HTTP process and inference worker instead of leaving them."""
-    import os
-    import signal
-
+    """SIGTERM (and SIGINT, which a shell ignores in background jobs) interrupt the main process the
+    way Ctrl-C does, once: LitServe stops its processes itself once it serves, :func:`_stop_children`
+    before that. A second signal while stopping is ignored (it would break off the stop half-way)."""
     main_pid = os.getpid()
+    stopping = False
 
     def interrupt(signum, frame):
+        nonlocal stopping
         if os.getpid() != main_pid:  # the forked HTTP process re-raises what uvicorn caught: just exit
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        raise KeyboardInterrupt
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
-    logging.getLogger("litserve.server").addFilter(_QuietClientErrors())
+
+
+def _stop_children(server: ls.LitServer) -> None:
+    """Stop what LitServe started and did not stop: a signal during start-up interrupts it before its
+    own shutdown is armed. LitServe's manager goes last: the others talk to it, and a manager gone
+    first made the inference worker die with tracebacks."""
+    manager_process = getattr(getattr(server.transport_config, "manager", None), "_process", None)
+    for child in sorted(multiprocessing.active_children(), key=lambda c: c is manager_process):
+        child.terminate()
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+            child.join(5)
 
 
 def serve_main(argv: list[str]) -> None:
@@ -141,21 +176,34 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the export's)")
     parser.add_argument("--served_model_name", default=None, help="the model id clients name (default: the folder name)")
-    parser.add_argument("--default_max_tokens", type=int, default=128, help="max_tokens of a request that sets none")
+    parser.add_argument("--default_max_tokens", type=int, default=None,
+                        help="max_tokens of a request that sets none (default: 128, or --max_tokens_limit if lower)")
     parser.add_argument("--max_tokens_limit", type=int, default=1024, help="the largest max_tokens a request may ask")
+    parser.add_argument("--max_body_size", default="16MiB", help="the largest request body accepted (else 413)")
     parser.add_argument("--log_level", default="warning")
     cfg = parser.parse_args(argv)
     parse_bytes(cfg.cache_memory)
+    parse_bytes(cfg.max_body_size)
+    resolve_max_tokens(cfg.default_max_tokens, cfg.max_tokens_limit)  # one line naming both, before anything starts
     settings = Path(cfg.model) / "gist_config.json"
     if not settings.is_file():
         raise FileNotFoundError(f"{cfg.model}: no gist_config.json; is this a folder made by gist-lightning export?")
     if cfg.max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be at least 1; got {cfg.max_batch_size}")
-    server = build_server(cfg)
-    _stop_on_signals()
-    print(f"serving {cfg.model} ({cfg.mode} mode) on http://{cfg.host}:{cfg.port}/v1", flush=True)
-    server.run(host=cfg.host, port=cfg.port, generate_client_file=False, log_level=cfg.log_level,
-               num_api_servers=1)
+    _stop_on_signals()  # from here on a signal stops what was started, without a traceback
+    logging.getLogger("litserve.server").addFilter(_QuietClientErrors())
+    server = None
+    try:
+        server = build_server(cfg)
+        print(f"serving {cfg.model} ({cfg.mode} mode) on http://{cfg.host}:{cfg.port}/v1", flush=True)
+        server.run(host=cfg.host, port=cfg.port, generate_client_file=False, log_level=cfg.log_level,
+                   num_api_servers=1)
+    except KeyboardInterrupt:  # a stop asked for before LitServe's own handling of it began
+        pass
+    finally:
+        if server is not None:
+            _stop_children(server)
+    print("stopped", flush=True)
 
 
 __all__ = ["GistServeAPI", "build_server", "serve_main"]
