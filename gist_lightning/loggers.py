@@ -13,8 +13,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 class _AppendingWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
-        # keep metrics.csv and its columns; new rows are appended (steps redone after a crash are
-        # logged again, so training-loss rows between the last checkpoint and the crash repeat)
+        # keep metrics.csv and its columns; new rows are appended (resume.ResumableRun first drops
+        # the rows logged after the checkpoint a run resumes from: their steps are redone)
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = next(csv.reader(f), [])
