@@ -128,10 +128,11 @@ class ResumableRun(L.Callback):
         self._resumed_step: int | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
-            if folder.is_dir():
-                remove_strays(folder)
+        if stage != "fit":
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call: every rank makes it
+        if trainer.is_global_zero and folder.is_dir():
+            remove_strays(folder)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._resumed_step = checkpoint.get("global_step")

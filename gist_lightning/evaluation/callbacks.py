@@ -225,9 +225,9 @@ class ExportBest(L.Callback):
             if callback is not None and callback.monitor:
                 notes.append(f"no validation logged {callback.monitor}, so no best checkpoint was chosen: "
                              f"the export holds the last weights (step {trainer.global_step})")
-        path = None
+        path, folder = None, run_dir(trainer) / self.dirname  # run_dir: every rank calls it
         if trainer.is_global_zero:
-            target, replace, note = self._target(run_dir(trainer) / self.dirname, source)
+            target, replace, note = self._target(folder, source)
             notes += [note] if note else []
             form = self.form if pl_module.peft_model is not None else "merged"
             with atomic_dir(target, replace=replace) as tmp:
