@@ -1,12 +1,12 @@
 # Every target installs what it needs into .venv first.
-# CI pins the CPU build of torch: `make test TORCH=torch==2.13.0`; users may leave it unpinned.
+# CI pins the CPU build of torch: `make test-all TORCH=torch==2.13.0`; users may leave it unpinned.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lint bench sweep clean
+.PHONY: install test test-all demo lint bench sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the fast tier (a few minutes on 2 cores): everything but the tests marked slow (end-to-end fits,
+# kills and resumes, server processes, multi-process runs, flex compilations)
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# every test: what CI runs
+test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
