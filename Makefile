@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) experiments/bench_caching.py
 	$(PY) experiments/bench_train.py
 	$(PY) experiments/bench_attention.py
+	$(PY) experiments/bench_generate.py --shape tiny
 
 # the default sweep on the embedded default: pos_control, neg_control, gist k in {1,2,5,10}, 3 seeds each
 # (it resumes: finished runs are skipped)

@@ -21,7 +21,8 @@
 #   bench_attention    ~100 s: 1B LLaMA shape, S in {1024, 4096}, 5 modes x (2 + 3) steps, flex compilation
 #   bench_caching      ~45 s: LLaMA-7B shape in bf16, 16 prompts, 3 repeats
 #   bench_serve        ~75 s: 3 server starts (one per mode), 128 requests at concurrency 16, <= 20 s each
-#   total              ~530 s (8.8 min); the caps add up to more: the budget cuts the last steps short
+#   bench_generate     ~40 s: 100M shape, batch 1/8/32, 32 new tokens, 6 methods (one compile)
+#   total              ~570 s (9.5 min); the caps add up to more: the budget cuts the last steps short
 # Checked on CPU: tests/test_gpu_smoke.py runs this script with `gist-lightning`, `python` and
 # `nvidia-smi` replaced by recorders, then parses every recorded `gist-lightning fit` command
 # (--print_config), every `gist-lightning export` command and every benchmark command (--check_args).
@@ -132,9 +133,8 @@ step bench_caching 75 python experiments/bench_caching.py --shape llama-7b --dty
   --num_prompts 16 --repeats 3 --out "$OUT/bench_caching"
 step bench_serve 100 python experiments/bench_serve.py --device cuda --dtype bfloat16 \
   --requests 128 --concurrency 16 --time_limit 20 --out "$OUT/bench_serve"
-# The generation benchmark (issue 27) does not exist yet; when it does, its GPU line goes here:
-# step bench_generate 60 python experiments/bench_generate.py --device cuda --dtype bfloat16 \
-#   --out "$OUT/bench_generate"
+step bench_generate 60 python experiments/bench_generate.py --device cuda --dtype bfloat16 --shape 100m \
+  --batch 1 8 32 --new_tokens 32 --repeats 3 --compile --out "$OUT/bench_generate"
 
 echo "total: ${SECONDS}s of a ${BUDGET_S}s budget" | tee -a "$OUT/times.txt"
 if ((${#FAILED[@]})); then

@@ -5,6 +5,7 @@ against the uncached prompt."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -94,6 +95,27 @@ def test_caching_benchmark_checks_its_outputs_against_the_uncached_prompt(tmp_pa
         row = next(line for line in lines if line.startswith(f"| {bs} |"))
         assert row.rstrip().endswith("| 6/6 |"), row
     assert (tmp_path / "bench_caching-tiny-float32-cpu.csv").is_file()
+
+
+@pytest.mark.slow
+def test_generation_benchmark_checks_the_methods_agree_and_writes_its_table(tmp_path):
+    bench = ROOT / "experiments" / "bench_generate.py"
+    proc = subprocess.run([sys.executable, str(bench), "--shape", "tiny", "--batch", "1", "3", "--new_tokens", "4",
+                           "--instruction_tokens", "60", "--repeats", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "bench_generate-tiny-cpu.csv")))
+    assert {(r["batch"], r["method"]) for r in rows} == {(b, m) for b in ("1", "3") for m in
+                                                         ("hf_generate", "hf_prefix_cache", "library", "engine",
+                                                          "ceiling")}
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+    # the agreement check can fail: answers that differ stop the run
+    spec = importlib.util.spec_from_file_location("bench_generate", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.check({"library": ["a b"], "engine": ["a b"]}, tok=None)
+    with pytest.raises(SystemExit, match="answers differ: engine vs library"):
+        module.check({"library": ["a b"], "engine": ["a c"]}, tok=None)
 
 
 @pytest.mark.slow

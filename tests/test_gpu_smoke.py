@@ -105,7 +105,7 @@ def test_every_command_of_the_script_parses(calls, capsys, monkeypatch):
     assert sum("deepspeed" in str(f["trainer"].get("strategy")).lower() for f in fits) == 2
     peft = [f["model"]["peft"] for f in fits if f["model"].get("peft")]
     assert sorted(str(p["quantize"]) for p in peft) == ["None", "nf4"]
-    assert set(benchmarks) == {"bench_attention", "bench_caching", "bench_serve"}
+    assert set(benchmarks) == {"bench_attention", "bench_caching", "bench_serve", "bench_generate"}
     assert "'shape': '1b'" in benchmarks["bench_attention"] and "'dtype': 'bfloat16'" in benchmarks["bench_attention"]
 
 
