@@ -26,6 +26,23 @@ from .splits import VALIDATION_SPLITS, metric_key
 from .tokens import SUITE_TOKENIZER_NAME, add_special_tokens, fit_embeddings, gist_token_id, load_tokenizer
 
 
+def shard_with_fsdp2(model, device_mesh) -> None:
+    """Shard ``model`` in place with FSDP2 over the mesh's data-parallel dimension: each block HF
+    keeps whole (``_no_split_modules``: the decoder layers) is one unit, the rest (embeddings, head,
+    final norm) the root's. Every rank then runs every forward (generation included) together."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    units = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not units:
+        raise GistError(f"{type(model).__name__} names no blocks to shard (_no_split_modules); FSDP cannot "
+                        "split it into units")
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 class GistLitModule(L.LightningModule):
     """Gist fine-tuning of an HF model. It owns the model, its tokenizer (with ``<GIST>``), k and the
     condition; the DataModule receives them from here (:meth:`data_facts`).
@@ -155,6 +172,8 @@ class GistLitModule(L.LightningModule):
             trainable, total = adapters.parameter_counts(model)
             rank_zero_info(f"model.peft: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%): "
                            f"rank-{self.peft.rank} adapters and the rows of tokens {self.trained_token_ids}")
+        if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategies/fsdp.yaml)
+            shard_with_fsdp2(model, self.device_mesh)
         # from_pretrained returns a model in eval mode, and Lightning keeps a submodule's mode: train
         # with the model's dropout on (Lightning switches to eval for validation and back)
         self.model = model.train()

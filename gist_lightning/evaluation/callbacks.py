@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
 from ..caching import cache_bytes_per_position
 from ..export import read_settings
@@ -208,10 +208,12 @@ class ExportBest(L.Callback):
     def on_fit_end(self, trainer, pl_module):
         callback = trainer.checkpoint_callback
         ckpt = getattr(callback, "best_model_path", "") if callback else ""
-        if isinstance(trainer.strategy, DeepSpeedStrategy) or (ckpt and Path(ckpt).is_dir()):
-            # ZeRO shards the weights across ranks: convert the saved checkpoint instead
-            self.result = ExportResult(path=None, source=ckpt, skipped=f"not exported under DeepSpeed; run: "
-                                       f"gist-lightning export --ckpt {ckpt} --out <folder>")
+        sharded = {DeepSpeedStrategy: "DeepSpeed", ModelParallelStrategy: "FSDP"}
+        name = next((n for cls, n in sharded.items() if isinstance(trainer.strategy, cls)), None)
+        if name or (ckpt and Path(ckpt).is_dir()):
+            # the weights are sharded across ranks: the saved checkpoint holds them whole (or converts)
+            self.result = ExportResult(path=None, source=ckpt, skipped=f"not exported under {name or 'DeepSpeed'}; "
+                                       f"run: gist-lightning export --ckpt {ckpt} --out <folder>")
             return
         notes = []
         if ckpt and Path(ckpt).is_file():
