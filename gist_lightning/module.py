@@ -270,8 +270,8 @@ class GistLitModule(L.LightningModule):
                             "backward there. Train with sdpa on CPU (validation and compress under flex_attention "
                             "do run on CPU), or on a GPU")
         if self.peft is not None and self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            raise GistError("model.peft runs on one GPU or with DDP; DeepSpeed would shard and save the frozen base "
-                            "too: drop trainer.strategy (or use ddp)")
+            raise GistError("model.peft runs on one GPU, with DDP or with FSDP; DeepSpeed would shard and save the "
+                            "frozen base too: use configs/strategies/fsdp.yaml or ddp.yaml instead")
 
     def _check_validation_fits(self) -> None:
         """Refuse, before any training step, validation prompts that leave no room for
