@@ -70,23 +70,36 @@ def gist_span(
     return first, last
 
 
+def _context_rule(q_seg, k_seg, k_gist, after, condition: str, window: int | None = None) -> torch.Tensor:
+    """The gist rule over context segments (all arguments broadcast; causality is the caller's).
+
+    A prompt's context is cut into segments numbered 0..n-1, each holding raw tokens and its gist
+    tokens; everything after the context (the input / question and the answer) is segment ``after``
+    (= n). A query may see keys of its own segment, and the gist keys of earlier segments (for a
+    context query, only of the ``window`` segments before its own when ``window`` is set).
+    ``neg_control``: tokens after the context see no context at all; ``pos_control``: everything.
+    With one segment (the instruction and its k gists) this is the short-instruction rule."""
+    check_condition(condition)
+    if condition == "pos_control":
+        shape = torch.broadcast_shapes(q_seg.shape, k_seg.shape, torch.as_tensor(after).shape)
+        return torch.ones(shape, dtype=torch.bool, device=q_seg.device)
+    earlier_gist = k_gist & (k_seg < q_seg)
+    if window is not None:
+        earlier_gist = earlier_gist & ((q_seg - k_seg <= window) | (q_seg == after))
+    if condition == "neg_control":
+        earlier_gist = earlier_gist & (q_seg != after)
+    return (q_seg == k_seg) | earlier_gist
+
+
 def _condition_rule(
     q: torch.Tensor, k: torch.Tensor, first: torch.Tensor, last: torch.Tensor, condition: str
 ) -> torch.Tensor:
     """May a query at index ``q`` attend to a key at index ``k``? (broadcasting index tensors).
 
-    ``first``/``last`` bound the gist span and broadcast against ``q`` and ``k``.
+    ``first``/``last`` bound the gist span and broadcast against ``q`` and ``k``: the prompt is one
+    context segment (the instruction and its gists, up to ``last``) followed by what comes after.
     """
-    check_condition(condition)
-    if condition == "pos_control":
-        return torch.ones(torch.broadcast_shapes(q.shape, k.shape, first.shape), dtype=torch.bool, device=q.device)
-    up_to_gist = q <= last
-    # instruction and gist tokens never see what comes after the gist span
-    allowed_before = up_to_gist & (k <= last)
-    # later tokens lose the instruction (gist) or the whole prefix (neg_control)
-    cutoff = first if condition == "gist" else last + 1
-    allowed_after = ~up_to_gist & (k >= cutoff)
-    return allowed_before | allowed_after
+    return _context_rule((q > last).long(), (k > last).long(), (k >= first) & (k <= last), 1, condition)
 
 
 def segment_gist_spans(
@@ -141,6 +154,109 @@ def _decoder_rule(b, q, k, segment_ids, first, last, condition: str) -> torch.Te
     segment = segment_ids[b, q]
     return ((q >= k) & (segment_ids[b, k] == segment) & (segment_ids[b, k] > 0)
             & _condition_rule(q, k, first[b, q], last[b, q], condition))
+
+
+# -- long contexts: many segments, each compressed into its own gist tokens ------------------------
+PLACEMENTS = ("coarse", "fine")
+
+
+def interleave_gists(context_ids: list[int], segment_tokens: int, gists_per_segment: int, placement: str,
+                     gist_token_id: int) -> list[int]:
+    """The context with its gist tokens placed: segments of ``segment_tokens`` raw tokens, each
+    followed by ``gists_per_segment`` gists (``coarse``) or with one gist after every
+    ``segment_tokens / gists_per_segment`` raw tokens (``fine``); a shorter last segment gets the
+    gists its raw tokens reach, then the rest at its end. Every segment ends with a gist, so the
+    context ends where its last gist is."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}; got {placement!r}")
+    if gists_per_segment < 1 or segment_tokens < gists_per_segment:
+        raise ValueError(f"segment_tokens ({segment_tokens}) must be at least gists_per_segment "
+                         f"({gists_per_segment}), which must be >= 1")
+    if placement == "fine" and segment_tokens % gists_per_segment:
+        raise ValueError(f"fine placement puts a gist after every segment_tokens / gists_per_segment tokens: "
+                         f"{segment_tokens} is not a multiple of {gists_per_segment}")
+    if not context_ids:
+        raise ValueError("the context is empty")
+    every = segment_tokens // gists_per_segment if placement == "fine" else segment_tokens
+    out = []
+    for start in range(0, len(context_ids), segment_tokens):
+        segment, placed = context_ids[start:start + segment_tokens], 0
+        for i, token in enumerate(segment, 1):
+            out.append(token)
+            if i % every == 0 and placed < gists_per_segment:
+                out += [gist_token_id] * (1 if placement == "fine" else gists_per_segment)
+                placed += 1 if placement == "fine" else gists_per_segment
+        out += [gist_token_id] * (gists_per_segment - placed)
+    return out
+
+
+def context_labels(input_ids: torch.Tensor, gist_token_id: int, gists_per_segment: int,
+                   segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seg (B, S), is_gist (B, S), after (B, S)) for :func:`_context_rule`: a position's context
+    segment is the number of gist tokens before it (in its packed example) // ``gists_per_segment``,
+    so everything after the last gist is segment ``after`` = the example's gists // gists_per_segment.
+    A row (or packed example) without gists is one segment that is also ``after``: nothing masked."""
+    if gists_per_segment < 1:
+        raise ValueError(f"gists_per_segment must be >= 1; got {gists_per_segment}")
+    is_gist = input_ids == gist_token_id
+    count = is_gist.long().cumsum(-1)
+    if segment_ids is not None:  # counts restart in every packed example
+        segment_ids = segment_ids.long()
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        before = torch.where(starts, count - is_gist.long(), 0).cummax(-1).values
+        count = count - before
+        is_gist = is_gist & (segment_ids > 0)
+    exclusive = count - is_gist.long()  # gists strictly before each position
+    if segment_ids is None:
+        total = count[:, -1:].expand_as(count)
+    else:
+        n_seg = int(segment_ids.max()) + 1 if segment_ids.numel() else 1
+        per = torch.zeros(count.shape[0], n_seg, dtype=count.dtype, device=count.device).scatter_reduce(
+            1, segment_ids, count, "amax")
+        total = per.gather(1, segment_ids)
+    if (total % gists_per_segment).any():
+        raise ValueError(f"a row holds a number of gist tokens that is not a multiple of gists_per_segment "
+                         f"({gists_per_segment}): {sorted(set((total % gists_per_segment != 0).nonzero()[:, 0].tolist()))}")
+    return exclusive // gists_per_segment, is_gist, total // gists_per_segment
+
+
+def _long_decoder_rule(b, q, k, segment_ids, seg, is_gist, after, condition: str, window: int | None):
+    """:func:`_decoder_rule` for segmented contexts: causal, same packed example, a real key, and
+    :func:`_context_rule` with the key's and query's context segments."""
+    same_example = (segment_ids[b, k] == segment_ids[b, q]) & (segment_ids[b, k] > 0)
+    return ((q >= k) & same_example
+            & _context_rule(seg[b, q], seg[b, k], is_gist[b, k], after[b, q], condition, window))
+
+
+def long_context_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, gist_token_id: int,
+                                gists_per_segment: int, condition: str, window: int | None = None,
+                                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder-only self-attention over a segmented context (:func:`interleave_gists`) and what
+    follows it, as a dense (B, 1, S, S) bool mask; ``window``: context tokens see the gists of only
+    the last ``window`` segments before theirs. Packed rows: ``segment_ids`` as for
+    :func:`decoder_attention_mask`."""
+    check_condition(condition)
+    segments = decoder_segments(input_ids, attention_mask, segment_ids)
+    seg, is_gist, after = context_labels(input_ids, gist_token_id, gists_per_segment,
+                                         segments if segment_ids is not None else None)
+    bsz, seq_len = input_ids.shape
+    idx = torch.arange(seq_len, device=input_ids.device)
+    b = torch.arange(bsz, device=input_ids.device)[:, None, None]
+    return _long_decoder_rule(b, idx[None, :, None], idx[None, None, :], segments, seg, is_gist, after, condition,
+                              window)[:, None]
+
+
+def long_context_mask_mod(segment_ids: torch.Tensor, seg: torch.Tensor, is_gist: torch.Tensor, after: torch.Tensor,
+                          condition: str, window: int | None = None):
+    """The FlexAttention ``mask_mod`` of :func:`long_context_attention_mask` (labels from
+    :func:`context_labels`)."""
+    check_condition(condition)
+
+    def mask_mod(b, h, q, k):
+        return _long_decoder_rule(b, q, k, segment_ids, seg, is_gist, after, condition, window)
+
+    return mask_mod
 
 
 def within_window(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from transformers import (
     T5Config,
 )
 
+from gist_lightning import masks
 from gist_lightning.backends import gist_forward
 from gist_lightning.families import FAMILIES, REFUSED_ATTENTION, family_of, family_table, model_class
 from gist_lightning.padding import pad_batch
@@ -131,3 +132,32 @@ def test_eager_and_sdpa_agree_under_the_gist_mask(make_pair, require_attention, 
         model, tok, gist_id = make_pair(family, attn, seed=3)
         outs.append(_logits_after_gists(model, tok, gist_id, _examples(model, tok, gist_id, 2), "gist"))
     assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen3"])
+def test_the_segment_mask_is_honoured_by_the_model(make_pair, family):
+    """Long contexts, by behaviour: in a one-layer model the question sees only the context's gist
+    tokens, so changing every raw context token leaves its logits unchanged under gist (and
+    neg_control), and changes them under pos_control; eager and sdpa agree."""
+    from gist_lightning.families import self_attention_masks
+
+    outs = {}
+    for attn in ("eager", "sdpa"):
+        if attn == "sdpa" and family == "gemma2":
+            continue  # soft-capping: eager and flex only
+        model, tok, gist_id = make_pair(family, attn, num_hidden_layers=1)
+        question = [30, 31, 32]
+        rows = [masks.interleave_gists(list(range(first, first + 12)), 4, 2, "fine", gist_id) + question
+                for first in (5, 40)]
+        ids = torch.tensor(rows)
+        pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+        for condition in masks.CONDITIONS:
+            allowed = masks.long_context_attention_mask(ids, None, gist_id, 2, condition)
+            with torch.no_grad():
+                logits = model(input_ids=ids, position_ids=pos,
+                               attention_mask=self_attention_masks(model, allowed, pos, pos)).logits[:, -3:]
+            outs[attn, condition] = logits
+            diff = (logits[0] - logits[1]).abs().max()
+            assert (diff < 1e-5) if condition != "pos_control" else (diff > 1e-3), (condition, float(diff))
+    if ("sdpa", "gist") in outs:
+        assert (outs["eager", "gist"] - outs["sdpa", "gist"]).abs().max() < 1e-4

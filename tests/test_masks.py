@@ -217,3 +217,119 @@ def test_an_example_with_two_gist_spans_in_a_packed_row_is_named():
     seg = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 2]])
     with pytest.raises(ValueError, match=r"\(row, segment\) \[\(0, 2\)\]"):
         masks.decoder_attention_mask(ids, None, G, "gist", segment_ids=seg)
+
+
+# -- long contexts: segments of raw tokens, each compressed into its own gists ----------------------
+def _short_instruction_rule(q, k, first, last, condition):
+    """The short-instruction rule as it was written before segments (the oracle for one segment)."""
+    if condition == "pos_control":
+        return torch.ones(torch.broadcast_shapes(q.shape, k.shape, first.shape), dtype=torch.bool)
+    up_to_gist = q <= last
+    cutoff = first if condition == "gist" else last + 1
+    return (up_to_gist & (k <= last)) | (~up_to_gist & (k >= cutoff))
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows(), st.sampled_from(masks.CONDITIONS))
+def test_one_segment_is_the_short_instruction_rule(batch, condition):
+    """With the instruction as the only segment (coarse: its k gists at its end), the segment rule
+    is exactly the rule it generalises: as a condition mask, and as the whole decoder mask."""
+    ids, attn, k = batch
+    first, last = masks.gist_span(ids, G, k)
+    idx = torch.arange(ids.shape[1])
+    want = _short_instruction_rule(idx[None, :, None], idx[None, None, :], first[:, None, None],
+                                   last[:, None, None], condition)
+    assert torch.equal(masks.condition_mask(ids, G, condition, k), want)
+    assert torch.equal(masks.long_context_attention_mask(ids, attn, G, k, condition),
+                       masks.decoder_attention_mask(ids, attn, G, condition, k))
+
+
+def test_gist_placement_coarse_and_fine():
+    ctx = list(range(1, 8))  # 7 raw tokens, segments of 4: the last segment is short
+    assert masks.interleave_gists(ctx, 4, 2, "coarse", G) == [1, 2, 3, 4, G, G, 5, 6, 7, G, G]
+    assert masks.interleave_gists(ctx, 4, 2, "fine", G) == [1, 2, G, 3, 4, G, 5, 6, G, 7, G]
+    for bad, match in [((4, 0, "coarse"), ">= 1"), ((2, 3, "coarse"), "at least"), ((6, 4, "fine"), "multiple"),
+                       ((4, 2, "middle"), "placement")]:
+        with pytest.raises(ValueError, match=match):
+            masks.interleave_gists(ctx, *bad, G)
+
+
+@st.composite
+def segmented_rows(draw):
+    """Rows of [specials | segmented context with gists | question], with what each position is by
+    construction: (segment, is_gist, is_raw_context) for the reference below."""
+    t = draw(st.integers(1, 2))
+    L = t * draw(st.integers(1, 3))
+    placement = draw(st.sampled_from(masks.PLACEMENTS))
+    rows_, labels = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        n = draw(st.integers(1, 3 * L))
+        layout = masks.interleave_gists(list(range(1, n + 1)), L, t, placement, G)
+        seg, gists, lab = 0, 0, []
+        for token in layout:
+            lab.append((seg, token == G))
+            if token == G:
+                gists += 1
+                seg += gists % t == 0
+        question = draw(st.integers(1, 3))
+        rows_.append(layout + [50] * question)
+        labels.append(lab + [(seg, False)] * question)  # seg is now the number of segments: "after"
+    width = max(len(r) for r in rows_) + draw(st.integers(0, 2))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows_])  # left padding
+    attn = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows_])[:, None]).long()
+    labels = [[None] * (width - len(lab)) + lab for lab in labels]
+    return ids, attn, t, labels, draw(st.sampled_from([None, 1, 2]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(segmented_rows(), st.sampled_from(masks.CONDITIONS))
+def test_the_segment_rule_matches_its_definition(batch, condition):
+    """Brute force from the definition in words: causal, real keys; a context token sees its own
+    segment and the gists of earlier segments (the last ``window`` of them when set); a token after
+    the context sees every context gist (none under neg_control, everything under pos_control)."""
+    ids, attn, t, labels, window = batch
+    got = masks.long_context_attention_mask(ids, attn, G, t, condition, window)[:, 0]
+    for b, lab in enumerate(labels):
+        after = next(s for s, g in reversed([x for x in lab if x]) if not g)  # the question's label
+        for q in range(ids.shape[1]):
+            for k in range(ids.shape[1]):
+                if lab[q] is None or lab[k] is None or k > q:
+                    want = False
+                elif condition == "pos_control":
+                    want = True
+                else:
+                    (qs, _), (ks, kg) = lab[q], lab[k]
+                    earlier = kg and ks < qs and (window is None or qs == after or qs - ks <= window)
+                    if condition == "neg_control" and qs == after:
+                        earlier = False
+                    want = qs == ks or earlier
+                assert bool(got[b, q, k]) == want, (b, q, k, lab[q], lab[k], window)
+
+
+@settings(max_examples=40, deadline=None)
+@given(segmented_rows(), st.sampled_from(masks.CONDITIONS))
+def test_the_segment_mask_mod_and_packed_rows_are_the_dense_rule(batch, condition):
+    """Packed: the examples of a row side by side see exactly their masks alone; the FlexAttention
+    mask_mod evaluated per pair gives the dense mask."""
+    ids, attn, t, _, window = batch
+    rows_ = [ids[b][attn[b].bool()].tolist() for b in range(ids.shape[0])]
+    packed = torch.tensor([sum(rows_, [])])
+    seg = torch.tensor([[i + 1 for i, r in enumerate(rows_) for _ in r]])
+    dense = masks.long_context_attention_mask(packed, None, G, t, condition, window, segment_ids=seg)[0, 0]
+    start = 0
+    for r in rows_:
+        alone = masks.long_context_attention_mask(torch.tensor([r]), None, G, t, condition, window)[0, 0]
+        block = dense[start:start + len(r)]
+        assert torch.equal(block[:, start:start + len(r)], alone)
+        assert not block[:, :start].any() and not block[:, start + len(r):].any()
+        start += len(r)
+    labels = masks.context_labels(packed, G, t, seg)
+    mod = masks.long_context_mask_mod(seg, *labels, condition, window)
+    for q in range(packed.shape[1]):
+        for kv in range(packed.shape[1]):
+            assert bool(mod(torch.tensor(0), torch.tensor(0), torch.tensor(q), torch.tensor(kv))) == bool(dense[q, kv])
+
+
+def test_a_gist_count_that_is_not_whole_segments_is_refused():
+    with pytest.raises(ValueError, match="not a multiple of gists_per_segment"):
+        masks.long_context_attention_mask(torch.tensor([[1, G, 2, G, 3, G, 4]]), None, G, 2, "gist")
