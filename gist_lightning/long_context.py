@@ -1,0 +1,190 @@
+"""Long contexts compressed segment by segment (documents, system prompts, histories).
+
+A context of N tokens is cut into segments of ``segment_tokens`` raw tokens, each with
+``gists_per_segment`` gist tokens placed at its end (coarse) or spread inside it (fine)
+(:func:`masks.interleave_gists`); what may see what is :func:`masks.long_context_attention_mask`.
+A decoder prompt is ``[specials] <context with gists> <continuation>``; every token keeps its
+position in that prompt, so the cache is exact.
+
+:func:`compress_context` runs one segment at a time with only the earlier gists' keys/values as
+past, so it holds at most the gists plus one segment at a time, and returns a
+:class:`~gist_lightning.cache.GistCache` of the gists alone (N x gists_per_segment /
+segment_tokens positions per layer); what follows the context continues from it with the usual
+:func:`~gist_lightning.caching.continuation_logits` and :func:`~gist_lightning.generate`, and equals
+:func:`masked_forward` over the whole prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import DynamicCache
+
+from . import masks
+from .backends import backend_of
+from .cache import GistCache
+from .errors import ContextLengthError
+from .families import self_attention_masks
+from .padding import pad_batch
+from .tokens import encode_text, special_frame
+from .tokens import gist_token_id as find_gist_token_id
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How a long context is cut and compressed.
+
+    Args:
+        segment_tokens: raw tokens per segment.
+        gists_per_segment: gist tokens per segment (compression ratio segment_tokens / gists_per_segment).
+        placement: ``coarse`` (the gists at the end of each segment) or ``fine`` (one gist after
+            every segment_tokens / gists_per_segment raw tokens).
+        window: context tokens see the gists of only the last ``window`` segments before theirs
+            (None: of every earlier segment). Tokens after the context always see every gist.
+        max_context_tokens: a longer context is refused (None: only the model's positions bound it).
+    """
+
+    segment_tokens: int = 64
+    gists_per_segment: int = 8
+    placement: str = "coarse"
+    window: int | None = None
+    max_context_tokens: int | None = None
+
+    def __post_init__(self):
+        masks.interleave_gists([0], self.segment_tokens, self.gists_per_segment, self.placement, 1)  # the checks
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 segment (or None); got {self.window}")
+
+    @property
+    def ratio(self) -> float:
+        return self.segment_tokens / self.gists_per_segment
+
+
+def encode_context(tokenizer, text: str, settings: SegmentSettings, gist_token_id: int) -> list[int]:
+    """``[specials] context-with-gists``: the part of a prompt :func:`compress_context` compresses."""
+    raw = encode_text(tokenizer, text)
+    if settings.max_context_tokens is not None and len(raw) > settings.max_context_tokens:
+        raise ContextLengthError(f"a context of {len(raw)} tokens is longer than max_context_tokens "
+                                 f"{settings.max_context_tokens}; nothing is truncated silently: shorten it")
+    before, _ = special_frame(tokenizer)
+    return before + masks.interleave_gists(raw, settings.segment_tokens, settings.gists_per_segment,
+                                           settings.placement, gist_token_id)
+
+
+def masked_forward(model, input_ids, attention_mask, gist_token_id: int, settings: SegmentSettings,
+                   condition: str = "gist", **kwargs):
+    """The single masked full forward over left-padded ``[context with gists | what follows]`` rows:
+    what training computes, and the reference the segment-wise cache must equal."""
+    positions = masks.padding_position_ids(attention_mask)
+    allowed = masks.long_context_attention_mask(input_ids, attention_mask, gist_token_id,
+                                                settings.gists_per_segment, condition, settings.window)
+    return model(input_ids=input_ids, position_ids=positions,
+                 attention_mask=self_attention_masks(model, allowed, positions, positions), **kwargs)
+
+
+def _segments_of(row: list[int], gist_token_id: int, gists_per_segment: int) -> list[list[int]]:
+    """A ``[specials] context-with-gists`` row cut after every ``gists_per_segment``-th gist."""
+    out, current, seen = [], [], 0
+    for token in row:
+        current.append(token)
+        if token == gist_token_id:
+            seen += 1
+            if seen % gists_per_segment == 0:
+                out.append(current)
+                current = []
+    if current:
+        raise ValueError("a context row must end with the gists of its last segment")
+    return out
+
+
+@torch.no_grad()
+def compress_context(model, tokenizer, texts: list[str], settings: SegmentSettings,
+                     condition: str = "gist") -> GistCache:
+    """Compress a batch of long contexts, one segment at a time, into a cache of their gists.
+
+    Args:
+        model: a decoder-only HF model with ``<GIST>`` (T5-style models are refused: their encoder
+            sees the whole source at once).
+        tokenizer: its tokenizer.
+        texts: the contexts, one cache row each (of any lengths).
+        settings: the segmenting (:class:`SegmentSettings`), as the model was trained.
+        condition: ``gist`` keeps the gists; ``pos_control`` keeps every position (full attention
+            over the context, the upper bound); ``neg_control`` keeps nothing.
+
+    Returns:
+        A :class:`GistCache` whose ``meta`` holds the settings, the context tokens of each row and
+        ``peak_positions``: the most positions held in any forward (kept ones plus one segment).
+    """
+    backend = backend_of(model)
+    if backend.encoder_decoder:
+        raise ValueError("compress_context is for decoder-only models: a T5-style encoder reads its whole "
+                         "source in one pass, so its segments cannot be compressed one at a time")
+    masks.check_condition(condition)
+    gist_id = find_gist_token_id(tokenizer)
+    t = settings.gists_per_segment
+    rows = [encode_context(tokenizer, text, settings, gist_id) for text in texts]
+    context = backend.context_length(model.config)
+    longest = max(len(r) for r in rows)
+    if context is not None and longest >= context:
+        raise ContextLengthError(f"a context of {longest} positions (gists included) leaves no room in the "
+                                 f"model's {context} positions for what follows it; shorten the context")
+    chunks = [_segments_of(r, gist_id, t) for r in rows]
+    n_segments = max(len(c) for c in chunks)
+    device, bsz = model.device, len(rows)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, H, G, D)
+    kept_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
+    kept_pos = torch.zeros(bsz, 0, dtype=torch.long, device=device)
+    kept_seg = torch.zeros(bsz, 0, dtype=torch.long, device=device)
+    offset = torch.zeros(bsz, dtype=torch.long, device=device)  # positions before this segment, per row
+    peak = 0
+    for s in range(n_segments):
+        ids, pad = pad_batch([c[s] if s < len(c) else [] for c in chunks], tokenizer.pad_token_id, "left")
+        ids, pad = ids.to(device), pad.to(device)
+        positions = masks.padding_position_ids(pad, offset)
+        n_past, width = kept_valid.shape[1], ids.shape[1]
+        peak = max(peak, n_past + width)
+        # the rule of masks._context_rule, with the keys' segments: kept keys are earlier segments' gists
+        k_seg = torch.cat([kept_seg, torch.full_like(ids, s)], -1)
+        k_gist = torch.cat([torch.ones_like(kept_valid) if condition != "pos_control" else kept_valid,
+                            ids == gist_id], -1)
+        q = torch.arange(width, device=device)[None, :, None]
+        k = torch.arange(n_past + width, device=device)[None, None, :]
+        key_real = torch.cat([kept_valid, pad.bool()], -1)[:, None, :]
+        causal = k < n_past + q + 1
+        allowed = (key_real & causal & masks._context_rule(
+            torch.full_like(ids, s)[:, :, None], k_seg[:, None, :], k_gist[:, None, :], n_segments, condition,
+            settings.window))[:, None]
+        past = DynamicCache(ddp_cache_data=kept) if kept else DynamicCache()
+        key_positions = torch.cat([kept_pos, positions], -1)
+        out = model(input_ids=ids, position_ids=positions, cache=past, use_cache=True,
+                    attention_mask=self_attention_masks(model, allowed, positions, key_positions))
+        # what later tokens may see of this segment: its gists (gist), all of it (pos_control), nothing
+        if condition == "gist":
+            keep = (ids == gist_id) & pad.bool()
+        elif condition == "pos_control":
+            keep = pad.bool()
+        else:
+            keep = torch.zeros_like(pad, dtype=torch.bool)
+        width_kept = int(keep.sum(-1).max()) if keep.numel() else 0
+        # the kept columns of each row, left-padded to width_kept (rows past their last segment keep none)
+        order = torch.sort(keep.long(), dim=-1, stable=True).indices[:, width - width_kept:]  # (B, width_kept)
+        new_valid = keep.gather(1, order)
+        layers = out.cache.layers
+        kept = [(torch.cat([layer.keys[:, :, :n_past], _take(layer.keys[:, :, n_past:], order)], 2),
+                 torch.cat([layer.values[:, :, :n_past], _take(layer.values[:, :, n_past:], order)], 2))
+                for layer in layers]
+        kept_valid = torch.cat([kept_valid, new_valid], -1)
+        kept_pos = torch.cat([kept_pos, positions.gather(1, order)], -1)
+        kept_seg = torch.cat([kept_seg, torch.full_like(order, s)], -1)
+        offset = offset + pad.long().sum(-1)
+    return GistCache(states=kept, valid=kept_valid, positions=kept_pos, next_position=offset,
+                     num_gist_tokens=t, condition=condition, backend=backend.name,
+                     meta={"segments": asdict(settings), "context_tokens": [len(r) for r in rows],
+                           "peak_positions": peak})
+
+
+def _take(states: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Columns ``order`` (B, W) of every row of (B, H, T, D) ``states``."""
+    index = order[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+    return states.gather(2, index)

@@ -1,0 +1,93 @@
+"""Long contexts compressed segment by segment: the cache equals the single masked full forward
+over the whole prompt for every decoder family, both placements, left padding and contexts of
+different lengths; it holds the gists only, and compression never holds more than the gists plus
+one segment; bad settings are refused with the numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gist_lightning import generate
+from gist_lightning.caching import continuation_logits
+from gist_lightning.errors import ContextLengthError
+from gist_lightning.long_context import SegmentSettings, compress_context, encode_context, masked_forward
+from gist_lightning.padding import pad_batch
+from gist_lightning.templates import encode_continuation
+
+TOLERANCE = 1e-5
+CONTEXTS = [  # contexts of several segments of 8 tokens, of different lengths (the tiny windows are 8)
+    "the code of amber is 4417 and the code of blue is 9",
+    "apple banana cherry dog egg fig grape and the code of amber is 4417 while cats sleep all day long",
+    "Write a haiku about autumn leaves and rain. Translate this sentence into French. count the words, sort "
+    "them, put cat first, remove every dog",
+]
+QUESTIONS = ["what is the code of amber?", "which fruit?", "sort them"]
+
+
+def _full_and_cached(model, tok, gist_id, settings, condition, rows=3):
+    contexts, questions = CONTEXTS[:rows], QUESTIONS[:rows]
+    prefixes = [encode_context(tok, c, settings, gist_id) for c in contexts]
+    conts = [encode_continuation(tok, q, False) for q in questions]
+    ids, mask = pad_batch([p + c for p, c in zip(prefixes, conts)], tok.pad_token_id, "left")
+    with torch.no_grad():
+        full = masked_forward(model, ids, mask, gist_id, settings, condition).logits
+    cache = compress_context(model, tok, contexts, settings, condition)
+    q_ids, q_mask = pad_batch(conts, tok.pad_token_id, "left")
+    cached = continuation_logits(model, cache, q_ids, q_mask).logits
+    diffs = [(full[b, -len(c):] - cached[b, -len(c):]).abs().max().item() for b, c in enumerate(conts)]
+    return max(diffs), cache, prefixes
+
+
+@pytest.mark.parametrize("placement", ["coarse", "fine"])
+@pytest.mark.parametrize("condition", ["gist", "pos_control", "neg_control"])
+def test_the_segment_cache_equals_the_masked_full_forward(make_pair, family, placement, condition):
+    model, tok, gist_id = make_pair(family, "eager")
+    if model.config.is_encoder_decoder:
+        with pytest.raises(ValueError, match="decoder-only"):
+            compress_context(model, tok, CONTEXTS[:1], SegmentSettings(8, 2, placement))
+        return
+    settings = SegmentSettings(segment_tokens=8, gists_per_segment=2, placement=placement)
+    diff, cache, prefixes = _full_and_cached(model, tok, gist_id, settings, condition)
+    assert diff <= TOLERANCE, f"{family}/{placement}/{condition}: max abs diff {diff:.1e}"
+    gists = [sum(t == gist_id for t in p) for p in prefixes]
+    assert len(set(gists)) >= 2 and min(gists) >= 4  # several segments, rows of different lengths
+    held = cache.valid.sum(-1).tolist()
+    want = {"gist": gists, "neg_control": [0, 0, 0], "pos_control": [len(p) for p in prefixes]}[condition]
+    assert held == want
+    if condition == "gist":  # one segment at a time: the gists plus one segment, never the context
+        assert cache.meta["peak_positions"] <= max(gists) + settings.segment_tokens + settings.gists_per_segment + 1
+        assert cache.meta["peak_positions"] < max(len(p) for p in prefixes)
+
+
+def test_a_window_of_segments_and_generation_from_the_cache(make_pair):
+    """With window=1 a segment sees only the previous segment's gists: still exact; and greedy
+    generation from the cache runs as from any gist cache. The windowed cache differs from the
+    unwindowed one (the window matters)."""
+    model, tok, gist_id = make_pair("llama", "eager", seed=1)
+    windowed = SegmentSettings(segment_tokens=8, gists_per_segment=2, window=1)
+    diff, cache, _ = _full_and_cached(model, tok, gist_id, windowed, "gist")
+    assert diff <= TOLERANCE
+    _, full_cache, _ = _full_and_cached(model, tok, gist_id, SegmentSettings(8, 2), "gist")
+    assert not torch.allclose(cache.states[-1][0], full_cache.states[-1][0])
+    out = generate(model, tok, cache, QUESTIONS, max_new_tokens=4)
+    assert len(out) == 3 and all(isinstance(o, str) for o in out)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(segment_tokens=2, gists_per_segment=4), "at least"),
+    (dict(segment_tokens=6, gists_per_segment=4, placement="fine"), "multiple"),
+    (dict(segment_tokens=8, gists_per_segment=2, window=0), "window"),
+])
+def test_bad_settings_are_refused_with_the_numbers(settings, match):
+    with pytest.raises(ValueError, match=match):
+        SegmentSettings(**settings)
+
+
+def test_contexts_too_long_are_refused_never_truncated(make_pair):
+    model, tok, gist_id = make_pair("llama", "eager")
+    with pytest.raises(ContextLengthError, match="max_context_tokens 5"):
+        compress_context(model, tok, CONTEXTS[:1], SegmentSettings(8, 2, max_context_tokens=5))
+    positions = model.config.max_position_embeddings
+    with pytest.raises(ContextLengthError, match=f"model's {positions} positions"):
+        compress_context(model, tok, ["word " * positions], SegmentSettings(8, 2))
