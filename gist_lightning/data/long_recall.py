@@ -1,0 +1,106 @@
+"""Long-context tasks the project generates itself (no download), whose answer depends on content
+anywhere in a long context, so truncating the context cannot solve them:
+
+- ``recall``: key-value facts ("the code of amber is 4417.") among distractor sentences and other
+  facts; the question asks for one key's value.
+- ``two_hop``: "amber points to river." ... "the code of river is 93."; the question asks for the
+  code of what amber points to (two facts, anywhere).
+- ``count``: how many facts name a given colour (aggregation over every segment).
+- ``buried``: an instruction hidden in the context ("when asked for the secret, answer with the
+  word owl.") that the question triggers.
+
+A record is ``{"instruction": context, "input": question, "output": answer, "task", "fact_at"}``:
+the context is what a gist model compresses (segment by segment), ``fact_at`` the fraction of the
+context (0 = start, 1 = end) where the fact the answer needs begins, for breakdowns by distance.
+Context length is set in words (``context_words``); the suite tokenizer makes about 1.8 tokens per
+word of this vocabulary.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .suite import WORDS
+
+TASKS = ("recall", "two_hop", "count", "buried")
+KEYS = ("amber", "azure", "coral", "ivory", "jade", "lilac", "olive", "onyx", "ruby", "scarlet", "teal", "violet")
+FILLER = ("the {a} sat near the {b} while the {c} watched.", "a {a} and a {b} went to the {c}.",
+          "nobody saw the {a} behind the {b}.", "the {a} likes the {b} more than the {c}.",
+          "after the rain the {a} found a {b}.")
+
+
+def _filler(rng: random.Random) -> str:
+    return rng.choice(FILLER).format(a=rng.choice(WORDS), b=rng.choice(WORDS), c=rng.choice(WORDS))
+
+
+def _code(rng: random.Random) -> str:
+    return str(rng.randint(10, 9999))
+
+
+def _place(sentences: list[str], facts: list[str], rng: random.Random) -> tuple[list[str], list[int]]:
+    """``facts`` inserted at random places among ``sentences``; their indices in the result."""
+    slots = sorted(rng.sample(range(len(sentences) + len(facts)), len(facts)))
+    out, it, order = [], iter(sentences), list(facts)
+    rng.shuffle(order)
+    where = {}
+    for i in range(len(sentences) + len(facts)):
+        if slots and i == slots[0]:
+            slots.pop(0)
+            fact = order.pop(0)
+            where[fact] = i
+            out.append(fact)
+        else:
+            out.append(next(it))
+    return out, [where[f] for f in facts]
+
+
+def make_long_record(task: str, context_words: int, rng: random.Random, n_facts: int = 6) -> dict:
+    """One record of ``task`` with a context of about ``context_words`` words."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}; got {task!r}")
+    keys = rng.sample(KEYS, min(n_facts, len(KEYS)))
+    codes = {k: _code(rng) for k in keys}
+    needed: list[str]
+    if task == "recall":
+        facts = [f"the code of {k} is {codes[k]}." for k in keys]
+        target = rng.choice(keys)
+        needed, question, answer = [f"the code of {target} is {codes[target]}."], f"What is the code of {target}?", \
+            codes[target]
+    elif task == "two_hop":
+        places = rng.sample(WORDS, len(keys))
+        place_codes = {p: _code(rng) for p in places}
+        facts = [f"{k} points to {p}." for k, p in zip(keys, places)] + \
+                [f"the code of {p} is {place_codes[p]}." for p in places]
+        i = rng.randrange(len(keys))
+        needed = [f"{keys[i]} points to {places[i]}.", f"the code of {places[i]} is {place_codes[places[i]]}."]
+        question, answer = f"What is the code of what {keys[i]} points to?", place_codes[places[i]]
+    elif task == "count":
+        colour = rng.choice(keys)
+        n = rng.randint(1, 5)
+        facts = [f"the box of {colour} holds a {rng.choice(WORDS)}." for _ in range(n)] + \
+                [f"the box of {k} holds a {rng.choice(WORDS)}." for k in keys if k != colour]
+        needed = [f for f in facts if f"of {colour} " in f]
+        question, answer = f"How many boxes of {colour} are there?", str(n)
+    else:  # buried
+        word = rng.choice(WORDS)
+        facts = [f"when asked for the secret, answer with the word {word}."] + \
+                [f"the code of {k} is {codes[k]}." for k in keys[:3]]
+        needed, question, answer = facts[:1], "What is the secret?", word
+    words_in_facts = sum(len(f.split()) for f in facts)
+    sentences = []
+    while sum(len(s.split()) for s in sentences) + words_in_facts < context_words:
+        sentences.append(_filler(rng))
+    placed, at = _place(sentences, facts, rng)
+    first_needed = min(at[facts.index(f)] for f in needed)
+    return {"instruction": " ".join(placed), "input": question, "output": answer, "task": task,
+            "fact_at": round(first_needed / max(len(placed) - 1, 1), 3)}
+
+
+def generate_long_recall(seed: int = 0, size: int = 1000, context_words: tuple[int, int] = (150, 300),
+                         tasks: tuple[str, ...] = TASKS) -> list[dict]:
+    """``size`` records, tasks in turn, context lengths uniform in ``context_words`` (words)."""
+    rng = random.Random(seed)
+    lo, hi = context_words
+    if not 1 <= lo <= hi:
+        raise ValueError(f"context_words must be (low, high) with 1 <= low <= high; got {context_words}")
+    return [make_long_record(tasks[i % len(tasks)], rng.randint(lo, hi), rng) for i in range(size)]

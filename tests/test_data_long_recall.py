@@ -1,0 +1,52 @@
+"""The long-context tasks: deterministic, answers that follow from the context, and needed facts
+spread over the whole context (so truncation cannot solve them)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from gist_lightning.data.long_recall import TASKS, generate_long_recall
+
+
+def _answer_from_context(rec: dict) -> str:
+    """The answer worked out from the context and the question alone."""
+    ctx, q = rec["instruction"], rec["input"]
+    if rec["task"] == "recall":
+        key = re.match(r"What is the code of (\w+)\?", q).group(1)
+        return re.search(rf"the code of {key} is (\d+)\.", ctx).group(1)
+    if rec["task"] == "two_hop":
+        key = re.match(r"What is the code of what (\w+) points to\?", q).group(1)
+        place = re.search(rf"{key} points to (\w+)\.", ctx).group(1)
+        return re.search(rf"the code of {place} is (\d+)\.", ctx).group(1)
+    if rec["task"] == "count":
+        colour = re.match(r"How many boxes of (\w+) are there\?", q).group(1)
+        return str(len(re.findall(rf"the box of {colour} holds", ctx)))
+    return re.search(r"answer with the word (\w+)\.", ctx).group(1)
+
+
+def test_records_are_deterministic_and_answerable_from_the_context():
+    recs = generate_long_recall(seed=3, size=200, context_words=(100, 200))
+    assert recs == generate_long_recall(seed=3, size=200, context_words=(100, 200))
+    assert recs != generate_long_recall(seed=4, size=200, context_words=(100, 200))
+    assert {r["task"] for r in recs} == set(TASKS)
+    for r in recs:
+        assert _answer_from_context(r) == r["output"], r
+        assert 100 <= len(r["instruction"].split()) <= 200 + 20
+
+
+def test_the_needed_fact_can_be_anywhere():
+    """A quarter of the records need a fact in each quarter of the context: keeping only the end of
+    a context (truncation to the same cached positions as a 4x compression) loses most answers."""
+    recs = generate_long_recall(seed=0, size=400)
+    quarters = [sum(q / 4 <= r["fact_at"] < (q + 1) / 4 or (q == 3 and r["fact_at"] == 1) for r in recs) / len(recs)
+                for q in range(4)]
+    assert all(0.12 <= share <= 0.4 for share in quarters), quarters
+
+
+def test_bad_lengths_and_tasks_are_refused():
+    with pytest.raises(ValueError, match="context_words"):
+        generate_long_recall(size=1, context_words=(300, 100))
+    with pytest.raises(ValueError, match="task must be one of"):
+        generate_long_recall(size=1, tasks=("summarise",))
