@@ -27,6 +27,7 @@ from .cache import GistCache
 from .errors import ContextLengthError
 from .families import self_attention_masks
 from .padding import pad_batch
+from .templates import EncodedExample, encode_continuation, encode_target
 from .tokens import encode_text, special_frame
 from .tokens import gist_token_id as find_gist_token_id
 
@@ -70,6 +71,17 @@ def encode_context(tokenizer, text: str, settings: SegmentSettings, gist_token_i
     before, _ = special_frame(tokenizer)
     return before + masks.interleave_gists(raw, settings.segment_tokens, settings.gists_per_segment,
                                            settings.placement, gist_token_id)
+
+
+def encode_long_example(tokenizer, context: str, input: str, output: str | None, settings: SegmentSettings,
+                        gist_token_id: int) -> EncodedExample:
+    """A training / validation example whose instruction is a long context: ``prefix`` is the
+    context with its gists but the last segment's, ``gists`` those, then the continuation and target
+    as for short instructions (``prompt`` is ``[specials] context-with-gists continuation``)."""
+    context_ids = encode_context(tokenizer, context, settings, gist_token_id)
+    t = settings.gists_per_segment
+    return EncodedExample(context_ids[:-t], context_ids[-t:], encode_continuation(tokenizer, input, False),
+                          encode_target(tokenizer, output) if output is not None else [])
 
 
 def masked_forward(model, input_ids, attention_mask, gist_token_id: int, settings: SegmentSettings,

@@ -50,3 +50,34 @@ def test_bad_lengths_and_tasks_are_refused():
         generate_long_recall(size=1, context_words=(300, 100))
     with pytest.raises(ValueError, match="task must be one of"):
         generate_long_recall(size=1, tasks=("summarise",))
+
+
+def test_the_datamodule_writes_its_splits_and_tokenizes_contexts_in_segments(tmp_path):
+    from gist_lightning.data import LongRecall
+    from gist_lightning.data.long_recall import UNSEEN_KEYS
+    from gist_lightning.data.records import load_records
+    from gist_lightning.long_context import SegmentSettings
+    from gist_lightning.masks import long_context_attention_mask
+    from gist_lightning.tokens import add_gist_token, gist_token_id, load_tokenizer
+
+    dm = LongRecall(cache_dir=str(tmp_path), train_size=40, validation_size=8, context_words=(60, 90),
+                    batch_size=4, eval_batch_size=4, limits={"max_length": 400}, human_limits={"max_length": 700})
+    dm.prepare_data()
+    asked = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"] for k in UNSEEN_KEYS)  # noqa: E731
+    train = load_records(dm.split_path("train"))
+    assert len(train) == 40 and not any(asked(r) for r in train)
+    assert all(asked(r) for r in load_records(dm.split_path("validation_unseen")))
+    longer = load_records(dm.split_path("validation_human"))
+    assert min(len(r["instruction"].split()) for r in longer) >= 120  # twice the training lengths
+    tok = load_tokenizer("suite")
+    add_gist_token(tok)
+    settings = SegmentSettings(segment_tokens=32, gists_per_segment=4, placement="fine")
+    dm.connect(tok, False, 4, "gist", context_length=1024, segments=settings)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    gist = gist_token_id(tok)
+    rows = batch["input_ids"]
+    gists = (rows == gist).sum(-1)
+    assert (gists > 4).all() and (gists % 4 == 0).all()  # several segments per context
+    # the batch's rows are what the segment rule reads: every gist count a whole number of segments
+    long_context_attention_mask(rows, batch["attention_mask"], gist, 4, "gist")

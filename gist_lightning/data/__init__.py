@@ -3,6 +3,7 @@
 from .alpaca_plus import AlpacaPlus
 from .collate import LengthLimits
 from .datamodule import GistDataModule
+from .long_recall import LongRecall
 from .suite import EmbeddedSuite
 
-__all__ = ["AlpacaPlus", "EmbeddedSuite", "GistDataModule", "LengthLimits"]
+__all__ = ["AlpacaPlus", "EmbeddedSuite", "GistDataModule", "LengthLimits", "LongRecall"]

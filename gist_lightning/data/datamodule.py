@@ -24,6 +24,7 @@ from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..errors import ContextLengthError
+from ..long_context import SegmentSettings, encode_long_example
 from ..masks import check_condition
 from ..splits import HUMAN, SPLITS, TRAIN, VALIDATION_SPLITS
 from ..templates import encode_example, prompt_text
@@ -51,6 +52,7 @@ class ModelFacts:
     num_gist_tokens: int
     condition: str
     context_length: int | None = None  # positions a prompt + target may span (None: no fixed limit)
+    segments: SegmentSettings | None = None  # instructions are long contexts, gisted segment by segment
 
     def __post_init__(self):
         if self.num_gist_tokens < 1:
@@ -65,7 +67,8 @@ class ModelFacts:
     @functools.cached_property
     def token_key(self) -> tuple:
         # cached: hashing a 100k+ vocabulary takes a while, and connect/setup ask for it per split
-        return (tokenizer_fingerprint(self.tokenizer), self.encoder_decoder, self.num_gist_tokens)
+        segments = asdict(self.segments) if self.segments is not None else None
+        return (tokenizer_fingerprint(self.tokenizer), self.encoder_decoder, self.num_gist_tokens, segments)
 
 
 class EpochSampler(Sampler[int]):
@@ -184,10 +187,11 @@ class GistDataModule(L.LightningDataModule):
 
     # -- what the model provides --------------------------------------------------------------
     def connect(self, tokenizer, encoder_decoder: bool, num_gist_tokens: int, condition: str,
-                context_length: int | None = None) -> None:
-        """Take the model's tokenizer (with ``<GIST>``), architecture, k, condition and context length.
-        Connecting facts that tokenize alike again keeps the tokenized splits; other facts drop them."""
-        facts = ModelFacts(tokenizer, encoder_decoder, num_gist_tokens, condition, context_length)
+                context_length: int | None = None, segments: SegmentSettings | None = None) -> None:
+        """Take the model's tokenizer (with ``<GIST>``), architecture, k, condition, context length and,
+        for a model that gists long contexts segment by segment, its segment settings. Connecting facts
+        that tokenize alike again keeps the tokenized splits; other facts drop them."""
+        facts = ModelFacts(tokenizer, encoder_decoder, num_gist_tokens, condition, context_length, segments)
         for name, limits in (("limits", self.limits), ("human_limits", self.human_limits)):
             if not encoder_decoder and context_length is not None and limits.max_length > context_length:
                 raise ContextLengthError(f"data.{name}.max_length={limits.max_length} exceeds the model's "
@@ -237,7 +241,10 @@ class GistDataModule(L.LightningDataModule):
         tok, gist_id, k, enc_dec = facts.tokenizer, facts.gist_token_id, facts.num_gist_tokens, facts.encoder_decoder
 
         def tokenize(rec):
-            ex = encode_example(tok, rec["instruction"], rec["input"], rec["output"], k, gist_id, enc_dec)
+            if facts.segments is not None:  # the instruction is a long context
+                ex = encode_long_example(tok, rec["instruction"], rec["input"], rec["output"], facts.segments, gist_id)
+            else:
+                ex = encode_example(tok, rec["instruction"], rec["input"], rec["output"], k, gist_id, enc_dec)
             fitted = fit_to_limits(ex, limits, enc_dec)
             keep = fitted is not None
             ex = fitted or ex

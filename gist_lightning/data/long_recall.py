@@ -19,7 +19,11 @@ word of this vocabulary.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+from ..splits import HUMAN, SPLITS, TRAIN
+from .datamodule import GistDataModule
+from .records import write_records
 from .suite import WORDS
 
 TASKS = ("recall", "two_hop", "count", "buried")
@@ -104,3 +108,65 @@ def generate_long_recall(seed: int = 0, size: int = 1000, context_words: tuple[i
     if not 1 <= lo <= hi:
         raise ValueError(f"context_words must be (low, high) with 1 <= low <= high; got {context_words}")
     return [make_long_record(tasks[i % len(tasks)], rng.randint(lo, hi), rng) for i in range(size)]
+
+
+# the generator's version, part of the cache folder's name (raise it when what it writes changes)
+LONG_RECALL_VERSION = 1
+UNSEEN_KEYS = ("onyx", "teal")  # never the asked key in training or validation_seen
+
+
+class LongRecall(GistDataModule):
+    """The long-context tasks as a DataModule, generated into ``cache_dir`` (no download). The
+    model must gist segment by segment (``model.segments``); the splits:
+
+    - ``train``: contexts of ``context_words`` words, every task;
+    - ``validation_seen``: new records of the training distribution;
+    - ``validation_unseen``: recall and two-hop questions about keys never asked in training;
+    - ``validation_human``: here not hand-written: contexts twice as long as in training (length
+      generalisation). The split keeps its name so that every DataModule validates alike.
+
+    Args:
+        generation_seed: the generator's seed.
+        train_size / validation_size: records in train and in each validation split.
+        context_words: (low, high) words per training context.
+        kwargs: batch sizes, length limits, ... of :class:`~gist_lightning.data.datamodule.GistDataModule`.
+    """
+
+    def __init__(self, generation_seed: int = 0, train_size: int = 20000, validation_size: int = 200,
+                 context_words: tuple[int, int] = (150, 300), **kwargs):
+        super().__init__(**kwargs)
+
+    @property
+    def folder(self) -> Path:
+        h = self.hparams
+        lo, hi = h.context_words
+        return Path(h.cache_dir) / (f"long-recall-v{LONG_RECALL_VERSION}-seed{h.generation_seed}-train{h.train_size}"
+                                    f"-val{h.validation_size}-words{lo}-{hi}")
+
+    def split_path(self, split: str) -> Path:
+        return self.folder / f"{split}.json"
+
+    def prepare_data(self) -> None:
+        if all(self.split_path(s).is_file() for s in SPLITS):
+            return
+        h = self.hparams
+        lo, hi = h.context_words
+        rng = random.Random(h.generation_seed)
+        asked_unseen = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"] for k in UNSEEN_KEYS)  # noqa: E731
+
+        def draw(n, words, keep, tasks=TASKS):
+            out = []
+            while len(out) < n:
+                rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng)
+                if keep(rec):
+                    out.append({**rec, "source": "long_recall"})
+            return out
+
+        splits = {
+            TRAIN: draw(h.train_size, (lo, hi), lambda r: not asked_unseen(r)),
+            "validation_seen": draw(h.validation_size, (lo, hi), lambda r: not asked_unseen(r)),
+            "validation_unseen": draw(h.validation_size, (lo, hi), asked_unseen, ("recall", "two_hop")),
+            HUMAN: draw(h.validation_size, (2 * lo, 2 * hi), lambda r: True),
+        }
+        for name, records in splits.items():
+            write_records(self.split_path(name), records, overwrite=True)
