@@ -85,12 +85,16 @@ def encode_long_example(tokenizer, context: str, input: str, output: str | None,
 
 
 def masked_forward(model, input_ids, attention_mask, gist_token_id: int, settings: SegmentSettings,
-                   condition: str = "gist", **kwargs):
-    """The single masked full forward over left-padded ``[context with gists | what follows]`` rows:
-    what training computes, and the reference the segment-wise cache must equal."""
-    positions = masks.padding_position_ids(attention_mask)
-    allowed = masks.long_context_attention_mask(input_ids, attention_mask, gist_token_id,
-                                                settings.gists_per_segment, condition, settings.window)
+                   condition: str = "gist", segment_ids=None, **kwargs):
+    """The single masked full forward over ``[context with gists | what follows]`` rows (either
+    padding side, or packed rows of several examples numbered by ``segment_ids``): what training
+    computes, and the reference the segment-wise cache must equal."""
+    if segment_ids is None:
+        positions = masks.padding_position_ids(attention_mask)
+    else:
+        positions = masks.segment_position_ids(segment_ids)
+    allowed = masks.long_context_attention_mask(input_ids, attention_mask, gist_token_id, settings.gists_per_segment,
+                                                condition, settings.window, segment_ids)
     return model(input_ids=input_ids, position_ids=positions,
                  attention_mask=self_attention_masks(model, allowed, positions, positions), **kwargs)
 
@@ -128,14 +132,22 @@ def compress_context(model, tokenizer, texts: list[str], settings: SegmentSettin
         A :class:`GistCache` whose ``meta`` holds the settings, the context tokens of each row and
         ``peak_positions``: the most positions held in any forward (kept ones plus one segment).
     """
+    gist_id = find_gist_token_id(tokenizer)
+    rows = [encode_context(tokenizer, text, settings, gist_id) for text in texts]
+    return compress_context_ids(model, rows, gist_id, tokenizer.pad_token_id, settings, condition)
+
+
+@torch.no_grad()
+def compress_context_ids(model, rows: list[list[int]], gist_token_id: int, pad_token_id: int,
+                         settings: SegmentSettings, condition: str = "gist") -> GistCache:
+    """:func:`compress_context` of rows already encoded (:func:`encode_context`), e.g. a validation
+    batch's prompts up to their last gist."""
     backend = backend_of(model)
     if backend.encoder_decoder:
         raise ValueError("compress_context is for decoder-only models: a T5-style encoder reads its whole "
                          "source in one pass, so its segments cannot be compressed one at a time")
     masks.check_condition(condition)
-    gist_id = find_gist_token_id(tokenizer)
-    t = settings.gists_per_segment
-    rows = [encode_context(tokenizer, text, settings, gist_id) for text in texts]
+    gist_id, t = gist_token_id, settings.gists_per_segment
     context = backend.context_length(model.config)
     longest = max(len(r) for r in rows)
     if context is not None and longest >= context:
@@ -151,7 +163,7 @@ def compress_context(model, tokenizer, texts: list[str], settings: SegmentSettin
     offset = torch.zeros(bsz, dtype=torch.long, device=device)  # positions before this segment, per row
     peak = 0
     for s in range(n_segments):
-        ids, pad = pad_batch([c[s] if s < len(c) else [] for c in chunks], tokenizer.pad_token_id, "left")
+        ids, pad = pad_batch([c[s] if s < len(c) else [] for c in chunks], pad_token_id, "left")
         ids, pad = ids.to(device), pad.to(device)
         positions = masks.padding_position_ids(pad, offset)
         n_past, width = kept_valid.shape[1], ids.shape[1]

@@ -91,3 +91,21 @@ def test_contexts_too_long_are_refused_never_truncated(make_pair):
     positions = model.config.max_position_embeddings
     with pytest.raises(ContextLengthError, match=f"model's {positions} positions"):
         compress_context(model, tok, ["word " * positions], SegmentSettings(8, 2))
+
+
+def test_packed_rows_train_as_their_examples_alone(make_pair):
+    """Training with data.packing: two segmented examples in one row give each its logits alone."""
+    model, tok, gist_id = make_pair("qwen3", "eager")  # sliding layers too
+    settings = SegmentSettings(8, 2, "fine")
+    examples = [encode_context(tok, c, settings, gist_id) + encode_continuation(tok, q, False)
+                for c, q in zip(CONTEXTS[:2], QUESTIONS[:2])]
+    packed = torch.tensor([examples[0] + examples[1]])
+    seg = torch.tensor([[1] * len(examples[0]) + [2] * len(examples[1])])
+    with torch.no_grad():
+        together = masked_forward(model, packed, None, gist_id, settings, segment_ids=seg).logits[0]
+        start = 0
+        for ex in examples:
+            ids = torch.tensor([ex])
+            alone = masked_forward(model, ids, torch.ones_like(ids), gist_id, settings).logits[0]
+            assert (together[start:start + len(ex)] - alone).abs().max() <= TOLERANCE
+            start += len(ex)
