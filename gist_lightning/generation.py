@@ -1,31 +1,40 @@
-"""Greedy generation from gist caches, batched: one loop for every architecture (the backend
-says how the first forward and each further step run)."""
+"""Generation from gist caches, batched, for the library and validation: the decoding core
+(:mod:`gist_lightning.decoding`: token choice, EOS, stop strings, the context check) run as a
+static batch, and what users ask of it (inputs as text, over-long inputs cut or refused)."""
 
 from __future__ import annotations
 
 import warnings
 
 import torch
-import torch.distributed as dist
 
 from .backends import backend_named
 from .cache import GistCache
-from .errors import ContextLengthError
-from .padding import pad_batch
+from .decoding import (
+    Row,
+    Sampling,
+    TextStream,
+    check_fits,
+    continuation_batch,
+    decode_steps,
+    final_text,
+    positions_needed,
+    prompt_lengths,
+    prompt_room,
+)
 from .templates import encode_continuation
 
-
-def _all_ranks_done(done: torch.Tensor, sync_ranks: bool) -> bool:
-    """Whether every row is done, on every process when ``sync_ranks`` (ZeRO-3 gathers parameters
-    inside each forward, so no rank may stop stepping before the others)."""
-    flag = done.all()
-    if sync_ranks and dist.is_available() and dist.is_initialized():
-        flag = flag.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+__all__ = ["OVERFLOW_POLICIES", "check_fits", "decode_new_tokens", "fit_inputs", "generate", "generate_ids",
+           "positions_needed", "prompt_lengths"]
 
 
-@torch.no_grad()
+def _run(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks=False) -> torch.Tensor:
+    """Every step's tokens of a static batch, (B, N): rows that ended early carry padding."""
+    with torch.no_grad():
+        tokens = [t for t, _ in decode_steps(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks)]
+    return torch.stack(tokens, 1) if tokens else input_ids.new_zeros((input_ids.shape[0], 0))
+
+
 def generate_ids(
     model,
     cache: GistCache,
@@ -36,52 +45,25 @@ def generate_ids(
     pad_token_id: int,
     sync_ranks: bool = False,
 ) -> torch.Tensor:
-    """Greedy new tokens (B, N <= max_new_tokens) for what follows each cache row: decoder
-    ``input_ids`` left-padded, encoder-decoder ``input_ids`` (the rest of the source) right-padded.
-    A row that has produced EOS goes on with padding until every row (on every rank) is done."""
-    backend = backend_named(cache.backend)
-    check_fits(model, cache, attention_mask, max_new_tokens)
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    tokens = []
-    # the prompt's continuation in one forward: the logits of the first new token
-    logits, state = backend.start(model, cache, input_ids, attention_mask)
-    for step in range(max_new_tokens):
-        nxt = torch.where(done, pad_token_id, logits.argmax(-1))
-        tokens.append(nxt)
-        done |= nxt == eos_token_id
-        if step == max_new_tokens - 1 or _all_ranks_done(done, sync_ranks):
-            break
-        # one token more for every row (finished rows feed padding, which nothing reads)
-        logits, state = backend.step(model, state, nxt)
-    return torch.stack(tokens, 1) if tokens else input_ids.new_zeros((input_ids.shape[0], 0))
+    """Greedy new tokens for what follows each cache row.
 
+    A row that has produced EOS goes on with padding until every row (on every rank) is done.
 
-def prompt_lengths(cache: GistCache, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) positions each row's prompt spans: the cached prompt (instruction + gists, including
-    what the gist mask hides) and what follows it."""
-    return cache.next_position.to(attention_mask.device) + attention_mask.long().sum(-1)
+    Args:
+        model: the model the cache was made with.
+        cache: one row per row of ``input_ids``.
+        input_ids / attention_mask: (B, T) what follows each cache row: decoder-only left-padded,
+            encoder-decoder (the rest of the source) right-padded (``decoding.continuation_batch``).
+        max_new_tokens: the most new tokens per row.
+        eos_token_id / pad_token_id: the token that ends a row, and what a finished row takes.
+        sync_ranks: step until every process's rows are done (ZeRO-3 gathers parameters inside each
+            forward, so no rank may stop before the others).
 
-
-def positions_needed(prompt_tokens, max_new_tokens: int):
-    """Positions a prompt and its greedy continuation occupy: the last new token is never fed back."""
-    return prompt_tokens + max_new_tokens - 1
-
-
-def check_fits(model, cache: GistCache, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
-    """Refuse, with the numbers, prompts that leave no room for ``max_new_tokens`` in the model's positions."""
-    context = backend_named(cache.backend).context_length(model.config)
-    if context is None:
-        return
-    lengths = prompt_lengths(cache, attention_mask)
-    over = (positions_needed(lengths, max_new_tokens) > context).nonzero().flatten().tolist()
-    if over:
-        i = max(over, key=lambda r: int(lengths[r]))
-        prefix, rest = int(cache.next_position[i]), int(lengths[i]) - int(cache.next_position[i])
-        raise ContextLengthError(
-            f"{len(over)} of {len(lengths)} prompts do not fit the model's {context} positions; the longest: "
-            f"instruction + gists {prefix} + input {rest} + {max_new_tokens} new tokens need "
-            f"{positions_needed(prefix + rest, max_new_tokens)} positions (the last new token is not fed back). "
-            "Shorten the input, ask for fewer new tokens, or truncate inputs (on_overflow='truncate_input')")
+    Returns:
+        (B, N <= max_new_tokens) the new tokens.
+    """
+    rows = [Row(max_new_tokens, eos_token_id) for _ in range(input_ids.shape[0])]
+    return _run(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks)
 
 
 OVERFLOW_POLICIES = ("error", "truncate_input")
@@ -110,8 +92,7 @@ def fit_inputs(model, tokenizer, cache: GistCache, inputs: list[str], max_new_to
     out, cut = [], []
     for i, x in enumerate(inputs):
         words = x.split(" ")
-        budget = context + 1 - max_new_tokens - int(cache.next_position[i])  # see positions_needed
-
+        budget = prompt_room(context, max_new_tokens) - int(cache.next_position[i])
         n = _words_that_fit(tokenizer, words, budget, cache.encoder_decoder)
         if n < len(words):
             cut.append(f"row {i}: {len(words) - n} of {len(words)} words")
@@ -124,33 +105,65 @@ def fit_inputs(model, tokenizer, cache: GistCache, inputs: list[str], max_new_to
 
 def generate(
     model, tokenizer, cache: GistCache, inputs: list[str], max_new_tokens: int = 64, skip_special_tokens: bool = True,
-    on_overflow: str = "error",
+    on_overflow: str = "error", temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+    stop: str | list[str] | tuple[str, ...] = (),
 ) -> list[str]:
-    """Greedy completions for ``inputs``, row i continuing cache row i (``cache.select`` to reuse one).
+    """Completions for ``inputs``, row i continuing cache row i (``cache.select`` to reuse one).
 
-    A prompt that does not fit the model's positions with ``max_new_tokens`` is refused with the
-    numbers (``on_overflow="error"``), or its input is cut word by word from the end until it fits
-    (``"truncate_input"``, with a warning); gist tokens and the instruction are never cut.
+    Greedy by default; the serving engine answers a request with the same instruction, input and
+    settings alike (one decoding core).
+
+    Args:
+        model / tokenizer: the model the cache was made with, and its tokenizer.
+        cache: one row per input.
+        inputs: the text that follows each cached instruction.
+        max_new_tokens: the most new tokens per answer.
+        skip_special_tokens: drop special tokens from the answers' text.
+        on_overflow: a prompt that does not fit the model's positions with ``max_new_tokens`` is
+            refused with the numbers (``"error"``), or its input is cut word by word from the end
+            until it fits (``"truncate_input"``, with a warning); gist tokens and the instruction are
+            never cut.
+        temperature: 0 (below 1e-5) is greedy; above, tokens are sampled.
+        top_p: sample from the smallest set of tokens whose probability reaches it.
+        seed: row i samples from a generator seeded with ``seed + i`` (random when None), so one
+            input with ``seed`` is answered as a server request with ``seed`` is.
+        stop: strings that end an answer (cut before the first one found, the row stops decoding).
+
+    Returns:
+        One answer per input, without leading and trailing white space.
+
+    Raises:
+        ContextLengthError: a prompt does not fit and ``on_overflow="error"``.
+        ValueError: mismatched rows, an unknown policy, or sampling settings out of range.
     """
     if len(inputs) != cache.batch_size:
         raise ValueError(f"{len(inputs)} inputs for a cache of {cache.batch_size} rows; use cache.select to reuse rows")
     if on_overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"on_overflow must be one of {OVERFLOW_POLICIES}; got {on_overflow!r}")
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    device = model.device
+    samplings = [Sampling(temperature, top_p, None if seed is None else seed + i) for i in range(len(inputs))]
+    rows = [Row(max_new_tokens, tokenizer.eos_token_id, s, TextStream(tokenizer, stop, skip_special_tokens) if stop
+                else None, device) for s in samplings]
     if on_overflow == "truncate_input":
         inputs = fit_inputs(model, tokenizer, cache, inputs, max_new_tokens)
-    rows = [encode_continuation(tokenizer, x, cache.encoder_decoder) for x in inputs]
-    ids, mask = pad_batch(rows, tokenizer.pad_token_id, "right" if cache.encoder_decoder else "left")
-    device = model.device
-    out = generate_ids(
-        model, cache.to(device), ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
-    )
-    return decode_new_tokens(tokenizer, out, skip_special_tokens)
+    ids, mask = continuation_batch([encode_continuation(tokenizer, x, cache.encoder_decoder) for x in inputs],
+                                   tokenizer.pad_token_id, cache.encoder_decoder)
+    _run(model, cache.to(device), ids.to(device), mask.to(device), rows, tokenizer.pad_token_id)
+    # without stop strings no text is needed while decoding: each answer is decoded once at the end
+    return [r.text if stop else final_text(tokenizer, r.answer_ids, (), skip_special_tokens) for r in rows]
 
 
 def decode_new_tokens(tokenizer, ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
-    """Text of each row of generated ids, cut at the first EOS and stripped."""
+    """Text of each row of generated ids, cut at the first EOS and stripped.
+
+    Args:
+        tokenizer: decodes the ids.
+        ids: (B, N) new tokens, as :func:`generate_ids` returns them.
+        skip_special_tokens: drop special tokens from the text.
+
+    Returns:
+        One text per row.
+    """
     eos = tokenizer.eos_token_id
-    return [
-        tokenizer.decode(r[: r.index(eos)] if eos in r else r, skip_special_tokens=skip_special_tokens).strip()
-        for r in ids.tolist()
-    ]
+    return [final_text(tokenizer, r[: r.index(eos)] if eos in r else r, (), skip_special_tokens) for r in ids.tolist()]

@@ -8,6 +8,7 @@ import contextlib
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .. import masks
 from ..families import FAMILIES, self_attention_block_masks, self_attention_masks
@@ -40,6 +41,41 @@ def _dense_attention(model):
         yield
     finally:
         model.config._attn_implementation = "flex_attention"
+
+
+class _GrowingLayer(DynamicLayer):
+    """A layer's keys/values in buffers with room to grow: a decoding step writes its column in place
+    where ``DynamicLayer`` concatenates, i.e. copies the whole cache, at every step. With a few
+    hundred cached positions that copy cost a 100M model as much as its forward on a CPU (measured:
+    +37% tokens/s at batch 8, +130% at batch 32 without it). ``keys``/``values`` are views of the
+    filled columns; whatever replaces them (rows leaving, batches merging) gets a new buffer at the
+    next update, so copies happen at admissions and departures, not per token."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, t = (self.keys.shape[-2] if self.keys.dim() == 4 else 0), key_states.shape[-2]
+        buffer = getattr(self, "_buffer", None)
+        if (buffer is None or self.keys.data_ptr() != buffer[0].data_ptr() or self.keys.shape[0] != buffer[0].shape[0]
+                or n + t > buffer[0].shape[-2]):
+            size = n + t + max(64, (n + t) // 4)  # room grows with the cache: amortised O(1) copies per token
+            buffer = tuple(x.new_empty((*x.shape[:2], size, x.shape[-1])) for x in (key_states, value_states))
+            if n:
+                buffer[0][:, :, :n], buffer[1][:, :, :n] = self.keys, self.values
+            self._buffer = buffer
+        buffer[0][:, :, n:n + t], buffer[1][:, :, n:n + t] = key_states, value_states
+        self.keys, self.values = buffer[0][:, :, :n + t], buffer[1][:, :, :n + t]
+        return self.keys, self.values
+
+
+def _kv_cache(states=()) -> DynamicCache:
+    """A DynamicCache of growing layers holding ``states`` [(keys, values) per layer] (none: it fills at the forward)."""
+    past = DynamicCache()
+    past.layer_class_to_replicate = _GrowingLayer
+    for keys, values in states:
+        past.layers.append(_GrowingLayer())
+        past.layers[-1].update(keys, values)
+    return past
 
 
 class DecoderKV(Backend):
@@ -82,7 +118,7 @@ class DecoderKV(Backend):
         # input_ids (B, T), left-padded; new tokens see every valid cache entry and, causally, each other
         positions = masks.padding_position_ids(attention_mask, cache.next_position)
         key_positions = torch.cat([cache.positions, positions], -1)
-        past = DynamicCache(ddp_cache_data=[(k, v) for k, v in cache.states]) if cache.states else DynamicCache()
+        past = _kv_cache(cache.states)
         allowed = masks.prefix_attention_mask(cache.valid, attention_mask)  # (B, 1, T, L+T)
         with _dense_attention(model):
             return model(input_ids=input_ids, position_ids=positions, cache=past, use_cache=True,
@@ -134,7 +170,7 @@ class DecoderKV(Backend):
         layers = [(torch.cat([pad(s["past"].layers[i].keys, 2) for s in states]),
                    torch.cat([pad(s["past"].layers[i].values, 2) for s in states]))
                   for i in range(len(states[0]["past"].layers))]
-        return {"past": DynamicCache(ddp_cache_data=layers),
+        return {"past": _kv_cache(layers),
                 "key_valid": torch.cat([pad(s["key_valid"], 1) for s in states]),
                 "key_positions": torch.cat([pad(s["key_positions"], 1) for s in states]),
                 "position": torch.cat([s["position"] for s in states])}

@@ -24,24 +24,30 @@ from __future__ import annotations
 import logging
 import queue
 import re
-import secrets
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..backends import backend_of
 from ..cache import GistCache
 from ..caching import compress
+from ..decoding import (
+    MIN_TEMPERATURE,  # noqa: F401 - where the engine's users found it before
+    DecodingBatch,
+    Row,
+    Sampling,
+    TextStream,
+    continuation_batch,
+    positions_needed,
+    prompt_room,
+)
 from ..errors import GistError
-from ..generation import positions_needed
-from ..padding import pad_batch
 from ..prompt_cache import CacheStore
 from ..templates import encode_continuation, encode_prefix
 from ..tokens import gist_token_id
 
 MODES = ("gist", "instruction", "full")
-MIN_TEMPERATURE = 1e-5  # a request below it is answered greedily
 log = logging.getLogger(__name__)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -143,23 +149,24 @@ class _Job:
     request: GenerationRequest
     prefix_len: int  # specials + instruction + gists
     continuation: list[int]
-    generator: torch.Generator | None = None
+    row: Row  # its decoding: tokens taken, text sent, why it ended
     cache_source: str = ""
-    generated: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of the answer already sent
 
     def usage(self) -> dict:
-        prompt = self.prefix_len + len(self.continuation)
+        prompt, completion = self.prefix_len + len(self.continuation), len(self.row.tokens)
         cached = self.prefix_len if self.cache_source in ("memory", "disk") else 0
-        return {"prompt_tokens": prompt, "completion_tokens": len(self.generated),
-                "total_tokens": prompt + len(self.generated), "prompt_tokens_details": {"cached_tokens": cached}}
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 @dataclass
 class _Batch:
-    state: object  # the backend's decoding state, one row per job
+    decoding: DecodingBatch  # one row per job, in order
     jobs: list[_Job]
-    tokens: torch.Tensor  # (B,) the last token of each row, fed at the next step
+
+    def keep(self, indices: list[int]) -> None:
+        self.jobs = [self.jobs[i] for i in indices]
+        self.decoding.keep(indices)
 
 
 class ServingEngine:
@@ -232,14 +239,12 @@ class ServingEngine:
     def _step(self, events: list[Event]) -> None:
         self._drain(events)
         for batch in list(self.running):
-            logits, batch.state = self.backend.step(self.model, batch.state, batch.tokens)
-            self._advance(batch, self._choose(logits, batch.jobs), events)
+            self._advance(batch, batch.decoding.step(), events)
         self._admit(events)
         if len(self.running) > 1:
-            merged = self.backend.merge([b.state for b in self.running])
+            merged = DecodingBatch.merge([b.decoding for b in self.running])
             if merged is not None:
-                self.running = [_Batch(merged, [j for b in self.running for j in b.jobs],
-                                       torch.cat([b.tokens for b in self.running]))]
+                self.running = [_Batch(merged, [j for b in self.running for j in b.jobs])]
 
     def fail_all(self, message: str) -> list[Event]:
         """Error events for every request in flight (after a failure inside a step), and a clean slate."""
@@ -275,7 +280,7 @@ class ServingEngine:
             if len(keep) < len(batch.jobs):
                 self.counts["cancelled"] += 1
                 events.append(Event(uid, finish_reason="cancelled"))
-                self._keep(batch, keep)
+                batch.keep(keep)
         self.running = [b for b in self.running if b.jobs]
 
     def _job(self, uid: str, request: GenerationRequest | dict) -> _Job:
@@ -287,24 +292,24 @@ class ServingEngine:
             raise RequestError("the instruction is empty")
         prefix = len(encode_prefix(self.tokenizer, request.instruction, self.num_gist_tokens, self.gist_id))
         cont = encode_continuation(self.tokenizer, request.input, self.backend.encoder_decoder)
-        if self.context is not None:
+        if self.context is not None:  # the check of decoding.check_fits, per request and phrased for one
             if prefix >= self.context:
                 raise RequestError(f"the instruction takes {prefix - self.num_gist_tokens} tokens (+ "
                                    f"{self.num_gist_tokens} gist tokens); the model has {self.context} positions",
                                    "context_length_exceeded")
-            need = positions_needed(prefix + len(cont), request.max_tokens)
-            if need > self.context:
+            if prefix + len(cont) > prompt_room(self.context, request.max_tokens):
+                need = positions_needed(prefix + len(cont), request.max_tokens)
                 raise RequestError(
                     f"the prompt does not fit the model's {self.context} positions: instruction + gists {prefix} + "
                     f"input {len(cont)} tokens + max_tokens {request.max_tokens} need {need} (the last new token is "
                     "not fed back); shorten the input or ask for fewer tokens", "context_length_exceeded")
-        if request.seed is not None and not 0 <= request.seed < 2**63:
-            raise RequestError(f"seed must be between 0 and 2**63 - 1; got {request.seed}")
-        generator = None
-        if request.temperature >= MIN_TEMPERATURE:  # below it, sampling is greedy (and 1/t overflows)
-            generator = torch.Generator(device=self.model.device)
-            generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
-        return _Job(uid, request, prefix, cont, generator)
+        try:
+            sampling = Sampling(request.temperature, request.top_p, request.seed)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        stream = TextStream(self.tokenizer, request.stop)
+        row = Row(request.max_tokens, self.tokenizer.eos_token_id, sampling, stream, self.model.device)
+        return _Job(uid, request, prefix, cont, row)
 
     def _admit(self, events: list[Event]) -> None:
         free = self.max_batch_size - sum(len(b.jobs) for b in self.running)
@@ -312,12 +317,13 @@ class ServingEngine:
             return
         jobs = self.admitting = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
         cache = GistCache.concat(self._prompt_caches(jobs))
-        side = "right" if self.backend.encoder_decoder else "left"
-        ids, mask = pad_batch([j.continuation for j in jobs], self.tokenizer.pad_token_id, side)
+        pad = self.tokenizer.pad_token_id
+        ids, mask = continuation_batch([j.continuation for j in jobs], pad, self.backend.encoder_decoder)
         device = self.model.device
-        logits, state = self.backend.start(self.model, cache.to(device), ids.to(device), mask.to(device))
-        batch = _Batch(state, jobs, torch.zeros(len(jobs), dtype=torch.long, device=device))
-        self._advance(batch, self._choose(logits, jobs), events, first=True)
+        decoding, texts = DecodingBatch.start(self.model, cache.to(device), ids.to(device), mask.to(device),
+                                              [j.row for j in jobs], pad)
+        batch = _Batch(decoding, jobs)
+        self._advance(batch, texts, events, first=True)
         self.admitting = []
         if batch.jobs:
             self.running.append(batch)
@@ -370,62 +376,16 @@ class ServingEngine:
             log.warning("cache store entry for %r not used (it is made again): %s", text[:60], e)
             return None
 
-    def _choose(self, logits: torch.Tensor, jobs: list[_Job]) -> torch.Tensor:
-        """The next token of every row: greedy at temperature 0, else sampled (top-p) with the job's seed."""
-        tokens = logits.argmax(-1)
-        for i, job in enumerate(jobs):
-            if job.generator is None:
-                continue
-            probs = torch.softmax(logits[i].float() / job.request.temperature, -1)
-            if job.request.top_p < 1:
-                sorted_p, order = probs.sort(descending=True)
-                drop = sorted_p.cumsum(-1) - sorted_p >= job.request.top_p  # keep the smallest set reaching top_p
-                probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0))
-            tokens[i] = torch.multinomial(probs, 1, generator=job.generator)[0]
-        return tokens
-
-    def _advance(self, batch: _Batch, tokens: torch.Tensor, events: list[Event], first: bool = False) -> None:
+    def _advance(self, batch: _Batch, texts: list[str], events: list[Event], first: bool = False) -> None:
+        """Each job's event for the token it just took; finished jobs leave the batch."""
         keep = []
-        for i, (job, token) in enumerate(zip(batch.jobs, tokens.tolist())):
-            event = self._take(job, token)
+        for i, (job, text) in enumerate(zip(batch.jobs, texts)):
+            reason = job.row.finish_reason
+            event = Event(job.uid, text=text, finish_reason=reason, usage=job.usage() if reason else None)
             if first:
                 event.cache = job.cache_source
             events.append(event)
-            if not event.done:
+            if reason is None:
                 keep.append(i)
-        batch.tokens = tokens
-        self._keep(batch, keep)
+        batch.keep(keep)
         self.running = [b for b in self.running if b.jobs]
-
-    def _keep(self, batch: _Batch, keep: list[int]) -> None:
-        if len(keep) == len(batch.jobs):
-            return
-        batch.jobs = [batch.jobs[i] for i in keep]
-        if keep:
-            rows = torch.tensor(keep, device=batch.tokens.device)
-            batch.state = self.backend.select_rows(batch.state, rows)
-            batch.tokens = batch.tokens[rows]
-
-    def _take(self, job: _Job, token: int) -> Event:
-        """The job's event for its new ``token``: the text it adds (held back while it may still
-        change: a partial character, trailing space, the start of a stop string) and whether it ends."""
-        reason = None
-        if token == self.tokenizer.eos_token_id:
-            reason = "stop"
-        job.generated.append(token)
-        ids = job.generated[:-1] if reason else job.generated
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-        stops = [i for i in (text.find(s) for s in job.request.stop) if i >= 0]
-        if stops:
-            text, reason = text[:min(stops)], "stop"
-        elif reason is None and len(job.generated) >= job.request.max_tokens:
-            reason = "length"
-        if reason:
-            end = len(text.rstrip())
-        else:
-            end = len(text.rstrip().rstrip("\ufffd"))
-            for s in job.request.stop:  # a suffix that may grow into a stop string
-                end = min(end, next((len(text) - n for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), end))
-        delta = text[job.sent:max(end, job.sent)]
-        job.sent += len(delta)
-        return Event(job.uid, text=delta, finish_reason=reason, usage=job.usage() if reason else None)
