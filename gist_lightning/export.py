@@ -35,18 +35,23 @@ def _finish(out_dir: Path, tokenizer, num_gist_tokens: int, condition: str, **ex
     return out_dir
 
 
+def _extra(source: dict | None, segments: dict | None) -> dict:
+    return {k: v for k, v in (("source", source), ("segments", segments)) if v}
+
+
 def export_pretrained(model, tokenizer, out_dir: str | os.PathLike, num_gist_tokens: int, condition: str,
-                      overwrite: bool = False, source: dict | None = None) -> Path:
+                      overwrite: bool = False, source: dict | None = None, segments: dict | None = None) -> Path:
     """A whole model (or a PEFT model merged into its base) as an HF folder. ``source`` (e.g. the
-    checkpoint and step the weights come from) is kept in the settings file as ``source``."""
+    checkpoint and step the weights come from) and ``segments`` (the segment settings of a model
+    that gists long contexts) are kept in the settings file."""
     out_dir = _start(out_dir, overwrite)
     model.save_pretrained(out_dir)
-    return _finish(out_dir, tokenizer, num_gist_tokens, condition, **({"source": source} if source else {}))
+    return _finish(out_dir, tokenizer, num_gist_tokens, condition, **_extra(source, segments))
 
 
 def export_adapter(peft_model, tokenizer, out_dir: str | os.PathLike, num_gist_tokens: int, condition: str,
                    base_model: str, added_token_ids: list[int], overwrite: bool = False,
-                   source: dict | None = None) -> Path:
+                   source: dict | None = None, segments: dict | None = None) -> Path:
     """PEFT's adapter files (LoRA weights and the trained token rows) with the tokenizer and the gist
     settings; ``base_model`` (hub id or folder) is what :func:`load_pretrained` puts them on, after
     giving it rows for ``added_token_ids``."""
@@ -57,7 +62,7 @@ def export_adapter(peft_model, tokenizer, out_dir: str | os.PathLike, num_gist_t
     peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     return _finish(out_dir, tokenizer, num_gist_tokens, condition,
                    adapter={"base_model": base_model, "added_token_ids": list(added_token_ids)},
-                   **({"source": source} if source else {}))
+                   **_extra(source, segments))
 
 
 def read_settings(path: str | os.PathLike) -> dict | None:

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, get_scheduler
 
-from . import adapters, caching, generation
+from . import adapters, caching, generation, long_context
 from .adapters import PeftSettings
 from .backends import backend_named, backend_of, gist_forward
 from .cache import GistCache
@@ -21,6 +21,7 @@ from .errors import ContextLengthError, CorruptFileError, GistError
 from .evaluation.results import ValidationBatchOutput
 from .families import FAMILIES, family_of, model_class
 from .generation import positions_needed
+from .long_context import SegmentSettings
 from .masks import check_condition
 from .splits import VALIDATION_SPLITS, metric_key
 from .tokens import SUITE_TOKENIZER_NAME, add_special_tokens, fit_embeddings, gist_token_id, load_tokenizer
@@ -64,6 +65,10 @@ class GistLitModule(L.LightningModule):
         peft: parameter-efficient tuning (:class:`~gist_lightning.adapters.PeftSettings`: LoRA rank,
             alpha, dropout, target modules, 4-bit base); None trains every weight. Needs a pretrained
             base (``model_name_or_path``); checkpoints then hold only what trains.
+        segments: gist long contexts segment by segment
+            (:class:`~gist_lightning.long_context.SegmentSettings`; decoder-only, with a data source
+            of long contexts such as ``LongRecall``); ``num_gist_tokens`` must equal its
+            ``gists_per_segment``. None: the instruction is one segment (the paper's gisting).
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class GistLitModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         max_new_tokens: int = 64,
         peft: PeftSettings | None = None,
+        segments: SegmentSettings | None = None,
     ):
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
@@ -96,8 +102,14 @@ class GistLitModule(L.LightningModule):
         if self.peft is not None and model_name_or_path is None:
             raise ValueError("model.peft trains adapters on a pretrained base: give model.model_name_or_path "
                              "(a hub id or a folder, e.g. an export of a model trained from scratch)")
-        self.save_hyperparameters(ignore=["peft"])
-        self.save_hyperparameters({**self.hparams, "peft": asdict(self.peft) if self.peft else None})
+        self.segments = (segments if segments is None or isinstance(segments, SegmentSettings)
+                         else SegmentSettings(**segments))
+        if self.segments is not None and self.segments.gists_per_segment != num_gist_tokens:
+            raise ValueError(f"model.num_gist_tokens ({num_gist_tokens}) must equal "
+                             f"model.segments.gists_per_segment ({self.segments.gists_per_segment})")
+        self.save_hyperparameters(ignore=["peft", "segments"])
+        self.save_hyperparameters({**self.hparams, "peft": asdict(self.peft) if self.peft else None,
+                                   "segments": asdict(self.segments) if self.segments else None})
         self.tokenizer = load_tokenizer(tokenizer or model_name_or_path or SUITE_TOKENIZER_NAME)
         # <GIST> (and <PAD> where missing) join the tokenizer now, so the data can tokenize before
         # the model exists; configure_model gives the new ids their embedding rows
@@ -134,7 +146,8 @@ class GistLitModule(L.LightningModule):
         """What a :class:`~gist_lightning.data.datamodule.GistDataModule` takes from the model."""
         h = self.hparams
         return {"tokenizer": self.tokenizer, "encoder_decoder": self.encoder_decoder,
-                "num_gist_tokens": h.num_gist_tokens, "condition": h.condition, "context_length": self.context_length}
+                "num_gist_tokens": h.num_gist_tokens, "condition": h.condition, "context_length": self.context_length,
+                "segments": self.segments}
 
     @property
     def context_length(self) -> int | None:
@@ -201,15 +214,16 @@ class GistLitModule(L.LightningModule):
             if form == "adapter":
                 raise GistError("an adapter export needs a model.peft run; this one trained every weight")
             return export_pretrained(self.model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite,
-                                     source)
+                                     source, h.segments)
         if form == "adapter":
             return export_adapter(self.peft_model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition,
-                                  h.model_name_or_path, self._new_token_ids, overwrite, source)
+                                  h.model_name_or_path, self._new_token_ids, overwrite, source, h.segments)
         if self.peft.quantize:
             raise GistError("a 4-bit base cannot be merged exactly; export form 'adapter' and load it on the "
                             "full-precision base")
         merged = copy.deepcopy(self.peft_model).merge_and_unload()
-        return export_pretrained(merged, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite, source)
+        return export_pretrained(merged, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite, source,
+                                 h.segments)
 
     # -- checkpoints hold only what trains under model.peft -----------------------------------
     def trainable_names(self) -> set[str]:
@@ -263,6 +277,12 @@ class GistLitModule(L.LightningModule):
         # they are created, and transformers' weight init then fails on the empty shards (padding
         # row of the embedding). Every rank holds the whole model until the engine partitions it.
         self.configure_model()
+        if self.segments is not None and self.encoder_decoder:
+            raise GistError("model.segments gists long contexts segment by segment in a decoder; a T5-style "
+                            "encoder reads its whole source at once: drop model.segments or use a decoder-only model")
+        if self.segments is not None and self.hparams.attn_implementation == "flex_attention":
+            raise GistError("model.segments runs with dense masks (sdpa or eager) so far; the segment rule's "
+                            "FlexAttention mask_mod exists (masks.long_context_mask_mod) but is not wired into training")
         self._check_validation_fits()
         if (stage == "fit" and self.hparams.attn_implementation == "flex_attention" and self._trainer is not None
                 and self.trainer.strategy.root_device.type == "cpu"):
@@ -291,6 +311,10 @@ class GistLitModule(L.LightningModule):
     # -- training -----------------------------------------------------------------------------
     def _loss(self, batch) -> torch.Tensor:
         h = self.hparams
+        if self.segments is not None:
+            return long_context.masked_forward(self.model, batch["input_ids"], batch["attention_mask"],
+                                               self.gist_token_id, self.segments, h.condition,
+                                               segment_ids=batch.get("segment_ids"), labels=batch["labels"]).loss
         return gist_forward(
             self.model, batch["input_ids"], batch["attention_mask"], self.gist_token_id, h.condition,
             labels=batch["labels"], num_gist_tokens=h.num_gist_tokens, segment_ids=batch.get("segment_ids"),
@@ -309,6 +333,11 @@ class GistLitModule(L.LightningModule):
             # e.g. the instruction of a bidirectional encoder under pos_control: feed the whole source
             cache = caching.empty_cache(self.model, batch["input_ids"].shape[0])
             cont, cont_mask = batch["input_ids"], batch["attention_mask"]
+        elif self.segments is not None:  # the prompt's long context, one segment at a time
+            rows = [r[m.bool()].tolist() for r, m in zip(batch["prefix_ids"], batch["prefix_mask"])]
+            cache = long_context.compress_context_ids(self.model, rows, self.gist_token_id, tok.pad_token_id,
+                                                      self.segments, h.condition)
+            cont, cont_mask = batch["continuation_ids"], batch["continuation_mask"]
         else:
             cache = caching.compress_ids(self.model, batch["prefix_ids"], batch["prefix_mask"], self.gist_token_id,
                                          h.condition, h.num_gist_tokens)

@@ -22,7 +22,7 @@ from gist_lightning.export import export_pretrained, load_pretrained
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 # configs that complete another one rather than stand alone (trainer presets go on top of any config)
-LAYERED = {"tiny-t5.yaml": ["tiny.yaml"]}
+LAYERED = {"tiny-t5.yaml": ["tiny.yaml"], "tiny-long.yaml": ["tiny.yaml"]}
 for preset in (CONFIG_DIR / "strategies").glob("*.yaml"):
     LAYERED[preset.name] = ["tiny.yaml"]
 BIN = str(Path(sys.executable).parent / "gist-lightning")
@@ -47,7 +47,8 @@ def test_shipped_config_parses(path, capsys, monkeypatch):
     cfg = print_config([*base, path], capsys=capsys)
     # the model owns k and the condition; the data names its source class
     assert "num_gist_tokens" in cfg["model"] and "num_gist_tokens" not in cfg["data"]["init_args"]
-    assert cfg["data"]["class_path"] in ("gist_lightning.data.EmbeddedSuite", "gist_lightning.data.AlpacaPlus")
+    assert cfg["data"]["class_path"] in ("gist_lightning.data.EmbeddedSuite", "gist_lightning.data.AlpacaPlus",
+                                         "gist_lightning.data.LongRecall")
     assert ("model_name_or_path" in cfg["model"]) != ("model_config" in cfg["model"] and cfg["model"]["model_config"])
 
 

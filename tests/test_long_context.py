@@ -109,3 +109,48 @@ def test_packed_rows_train_as_their_examples_alone(make_pair):
             alone = masked_forward(model, ids, torch.ones_like(ids), gist_id, settings).logits[0]
             assert (together[start:start + len(ex)] - alone).abs().max() <= TOLERANCE
             start += len(ex)
+
+
+@pytest.mark.slow
+def test_a_segment_model_trains_validates_through_segment_caches_and_exports(tmp_path, monkeypatch):
+    """configs/tiny-long.yaml, shrunk: fit with the segment mask, validation answering from caches
+    compressed one segment at a time, an export that records the segment settings and reloads to
+    answer from a fresh compress_context as validation did."""
+    import csv
+    from pathlib import Path
+
+    from gist_lightning.cli import cli_main
+    from gist_lightning.evaluation.callbacks import ExportBest
+    from gist_lightning.export import load_pretrained
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(root / "configs" / "tiny.yaml"), "--config",
+                    str(root / "configs" / "tiny-long.yaml"), "--trainer.max_steps", "6",
+                    "--trainer.val_check_interval", "6", "--trainer.enable_progress_bar", "false",
+                    "--model.model_config", '{"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, '
+                    '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, '
+                    '"max_position_embeddings": 2048}', "--data.train_size", "48",
+                    "--data.validation_size", "6", "--data.eval_batch_size", "3", "--data.context_words", "[60, 90]",
+                    "--data.cache_dir", str(tmp_path / "cache"), "--model.max_new_tokens", "4"])
+    export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportBest)).path
+    model, tok, settings = load_pretrained(export)
+    assert settings["segments"] == {"segment_tokens": 32, "gists_per_segment": 4, "placement": "fine", "window": None,
+                                    "max_context_tokens": None}
+    run = Path(cli.trainer.log_dir)
+    [seen] = (run / "predictions").glob("*-validation_seen.csv")
+    rows = list(csv.DictReader(open(seen)))
+    assert len(rows) == 6
+    # the exported model answers the first validation context as validation did, from a fresh cache
+    from gist_lightning.data.records import load_records
+
+    first = load_records(cli.datamodule.split_path("validation_seen"))[0]
+    cache = compress_context(model, tok, [first["instruction"]], SegmentSettings(**settings["segments"]))
+    assert generate(model, tok, cache, [first["input"]], max_new_tokens=4)[0] == rows[0]["y_pred"]
+
+
+def test_segment_settings_must_agree_with_k():
+    from gist_lightning.module import GistLitModule
+
+    with pytest.raises(ValueError, match=r"num_gist_tokens \(1\) must equal model.segments.gists_per_segment \(4\)"):
+        GistLitModule(model_config={"model_type": "llama"}, segments={"segment_tokens": 32, "gists_per_segment": 4})
