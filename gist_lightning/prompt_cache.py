@@ -8,6 +8,10 @@ Loading into anything else is refused with an error that says what differs.
 Files are written to a temporary name in the same folder and renamed into place, so a reader
 never sees half a file, a crash leaves at most a stray temporary file, and two writers of the
 same key leave one complete file (the last one).
+
+A :class:`CacheStore` may also live at an fsspec URL (``s3://bucket/prefix``, ``gs://...``,
+``memory://...``), shared by server replicas on several machines: there an entry is written in one
+put (an object store shows the whole object or none of it) and read in one get.
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ import hashlib
 import json
 import logging
 import os
+import struct
+import uuid
 from pathlib import Path
 
 import torch
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from .backends import backend_named
 from .cache import GistCache
@@ -75,13 +84,24 @@ def _tensors(cache: GistCache) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous().cpu() for name, t in out.items()}
 
 
+def _serialize(cache: GistCache, model, tokenizer, instructions: list[str] | None, prints: dict | None) -> bytes:
+    """The file's bytes, the same for the same cache in every process: safetensors writes its header's
+    keys in the order of a Rust hash map (random per call), so the header is written again, sorted
+    (two replicas that compress one instruction write one key with the same bytes)."""
+    data = save_bytes(_tensors(cache), metadata=_meta(cache, model, tokenizer, instructions, prints))
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(header)) + header + data[8 + n:]
+
+
 def save_cache(cache: GistCache, path: str | os.PathLike, model, tokenizer, instructions: list[str] | None = None,
                prints: dict[str, str] | None = None) -> Path:
     """Write ``cache`` (with the checks its loader needs) to ``path`` (a ``.safetensors`` file);
     ``prints``: :func:`fingerprints` of model and tokenizer when the caller has them already."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(_tensors(cache), str(tmp), metadata=_meta(cache, model, tokenizer, instructions, prints))
+        tmp.write_bytes(_serialize(cache, model, tokenizer, instructions, prints))
     return path
 
 
@@ -104,6 +124,18 @@ def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int |
     (``prints``: their :func:`fingerprints`, when the caller has them already)."""
     path = Path(path)
     meta = read_metadata(path)
+    _check(path, meta, model, tokenizer, num_gist_tokens, prints)
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(model.device)) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no iterator)
+                tensors[name] = f.get_tensor(name)
+    except Exception as e:  # noqa: BLE001
+        raise CorruptFileError(f"{path}: the cache file's tensors cannot be read, truncated or corrupt ({e})") from None
+    return _from_tensors(meta, tensors)
+
+
+def _check(path, meta: dict, model, tokenizer, num_gist_tokens: int | None, prints: dict | None) -> None:
     # files of version 0.1 (no "backend" key) hold the tokenizer's fingerprint without the framing
     current = prints if prints and "backend" in meta else {
         "model_fingerprint": prints["model_fingerprint"] if prints else model_fingerprint(model),
@@ -121,13 +153,9 @@ def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int |
     for what, stored, current, why in checks:
         if stored != current:
             raise CacheMismatchError(f"{path}: refusing to load this cache into a different {what}: {why}")
-    tensors = {}
-    try:
-        with safe_open(str(path), framework="pt", device=str(model.device)) as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open has no iterator)
-                tensors[name] = f.get_tensor(name)
-    except Exception as e:  # noqa: BLE001
-        raise CorruptFileError(f"{path}: the cache file's tensors cannot be read, truncated or corrupt ({e})") from None
+
+
+def _from_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> GistCache:
     # files of version 0.1 name the architecture instead of the backend
     name = meta.get("backend") or ("t5_encoder" if meta.get("encoder_decoder") == "True" else "decoder_kv")
     return GistCache(states=backend_named(name).states_from(tensors), valid=tensors["valid"],
@@ -136,58 +164,129 @@ def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int |
                      meta={"instructions": json.loads(meta["instructions"])})
 
 
+def _metadata_of(where: str, head: bytes) -> dict[str, str]:
+    """The metadata in the header of a safetensors file whose first bytes are ``head`` (the 8-byte
+    header length, then the JSON header)."""
+    try:
+        (n,) = struct.unpack("<Q", head[:8])
+        meta = json.loads(head[8:8 + n])["__metadata__"] if 0 < n <= len(head) - 8 else None
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise CorruptFileError(f"{where}: not a readable cache file, truncated or corrupt ({e})") from None
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{where}: not a readable cache file, truncated or corrupt (no complete header)")
+    if meta.get("format") != FORMAT:
+        raise CacheMismatchError(f"{where}: not a gist-lightning cache file (format {meta.get('format')!r})")
+    return meta
+
+
+def check_location(location: str | os.PathLike) -> None:
+    """Refuse, in one line, a store location that cannot be reached or written: a probe file is
+    written there, read back and removed (what ``gist-lightning serve --cache_dir`` does at start)."""
+    try:
+        fs, root = url_to_fs(str(location))
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(root, exist_ok=True)  # an object store has no folders to make (nor a bucket to create)
+        probe = f"{root.rstrip('/')}/.probe-{uuid.uuid4().hex}.tmp"
+        fs.pipe_file(probe, b"gist-lightning")
+        ok = fs.cat_file(probe) == b"gist-lightning"
+        fs.rm_file(probe)
+    except Exception as e:  # noqa: BLE001 - whatever the filesystem raises, one line that names the location
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise GistError(f"cache store {location}: cannot write there ({why})") from None
+    if not ok:
+        raise GistError(f"cache store {location}: a file written there reads back different")
+
+
 class CacheStore:
-    """Many compressed instructions in one folder, keyed by their text.
+    """Many compressed instructions in one folder (or at an fsspec URL), keyed by their text.
 
     One file per instruction (named by a hash of the text and the settings), so concurrent
-    writers never share a file that is being written, and the listing is read from the files
-    themselves (there is no index to corrupt).
+    writers never share a file that is being written, two writers of one instruction write the
+    same key (the same bytes, or a harmless replace), and the listing is read from the files
+    themselves (there is no index to corrupt). Every lookup asks the storage itself, so entries
+    another process (a server replica, on this machine or another) wrote after this store was
+    opened are found.
     """
 
     def __init__(self, folder: str | os.PathLike, model, tokenizer, num_gist_tokens: int, condition: str = "gist",
                  frozen: bool = False):
-        """``frozen``: the model's weights do not change while the store is used (serving), so its
-        fingerprint is computed once instead of at every read and write."""
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """``folder``: a path, or an fsspec URL (``s3://bucket/prefix``). ``frozen``: the model's
+        weights do not change while the store is used (serving), so its fingerprint is computed once
+        instead of at every read and write."""
+        self.fs, root = url_to_fs(str(folder))
+        self.local = isinstance(self.fs, LocalFileSystem)
+        if self.local:
+            self.folder = Path(root)
+            self.folder.mkdir(parents=True, exist_ok=True)
+        else:
+            self.folder = self.fs.unstrip_protocol(root.rstrip("/"))
+            self._root = root.rstrip("/")
         self.model, self.tokenizer = model, tokenizer
         self.num_gist_tokens, self.condition = num_gist_tokens, condition
         self.prints = fingerprints(model, tokenizer) if frozen else None
 
-    def path(self, instruction: str) -> Path:
+    def _name(self, instruction: str) -> str:
         key = json.dumps([instruction, self.num_gist_tokens, self.condition])
-        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+        return f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
-    def add(self, instruction: str, cache: GistCache | None = None) -> Path:
+    def path(self, instruction: str) -> Path | str:
+        """The entry's file (a URL for a store at a URL)."""
+        name = self._name(instruction)
+        return self.folder / name if self.local else f"{self.folder}/{name}"
+
+    def _remote(self, instruction: str) -> str:
+        return f"{self._root}/{self._name(instruction)}"
+
+    def add(self, instruction: str, cache: GistCache | None = None) -> Path | str:
         """Store the compressed ``instruction`` (compressing it now unless ``cache`` is given)."""
         if cache is None:
             cache = compress(self.model, self.tokenizer, [instruction], self.num_gist_tokens, self.condition)
         if cache.batch_size != 1:
             raise ValueError(f"a store entry holds one instruction; got a cache of {cache.batch_size} rows")
-        return save_cache(cache, self.path(instruction), self.model, self.tokenizer, [instruction], self.prints)
+        if self.local:
+            return save_cache(cache, self.path(instruction), self.model, self.tokenizer, [instruction], self.prints)
+        data = _serialize(cache, self.model, self.tokenizer, [instruction], self.prints)
+        self.fs.pipe_file(self._remote(instruction), data)  # one put: readers see the old object or the new
+        return self.path(instruction)
 
     def get(self, instruction: str) -> GistCache:
         path = self.path(instruction)
-        if not path.is_file():
-            raise KeyError(f"no cache for instruction {instruction[:80]!r} in {self.folder}")
-        return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens, self.prints)
+        if self.local:
+            if not path.is_file():
+                raise KeyError(f"no cache for instruction {instruction[:80]!r} in {self.folder}")
+            return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens, self.prints)
+        try:
+            data = self.fs.cat_file(self._remote(instruction))  # a plain get, never a cached listing
+        except FileNotFoundError:
+            raise KeyError(f"no cache for instruction {instruction[:80]!r} in {self.folder}") from None
+        meta = _metadata_of(path, data)
+        _check(path, meta, self.model, self.tokenizer, self.num_gist_tokens, self.prints)
+        try:
+            tensors = load_bytes(data)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptFileError(f"{path}: the cache file's tensors cannot be read, truncated or corrupt ({e})") from None
+        return _from_tensors(meta, {name: t.to(self.model.device) for name, t in tensors.items()})
 
     def get_or_add(self, instruction: str) -> GistCache:
-        if not self.path(instruction).is_file():
+        if instruction not in self:
             self.add(instruction)
         return self.get(instruction)
 
     def __contains__(self, instruction: str) -> bool:
-        return self.path(instruction).is_file()
+        if self.local:
+            return self.path(instruction).is_file()
+        path = self._remote(instruction)
+        self.fs.invalidate_cache(path)  # a listing read earlier would not show what others wrote since
+        return self.fs.isfile(path)
 
     def list(self) -> list[str]:
         """The stored instructions (complete files only; temporary files of crashed writers are
         ignored). Files that cannot be read are left out, logged, and kept in ``self.unreadable``."""
         out = []
-        self.unreadable: list[tuple[Path, str]] = []
-        for path in sorted(self.folder.glob("*.safetensors")):
+        self.unreadable: list[tuple[Path | str, str]] = []
+        for path in self._entries():
             try:
-                meta = read_metadata(path)
+                meta = read_metadata(path) if self.local else self._remote_metadata(path)
             except GistError as e:  # a foreign or damaged file is reported, not fatal
                 self.unreadable.append((path, str(e)))
                 log.warning("%s", e)
@@ -196,9 +295,25 @@ class CacheStore:
                 out += json.loads(meta["instructions"])
         return out
 
+    def _entries(self) -> list[Path | str]:
+        if self.local:
+            return sorted(self.folder.glob("*.safetensors"))
+        self.fs.invalidate_cache(self._root)
+        return [self.fs.unstrip_protocol(p) for p in sorted(self.fs.glob(f"{self._root}/*.safetensors"))]
+
+    def _remote_metadata(self, url: str) -> dict[str, str]:
+        with self.fs.open(url, "rb") as f:  # the header only, not the tensors
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            head += f.read(min(n, 100 * 2**20))
+        return _metadata_of(url, head)
+
     def delete(self, instruction: str) -> bool:
         try:
-            self.path(instruction).unlink()
+            if self.local:
+                self.path(instruction).unlink()
+            else:
+                self.fs.rm_file(self._remote(instruction))
             return True
         except FileNotFoundError:
             return False

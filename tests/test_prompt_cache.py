@@ -1,4 +1,4 @@
-"""Caches on disk: round trips, refusals, a store under concurrent writers and crashes."""
+"""Caches on disk: round trips, refusals, a store under concurrent writers and crashes, a store at a URL."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from gist_lightning import caching, compress
+from gist_lightning.errors import GistError
 from gist_lightning.export import export_pretrained, load_pretrained
 from gist_lightning.padding import pad_batch
-from gist_lightning.prompt_cache import CacheMismatchError, CacheStore, load_cache, save_cache
+from gist_lightning.prompt_cache import CacheMismatchError, CacheStore, check_location, load_cache, save_cache
 from gist_lightning.templates import encode_continuation
 
 INSTRUCTIONS = ["reverse the list of words", "put cat first and remove every dog from the list please"]
@@ -131,3 +132,46 @@ store.add("lost")
     store = CacheStore(tmp_path / "store", model, tok, 1)
     assert store.list() == ["kept"] and "lost" not in store
     assert any(p.name.endswith(".tmp") for p in (tmp_path / "store").iterdir())
+
+
+# -- a store at an fsspec URL (in-process memory filesystem; S3 in test_serving_scaleout) ----------
+
+def test_a_store_at_a_url_sees_entries_another_writer_added_after_it_opened(make_pair):
+    import fsspec
+
+    model, tok, _ = make_pair("llama")
+    url = "memory://gist-store-test"
+    first, second = CacheStore(url, model, tok, 1), CacheStore(url, model, tok, 1, frozen=True)
+    assert second.list() == [] and "reverse the list of words" not in second
+    key = first.add("reverse the list of words")
+    assert key == second.path("reverse the list of words") and key.startswith("memory://")
+    assert second.list() == ["reverse the list of words"] and "reverse the list of words" in second
+    assert torch.equal(_logits(model, tok, second.get("reverse the list of words").concat(
+        [second.get("reverse the list of words")] * 2)),
+        _logits(model, tok, compress(model, tok, ["reverse the list of words"] * 2, 1)))
+    fs = fsspec.filesystem("memory")
+    before = fs.cat_file(key)
+    second.add("reverse the list of words")  # a second writer of the same instruction: same key, same bytes
+    assert fs.cat_file(key) == before and len(fs.ls(url)) == 1
+    # a damaged entry is listed as unreadable and refused when read, named by its URL
+    bad = first.add("put cat first")
+    fs.pipe_file(bad, fs.cat_file(bad)[:30])
+    assert second.list() == ["reverse the list of words"] and second.unreadable[0][0] == bad
+    with pytest.raises(GistError, match="truncated or corrupt"):
+        second.get("put cat first")
+    other, _, _ = make_pair("llama", seed=1)
+    with pytest.raises(CacheMismatchError, match="different model"):
+        CacheStore(url, other, tok, 1).get("reverse the list of words")
+    assert second.delete("put cat first") and not second.delete("put cat first")
+    fs.rm(url, recursive=True)
+
+
+def test_a_store_location_that_cannot_be_written_is_refused_in_one_line(tmp_path):
+    check_location(tmp_path / "new" / "store")  # made when missing
+    assert (tmp_path / "new" / "store").is_dir() and not list((tmp_path / "new" / "store").iterdir())
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(GistError, match=r"cache store .*a-file/store: cannot write there \(") as e:
+        check_location(tmp_path / "a-file" / "store")
+    assert "\n" not in str(e.value)
+    with pytest.raises(GistError, match="cannot write there"):
+        check_location("nosuchprotocol://bucket/store")

@@ -5,7 +5,8 @@ endpoints, and the response and stream chunk formats.
 Endpoints: ``POST /v1/chat/completions`` (the system message is the instruction, the user message
 the input; without a system message the user message is the instruction), ``POST /v1/completions``
 (``prompt`` is the instruction, the extra field ``input`` the input; a list of prompts gives one
-choice each), ``GET /v1/models``, ``GET /v1/cache/stats`` (the engine's cache counters); LitServe
+choice each), ``GET /v1/models``, ``GET /v1/cache/stats`` (the cache counters of the engine of one
+worker: the one that takes the question), ``GET /metrics`` (Prometheus, every worker's); LitServe
 adds ``GET /health``. The engine runs in LitServe's inference worker; this runs in its HTTP
 process and talks to it through LitServe's queues: a request, or a cancellation when the client
 goes away, or a stats question. :func:`install_error_handlers` gives FastAPI's own refusals (unknown
@@ -31,6 +32,8 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+
+from .metrics import metrics, render
 
 log = logging.getLogger(__name__)
 # a real request nests 4 levels (body, messages, a message, its content parts); clients may add a few
@@ -84,9 +87,17 @@ class CompletionRequest(_Sampling):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 from_engine: bool = False):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.from_engine = from_engine  # the engine answered so (and counted it); else refused here
+
+    def refused_here(self) -> JSONResponse:
+        """The response, counted as a refused request when no worker saw (and counted) it."""
+        if not self.from_engine:
+            metrics().requests.labels("refused" if self.status < 500 else "error").inc()
+        return self.response()
 
     def response(self) -> JSONResponse:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -145,6 +156,7 @@ class GistOpenAISpec(LitSpec):
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/models", self.models, ["GET"])
         self.add_endpoint("/v1/cache/stats", self.cache_stats, ["GET"])
+        self.add_endpoint("/metrics", self.prometheus_metrics, ["GET"])
 
     @property
     def stream(self):
@@ -165,7 +177,7 @@ class GistOpenAISpec(LitSpec):
             gens = [self._generation(req, instruction, input, max_tokens)]
             return await self._respond(request, gens, req.stream, _ChatFormat(self.model_name))
         except ApiError as e:
-            return e.response()
+            return e.refused_here()
         except _ClientGone as e:
             return e.response(request)
 
@@ -178,7 +190,7 @@ class GistOpenAISpec(LitSpec):
             gens = [self._generation(req, p, req.input, req.max_tokens) for p in prompts]
             return await self._respond(request, gens, req.stream, _CompletionFormat(self.model_name))
         except ApiError as e:
-            return e.response()
+            return e.refused_here()
         except _ClientGone as e:
             return e.response(request)
 
@@ -193,6 +205,10 @@ class GistOpenAISpec(LitSpec):
                 return event.get("stats", event)
         finally:
             self.response_buffer.pop(uid, None)
+
+    async def prometheus_metrics(self, request: Request):
+        body, content_type = render()
+        return Response(body, media_type=content_type)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _generation(self, req: _Sampling, instruction: str, input: str, max_tokens: int | None) -> dict:
@@ -239,6 +255,7 @@ class GistOpenAISpec(LitSpec):
                 return
 
     async def _respond(self, request: Request, gens: list[dict], stream: bool, fmt):
+        start = time.monotonic()
         uids = [self._send({"kind": "generate", "request": g}) for g in gens]
         streams = [self._events(uid) for uid in uids]
         done = False
@@ -248,17 +265,19 @@ class GistOpenAISpec(LitSpec):
             errors = [e for e in firsts if "error" in e]
             if errors:
                 e = errors[0]
-                raise ApiError(e.get("status", 500), e["error"], code=e.get("code"))
+                raise ApiError(e.get("status", 500), e["error"], code=e.get("code"), from_engine=True)
+            metrics().first_token_seconds.observe(time.monotonic() - start)
             if not stream:
                 events = await self._watch(request, uids, asyncio.gather(
                     *(_rest(first, s) for first, s in zip(firsts, streams))))
                 done = True
                 failed = [e for evs in events for e in evs if "error" in e]
                 if failed:
-                    raise ApiError(failed[0].get("status", 500), failed[0]["error"])
+                    raise ApiError(failed[0].get("status", 500), failed[0]["error"], from_engine=True)
+                metrics().request_seconds.observe(time.monotonic() - start)
                 return fmt.response(events)
             done = True  # the stream's generator owns the requests from here
-            return StreamingResponse(self._sse(fmt, uids, firsts, streams), media_type="text/event-stream")
+            return StreamingResponse(self._sse(fmt, uids, firsts, streams, start), media_type="text/event-stream")
         finally:
             if not done:
                 self._cancel(uids)
@@ -279,7 +298,7 @@ class GistOpenAISpec(LitSpec):
                 task.cancel()
                 raise _ClientGone("before its answer was ready; its request was cancelled")
 
-    async def _sse(self, fmt, uids, firsts, streams):
+    async def _sse(self, fmt, uids, firsts, streams, start: float):
         finished, tasks = set(), []
         try:
             queue: asyncio.Queue = asyncio.Queue()
@@ -309,6 +328,7 @@ class GistOpenAISpec(LitSpec):
                     finished.add(i)
                     usage.append(event.get("usage") or {})
             await asyncio.gather(*tasks)
+            metrics().request_seconds.observe(time.monotonic() - start)
             yield "data: " + json.dumps(fmt.usage_chunk(usage)) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:

@@ -1,7 +1,12 @@
 """``gist-lightning serve``: the engine behind LitServe. LitServe runs the HTTP process (the spec in
-``openai_spec.py``) and one inference worker that owns the model and the engine; its continuous
-batching loop calls :meth:`GistServeAPI.step` for as long as the engine has work, and hands it
-every queued message (a request, a cancellation, a stats question) through ``add_request``.
+``openai_spec.py``) and inference workers (``--workers_per_device`` on each of ``--devices``), each
+owning a copy of the model and an engine with its own memory cache; they take requests from one
+shared queue, and share compressed instructions through the store at ``--cache_dir`` (a folder or an
+fsspec URL), so an instruction compressed by one worker, or by a replica on another machine, is read
+from there by the others. A worker's continuous batching loop calls :meth:`GistServeAPI.step` for
+as long as its engine has work, and hands it every queued message (a request, a cancellation, a
+stats question) through ``add_request``. ``GET /metrics`` adds up every process's Prometheus metrics
+(``metrics.py``).
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) to the main process at any moment (loading, idle, answering)
 stops the HTTP process, the inference worker and LitServe's manager, and the server exits with status
@@ -16,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from argparse import ArgumentParser
 from pathlib import Path
 
@@ -23,7 +29,9 @@ import litserve as ls
 from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
 from litserve.utils import LitAPIStatus
 
+from ..prompt_cache import check_location
 from .engine import MODES, ServingEngine, parse_bytes
+from .metrics import metrics, prepare_dir, remove_dir
 from .openai_spec import GistOpenAISpec, install_error_handlers, resolve_max_tokens
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,11 @@ class GistServeAPI(ls.LitAPI):
         self.engine = ServingEngine(model.to(device), tokenizer, settings["num_gist_tokens"], settings["condition"],
                                     mode=self.mode, cache_memory=self.cache_memory, cache_dir=self.cache_dir,
                                     max_batch_size=self.max_batch_size)
+        self.metrics = metrics()
+        self._acks: set[str] = set()  # uids of cancellation messages: their events are no requests' outcomes
+        self._compressed = self.engine.stats()["compressed"]
+        self._observe_engine()
+        self.metrics.workers.set(1)
         if self.mode == "instruction" and settings["condition"] != "pos_control":
             log.warning("--mode instruction caches whole instructions (pos_control); this model was trained with "
                         "%s, so its answers here are not what it learned: use this mode for cost comparisons or "
@@ -81,6 +94,7 @@ class GistServeAPI(ls.LitAPI):
     def add_request(self, uid, request):
         kind = request.get("kind")
         if kind == "cancel":
+            self._acks.add(uid)
             self.engine.cancel(request["uid"], ack=uid)
         elif kind == "stats":
             self.engine.request_stats(uid)
@@ -94,7 +108,10 @@ class GistServeAPI(ls.LitAPI):
         return self.engine.busy()
 
     def step(self, prev_outputs):
+        start = time.perf_counter()
         events = self.engine.step()  # a failure inside ends the requests in flight with 500 events
+        self.metrics.step_seconds.observe(time.perf_counter() - start)
+        self._count(events)
         outputs = []
         for event in events:
             if event.error is not None:
@@ -104,6 +121,33 @@ class GistServeAPI(ls.LitAPI):
             if event.done:
                 outputs.append(Output(event.uid, {}, LitAPIStatus.FINISH_STREAMING))
         return outputs
+
+    def _count(self, events) -> None:
+        """The metrics of one step's events (the engine's own counters are read, not changed)."""
+        m = self.metrics
+        for event in events:
+            if event.uid in self._acks:
+                self._acks.discard(event.uid)
+                continue
+            if event.stats is not None:
+                continue
+            if event.cache is not None:
+                m.cache_hits.labels(event.cache).inc()
+            if event.error is not None:
+                m.requests.labels("refused" if event.status < 500 else "error").inc()
+            elif event.finish_reason is not None:
+                m.requests.labels(event.finish_reason).inc()
+                m.generated_tokens.inc((event.usage or {}).get("completion_tokens", 0))
+        self._observe_engine()
+
+    def _observe_engine(self) -> None:
+        stats = self.engine.stats()
+        self.metrics.queue.labels("waiting").set(stats["waiting"])
+        self.metrics.queue.labels("running").set(stats["running"])
+        self.metrics.cache_bytes.set(stats["cache_bytes"])
+        if stats["compressed"] > self._compressed:
+            self.metrics.compressions.inc(stats["compressed"] - self._compressed)
+            self._compressed = stats["compressed"]
 
     def encode_response(self, output):
         return output
@@ -115,7 +159,11 @@ class GistServeAPI(ls.LitAPI):
 def build_server(cfg) -> ls.LitServer:
     api = GistServeAPI(cfg.model, cfg.mode, cfg.cache_dir, cfg.cache_memory, cfg.max_batch_size, cfg.dtype,
                        cfg.served_model_name, cfg.default_max_tokens, cfg.max_tokens_limit, cfg.max_body_size)
-    server = ls.LitServer(api, accelerator=cfg.accelerator, devices=1, workers_per_device=1, timeout=False)
+    server = ls.LitServer(api, accelerator=cfg.accelerator, devices=cfg.devices,
+                          workers_per_device=cfg.workers_per_device, timeout=False)
+    if server.devices == ["cpu"] and cfg.devices > 1:
+        raise ValueError(f"--devices {cfg.devices}: the server runs on CPU, where --devices counts nothing; use "
+                         "--workers_per_device for more workers")
     install_error_handlers(server.app)  # before run(): the HTTP process gets a copy of this app
     return server
 
@@ -168,12 +216,17 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--model", required=True, help="exported model folder (gist-lightning export)")
     parser.add_argument("--mode", default="gist", choices=MODES, help="gist: cache as trained (default); "
                         "instruction: keep whole instructions (pos_control caching, decoder-only); full: no caching")
-    parser.add_argument("--cache_dir", default=None, help="also keep caches on disk here (a CacheStore), across restarts")
+    parser.add_argument("--cache_dir", default=None, help="also keep caches here, across restarts, shared by all workers "
+                        "and replicas: a folder or an fsspec URL (s3://bucket/prefix, gs://...)")
     parser.add_argument("--cache_memory", default="256MB", help="memory for cached instructions (LRU), e.g. 256MB, 2GiB")
     parser.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together at most")
     parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"])
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--devices", type=int, default=1, help="GPUs to use (cuda:0 .. N-1), each with "
+                        "--workers_per_device workers")
+    parser.add_argument("--workers_per_device", type=int, default=1, help="inference workers per device (on CPU: "
+                        "the number of workers), each with its own copy of the model and memory cache")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the export's)")
     parser.add_argument("--served_model_name", default=None, help="the model id clients name (default: the folder name)")
     parser.add_argument("--default_max_tokens", type=int, default=None,
@@ -190,12 +243,20 @@ def serve_main(argv: list[str]) -> None:
         raise FileNotFoundError(f"{cfg.model}: no gist_config.json; is this a folder made by gist-lightning export?")
     if cfg.max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be at least 1; got {cfg.max_batch_size}")
+    for flag in ("devices", "workers_per_device"):
+        if getattr(cfg, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1; got {getattr(cfg, flag)}")
+    if cfg.cache_dir and cfg.mode != "full":
+        check_location(cfg.cache_dir)  # unreachable or read-only: refused now, not at the first request
+    metrics_dir = prepare_dir()  # before any process starts (and before prometheus_client is imported here)
     _stop_on_signals()  # from here on a signal stops what was started, without a traceback
     logging.getLogger("litserve.server").addFilter(_QuietClientErrors())
     server = None
     try:
         server = build_server(cfg)
-        print(f"serving {cfg.model} ({cfg.mode} mode) on http://{cfg.host}:{cfg.port}/v1", flush=True)
+        workers = len(server.devices) * cfg.workers_per_device
+        print(f"serving {cfg.model} ({cfg.mode} mode, {workers} worker{'s' * (workers > 1)}) on "
+              f"http://{cfg.host}:{cfg.port}/v1", flush=True)
         server.run(host=cfg.host, port=cfg.port, generate_client_file=False, log_level=cfg.log_level,
                    num_api_servers=1)
     except KeyboardInterrupt:  # a stop asked for before LitServe's own handling of it began
@@ -203,6 +264,7 @@ def serve_main(argv: list[str]) -> None:
     finally:
         if server is not None:
             _stop_children(server)
+        remove_dir(metrics_dir)
     print("stopped", flush=True)
 
 
