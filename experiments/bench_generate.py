@@ -210,14 +210,14 @@ def run_batch(model, tok, instruction: str, inputs: list[str], cfg) -> list[dict
         def bare(forward=forward):
             past = DynamicCache(ddp_cache_data=[(k_, v_) for k_, v_ in gist_cache.states])
             pos = torch.arange(start_pos, start_pos + cont.shape[1], device=dev)[None].expand(B, -1)
-            logits = forward(input_ids=cont, position_ids=pos, past_key_values=past, use_cache=True).logits[:, -1]
+            logits = forward(input_ids=cont, position_ids=pos, cache=past, use_cache=True).logits[:, -1]
             tokens, nxt, p = [], logits.argmax(-1), start_pos + cont.shape[1]
             for step in range(T):
                 tokens.append(nxt)
                 if step == T - 1:
                     break
                 pos = torch.full((B, 1), p + step, device=dev)
-                logits = forward(input_ids=nxt[:, None], position_ids=pos, past_key_values=past,
+                logits = forward(input_ids=nxt[:, None], position_ids=pos, cache=past,
                                  use_cache=True).logits[:, -1]
                 nxt = logits.argmax(-1)
             return torch.stack(tokens, 1)
