@@ -87,7 +87,9 @@ def test_two_workers_answer_as_one_from_the_first_servers_store(servers):
     assert value(metrics, "gist_workers") == 2
     assert value(metrics, "gist_compressions_total") == 0
     disk = value(metrics, "gist_cache_hits_total", source="disk")
-    assert len(PROBE_INSTRUCTIONS) <= disk <= 2 * len(PROBE_INSTRUCTIONS)  # once per instruction per worker
+    # every instruction read from the store at least once; hits count requests, and requests of one
+    # instruction admitted together share one read, so with 8 at a time the count depends on timing
+    assert len(PROBE_INSTRUCTIONS) <= disk <= len(PAIRS)
 
 
 def test_an_entry_written_after_start_is_read_from_disk_by_the_other_server(servers, trained_export):
