@@ -322,7 +322,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cli_main(args if argv is not None else None)  # None: LightningCLI reads sys.argv itself
     except StoppedEarly as e:
-        print(f"gist-lightning: {e.message}", file=sys.stderr, flush=True)
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if rank_zero_only.rank == 0:  # one line, not one per process
+            print(f"gist-lightning: {e.message}", file=sys.stderr, flush=True)
         raise
     except EXPECTED as e:
         if debug:

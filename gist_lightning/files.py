@@ -81,13 +81,15 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]
 def remove_strays(folder: str | os.PathLike) -> list[Path]:
     """Remove what killed writes of :func:`atomic_path` / :func:`atomic_dir` left under ``folder``
     (``.<name>.*.tmp`` files and folders); return what was removed."""
-    removed = []
-    for stray in sorted(Path(folder).rglob(".*.tmp")):
-        if not stray.exists():  # inside a stray folder removed just before
-            continue
-        if stray.is_dir():
-            shutil.rmtree(stray, ignore_errors=True)
-        else:
-            stray.unlink(missing_ok=True)
-        removed.append(stray)
-    return removed
+    return [stray for stray in sorted(Path(folder).rglob(".*.tmp")) if remove_strays_at(stray)]
+
+
+def remove_strays_at(stray: Path) -> bool:
+    """Remove one stray temporary file or folder; False when it is already gone."""
+    if not stray.exists():  # inside a stray folder removed just before
+        return False
+    if stray.is_dir():
+        shutil.rmtree(stray, ignore_errors=True)
+    else:
+        stray.unlink(missing_ok=True)
+    return True

@@ -22,7 +22,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .files import atomic_path, remove_strays, write_text_atomic
+from .files import atomic_path, remove_strays, remove_strays_at, write_text_atomic
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM: what a scheduler expects of a job it stopped
 
@@ -63,13 +63,21 @@ class ClockCheckpoint(ModelCheckpoint):
             return
         super()._save_last_checkpoint(trainer, monitor_candidates)
 
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        self._deferred = False  # a due validation that did not run (no batches) leaves nothing to wait for
+
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self._deferred and not trainer.sanity_checking:
+        sigterm = trainer.received_sigterm and trainer.state.fn == "fit" and not trainer.sanity_checking
+        if (self._deferred or sigterm) and not trainer.sanity_checking and not self._should_skip_saving_checkpoint(
+                trainer):
             # after the best-checkpoint callback (Lightning runs checkpoint callbacks last, in order),
-            # so this checkpoint holds the validation's outcome too
+            # so this checkpoint holds the validation's outcome too. A SIGTERM that let the validation
+            # finish saves here too: Lightning resumes a checkpoint of this moment exactly, while one
+            # written when it raises (after the step's counters moved on) shifts the metrics' step by one
             self._deferred = False
             super()._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
+        self._deferred = False
         super().on_validation_end(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -79,8 +87,10 @@ class ClockCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Lightning raises SIGTERMException between training steps (their validations done) or
         # inside a validation; only the first is a state a resumed run continues from exactly
+        # (nor between the micro-batches of one accumulation: their gradients are not in a checkpoint)
         if (isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and not trainer.validating
-                and not self._deferred and not self._should_skip_saving_checkpoint(trainer)):
+                and not self._deferred and not trainer.fit_loop._should_accumulate()
+                and not self._should_skip_saving_checkpoint(trainer)):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
@@ -128,16 +138,25 @@ class ResumableRun(L.Callback):
         self._resumed_step: int | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._resumed_step = None
         if stage != "fit":
             return
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call: every rank makes it
-        if trainer.is_global_zero and folder.is_dir():
-            remove_strays(folder)
+        if trainer.is_global_zero:
+            # only where this project writes (a run folder may be the working directory)
+            for sub in ("checkpoints", "predictions"):
+                if (folder / sub).is_dir():
+                    remove_strays(folder / sub)
+            for stray in folder.glob(".export*.tmp") if folder.is_dir() else ():
+                remove_strays_at(stray)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        self._resumed_step = checkpoint.get("global_step")
+        if trainer.state.fn == "fit":
+            self._resumed_step = checkpoint.get("global_step")
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after the checkpoint is restored, whatever the strategy (DeepSpeed and FSDP restore it
+        # after on_fit_start)
         step, self._resumed_step = self._resumed_step, None
         logger = trainer.logger
         path = getattr(getattr(logger, "experiment", None), "metrics_file_path", None) if logger else None
@@ -154,6 +173,9 @@ class ResumableRun(L.Callback):
             buf = io.StringIO()
             csv.writer(buf, lineterminator="\n").writerows(kept)
             write_text_atomic(path, buf.getvalue())
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._resumed_step = None
 
 
 def _at_or_after(row: list[str], col: int, step: int) -> bool:
@@ -184,14 +206,21 @@ def resume_command(argv: list[str], version) -> str:
 
 
 def stopped_early_message(trainer, argv: list[str]) -> str:
-    """One line for a fit that a SIGTERM stopped: where it stopped and the command that resumes it."""
+    """One line for a fit that a SIGTERM stopped: where it stopped, the step ``last.ckpt`` holds
+    (when this process wrote it) and the command that resumes it."""
     where = f"step {trainer.global_step}" + (f" of {trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0
                                             else "")
     last = Path(trainer.checkpoint_callback.dirpath or "") / "last.ckpt" if trainer.checkpoint_callback else None
-    if last is None or not last.is_file():
+    if last is None or not last.exists():  # a DeepSpeed checkpoint is a folder
         return f"stopped early by SIGTERM at {where}; no checkpoint was written yet: run the same command again"
+    held = ""
+    if last.is_file():  # mmap: the step is read without reading the weights
+        try:
+            held = f" (last.ckpt holds step {torch.load(last, mmap=True, weights_only=True)['global_step']})"
+        except Exception:  # noqa: BLE001 - the line is still useful without it
+            held = ""
     version = getattr(trainer.logger, "version", None) if trainer.logger else None
-    return f"stopped early by SIGTERM at {where}; resume with: {resume_command(argv, version)}"
+    return f"stopped early by SIGTERM at {where}{held}; resume with: {resume_command(argv, version)}"
 
 
 __all__ = ["AtomicCheckpointIO", "ClockCheckpoint", "ResumableRun", "SIGTERM_EXIT", "clock_checkpoint",

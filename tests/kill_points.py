@@ -11,7 +11,7 @@ import signal
 import lightning as L
 
 POINTS = ("validation_start", "validation_batch", "validation_end", "export", "checkpoint_write", "sigterm_train",
-          "sigterm_validation")
+          "sigterm_validation", "sigterm_validation_end", "sigterm_accumulating")
 
 
 def _die() -> None:
@@ -74,6 +74,8 @@ class KillAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._here(trainer, "sigterm_train"):  # Lightning stops after this step (and its validation)
             os.kill(os.getpid(), signal.SIGTERM)
+        if self._here(trainer, "sigterm_accumulating") and trainer.fit_loop._should_accumulate():
+            os.kill(os.getpid(), signal.SIGTERM)  # between the micro-batches of one optimizer step
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx == 0 and dataloader_idx == 1:
@@ -86,3 +88,5 @@ class KillAt(L.Callback):
         # predictions and metrics are written; Lightning runs checkpoint callbacks after this one
         if self._here(trainer, "validation_end"):
             _die()
+        if self._here(trainer, "sigterm_validation_end"):  # the validation has finished
+            os.kill(os.getpid(), signal.SIGTERM)

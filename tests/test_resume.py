@@ -122,26 +122,59 @@ def test_a_kill_at_any_phase_resumes_to_the_uninterrupted_result(straight, tmp_p
     assert not [p for p in tmp.iterdir() if not p.name.startswith("torchinductor")]  # torch's compile cache
 
 
-@pytest.mark.parametrize("kill_at, stopped_at", [("sigterm_train:25", 25), ("sigterm_validation:20", 20)])
-def test_sigterm_says_how_to_resume_and_the_command_does(straight, tmp_path, kill_at, stopped_at):
+@pytest.mark.parametrize("every, kill_at, stopped_at, held", [
+    (10, "sigterm_train:25", 25, 25),  # between steps: last.ckpt holds the stopping step
+    (10, "sigterm_validation:20", 20, 10),  # inside a validation: the clock's step before it
+    (7, "sigterm_validation_end:20", 20, 20),  # after a finished validation: saved then (the step column stays)
+])
+def test_sigterm_says_how_to_resume_and_the_command_does(straight, tmp_path, every, kill_at, stopped_at, held):
     config, want_root, _ = straight
     root, tmp = tmp_path / "stopped", tmp_path / "tmp"
-    stopped = subprocess.run(_command(config, root, 10), capture_output=True, text=True, env=_env(tmp, kill_at))
+    stopped = subprocess.run(_command(config, root, every), capture_output=True, text=True, env=_env(tmp, kill_at))
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     lines = [line for line in stopped.stderr.splitlines() if "stopped early by SIGTERM" in line]
-    assert len(lines) == 1 and f"at step {stopped_at} of 40" in lines[0], stopped.stderr[-3000:]
+    assert len(lines) == 1 and f"at step {stopped_at} of 40 (last.ckpt holds step {held})" in lines[0], \
+        stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
-    # between steps last.ckpt holds the stopping step; inside a validation, the step before it
     step = torch.load(_folder(root) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert step == (25 if kill_at.startswith("sigterm_train") else 10)
+    assert step == held
     command = shlex.split(lines[0].split("resume with: ", 1)[1])
     assert command[0] == "gist-lightning" and command[-4:] == ["--ckpt_path", "last",
                                                               "--trainer.logger.init_args.version", "run"]
     resumed = subprocess.run([BIN, *command[1:]], capture_output=True, text=True, env=_env(tmp))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(root, want_root)
+
+
+def _same_run(root: Path, want_root: Path) -> None:
     for name in sorted(p.name for p in (_folder(want_root) / "predictions").iterdir()):
         assert (_folder(root) / "predictions" / name).read_text() == \
             (_folder(want_root) / "predictions" / name).read_text(), name
     assert _metrics(root) == _metrics(want_root)
     assert _same_tensors(load_file(_folder(root) / "export" / "model.safetensors"),
                          load_file(_folder(want_root) / "export" / "model.safetensors"))
+
+
+def test_sigterm_between_micro_batches_keeps_the_last_whole_step(tmp_path):
+    """With gradient accumulation a SIGTERM lands between the micro-batches of one optimizer step:
+    no checkpoint is written there (it would lose their gradients); the resumed run from the last
+    whole step ends as the uninterrupted one."""
+    from conftest import _run_config
+
+    config = _run_config(tmp_path, val_check_interval=20)
+    accumulate = ("--trainer.accumulate_grad_batches", "2")
+    want = tmp_path / "straight"
+    done = subprocess.run(_command(config, want, 10, *accumulate), capture_output=True, text=True,
+                          env=_env(tmp_path / "tmp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = tmp_path / "stopped"
+    stopped = subprocess.run(_command(config, root, 10, *accumulate), capture_output=True, text=True,
+                             env=_env(tmp_path / "tmp", "sigterm_accumulating:13"))
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert torch.load(_folder(root) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    resumed = subprocess.run(_command(config, root, 10, *accumulate, "--ckpt_path", "last"), capture_output=True,
+                             text=True, env=_env(tmp_path / "tmp"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(root, want)
+    assert _same_tensors(_state(_folder(root) / "checkpoints" / "last.ckpt"),
+                         _state(_folder(want) / "checkpoints" / "last.ckpt"))

@@ -75,6 +75,10 @@ class RougeCallback(L.Callback):
         self.step = state_dict.get("step")
         self.last = {split: SplitScores(**s) for split, s in state_dict.get("last", {}).items()}
 
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if trainer.state.fn != "fit":  # a validate/test run reports its own scores, not a checkpoint's
+            self.last, self.step = {}, None
+
     def on_validation_batch_end(self, trainer, pl_module, outputs: ValidationBatchOutput, batch, batch_idx,
                                 dataloader_idx=0):
         metric = self.metrics.get(outputs.split)
@@ -95,6 +99,7 @@ class RougeCallback(L.Callback):
                 pl_module.log(metric_key(split, name), values[name].float(), add_dataloader_idx=False,
                               sync_dist=False, prog_bar=metric_key(split, name) == BEST_METRIC)
 
+    on_test_epoch_start = on_validation_epoch_start
     on_test_batch_end = on_validation_batch_end
     on_test_epoch_end = on_validation_epoch_end
 
