@@ -200,6 +200,25 @@ PROBE_INPUTS = ["dog cat owl", "apple pear plum lemon", "cat red"]
 
 
 @pytest.fixture(scope="session")
+def random_export(tmp_path_factory) -> Path:
+    """An exported gist model (tiny LLaMA, k=1) with random weights and the suite tokenizer: for tests
+    where nothing depends on what the model answers (its answers run to max_tokens, no EOS)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gist_lightning.export import export_pretrained
+    from gist_lightning.tokens import load_tokenizer
+
+    tok = load_tokenizer("suite")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 2, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512))
+    add_gist_token(tok, model)
+    return export_pretrained(model, tok, tmp_path_factory.mktemp("random") / "export", num_gist_tokens=1,
+                             condition="gist")
+
+
+@pytest.fixture(scope="session")
 def trained_export(tmp_path_factory) -> Path:
     """An exported gist model (tiny LLaMA, k=1) trained on the embedded suite for 2000 steps
     (about a minute on 2 cores), checked here to answer by instruction and input: for every probe

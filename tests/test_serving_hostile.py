@@ -17,12 +17,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gist_lightning import compress, generate
-from gist_lightning.export import export_pretrained, load_pretrained
+from gist_lightning.export import load_pretrained
 from gist_lightning.serving.launch import ServerProcess, free_port
 from gist_lightning.serving.openai_spec import MAX_DEPTH, resolve_max_tokens
 
@@ -35,20 +34,8 @@ OK = {"messages": [{"role": "system", "content": "Repeat the list."}, {"role": "
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
-    """Random weights are enough here: nothing below depends on what the model answers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from gist_lightning.tokens import add_gist_token, load_tokenizer
-
-    tok = load_tokenizer("suite")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 2, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=512))
-    add_gist_token(tok, model)
-    return export_pretrained(model, tok, tmp_path_factory.mktemp("hostile") / "export", num_gist_tokens=1,
-                             condition="gist")
+def export(random_export) -> Path:
+    return random_export  # random weights are enough: nothing below depends on what the model answers
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from conftest import PROBE_INPUTS, PROBE_INSTRUCTIONS
 
 from gist_lightning import compress, generate
-from gist_lightning.export import export_pretrained, load_pretrained
+from gist_lightning.export import load_pretrained
 from gist_lightning.serving.launch import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -195,20 +194,9 @@ def test_openai_client(server, library):
 # -- a client that leaves mid-generation -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def rambling_server(tmp_path_factory):
+def rambling_server(random_export, tmp_path_factory):
     """Random weights: answers run to max_tokens (no EOS), so a request is long enough to leave."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from gist_lightning.tokens import add_gist_token, load_tokenizer
-
-    folder = tmp_path_factory.mktemp("rambling")
-    tok = load_tokenizer("suite")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 2, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=512))
-    add_gist_token(tok, model)
-    export = export_pretrained(model, tok, folder / "export", num_gist_tokens=1, condition="gist")
+    folder, export = tmp_path_factory.mktemp("rambling"), random_export
     with ServerProcess(export, "--max_batch_size", "8", log=str(folder / "server.log")) as s:
         yield s
 
