@@ -67,9 +67,8 @@ class ClockCheckpoint(ModelCheckpoint):
         self._deferred = False  # a due validation that did not run (no batches) leaves nothing to wait for
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        sigterm = trainer.received_sigterm and trainer.state.fn == "fit" and not trainer.sanity_checking
-        if (self._deferred or sigterm) and not trainer.sanity_checking and not self._should_skip_saving_checkpoint(
-                trainer):
+        # (Lightning's skip rule covers sanity checks, stages other than fit and a step saved already)
+        if (self._deferred or trainer.received_sigterm) and not self._should_skip_saving_checkpoint(trainer):
             # after the best-checkpoint callback (Lightning runs checkpoint callbacks last, in order),
             # so this checkpoint holds the validation's outcome too. A SIGTERM that let the validation
             # finish saves here too: Lightning resumes a checkpoint of this moment exactly, while one
@@ -88,9 +87,8 @@ class ClockCheckpoint(ModelCheckpoint):
         # Lightning raises SIGTERMException between training steps (their validations done) or
         # inside a validation; only the first is a state a resumed run continues from exactly
         # (nor between the micro-batches of one accumulation: their gradients are not in a checkpoint)
-        if (isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and not trainer.validating
-                and not self._deferred and not trainer.fit_loop._should_accumulate()
-                and not self._should_skip_saving_checkpoint(trainer)):
+        if (isinstance(exception, SIGTERMException) and not trainer.validating and not self._deferred
+                and not trainer.fit_loop._should_accumulate() and not self._should_skip_saving_checkpoint(trainer)):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
