@@ -6,8 +6,9 @@ its own folder ``<runs>/<condition>-k<k>-seed<seed>/``. A finished run (``done.j
 run again; a failed run is reported, moved aside, and the others go on.
 
     python experiments/sweep.py --config configs/tiny.yaml --out experiments/results/tiny
-    python experiments/sweep.py --config configs/llama-7b.yaml --out sweeps/llama --k 1 2 5 10 \\
-        --seeds 0 1 -- --data.folder /path/to/alpaca_plus --trainer.devices 4
+    python experiments/sweep.py --config configs/llama-7b.yaml \\
+        --config configs/strategies/deepspeed-zero3.yaml --out sweeps/llama --k 1 2 5 10 --seeds 0 1 \\
+        -- --data.folder /path/to/alpaca_plus --trainer.devices 4
 
 Everything after ``--`` is passed to every run. Results cover every finished run in the runs
 folder (so a second call with more seeds adds to the table): ``<out>/results.csv`` (one row per run),
@@ -59,7 +60,7 @@ def command(cell: dict, configs: list[str], run_root: Path, extra: list[str]) ->
         "--model.num_gist_tokens", str(cell["k"]),
         "--seed_everything", str(cell["seed"]),
         "--data.seed", str(cell["seed"]),
-        "--trainer.default_root_dir", str(run_root / cell["name"]),
+        # the logger decides the run folder: <runs>/<name>/run
         "--trainer.logger", "gist_lightning.loggers.CSVLogger",
         "--trainer.logger.init_args.save_dir", str(run_root),
         "--trainer.logger.init_args.name", cell["name"],

@@ -52,6 +52,30 @@ def test_shipped_config_parses(path, capsys, monkeypatch):
     assert ("model_name_or_path" in cfg["model"]) != ("model_config" in cfg["model"] and cfg["model"]["model_config"])
 
 
+@pytest.mark.parametrize("name", ["llama-7b.yaml", "flan-t5-xxl.yaml"])
+@pytest.mark.parametrize("preset", ["deepspeed-zero3.yaml", "fsdp.yaml"])
+def test_a_model_config_stacks_a_strategy_preset(name, preset, capsys, monkeypatch):
+    monkeypatch.chdir(CONFIG_DIR.parent)
+    own = yaml.safe_load((CONFIG_DIR / name).read_text())["trainer"]
+    assert "strategy" not in own and "accelerator" not in own  # the preset's, not copied
+    cfg = print_config([CONFIG_DIR / name, CONFIG_DIR / "strategies" / preset], capsys=capsys)["trainer"]
+    wanted = yaml.safe_load((CONFIG_DIR / "strategies" / preset).read_text())["trainer"]["strategy"]
+    assert cfg["strategy"]["class_path"] == wanted["class_path"]
+    assert (cfg["accelerator"], cfg["devices"], cfg["precision"]) == ("gpu", 4, "bf16-mixed")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_run_is_named_once_by_its_logger(path, capsys, monkeypatch):
+    monkeypatch.chdir(CONFIG_DIR.parent)
+    assert "default_root_dir" not in (yaml.safe_load(path.read_text()).get("trainer") or {})
+    if path.parent.name == "strategies":
+        return
+    base = [CONFIG_DIR / b for b in LAYERED.get(path.name, [])]
+    logger = print_config([*base, path], capsys=capsys)["trainer"]["logger"]
+    # the run folder is runs/<config name>/version_N
+    assert (logger["init_args"]["save_dir"], logger["init_args"]["name"]) == ("runs", path.stem)
+
+
 def test_one_override_reaches_model_and_data(tmp_path):
     tiny = CONFIG_DIR / "tiny.yaml"
     cli = cli_main(["--config", str(tiny), "--model.num_gist_tokens", "5", "--model.condition", "neg_control",
