@@ -16,7 +16,8 @@ segment_tokens positions per layer); what follows the context continues from it 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from transformers import DynamicCache
@@ -44,6 +45,9 @@ class SegmentSettings:
         window: context tokens see the gists of only the last ``window`` segments before theirs
             (None: of every earlier segment). Tokens after the context always see every gist.
         max_context_tokens: a longer context is refused (None: only the model's positions bound it).
+        train_ratios: training draws each batch's compression ratio from these (Activation Beacon
+            style): ``segment_tokens / ratio`` gists per segment, so one model serves every ratio of
+            the set. Validation, export and serving use ``gists_per_segment``. None: always that.
     """
 
     segment_tokens: int = 64
@@ -51,15 +55,49 @@ class SegmentSettings:
     placement: str = "coarse"
     window: int | None = None
     max_context_tokens: int | None = None
+    train_ratios: tuple[int, ...] | None = None
 
     def __post_init__(self):
         masks.interleave_gists([0], self.segment_tokens, self.gists_per_segment, self.placement, 1)  # the checks
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 segment (or None); got {self.window}")
+        if self.train_ratios is not None:
+            object.__setattr__(self, "train_ratios", tuple(int(r) for r in self.train_ratios))
+            for r in self.train_ratios:
+                if r < 1 or self.segment_tokens % r:
+                    raise ValueError(f"train_ratios: ratio {r} does not divide segment_tokens {self.segment_tokens} "
+                                     "(each ratio must give a whole number of gists per segment)")
+                masks.interleave_gists([0], self.segment_tokens, self.segment_tokens // r, self.placement, 1)
 
     @property
     def ratio(self) -> float:
         return self.segment_tokens / self.gists_per_segment
+
+    def at_ratio(self, ratio: int) -> SegmentSettings:
+        """These settings with ``segment_tokens / ratio`` gists per segment (how a model trained with
+        ``train_ratios`` is run at one of them)."""
+        if ratio < 1 or self.segment_tokens % ratio:
+            raise ValueError(f"ratio {ratio} does not divide segment_tokens {self.segment_tokens}")
+        return replace(self, gists_per_segment=self.segment_tokens // ratio)
+
+    @property
+    def most_gists(self) -> int:
+        """The most gists per segment any training batch can have (what length limits are checked at)."""
+        return max([self.gists_per_segment] + [self.segment_tokens // r for r in self.train_ratios or ()])
+
+    def draw_gists(self, key: tuple) -> int:
+        """Gists per segment of the training batch identified by ``key`` (e.g. its first row): a ratio
+        from ``train_ratios`` drawn as a function of ``key`` alone, so a resumed run draws alike."""
+        if not self.train_ratios:
+            return self.gists_per_segment
+        return self.segment_tokens // random.Random(repr(key)).choice(self.train_ratios)
+
+
+def relayout(ids: list[int], n_special: int, gist_token_id: int, settings: SegmentSettings) -> list[int]:
+    """A ``[specials] context-with-gists`` row with its gists placed again under ``settings``."""
+    raw = [t for t in ids[n_special:] if t != gist_token_id]
+    return ids[:n_special] + masks.interleave_gists(raw, settings.segment_tokens, settings.gists_per_segment,
+                                                     settings.placement, gist_token_id)
 
 
 def encode_context(tokenizer, text: str, settings: SegmentSettings, gist_token_id: int) -> list[int]:

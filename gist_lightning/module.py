@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
@@ -311,9 +311,11 @@ class GistLitModule(L.LightningModule):
     # -- training -----------------------------------------------------------------------------
     def _loss(self, batch) -> torch.Tensor:
         h = self.hparams
-        if self.segments is not None:
+        if self.segments is not None:  # a training batch may carry its drawn ratio (segments.train_ratios)
+            settings = replace(self.segments, gists_per_segment=batch.get("gists_per_segment",
+                                                                          self.segments.gists_per_segment))
             return long_context.masked_forward(self.model, batch["input_ids"], batch["attention_mask"],
-                                               self.gist_token_id, self.segments, h.condition,
+                                               self.gist_token_id, settings, h.condition,
                                                segment_ids=batch.get("segment_ids"), labels=batch["labels"]).loss
         return gist_forward(
             self.model, batch["input_ids"], batch["attention_mask"], self.gist_token_id, h.condition,

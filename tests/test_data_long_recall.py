@@ -81,3 +81,47 @@ def test_the_datamodule_writes_its_splits_and_tokenizes_contexts_in_segments(tmp
     assert (gists > 4).all() and (gists % 4 == 0).all()  # several segments per context
     # the batch's rows are what the segment rule reads: every gist count a whole number of segments
     long_context_attention_mask(rows, batch["attention_mask"], gist, 4, "gist")
+
+
+def test_training_draws_a_ratio_per_batch_and_the_loss_follows_it(tmp_path):
+    """segments.train_ratios (Activation Beacon style): each training batch gets one ratio of the set,
+    drawn from its content (so a resumed run draws alike); its contexts keep their raw tokens with
+    the gists placed again; the module's loss is the masked forward at that batch's layout."""
+    import torch
+
+    from gist_lightning.data import LongRecall
+    from gist_lightning.long_context import SegmentSettings, masked_forward
+    from gist_lightning.module import GistLitModule
+
+    settings = SegmentSettings(segment_tokens=16, gists_per_segment=4, placement="fine", train_ratios=(2, 4, 8))
+    module = GistLitModule(model_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                         "max_position_embeddings": 1024},
+                           num_gist_tokens=4, segments=settings)
+    module.configure_model()
+    dm = LongRecall(cache_dir=str(tmp_path), train_size=64, validation_size=4, context_words=(30, 50),
+                    batch_size=4, eval_batch_size=4, limits={"max_length": 400}, human_limits={"max_length": 700})
+    dm.prepare_data()
+    dm.connect(**module.data_facts())
+    dm.setup("fit")
+    gist = module.gist_token_id
+    batches = list(dm.train_dataloader())
+    assert [b["gists_per_segment"] for b in batches] == [b["gists_per_segment"] for b in dm.train_dataloader()]
+    assert {b["gists_per_segment"] for b in batches} == {8, 4, 2}  # 16 / (2, 4, 8)
+    reference = {tuple(t for t in r["prefix"] + r["gists"] + r["suffix"] + r["target"] if t != gist)
+                 for r in dm.datasets["train"]}
+    for b in batches:
+        g = b["gists_per_segment"]
+        for row, mask in zip(b["input_ids"], b["attention_mask"]):
+            real = row[mask.bool()].tolist()
+            assert real.count(gist) % g == 0
+            assert tuple(t for t in real if t != gist) in reference  # the same tokens, only the gists moved
+    batch = next(b for b in batches if b["gists_per_segment"] != settings.gists_per_segment)
+    with torch.no_grad():
+        loss = module._loss(batch)
+        drawn = masked_forward(module.model, batch["input_ids"], batch["attention_mask"], gist,
+                               settings.at_ratio(16 // batch["gists_per_segment"]), labels=batch["labels"]).loss
+        assert torch.equal(loss, drawn)
+    # validation batches keep the model's own layout and carry no drawn ratio
+    val = next(iter(dm.val_dataloader()[0]))
+    assert "gists_per_segment" not in val and ((val["prefix_ids"] == gist).sum(-1) % 4 == 0).all()

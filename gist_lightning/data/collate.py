@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..long_context import SegmentSettings, relayout
 from ..padding import pad_batch
 from ..templates import EncodedExample
 
@@ -72,7 +73,9 @@ class GistCollator:
     ``segment_ids`` (1, 2, ... per example, 0 on padding). With ``for_generation`` it adds the
     cache path's inputs: ``prefix_ids`` (instruction + gists, left-padded), ``continuation_ids``
     (what follows the gists) and their masks, plus the raw ``x`` / ``y_true`` strings and
-    instruction lengths.
+    instruction lengths. With ``segments`` whose ``train_ratios`` are set, a training batch's
+    contexts get ``segments.draw_gists`` gists per segment (one ratio per batch, a function of the
+    batch's first example), and the batch says how many in ``gists_per_segment``.
     """
 
     pad_token_id: int
@@ -82,13 +85,33 @@ class GistCollator:
     num_gist_tokens: int
     for_generation: bool = False
     packed: bool = False
+    segments: SegmentSettings | None = None
+    n_special: int = 0  # tokens before a long context (the tokenizer's BOS), kept by ``relayout``
 
     def __post_init__(self):
         if self.packed and (self.encoder_decoder or self.for_generation):
             raise ValueError("packed batches are for training decoder-only models")
 
+    def _draw_layout(self, examples: list[dict]) -> tuple[list[dict], int | None]:
+        """The examples with their contexts' gists placed at this batch's drawn ratio, and its gists
+        per segment (None: the examples as they are)."""
+        seg = self.segments
+        if self.for_generation or seg is None or not seg.train_ratios:
+            return examples, None
+        first = examples[0]
+        gists = seg.draw_gists((tuple(first["prefix"][-16:]), tuple(first["target"]), len(examples)))
+        settings = SegmentSettings(seg.segment_tokens, gists, seg.placement, seg.window)
+        out = []
+        for r in examples:
+            ids = relayout(r["prefix"] + r["gists"], self.n_special, self.gist_token_id, settings)
+            out.append({**r, "prefix": ids[:-gists], "gists": ids[-gists:]})
+        return out, gists
+
     def _packed(self, rows: list[list[dict]]) -> dict:
         seqs, segments, labels = [], [], []
+        flat, gists = self._draw_layout([r for row in rows for r in row])
+        it = iter(flat)
+        rows = [[next(it) for _ in row] for row in rows]
         for row in rows:
             ids, seg, lab = [], [], []
             for s, r in enumerate(row, start=1):
@@ -100,12 +123,17 @@ class GistCollator:
             segments.append(seg)
             labels.append(lab)
         input_ids, attention_mask = pad_batch(seqs, self.pad_token_id, "right")
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": pad_batch(labels, IGNORE_INDEX, "right")[0], "segment_ids": pad_batch(segments, 0, "right")[0]}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "labels": pad_batch(labels, IGNORE_INDEX, "right")[0],
+                 "segment_ids": pad_batch(segments, 0, "right")[0]}
+        if gists is not None:
+            batch["gists_per_segment"] = gists
+        return batch
 
     def __call__(self, rows: list[dict]) -> dict:
         if self.packed:
             return self._packed(rows)
+        rows, gists = self._draw_layout(rows)
         exs = [EncodedExample(r["prefix"], r["gists"], r["suffix"], r["target"]) for r in rows]
         pad = self.pad_token_id
         if self.encoder_decoder:
@@ -115,6 +143,8 @@ class GistCollator:
             input_ids, attention_mask = pad_batch([e.prompt + e.target for e in exs], pad, "left")
             labels, _ = pad_batch([[IGNORE_INDEX] * len(e.prompt) + e.target for e in exs], IGNORE_INDEX, "left")
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if gists is not None:
+            batch["gists_per_segment"] = gists
         if self.for_generation:
             batch["prefix_ids"], batch["prefix_mask"] = pad_batch([e.prefix + e.gists for e in exs], pad, "left")
             side = "right" if self.encoder_decoder else "left"

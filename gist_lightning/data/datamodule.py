@@ -28,7 +28,7 @@ from ..long_context import SegmentSettings, encode_long_example
 from ..masks import check_condition
 from ..splits import HUMAN, SPLITS, TRAIN, VALIDATION_SPLITS
 from ..templates import encode_example, prompt_text
-from ..tokens import gist_token_id, tokenizer_fingerprint
+from ..tokens import gist_token_id, special_frame, tokenizer_fingerprint
 from .collate import GistCollator, LengthLimits, fit_to_limits, pack_rows
 from .records import load_records
 
@@ -240,9 +240,13 @@ class GistDataModule(L.LightningDataModule):
             ds = Dataset.from_list(records)
         tok, gist_id, k, enc_dec = facts.tokenizer, facts.gist_token_id, facts.num_gist_tokens, facts.encoder_decoder
 
+        segments = facts.segments
+        if segments is not None and split == TRAIN:  # limits hold for the most gists a batch can draw
+            segments = replace(segments, gists_per_segment=segments.most_gists)
+
         def tokenize(rec):
-            if facts.segments is not None:  # the instruction is a long context
-                ex = encode_long_example(tok, rec["instruction"], rec["input"], rec["output"], facts.segments, gist_id)
+            if segments is not None:  # the instruction is a long context
+                ex = encode_long_example(tok, rec["instruction"], rec["input"], rec["output"], segments, gist_id)
             else:
                 ex = encode_example(tok, rec["instruction"], rec["input"], rec["output"], k, gist_id, enc_dec)
             fitted = fit_to_limits(ex, limits, enc_dec)
@@ -278,7 +282,8 @@ class GistDataModule(L.LightningDataModule):
     def collator(self, for_generation: bool, packed: bool = False) -> GistCollator:
         facts = self._connected()
         return GistCollator(facts.tokenizer.pad_token_id, facts.gist_token_id, facts.condition,
-                            facts.encoder_decoder, facts.num_gist_tokens, for_generation, packed)
+                            facts.encoder_decoder, facts.num_gist_tokens, for_generation, packed, facts.segments,
+                            len(special_frame(facts.tokenizer)[0]))
 
     def packed_rows(self) -> list[list[int]]:
         """The training examples' indices, packed into rows of ``limits.max_length`` tokens (once per

@@ -129,19 +129,28 @@ class LongRecall(GistDataModule):
         generation_seed: the generator's seed.
         train_size / validation_size: records in train and in each validation split.
         context_words: (low, high) words per training context.
+        tasks: the task families drawn in turn (a subset of ``TASKS``; ``validation_unseen`` keeps
+            those of them that ask about a key: recall and two_hop).
         kwargs: batch sizes, length limits, ... of :class:`~gist_lightning.data.datamodule.GistDataModule`.
     """
 
     def __init__(self, generation_seed: int = 0, train_size: int = 20000, validation_size: int = 200,
-                 context_words: tuple[int, int] = (150, 300), **kwargs):
+                 context_words: tuple[int, int] = (150, 300), tasks: tuple[str, ...] = TASKS, **kwargs):
         super().__init__(**kwargs)
+        unknown = [t for t in tasks if t not in TASKS]
+        if not tasks or unknown:
+            raise ValueError(f"data.tasks must be a non-empty subset of {TASKS}; got {list(tasks)}")
+        if not any(t in ("recall", "two_hop") for t in tasks):
+            raise ValueError(f"data.tasks {list(tasks)} has no task that asks about a key (recall, two_hop), "
+                             "so validation_unseen (keys never asked in training) would be empty")
 
     @property
     def folder(self) -> Path:
         h = self.hparams
         lo, hi = h.context_words
+        tasks = "" if tuple(h.tasks) == TASKS else "-" + "+".join(h.tasks)
         return Path(h.cache_dir) / (f"long-recall-v{LONG_RECALL_VERSION}-seed{h.generation_seed}-train{h.train_size}"
-                                    f"-val{h.validation_size}-words{lo}-{hi}")
+                                    f"-val{h.validation_size}-words{lo}-{hi}{tasks}")
 
     def split_path(self, split: str) -> Path:
         return self.folder / f"{split}.json"
@@ -154,7 +163,7 @@ class LongRecall(GistDataModule):
         rng = random.Random(h.generation_seed)
         asked_unseen = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"] for k in UNSEEN_KEYS)  # noqa: E731
 
-        def draw(n, words, keep, tasks=TASKS):
+        def draw(n, words, keep, tasks=tuple(h.tasks)):
             out = []
             while len(out) < n:
                 rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng)
@@ -165,7 +174,8 @@ class LongRecall(GistDataModule):
         splits = {
             TRAIN: draw(h.train_size, (lo, hi), lambda r: not asked_unseen(r)),
             "validation_seen": draw(h.validation_size, (lo, hi), lambda r: not asked_unseen(r)),
-            "validation_unseen": draw(h.validation_size, (lo, hi), asked_unseen, ("recall", "two_hop")),
+            "validation_unseen": draw(h.validation_size, (lo, hi), asked_unseen,
+                                      tuple(t for t in h.tasks if t in ("recall", "two_hop"))),
             HUMAN: draw(h.validation_size, (2 * lo, 2 * hi), lambda r: True),
         }
         for name, records in splits.items():
