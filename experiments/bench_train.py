@@ -11,31 +11,42 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+import warnings
 
 import torch
-import yaml
 
-from gist_lightning.data import EmbeddedSuite
-from gist_lightning.module import GistLitModule
+from gist_lightning.cli import cli_main
 
 
-def time_condition(condition: str, rows: list, config: dict, batch_size: int, steps: int, warmup: int) -> float:
-    torch.manual_seed(0)
-    module = GistLitModule(model_config=config["model"]["model_config"], condition=condition)
-    dm = EmbeddedSuite(cache_dir=".cache/gist_lightning", batch_size=batch_size)
-    dm.connect(**module.data_facts())
+def from_config(config: str, condition: str, batch_size: int | None):
+    """The module and data that ``gist-lightning fit --config CONFIG`` builds, under ``condition``."""
+    args = ["--config", config, "--model.condition", condition, "--trainer.logger", "false"]
+    if batch_size is not None:
+        args += ["--data.batch_size", str(batch_size)]
+    with warnings.catch_warnings():  # the script's own command line is not LightningCLI's
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        cli = cli_main(args, run=False)
+    cli.datamodule.connect(**cli.model.data_facts())
+    return cli.model, cli.datamodule
+
+
+def time_condition(condition: str, rows: list, config: str, batch_size: int, steps: int, warmup: int) -> float:
+    module, dm = from_config(config, condition, batch_size)
     collate = dm.collator(for_generation=False)
+    torch.manual_seed(0)
     module.configure_model()
     module.model.train()
     opt = torch.optim.AdamW(module.model.parameters(), lr=1e-3)
     batches = [rows[i * batch_size:(i + 1) * batch_size] for i in range(steps + warmup)]
-    for i, chunk in enumerate(batches):
-        if i == warmup:
-            start = time.perf_counter()
-        batch = collate(chunk)
-        module._loss(batch).backward()
-        opt.step()
-        opt.zero_grad()
+    with warnings.catch_warnings():  # training_step logs its loss; outside a Trainer that is a no-op
+        warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+        for i, chunk in enumerate(batches):
+            if i == warmup:
+                start = time.perf_counter()
+            batch = collate(chunk)
+            module.training_step(batch, i).backward()
+            opt.step()
+            opt.zero_grad()
     return steps / (time.perf_counter() - start)
 
 
@@ -48,17 +59,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     logging.disable(logging.WARNING)
-    config = yaml.safe_load(open(args.config))
-    batch_size = args.batch_size or config["data"]["init_args"]["batch_size"]
-    dm = EmbeddedSuite(cache_dir=".cache/gist_lightning", batch_size=batch_size)
-    dm.connect(**GistLitModule(model_config=config["model"]["model_config"]).data_facts())
+    _, dm = from_config(args.config, "gist", args.batch_size)
+    batch_size = dm.hparams.batch_size
     dm.prepare_data()
     dm.setup("fit")
     rows = [dm.datasets["train"][i] for i in range(batch_size * (args.steps + args.warmup))]
     results = {"gist": [], "pos_control": []}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         for condition in results:
-            results[condition].append(time_condition(condition, rows, config, batch_size, args.steps, args.warmup))
+            results[condition].append(time_condition(condition, rows, args.config, batch_size, args.steps, args.warmup))
     gist, pos = (max(results[c]) for c in ("gist", "pos_control"))
     print(f"tiny default ({args.config}), batch {batch_size}, {args.steps} steps, best of {args.repeats}, "
           f"{torch.get_num_threads()} threads")

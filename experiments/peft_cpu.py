@@ -28,15 +28,17 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
+from lightning.pytorch.cli import LightningCLI
 
 from gist_lightning.adapters import parameter_counts
-from gist_lightning.data import EmbeddedSuite
+from gist_lightning.data.datamodule import GistDataModule
 from gist_lightning.evaluation.callbacks import RougeCallback
+from gist_lightning.evaluation.stats import format_mean_sd
 from gist_lightning.module import GistLitModule
 from gist_lightning.splits import SHORT, VALIDATION_SPLITS
 
@@ -63,50 +65,51 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-SUITE_OVERRIDES: dict = {}  # --max_validation_records (a quick check of the script)
+SUITE_OVERRIDES: list[str] = []  # --max_validation_records (a quick check of the script)
 
 
-def data(config: dict, seed: int, cache_dir: str) -> EmbeddedSuite:
-    args = dict(config["data"]["init_args"], cache_dir=cache_dir, seed=seed, **SUITE_OVERRIDES)
-    return EmbeddedSuite(**args)
+def from_config(config: str, overrides: list[str], callbacks: list) -> LightningCLI:
+    """The module, data and trainer that ``gist-lightning fit --config CONFIG OVERRIDES`` builds,
+    with this experiment's callbacks instead of a run's (no logger, checkpoints or exports)."""
+    args = ["--config", config, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.enable_model_summary", "false", *overrides, *SUITE_OVERRIDES]
+    with warnings.catch_warnings():  # the script's own command line is not LightningCLI's
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        return LightningCLI(GistLitModule, GistDataModule, subclass_mode_data=True, save_config_callback=None,
+                            trainer_defaults={"callbacks": callbacks}, args=args, run=False)
 
 
-def trainer(max_steps: int, root: Path, callbacks: list, validate: bool) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=max_steps, gradient_clip_val=1.0,
-                     val_check_interval=max_steps if validate else None, check_val_every_n_epoch=None,
-                     limit_val_batches=None if validate else 0, num_sanity_val_steps=0, logger=False,
-                     enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=True,
-                     callbacks=callbacks, default_root_dir=str(root))
-
-
-def pretrain(config: dict, work: Path, steps: int) -> Path:
+def pretrain(config: str, work: Path, steps: int) -> Path:
     base = work / "base"
     if (base / "gist_config.json").is_file():
         print(f"base model: {base} (already trained)")
         return base
-    L.seed_everything(0)
-    m = config["model"]
-    module = GistLitModule(model_config=m["model_config"], tokenizer="suite", condition="pos_control",
-                           learning_rate=m["learning_rate"], weight_decay=m["weight_decay"],
-                           warmup_ratio=m["warmup_ratio"], max_new_tokens=m["max_new_tokens"])
-    trainer(steps, work / "pretrain", [], validate=False).fit(module, datamodule=data(config, 0, str(work / "cache")))
-    return module.export(base)
+    cli = from_config(config, ["--seed_everything", "0", "--model.condition", "pos_control",
+                               "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "null",
+                               "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(work / "pretrain"),
+                               "--data.seed", "0", "--data.cache_dir", str(work / "cache")], [])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli.model.export(base)
 
 
-def run_arm(name: str, config: dict, base: Path, seed: int, steps: int, work: Path) -> dict:
+def run_arm(name: str, config: str, base: Path, seed: int, steps: int, work: Path) -> dict:
     condition, peft, lr = ARMS[name]
-    L.seed_everything(seed)
-    module = GistLitModule(model_name_or_path=str(base), condition=condition, num_gist_tokens=1, peft=peft,
-                           learning_rate=lr, weight_decay=0.0, warmup_ratio=0.03,
-                           max_new_tokens=config["model"]["max_new_tokens"])
     rouge, timer = RougeCallback(), StepTimer()
-    t = trainer(steps, work / "arms", [rouge, timer], validate=True)
-    t.fit(module, datamodule=data(config, seed, str(work / "cache")))
+    # a fine-tuning of the base: the config's model shape and tokenizer give way to the base's
+    cli = from_config(config, ["--seed_everything", str(seed), "--model.model_config", "null",
+                               "--model.tokenizer", "null", "--model.model_name_or_path", str(base),
+                               "--model.condition", condition, "--model.num_gist_tokens", "1",
+                               "--model.peft", json.dumps(peft), "--model.learning_rate", str(lr),
+                               "--model.weight_decay", "0.0", "--model.warmup_ratio", "0.03",
+                               "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+                               "--trainer.default_root_dir", str(work / "arms"),
+                               "--data.seed", str(seed), "--data.cache_dir", str(work / "cache")], [rouge, timer])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "run.ckpt"
-        t.save_checkpoint(ckpt)
+        cli.trainer.save_checkpoint(ckpt)
         ckpt_bytes = ckpt.stat().st_size
-    trainable, total = parameter_counts(module.model)
+    trainable, total = parameter_counts(cli.model.model)
     row = {"arm": name, "seed": seed, "condition": condition, "peft": peft, "learning_rate": lr, "steps": steps,
            "trainable_params": trainable, "total_params": total, "checkpoint_bytes": ckpt_bytes,
            "step_ms_median": 1000 * statistics.median(timer.times[10:])}
@@ -115,24 +118,18 @@ def run_arm(name: str, config: dict, base: Path, seed: int, steps: int, work: Pa
     return row
 
 
-def base_row(config: dict, base: Path, work: Path) -> dict:
+def base_row(config: str, base: Path, work: Path) -> dict:
     """The base itself, validated under pos_control: where every arm starts from."""
-    module = GistLitModule(model_name_or_path=str(base), condition="pos_control",
-                           max_new_tokens=config["model"]["max_new_tokens"])
     rouge = RougeCallback()
-    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
-              callbacks=[rouge], default_root_dir=str(work / "base-validate")).validate(
-        module, datamodule=data(config, 0, str(work / "cache")))
+    cli = from_config(config, ["--model.model_config", "null", "--model.tokenizer", "null",
+                               "--model.model_name_or_path", str(base), "--model.condition", "pos_control",
+                               "--trainer.default_root_dir", str(work / "base-validate"),
+                               "--data.seed", "0", "--data.cache_dir", str(work / "cache")], [rouge])
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)
     row = {"arm": "base (pos_control pretrain, no fine-tuning)", "seed": 0}
     for split, s in rouge.last.items():
         row[f"{SHORT[split]}_rougeL"], row[f"{SHORT[split]}_em"] = s.rougeL, s.exact_match
     return row
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def table(rows: list[dict]) -> str:
@@ -144,12 +141,12 @@ def table(rows: list[dict]) -> str:
     for name in names:
         rs = [r for r in rows if r["arm"] == name]
         cells = [name, ",".join(str(r["seed"]) for r in rs)]
-        cells += [mean_sd([r[f"{s}_rougeL"] for r in rs]) for s in splits]
-        cells += [mean_sd([r[f"{s}_em"] for r in rs]) for s in splits]
+        cells += [format_mean_sd([r[f"{s}_rougeL"] for r in rs]) for s in splits]
+        cells += [format_mean_sd([r[f"{s}_em"] for r in rs]) for s in splits]
         if "trainable_params" in rs[0]:
             r = rs[0]
             cells += [f"{r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.2f}%)",
-                      f"{r['checkpoint_bytes'] / 1e6:.2f} MB", mean_sd([x["step_ms_median"] for x in rs])]
+                      f"{r['checkpoint_bytes'] / 1e6:.2f} MB", format_mean_sd([x["step_ms_median"] for x in rs])]
         else:
             cells += ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -167,9 +164,9 @@ def main() -> None:
     parser.add_argument("--max_validation_records", type=int, default=None, help="per split (default: all)")
     args = parser.parse_args()
     if args.max_validation_records:
-        SUITE_OVERRIDES["max_validation_records"] = args.max_validation_records
+        SUITE_OVERRIDES.extend(["--data.max_validation_records", str(args.max_validation_records)])
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    config = yaml.safe_load(open(args.config))
+    config = args.config
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     base = pretrain(config, work, args.pretrain_steps)

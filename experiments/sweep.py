@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from gist_lightning.evaluation.metrics import read_predictions_csv, rouge_l
-from gist_lightning.evaluation.stats import paired_bootstrap
+from gist_lightning.evaluation.stats import format_interval, format_mean_sd, mean_and_sd, paired_bootstrap
 from gist_lightning.splits import BEST_METRIC, QUALITY_METRICS, SHORT, VALIDATION_SPLITS, metric_key
 from gist_lightning.templates import without_gists
 
@@ -221,16 +221,6 @@ def finished_runs(run_root: Path) -> list[dict]:
     return sorted(runs, key=lambda r: (order.get(r["condition"], 9), r["k"], r["seed"]))
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
-def _interval(d: dict) -> str:
-    return f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
-
-
 def aggregate(results: list[dict], out: Path, run_root: Path | None = None) -> None:
     if not results:
         return
@@ -254,7 +244,7 @@ def aggregate(results: list[dict], out: Path, run_root: Path | None = None) -> N
                   "| condition | k | seeds | seen ROUGE-L | unseen ROUGE-L | human ROUGE-L | seen EM | unseen EM | human EM |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for (condition, k), rs in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 9), g[0][1])):
-            cells = [_mean_sd([r[f"{prefix}{SHORT[s]}_{m}"] for r in rs]) for m in QUALITY_METRICS
+            cells = [format_mean_sd([r[f"{prefix}{SHORT[s]}_{m}"] for r in rs]) for m in QUALITY_METRICS
                      for s in VALIDATION_SPLITS]
             lines.append(f"| {condition} | {k if condition == 'gist' else '-'} | {len(rs)} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -274,7 +264,7 @@ def aggregate(results: list[dict], out: Path, run_root: Path | None = None) -> N
                     continue
                 lines.append(f"| {condition} | {k if condition == 'gist' else '-'} | {cells[0]['seeds']} | "
                              + " / ".join(str(c["records"]) for c in cells) + " | "
-                             + " | ".join(_interval(c) for c in cells) + " |")
+                             + " | ".join(format_interval(c) for c in cells) + " |")
             lines.append("")
         (out / "paired.json").write_text(json.dumps(paired, indent=1) + "\n")
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -297,9 +287,8 @@ def plot(groups: dict, paired: dict, path: Path) -> None:
         ax = axes[0][col]
         gist = [(k, [r[f"{split}_rougeL"] for r in groups["gist", k]]) for k in ks]
         if gist:
-            ax.errorbar(ks, [statistics.mean(v) for _, v in gist],
-                        yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in gist], fmt="o-", color="C0",
-                        capsize=3, label="gist (± sd over seeds)")
+            means, sds = zip(*(mean_and_sd(v) for _, v in gist))
+            ax.errorbar(ks, means, yerr=sds, fmt="o-", color="C0", capsize=3, label="gist (± sd over seeds)")
         for cond, style, color in ((BASELINE, "-", "C2"), ("neg_control", "--", "C3")):
             values = [r[f"{split}_rougeL"] for (c, _), rs in groups.items() if c == cond for r in rs]
             if values:

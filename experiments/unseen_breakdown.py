@@ -10,11 +10,11 @@ experiments/results/tiny-variance/ to see where the seed-to-seed spread sits.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 from gist_lightning.data.suite import TASKS, _all_params
 from gist_lightning.evaluation.metrics import read_predictions_csv, rouge_l
+from gist_lightning.evaluation.stats import format_mean_count
 from gist_lightning.templates import without_gists
 
 PARAM = "held-out parameter word"
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (len(names) + 2) + "|")
     for path, table in tables.items():
         every = [s for v in table.values() for s in v]
-        cells = [f"{statistics.mean(table[g]):.1f} ({len(table[g])})" if g in table else "-" for g in names]
-        print(f"| {path} | {statistics.mean(every):.1f} ({len(every)}) | " + " | ".join(cells) + " |")
+        cells = [format_mean_count(table[g]) if g in table else "-" for g in names]
+        print(f"| {path} | {format_mean_count(every)} | " + " | ".join(cells) + " |")
     return 0
 
 

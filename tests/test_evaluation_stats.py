@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gist_lightning.evaluation.stats import bootstrap_interval, paired_bootstrap
+from gist_lightning.evaluation.stats import (
+    bootstrap_interval,
+    format_interval,
+    format_mean_count,
+    format_mean_sd,
+    mean_and_sd,
+    paired_bootstrap,
+)
 
 
 def test_bootstrap_interval_of_a_mean():
@@ -29,3 +36,11 @@ def test_paired_bootstrap_counts_seeds_and_records():
     assert (shifted["seeds"], shifted["records"]) == (3, 200)
     with pytest.raises(ValueError, match="seeds, records"):
         paired_bootstrap([1.0, 2.0])
+
+
+def test_result_tables_print_means_spreads_and_intervals():
+    assert mean_and_sd([2.0]) == (2.0, 0.0)
+    assert mean_and_sd([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert format_mean_sd([41.25]) == "41.2" and format_mean_sd([40.0, 42.0]) == "41.0 ± 1.4"
+    assert format_mean_count([100.0, 0.0, 100.0]) == "66.7 (3)"
+    assert format_interval({"mean": 1.23, "low": -0.3, "high": 2.5}) == "+1.2 [-0.3, +2.5]"
