@@ -48,6 +48,8 @@ from ..templates import encode_continuation, encode_prefix
 from ..tokens import gist_token_id
 
 MODES = ("gist", "instruction", "full")
+# where a request's cache came from -> the counter of ServingEngine.stats it adds one to
+_COUNT_OF_SOURCE = {"memory": "memory_hits", "disk": "disk_hits", "compressed": "compressed_waits"}
 log = logging.getLogger(__name__)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -292,17 +294,7 @@ class ServingEngine:
             raise RequestError("the instruction is empty")
         prefix = len(encode_prefix(self.tokenizer, request.instruction, self.num_gist_tokens, self.gist_id))
         cont = encode_continuation(self.tokenizer, request.input, self.backend.encoder_decoder)
-        if self.context is not None:  # the check of decoding.check_fits, per request and phrased for one
-            if prefix >= self.context:
-                raise RequestError(f"the instruction takes {prefix - self.num_gist_tokens} tokens (+ "
-                                   f"{self.num_gist_tokens} gist tokens); the model has {self.context} positions",
-                                   "context_length_exceeded")
-            if prefix + len(cont) > prompt_room(self.context, request.max_tokens):
-                need = positions_needed(prefix + len(cont), request.max_tokens)
-                raise RequestError(
-                    f"the prompt does not fit the model's {self.context} positions: instruction + gists {prefix} + "
-                    f"input {len(cont)} tokens + max_tokens {request.max_tokens} need {need} (the last new token is "
-                    "not fed back); shorten the input or ask for fewer tokens", "context_length_exceeded")
+        self._check_fits(prefix, len(cont), request.max_tokens)
         try:
             sampling = Sampling(request.temperature, request.top_p, request.seed)
         except ValueError as e:
@@ -310,6 +302,22 @@ class ServingEngine:
         stream = TextStream(self.tokenizer, request.stop)
         row = Row(request.max_tokens, self.tokenizer.eos_token_id, sampling, stream, self.model.device)
         return _Job(uid, request, prefix, cont, row)
+
+    def _check_fits(self, prefix: int, input_tokens: int, max_tokens: int) -> None:
+        """Refuse a request whose prompt and answer would not fit the model's positions: the check of
+        ``decoding.check_fits``, per request and phrased for one."""
+        if self.context is None:
+            return
+        if prefix >= self.context:
+            raise RequestError(f"the instruction takes {prefix - self.num_gist_tokens} tokens (+ "
+                               f"{self.num_gist_tokens} gist tokens); the model has {self.context} positions",
+                               "context_length_exceeded")
+        if prefix + input_tokens > prompt_room(self.context, max_tokens):
+            need = positions_needed(prefix + input_tokens, max_tokens)
+            raise RequestError(
+                f"the prompt does not fit the model's {self.context} positions: instruction + gists {prefix} + "
+                f"input {input_tokens} tokens + max_tokens {max_tokens} need {need} (the last new token is "
+                "not fed back); shorten the input or ask for fewer tokens", "context_length_exceeded")
 
     def _admit(self, events: list[Event]) -> None:
         free = self.max_batch_size - sum(len(b.jobs) for b in self.running)
@@ -329,41 +337,62 @@ class ServingEngine:
             self.running.append(batch)
 
     def _prompt_caches(self, jobs: list[_Job]) -> list[GistCache]:
-        """One cache row per job: from memory, disk, or compressed now (each instruction once)."""
+        """One cache row per job, in order: from memory, disk, or compressed now (each instruction
+        once). In full mode every job compresses its own instruction and nothing is kept."""
+        if self.mode == "full":  # every request pays for its own prompt
+            for job in jobs:
+                job.cache_source = "none"
+            return self._compress([job.request.instruction for job in jobs])
+        found, missing = self._look_up(jobs)
+        for text, cache in zip(missing, self._compress(missing)):
+            found[text] = cache
+            self._keep(text, cache)
+        return [found[job.request.instruction] for job in jobs]
+
+    def _look_up(self, jobs: list[_Job]) -> tuple[dict[str, GistCache], list[str]]:
+        """The caches of the jobs' instructions found in memory or on disk, and the distinct
+        instructions found in neither, in the order first asked. Sets each job's ``cache_source``
+        and counts, per request, a memory hit, a disk hit or a wait for a compression."""
         found: dict[str, GistCache] = {}
-        source: dict[str, str] = {}
+        source: dict[str, str] = {}  # instruction -> "memory", "disk" or "compressed"
         missing: list[str] = []
         for job in jobs:
             text = job.request.instruction
-            if self.mode == "full":
-                job.cache_source = "none"
-                missing.append(text)  # every request pays for its own prompt
-                continue
             if text not in source:
-                if (hit := self.memory.get(text)) is not None:
-                    found[text], source[text] = hit, "memory"
-                elif self.store is not None and (stored := self._from_disk(text)) is not None:
-                    found[text], source[text] = stored, "disk"
-                    self.memory.put(text, found[text])
-                else:
+                cache, source[text] = self._cached(text)
+                if cache is None:
                     missing.append(text)
-                    source[text] = "compressed"
+                else:
+                    found[text] = cache
             job.cache_source = source[text]
-            self.counts[f"{source[text]}_hits" if source[text] != "compressed" else "compressed_waits"] += 1
+            self.counts[_COUNT_OF_SOURCE[source[text]]] += 1
+        return found, missing
+
+    def _cached(self, text: str) -> tuple[GistCache | None, str]:
+        """``text``'s cache and where it was: ``(cache, "memory")``, ``(cache, "disk")`` (then kept
+        in memory too), or ``(None, "compressed")`` when it must be made."""
+        if (hit := self.memory.get(text)) is not None:
+            return hit, "memory"
+        if self.store is not None and (stored := self._from_disk(text)) is not None:
+            self.memory.put(text, stored)
+            return stored, "disk"
+        return None, "compressed"
+
+    def _compress(self, instructions: list[str]) -> list[GistCache]:
+        """One cache row per instruction (trimmed of padding), compressed ``max_batch_size`` at a time."""
         rows = []
-        for start in range(0, len(missing), self.max_batch_size):
-            chunk = missing[start:start + self.max_batch_size]
+        for start in range(0, len(instructions), self.max_batch_size):
+            chunk = instructions[start:start + self.max_batch_size]
             cache = compress(self.model, self.tokenizer, chunk, self.num_gist_tokens, self.condition)
             rows += [cache.select([i]).trimmed() for i in range(len(chunk))]
-        self.counts["compressed"] += len(missing)
-        if self.mode == "full":
-            return rows
-        for text, row in zip(missing, rows):
-            found[text] = row
-            self.memory.put(text, row)
-            if self.store is not None:
-                self.store.add(text, row)
-        return [found[j.request.instruction] for j in jobs]
+        self.counts["compressed"] += len(instructions)
+        return rows
+
+    def _keep(self, text: str, cache: GistCache) -> None:
+        """A new cache goes to memory and, where there is one, to the store."""
+        self.memory.put(text, cache)
+        if self.store is not None:
+            self.store.add(text, cache)
 
     def _from_disk(self, text: str) -> GistCache | None:
         """The store's entry for ``text``; None when it has none or one that does not belong to this

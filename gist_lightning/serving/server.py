@@ -209,7 +209,8 @@ def _stop_children(server: ls.LitServer) -> None:
             child.join(5)
 
 
-def serve_main(argv: list[str]) -> None:
+def _serve_parser() -> ArgumentParser:
+    """The options of ``gist-lightning serve``."""
     parser = ArgumentParser(prog="gist-lightning serve", description="Serve an exported gist model with an "
                             "OpenAI-compatible API (POST /v1/chat/completions and /v1/completions, GET /v1/models, "
                             "/v1/cache/stats, /health): each instruction is compressed once and its cache reused.")
@@ -234,7 +235,11 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--max_tokens_limit", type=int, default=1024, help="the largest max_tokens a request may ask")
     parser.add_argument("--max_body_size", default="16MiB", help="the largest request body accepted (else 413)")
     parser.add_argument("--log_level", default="warning")
-    cfg = parser.parse_args(argv)
+    return parser
+
+
+def _check_settings(cfg) -> None:
+    """Refuse settings that cannot work now, before any process starts, each with one line that names it."""
     parse_bytes(cfg.cache_memory)
     parse_bytes(cfg.max_body_size)
     resolve_max_tokens(cfg.default_max_tokens, cfg.max_tokens_limit)  # one line naming both, before anything starts
@@ -248,6 +253,13 @@ def serve_main(argv: list[str]) -> None:
             raise ValueError(f"--{flag} must be at least 1; got {getattr(cfg, flag)}")
     if cfg.cache_dir and cfg.mode != "full":
         check_location(cfg.cache_dir)  # unreachable or read-only: refused now, not at the first request
+
+
+def serve_main(argv: list[str]) -> None:
+    """``gist-lightning serve``: check the settings, start the server's processes, serve until stopped
+    (SIGTERM or Ctrl-C), and stop every process it started."""
+    cfg = _serve_parser().parse_args(argv)
+    _check_settings(cfg)
     metrics_dir = prepare_dir()  # before any process starts (and before prometheus_client is imported here)
     _stop_on_signals()  # from here on a signal stops what was started, without a traceback
     logging.getLogger("litserve.server").addFilter(_QuietClientErrors())
