@@ -210,32 +210,71 @@ def _generate_batched(model, tokenizer, cache, inputs: list[str], batch_size: in
 
 
 def compress_main(argv: list[str]) -> None:
-    from .caching import cache_bytes_per_position, compress
-    from .prompt_cache import save_cache
-    from .templates import encode_prefix
-    from .tokens import gist_token_id
+    from .caching import cache_bytes_per_position
 
-    parser = ArgumentParser(prog="gist-lightning compress", description="Compress an instruction into a gist cache "
-                            "file with an exported model; with --input, also answer inputs from it.")
+    parser = ArgumentParser(prog="gist-lightning compress", description="Compress an instruction (or, for a model "
+                            "trained with model.segments, a long context read from a file) into a gist cache file "
+                            "with an exported model; with --input, also answer inputs from it.")
     parser.add_argument("--model", required=True, help="exported model folder (gist-lightning export, or a run's export/)")
-    parser.add_argument("--instruction", required=True, help="the instruction to compress")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--instruction", help="the instruction to compress")
+    what.add_argument("--context", help="a text file (a document, a long system prompt) to compress segment by "
+                      "segment; the model must have been trained with model.segments")
     parser.add_argument("--out", default=None, help="cache file to write (.safetensors); refuses to overwrite")
     _add_answer_args(parser)
     cfg = parser.parse_args(argv)
+    if cfg.out and Path(cfg.out).exists():  # before any work: nothing the user had is overwritten
+        raise FileExistsError(f"{cfg.out} exists; refusing to overwrite it")
     model, tokenizer, settings = _load_model(cfg.model, cfg.dtype, cfg.device)
-    k, condition = settings["num_gist_tokens"], settings["condition"]
-    cache = compress(model, tokenizer, [cfg.instruction], k, condition)
-    n_instr = len(encode_prefix(tokenizer, cfg.instruction, k, gist_token_id(tokenizer))) - k
+    if cfg.context is not None:
+        cache, text, n_tokens, what = _compress_context_file(model, tokenizer, settings, cfg.context)
+    else:
+        cache, text, n_tokens, what = _compress_instruction(model, tokenizer, settings, cfg.instruction)
     per_position = cache_bytes_per_position(model)
-    print(f"instruction: {n_instr} tokens -> {cache.length} cached position(s) ({condition}, k={k}): "
-          f"compression factor {n_instr / max(cache.length, 1):.1f}x; cache {cache.nbytes() / 1024:.1f} KiB "
-          f"(instruction caching would hold {n_instr * per_position / 1024:.1f} KiB)")
+    print(f"{what}: {n_tokens} tokens -> {cache.length} cached position(s): compression factor "
+          f"{n_tokens / max(cache.length, 1):.1f}x; cache {cache.nbytes() / 1024:.1f} KiB (caching the text itself "
+          f"would hold {n_tokens * per_position / 1024:.1f} KiB)")
     if cfg.out:
-        if Path(cfg.out).exists():
-            raise FileExistsError(f"{cfg.out} exists; refusing to overwrite it")
-        save_cache(cache, cfg.out, model, tokenizer, [cfg.instruction])
+        from .prompt_cache import save_cache
+
+        save_cache(cache, cfg.out, model, tokenizer, [text])
         print(f"wrote {cfg.out}")
     _answer(model, tokenizer, cache, cfg)
+
+
+def _compress_instruction(model, tokenizer, settings: dict, instruction: str):
+    """(cache, text, tokens, description) of a short instruction, with the model's k gists."""
+    from .caching import compress
+    from .templates import encode_prefix
+    from .tokens import gist_token_id
+
+    if settings.get("segments"):
+        raise ValueError("this model gists long contexts segment by segment (model.segments): pass the text "
+                         "as --context FILE instead of --instruction")
+    k, condition = settings["num_gist_tokens"], settings["condition"]
+    cache = compress(model, tokenizer, [instruction], k, condition)
+    n_instr = len(encode_prefix(tokenizer, instruction, k, gist_token_id(tokenizer))) - k
+    return cache, instruction, n_instr, f"instruction ({condition}, k={k})"
+
+
+def _compress_context_file(model, tokenizer, settings: dict, path: str):
+    """(cache, text, tokens, description) of a long context read from ``path``, segment by segment."""
+    from .long_context import SegmentSettings, compress_context
+    from .tokens import encode_text
+
+    if not settings.get("segments"):
+        raise ValueError(f"--context {path}: this model was trained on short instructions (no model.segments); "
+                         "compress a long context with a model trained with model.segments, or pass --instruction")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--context {path}: no such file")
+    text = read_text(path).strip()
+    if not text:
+        raise ValueError(f"--context {path}: the file is empty")
+    segments = SegmentSettings(**settings["segments"])
+    cache = compress_context(model, tokenizer, [text], segments, settings["condition"])
+    n_tokens = len(encode_text(tokenizer, text))
+    return cache, text, n_tokens, (f"context {path} ({settings['condition']}, segments of {segments.segment_tokens} "
+                                   f"tokens + {segments.gists_per_segment} {segments.placement} gists)")
 
 
 def generate_main(argv: list[str]) -> None:
@@ -247,7 +286,7 @@ def generate_main(argv: list[str]) -> None:
     _add_answer_args(parser)
     cfg = parser.parse_args(argv)
     model, tokenizer, settings = _load_model(cfg.model, cfg.dtype, cfg.device)
-    cache = load_cache(cfg.cache, model, tokenizer, settings["num_gist_tokens"])
+    cache = load_cache(cfg.cache, model, tokenizer, settings["num_gist_tokens"], segments=settings.get("segments"))
     if not _answer(model, tokenizer, cache, cfg):
         raise ValueError("no inputs: pass --input TEXT or --inputs FILE")
 
@@ -281,7 +320,7 @@ LIGHTNING_COMMANDS = {
 HELP = {
     "score": "ROUGE-L and exact match of predictions CSVs (columns y_pred, y_true)",
     "export": "a Lightning checkpoint (or DeepSpeed checkpoint folder) -> an HF folder with the gist settings",
-    "compress": "compress an instruction into a gist cache file with an exported model",
+    "compress": "compress an instruction (or a long context, --context FILE) into a gist cache file",
     "generate": "answer inputs from a gist cache file, batched",
     "judge": "pairwise comparison of two prediction CSVs by a judge model at any OpenAI-compatible endpoint",
     "serve": "an OpenAI-compatible server of an exported model: instructions compressed once, caches reused",

@@ -22,6 +22,7 @@ import logging
 import os
 import struct
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from .cache import GistCache
 from .caching import compress
 from .errors import CorruptFileError, GistError
 from .files import atomic_path
+from .long_context import compress_context
 from .tokens import tokenizer_fingerprint
 
 FORMAT = "gist-lightning-cache/1"
@@ -75,6 +77,8 @@ def _meta(cache: GistCache, model, tokenizer, instructions: list[str] | None, pr
         "model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
         **(prints or fingerprints(model, tokenizer)),
         "instructions": json.dumps(instructions or []),
+        # a long context's segment settings (None: a short instruction's k gists)
+        "segments": json.dumps(cache.meta.get("segments")),
     }
 
 
@@ -119,12 +123,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int | None = None,
-               prints: dict[str, str] | None = None) -> GistCache:
+               prints: dict[str, str] | None = None, segments: dict | None | bool = False) -> GistCache:
     """Read a cache file for ``model``/``tokenizer``; refuse one made for something else
-    (``prints``: their :func:`fingerprints`, when the caller has them already)."""
+    (``prints``: their :func:`fingerprints`, when the caller has them already; ``segments``: the
+    segment settings the cache must have been made with, as a dict, None for a short instruction's
+    cache, False: not checked)."""
     path = Path(path)
     meta = read_metadata(path)
-    _check(path, meta, model, tokenizer, num_gist_tokens, prints)
+    _check(path, meta, model, tokenizer, num_gist_tokens, prints, segments)
     tensors = {}
     try:
         with safe_open(str(path), framework="pt", device=str(model.device)) as f:
@@ -135,7 +141,8 @@ def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int |
     return _from_tensors(meta, tensors)
 
 
-def _check(path, meta: dict, model, tokenizer, num_gist_tokens: int | None, prints: dict | None) -> None:
+def _check(path, meta: dict, model, tokenizer, num_gist_tokens: int | None, prints: dict | None,
+           segments: dict | None | bool = False) -> None:
     # files of version 0.1 (no "backend" key) hold the tokenizer's fingerprint without the framing
     current = prints if prints and "backend" in meta else {
         "model_fingerprint": prints["model_fingerprint"] if prints else model_fingerprint(model),
@@ -153,6 +160,25 @@ def _check(path, meta: dict, model, tokenizer, num_gist_tokens: int | None, prin
     for what, stored, current, why in checks:
         if stored != current:
             raise CacheMismatchError(f"{path}: refusing to load this cache into a different {what}: {why}")
+    stored_segments = json.loads(meta.get("segments", "null"))
+    if segments is not False and _segment_key(stored_segments) != _segment_key(segments):
+        raise CacheMismatchError(f"{path}: refusing a cache made with other segment settings: it holds "
+                                 f"{_describe(stored_segments)}, the model runs {_describe(segments)}")
+
+
+def _segment_key(segments: dict | None):
+    """What of the segment settings decides a cache's content (not the length limit)."""
+    if not segments:
+        return None
+    return (segments["segment_tokens"], segments["gists_per_segment"], segments["placement"], segments.get("window"))
+
+
+def _describe(segments: dict | None) -> str:
+    if not segments:
+        return "a short instruction's gists (no segments)"
+    window = f", window {segments['window']}" if segments.get("window") else ""
+    return (f"segments of {segments['segment_tokens']} tokens with {segments['gists_per_segment']} "
+            f"{segments['placement']} gists each{window}")
 
 
 def _from_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> GistCache:
@@ -161,7 +187,9 @@ def _from_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> GistCache:
     return GistCache(states=backend_named(name).states_from(tensors), valid=tensors["valid"],
                      positions=tensors["positions"], next_position=tensors["next_position"],
                      num_gist_tokens=int(meta["num_gist_tokens"]), condition=meta["condition"], backend=name,
-                     meta={"instructions": json.loads(meta["instructions"])})
+                     meta={"instructions": json.loads(meta["instructions"]),
+                           **({"segments": json.loads(meta["segments"])} if meta.get("segments", "null") != "null"
+                              else {})})
 
 
 def _metadata_of(where: str, head: bytes) -> dict[str, str]:
@@ -209,10 +237,12 @@ class CacheStore:
     """
 
     def __init__(self, folder: str | os.PathLike, model, tokenizer, num_gist_tokens: int, condition: str = "gist",
-                 frozen: bool = False):
+                 frozen: bool = False, segments=None):
         """``folder``: a path, or an fsspec URL (``s3://bucket/prefix``). ``frozen``: the model's
         weights do not change while the store is used (serving), so its fingerprint is computed once
-        instead of at every read and write."""
+        instead of at every read and write. ``segments``: the model gists long contexts segment by
+        segment (:class:`~gist_lightning.long_context.SegmentSettings`): entries are contexts
+        compressed with :func:`~gist_lightning.long_context.compress_context`, keyed by them too."""
         self.fs, root = url_to_fs(str(folder))
         self.local = isinstance(self.fs, LocalFileSystem)
         if self.local:
@@ -224,9 +254,14 @@ class CacheStore:
         self.model, self.tokenizer = model, tokenizer
         self.num_gist_tokens, self.condition = num_gist_tokens, condition
         self.prints = fingerprints(model, tokenizer) if frozen else None
+        self.segments = segments
+        self._segments_dict = asdict(segments) if segments is not None else None
 
     def _name(self, instruction: str) -> str:
-        key = json.dumps([instruction, self.num_gist_tokens, self.condition])
+        parts = [instruction, self.num_gist_tokens, self.condition]
+        if self.segments is not None:  # entries of short-instruction stores keep their names
+            parts.append(_segment_key(self._segments_dict))
+        key = json.dumps(parts)
         return f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
     def path(self, instruction: str) -> Path | str:
@@ -239,7 +274,9 @@ class CacheStore:
 
     def add(self, instruction: str, cache: GistCache | None = None) -> Path | str:
         """Store the compressed ``instruction`` (compressing it now unless ``cache`` is given)."""
-        if cache is None:
+        if cache is None and self.segments is not None:
+            cache = compress_context(self.model, self.tokenizer, [instruction], self.segments, self.condition)
+        elif cache is None:
             cache = compress(self.model, self.tokenizer, [instruction], self.num_gist_tokens, self.condition)
         if cache.batch_size != 1:
             raise ValueError(f"a store entry holds one instruction; got a cache of {cache.batch_size} rows")
@@ -254,13 +291,13 @@ class CacheStore:
         if self.local:
             if not path.is_file():
                 raise KeyError(f"no cache for instruction {instruction[:80]!r} in {self.folder}")
-            return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens, self.prints)
+            return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens, self.prints, self._segments_dict)
         try:
             data = self.fs.cat_file(self._remote(instruction))  # a plain get, never a cached listing
         except FileNotFoundError:
             raise KeyError(f"no cache for instruction {instruction[:80]!r} in {self.folder}") from None
         meta = _metadata_of(path, data)
-        _check(path, meta, self.model, self.tokenizer, self.num_gist_tokens, self.prints)
+        _check(path, meta, self.model, self.tokenizer, self.num_gist_tokens, self.prints, self._segments_dict)
         try:
             tensors = load_bytes(data)
         except Exception as e:  # noqa: BLE001
@@ -291,7 +328,8 @@ class CacheStore:
                 self.unreadable.append((path, str(e)))
                 log.warning("%s", e)
                 continue
-            if meta["num_gist_tokens"] == str(self.num_gist_tokens) and meta["condition"] == self.condition:
+            if (meta["num_gist_tokens"] == str(self.num_gist_tokens) and meta["condition"] == self.condition
+                    and _segment_key(json.loads(meta.get("segments", "null"))) == _segment_key(self._segments_dict)):
                 out += json.loads(meta["instructions"])
         return out
 

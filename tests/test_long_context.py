@@ -5,6 +5,8 @@ one segment; bad settings are refused with the numbers."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -154,3 +156,76 @@ def test_segment_settings_must_agree_with_k():
 
     with pytest.raises(ValueError, match=r"num_gist_tokens \(1\) must equal model.segments.gists_per_segment \(4\)"):
         GistLitModule(model_config={"model_type": "llama"}, segments={"segment_tokens": 32, "gists_per_segment": 4})
+
+
+def _segment_export(make_pair, tmp_path, settings):
+    from gist_lightning.export import export_pretrained
+
+    model, tok, gist_id = make_pair("llama", seed=0)
+    export_pretrained(model, tok, tmp_path / "m", num_gist_tokens=settings.gists_per_segment, condition="gist",
+                      segments=asdict(settings))
+    return model, tok, gist_id
+
+
+def test_cache_files_and_the_store_keep_contexts_and_refuse_other_segment_settings(make_pair, tmp_path):
+    """A context cache saved and loaded answers alike (same logits); a store of contexts compresses
+    once and reuses; a file or store made with other segment settings is refused with the numbers."""
+    from gist_lightning.prompt_cache import CacheMismatchError, CacheStore, load_cache, save_cache
+
+    model, tok, gist_id = make_pair("llama", seed=0)
+    settings, other = SegmentSettings(8, 2, "fine"), SegmentSettings(8, 4, "fine")
+    cache = compress_context(model, tok, [CONTEXTS[1]], settings)
+    save_cache(cache, tmp_path / "c.safetensors", model, tok, [CONTEXTS[1]])
+    loaded = load_cache(tmp_path / "c.safetensors", model, tok, 2, segments=asdict(settings))
+    q_ids, q_mask = pad_batch([encode_continuation(tok, QUESTIONS[0], False)], tok.pad_token_id, "left")
+    assert torch.equal(continuation_logits(model, cache, q_ids, q_mask).logits,
+                       continuation_logits(model, loaded, q_ids, q_mask).logits)
+    with pytest.raises(CacheMismatchError, match="segments of 8 tokens with 2 fine gists each, the model runs "
+                                                 "segments of 8 tokens with 4 fine gists each"):
+        load_cache(tmp_path / "c.safetensors", model, tok, 2, segments=asdict(other))
+    with pytest.raises(CacheMismatchError, match="the model runs a short instruction's gists"):
+        load_cache(tmp_path / "c.safetensors", model, tok, 2, segments=None)
+
+    store = CacheStore(tmp_path / "store", model, tok, 2, segments=settings)
+    first = store.get_or_add(CONTEXTS[2])
+    assert store.list() == [CONTEXTS[2]] and first.meta["segments"]["gists_per_segment"] == 2
+    again = store.get_or_add(CONTEXTS[2])
+    direct = compress_context(model, tok, [CONTEXTS[2]], settings)
+    for (k1, v1), (k2, v2) in zip(again.states, direct.states):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    # another layout in the same folder is another entry, never the first one's gists
+    assert CacheStore(tmp_path / "store", model, tok, 2, segments=SegmentSettings(8, 2, "coarse")).list() == []
+
+
+def test_compress_and_generate_commands_take_a_context_file(make_pair, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    settings = SegmentSettings(8, 2, "fine")
+    model, tok, _ = _segment_export(make_pair, tmp_path, settings)
+    context = tmp_path / "doc.txt"
+    context.write_text(CONTEXTS[2] + "\n")
+    bin_ = str(Path(sys.executable).parent / "gist-lightning")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([bin_, "compress", "--model", str(tmp_path / "m"), "--context", str(context),
+                          "--out", str(tmp_path / "c.safetensors"), "--input", QUESTIONS[2], "--max_new_tokens", "4"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n_tokens = len(tok(CONTEXTS[2], add_special_tokens=False)["input_ids"])
+    positions = -(-n_tokens // 8) * 2  # two gists per started segment of 8
+    assert f"{n_tokens} tokens -> {positions} cached position(s)" in out.stdout
+    expected = generate(model, tok, compress_context(model, tok, [CONTEXTS[2]], settings), [QUESTIONS[2]],
+                        max_new_tokens=4)[0]
+    assert out.stdout.strip().splitlines()[-1] == f"{QUESTIONS[2]}\t{expected}"
+    gen = subprocess.run([bin_, "generate", "--model", str(tmp_path / "m"), "--cache", str(tmp_path / "c.safetensors"),
+                          "--input", QUESTIONS[2], "--max_new_tokens", "4"], capture_output=True, text=True, env=env)
+    assert gen.returncode == 0 and gen.stdout.strip() == f"{QUESTIONS[2]}\t{expected}", gen.stderr[-2000:]
+    # a short-instruction command on this model, and an existing --out, are refused in one line
+    bad = subprocess.run([bin_, "compress", "--model", str(tmp_path / "m"), "--instruction", "x"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "pass the text as --context FILE" in bad.stderr
+    again = subprocess.run([bin_, "compress", "--model", str(tmp_path / "m"), "--context", str(context), "--out",
+                            str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=env)
+    assert again.returncode == 1 and "exists; refusing to overwrite" in again.stderr

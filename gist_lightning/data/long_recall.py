@@ -129,14 +129,18 @@ class LongRecall(GistDataModule):
         generation_seed: the generator's seed.
         train_size / validation_size: records in train and in each validation split.
         context_words: (low, high) words per training context.
+        facts: key facts per context (the asked one and its distractors, at most 12).
         tasks: the task families drawn in turn (a subset of ``TASKS``; ``validation_unseen`` keeps
             those of them that ask about a key: recall and two_hop).
         kwargs: batch sizes, length limits, ... of :class:`~gist_lightning.data.datamodule.GistDataModule`.
     """
 
     def __init__(self, generation_seed: int = 0, train_size: int = 20000, validation_size: int = 200,
-                 context_words: tuple[int, int] = (150, 300), tasks: tuple[str, ...] = TASKS, **kwargs):
+                 context_words: tuple[int, int] = (150, 300), tasks: tuple[str, ...] = TASKS, facts: int = 6,
+                 **kwargs):
         super().__init__(**kwargs)
+        if not 1 <= facts <= len(KEYS):
+            raise ValueError(f"data.facts must be 1..{len(KEYS)} key facts per context; got {facts}")
         unknown = [t for t in tasks if t not in TASKS]
         if not tasks or unknown:
             raise ValueError(f"data.tasks must be a non-empty subset of {TASKS}; got {list(tasks)}")
@@ -148,7 +152,7 @@ class LongRecall(GistDataModule):
     def folder(self) -> Path:
         h = self.hparams
         lo, hi = h.context_words
-        tasks = "" if tuple(h.tasks) == TASKS else "-" + "+".join(h.tasks)
+        tasks = ("" if tuple(h.tasks) == TASKS else "-" + "+".join(h.tasks)) + ("" if h.facts == 6 else f"-facts{h.facts}")
         return Path(h.cache_dir) / (f"long-recall-v{LONG_RECALL_VERSION}-seed{h.generation_seed}-train{h.train_size}"
                                     f"-val{h.validation_size}-words{lo}-{hi}{tasks}")
 
@@ -166,7 +170,7 @@ class LongRecall(GistDataModule):
         def draw(n, words, keep, tasks=tuple(h.tasks)):
             out = []
             while len(out) < n:
-                rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng)
+                rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng, h.facts)
                 if keep(rec):
                     out.append({**rec, "source": "long_recall"})
             return out

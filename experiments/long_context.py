@@ -1,0 +1,353 @@
+"""Long contexts: recall by compression ratio, gist tokens against full attention and truncation.
+
+Trains, per seed, four models on the generated key-value recall task (configs/tiny-long-recall.yaml,
+through the ``gist-lightning fit`` command line) and answers one fixed test set with each:
+
+- ``gist_coarse`` / ``gist_fine``: one model per placement, trained with a ratio drawn per batch
+  from {2, 4, 8, 16}; tested at each ratio from caches made segment by segment
+  (:func:`gist_lightning.long_context.compress_context`), which hold the gists alone;
+- ``full``: full attention over the context (``pos_control``; the upper bound);
+- ``truncation``: the same full-attention model given only the context's last tokens, as many
+  positions as the gist cache holds at that ratio;
+- ``neg_control``: trained and tested without the context (the answer prior).
+
+``full`` and ``neg_control`` do not depend on the ratio; their rows repeat one evaluation at every
+ratio so that each ratio's comparison reads from one place. Outputs (``--out``): ``results.csv``
+(one row per method, ratio and seed: exact match in percent, cached positions and bytes per
+context, prefill FLOPs per question), ``by_distance.csv`` (exact match by how many segments lie
+between the needed fact and the question), ``memory.csv`` (peak positions held while compressing a
+16-segment context), ``table.md`` (means over seeds, 95% bootstrap intervals over seeds and
+records, the paired gist - truncation differences, the goals) and ``long_context.png``.
+
+    python experiments/long_context.py --seeds 0 1 2 --jobs 2          # trains 12 models, then tests
+    python experiments/long_context.py --seeds 0 1 2 --steps 3000 --check_args
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gist_lightning import generate
+from gist_lightning.caching import cache_bytes_per_position
+from gist_lightning.data.long_recall import make_long_record
+from gist_lightning.evaluation.stats import format_interval, paired_bootstrap
+from gist_lightning.export import load_pretrained
+from gist_lightning.long_context import (
+    SegmentSettings,
+    compress_context,
+    compress_context_ids,
+    encode_context,
+)
+from gist_lightning.masks import interleave_gists
+from gist_lightning.tokens import encode_text, gist_token_id, special_frame
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [ROOT / "configs" / "tiny.yaml", ROOT / "configs" / "tiny-long.yaml", ROOT / "configs" / "tiny-long-recall.yaml"]
+RATIOS = (2, 4, 8, 16)
+METHODS = ("gist_coarse", "gist_fine", "full", "truncation", "neg_control")
+# what each trained model is: its overrides of configs/tiny-long-recall.yaml
+TRAINED = {
+    "gist_coarse": ["--model.segments.placement", "coarse"],
+    "gist_fine": ["--model.segments.placement", "fine"],
+    "full": ["--model.condition", "pos_control"],
+    "neg_control": ["--model.condition", "neg_control"],
+}
+TRAINED_BY = {"gist_coarse": "gist_coarse", "gist_fine": "gist_fine", "full": "full", "truncation": "full",
+              "neg_control": "neg_control"}
+
+
+def fit_command(method: str, seed: int, run_root: Path, steps: int, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "gist_lightning.cli", "fit"]
+    for c in CONFIGS:
+        cmd += ["--config", str(c)]
+    return cmd + TRAINED[method] + [
+        "--seed_everything", str(seed), "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(run_root),
+        "--trainer.logger.init_args.name", f"{method}-seed{seed}", "--trainer.logger.init_args.version", "0",
+        "--data.init_args.cache_dir", str(run_root / "cache"), *extra]
+
+
+def export_of(run_root: Path, method: str, seed: int) -> Path:
+    return run_root / f"{method}-seed{seed}" / "version_0" / "export"
+
+
+def train_all(cells: list[tuple[str, int]], run_root: Path, steps: int, jobs: int, extra: list[str]) -> None:
+    """Fit every (method, seed) whose export is missing, ``jobs`` at a time, one torch thread each."""
+    todo = [(m, s) for m, s in cells if not (export_of(run_root, m, s) / "gist_config.json").is_file()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running: list[tuple[subprocess.Popen, str]] = []
+    run_root.mkdir(parents=True, exist_ok=True)
+    while todo or running:
+        while todo and len(running) < jobs:
+            method, seed = todo.pop(0)
+            log = open(run_root / f"{method}-seed{seed}.log", "w")
+            print(f"training {method} seed {seed} ({steps} steps); log: {log.name}", flush=True)
+            running.append((subprocess.Popen(fit_command(method, seed, run_root, steps, extra), stdout=log,
+                                             stderr=subprocess.STDOUT, env=env, cwd=ROOT), log.name))
+        proc, name = running.pop(0)
+        if proc.wait() != 0:
+            raise SystemExit(f"training failed (exit {proc.returncode}); see {name}")
+
+
+def test_records(n: int, seed: int, context_words: tuple[int, int], facts: int) -> list[dict]:
+    """The fixed test set (a generator seed no training split uses): recall among distractors."""
+    rng = random.Random(10_000 + seed)
+    return [make_long_record("recall", rng.randint(*context_words), rng, facts) for _ in range(n)]
+
+
+def fact_distance(tok, rec: dict, segment_tokens: int) -> int:
+    """Segments between the asked fact and the question (0: the fact is in the last segment)."""
+    key = re.search(r"code of (\w+)\?", rec["input"]).group(1)
+    start = rec["instruction"].index(f"the code of {key} is")
+    n_tokens = len(encode_text(tok, rec["instruction"]))
+    before = len(encode_text(tok, rec["instruction"][:start].rstrip())) if start else 0
+    return (n_tokens - 1) // segment_tokens - before // segment_tokens
+
+
+def prefill_flops(model, question_tokens: float, cached: float) -> float:
+    """FLOPs of one question's prefill over a cache of ``cached`` positions: 2 x the non-embedding
+    weights per token, plus attention scores and weighted sums (4 x hidden per key per layer)."""
+    c = model.config
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    q = question_tokens
+    return 2 * weights * q + 4 * c.num_hidden_layers * c.hidden_size * q * (cached + (q + 1) / 2)
+
+
+def truncated_rows(tok, texts: list[str], settings: SegmentSettings, gist_id: int, positions: list[int]) -> list[list[int]]:
+    """Each context cut to its last raw tokens such that, with the full model's own gists placed,
+    it holds at most ``positions[i]`` positions (the gist cache's size at the ratio tested)."""
+    before, _ = special_frame(tok)
+    rows = []
+    for text, budget in zip(texts, positions):
+        raw = encode_text(tok, text)
+        keep = len(raw)
+        while keep > 1 and len(interleave_gists(raw[-keep:], settings.segment_tokens, settings.gists_per_segment,
+                                                settings.placement, gist_id)) > budget:
+            keep -= 1
+        rows.append(before + interleave_gists(raw[-keep:], settings.segment_tokens, settings.gists_per_segment,
+                                              settings.placement, gist_id))
+    return rows
+
+
+@torch.no_grad()
+def evaluate(export: Path, method: str, records: list[dict], ratios, batch_size: int, max_new_tokens: int) -> dict:
+    """{ratio: (correct per record, mean cached positions, bytes per context, prefill FLOPs per question)}."""
+    model, tok, settings = load_pretrained(export)
+    model.float()
+    base = SegmentSettings(**settings["segments"])
+    gist_id, per_pos = gist_token_id(tok), cache_bytes_per_position(model)
+    condition = {"full": "pos_control", "truncation": "pos_control", "neg_control": "neg_control"}.get(method, "gist")
+    q_tokens = float(np.mean([len(encode_text(tok, r["input"])) for r in records]))
+    out = {}
+    for ratio in ratios:
+        if method == "truncation":  # as many positions as the gist cache holds at this ratio: its gists
+            budget = [encode_context(tok, r["instruction"], base.at_ratio(ratio), gist_id).count(gist_id)
+                      for r in records]
+        correct, positions = [], []
+        for i in range(0, len(records), batch_size):
+            batch = records[i:i + batch_size]
+            texts = [r["instruction"] for r in batch]
+            if method.startswith("gist"):
+                cache = compress_context(model, tok, texts, base.at_ratio(ratio))
+            elif method == "truncation":
+                rows = truncated_rows(tok, texts, base, gist_id, budget[i:i + batch_size])
+                cache = compress_context_ids(model, rows, gist_id, tok.pad_token_id, base, "pos_control")
+            else:
+                cache = compress_context(model, tok, texts, base, condition)
+            answers = generate(model, tok, cache, [r["input"] for r in batch], max_new_tokens=max_new_tokens)
+            correct += [float(a.strip() == r["output"]) for a, r in zip(answers, batch)]
+            positions += cache.valid.sum(-1).tolist()
+        cached = float(np.mean(positions))
+        out[ratio] = (correct, cached, cached * per_pos, prefill_flops(model, q_tokens, cached))
+    return out
+
+
+@torch.no_grad()
+def peak_memory(export: Path, ratio: int, segments: int = 16) -> dict:
+    """Peak positions held while compressing a context of ``segments`` segments, against the gists
+    plus one segment (the issue's bound) and the whole context."""
+    model, tok, settings = load_pretrained(export)
+    settings = SegmentSettings(**settings["segments"]).at_ratio(ratio)
+    rng = random.Random(0)
+    raw = encode_text(tok, make_long_record("recall", 400, rng)["instruction"])[: segments * settings.segment_tokens]
+    assert len(raw) == segments * settings.segment_tokens, "the generated context is too short"
+    row = special_frame(tok)[0] + interleave_gists(raw, settings.segment_tokens, settings.gists_per_segment,
+                                                   settings.placement, gist_token_id(tok))
+    cache = compress_context_ids(model, [row], gist_token_id(tok), tok.pad_token_id, settings)
+    gists = int(cache.valid.sum())
+    one_segment = settings.segment_tokens + settings.gists_per_segment + len(special_frame(tok)[0])
+    return {"segments": segments, "ratio": ratio, "context_positions": len(row), "kept_gists": gists,
+            "peak_positions": cache.meta["peak_positions"], "bound_gists_plus_one_segment": gists + one_segment}
+
+
+def bootstrap(matrix: np.ndarray) -> dict:
+    """Mean and 95% interval (percent) of a (seeds, records) 0/1 matrix, seeds and records resampled."""
+    return paired_bootstrap(100 * matrix)
+
+
+def write_outputs(out: Path, results: dict, by_distance: list[dict], memory: list[dict], records: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = sorted({s for (_, _, s) in results})
+    rows = []
+    for (method, ratio, seed), (correct, cached, nbytes, flops) in sorted(results.items()):
+        rows.append({"method": method, "ratio": ratio, "seed": seed, "exact_match": round(100 * np.mean(correct), 2),
+                     "records": len(correct), "cached_positions": round(cached, 1), "cached_bytes": int(nbytes),
+                     "prefill_flops": int(flops)})
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "by_distance.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(by_distance[0]))
+        w.writeheader()
+        w.writerows(by_distance)
+    with open(out / "memory.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(memory[0]))
+        w.writeheader()
+        w.writerows(memory)
+
+    def matrix(method, ratio):
+        return np.array([results[(method, ratio, s)][0] for s in seeds])
+
+    lines = [f"# Long-context recall: {len(seeds)} seeds x {records} test contexts", "",
+             "Exact match (%) on key-value recall among distractors; mean over seeds and records, 95% bootstrap "
+             "interval (seeds and records resampled). `full` and `neg_control` do not depend on the ratio (one "
+             "evaluation, repeated). Cached bytes per context (fp32) and prefill FLOPs per question are means.", "",
+             "| ratio | method | exact match | 95% interval | cached positions | cached bytes | prefill MFLOPs |",
+             "|---|---|---|---|---|---|---|"]
+    summary = {}
+    for ratio in RATIOS:
+        for method in METHODS:
+            if (method, ratio, seeds[0]) not in results:
+                continue
+            b = bootstrap(matrix(method, ratio))
+            summary[(method, ratio)] = b
+            _, cached, nbytes, flops = results[(method, ratio, seeds[0])]
+            lines.append(f"| {ratio}x | {method} | {b['mean']:.1f} | [{b['low']:.1f}, {b['high']:.1f}] | "
+                         f"{cached:.0f} | {nbytes / 1024:.1f} KiB | {flops / 1e6:.2f} |")
+    lines += ["", "## Gist against truncation at the same cached positions (paired, percentage points)", "",
+              "| ratio | gist_coarse - truncation | gist_fine - truncation |", "|---|---|---|"]
+    for ratio in RATIOS:
+        cells = []
+        for g in ("gist_coarse", "gist_fine"):
+            if (g, ratio, seeds[0]) in results and ("truncation", ratio, seeds[0]) in results:
+                cells.append(format_interval(paired_bootstrap(100 * (matrix(g, ratio) - matrix("truncation", ratio)))))
+            else:
+                cells.append("-")
+        lines.append(f"| {ratio}x | {cells[0]} | {cells[1]} |")
+    lines += ["", "## Goals", ""]
+    full = summary.get(("full", 4), {}).get("mean")
+    for g in ("gist_coarse", "gist_fine"):
+        for ratio in (4, 8):
+            if (g, ratio) in summary and full:
+                share = 100 * summary[(g, ratio)]["mean"] / full if full else float("nan")
+                lines.append(f"- {g} at {ratio}x: {summary[(g, ratio)]['mean']:.1f} = {share:.0f}% of full attention's "
+                             f"{full:.1f}" + (" (goal at 4x: >= 90%)" if ratio == 4 else ""))
+    for m in memory:
+        lines.append(f"- memory: compressing {m['segments']} segments at {m['ratio']}x held at most "
+                     f"{m['peak_positions']} positions (gists + one segment: {m['bound_gists_plus_one_segment']}; "
+                     f"the whole context: {m['context_positions']})")
+    lines += ["", "## By distance of the needed fact from the question (segments; at 4x)", "",
+              "| method | " + " | ".join(f"{d}" for d in sorted({r['distance'] for r in by_distance})) + " |"]
+    distances = sorted({r["distance"] for r in by_distance})
+    lines.append("|---|" + "---|" * len(distances))
+    for method in METHODS:
+        cells = []
+        for d in distances:
+            sel = [r for r in by_distance if r["method"] == method and r["ratio"] == 4 and r["distance"] == d]
+            n = sum(r["n"] for r in sel)
+            cells.append(f"{sum(r['exact_match'] * r['n'] for r in sel) / n:.0f} ({n})" if n else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    plot(out / "long_context.png", summary, by_distance, distances)
+
+
+def plot(path: Path, summary: dict, by_distance: list[dict], distances: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in METHODS:
+        pts = [(r, summary[(method, r)]) for r in RATIOS if (method, r) in summary]
+        if not pts:
+            continue
+        x = [r for r, _ in pts]
+        y = [s["mean"] for _, s in pts]
+        err = [[s["mean"] - s["low"] for _, s in pts], [s["high"] - s["mean"] for _, s in pts]]
+        a.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+    a.set(xscale="log", xticks=list(RATIOS), xticklabels=[f"{r}x" for r in RATIOS], xlabel="compression ratio",
+          ylabel="exact match (%)", title="Recall by compression ratio (95% CI)", ylim=(0, 100))
+    a.legend()
+    for method in METHODS:
+        ys = []
+        for d in distances:
+            sel = [r for r in by_distance if r["method"] == method and r["ratio"] == 4 and r["distance"] == d]
+            n = sum(r["n"] for r in sel)
+            ys.append(sum(r["exact_match"] * r["n"] for r in sel) / n if n else np.nan)
+        b.plot(distances, ys, marker="o", label=method)
+    b.set(xlabel="segments between the needed fact and the question", ylabel="exact match (%)",
+          title="Recall by distance, 4x", ylim=(0, 100))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=3000, help="training steps per model")
+    p.add_argument("--jobs", type=int, default=2, help="trainings at once (one torch thread each)")
+    p.add_argument("--records", type=int, default=300, help="test contexts")
+    p.add_argument("--context_words", type=int, nargs=2, default=[60, 120])
+    p.add_argument("--facts", type=int, default=3, help="key facts per test context (the asked one + distractors)")
+    p.add_argument("--run_root", type=Path, default=ROOT / "runs" / "long-context")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "long-context")
+    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--check_args", action="store_true", help="check the arguments and the commands, run nothing")
+    args, extra = p.parse_known_args(argv)
+    cells = [(m, s) for s in args.seeds for m in TRAINED]
+    if args.check_args:
+        for m, s in cells:
+            print(" ".join(fit_command(m, s, args.run_root, args.steps, extra)))
+        return 0
+    train_all(cells, args.run_root, args.steps, args.jobs, extra)
+    torch.set_num_threads(1)
+    records = test_records(args.records, 0, tuple(args.context_words), args.facts)
+    results, by_distance = {}, []
+    _, tok, settings = load_pretrained(export_of(args.run_root, "full", args.seeds[0]))
+    seg = settings["segments"]["segment_tokens"]
+    distances = [min(fact_distance(tok, r, seg), 5) for r in records]  # 5: five or more
+    for seed in args.seeds:
+        for method in METHODS:
+            export = export_of(args.run_root, TRAINED_BY[method], seed)
+            ratios = RATIOS if method not in ("full", "neg_control") else (4,)
+            scores = evaluate(export, method, records, ratios, args.batch_size, 8)
+            if len(ratios) == 1:
+                scores = {r: scores[4] for r in RATIOS}
+            for ratio, value in scores.items():
+                results[(method, ratio, seed)] = value
+                for d in sorted(set(distances)):
+                    picked = [c for c, dd in zip(value[0], distances) if dd == d]
+                    by_distance.append({"method": method, "ratio": ratio, "seed": seed, "distance": d,
+                                        "n": len(picked), "exact_match": round(100 * float(np.mean(picked)), 2)})
+            print(f"seed {seed} {method}: " + ", ".join(f"{r}x {100 * np.mean(v[0]):.1f}" for r, v in scores.items()),
+                  flush=True)
+    memory = [peak_memory(export_of(args.run_root, "gist_fine", args.seeds[0]), r) for r in RATIOS]
+    write_outputs(args.out, results, by_distance, memory, len(records))
+    print(f"wrote {args.out}/results.csv, table.md, long_context.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
