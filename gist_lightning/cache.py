@@ -26,9 +26,33 @@ def _zip_states(fn, many: list[list]) -> list:
 class GistCache:
     """Compressed prompts of a batch, rows left-padded to the longest (``valid`` marks real entries).
 
-    ``states``: the backend's nested list of tensors, each with axis ``backend.seq_dim`` over the
-    kept prompt positions (decoder_kv: one ``(keys, values)`` pair per layer, each (B, H_kv, L, D);
-    t5_encoder: one (B, L, d_model) tensor per encoder block plus one for the final layer norm).
+    Made by :func:`~gist_lightning.compress`, used by :func:`~gist_lightning.generate`; kept on disk
+    by :class:`~gist_lightning.prompt_cache.CacheStore`. Row i of a cache answers row i of the inputs:
+    ``select`` repeats or reorders rows, ``concat`` joins the rows of several caches.
+
+    Args:
+        states: the backend's nested list of tensors, each with axis ``backend.seq_dim`` over the
+            L kept prompt positions (decoder_kv: one ``(keys, values)`` pair per layer, each
+            (B, H_kv, L, D); t5_encoder: one (B, L, d_model) tensor per encoder block plus one for
+            the final layer norm).
+        valid: (B, L) True at real entries, False at left padding.
+        positions: (B, L) the position ids of the kept entries in the full prompt.
+        next_position: (B,) the position id of the first token after each prompt.
+        num_gist_tokens: k of the prompts.
+        condition: the condition it was made under (``gist``, ``pos_control``, ``neg_control``).
+        backend: the name of the backend that made it (``decoder_kv``, ``t5_encoder``).
+        meta: free-form notes carried along (e.g. what a store recorded).
+
+    Example:
+        >>> cache = compress(model, tok, ["Reverse the list.", "Give the first word."], num_gist_tokens=1)
+        >>> cache.batch_size, cache.length
+        (2, 1)
+        >>> cache.nbytes()  # per prompt: 4 layers x (keys + values) x 4 heads x 32 dims x 4 bytes
+        4096
+        >>> answers = generate(model, tok, cache.select([0, 0, 1]), ["cat dog owl", "red blue", "fig pear"])
+        >>> more = GistCache.concat([cache, compress(model, tok, ["Remove every cat."], num_gist_tokens=1)])
+        >>> more.batch_size
+        3
     """
 
     states: list
@@ -42,21 +66,26 @@ class GistCache:
 
     @property
     def ops(self) -> Backend:
+        """The backend that made it, which knows how to use it."""
         return backend_named(self.backend)
 
     @property
     def encoder_decoder(self) -> bool:
+        """True for an encoder-decoder's cache (the input then continues the source)."""
         return self.ops.encoder_decoder
 
     @property
     def batch_size(self) -> int:
+        """B, the number of cached prompts."""
         return self.valid.shape[0]
 
     @property
     def length(self) -> int:
+        """L, the kept positions of the longest row (padding included)."""
         return self.valid.shape[1]
 
     def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor, flat, in order."""
         return [t for s in self.states for t in (s if isinstance(s, tuple) else (s,))]
 
     def nbytes(self) -> int:
@@ -97,16 +126,34 @@ class GistCache:
         )
 
     def select(self, rows: torch.Tensor | list[int]) -> GistCache:
-        """Rows ``rows`` of the batch, in that order (repeat a row to reuse one instruction)."""
+        """Rows ``rows`` of the batch, in that order (repeat a row to reuse one instruction).
+
+        Args:
+            rows: row indices; ``[0, 0, 0]`` answers three inputs from the first prompt.
+
+        Returns:
+            GistCache: ``len(rows)`` rows.
+        """
         rows = torch.as_tensor(rows, device=self.valid.device, dtype=torch.long)
         return self._map(lambda t: t.index_select(0, rows), lambda t: t.index_select(0, rows))
 
     def to(self, device=None, dtype=None) -> GistCache:
+        """The cache on ``device``, its states in ``dtype`` (row metadata keeps its own dtype)."""
         return self._map(lambda t: t.to(device=device, dtype=dtype), lambda t: t.to(device=device))
 
     @staticmethod
     def concat(caches: list[GistCache]) -> GistCache:
-        """Stack the rows of several caches into one batch (left-padding the shorter ones)."""
+        """Stack the rows of several caches into one batch (left-padding the shorter ones).
+
+        Args:
+            caches: caches made with the same k, condition and backend.
+
+        Returns:
+            GistCache: their rows in order.
+
+        Raises:
+            ValueError: the caches differ in k, condition or backend.
+        """
         first = caches[0]
         for c in caches[1:]:
             if (c.num_gist_tokens, c.condition, c.backend) != (first.num_gist_tokens, first.condition, first.backend):

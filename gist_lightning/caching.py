@@ -81,7 +81,37 @@ def empty_cache(model, batch_size: int, condition: str = "pos_control") -> GistC
 
 
 def compress(model, tokenizer, instructions: list[str], num_gist_tokens: int, condition: str = "gist") -> GistCache:
-    """Compress a batch of instructions (one cache row each)."""
+    """Compress a batch of instructions, one cache row each, to continue from with :func:`generate`.
+
+    Each instruction is run once as ``Instruction: t`` + ``num_gist_tokens`` gist tokens under the
+    condition's mask; the cache keeps, for every layer, the positions a later token may see.
+
+    Args:
+        model: a gist model (e.g. from :func:`~gist_lightning.export.load_pretrained`), in eval mode.
+        tokenizer: its tokenizer, which holds ``<GIST>``.
+        instructions: the instructions to compress, one cache row each.
+        num_gist_tokens: k, as the model was trained (the ``num_gist_tokens`` of its export settings).
+        condition: ``"gist"`` keeps the k gist positions; ``"pos_control"`` keeps the whole prompt
+            (instruction caching); ``"neg_control"`` keeps nothing.
+
+    Returns:
+        GistCache: B = ``len(instructions)`` rows, left-padded to the longest.
+
+    Raises:
+        ContextLengthError: an instruction leaves no room for an input in the model's positions.
+        ValueError: the model's family cannot cache under ``condition`` (e.g. T5 under pos_control).
+
+    Example:
+        >>> from gist_lightning import compress, generate
+        >>> from gist_lightning.export import load_pretrained
+        >>> model, tok, settings = load_pretrained("runs/tiny/version_0/export")  # make demo's export
+        >>> k = settings["num_gist_tokens"]
+        >>> cache = compress(model, tok, ["Reverse the list.", "Give the first word."], k)
+        >>> cache.batch_size, cache.length  # one row per instruction, k positions under gist
+        (2, 1)
+        >>> generate(model, tok, cache, ["cat dog owl", "pear fig apple"], max_new_tokens=24)
+        ['owl dog cat', 'pear']
+    """
     gist_id = find_gist_token_id(tokenizer)
     rows = [encode_prefix(tokenizer, t, num_gist_tokens, gist_id) for t in instructions]
     ids, mask = pad_batch(rows, tokenizer.pad_token_id, "left")

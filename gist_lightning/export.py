@@ -75,10 +75,34 @@ def read_settings(path: str | os.PathLike) -> dict | None:
 
 def load_pretrained(path: str | os.PathLike, attn_implementation: str | None = None, dtype=None,
                     base_model: str | None = None, merge: bool = True):
-    """(model in eval mode, tokenizer, settings) of an exported folder. For an adapter folder the
-    base is loaded from where the export names it (or ``base_model``), given the added token rows,
-    and the adapters are merged into it (``merge=False`` keeps them as separate layers).
-    ``attn_implementation`` None: sdpa where the family takes the gist mask under it, else eager."""
+    """Load a folder written by ``gist-lightning export`` (or a run's ``export/``) for caching and generation.
+
+    For an adapter folder the base is loaded from where the export names it (or ``base_model``),
+    given the added token rows, and the adapters are merged into it.
+
+    Args:
+        path: the exported folder (it holds ``gist_config.json``).
+        attn_implementation: the HF attention; None: sdpa where the family takes the gist mask under
+            it, else eager.
+        dtype: the weights' dtype (e.g. ``torch.bfloat16``); None: as saved.
+        base_model: for an adapter folder, where its base is when not where the export names it.
+        merge: fold adapters into the base weights; False keeps them as separate layers.
+
+    Returns:
+        tuple: ``(model, tokenizer, settings)``: the model in eval mode, its tokenizer (with
+        ``<GIST>``), and the export's settings (``num_gist_tokens``, ``condition``, ``gist_token_id``,
+        and where it came from).
+
+    Raises:
+        FileNotFoundError: the folder is no export, or an adapter's base cannot be loaded.
+        ValueError: the tokenizer's ``<GIST>`` id differs from the settings'.
+
+    Example:
+        >>> model, tok, settings = load_pretrained("runs/tiny/version_0/export")
+        >>> settings["num_gist_tokens"], settings["condition"]
+        (1, 'gist')
+        >>> cache = compress(model, tok, ["Reverse the list."], settings["num_gist_tokens"])
+    """
     path = Path(path)
     settings_path = path / SETTINGS_FILE
     if not settings_path.is_file():

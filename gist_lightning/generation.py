@@ -135,6 +135,16 @@ def generate(
     Raises:
         ContextLengthError: a prompt does not fit and ``on_overflow="error"``.
         ValueError: mismatched rows, an unknown policy, or sampling settings out of range.
+
+    Example:
+        >>> from gist_lightning import compress, generate
+        >>> from gist_lightning.export import load_pretrained
+        >>> model, tok, settings = load_pretrained("runs/tiny/version_0/export")  # make demo's export
+        >>> cache = compress(model, tok, ["Reverse the list."], settings["num_gist_tokens"])
+        >>> generate(model, tok, cache.select([0, 0]), ["cat dog owl", "red green blue"], max_new_tokens=24)
+        ['owl dog cat', 'blue green red']
+        >>> generate(model, tok, cache, ["cat dog owl"], temperature=0.8, seed=0)  # sampled, reproducibly
+        ['owl dog cat']
     """
     if len(inputs) != cache.batch_size:
         raise ValueError(f"{len(inputs)} inputs for a cache of {cache.batch_size} rows; use cache.select to reuse rows")
