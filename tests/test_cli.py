@@ -22,7 +22,8 @@ from gist_lightning.export import export_pretrained, load_pretrained
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 # configs that complete another one rather than stand alone (trainer presets go on top of any config)
-LAYERED = {"tiny-t5.yaml": ["tiny.yaml"], "tiny-long.yaml": ["tiny.yaml"]}
+LAYERED = {"tiny-t5.yaml": ["tiny.yaml"], "tiny-long.yaml": ["tiny.yaml"],
+           "tiny-long-recall.yaml": ["tiny.yaml", "tiny-long.yaml"]}
 for preset in (CONFIG_DIR / "strategies").glob("*.yaml"):
     LAYERED[preset.name] = ["tiny.yaml"]
 BIN = str(Path(sys.executable).parent / "gist-lightning")
