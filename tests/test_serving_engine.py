@@ -279,3 +279,35 @@ def test_a_store_entry_of_another_model_is_made_again(make_pair, tmp_path):
     again = ServingEngine(model, tok, K, "gist", cache_dir=str(tmp_path))  # the entry was replaced
     _, events = run(again, {0: [("c", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
     assert events[0].cache == "disk"
+
+
+def test_long_contexts_are_compressed_once_by_segments_and_reused(make_pair, tmp_path):
+    """A model trained with model.segments serves long system prompts: one segment-by-segment
+    compression per distinct context however many requests carry it (batched with contexts of other
+    lengths), answers equal to the library's compress_context + generate, the usage saying how many
+    context tokens went into how many cached positions, and a fresh engine reading them from disk."""
+    from gist_lightning.long_context import SegmentSettings, compress_context
+    from gist_lightning.tokens import encode_text
+
+    model, tok, _ = make_pair("qwen3", seed=1)
+    settings = SegmentSettings(8, 2, "fine")
+    contexts = [" ".join(INSTRUCTIONS * 3), " ".join(INSTRUCTIONS[::-1] * 5)]  # several segments, two lengths
+    engine = ServingEngine(model, tok, 2, "gist", max_batch_size=4, segments=settings, cache_dir=str(tmp_path))
+    arrivals = {0: [(f"r{i}", GenerationRequest(contexts[i % 2], INPUTS[i % 4], max_tokens=6)) for i in range(6)]}
+    got, events = run(engine, arrivals)
+    assert engine.counts["compressed"] == 2  # one per distinct context
+    for i in range(6):
+        c, x = contexts[i % 2], INPUTS[i % 4]
+        expected = generate(model, tok, compress_context(model, tok, [c], settings), [x], max_new_tokens=6)[0]
+        assert got[f"r{i}"][0] == expected
+    last = {e.uid: e for e in events if e.usage}
+    for i in range(2):
+        n = len(encode_text(tok, contexts[i]))
+        assert last[f"r{i}"].usage["compression"] == {"instruction_tokens": n, "cached_positions": -(-n // 8) * 2}
+    fresh = ServingEngine(model, tok, 2, "gist", segments=settings, cache_dir=str(tmp_path))
+    again, events = run(fresh, {0: [("b", GenerationRequest(contexts[1], INPUTS[1], max_tokens=6))]})
+    assert fresh.counts["disk_hits"] == 1 and fresh.counts["compressed"] == 0 and again["b"][0] == got["r1"][0]
+    # an engine of short instructions on the same folder does not take these entries
+    short = ServingEngine(model, tok, 2, "gist", cache_dir=str(tmp_path))
+    run(short, {0: [("c", GenerationRequest(contexts[1], INPUTS[1], max_tokens=2))]})
+    assert short.counts["disk_hits"] == 0 and short.counts["compressed"] == 1

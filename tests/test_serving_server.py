@@ -92,6 +92,9 @@ def test_answers_are_the_librarys_under_concurrency(server, library):
     status, again = post(server, "/v1/chat/completions", chat(*pairs[0]))
     assert again["gist_cache"] == "memory" and again["choices"][0]["message"]["content"] == want[0]
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    # what the instruction was compressed into (k=1: one cached position)
+    assert again["usage"]["compression"]["cached_positions"] == 1
+    assert again["usage"]["compression"]["instruction_tokens"] > 1
 
 
 def test_streamed_answer_is_the_whole_answer(server, library):

@@ -42,10 +42,11 @@ from ..decoding import (
     positions_needed,
     prompt_room,
 )
-from ..errors import GistError
+from ..errors import ContextLengthError, GistError
+from ..long_context import SegmentSettings, compress_context, encode_context
 from ..prompt_cache import CacheStore
 from ..templates import encode_continuation, encode_prefix
-from ..tokens import gist_token_id
+from ..tokens import encode_text, gist_token_id
 
 MODES = ("gist", "instruction", "full")
 # where a request's cache came from -> the counter of ServingEngine.stats it adds one to
@@ -153,12 +154,17 @@ class _Job:
     continuation: list[int]
     row: Row  # its decoding: tokens taken, text sent, why it ended
     cache_source: str = ""
+    instruction_tokens: int = 0  # the instruction's (or long context's) own tokens
+    cached_positions: int = 0  # what its cache row holds in their place
 
     def usage(self) -> dict:
         prompt, completion = self.prefix_len + len(self.continuation), len(self.row.tokens)
         cached = self.prefix_len if self.cache_source in ("memory", "disk") else 0
         return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+                "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached},
+                # what the instruction (a long context: its segments) was compressed into
+                "compression": {"instruction_tokens": self.instruction_tokens,
+                                "cached_positions": self.cached_positions}}
 
 
 @dataclass
@@ -172,8 +178,14 @@ class _Batch:
 
 
 class ServingEngine:
+    """Continuous batching over gist caches (see the module's docstring). ``segments``: the model
+    gists long contexts segment by segment (its export's ``segments``); a request's instruction (a
+    system prompt or a document) is then compressed with
+    :func:`~gist_lightning.long_context.compress_context`, once per distinct text."""
+
     def __init__(self, model, tokenizer, num_gist_tokens: int, condition: str, mode: str = "gist",
-                 cache_memory: int | str = "256MB", cache_dir: str | None = None, max_batch_size: int = 16):
+                 cache_memory: int | str = "256MB", cache_dir: str | None = None, max_batch_size: int = 16,
+                 segments: SegmentSettings | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         if max_batch_size < 1:
@@ -189,8 +201,12 @@ class ServingEngine:
         self.gist_id = gist_token_id(tokenizer)
         self.context = self.backend.context_length(model.config)
         self.memory = PromptCacheLRU(0 if mode == "full" else parse_bytes(cache_memory))
-        self.store = (CacheStore(cache_dir, model, tokenizer, num_gist_tokens, self.condition, frozen=True)
-                      if cache_dir and mode != "full" else None)
+        if segments is not None and self.backend.encoder_decoder:
+            raise GistError("segments: a T5-style encoder reads its whole source at once; long contexts are "
+                            "compressed segment by segment by decoder-only models")
+        self.segments = segments
+        self.store = (CacheStore(cache_dir, model, tokenizer, num_gist_tokens, self.condition, frozen=True,
+                                 segments=segments) if cache_dir and mode != "full" else None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[_Job] = deque()
         self.admitting: list[_Job] = []  # taken from waiting, not yet running (a failure must still answer them)
@@ -292,26 +308,37 @@ class ServingEngine:
             raise RequestError(f"max_tokens must be at least 1; got {request.max_tokens}")
         if not request.instruction.strip():
             raise RequestError("the instruction is empty")
-        prefix = len(encode_prefix(self.tokenizer, request.instruction, self.num_gist_tokens, self.gist_id))
+        prefix_ids = self._prefix_ids(request.instruction)
+        prefix, gists = len(prefix_ids), prefix_ids.count(self.gist_id)
         cont = encode_continuation(self.tokenizer, request.input, self.backend.encoder_decoder)
-        self._check_fits(prefix, len(cont), request.max_tokens)
+        self._check_fits(prefix, gists, len(cont), request.max_tokens)
         try:
             sampling = Sampling(request.temperature, request.top_p, request.seed)
         except ValueError as e:
             raise RequestError(str(e)) from None
         stream = TextStream(self.tokenizer, request.stop)
         row = Row(request.max_tokens, self.tokenizer.eos_token_id, sampling, stream, self.model.device)
-        return _Job(uid, request, prefix, cont, row)
+        return _Job(uid, request, prefix, cont, row, instruction_tokens=len(encode_text(self.tokenizer,
+                                                                                         request.instruction)))
 
-    def _check_fits(self, prefix: int, input_tokens: int, max_tokens: int) -> None:
+    def _prefix_ids(self, instruction: str) -> list[int]:
+        """The prompt up to its last gist: ``[specials] instruction <GIST>*k``, or a long context
+        with its segments' gists."""
+        if self.segments is None:
+            return encode_prefix(self.tokenizer, instruction, self.num_gist_tokens, self.gist_id)
+        try:
+            return encode_context(self.tokenizer, instruction, self.segments, self.gist_id)
+        except ContextLengthError as e:
+            raise RequestError(str(e), "context_length_exceeded") from None
+
+    def _check_fits(self, prefix: int, gists: int, input_tokens: int, max_tokens: int) -> None:
         """Refuse a request whose prompt and answer would not fit the model's positions: the check of
         ``decoding.check_fits``, per request and phrased for one."""
         if self.context is None:
             return
         if prefix >= self.context:
-            raise RequestError(f"the instruction takes {prefix - self.num_gist_tokens} tokens (+ "
-                               f"{self.num_gist_tokens} gist tokens); the model has {self.context} positions",
-                               "context_length_exceeded")
+            raise RequestError(f"the instruction takes {prefix - gists} tokens (+ {gists} gist tokens); the model "
+                               f"has {self.context} positions", "context_length_exceeded")
         if prefix + input_tokens > prompt_room(self.context, max_tokens):
             need = positions_needed(prefix + input_tokens, max_tokens)
             raise RequestError(
@@ -342,12 +369,16 @@ class ServingEngine:
         if self.mode == "full":  # every request pays for its own prompt
             for job in jobs:
                 job.cache_source = "none"
-            return self._compress([job.request.instruction for job in jobs])
-        found, missing = self._look_up(jobs)
-        for text, cache in zip(missing, self._compress(missing)):
-            found[text] = cache
-            self._keep(text, cache)
-        return [found[job.request.instruction] for job in jobs]
+            rows = self._compress([job.request.instruction for job in jobs])
+        else:
+            found, missing = self._look_up(jobs)
+            for text, cache in zip(missing, self._compress(missing)):
+                found[text] = cache
+                self._keep(text, cache)
+            rows = [found[job.request.instruction] for job in jobs]
+        for job, row in zip(jobs, rows):
+            job.cached_positions = int(row.valid.sum())
+        return rows
 
     def _look_up(self, jobs: list[_Job]) -> tuple[dict[str, GistCache], list[str]]:
         """The caches of the jobs' instructions found in memory or on disk, and the distinct
@@ -383,7 +414,10 @@ class ServingEngine:
         rows = []
         for start in range(0, len(instructions), self.max_batch_size):
             chunk = instructions[start:start + self.max_batch_size]
-            cache = compress(self.model, self.tokenizer, chunk, self.num_gist_tokens, self.condition)
+            if self.segments is not None:  # long contexts, one segment at a time
+                cache = compress_context(self.model, self.tokenizer, chunk, self.segments, self.condition)
+            else:
+                cache = compress(self.model, self.tokenizer, chunk, self.num_gist_tokens, self.condition)
             rows += [cache.select([i]).trimmed() for i in range(len(chunk))]
         self.counts["compressed"] += len(instructions)
         return rows

@@ -448,6 +448,8 @@ def _usage(usages: list[dict]) -> dict:
         for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
             total[key] += u.get(key, 0)
         total["prompt_tokens_details"]["cached_tokens"] += u.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        if "compression" in u:  # the choices of one request share its instruction and its cache
+            total["compression"] = u["compression"]
     return total
 
 

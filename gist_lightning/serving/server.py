@@ -74,12 +74,14 @@ class GistServeAPI(ls.LitAPI):
         tqdm.set_lock(threading.RLock())
 
         from ..export import load_pretrained
+        from ..long_context import SegmentSettings
 
         model, tokenizer, settings = load_pretrained(self.model_path,
                                                      dtype=getattr(torch, self.dtype) if self.dtype else None)
+        segments = SegmentSettings(**settings["segments"]) if settings.get("segments") else None
         self.engine = ServingEngine(model.to(device), tokenizer, settings["num_gist_tokens"], settings["condition"],
                                     mode=self.mode, cache_memory=self.cache_memory, cache_dir=self.cache_dir,
-                                    max_batch_size=self.max_batch_size)
+                                    max_batch_size=self.max_batch_size, segments=segments)
         self.metrics = metrics()
         self._acks: set[str] = set()  # uids of cancellation messages: their events are no requests' outcomes
         self._compressed = self.engine.stats()["compressed"]
