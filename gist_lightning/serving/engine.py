@@ -178,10 +178,45 @@ class _Batch:
 
 
 class ServingEngine:
-    """Continuous batching over gist caches (see the module's docstring). ``segments``: the model
-    gists long contexts segment by segment (its export's ``segments``); a request's instruction (a
-    system prompt or a document) is then compressed with
-    :func:`~gist_lightning.long_context.compress_context`, once per distinct text."""
+    """Continuous batching over gist caches: requests decode together, each continuing its
+    instruction's cached prompt (see the module's docstring for what one step does). Any thread may
+    :meth:`submit` or :meth:`cancel`; one thread calls :meth:`step` while :meth:`busy` and hands the
+    events it returns to the clients.
+
+    Args:
+        model: an exported gist model (:func:`~gist_lightning.export.load_pretrained`), in eval mode.
+        tokenizer: its tokenizer.
+        num_gist_tokens: k, as the model was trained (the export's settings).
+        condition: the condition the model was trained under (the export's settings).
+        mode: ``"gist"`` (cache as trained), ``"instruction"`` (keep whole instructions, decoder-only)
+            or ``"full"`` (no caching: every request runs its whole prompt).
+        cache_memory: the memory for cached instructions, e.g. ``"256MB"``, ``"2GiB"`` or bytes.
+        cache_dir: also keep caches here, across restarts (a folder or an fsspec URL, shared by every
+            worker; see :class:`~gist_lightning.prompt_cache.CacheStore`).
+        max_batch_size: requests decoded together at most.
+        segments: the model gists long contexts segment by segment (its export's ``segments``); a
+            request's instruction (a system prompt or a document) is then compressed with
+            :func:`~gist_lightning.long_context.compress_context`, once per distinct text.
+
+    Raises:
+        ValueError: an unknown mode or a batch size below 1.
+        GistError: the model's family cannot cache under the mode's condition, or cannot take
+            ``segments``.
+
+    Example:
+        >>> model, tok, settings = load_pretrained("runs/tiny/version_0/export")
+        >>> engine = ServingEngine(model, tok, settings["num_gist_tokens"], settings["condition"])
+        >>> engine.submit("a", GenerationRequest("Reverse the list.", "cat dog owl", max_tokens=16))
+        >>> engine.submit("b", {"instruction": "Reverse the list.", "input": "red green blue"})
+        >>> text = {}
+        >>> while engine.busy():
+        ...     for event in engine.step():
+        ...         text[event.uid] = text.get(event.uid, "") + event.text
+        >>> text
+        {'a': 'owl dog cat', 'b': 'blue green red'}
+        >>> engine.stats()["compressed"]  # the instruction of both, compressed once
+        1
+    """
 
     def __init__(self, model, tokenizer, num_gist_tokens: int, condition: str, mode: str = "gist",
                  cache_memory: int | str = "256MB", cache_dir: str | None = None, max_batch_size: int = 16,
@@ -218,6 +253,13 @@ class ServingEngine:
 
     # -- any thread ---------------------------------------------------------------------------
     def submit(self, uid: str, request: GenerationRequest | dict) -> None:
+        """Queue a request; its events (its text as it comes, then why it ended; or its refusal)
+        carry ``uid``.
+
+        Args:
+            uid: the request's id, unique among those in flight.
+            request: what it asks (a :class:`GenerationRequest` or a mapping of its fields).
+        """
         self._inbox.put(("request", uid, request))
 
     def cancel(self, uid: str, ack: str | None = None) -> None:
@@ -229,10 +271,13 @@ class ServingEngine:
         self._inbox.put(("stats", uid, None))
 
     def busy(self) -> bool:
+        """True while anything is queued, waiting or decoding: :meth:`step` has work."""
         return not self._inbox.empty() or bool(self.waiting) or bool(self.running)
 
     # -- the stepping thread ------------------------------------------------------------------
     def stats(self) -> dict:
+        """Counters since start (requests, memory and disk hits, compressions, refusals,
+        cancellations) and the state now (cached instructions and their bytes, running, waiting)."""
         entries = len(self.memory)
         return {**self.counts, "mode": self.mode, "condition": self.condition, "cached_instructions": entries,
                 "cache_bytes": self.memory.used, "cache_capacity": self.memory.capacity,
@@ -244,7 +289,12 @@ class ServingEngine:
     def step(self) -> list[Event]:
         """One step (see the module docstring). A failure inside it (a bug, out of memory) ends every
         request in flight with a 500 event, keeps the events made before it, and leaves the engine
-        ready for new requests."""
+        ready for new requests.
+
+        Returns:
+            list[Event]: what the step produced, in order: each request's new text, its end, or its
+            refusal; and the answers to stats requests and cancellation acknowledgements.
+        """
         events: list[Event] = []
         try:
             self._step(events)
