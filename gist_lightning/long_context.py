@@ -45,6 +45,10 @@ class SegmentSettings:
         window: context tokens see the gists of only the last ``window`` segments before theirs
             (None: of every earlier segment). Tokens after the context always see every gist.
         max_context_tokens: a longer context is refused (None: only the model's positions bound it).
+        compact_positions: a token's position counts only the gists of earlier segments and its own
+            segment's tokens (:func:`masks.compact_position_ids`), so a context longer than the
+            model's positions fits (a model trained so; recorded in its export). False: every token
+            keeps its position in the whole prompt.
         train_ratios: training draws each batch's compression ratio from these (Activation Beacon
             style): ``segment_tokens / ratio`` gists per segment, so one model serves every ratio of
             the set. Validation, export and serving use ``gists_per_segment``. None: always that.
@@ -56,6 +60,7 @@ class SegmentSettings:
     window: int | None = None
     max_context_tokens: int | None = None
     train_ratios: tuple[int, ...] | None = None
+    compact_positions: bool = False
 
     def __post_init__(self):
         masks.interleave_gists([0], self.segment_tokens, self.gists_per_segment, self.placement, 1)  # the checks
@@ -127,7 +132,10 @@ def masked_forward(model, input_ids, attention_mask, gist_token_id: int, setting
     """The single masked full forward over ``[context with gists | what follows]`` rows (either
     padding side, or packed rows of several examples numbered by ``segment_ids``): what training
     computes, and the reference the segment-wise cache must equal."""
-    if segment_ids is None:
+    if settings.compact_positions:
+        positions = masks.compact_position_ids(input_ids, attention_mask, gist_token_id, settings.gists_per_segment,
+                                               segment_ids)
+    elif segment_ids is None:
         positions = masks.padding_position_ids(attention_mask)
     else:
         positions = masks.segment_position_ids(segment_ids)
@@ -187,11 +195,15 @@ def compress_context_ids(model, rows: list[list[int]], gist_token_id: int, pad_t
     masks.check_condition(condition)
     gist_id, t = gist_token_id, settings.gists_per_segment
     context = backend.context_length(model.config)
-    longest = max(len(r) for r in rows)
+    chunks = [_segments_of(r, gist_id, t) for r in rows]
+    # positions the context takes: all of its tokens, or (compacted) the earlier gists + the last segment
+    longest = max(((len(c) - 1) * t + len(c[-1])) if settings.compact_positions else len(r)
+                  for r, c in zip(rows, chunks))
     if context is not None and longest >= context:
         raise ContextLengthError(f"a context of {longest} positions (gists included) leaves no room in the "
-                                 f"model's {context} positions for what follows it; shorten the context")
-    chunks = [_segments_of(r, gist_id, t) for r in rows]
+                                 f"model's {context} positions for what follows it; shorten the context"
+                                 + ("" if settings.compact_positions else
+                                    " (or train a model with segments.compact_positions)"))
     n_segments = max(len(c) for c in chunks)
     device, bsz = model.device, len(rows)
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, H, G, D)
@@ -239,7 +251,10 @@ def compress_context_ids(model, rows: list[list[int]], gist_token_id: int, pad_t
         kept_valid = torch.cat([kept_valid, new_valid], -1)
         kept_pos = torch.cat([kept_pos, positions.gather(1, order)], -1)
         kept_seg = torch.cat([kept_seg, torch.full_like(order, s)], -1)
-        offset = offset + pad.long().sum(-1)
+        if settings.compact_positions:  # the next segment starts after this one's gists
+            offset = offset + t * pad.bool().any(-1).long()
+        else:
+            offset = offset + pad.long().sum(-1)
     return GistCache(states=kept, valid=kept_valid, positions=kept_pos, next_position=offset,
                      num_gist_tokens=t, condition=condition, backend=backend.name,
                      meta={"segments": asdict(settings), "context_tokens": [len(r) for r in rows],

@@ -221,6 +221,29 @@ def context_labels(input_ids: torch.Tensor, gist_token_id: int, gists_per_segmen
     return exclusive // gists_per_segment, is_gist, total // gists_per_segment
 
 
+def compact_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, gist_token_id: int,
+                         gists_per_segment: int, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions of a segmented context with the earlier segments' raw tokens taken out: a token's
+    position is the number of gists of the segments before its own plus its index in its own
+    segment (what follows the context is one more segment). So a context of N raw tokens and what
+    follows it need N x gists / segment_tokens + one segment positions, not N: a model trained
+    this way (``SegmentSettings.compact_positions``) reads contexts longer than its positions."""
+    seg, _, _ = context_labels(input_ids, gist_token_id, gists_per_segment, segment_ids)
+    if segment_ids is not None:
+        real = segment_position_ids(segment_ids)
+    elif attention_mask is not None:
+        real = padding_position_ids(attention_mask)
+    else:
+        real = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    if segment_ids is not None:
+        starts[:, 1:] |= segment_ids[:, 1:] != segment_ids[:, :-1]
+    idx = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+    start_col = torch.where(starts, idx, 0).cummax(-1).values
+    return seg * gists_per_segment + real - real.gather(1, start_col)
+
+
 def _long_decoder_rule(b, q, k, segment_ids, seg, is_gist, after, condition: str, window: int | None):
     """:func:`_decoder_rule` for segmented contexts: causal, same packed example, a real key, and
     :func:`_context_rule` with the key's and query's context segments."""

@@ -229,3 +229,27 @@ def test_compress_and_generate_commands_take_a_context_file(make_pair, tmp_path)
     again = subprocess.run([bin_, "compress", "--model", str(tmp_path / "m"), "--context", str(context), "--out",
                             str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=env)
     assert again.returncode == 1 and "exists; refusing to overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "mistral", "gpt_neox"])
+@pytest.mark.parametrize("placement", ["coarse", "fine"])
+def test_compacted_positions_fit_contexts_longer_than_the_model_and_stay_exact(make_pair, family, placement):
+    """segments.compact_positions: a context of more tokens than the model has positions is
+    compressed segment by segment, and the question's logits equal the masked full forward with the
+    same compacted positions; without the option the same context is refused with the numbers."""
+    from gist_lightning.masks import compact_position_ids
+
+    model, tok, gist_id = make_pair(family, "eager", max_position_embeddings=40)
+    settings = SegmentSettings(8, 2, placement, compact_positions=True)
+    prefixes = [encode_context(tok, c, settings, gist_id) for c in CONTEXTS]
+    assert max(len(p) for p in prefixes) > 40  # longer than the model's positions
+    diff, cache, _ = _full_and_cached(model, tok, gist_id, settings, "gist")
+    assert diff <= TOLERANCE, f"{family}/{placement}: max abs diff {diff:.1e}"
+    gists = [p.count(gist_id) for p in prefixes]
+    assert cache.next_position.tolist() == gists  # what follows starts after the gists
+    ids = torch.tensor([prefixes[2]])
+    positions = compact_position_ids(ids, torch.ones_like(ids), gist_id, 2)[0].tolist()
+    # the earlier segments' gists, then one segment of 8 raw tokens and its 2 gists (BOS: in segment 0 only)
+    assert max(positions) < gists[2] + 8 < len(prefixes[2]) and positions[:3] == [0, 1, 2]
+    with pytest.raises(ContextLengthError, match="compact_positions"):
+        compress_context(model, tok, CONTEXTS, SegmentSettings(8, 2, placement))
