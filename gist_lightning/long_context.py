@@ -24,9 +24,10 @@ from transformers import DynamicCache
 
 from . import masks
 from .backends import backend_of
+from .backends.decoder_kv import dense_attention, static_shapes_on_cpu
 from .cache import GistCache
 from .errors import ContextLengthError
-from .families import self_attention_masks
+from .families import self_attention_block_masks, self_attention_masks
 from .padding import pad_batch
 from .templates import EncodedExample, encode_continuation, encode_target
 from .tokens import encode_text, special_frame
@@ -139,6 +140,17 @@ def masked_forward(model, input_ids, attention_mask, gist_token_id: int, setting
         positions = masks.padding_position_ids(attention_mask)
     else:
         positions = masks.segment_position_ids(segment_ids)
+    if model.config._attn_implementation == "flex_attention":  # BlockMasks from the same rule
+        segments = masks.decoder_segments(input_ids, attention_mask, segment_ids)
+        seg, is_gist, after = masks.context_labels(input_ids, gist_token_id, settings.gists_per_segment,
+                                                   segments if segment_ids is not None else None)
+        bsz, seq_len = input_ids.shape
+        mask = self_attention_block_masks(
+            model, lambda sliding: masks.long_context_mask_mod(segments, seg, is_gist, after, condition,
+                                                               settings.window, positions, sliding),
+            bsz, seq_len, seq_len, input_ids.device)
+        with static_shapes_on_cpu(input_ids.device):
+            return model(input_ids=input_ids, position_ids=positions, attention_mask=mask, **kwargs)
     allowed = masks.long_context_attention_mask(input_ids, attention_mask, gist_token_id, settings.gists_per_segment,
                                                 condition, settings.window, segment_ids)
     return model(input_ids=input_ids, position_ids=positions,
@@ -231,8 +243,9 @@ def compress_context_ids(model, rows: list[list[int]], gist_token_id: int, pad_t
             settings.window))[:, None]
         past = DynamicCache(ddp_cache_data=kept) if kept else DynamicCache()
         key_positions = torch.cat([kept_pos, positions], -1)
-        out = model(input_ids=ids, position_ids=positions, cache=past, use_cache=True,
-                    attention_mask=self_attention_masks(model, allowed, positions, key_positions))
+        with dense_attention(model):  # a segment after its past: a small mask, as a continuation's
+            out = model(input_ids=ids, position_ids=positions, cache=past, use_cache=True,
+                        attention_mask=self_attention_masks(model, allowed, positions, key_positions))
         # what later tokens may see of this segment: its gists (gist), all of it (pos_control), nothing
         if condition == "gist":
             keep = (ids == gist_id) & pad.bool()

@@ -271,13 +271,18 @@ def long_context_attention_mask(input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def long_context_mask_mod(segment_ids: torch.Tensor, seg: torch.Tensor, is_gist: torch.Tensor, after: torch.Tensor,
-                          condition: str, window: int | None = None):
+                          condition: str, window: int | None = None, positions: torch.Tensor | None = None,
+                          sliding: int | None = None):
     """The FlexAttention ``mask_mod`` of :func:`long_context_attention_mask` (labels from
-    :func:`context_labels`)."""
+    :func:`context_labels`), and of a layer's sliding window of ``sliding`` positions (by position
+    id) when set. ``window`` is the segment rule's window of earlier segments' gists."""
     check_condition(condition)
 
     def mask_mod(b, h, q, k):
-        return _long_decoder_rule(b, q, k, segment_ids, seg, is_gist, after, condition, window)
+        allowed = _long_decoder_rule(b, q, k, segment_ids, seg, is_gist, after, condition, window)
+        if sliding is not None:
+            allowed = allowed & within_window(positions[b, q], positions[b, k], sliding)
+        return allowed
 
     return mask_mod
 

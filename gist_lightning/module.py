@@ -280,9 +280,6 @@ class GistLitModule(L.LightningModule):
         if self.segments is not None and self.encoder_decoder:
             raise GistError("model.segments gists long contexts segment by segment in a decoder; a T5-style "
                             "encoder reads its whole source at once: drop model.segments or use a decoder-only model")
-        if self.segments is not None and self.hparams.attn_implementation == "flex_attention":
-            raise GistError("model.segments runs with dense masks (sdpa or eager) so far; the segment rule's "
-                            "FlexAttention mask_mod exists (masks.long_context_mask_mod) but is not wired into training")
         self._check_validation_fits()
         if (stage == "fit" and self.hparams.attn_implementation == "flex_attention" and self._trainer is not None
                 and self.trainer.strategy.root_device.type == "cpu"):

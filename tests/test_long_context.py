@@ -253,3 +253,29 @@ def test_compacted_positions_fit_contexts_longer_than_the_model_and_stay_exact(m
     assert max(positions) < gists[2] + 8 < len(prefixes[2]) and positions[:3] == [0, 1, 2]
     with pytest.raises(ContextLengthError, match="compact_positions"):
         compress_context(model, tok, CONTEXTS, SegmentSettings(8, 2, placement))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("condition", ["gist", "pos_control"])
+def test_under_flex_the_segment_rule_gives_the_dense_logits_and_exact_caches(make_pair, require_attention, family,
+                                                                            condition):
+    """FlexAttention BlockMasks built from the segment rule (masks.long_context_mask_mod, sliding
+    layers included) give the dense mask's logits, and the segment-by-segment cache of a model
+    under flex equals its flex full forward (compiles per shape on first use, cached on disk)."""
+    model, tok, gist_id = make_pair(family, seed=3)
+    if model.config.is_encoder_decoder:
+        pytest.skip("T5-style models gist no long contexts (refused: test_the_segment_cache_equals_...)")
+    require_attention(family, "flex_attention")
+    settings = SegmentSettings(8, 2, "fine")
+    dense_diff, _, prefixes = _full_and_cached(model, tok, gist_id, settings, condition)
+    conts = [encode_continuation(tok, q, False) for q in QUESTIONS]
+    ids, mask = pad_batch([p + c for p, c in zip(prefixes, conts)], tok.pad_token_id, "left")
+    with torch.no_grad():
+        dense = masked_forward(model, ids, mask, gist_id, settings, condition).logits
+        model.set_attn_implementation("flex_attention")
+        flex = masked_forward(model, ids, mask, gist_id, settings, condition).logits
+    real = mask.bool()
+    assert (flex - dense)[real].abs().max().item() <= TOLERANCE, family
+    flex_diff, _, _ = _full_and_cached(model, tok, gist_id, settings, condition)
+    assert model.config._attn_implementation == "flex_attention"  # compression switched back
+    assert max(dense_diff, flex_diff) <= TOLERANCE, (family, dense_diff, flex_diff)

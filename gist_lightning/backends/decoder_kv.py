@@ -19,7 +19,7 @@ def _flex(model) -> bool:
     return model.config._attn_implementation == "flex_attention"
 
 
-def _static_shapes_on_cpu(device):
+def static_shapes_on_cpu(device):
     """Inductor's CPU FlexAttention kernel fails to compile once a second sequence length makes it
     dynamic (torch 2.13: "cur_kvSplitSize0 was not declared"): on CPU, compile per shape instead."""
     if torch.device(device).type != "cpu":
@@ -28,7 +28,7 @@ def _static_shapes_on_cpu(device):
 
 
 @contextlib.contextmanager
-def _dense_attention(model):
+def dense_attention(model):
     """The new tokens after a cache see a small (T, L+T) mask: under flex_attention they run with
     the family's dense implementation (every layer reads the shared config at call time), which
     saves building BlockMasks at every decoding step (and inductor's CPU FlexAttention kernel failed
@@ -98,7 +98,7 @@ class DecoderKV(Backend):
             mask = self_attention_block_masks(
                 model, lambda window: masks.decoder_mask_mod(segments, first, last, condition, positions, window),
                 bsz, seq_len, seq_len, input_ids.device)
-            shapes = _static_shapes_on_cpu(input_ids.device)
+            shapes = static_shapes_on_cpu(input_ids.device)
         else:
             allowed = masks.decoder_attention_mask(input_ids, attention_mask, gist_token_id, condition,
                                                    num_gist_tokens, segment_ids)
@@ -120,7 +120,7 @@ class DecoderKV(Backend):
         key_positions = torch.cat([cache.positions, positions], -1)
         past = _kv_cache(cache.states)
         allowed = masks.prefix_attention_mask(cache.valid, attention_mask)  # (B, 1, T, L+T)
-        with _dense_attention(model):
+        with dense_attention(model):
             return model(input_ids=input_ids, position_ids=positions, cache=past, use_cache=True,
                          attention_mask=self_attention_masks(model, allowed, positions, key_positions), **kwargs)
 
@@ -138,7 +138,7 @@ class DecoderKV(Backend):
         key_valid = torch.cat([state["key_valid"], torch.ones_like(state["key_valid"][:, :1])], -1)
         position = state["position"]
         key_positions = torch.cat([state["key_positions"], position[:, None]], -1)
-        with _dense_attention(model):
+        with dense_attention(model):
             out = model(input_ids=tokens[:, None], position_ids=position[:, None], cache=state["past"],
                         use_cache=True, attention_mask=self_attention_masks(model, key_valid[:, None, None, :],
                                                                             position[:, None], key_positions))
