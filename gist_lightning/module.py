@@ -17,6 +17,7 @@ from . import adapters, caching, generation, long_context
 from .adapters import PeftSettings
 from .backends import backend_named, backend_of, gist_forward
 from .cache import GistCache
+from .data.datamodule import GistDataModule
 from .errors import ContextLengthError, CorruptFileError, GistError
 from .evaluation.results import ValidationBatchOutput
 from .families import FAMILIES, family_of, model_class
@@ -277,6 +278,7 @@ class GistLitModule(L.LightningModule):
         # they are created, and transformers' weight init then fails on the empty shards (padding
         # row of the embedding). Every rank holds the whole model until the engine partitions it.
         self.configure_model()
+        self._connect_data(stage)
         if self.segments is not None and self.encoder_decoder:
             raise GistError("model.segments gists long contexts segment by segment in a decoder; a T5-style "
                             "encoder reads its whole source at once: drop model.segments or use a decoder-only model")
@@ -290,14 +292,26 @@ class GistLitModule(L.LightningModule):
             raise GistError("model.peft runs on one GPU, with DDP or with FSDP; DeepSpeed would shard and save the "
                             "frozen base too: use configs/strategies/fsdp.yaml or ddp.yaml instead")
 
+    def _datamodule(self) -> GistDataModule | None:
+        """The Trainer's DataModule when it is one of ours (None: dataloaders given directly)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return dm if isinstance(dm, GistDataModule) else None
+
+    def _connect_data(self, stage: str) -> None:
+        """The one place the data learns the model's facts (tokenizer, k, condition, positions,
+        segments): connect the Trainer's DataModule, then load the splits ``stage`` needs."""
+        if (dm := self._datamodule()) is not None:
+            dm.connect(**self.data_facts())
+            dm.load(stage)
+
     def _check_validation_fits(self) -> None:
         """Refuse, before any training step, validation prompts that leave no room for
         ``max_new_tokens`` in the model's positions (a refusal hours into a run loses the run)."""
-        dm, context = getattr(self._trainer, "datamodule", None), self.context_length
-        if dm is None or context is None or not hasattr(dm, "longest_prompt"):
+        dm, context = self._datamodule(), self.context_length
+        if dm is None or context is None:
             return
         for split in VALIDATION_SPLITS:
-            if split in getattr(dm, "datasets", {}):
+            if split in dm.datasets:
                 longest = dm.longest_prompt(split)
                 if positions_needed(longest, self.hparams.max_new_tokens) > context:
                     raise ContextLengthError(

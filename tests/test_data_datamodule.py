@@ -47,8 +47,10 @@ def test_connect_then_setup_gives_named_loaders(suite_module):
 def test_without_a_model_the_data_says_what_it_needs(tmp_path):
     dm = EmbeddedSuite(cache_dir=str(tmp_path / "cache"), train_size=30, validation_size=5)
     dm.prepare_data()  # generating the files needs no tokenizer
-    with pytest.raises(RuntimeError, match=r"connect\(tokenizer, encoder_decoder, num_gist_tokens, condition\)"):
-        dm.setup("fit")
+    dm.setup("fit")  # Lightning's hook waits for the model's connect
+    for loader in (dm.train_dataloader, dm.val_dataloader):
+        with pytest.raises(RuntimeError, match=r"connect\(tokenizer, encoder_decoder, num_gist_tokens, condition\)"):
+            loader()
 
 
 def test_reconnecting_other_facts_retokenizes(suite_module, tiny_models):

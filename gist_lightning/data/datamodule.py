@@ -265,9 +265,16 @@ class GistDataModule(L.LightningDataModule):
         return kept
 
     def setup(self, stage: str | None = None) -> None:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is not None and hasattr(module, "data_facts"):
-            self.connect(**module.data_facts())
+        """Lightning's hook, run before the model's: loads the splits if the data is connected
+        already (by hand); in a Trainer the :class:`~gist_lightning.module.GistLitModule` connects
+        and loads it from its own ``setup``, which Lightning runs next."""
+        if self.facts is not None:
+            self.load(stage)
+
+    def load(self, stage: str | None = None) -> None:
+        """Load and tokenize the splits ``stage`` needs (every split for ``fit``; the validation splits
+        for ``validate``/``test``/``predict``), once per connected model. Needs :meth:`connect`."""
+        self._connected()
         splits = VALIDATION_SPLITS if stage in ("validate", "test", "predict") else SPLITS
         for split in splits:
             if split not in self.datasets:
@@ -306,6 +313,7 @@ class GistDataModule(L.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
+        self.load("fit")  # loaded already in a Trainer; says what it needs when never connected
         dataset = self.datasets[TRAIN]
         if self.hparams.packing:
             dataset = PackedRows(dataset, self.packed_rows())
@@ -315,6 +323,7 @@ class GistDataModule(L.LightningDataModule):
                                num_workers=self.hparams.num_workers, progress_fn=self._batches_processed)
 
     def val_dataloader(self) -> list[DataLoader]:
+        self.load("validate")
         loaders = []
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         for split in VALIDATION_SPLITS:
