@@ -157,40 +157,52 @@ class GistLitModule(L.LightningModule):
         return backend_named(family.backend).context_length(self.hf_config) if family else None
 
     def configure_model(self) -> None:
+        """Build the HF model once: load or create it, fit the embeddings to the tokenizer, check the
+        family, then the training wrappers (k-bit preparation, checkpointing, adapters, FSDP2)."""
         if self.model is not None:
             return
-        h = self.hparams
-        cls = model_class(self.hf_config)
-        if h.model_name_or_path is not None:
-            dtype = getattr(torch, h.dtype) if h.dtype else None
-            extra = {}
-            if self.peft is not None and self.peft.quantize:
-                adapters.check_quantization_possible(self.peft)
-                extra["quantization_config"] = adapters.quantization_config(self.peft, dtype)
-            model = cls.from_pretrained(h.model_name_or_path, attn_implementation=h.attn_implementation, dtype=dtype,
-                                        **extra)
-        else:
-            model = cls.from_config(self.hf_config, attn_implementation=h.attn_implementation)
+        model = self._build_model()
         fit_embeddings(model, self.tokenizer, self._new_token_ids)
         family_of(model)  # a clear error for unsupported families / attention implementations
+        model = self._prepare_for_training(model)
+        if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategies/fsdp.yaml)
+            shard_with_fsdp2(model, self.device_mesh)
+        # from_pretrained returns a model in eval mode, and Lightning keeps a submodule's mode: train
+        # with the model's dropout on (Lightning switches to eval for validation and back)
+        self.model = model.train()
+
+    def _build_model(self):
+        """The HF model: ``model_name_or_path``'s weights (4-bit under QLoRA), or random weights of
+        ``model_config``."""
+        h = self.hparams
+        cls = model_class(self.hf_config)
+        if h.model_name_or_path is None:
+            return cls.from_config(self.hf_config, attn_implementation=h.attn_implementation)
+        dtype = getattr(torch, h.dtype) if h.dtype else None
+        extra = {}
+        if self.peft is not None and self.peft.quantize:
+            adapters.check_quantization_possible(self.peft)
+            extra["quantization_config"] = adapters.quantization_config(self.peft, dtype)
+        return cls.from_pretrained(h.model_name_or_path, attn_implementation=h.attn_implementation, dtype=dtype,
+                                   **extra)
+
+    def _prepare_for_training(self, model):
+        """k-bit preparation (QLoRA), gradient checkpointing and the LoRA adapters, as configured."""
         if self.peft is not None and self.peft.quantize:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        if h.gradient_checkpointing:
+        if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.peft is not None:
             # the adapters go into the model in place; the wrapper is kept out of the module tree
             # (object.__setattr__) so that the weights are registered once, under self.model
             object.__setattr__(self, "peft_model", adapters.apply_peft(model, self.peft, self.trained_token_ids))
             trainable, total = adapters.parameter_counts(model)
-            rank_zero_info(f"model.peft: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%): "
-                           f"rank-{self.peft.rank} adapters and the rows of tokens {self.trained_token_ids}")
-        if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategies/fsdp.yaml)
-            shard_with_fsdp2(model, self.device_mesh)
-        # from_pretrained returns a model in eval mode, and Lightning keeps a submodule's mode: train
-        # with the model's dropout on (Lightning switches to eval for validation and back)
-        self.model = model.train()
+            rank_zero_info(f"model.peft: training {trainable:,} of {total:,} parameters "
+                           f"({100 * trainable / total:.3f}%): rank-{self.peft.rank} adapters and the rows of "
+                           f"tokens {self.trained_token_ids}")
+        return model
 
     @property
     def trained_token_ids(self) -> list[int]:
@@ -273,16 +285,21 @@ class GistLitModule(L.LightningModule):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def setup(self, stage: str) -> None:
+        """Build the model, connect the data, and refuse what cannot run before any step does."""
         # Build the model here, before Lightning enters the strategy's sharded context for
         # configure_model: under DeepSpeed ZeRO-3 that context (zero.Init) partitions parameters as
         # they are created, and transformers' weight init then fails on the empty shards (padding
         # row of the embedding). Every rank holds the whole model until the engine partitions it.
         self.configure_model()
+        self._check_runnable(stage)
         self._connect_data(stage)
+        self._check_validation_fits()
+
+    def _check_runnable(self, stage: str) -> None:
+        """Refuse settings that cannot run together, with what to change."""
         if self.segments is not None and self.encoder_decoder:
             raise GistError("model.segments gists long contexts segment by segment in a decoder; a T5-style "
                             "encoder reads its whole source at once: drop model.segments or use a decoder-only model")
-        self._check_validation_fits()
         if (stage == "fit" and self.hparams.attn_implementation == "flex_attention" and self._trainer is not None
                 and self.trainer.strategy.root_device.type == "cpu"):
             raise GistError("attn_implementation=flex_attention cannot train on a CPU: torch has no FlexAttention "

@@ -223,45 +223,61 @@ class GistDataModule(L.LightningDataModule):
         return self.human_limits if split == HUMAN else self.limits
 
     def _load_split(self, split: str) -> Dataset:
+        """``split`` read, tokenized for the connected model and cut to the length limits (examples
+        that cannot fit are dropped and counted); tokenized splits are cached by ``datasets``."""
+        ds, fingerprint = self._read_split(split)
+        ds = ds.map(self._tokenizer_for(split), new_fingerprint=fingerprint, desc=f"tokenizing {split}",
+                    remove_columns=[c for c in ds.column_names if c != "output"])
+        return self._keep_fitting(split, ds, fingerprint)
+
+    def _read_split(self, split: str) -> tuple[Dataset, str]:
+        """The split's records (checked, named by file and record on error) and the fingerprint of
+        what its tokenization depends on: the file, the model's token facts and the limits."""
         facts, h = self._connected(), self.hparams
         path = self.split_path(split)
-        records = load_records(path)  # checks every record, names file and record on error
+        records = load_records(path)
         if split != TRAIN and h.max_validation_records is not None:
             records = records[: h.max_validation_records]
-        limits = self.limits_for(split)
         stat = path.stat()
         fingerprint = hashlib.sha1(
             json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, len(records), *facts.token_key,
-                        limits.__dict__]).encode()
+                        self.limits_for(split).__dict__]).encode()
         ).hexdigest()
         if split == TRAIN:
-            ds = load_dataset("json", data_files=str(path), split="train", cache_dir=str(Path(h.cache_dir) / "datasets"))
+            ds = load_dataset("json", data_files=str(path), split="train",
+                              cache_dir=str(Path(h.cache_dir) / "datasets"))
         else:
             ds = Dataset.from_list(records)
-        tok, gist_id, k, enc_dec = facts.tokenizer, facts.gist_token_id, facts.num_gist_tokens, facts.encoder_decoder
+        return ds, fingerprint
 
+    def _tokenizer_for(self, split: str):
+        """The function that encodes one record of ``split`` for the connected model: a short
+        instruction with k gists, or a long context with its segments' gists."""
+        facts, limits = self._connected(), self.limits_for(split)
+        tok, gist_id, k, enc_dec = facts.tokenizer, facts.gist_token_id, facts.num_gist_tokens, facts.encoder_decoder
         segments = facts.segments
         if segments is not None and split == TRAIN:  # limits hold for the most gists a batch can draw
             segments = replace(segments, gists_per_segment=segments.most_gists)
 
         def tokenize(rec):
-            if segments is not None:  # the instruction is a long context
+            if segments is not None:
                 ex = encode_long_example(tok, rec["instruction"], rec["input"], rec["output"], segments, gist_id)
             else:
                 ex = encode_example(tok, rec["instruction"], rec["input"], rec["output"], k, gist_id, enc_dec)
             fitted = fit_to_limits(ex, limits, enc_dec)
-            keep = fitted is not None
-            ex = fitted or ex
+            ex, keep = fitted or ex, fitted is not None
             return {"prefix": ex.prefix, "gists": ex.gists, "suffix": ex.suffix, "target": ex.target, "keep": keep,
                     "x": prompt_text(rec["instruction"], rec["input"], k, enc_dec)}
 
-        ds = ds.map(tokenize, new_fingerprint=fingerprint, desc=f"tokenizing {split}",
-                    remove_columns=[c for c in ds.column_names if c != "output"])
+        return tokenize
+
+    def _keep_fitting(self, split: str, ds: Dataset, fingerprint: str) -> Dataset:
+        """The examples that fit the limits; the others are counted in ``dropped`` and logged."""
         kept = ds.filter(lambda r: r["keep"], new_fingerprint=fingerprint + "-kept")
         self.dropped[split] = len(ds) - len(kept)
         if self.dropped[split]:
             log.warning("%s: dropped %d of %d examples that do not fit the length limits %s",
-                        split, self.dropped[split], len(ds), limits)
+                        split, self.dropped[split], len(ds), self.limits_for(split))
         return kept
 
     def setup(self, stage: str | None = None) -> None:
