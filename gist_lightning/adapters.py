@@ -54,13 +54,14 @@ def check_quantization_possible(settings: PeftSettings) -> None:
     if settings.quantize is None:
         return
     if not torch.cuda.is_available():
-        raise GistError(f"model.peft.quantize={settings.quantize!r} (QLoRA) needs a CUDA GPU: bitsandbytes 4-bit "
-                        "weights do not run on this machine; set model.peft.quantize: null to train LoRA on a "
-                        "full-precision base")
+        raise GistError(f"model.peft.quantize={settings.quantize!r} (QLoRA) needs a CUDA GPU: bitsandbytes "
+                        "4-bit weights do not run on this machine; set model.peft.quantize: null to train "
+                        "LoRA on a full-precision base")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise GistError("model.peft.quantize needs bitsandbytes: pip install 'gist-lightning[qlora]'") from None
+        raise GistError("model.peft.quantize needs bitsandbytes: "
+                        "pip install 'gist-lightning[qlora]'") from None
 
 
 def quantization_config(settings: PeftSettings, compute_dtype: torch.dtype | None):
@@ -103,8 +104,8 @@ def apply_peft(model, settings: PeftSettings, token_ids: list[int]):
             parameters = list(MOE_EXPERT_PARAMETERS)
             if dropout:  # dropout on the input cannot be applied to weights adapted as parameters
                 rank_zero_warn(f"{family.model_type}: LoRA on fused expert weights takes no dropout; "
-                               f"model.peft.dropout={dropout} -> 0 (or name model.peft.target_modules without the "
-                               "experts)")
+                               f"model.peft.dropout={dropout} -> 0 (or name model.peft.target_modules "
+                               "without the experts)")
                 dropout = 0.0
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=dropout,
                             target_modules=modules, target_parameters=parameters,

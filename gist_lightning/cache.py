@@ -156,7 +156,8 @@ class GistCache:
         """
         first = caches[0]
         for c in caches[1:]:
-            if (c.num_gist_tokens, c.condition, c.backend) != (first.num_gist_tokens, first.condition, first.backend):
+            if (c.num_gist_tokens, c.condition, c.backend) != (first.num_gist_tokens, first.condition,
+                                                               first.backend):
                 raise ValueError("cannot concatenate caches made with different k, condition or backend")
         length = max(c.length for c in caches)
 
@@ -170,7 +171,8 @@ class GistCache:
 
         seq_dim = first.ops.seq_dim
         return GistCache(
-            states=_zip_states(lambda ts: torch.cat([pad(t, seq_dim) for t in ts]), [c.states for c in caches]),
+            states=_zip_states(lambda ts: torch.cat([pad(t, seq_dim) for t in ts]),
+                               [c.states for c in caches]),
             valid=torch.cat([pad(c.valid, 1) for c in caches]),
             positions=torch.cat([pad(c.positions, 1) for c in caches]),
             next_position=torch.cat([c.next_position for c in caches]),

@@ -47,13 +47,14 @@ def compress_ids(
         raise ValueError(why_not)
     first, last = masks.gist_span(prompt_ids, gist_token_id, num_gist_tokens)
     if (last != prompt_ids.shape[1] - 1).any():
-        raise ValueError("every prompt row must end with its gist span (left padding, nothing after the gists)")
+        raise ValueError("every prompt row must end with its gist span (left padding, nothing after the "
+                         "gists)")
     k = int((last - first + 1)[0].item())
     context = backend.context_length(model.config)
     longest = int(attention_mask.sum(-1).max())
     if context is not None and longest >= context:
-        raise ContextLengthError(f"an instruction of {longest - k} tokens + {k} gist tokens leaves no room in the "
-                                 f"model's {context} positions for an input; shorten the instruction")
+        raise ContextLengthError(f"an instruction of {longest - k} tokens + {k} gist tokens leaves no room "
+                                 f"in the model's {context} positions for an input; shorten the instruction")
     visible = masks.continuation_visibility(prompt_ids, attention_mask, gist_token_id, condition)
     keep = _kept_columns(visible)
     cols = slice(prompt_ids.shape[1] - keep, prompt_ids.shape[1])
@@ -80,7 +81,8 @@ def empty_cache(model, batch_size: int, condition: str = "pos_control") -> GistC
                      next_position=rows.sum(-1), num_gist_tokens=0, condition=condition, backend=backend.name)
 
 
-def compress(model, tokenizer, instructions: list[str], num_gist_tokens: int, condition: str = "gist") -> GistCache:
+def compress(model, tokenizer, instructions: list[str], num_gist_tokens: int,
+             condition: str = "gist") -> GistCache:
     """Compress a batch of instructions, one cache row each, to continue from with :func:`generate`.
 
     Each instruction is run once as ``Instruction: t`` + ``num_gist_tokens`` gist tokens under the
@@ -120,7 +122,8 @@ def compress(model, tokenizer, instructions: list[str], num_gist_tokens: int, co
 
 
 @torch.no_grad()
-def continuation_logits(model, cache: GistCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+def continuation_logits(model, cache: GistCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        **kwargs):
     """One forward of what follows the gist span, from the cache.
 
     Decoder-only: ``input_ids`` (B, T), left-padded, returns the model output (logits (B, T, V)).

@@ -29,7 +29,8 @@ SEED_LIMIT = 2**63
 
 
 # -- what follows a cache, and whether it fits ------------------------------------------------------
-def continuation_batch(rows: list[list[int]], pad_token_id: int, encoder_decoder: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def continuation_batch(rows: list[list[int]], pad_token_id: int,
+                       encoder_decoder: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask) of what follows each cache row: left-padded for decoder-only models (every
     row's next token comes from the last column), right-padded for encoder-decoders (the rest of the
     source follows the cached positions directly)."""
@@ -52,7 +53,8 @@ def prompt_lengths(cache: GistCache, attention_mask: torch.Tensor) -> torch.Tens
     return cache.next_position.to(attention_mask.device) + attention_mask.long().sum(-1)
 
 
-def check_fits(model, cache: GistCache, attention_mask: torch.Tensor, max_new_tokens: int | list[int]) -> None:
+def check_fits(model, cache: GistCache, attention_mask: torch.Tensor,
+               max_new_tokens: int | list[int]) -> None:
     """Refuse, with the numbers, prompts that leave no room for ``max_new_tokens`` (one for every
     row, or one per row) in the model's positions.
 
@@ -67,7 +69,8 @@ def check_fits(model, cache: GistCache, attention_mask: torch.Tensor, max_new_to
     over = (lengths > prompt_room(context, budgets)).nonzero().flatten().tolist()
     if over:
         i = max(over, key=lambda r: int(lengths[r]))
-        prefix, rest, budget = int(cache.next_position[i]), int(lengths[i]) - int(cache.next_position[i]), int(budgets[i])
+        prefix, budget = int(cache.next_position[i]), int(budgets[i])
+        rest = int(lengths[i]) - prefix
         raise ContextLengthError(
             f"{len(over)} of {len(lengths)} prompts do not fit the model's {context} positions; the longest: "
             f"instruction + gists {prefix} + input {rest} + {budget} new tokens need "
@@ -120,7 +123,8 @@ def choose_tokens(logits: torch.Tensor, rows: list[Row], pad_token_id: int) -> t
         probs = torch.softmax(logits[i].float() / row.sampling.temperature, -1)
         if row.sampling.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p >= row.sampling.top_p  # keep the smallest set reaching top_p
+            # keep the smallest set reaching top_p
+            drop = sorted_p.cumsum(-1) - sorted_p >= row.sampling.top_p
             probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0))
         tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
     return tokens
@@ -206,7 +210,8 @@ class TextStream:
             return out
         end = self.solid
         for s in self.stop:  # a suffix that may grow into a stop string
-            n = next((n for n in range(min(len(s) - 1, len(self.pending)), 0, -1) if self.pending.endswith(s[:n])), 0)
+            longest = min(len(s) - 1, len(self.pending))
+            n = next((n for n in range(longest, 0, -1) if self.pending.endswith(s[:n])), 0)
             end = min(end, len(self.pending) - n)
         if end < self.solid:  # held back before a stop string's start: not the space before it either
             end = len(self.pending[:end].rstrip())
@@ -271,8 +276,8 @@ class DecodingBatch:
         self.rows, self.tokens, self.pad_token_id = rows, tokens, pad_token_id
 
     @classmethod
-    def start(cls, model, cache: GistCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[Row],
-              pad_token_id: int) -> tuple[DecodingBatch, list[str]]:
+    def start(cls, model, cache: GistCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              rows: list[Row], pad_token_id: int) -> tuple[DecodingBatch, list[str]]:
         """The first forward of what follows each cache row (``input_ids`` padded as
         :func:`continuation_batch` pads) and every row's first token.
 
@@ -304,7 +309,8 @@ class DecodingBatch:
     def _advance(self, logits: torch.Tensor) -> list[str]:
         was_done = [r.finish_reason is not None for r in self.rows]
         self.tokens = choose_tokens(logits, self.rows, self.pad_token_id)
-        return ["" if done else row.push(t) for row, done, t in zip(self.rows, was_done, self.tokens.tolist())]
+        return ["" if done else row.push(t) for row, done, t in zip(self.rows, was_done,
+                                                                    self.tokens.tolist())]
 
     @property
     def done(self) -> bool:
@@ -343,8 +349,9 @@ def _all_ranks_done(batch: DecodingBatch, sync_ranks: bool) -> bool:
     return done
 
 
-def decode_steps(model, cache: GistCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[Row],
-                 pad_token_id: int, sync_ranks: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
+def decode_steps(model, cache: GistCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 rows: list[Row], pad_token_id: int,
+                 sync_ranks: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """A static batch decoded step by step: yields (the tokens chosen (B,), the text each row adds)
     until every row is done, on every process when ``sync_ranks``.
 

@@ -31,7 +31,8 @@ def _finish(out_dir: Path, tokenizer, num_gist_tokens: int, condition: str, **ex
     tokenizer.save_pretrained(out_dir)
     settings = {"num_gist_tokens": num_gist_tokens, "condition": condition, "gist_token": GIST_TOKEN,
                 "gist_token_id": gist_token_id(tokenizer), **extra}
-    write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")  # last: marks it complete
+    # last: marks it complete
+    write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
     return out_dir
 
 
@@ -40,7 +41,8 @@ def _extra(source: dict | None, segments: dict | None) -> dict:
 
 
 def export_pretrained(model, tokenizer, out_dir: str | os.PathLike, num_gist_tokens: int, condition: str,
-                      overwrite: bool = False, source: dict | None = None, segments: dict | None = None) -> Path:
+                      overwrite: bool = False, source: dict | None = None,
+                      segments: dict | None = None) -> Path:
     """A whole model (or a PEFT model merged into its base) as an HF folder. ``source`` (e.g. the
     checkpoint and step the weights come from) and ``segments`` (the segment settings of a model
     that gists long contexts) are kept in the settings file."""
@@ -106,7 +108,8 @@ def load_pretrained(path: str | os.PathLike, attn_implementation: str | None = N
     path = Path(path)
     settings_path = path / SETTINGS_FILE
     if not settings_path.is_file():
-        raise FileNotFoundError(f"{path}: no {SETTINGS_FILE}; is this a folder made by gist-lightning export?")
+        raise FileNotFoundError(f"{path}: no {SETTINGS_FILE}; is this a folder made by gist-lightning "
+                                "export?")
     settings = json.loads(settings_path.read_text())
     tokenizer = AutoTokenizer.from_pretrained(path)
     if gist_token_id(tokenizer) != settings["gist_token_id"]:
@@ -118,8 +121,8 @@ def load_pretrained(path: str | os.PathLike, attn_implementation: str | None = N
     except (OSError, ValueError) as e:
         if not adapter:
             raise
-        raise FileNotFoundError(f"{path}: the adapters go on the base model {source!r}, which cannot be loaded "
-                                f"({e}); pass its location as base_model") from None
+        raise FileNotFoundError(f"{path}: the adapters go on the base model {source!r}, which cannot be "
+                                f"loaded ({e}); pass its location as base_model") from None
     if attn_implementation is None:
         family = FAMILIES.get(config.model_type)  # an unknown family is refused by the backends
         attn_implementation = family.preferred_attention if family else "sdpa"

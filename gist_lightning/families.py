@@ -50,21 +50,23 @@ class Family:
 
 
 _T5 = "bidirectional encoder: encoder rule + cross-attention key mask; encoder states cached"
-_T5_ATTENTION = dict(attention=("eager", "sdpa"), attention_why="transformers has no FlexAttention path for T5 "
+_T5_ATTENTION = dict(attention=("eager", "sdpa"),
+                     attention_why="transformers has no FlexAttention path for T5 "
                      "models (relative position bias)")
 FAMILIES = {
     f.model_type: f
     for f in (
         Family("llama", "GQA; Llama 3.x rope scaling; SmolLM2 and TinyLlama are this architecture"),
         Family("mistral", "sliding window on every layer", layers="uniform_window"),
-        Family("mixtral", "mixture of experts; sliding window on every layer when set", layers="uniform_window",
-               moe=True),
+        Family("mixtral", "mixture of experts; sliding window on every layer when set",
+               layers="uniform_window", moe=True),
         Family("qwen2", "sliding window on the layers config.layer_types names", layers="layer_types"),
-        Family("qwen3", "q/k norm; sliding window on the layers config.layer_types names", layers="layer_types"),
+        Family("qwen3", "q/k norm; sliding window on the layers config.layer_types names",
+               layers="layer_types"),
         Family("qwen3_moe", "mixture of experts, q/k norm; sliding window on every layer when set",
                layers="uniform_window", moe=True),
-        Family("gemma2", "alternating sliding / full layers; attention logit soft-capping", layers="layer_types",
-               attention=("eager", "flex_attention"),
+        Family("gemma2", "alternating sliding / full layers; attention logit soft-capping",
+               layers="layer_types", attention=("eager", "flex_attention"),
                attention_why="attention logit soft-capping is computed by eager and flex attention only"),
         Family("gemma3_text", "sliding / full layers by pattern, another RoPE base on sliding layers",
                layers="layer_types"),
@@ -76,7 +78,8 @@ FAMILIES = {
         Family("gpt_neox", "partial rotary, parallel residual"),
         Family("t5", _T5, backend="t5_encoder", **_T5_ATTENTION),
         Family("mt5", _T5 + "; multilingual vocabulary", backend="t5_encoder", **_T5_ATTENTION),
-        Family("umt5", _T5 + "; a relative position bias in every layer", backend="t5_encoder", **_T5_ATTENTION),
+        Family("umt5", _T5 + "; a relative position bias in every layer", backend="t5_encoder",
+               **_T5_ATTENTION),
     )
 }
 
@@ -112,8 +115,8 @@ def family_of(model_or_config) -> Family:
     impl = config._attn_implementation
     if impl not in family.attention:
         why = REFUSED_ATTENTION.get(impl) or family.attention_why or "it cannot take an arbitrary 4D mask"
-        raise ValueError(f"{model_type}: attention implementation {impl!r} cannot take the gist mask ({why}); "
-                         f"load the model with attn_implementation in {family.attention}")
+        raise ValueError(f"{model_type}: attention implementation {impl!r} cannot take the gist mask "
+                         f"({why}); load the model with attn_implementation in {family.attention}")
     if family.layers == "layer_types":
         unknown = set(config.layer_types) - set(LAYER_TYPES)
         if unknown:
@@ -134,11 +137,13 @@ def per_layer_masks(model, build):
     return build(None)
 
 
-def self_attention_masks(model, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor):
+def self_attention_masks(model, allowed: torch.Tensor, query_positions: torch.Tensor,
+                         key_positions: torch.Tensor):
     """A boolean (B, 1, T, S) mask as the decoder layers take it: additive, with the sliding window
     (by position id) where the layers slide."""
     def build(window):
-        windowed = allowed if window is None else allowed & masks.sliding_window_mask(query_positions, key_positions, window)
+        windowed = allowed if window is None else allowed & masks.sliding_window_mask(query_positions,
+                                                                                      key_positions, window)
         return masks.to_additive(windowed, model.dtype)
 
     return per_layer_masks(model, build)
@@ -159,7 +164,9 @@ def self_attention_block_masks(model, mask_mod_for, batch: int, query_len: int, 
 
 def family_table() -> str:
     """The README's family table, from the registry."""
-    rows = ["| family (`model_type`) | what differs | mask per layer | attention | backend |", "|---|---|---|---|---|"]
+    rows = ["| family (`model_type`) | what differs | mask per layer | attention | backend |",
+            "|---|---|---|---|---|"]
     for f in FAMILIES.values():
-        rows.append(f"| `{f.model_type}` | {f.differs} | {f.layers} | {', '.join(f.attention)} | {f.backend} |")
+        rows.append(f"| `{f.model_type}` | {f.differs} | {f.layers} | {', '.join(f.attention)} | {f.backend} "
+                    "|")
     return "\n".join(rows)

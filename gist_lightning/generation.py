@@ -31,7 +31,8 @@ __all__ = ["OVERFLOW_POLICIES", "check_fits", "decode_new_tokens", "fit_inputs",
 def _run(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks=False) -> torch.Tensor:
     """Every step's tokens of a static batch, (B, N): rows that ended early carry padding."""
     with torch.no_grad():
-        tokens = [t for t, _ in decode_steps(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks)]
+        steps = decode_steps(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks)
+        tokens = [t for t, _ in steps]
     return torch.stack(tokens, 1) if tokens else input_ids.new_zeros((input_ids.shape[0], 0))
 
 
@@ -98,13 +99,15 @@ def fit_inputs(model, tokenizer, cache: GistCache, inputs: list[str], max_new_to
             cut.append(f"row {i}: {len(words) - n} of {len(words)} words")
         out.append(" ".join(words[:n]))
     if cut:
-        warnings.warn(f"inputs truncated to fit the model's {context} positions with {max_new_tokens} new tokens: "
+        warnings.warn(f"inputs truncated to fit the model's {context} positions with {max_new_tokens} new "
+                      "tokens: "
                       + "; ".join(cut), stacklevel=3)
     return out
 
 
 def generate(
-    model, tokenizer, cache: GistCache, inputs: list[str], max_new_tokens: int = 64, skip_special_tokens: bool = True,
+    model, tokenizer, cache: GistCache, inputs: list[str], max_new_tokens: int = 64,
+    skip_special_tokens: bool = True,
     on_overflow: str = "error", temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
     stop: str | list[str] | tuple[str, ...] = (),
 ) -> list[str]:
@@ -147,13 +150,15 @@ def generate(
         ['owl dog cat']
     """
     if len(inputs) != cache.batch_size:
-        raise ValueError(f"{len(inputs)} inputs for a cache of {cache.batch_size} rows; use cache.select to reuse rows")
+        raise ValueError(f"{len(inputs)} inputs for a cache of {cache.batch_size} rows; use cache.select to "
+                         "reuse rows")
     if on_overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"on_overflow must be one of {OVERFLOW_POLICIES}; got {on_overflow!r}")
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     device = model.device
     samplings = [Sampling(temperature, top_p, None if seed is None else seed + i) for i in range(len(inputs))]
-    rows = [Row(max_new_tokens, tokenizer.eos_token_id, s, TextStream(tokenizer, stop, skip_special_tokens) if stop
+    rows = [Row(max_new_tokens, tokenizer.eos_token_id, s,
+                TextStream(tokenizer, stop, skip_special_tokens) if stop
                 else None, device) for s in samplings]
     if on_overflow == "truncate_input":
         inputs = fit_inputs(model, tokenizer, cache, inputs, max_new_tokens)
@@ -176,4 +181,5 @@ def decode_new_tokens(tokenizer, ids: torch.Tensor, skip_special_tokens: bool = 
         One text per row.
     """
     eos = tokenizer.eos_token_id
-    return [final_text(tokenizer, r[: r.index(eos)] if eos in r else r, (), skip_special_tokens) for r in ids.tolist()]
+    return [final_text(tokenizer, r[: r.index(eos)] if eos in r else r, (), skip_special_tokens)
+            for r in ids.tolist()]

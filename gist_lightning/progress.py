@@ -16,11 +16,13 @@ class StepProgressBar(RichProgressBar):
         if not self._by_steps(self.trainer):
             return super()._get_train_description(current_epoch)
         text = f"Step (epoch {current_epoch})"
-        return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
+        width = len(self.validation_description)
+        return f"{text:{width}}" if width > len(text) else text
 
     def _show_steps(self, trainer) -> None:
         if self.progress is not None and self.train_progress_bar_id is not None:
-            self.progress.update(self.train_progress_bar_id, total=trainer.max_steps, completed=trainer.global_step)
+            self.progress.update(self.train_progress_bar_id, total=trainer.max_steps,
+                                 completed=trainer.global_step)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)

@@ -64,10 +64,12 @@ def model_fingerprint(model) -> str:
 
 def fingerprints(model, tokenizer) -> dict[str, str]:
     """What a cache file records of the model and tokenizer it belongs to."""
-    return {"model_fingerprint": model_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    return {"model_fingerprint": model_fingerprint(model),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
 
 
-def _meta(cache: GistCache, model, tokenizer, instructions: list[str] | None, prints: dict | None) -> dict[str, str]:
+def _meta(cache: GistCache, model, tokenizer, instructions: list[str] | None,
+          prints: dict | None) -> dict[str, str]:
     return {
         "format": FORMAT,
         "num_gist_tokens": str(cache.num_gist_tokens),
@@ -88,7 +90,8 @@ def _tensors(cache: GistCache) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous().cpu() for name, t in out.items()}
 
 
-def _serialize(cache: GistCache, model, tokenizer, instructions: list[str] | None, prints: dict | None) -> bytes:
+def _serialize(cache: GistCache, model, tokenizer, instructions: list[str] | None,
+               prints: dict | None) -> bytes:
     """The file's bytes, the same for the same cache in every process: safetensors writes its header's
     keys in the order of a Rust hash map (random per call), so the header is written again, sorted
     (two replicas that compress one instruction write one key with the same bytes)."""
@@ -99,8 +102,8 @@ def _serialize(cache: GistCache, model, tokenizer, instructions: list[str] | Non
     return struct.pack("<Q", len(header)) + header + data[8 + n:]
 
 
-def save_cache(cache: GistCache, path: str | os.PathLike, model, tokenizer, instructions: list[str] | None = None,
-               prints: dict[str, str] | None = None) -> Path:
+def save_cache(cache: GistCache, path: str | os.PathLike, model, tokenizer,
+               instructions: list[str] | None = None, prints: dict[str, str] | None = None) -> Path:
     """Write ``cache`` (with the checks its loader needs) to ``path`` (a ``.safetensors`` file);
     ``prints``: :func:`fingerprints` of model and tokenizer when the caller has them already."""
     path = Path(path)
@@ -137,7 +140,8 @@ def load_cache(path: str | os.PathLike, model, tokenizer, num_gist_tokens: int |
             for name in f.keys():  # noqa: SIM118 (safe_open has no iterator)
                 tensors[name] = f.get_tensor(name)
     except Exception as e:  # noqa: BLE001
-        raise CorruptFileError(f"{path}: the cache file's tensors cannot be read, truncated or corrupt ({e})") from None
+        raise CorruptFileError(f"{path}: the cache file's tensors cannot be read, truncated or corrupt "
+                               f"({e})") from None
     return _from_tensors(meta, tensors)
 
 
@@ -152,7 +156,8 @@ def _check(path, meta: dict, model, tokenizer, num_gist_tokens: int | None, prin
          f"it was made with model {meta['model']!r}"),
         ("tokenizer", meta["tokenizer_fingerprint"], current["tokenizer_fingerprint"],
          "its vocabulary, special tokens or framing differ"),
-        ("dtype", meta["dtype"], str(model.dtype), f"it holds {meta['dtype']}, the model runs in {model.dtype}"),
+        ("dtype", meta["dtype"], str(model.dtype),
+         f"it holds {meta['dtype']}, the model runs in {model.dtype}"),
     ]
     if num_gist_tokens is not None:
         checks.append(("k", meta["num_gist_tokens"], str(num_gist_tokens),
@@ -170,7 +175,8 @@ def _segment_key(segments: dict | None):
     """What of the segment settings decides a cache's content (not the length limit)."""
     if not segments:
         return None
-    return (segments["segment_tokens"], segments["gists_per_segment"], segments["placement"], segments.get("window"))
+    return (segments["segment_tokens"], segments["gists_per_segment"], segments["placement"],
+            segments.get("window"))
 
 
 def _describe(segments: dict | None) -> str:
@@ -188,8 +194,8 @@ def _from_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> GistCache:
                      positions=tensors["positions"], next_position=tensors["next_position"],
                      num_gist_tokens=int(meta["num_gist_tokens"]), condition=meta["condition"], backend=name,
                      meta={"instructions": json.loads(meta["instructions"]),
-                           **({"segments": json.loads(meta["segments"])} if meta.get("segments", "null") != "null"
-                              else {})})
+                           **({"segments": json.loads(meta["segments"])}
+                              if meta.get("segments", "null") != "null" else {})})
 
 
 def _metadata_of(where: str, head: bytes) -> dict[str, str]:
@@ -201,7 +207,8 @@ def _metadata_of(where: str, head: bytes) -> dict[str, str]:
     except (struct.error, ValueError, KeyError, TypeError) as e:
         raise CorruptFileError(f"{where}: not a readable cache file, truncated or corrupt ({e})") from None
     if not isinstance(meta, dict):
-        raise CorruptFileError(f"{where}: not a readable cache file, truncated or corrupt (no complete header)")
+        raise CorruptFileError(f"{where}: not a readable cache file, truncated or corrupt (no complete "
+                               "header)")
     if meta.get("format") != FORMAT:
         raise CacheMismatchError(f"{where}: not a gist-lightning cache file (format {meta.get('format')!r})")
     return meta
@@ -213,7 +220,8 @@ def check_location(location: str | os.PathLike) -> None:
     try:
         fs, root = url_to_fs(str(location))
         if isinstance(fs, LocalFileSystem):
-            fs.makedirs(root, exist_ok=True)  # an object store has no folders to make (nor a bucket to create)
+            # an object store has no folders to make (nor a bucket to create)
+            fs.makedirs(root, exist_ok=True)
         probe = f"{root.rstrip('/')}/.probe-{uuid.uuid4().hex}.tmp"
         fs.pipe_file(probe, b"gist-lightning")
         ok = fs.cat_file(probe) == b"gist-lightning"
@@ -236,8 +244,8 @@ class CacheStore:
     opened are found.
     """
 
-    def __init__(self, folder: str | os.PathLike, model, tokenizer, num_gist_tokens: int, condition: str = "gist",
-                 frozen: bool = False, segments=None):
+    def __init__(self, folder: str | os.PathLike, model, tokenizer, num_gist_tokens: int,
+                 condition: str = "gist", frozen: bool = False, segments=None):
         """``folder``: a path, or an fsspec URL (``s3://bucket/prefix``). ``frozen``: the model's
         weights do not change while the store is used (serving), so its fingerprint is computed once
         instead of at every read and write. ``segments``: the model gists long contexts segment by
@@ -281,7 +289,8 @@ class CacheStore:
         if cache.batch_size != 1:
             raise ValueError(f"a store entry holds one instruction; got a cache of {cache.batch_size} rows")
         if self.local:
-            return save_cache(cache, self.path(instruction), self.model, self.tokenizer, [instruction], self.prints)
+            return save_cache(cache, self.path(instruction), self.model, self.tokenizer, [instruction],
+                              self.prints)
         data = _serialize(cache, self.model, self.tokenizer, [instruction], self.prints)
         self.fs.pipe_file(self._remote(instruction), data)  # one put: readers see the old object or the new
         return self.path(instruction)
@@ -291,7 +300,8 @@ class CacheStore:
         if self.local:
             if not path.is_file():
                 raise KeyError(f"no cache for instruction {instruction[:80]!r} in {self.folder}")
-            return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens, self.prints, self._segments_dict)
+            return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens, self.prints,
+                              self._segments_dict)
         try:
             data = self.fs.cat_file(self._remote(instruction))  # a plain get, never a cached listing
         except FileNotFoundError:
@@ -301,7 +311,8 @@ class CacheStore:
         try:
             tensors = load_bytes(data)
         except Exception as e:  # noqa: BLE001
-            raise CorruptFileError(f"{path}: the cache file's tensors cannot be read, truncated or corrupt ({e})") from None
+            raise CorruptFileError(f"{path}: the cache file's tensors cannot be read, truncated or corrupt "
+                                   f"({e})") from None
         return _from_tensors(meta, {name: t.to(self.model.device) for name, t in tensors.items()})
 
     def get_or_add(self, instruction: str) -> GistCache:
@@ -329,7 +340,8 @@ class CacheStore:
                 log.warning("%s", e)
                 continue
             if (meta["num_gist_tokens"] == str(self.num_gist_tokens) and meta["condition"] == self.condition
-                    and _segment_key(json.loads(meta.get("segments", "null"))) == _segment_key(self._segments_dict)):
+                    and _segment_key(json.loads(meta.get("segments", "null")))
+                    == _segment_key(self._segments_dict)):
                 out += json.loads(meta["instructions"])
         return out
 

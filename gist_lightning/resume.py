@@ -88,12 +88,15 @@ class ClockCheckpoint(ModelCheckpoint):
         # inside a validation; only the first is a state a resumed run continues from exactly
         # (nor between the micro-batches of one accumulation: their gradients are not in a checkpoint)
         if (isinstance(exception, SIGTERMException) and not trainer.validating and not self._deferred
-                and not trainer.fit_loop._should_accumulate() and not self._should_skip_saving_checkpoint(trainer)):
+                and not trainer.fit_loop._should_accumulate()
+                and not self._should_skip_saving_checkpoint(trainer)):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def clock_checkpoint(minutes: float | None = 10.0, every_n_steps: int | None = None) -> ModelCheckpoint | None:
-    """The :class:`ClockCheckpoint` for ``minutes`` of training or ``every_n_steps`` steps (None / 0: none)."""
+def clock_checkpoint(minutes: float | None = 10.0,
+                     every_n_steps: int | None = None) -> ModelCheckpoint | None:
+    """The :class:`ClockCheckpoint` for ``minutes`` of training or ``every_n_steps`` steps (None / 0:
+    none)."""
     common = dict(save_top_k=0, save_last=True, enable_version_counter=False)
     if every_n_steps:
         return ClockCheckpoint(every_n_train_steps=every_n_steps, **common)
@@ -158,7 +161,8 @@ class ResumableRun(L.Callback):
         step, self._resumed_step = self._resumed_step, None
         logger = trainer.logger
         path = getattr(getattr(logger, "experiment", None), "metrics_file_path", None) if logger else None
-        if step is None or not trainer.is_global_zero or not path or "://" in str(path) or not Path(path).is_file():
+        if (step is None or not trainer.is_global_zero or not path or "://" in str(path)
+                or not Path(path).is_file()):
             return
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -206,11 +210,14 @@ def resume_command(argv: list[str], version) -> str:
 def stopped_early_message(trainer, argv: list[str]) -> str:
     """One line for a fit that a SIGTERM stopped: where it stopped, the step ``last.ckpt`` holds
     (when this process wrote it) and the command that resumes it."""
-    where = f"step {trainer.global_step}" + (f" of {trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0
-                                            else "")
-    last = Path(trainer.checkpoint_callback.dirpath or "") / "last.ckpt" if trainer.checkpoint_callback else None
+    where = f"step {trainer.global_step}"
+    if trainer.max_steps and trainer.max_steps > 0:
+        where += f" of {trainer.max_steps}"
+    ckpt = trainer.checkpoint_callback
+    last = Path(ckpt.dirpath or "") / "last.ckpt" if ckpt else None
     if last is None or not last.exists():  # a DeepSpeed checkpoint is a folder
-        return f"stopped early by SIGTERM at {where}; no checkpoint was written yet: run the same command again"
+        return (f"stopped early by SIGTERM at {where}; no checkpoint was written yet: run the same command "
+                "again")
     held = ""
     if last.is_file():  # mmap: the step is read without reading the weights
         try:

@@ -28,9 +28,11 @@ def continuation_text(input: str, encoder_decoder: bool) -> str:
     return f"\nInput: {input}\nOutput:" if input else "\nOutput:"
 
 
-def prompt_text(instruction: str, input: str, num_gist_tokens: int, encoder_decoder: bool, gist_token: str = GIST_TOKEN) -> str:
+def prompt_text(instruction: str, input: str, num_gist_tokens: int, encoder_decoder: bool,
+                gist_token: str = GIST_TOKEN) -> str:
     """The prompt as one string (for display and CSVs; never re-tokenized)."""
-    return instruction_text(instruction) + gist_token * num_gist_tokens + continuation_text(input, encoder_decoder)
+    return (instruction_text(instruction) + gist_token * num_gist_tokens
+            + continuation_text(input, encoder_decoder))
 
 
 def without_gists(prompt: str, gist_token: str = GIST_TOKEN) -> str:

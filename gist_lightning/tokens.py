@@ -22,7 +22,9 @@ SUITE_TOKENIZER = Path(__file__).resolve().parent / "assets" / "suite_tokenizer"
 def load_tokenizer(name_or_path: str):
     """A tokenizer by hub id or local folder, as it is (no gist token added); ``"suite"`` is the
     one shipped for the embedded suite."""
-    return AutoTokenizer.from_pretrained(str(SUITE_TOKENIZER) if name_or_path == SUITE_TOKENIZER_NAME else name_or_path)
+    if name_or_path == SUITE_TOKENIZER_NAME:
+        name_or_path = str(SUITE_TOKENIZER)
+    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 def tokenizer_fingerprint(tokenizer, framing: bool = True) -> str:
@@ -56,7 +58,8 @@ def add_special_tokens(tokenizer) -> list[int]:
     the ids added now (empty when it had both), for :func:`fit_embeddings` to give them rows."""
     n_before = len(tokenizer)
     if GIST_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"extra_special_tokens": [GIST_TOKEN]}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens({"extra_special_tokens": [GIST_TOKEN]},
+                                     replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return list(range(n_before, len(tokenizer)))

@@ -56,8 +56,8 @@ class _GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n, t = (self.keys.shape[-2] if self.keys.dim() == 4 else 0), key_states.shape[-2]
         buffer = getattr(self, "_buffer", None)
-        if (buffer is None or self.keys.data_ptr() != buffer[0].data_ptr() or self.keys.shape[0] != buffer[0].shape[0]
-                or n + t > buffer[0].shape[-2]):
+        if (buffer is None or self.keys.data_ptr() != buffer[0].data_ptr()
+                or self.keys.shape[0] != buffer[0].shape[0] or n + t > buffer[0].shape[-2]):
             size = n + t + max(64, (n + t) // 4)  # room grows with the cache: amortised O(1) copies per token
             buffer = tuple(x.new_empty((*x.shape[:2], size, x.shape[-1])) for x in (key_states, value_states))
             if n:
@@ -69,7 +69,8 @@ class _GrowingLayer(DynamicLayer):
 
 
 def _kv_cache(states=()) -> DynamicCache:
-    """A DynamicCache of growing layers holding ``states`` [(keys, values) per layer] (none: it fills at the forward)."""
+    """A DynamicCache of growing layers holding ``states`` [(keys, values) per layer] (none: it fills at
+    the forward)."""
     past = DynamicCache()
     past.layer_class_to_replicate = _GrowingLayer
     for keys, values in states:
@@ -96,13 +97,14 @@ class DecoderKV(Backend):
             first, last = masks.segment_gist_spans(input_ids, segments, gist_token_id, num_gist_tokens)
             bsz, seq_len = input_ids.shape
             mask = self_attention_block_masks(
-                model, lambda window: masks.decoder_mask_mod(segments, first, last, condition, positions, window),
+                model, lambda w: masks.decoder_mask_mod(segments, first, last, condition, positions, w),
                 bsz, seq_len, seq_len, input_ids.device)
             shapes = static_shapes_on_cpu(input_ids.device)
         else:
             allowed = masks.decoder_attention_mask(input_ids, attention_mask, gist_token_id, condition,
                                                    num_gist_tokens, segment_ids)
-            mask, shapes = self_attention_masks(model, allowed, positions, positions), contextlib.nullcontext()
+            mask = self_attention_masks(model, allowed, positions, positions)
+            shapes = contextlib.nullcontext()
         with shapes:
             return model(input_ids=input_ids, position_ids=positions, attention_mask=mask, **kwargs)
 
@@ -122,15 +124,18 @@ class DecoderKV(Backend):
         allowed = masks.prefix_attention_mask(cache.valid, attention_mask)  # (B, 1, T, L+T)
         with dense_attention(model):
             return model(input_ids=input_ids, position_ids=positions, cache=past, use_cache=True,
-                         attention_mask=self_attention_masks(model, allowed, positions, key_positions), **kwargs)
+                         attention_mask=self_attention_masks(model, allowed, positions, key_positions),
+                         **kwargs)
 
     def start(self, model, cache, input_ids, attention_mask):
         out = self.continuation(model, cache, input_ids, attention_mask)
         state = {
             "past": out.cache,
             "key_valid": torch.cat([cache.valid, attention_mask.bool()], -1),  # (B, L+T) keys seen so far
-            "key_positions": torch.cat([cache.positions, masks.padding_position_ids(attention_mask, cache.next_position)], -1),
-            "position": cache.next_position + attention_mask.long().sum(-1),  # (B,) the next token's position id
+            "key_positions": torch.cat(
+                [cache.positions, masks.padding_position_ids(attention_mask, cache.next_position)], -1),
+            # (B,) the next token's position id
+            "position": cache.next_position + attention_mask.long().sum(-1),
         }
         return out.logits[:, -1], state
 
@@ -139,10 +144,11 @@ class DecoderKV(Backend):
         position = state["position"]
         key_positions = torch.cat([state["key_positions"], position[:, None]], -1)
         with dense_attention(model):
+            mask = self_attention_masks(model, key_valid[:, None, None, :], position[:, None], key_positions)
             out = model(input_ids=tokens[:, None], position_ids=position[:, None], cache=state["past"],
-                        use_cache=True, attention_mask=self_attention_masks(model, key_valid[:, None, None, :],
-                                                                            position[:, None], key_positions))
-        state = {"past": out.cache, "key_valid": key_valid, "key_positions": key_positions, "position": position + 1}
+                        use_cache=True, attention_mask=mask)
+        state = {"past": out.cache, "key_valid": key_valid, "key_positions": key_positions,
+                 "position": position + 1}
         return out.logits[:, -1], state
 
     def select_rows(self, state, rows):
@@ -155,8 +161,8 @@ class DecoderKV(Backend):
         if start:
             for layer in past.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-        return {"past": past, "key_valid": key_valid[:, start:], "key_positions": state["key_positions"][rows, start:],
-                "position": state["position"][rows]}
+        return {"past": past, "key_valid": key_valid[:, start:],
+                "key_positions": state["key_positions"][rows, start:], "position": state["position"][rows]}
 
     def merge(self, states):
         # rows of different lengths: left-pad every key axis to the longest (padding is never valid)
@@ -184,7 +190,8 @@ class DecoderKV(Backend):
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=model.dtype).element_size()
+        itemsize = torch.tensor([], dtype=model.dtype).element_size()
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
 
     def named_tensors(self, states):
         out = {}

@@ -39,7 +39,8 @@ class _EncoderStateHooks:
         return hook
 
     def __enter__(self):
-        self.handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.modules)]
+        self.handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+                        for i, m in enumerate(self.modules)]
         return self
 
     def __exit__(self, *exc):
@@ -54,21 +55,24 @@ class T5Encoder(Backend):
 
     def cannot_cache(self, condition):
         if condition == "pos_control":
-            return ("pos_control cannot be cached for an encoder-decoder model: its bidirectional encoder lets the "
-                    "instruction attend to the input, so the instruction's states depend on every input "
-                    "(the paper has no instruction-caching figure for FLAN-T5 for the same reason)")
+            return ("pos_control cannot be cached for an encoder-decoder model: its bidirectional encoder "
+                    "lets the instruction attend to the input, so the instruction's states depend on every "
+                    "input (the paper has no instruction-caching figure for FLAN-T5 for the same reason)")
         return None
 
     def forward(self, model, input_ids, attention_mask, gist_token_id, condition, num_gist_tokens=None,
                 segment_ids=None, **kwargs):
         # input_ids: the source (B, S); pass labels or decoder_input_ids for the target
         if segment_ids is not None:
-            raise ValueError("packed rows are for decoder-only models; an encoder-decoder takes one source per row")
+            raise ValueError("packed rows are for decoder-only models; an encoder-decoder takes one source "
+                             "per row")
         args = (input_ids, attention_mask, gist_token_id, condition, num_gist_tokens)
         encoder_outputs = model.get_encoder()(
-            input_ids=input_ids, attention_mask=masks.to_additive(masks.encoder_attention_mask(*args), model.dtype)
+            input_ids=input_ids,
+            attention_mask=masks.to_additive(masks.encoder_attention_mask(*args), model.dtype)
         )
-        return model(encoder_outputs=encoder_outputs, attention_mask=masks.cross_attention_mask(*args).long(), **kwargs)
+        return model(encoder_outputs=encoder_outputs, attention_mask=masks.cross_attention_mask(*args).long(),
+                     **kwargs)
 
     def compress(self, model, prompt_ids, attention_mask, gist_token_id, condition, cols):
         enc_mask = masks.encoder_attention_mask(prompt_ids, attention_mask, gist_token_id, condition)
@@ -85,20 +89,24 @@ class T5Encoder(Backend):
         """Encoder states of ``[cache | input]`` (input right-padded, right after the cache) and the
         cross-attention key mask (B, L+T)."""
         bsz, length = cache.valid.shape
-        dummy = torch.full((bsz, length), model.config.pad_token_id or 0, dtype=torch.long, device=input_ids.device)
+        dummy = torch.full((bsz, length), model.config.pad_token_id or 0, dtype=torch.long,
+                           device=input_ids.device)
         cont_rows = masks.prefix_attention_mask(cache.valid, attention_mask, causal=False)  # (B,1,T,L+T)
-        cache_rows = torch.cat([cache.valid, attention_mask.bool()], -1)[:, None, None, :].expand(-1, 1, length, -1)
+        keys = torch.cat([cache.valid, attention_mask.bool()], -1)  # (B, L+T)
+        cache_rows = keys[:, None, None, :].expand(-1, 1, length, -1)
         full = torch.cat([cache_rows, cont_rows], dim=2)
         with _EncoderStateHooks(model.get_encoder(), replace=cache.states):
             out = model.get_encoder()(
-                input_ids=torch.cat([dummy, input_ids], 1), attention_mask=masks.to_additive(full, model.dtype)
+                input_ids=torch.cat([dummy, input_ids], 1),
+                attention_mask=masks.to_additive(full, model.dtype)
             )
-        return out.last_hidden_state, torch.cat([cache.valid, attention_mask.bool()], -1)
+        return out.last_hidden_state, keys
 
     def continuation(self, model, cache, input_ids, attention_mask, **kwargs):
         # input_ids: the rest of the source (B, T), right-padded; pass decoder_input_ids
         enc, cross = self._encode(model, cache, input_ids, attention_mask)
-        return model(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=cross.long(), **kwargs)
+        return model(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=cross.long(),
+                     **kwargs)
 
     def start(self, model, cache, input_ids, attention_mask):
         enc, cross = self._encode(model, cache, input_ids, attention_mask)

@@ -92,8 +92,8 @@ class RougeCallback(L.Callback):
             self.metrics[split].reset()
             if trainer.sanity_checking:
                 continue
-            self.last[split] = SplitScores(rougeL=float(values[ROUGE_L]), exact_match=float(values[EXACT_MATCH]),
-                                           count=int(values["count"]))
+            self.last[split] = SplitScores(rougeL=float(values[ROUGE_L]),
+                                           exact_match=float(values[EXACT_MATCH]), count=int(values["count"]))
             self.step = trainer.global_step
             for name in QUALITY_METRICS:
                 pl_module.log(metric_key(split, name), values[name].float(), add_dataloader_idx=False,
@@ -161,7 +161,8 @@ class CompressionStats(L.Callback):
         model, k = pl_module.model, pl_module.hparams.num_gist_tokens
         per_position = cache_bytes_per_position(model)
         # matmul FLOPs per token of the non-embedding weights (attention's quadratic part left out)
-        n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "shared" not in n)
+        n_params = sum(p.numel() for n, p in model.named_parameters()
+                       if "embed" not in n and "shared" not in n)
         stats = {}
         for split in in_split_order(tokens):
             t = np.array(gather_lists(tokens[split]), dtype=float)
@@ -177,7 +178,8 @@ class CompressionStats(L.Callback):
                 prefill_flops_saved=float(2 * n_params * (t.mean() + k)),
             )
             for name in ("compression_ratio", "instruction_tokens_mean", "gist_cache_bytes"):
-                pl_module.log(metric_key(split, name), torch.tensor(getattr(stats[split], name), dtype=torch.float32),
+                pl_module.log(metric_key(split, name),
+                              torch.tensor(getattr(stats[split], name), dtype=torch.float32),
                               add_dataloader_idx=False, rank_zero_only=True)
         self.last = stats
         folder = predictions_dir(trainer)
@@ -217,7 +219,8 @@ class ExportBest(L.Callback):
         name = next((n for cls, n in sharded.items() if isinstance(trainer.strategy, cls)), None)
         if name or (ckpt and Path(ckpt).is_dir()):
             # the weights are sharded across ranks: the saved checkpoint holds them whole (or converts)
-            self.result = ExportResult(path=None, source=ckpt, skipped=f"not exported under {name or 'DeepSpeed'}; "
+            self.result = ExportResult(path=None, source=ckpt,
+                                       skipped=f"not exported under {name or 'DeepSpeed'}; "
                                        f"run: gist-lightning export --ckpt {ckpt} --out <folder>")
             return
         notes = []
@@ -253,8 +256,9 @@ class ExportBest(L.Callback):
         if settings.get("source") == source:
             return folder, True, f"replaced {folder}, an earlier export of the same checkpoint"
         other = free_path(folder)
-        return other, False, (f"{folder} holds another export (of {settings.get('source') or 'unrecorded weights'}); "
-                              f"kept it, this one is {other}")
+        return other, False, (f"{folder} holds another export (of "
+                              f"{settings.get('source') or 'unrecorded weights'}); kept it, this one is "
+                              f"{other}")
 
 
 class RunSummary(L.Callback):
@@ -297,7 +301,8 @@ class RunSummary(L.Callback):
             lines.append(line)
         ckpt = trainer.checkpoint_callback
         if trainer.state.fn == "fit" and ckpt is not None and ckpt.best_model_score is not None:
-            lines.append(f"best {ckpt.monitor} = {float(ckpt.best_model_score):.1f} ({Path(ckpt.best_model_path).name})")
+            lines.append(f"best {ckpt.monitor} = {float(ckpt.best_model_score):.1f} "
+                         f"({Path(ckpt.best_model_path).name})")
         writer, export = find(PredictionWriter), find(ExportBest)
         if writer and writer.written:
             lines.append(f"predictions: {writer.written[-1].parent}/")
@@ -307,5 +312,6 @@ class RunSummary(L.Callback):
         if done and done.path:
             lines.append(f"exported model ({done.source}): {done.path}")
             lines += [f"  note: {note}" for note in done.notes]
-            lines.append(f"  load it: model, tokenizer, settings = gist_lightning.export.load_pretrained('{done.path}')")
+            lines.append("  load it: model, tokenizer, settings = "
+                         f"gist_lightning.export.load_pretrained('{done.path}')")
         print("\n".join(lines), flush=True)

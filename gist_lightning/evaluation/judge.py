@@ -38,8 +38,8 @@ SYSTEM = ("You are a careful grader. You read a task and two answers to it and d
           "A, B or TIE.")
 QUESTION = ("Task:\n{task}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\n"
             "Which answer does the task better? Reply A, B or TIE.")
-# the verdict is the reply's first word, alone or followed by punctuation ("A", "B.", "Answer A:", "TIE\n..."),
-# so that a reply opening with the article ("A good answer...") is not read as a vote for A
+# the verdict is the reply's first word, alone or followed by punctuation ("A", "B.", "Answer A:",
+# "TIE\n..."), so that a reply opening with the article ("A good answer...") is not read as a vote for A
 _VERDICT = re.compile(r"^\W*(?:ANSWER\s+)?(TIE|A|B)(?:$|[^\w\s]|\s*\n)")
 
 
@@ -70,7 +70,8 @@ def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     for line, row in enumerate(read_predictions_csv(path, {"x", "y_pred"}), start=2):
         task = task_text(row["x"])
         if task in rows:
-            raise DataFormatError(f"{path}, line {line}: the prompt occurs twice; pairing by prompt needs each once")
+            raise DataFormatError(f"{path}, line {line}: the prompt occurs twice; pairing by prompt needs "
+                                  "each once")
         rows[task] = row["y_pred"]
     return rows
 
@@ -94,7 +95,8 @@ class JudgeClient:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(self.retries + 1):
-            req = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", data=body, headers=headers)
+            req = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", data=body,
+                                         headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     raw = r.read()
@@ -104,7 +106,8 @@ class JudgeClient:
                     time.sleep(min(30.0, 2.0 ** attempt))
                     continue
                 raise GistError(f"the judge at {self.url} answered HTTP {e.code}: {detail}") from None
-            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, a connection cut mid-reply
+            # URLError, timeouts, a connection cut mid-reply
+            except (OSError, http.client.HTTPException) as e:
                 if attempt < self.retries:
                     time.sleep(min(30.0, 2.0 ** attempt))
                     continue
@@ -131,7 +134,8 @@ def judge(a_path, b_path, client: JudgeClient, out: str | os.PathLike, limit: in
     a, b = read_predictions(a_path), read_predictions(b_path)
     tasks = [t for t in a if t in b]
     if not tasks:
-        raise DataFormatError(f"{a_path} and {b_path} share no prompt; are they predictions of the same split?")
+        raise DataFormatError(f"{a_path} and {b_path} share no prompt; are they predictions of the same "
+                              "split?")
     if limit is not None and limit < len(tasks):
         tasks = random.Random(seed).sample(tasks, limit)
     questions = [QUESTION.format(task=t, first=first, second=second)
@@ -141,8 +145,9 @@ def judge(a_path, b_path, client: JudgeClient, out: str | os.PathLike, limit: in
     for i, task in enumerate(tasks):
         raw_ab, raw_ba = replies[2 * i], replies[2 * i + 1]
         v_ab, v_ba = parse_verdict(raw_ab), parse_verdict(raw_ba)
-        rows.append({"x": task, "a": a[task], "b": b[task], "verdict_ab": v_ab or "", "verdict_ba": v_ba or "",
-                     "outcome": combine(v_ab, v_ba), "raw_ab": raw_ab, "raw_ba": raw_ba})
+        rows.append({"x": task, "a": a[task], "b": b[task], "verdict_ab": v_ab or "",
+                     "verdict_ba": v_ba or "", "outcome": combine(v_ab, v_ba), "raw_ab": raw_ab,
+                     "raw_ba": raw_ba})
     summary = summarize([r["outcome"] for r in rows], seed)
     summary.update(a=str(a_path), b=str(b_path), judge_url=client.url, judge_model=client.model,
                    unparsed=sum(not r["verdict_ab"] for r in rows) + sum(not r["verdict_ba"] for r in rows),
@@ -158,7 +163,8 @@ def judge(a_path, b_path, client: JudgeClient, out: str | os.PathLike, limit: in
 
 
 def journal_path(out: str | os.PathLike) -> Path:
-    """Where a judge run keeps every reply as it arrives (``<out>.replies.jsonl``), until ``out`` is written."""
+    """Where a judge run keeps every reply as it arrives (``<out>.replies.jsonl``), until ``out`` is
+    written."""
     out = Path(out)
     return out.with_suffix(out.suffix + ".replies.jsonl")
 
@@ -187,7 +193,8 @@ def _ask_all(client, questions: list[str], journal: Path, concurrency: int) -> l
     todo = {k: q for k, q in zip(keys, questions) if k not in known}
     failed: list[str] = []
     if todo:
-        cut_short = journal.is_file() and not journal.read_bytes().endswith(b"\n") and journal.stat().st_size > 0
+        cut_short = (journal.is_file() and not journal.read_bytes().endswith(b"\n")
+                     and journal.stat().st_size > 0)
         pool = ThreadPoolExecutor(max(1, concurrency))
         try:
             with open(journal, "a", encoding="utf-8") as f:
@@ -207,8 +214,8 @@ def _ask_all(client, questions: list[str], journal: Path, concurrency: int) -> l
             pool.shutdown(wait=True, cancel_futures=True)
     if failed:
         raise GistError(f"{len(failed)} of {len(todo)} judge requests failed (first: {failed[0]}); the "
-                        f"{len(todo) - len(failed)} replies received are kept in {journal}: run the same command "
-                        "again to ask only the rest")
+                        f"{len(todo) - len(failed)} replies received are kept in {journal}: run the same "
+                        "command again to ask only the rest")
     return [known[k] for k in keys]
 
 
@@ -228,14 +235,16 @@ def summarize(outcomes: list[str], seed: int = 0) -> dict:
 def judge_main(argv: list[str]) -> None:
     from argparse import ArgumentParser
 
-    parser = ArgumentParser(prog="gist-lightning judge", description="Pairwise comparison of two prediction CSVs by a "
-                            "judge model behind any OpenAI-compatible endpoint, both orders per record (position bias "
-                            "cancels): win / tie / loss rates of A against B with bootstrap 95%% intervals.")
+    parser = ArgumentParser(prog="gist-lightning judge", description="Pairwise comparison of two prediction "
+                            "CSVs by a judge model behind any OpenAI-compatible endpoint, both orders per "
+                            "record (position bias cancels): win / tie / loss rates of A against B with "
+                            "bootstrap 95%% intervals.")
     parser.add_argument("--a", required=True, help="predictions CSV of system A (columns x, y_pred)")
     parser.add_argument("--b", required=True, help="predictions CSV of system B, e.g. pos_control")
     parser.add_argument("--url", required=True, help="the endpoint's base URL, e.g. https://api.openai.com/v1")
     parser.add_argument("--model", required=True, help="the judge model's name at that endpoint")
-    parser.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    parser.add_argument("--api_key_env", default="OPENAI_API_KEY",
+                        help="environment variable holding the API key")
     parser.add_argument("--out", required=True, help="CSV of per-record verdicts (summary beside it, .json)")
     parser.add_argument("--limit", type=int, default=None, help="judge a random sample of this many records")
     parser.add_argument("--concurrency", type=int, default=4)
@@ -244,9 +253,11 @@ def judge_main(argv: list[str]) -> None:
     key = os.environ.get(cfg.api_key_env)
     if not key:
         raise GistError(f"no API key: set {cfg.api_key_env} (or name another variable with --api_key_env)")
-    summary = judge(cfg.a, cfg.b, JudgeClient(cfg.url, cfg.model, key), cfg.out, cfg.limit, cfg.concurrency, cfg.seed)
+    summary = judge(cfg.a, cfg.b, JudgeClient(cfg.url, cfg.model, key), cfg.out, cfg.limit, cfg.concurrency,
+                    cfg.seed)
     lo, hi = summary["win_rate_ties_half_interval"]
-    print(f"{summary['records']} records judged in both orders by {cfg.model}: A wins {summary['win_rate']:.1%}, "
-          f"ties {summary['tie_rate']:.1%}, loses {summary['loss_rate']:.1%}; win rate (ties half) "
-          f"{summary['win_rate_ties_half']:.1%} [95% CI {lo:.1%}, {hi:.1%}]; {summary['unparsed']} of "
-          f"{summary['questions']} replies said neither A, B nor TIE (counted as ties). Verdicts: {cfg.out}")
+    print(f"{summary['records']} records judged in both orders by {cfg.model}: A wins "
+          f"{summary['win_rate']:.1%}, ties {summary['tie_rate']:.1%}, loses {summary['loss_rate']:.1%}; win "
+          f"rate (ties half) {summary['win_rate_ties_half']:.1%} [95% CI {lo:.1%}, {hi:.1%}]; "
+          f"{summary['unparsed']} of {summary['questions']} replies said neither A, B nor TIE (counted as "
+          f"ties). Verdicts: {cfg.out}")

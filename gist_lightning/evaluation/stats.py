@@ -56,7 +56,8 @@ def format_interval(summary: dict) -> str:
     return f"{summary['mean']:+.1f} [{summary['low']:+.1f}, {summary['high']:+.1f}]"
 
 
-def bootstrap_interval(values, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(values, resamples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the mean of ``values`` over resampled records."""
     values = np.asarray(values, dtype=float)
     if values.size == 0:
@@ -73,7 +74,8 @@ def paired_bootstrap(differences, resamples: int = 2000, seed: int = 0, level: f
     the same record in every seed's run, so its draws stay paired)."""
     d = np.asarray(differences, dtype=float)
     if d.ndim != 2 or d.size == 0:
-        raise ValueError(f"differences must be (seeds, records) with at least one of each; got shape {d.shape}")
+        raise ValueError("differences must be (seeds, records) with at least one of each; got shape "
+                         f"{d.shape}")
     n_seeds, n_records = d.shape
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
@@ -82,5 +84,5 @@ def paired_bootstrap(differences, resamples: int = 2000, seed: int = 0, level: f
         records = rng.integers(0, n_records, n_records)
         means[b] = d[np.ix_(seeds, records)].mean()
     tail = (1 - level) / 2
-    return {"mean": float(d.mean()), "low": float(np.quantile(means, tail)), "high": float(np.quantile(means, 1 - tail)),
-            "seeds": n_seeds, "records": n_records}
+    return {"mean": float(d.mean()), "low": float(np.quantile(means, tail)),
+            "high": float(np.quantile(means, 1 - tail)), "seeds": n_seeds, "records": n_records}

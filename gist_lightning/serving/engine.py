@@ -118,7 +118,8 @@ class PromptCacheLRU:
         self.entries: OrderedDict[str, GistCache] = OrderedDict()
         self.used = 0
         self.evicted = 0
-        self.added, self.added_bytes = 0, 0  # every entry ever kept: its mean size is what one instruction costs
+        # every entry ever kept: its mean size is what one instruction costs
+        self.added, self.added_bytes = 0, 0
 
     def get(self, key: str) -> GistCache | None:
         cache = self.entries.get(key)
@@ -244,12 +245,13 @@ class ServingEngine:
                                  segments=segments) if cache_dir and mode != "full" else None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[_Job] = deque()
-        self.admitting: list[_Job] = []  # taken from waiting, not yet running (a failure must still answer them)
+        # taken from waiting, not yet running (a failure must still answer them)
+        self.admitting: list[_Job] = []
         self.running: list[_Batch] = []
         # per request: served from memory, from disk, or waiting for a compression ("compressed_waits");
         # "compressed": compressions run (one per distinct missing instruction; per request in full mode)
-        self.counts = {"requests": 0, "memory_hits": 0, "disk_hits": 0, "compressed_waits": 0, "compressed": 0,
-                       "refused": 0, "cancelled": 0}
+        self.counts = {"requests": 0, "memory_hits": 0, "disk_hits": 0, "compressed_waits": 0,
+                       "compressed": 0, "refused": 0, "cancelled": 0}
 
     # -- any thread ---------------------------------------------------------------------------
     def submit(self, uid: str, request: GenerationRequest | dict) -> None:
@@ -284,7 +286,8 @@ class ServingEngine:
                 "evicted": self.memory.evicted, "running": sum(len(b.jobs) for b in self.running),
                 "waiting": len(self.waiting),
                 # the mean size of every entry kept so far (not only of those still held)
-                "bytes_per_instruction": self.memory.added_bytes / self.memory.added if self.memory.added else None}
+                "bytes_per_instruction": (self.memory.added_bytes / self.memory.added if self.memory.added
+                                          else None)}
 
     def step(self) -> list[Event]:
         """One step (see the module docstring). A failure inside it (a bug, out of memory) ends every
@@ -387,13 +390,13 @@ class ServingEngine:
         if self.context is None:
             return
         if prefix >= self.context:
-            raise RequestError(f"the instruction takes {prefix - gists} tokens (+ {gists} gist tokens); the model "
-                               f"has {self.context} positions", "context_length_exceeded")
+            raise RequestError(f"the instruction takes {prefix - gists} tokens (+ {gists} gist tokens); the "
+                               f"model has {self.context} positions", "context_length_exceeded")
         if prefix + input_tokens > prompt_room(self.context, max_tokens):
             need = positions_needed(prefix + input_tokens, max_tokens)
             raise RequestError(
-                f"the prompt does not fit the model's {self.context} positions: instruction + gists {prefix} + "
-                f"input {input_tokens} tokens + max_tokens {max_tokens} need {need} (the last new token is "
+                f"the prompt does not fit the model's {self.context} positions: instruction + gists {prefix} "
+                f"+ input {input_tokens} tokens + max_tokens {max_tokens} need {need} (the last new token is "
                 "not fed back); shorten the input or ask for fewer tokens", "context_length_exceeded")
 
     def _admit(self, events: list[Event]) -> None:

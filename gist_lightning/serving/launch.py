@@ -22,7 +22,8 @@ def free_port() -> int:
 class ServerProcess:
     """``with ServerProcess(model, "--mode", "full") as server: server.url`` (``.../v1``)."""
 
-    def __init__(self, model: str | os.PathLike, *args: str, startup_timeout: float = 180.0, log: str | None = None):
+    def __init__(self, model: str | os.PathLike, *args: str, startup_timeout: float = 180.0,
+                 log: str | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.base}/v1"
@@ -35,12 +36,13 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         # its own session: stop() can reach the HTTP process and inference worker it starts
-        self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with status {self.process.returncode} before it was healthy"
-                                   + (f"; see {self.log_path}" if self.log_path else ""))
+                raise RuntimeError(f"the server exited with status {self.process.returncode} before it was "
+                                   "healthy" + (f"; see {self.log_path}" if self.log_path else ""))
             if self.healthy():
                 return self
             time.sleep(0.5)

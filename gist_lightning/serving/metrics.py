@@ -53,21 +53,24 @@ class ServerMetrics:
                                 "error (5xx)", ["outcome"])
         self.generated_tokens = Counter("gist_generated_tokens", "Tokens generated (completion tokens)")
         self.cache_hits = Counter("gist_cache_hits", "Requests by where their instruction's cache came from: "
-                                  "memory, disk (the shared store), compressed (made for it), none (--mode full)",
-                                  ["source"])
+                                  "memory, disk (the shared store), compressed (made for it), none "
+                                  "(--mode full)", ["source"])
         self.compressions = Counter("gist_compressions", "Instructions compressed (one per distinct missing "
                                     "instruction; one per request in --mode full)")
         self.queue = Gauge("gist_queue_depth", "Requests in the engines: waiting for a batch row, or running",
                            ["state"], multiprocess_mode="livesum")
-        self.cache_bytes = Gauge("gist_cache_bytes", "Bytes held by the workers' in-memory instruction caches",
+        self.cache_bytes = Gauge("gist_cache_bytes",
+                                 "Bytes held by the workers' in-memory instruction caches",
                                  multiprocess_mode="livesum")
-        self.workers = Gauge("gist_workers", "Inference workers up (their model loaded)", multiprocess_mode="livesum")
+        self.workers = Gauge("gist_workers", "Inference workers up (their model loaded)",
+                             multiprocess_mode="livesum")
         self.step_seconds = Histogram("gist_step_seconds", "Duration of one engine step (a forward of the "
                                       "running batch, plus admissions)", buckets=STEP_BUCKETS)
-        self.first_token_seconds = Histogram("gist_time_to_first_token_seconds", "From a request's arrival at the "
-                                             "HTTP process to its first event", buckets=REQUEST_BUCKETS)
-        self.request_seconds = Histogram("gist_request_seconds", "From a request's arrival at the HTTP process "
-                                         "to its last event", buckets=REQUEST_BUCKETS)
+        self.first_token_seconds = Histogram("gist_time_to_first_token_seconds", "From a request's arrival "
+                                             "at the HTTP process to its first event",
+                                             buckets=REQUEST_BUCKETS)
+        self.request_seconds = Histogram("gist_request_seconds", "From a request's arrival at the HTTP "
+                                         "process to its last event", buckets=REQUEST_BUCKETS)
 
 
 @functools.cache

@@ -101,7 +101,8 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
+        return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param,
+                                       "code": self.code}},
                             status_code=self.status)
 
 
@@ -112,9 +113,11 @@ def _parse(schema: type[BaseModel], body) -> BaseModel:
         # one line per field; a field that fits no member of a union lists what each member wanted
         problems: dict[str, list[str]] = {}
         for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier()) or "body"
+            where = ".".join(str(p) for p in err["loc"]
+                             if isinstance(p, int) or str(p).isidentifier()) or "body"
             problems.setdefault(where, []).append(err["msg"])
-        text = "; ".join(f"{where}: {' or '.join(dict.fromkeys(msgs))}" for where, msgs in list(problems.items())[:5])
+        text = "; ".join(f"{where}: {' or '.join(dict.fromkeys(msgs))}"
+                         for where, msgs in list(problems.items())[:5])
         raise ApiError(400, f"invalid request: {text}", param=next(iter(problems))) from None
 
 
@@ -124,9 +127,11 @@ def chat_prompt(messages: list[ChatMessage]) -> tuple[str, str]:
     user = [m.text for m in messages if m.role == "user"]
     other = sorted({m.role for m in messages} - {"system", "developer", "user"})
     if other or len(user) != 1 or len(system) > 1:
-        raise ApiError(400, "a gist model answers one instruction and one input: send at most one system message "
-                       "(the instruction) and exactly one user message (the input, or the instruction when there is "
-                       f"no system message); got roles {[m.role for m in messages]}", param="messages")
+        raise ApiError(400,
+                       "a gist model answers one instruction and one input: send at most one system message "
+                       "(the instruction) and exactly one user message (the input, or the instruction when "
+                       f"there is no system message); got roles {[m.role for m in messages]}",
+                       param="messages")
     return (system[0], user[0]) if system else (user[0], "")
 
 
@@ -139,8 +144,8 @@ def resolve_max_tokens(default_max_tokens: int | None, max_tokens_limit: int) ->
     if default_max_tokens is None:
         return min(DEFAULT_MAX_TOKENS, max_tokens_limit)
     if not 1 <= default_max_tokens <= max_tokens_limit:
-        raise ValueError(f"--default_max_tokens {default_max_tokens} must be between 1 and --max_tokens_limit "
-                         f"{max_tokens_limit}")
+        raise ValueError(f"--default_max_tokens {default_max_tokens} must be between 1 and "
+                         f"--max_tokens_limit {max_tokens_limit}")
     return default_max_tokens
 
 
@@ -150,8 +155,10 @@ class GistOpenAISpec(LitSpec):
         super().__init__()
         self.model_name = model_name
         self.default_max_tokens = resolve_max_tokens(default_max_tokens, max_tokens_limit)
-        self.max_tokens_limit, self.max_prompts, self.max_body_bytes = max_tokens_limit, max_prompts, max_body_bytes
-        self.api_path = "/v1/chat/completions"  # LitServe's request queue is keyed by it; every endpoint uses it
+        self.max_tokens_limit, self.max_prompts = max_tokens_limit, max_prompts
+        self.max_body_bytes = max_body_bytes
+        # LitServe's request queue is keyed by it; every endpoint uses it
+        self.api_path = "/v1/chat/completions"
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/models", self.models, ["GET"])
@@ -173,7 +180,8 @@ class GistOpenAISpec(LitSpec):
         try:
             req = _parse(ChatRequest, await _json_body(request, self.max_body_bytes))
             instruction, input = chat_prompt(req.messages)
-            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
+                          else req.max_tokens)
             gens = [self._generation(req, instruction, input, max_tokens)]
             return await self._respond(request, gens, req.stream, _ChatFormat(self.model_name))
         except ApiError as e:
@@ -186,7 +194,8 @@ class GistOpenAISpec(LitSpec):
             req = _parse(CompletionRequest, await _json_body(request, self.max_body_bytes))
             prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
             if not 1 <= len(prompts) <= self.max_prompts:
-                raise ApiError(400, f"prompt: give 1 to {self.max_prompts} prompts; got {len(prompts)}", "prompt")
+                raise ApiError(400, f"prompt: give 1 to {self.max_prompts} prompts; got {len(prompts)}",
+                               "prompt")
             gens = [self._generation(req, p, req.input, req.max_tokens) for p in prompts]
             return await self._respond(request, gens, req.stream, _CompletionFormat(self.model_name))
         except ApiError as e:
@@ -213,7 +222,8 @@ class GistOpenAISpec(LitSpec):
     # -- plumbing ------------------------------------------------------------------------------
     def _generation(self, req: _Sampling, instruction: str, input: str, max_tokens: int | None) -> dict:
         if req.model not in (None, "", self.model_name):
-            raise ApiError(404, f"model {req.model!r} is not served here; this server serves {self.model_name!r}",
+            raise ApiError(404,
+                           f"model {req.model!r} is not served here; this server serves {self.model_name!r}",
                            "model", "model_not_found")
         if req.n != 1:
             raise ApiError(400, f"n: only n=1 is supported; got {req.n}", "n")
@@ -226,8 +236,8 @@ class GistOpenAISpec(LitSpec):
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop: at most 4 non-empty strings", "stop")
-        return {"instruction": instruction, "input": input, "max_tokens": max_tokens, "temperature": req.temperature,
-                "top_p": req.top_p, "seed": req.seed, "stop": tuple(stop)}
+        return {"instruction": instruction, "input": input, "max_tokens": max_tokens,
+                "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "stop": tuple(stop)}
 
     def _send(self, payload: dict) -> str:
         uid = uuid.uuid4().hex
@@ -277,7 +287,8 @@ class GistOpenAISpec(LitSpec):
                 metrics().request_seconds.observe(time.monotonic() - start)
                 return fmt.response(events)
             done = True  # the stream's generator owns the requests from here
-            return StreamingResponse(self._sse(fmt, uids, firsts, streams, start), media_type="text/event-stream")
+            return StreamingResponse(self._sse(fmt, uids, firsts, streams, start),
+                                     media_type="text/event-stream")
         finally:
             if not done:
                 self._cancel(uids)
@@ -367,7 +378,8 @@ async def _rest(first: dict, stream) -> list[dict]:
 
 
 async def _json_body(request: Request, max_bytes: int):
-    too_large = ApiError(413, f"the request body is larger than {max_bytes} bytes (the server's --max_body_size)",
+    too_large = ApiError(413,
+                         f"the request body is larger than {max_bytes} bytes (the server's --max_body_size)",
                          code="request_too_large")
     # a body too large is still read to its end, discarded: closing on unread data resets the connection,
     # and the client would see the reset instead of this answer; but not without bound
@@ -425,12 +437,14 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"method not allowed: {what}" + (f" (allowed: {allowed})" if allowed else "")
         else:
             message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
-        response = ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None).response()
+        code = "not_found" if exc.status_code == 404 else None
+        response = ApiError(exc.status_code, message, code=code).response()
         response.headers.update(exc.headers or {})
         return response
 
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()[:5])
+        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}"
+                             for e in exc.errors()[:5])
         return ApiError(400, f"invalid request: {problems}").response()
 
     async def server_error(request: Request, exc: Exception) -> Response:
@@ -443,11 +457,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _usage(usages: list[dict]) -> dict:
-    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}
+    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+             "prompt_tokens_details": {"cached_tokens": 0}}
     for u in usages:
         for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
             total[key] += u.get(key, 0)
-        total["prompt_tokens_details"]["cached_tokens"] += u.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        cached = u.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        total["prompt_tokens_details"]["cached_tokens"] += cached
         if "compression" in u:  # the choices of one request share its instruction and its cache
             total["compression"] = u["compression"]
     return total
@@ -488,7 +504,8 @@ class _ChatFormat(_Format):
         if "cache" in event:
             delta["role"] = "assistant"
         out = {**self._head(self.chunk_object),
-               "choices": [{"index": i, "delta": delta, "finish_reason": event.get("finish_reason"), "logprobs": None}]}
+               "choices": [{"index": i, "delta": delta, "finish_reason": event.get("finish_reason"),
+                            "logprobs": None}]}
         if "cache" in event:
             out["gist_cache"] = event["cache"]
         return out
@@ -502,7 +519,8 @@ class _CompletionFormat(_Format):
 
     def chunk(self, i, event):
         out = {**self._head(self.chunk_object), "choices": [
-            {"index": i, "text": event.get("text", ""), "finish_reason": event.get("finish_reason"), "logprobs": None}]}
+            {"index": i, "text": event.get("text", ""), "finish_reason": event.get("finish_reason"),
+             "logprobs": None}]}
         if "cache" in event:
             out["gist_cache"] = event["cache"]
         return out

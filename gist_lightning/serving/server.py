@@ -49,10 +49,10 @@ class _Loop(ContinuousBatchingLoop):
 
 
 class GistServeAPI(ls.LitAPI):
-    def __init__(self, model: str, mode: str = "gist", cache_dir: str | None = None, cache_memory: str = "256MB",
-                 max_batch_size: int = 16, dtype: str | None = None, model_name: str | None = None,
-                 default_max_tokens: int | None = None, max_tokens_limit: int = 1024,
-                 max_body_size: str | int = "16MiB"):
+    def __init__(self, model: str, mode: str = "gist", cache_dir: str | None = None,
+                 cache_memory: str = "256MB", max_batch_size: int = 16, dtype: str | None = None,
+                 model_name: str | None = None, default_max_tokens: int | None = None,
+                 max_tokens_limit: int = 1024, max_body_size: str | int = "16MiB"):
         if mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}; got {mode!r}")
         parse_bytes(cache_memory)  # a bad size fails here, before any process starts
@@ -79,18 +79,19 @@ class GistServeAPI(ls.LitAPI):
         model, tokenizer, settings = load_pretrained(self.model_path,
                                                      dtype=getattr(torch, self.dtype) if self.dtype else None)
         segments = SegmentSettings(**settings["segments"]) if settings.get("segments") else None
-        self.engine = ServingEngine(model.to(device), tokenizer, settings["num_gist_tokens"], settings["condition"],
-                                    mode=self.mode, cache_memory=self.cache_memory, cache_dir=self.cache_dir,
-                                    max_batch_size=self.max_batch_size, segments=segments)
+        self.engine = ServingEngine(model.to(device), tokenizer, settings["num_gist_tokens"],
+                                    settings["condition"], mode=self.mode, cache_memory=self.cache_memory,
+                                    cache_dir=self.cache_dir, max_batch_size=self.max_batch_size,
+                                    segments=segments)
         self.metrics = metrics()
         self._acks: set[str] = set()  # uids of cancellation messages: their events are no requests' outcomes
         self._compressed = self.engine.stats()["compressed"]
         self._observe_engine()
         self.metrics.workers.set(1)
         if self.mode == "instruction" and settings["condition"] != "pos_control":
-            log.warning("--mode instruction caches whole instructions (pos_control); this model was trained with "
-                        "%s, so its answers here are not what it learned: use this mode for cost comparisons or "
-                        "with a pos_control model", settings["condition"])
+            log.warning("--mode instruction caches whole instructions (pos_control); this model was trained "
+                        "with %s, so its answers here are not what it learned: use this mode for cost "
+                        "comparisons or with a pos_control model", settings["condition"])
 
     # -- what the continuous batching loop calls --------------------------------------------------
     def add_request(self, uid, request):
@@ -164,8 +165,8 @@ def build_server(cfg) -> ls.LitServer:
     server = ls.LitServer(api, accelerator=cfg.accelerator, devices=cfg.devices,
                           workers_per_device=cfg.workers_per_device, timeout=False)
     if server.devices == ["cpu"] and cfg.devices > 1:
-        raise ValueError(f"--devices {cfg.devices}: the server runs on CPU, where --devices counts nothing; use "
-                         "--workers_per_device for more workers")
+        raise ValueError(f"--devices {cfg.devices}: the server runs on CPU, where --devices counts nothing; "
+                         "use --workers_per_device for more workers")
     install_error_handlers(server.app)  # before run(): the HTTP process gets a copy of this app
     return server
 
@@ -214,28 +215,35 @@ def _stop_children(server: ls.LitServer) -> None:
 def _serve_parser() -> ArgumentParser:
     """The options of ``gist-lightning serve``."""
     parser = ArgumentParser(prog="gist-lightning serve", description="Serve an exported gist model with an "
-                            "OpenAI-compatible API (POST /v1/chat/completions and /v1/completions, GET /v1/models, "
-                            "/v1/cache/stats, /health): each instruction is compressed once and its cache reused.")
+                            "OpenAI-compatible API (POST /v1/chat/completions and /v1/completions, GET "
+                            "/v1/models, /v1/cache/stats, /health): each instruction is compressed once and "
+                            "its cache reused.")
     parser.add_argument("--model", required=True, help="exported model folder (gist-lightning export)")
     parser.add_argument("--mode", default="gist", choices=MODES, help="gist: cache as trained (default); "
-                        "instruction: keep whole instructions (pos_control caching, decoder-only); full: no caching")
-    parser.add_argument("--cache_dir", default=None, help="also keep caches here, across restarts, shared by all workers "
-                        "and replicas: a folder or an fsspec URL (s3://bucket/prefix, gs://...)")
-    parser.add_argument("--cache_memory", default="256MB", help="memory for cached instructions (LRU), e.g. 256MB, 2GiB")
+                        "instruction: keep whole instructions (pos_control caching, decoder-only); full: no "
+                        "caching")
+    parser.add_argument("--cache_dir", default=None, help="also keep caches here, across restarts, shared by "
+                        "all workers and replicas: a folder or an fsspec URL (s3://bucket/prefix, gs://...)")
+    parser.add_argument("--cache_memory", default="256MB",
+                        help="memory for cached instructions (LRU), e.g. 256MB, 2GiB")
     parser.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together at most")
     parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"])
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--devices", type=int, default=1, help="GPUs to use (cuda:0 .. N-1), each with "
                         "--workers_per_device workers")
-    parser.add_argument("--workers_per_device", type=int, default=1, help="inference workers per device (on CPU: "
-                        "the number of workers), each with its own copy of the model and memory cache")
+    parser.add_argument("--workers_per_device", type=int, default=1, help="inference workers per device (on "
+                        "CPU: the number of workers), each with its own copy of the model and memory cache")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the export's)")
-    parser.add_argument("--served_model_name", default=None, help="the model id clients name (default: the folder name)")
+    parser.add_argument("--served_model_name", default=None,
+                        help="the model id clients name (default: the folder name)")
     parser.add_argument("--default_max_tokens", type=int, default=None,
-                        help="max_tokens of a request that sets none (default: 128, or --max_tokens_limit if lower)")
-    parser.add_argument("--max_tokens_limit", type=int, default=1024, help="the largest max_tokens a request may ask")
-    parser.add_argument("--max_body_size", default="16MiB", help="the largest request body accepted (else 413)")
+                        help="max_tokens of a request that sets none (default: 128, or --max_tokens_limit if "
+                             "lower)")
+    parser.add_argument("--max_tokens_limit", type=int, default=1024,
+                        help="the largest max_tokens a request may ask")
+    parser.add_argument("--max_body_size", default="16MiB",
+                        help="the largest request body accepted (else 413)")
     parser.add_argument("--log_level", default="warning")
     return parser
 
@@ -244,10 +252,12 @@ def _check_settings(cfg) -> None:
     """Refuse settings that cannot work now, before any process starts, each with one line that names it."""
     parse_bytes(cfg.cache_memory)
     parse_bytes(cfg.max_body_size)
-    resolve_max_tokens(cfg.default_max_tokens, cfg.max_tokens_limit)  # one line naming both, before anything starts
+    # one line naming both, before anything starts
+    resolve_max_tokens(cfg.default_max_tokens, cfg.max_tokens_limit)
     settings = Path(cfg.model) / "gist_config.json"
     if not settings.is_file():
-        raise FileNotFoundError(f"{cfg.model}: no gist_config.json; is this a folder made by gist-lightning export?")
+        raise FileNotFoundError(f"{cfg.model}: no gist_config.json; is this a folder made by gist-lightning "
+                                "export?")
     if cfg.max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be at least 1; got {cfg.max_batch_size}")
     for flag in ("devices", "workers_per_device"):
