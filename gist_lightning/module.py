@@ -47,7 +47,21 @@ def shard_with_fsdp2(model, device_mesh) -> None:
 
 class GistLitModule(L.LightningModule):
     """Gist fine-tuning of an HF model. It owns the model, its tokenizer (with ``<GIST>``), k and the
-    condition; the DataModule receives them from here (:meth:`data_facts`).
+    condition; in a Trainer it connects the :class:`~gist_lightning.data.GistDataModule` to them from
+    its ``setup`` (:meth:`data_facts`). Training computes the loss under the gist mask; validation
+    answers every record from a gist cache (what deployment does) and logs ROUGE-L and exact match.
+
+    Example::
+
+        import lightning as L
+        from gist_lightning.data import EmbeddedSuite
+        from gist_lightning.module import GistLitModule
+
+        module = GistLitModule(model_config={"model_type": "llama", "hidden_size": 128,
+                                             "num_hidden_layers": 4, "num_attention_heads": 4},
+                               num_gist_tokens=1)
+        L.Trainer(max_steps=100, accelerator="cpu").fit(module, datamodule=EmbeddedSuite())
+        module.export("my-gist-model")  # an HF folder: gist_lightning.export.load_pretrained reads it
 
     Args:
         model_name_or_path: hub id or local folder for ``from_pretrained``; or None with ``model_config``.

@@ -137,7 +137,21 @@ class GistDataModule(L.LightningDataModule):
     """Train loader and one named loader per validation split (``splits.VALIDATION_SPLITS``).
 
     Subclasses say where the split files are (:meth:`split_path`) and may make them
-    (:meth:`prepare_data`); everything else is shared.
+    (:meth:`prepare_data`); everything else is shared. The model's facts (tokenizer, k, condition,
+    positions, segments) arrive through :meth:`connect`: in a Trainer the
+    :class:`~gist_lightning.module.GistLitModule` calls it from its ``setup``; alone, call it yourself.
+
+    Example::
+
+        from gist_lightning.data import EmbeddedSuite
+        from gist_lightning.tokens import add_gist_token, load_tokenizer
+
+        tok = load_tokenizer("suite")
+        add_gist_token(tok)
+        data = EmbeddedSuite(batch_size=8)
+        data.prepare_data()  # generates the splits (no download)
+        data.connect(tok, encoder_decoder=False, num_gist_tokens=1, condition="gist")
+        batch = next(iter(data.train_dataloader()))  # input_ids, attention_mask, labels
 
     Args:
         batch_size / eval_batch_size: per-process batch sizes for training / validation.
