@@ -37,11 +37,11 @@ from gist_lightning.backends import gist_forward
 from gist_lightning.data.collate import pack_rows
 
 SHAPES = {
-    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=4),
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4),
     # Llama-3.2-1B-like
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8),
 }
 GIST, PAD = 3, 0  # token ids (any id works: the weights are random)
 VOCAB = 4096  # random ids are drawn below this (the smallest vocabulary of SHAPES)
@@ -63,15 +63,18 @@ def example_lengths(n: int, rng: random.Random) -> tuple[list[int], str]:
     words = []
     for f in files:
         for r in json.loads(f.read_text()):
-            words.append(len(" ".join([r.get("instruction", ""), r.get("input", ""), r.get("output", "")]).split()))
+            text = " ".join([r.get("instruction", ""), r.get("input", ""), r.get("output", "")])
+            words.append(len(text.split()))
     if words:
         source = f"Alpaca+ validation word counts x 1.33 ({len(words)} records)"
         return [max(8, round(1.33 * rng.choice(words))) + 1 for _ in range(n)], source
-    return [max(8, round(rng.lognormvariate(math.log(110), 0.7))) for _ in range(n)], "log-normal(median 110, sigma 0.7)"
+    lengths = [max(8, round(rng.lognormvariate(math.log(110), 0.7))) for _ in range(n)]
+    return lengths, "log-normal(median 110, sigma 0.7)"
 
 
 def example(length: int, rng: random.Random) -> tuple[list[int], list[int]]:
-    """Token ids with one gist token after the instruction (40% of the example), and labels on the last half."""
+    """Token ids with one gist token after the instruction (40% of the example), and labels on the last
+    half."""
     ids = [rng.randrange(4, VOCAB) for _ in range(length)]
     ids[max(1, int(0.4 * length))] = GIST
     labels = [-100] * (length - length // 2) + ids[length - length // 2:]
@@ -85,7 +88,8 @@ def padded_batch(lengths, rows, S, rng):
     labels = torch.full((rows, width), -100)
     mask = torch.zeros((rows, width), dtype=torch.long)
     for r, (i, lab) in enumerate(exs):  # left padding, as the collator does
-        ids[r, width - len(i):], labels[r, width - len(i):], mask[r, width - len(i):] = torch.tensor(i), torch.tensor(lab), 1
+        start = width - len(i)
+        ids[r, start:], labels[r, start:], mask[r, start:] = torch.tensor(i), torch.tensor(lab), 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -102,7 +106,8 @@ def packed_batch(lengths, rows, S, rng):
             ids[r, col:col + len(i)], labels[r, col:col + len(i)] = torch.tensor(i), torch.tensor(lab)
             segments[r, col:col + len(i)] = s
             col += len(i)
-    return {"input_ids": ids, "attention_mask": (segments > 0).long(), "labels": labels, "segment_ids": segments}
+    return {"input_ids": ids, "attention_mask": (segments > 0).long(), "labels": labels,
+            "segment_ids": segments}
 
 
 def full_batch(rows, S, rng):
@@ -122,11 +127,13 @@ def mask_bytes(mode: str, batch: dict, model) -> int:
         segments = masks.decoder_segments(ids, am, seg)
         first, last = masks.segment_gist_spans(ids, segments, GIST)
         pos = masks.segment_position_ids(segments)
-        bm = self_attention_block_masks(model, lambda w: masks.decoder_mask_mod(segments, first, last, "gist", pos, w),
-                                        ids.shape[0], ids.shape[1], ids.shape[1], ids.device)
+        bm = self_attention_block_masks(
+            model, lambda w: masks.decoder_mask_mod(segments, first, last, "gist", pos, w),
+            ids.shape[0], ids.shape[1], ids.shape[1], ids.device)
         return sum(t.numel() * t.element_size() for t in bm.as_tuple() if isinstance(t, torch.Tensor))
     allowed = masks.decoder_attention_mask(ids, am, GIST, "gist", segment_ids=seg)
-    dense = self_attention_masks(model, allowed, masks.padding_position_ids(am), masks.padding_position_ids(am))
+    dense = self_attention_masks(model, allowed, masks.padding_position_ids(am),
+                                 masks.padding_position_ids(am))
     return dense.numel() * dense.element_size()
 
 
@@ -174,7 +181,8 @@ def run(args) -> list[dict]:
                 else:
                     batch = padded_batch(lengths, rows, S, rng)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                tokens = (int(batch["attention_mask"].sum()) if "attention_mask" in batch
+                          else batch["input_ids"].numel())
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -188,7 +196,8 @@ def run(args) -> list[dict]:
             median = statistics.median(times)
             row = {"S": S, "mode": mode, "rows": rows, "work": "train" if train else "forward",
                    "step_ms": 1000 * median, "real_tokens_per_step": real / len(times),
-                   "real_tokens_per_s": real / len(times) / median, "mask_MB": mask_bytes(mode, batch, model) / 1e6,
+                   "real_tokens_per_s": real / len(times) / median,
+                   "mask_MB": mask_bytes(mode, batch, model) / 1e6,
                    "peak_GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
             results.append(row)
             print(f"S={S:5d} {mode:13s} {row['work']:7s} rows={rows:3d} step {row['step_ms']:9.1f} ms  "
@@ -203,20 +212,22 @@ def table(results: list[dict], device: str) -> str:
     for r in results:
         peak = f"{r['peak_GB']:.2f}" if r["peak_GB"] is not None else "n/a"
         lines.append(f"| {r['S']} | {r['mode']} | {r['work']} | {r['rows']} | {r['step_ms']:.1f} | "
-                     f"{r['real_tokens_per_step']:.0f} | {r['real_tokens_per_s']:.0f} | {r['mask_MB']:.3f} | {peak} |")
+                     f"{r['real_tokens_per_step']:.0f} | {r['real_tokens_per_s']:.0f} | {r['mask_MB']:.3f} | "
+                     f"{peak} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", type=device_arg)
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--tokens_per_step", type=int, default=8192, help="rows per step = this / S")
     parser.add_argument("--work", choices=["train", "forward"], default="train",
-                        help="train: forward + backward + AdamW (flex on CPU: forward); forward: no_grad forward only")
+                        help="train: forward + backward + AdamW (flex on CPU: forward); forward: no_grad "
+                             "forward only")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the table (markdown) and the rows (JSON) here")
@@ -232,10 +243,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        machine = (f"{platform.platform()}; torch {torch.__version__}; device {args.device}"
-                   + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f", {torch.get_num_threads()} threads"))
+        machine = f"{platform.platform()}; torch {torch.__version__}; device {args.device}"
+        machine += (f" ({torch.cuda.get_device_name()})" if args.device == "cuda"
+                    else f", {torch.get_num_threads()} threads")
+        given = {k: v for k, v in vars(args).items() if k not in ("out", "check_args") and v is not None}
+        flags = " ".join(f"--{k} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+                         for k, v in given.items())
         out.write_text(f"# bench_attention, {args.shape} LLaMA shape, {args.dtype}\n\n{machine}\n\n"
-                       f"    python experiments/bench_attention.py {' '.join(f'--{k} ' + (' '.join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in vars(args).items() if k not in ('out', 'check_args') and v is not None)}\n\n{text}\n")
+                       f"    python experiments/bench_attention.py {flags}\n\n{text}\n")
         out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
 
 

@@ -74,7 +74,8 @@ def load_model(args):
         fields = SHAPES[args.shape]
     torch.manual_seed(0)
     with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**fields), dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**fields), dtype=dtype,
+                                                 attn_implementation="sdpa")
     add_gist_token(tok, model)
     return model.eval(), tok, args.k, f"{args.shape} (random weights)"
 
@@ -125,15 +126,16 @@ def prefill_table(model, tok, examples, k, gist_id, repeats, device):
         prefix = torch.tensor([ex.prefix + ex.gists], device=device)
         suffix = torch.tensor([ex.suffix], device=device)
         n = len(ex.suffix)
-        uncached = {condition: gist_forward(model, prompt, ones(prompt), gist_id, condition).logits[0, -n:].float()
-                    for condition in ("gist", "pos_control")}
+        uncached = {c: gist_forward(model, prompt, ones(prompt), gist_id, c).logits[0, -n:].float()
+                    for c in ("gist", "pos_control")}
         caches = {
             "instruction caching": caching.compress_ids(model, prefix, ones(prefix), gist_id, "pos_control"),
             "gist caching": caching.compress_ids(model, prefix, ones(prefix), gist_id, "gist"),
         }
         reference = {"no caching": uncached["gist"], "instruction caching": uncached["pos_control"],
                      "gist caching": uncached["gist"]}
-        runs = {"no caching": lambda prompt=prompt: gist_forward(model, prompt, ones(prompt), gist_id, "gist")}
+        runs = {"no caching": lambda prompt=prompt: gist_forward(model, prompt, ones(prompt), gist_id,
+                                                                 "gist")}
         for name, cache in caches.items():
             runs[name] = lambda cache=cache, suffix=suffix: caching.continuation_logits(model, cache, suffix,
                                                                                      ones(suffix))
@@ -142,7 +144,8 @@ def prefill_table(model, tok, examples, k, gist_id, repeats, device):
             rows[name].append({"flops": flops(model, fn), "seconds": timed(fn, repeats, device),
                                "bytes": caches[name].nbytes() if name in caches else 0,
                                "max_diff": (logits - reference[name]).abs().max().item(),
-                               "same_argmax": bool(torch.equal(logits.argmax(-1), reference[name].argmax(-1)))})
+                               "same_argmax": bool(torch.equal(logits.argmax(-1),
+                                                               reference[name].argmax(-1)))})
         token_ratios.append((k + len(ex.suffix)) / (len(ex.prefix) + k + len(ex.suffix)))
     return rows, statistics.mean(token_ratios)
 
@@ -153,7 +156,8 @@ def full_forward_greedy(model, example, gist_id, new_tokens, device) -> list[int
     out = []
     for _ in range(new_tokens):
         ids = torch.tensor([example.prompt + out], device=device)
-        out.append(int(gist_forward(model, ids, torch.ones_like(ids), gist_id, "gist").logits[0, -1].argmax()))
+        logits = gist_forward(model, ids, torch.ones_like(ids), gist_id, "gist").logits
+        out.append(int(logits[0, -1].argmax()))
     return out
 
 
@@ -187,9 +191,10 @@ def generation_table(model, tok, examples, k, gist_id, new_tokens, batch_sizes, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("--model", default=None, help="exported model folder (default: random weights of --shape)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--model", default=None,
+                        help="exported model folder (default: random weights of --shape)")
     parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
     parser.add_argument("--k", type=int, default=1, help="gist tokens (for random-weight shapes)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     gist_id = gist_token_id(tok)
     records = human_records()[: args.num_prompts]
     examples = [encode_example(tok, r["instruction"], r["input"], None, k, gist_id, False) for r in records]
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else platform.processor() or "cpu")
     header = (f"model: {label}, {args.dtype}, k={k}, device: {args.device} ({device_name}, "
               f"{torch.get_num_threads()} threads), {len(examples)} prompts of the suite's validation_human")
     print(header)
@@ -226,11 +232,16 @@ def main(argv: list[str] | None = None) -> None:
         t = statistics.mean(r["seconds"] for r in rs)
         b = statistics.mean(r["bytes"] for r in rs)
         summary[name] = (f, t, b)
-        out_rows.append({"part": "prefill", "condition": name, "mflops": f / 1e6, "ms": 1e3 * t, "cache_bytes": b,
-                         "flops_ratio": f / base_flops, "time_ratio": t / base_time, "token_ratio": token_ratio})
+        out_rows.append({"part": "prefill", "condition": name, "mflops": f / 1e6, "ms": 1e3 * t,
+                         "cache_bytes": b, "flops_ratio": f / base_flops, "time_ratio": t / base_time,
+                         "token_ratio": token_ratio})
     names = list(rows)
-    print("| prefill MFLOPs | " + " | ".join(f"{summary[n][0] / 1e6:.2f} ({summary[n][0] / base_flops:.3f}x)" for n in names) + " |")
-    print("| wall ms (median, warm) | " + " | ".join(f"{1e3 * summary[n][1]:.2f} ({summary[n][1] / base_time:.3f}x)" for n in names) + " |")
+    print("| prefill MFLOPs | "
+          + " | ".join(f"{summary[n][0] / 1e6:.2f} ({summary[n][0] / base_flops:.3f}x)" for n in names)
+          + " |")
+    print("| wall ms (median, warm) | "
+          + " | ".join(f"{1e3 * summary[n][1]:.2f} ({summary[n][1] / base_time:.3f}x)" for n in names)
+          + " |")
     print("| cache bytes per prompt | " + " | ".join(f"{summary[n][2] / 1024:.1f} KiB" for n in names) + " |")
     diffs = {n: max(r["max_diff"] for r in rows[n]) for n in names}
     argmax = {n: sum(r["same_argmax"] for r in rows[n]) for n in names}
@@ -245,15 +256,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ngist caching FLOPs ratio {gist_ratio:.3f} vs token ratio (k+|input|)/(|instr|+k+|input|) "
           f"{token_ratio:.3f}: {100 * (gist_ratio / token_ratio - 1):+.1f}% (goal: at most +5%)")
 
-    gen = generation_table(model, tok, examples, k, gist_id, args.new_tokens, args.batch_sizes, args.repeats, args.device)
+    gen = generation_table(model, tok, examples, k, gist_id, args.new_tokens, args.batch_sizes, args.repeats,
+                           args.device)
     base_tps = gen[0]["tokens_per_second"]
     print(f"\ngeneration from gist caches, {args.new_tokens} new tokens per prompt (compression included):")
-    print("| batch size | tokens/s | vs batch-1 loop | rows equal to uncached full-forward greedy |\n|---|---|---|---|")
+    print("| batch size | tokens/s | vs batch-1 loop | rows equal to uncached full-forward greedy |\n"
+          "|---|---|---|---|")
     for g in gen:
-        print(f"| {g['batch_size']} | {g['tokens_per_second']:.1f} | {g['tokens_per_second'] / base_tps:.2f}x | "
-              f"{g['rows_equal_full_forward']}/{len(examples)} |")
+        print(f"| {g['batch_size']} | {g['tokens_per_second']:.1f} | "
+              f"{g['tokens_per_second'] / base_tps:.2f}x | {g['rows_equal_full_forward']}/{len(examples)} |")
         out_rows.append({"part": "generation", "condition": f"batch {g['batch_size']}",
-                         "tokens_per_second": g["tokens_per_second"], "speedup": g["tokens_per_second"] / base_tps,
+                         "tokens_per_second": g["tokens_per_second"],
+                         "speedup": g["tokens_per_second"] / base_tps,
                          "rows_equal_full_forward": g["rows_equal_full_forward"]})
 
     out = Path(args.out)
@@ -273,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.dtype == "float32":
         failures += [f"{n}: cached logits differ from the uncached prompt by {d:.1e} (> {FP32_TOLERANCE})"
                      for n, d in diffs.items() if d > FP32_TOLERANCE]
-        failures += [f"batch {g['batch_size']}: {len(examples) - g['rows_equal_full_forward']} rows differ from "
-                     "uncached full-forward greedy decoding" for g in gen if g["rows_equal_full_forward"] != len(examples)]
+        failures += [f"batch {g['batch_size']}: {len(examples) - g['rows_equal_full_forward']} rows differ "
+                     "from uncached full-forward greedy decoding"
+                     for g in gen if g["rows_equal_full_forward"] != len(examples)]
     if failures:
         raise SystemExit("FAILED: " + "; ".join(failures))
 

@@ -43,7 +43,8 @@ SHAPES = {  # as experiments/bench_serve.py
                  num_key_value_heads=12),
 }
 WORDS = ("the a user answer question always never must reply format list table summary polite concise "
-         "customer order refund policy product shipping account step explain example error tone rules").split()
+         "customer order refund policy product shipping account step explain example error tone "
+         "rules").split()
 
 
 def parse_args(argv=None):
@@ -57,11 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "ceiling_compiled"],
                    choices=METHODS)
-    p.add_argument("--compile", action="store_true", help="add ceiling_compiled (torch.compile of the bare loop)")
+    p.add_argument("--compile", action="store_true",
+                   help="add ceiling_compiled (torch.compile of the bare loop)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=None, help="folder for bench_generate-<shape>-<device>.csv and .md")
-    p.add_argument("--check_args", action="store_true", help="validate the arguments, print what would run, exit")
+    p.add_argument("--check_args", action="store_true",
+                   help="validate the arguments, print what would run, exit")
     cfg = p.parse_args(argv)
     try:
         torch.device(cfg.device)
@@ -98,7 +101,8 @@ def build(cfg):
 
 
 def inputs_for(batch: int, cfg, single: list[str]) -> list[str]:
-    return [" ".join(single[(r * 7 + j * 3) % len(single)] for j in range(cfg.input_tokens)) for r in range(batch)]
+    return [" ".join(single[(r * 7 + j * 3) % len(single)] for j in range(cfg.input_tokens))
+            for r in range(batch)]
 
 
 def timed(fn, repeats: int):
@@ -159,7 +163,8 @@ def run_batch(model, tok, instruction: str, inputs: list[str], cfg) -> list[dict
 
         def prefix_cached():
             past = copies.pop() if copies else copy.deepcopy(prompt_cache)
-            return model.generate(whole, attention_mask=torch.ones_like(whole), past_key_values=past, **hf_kwargs)
+            return model.generate(whole, attention_mask=torch.ones_like(whole), past_key_values=past,
+                                  **hf_kwargs)
 
         def timed_copies():  # the copy generate extends is made outside the clock
             copies.append(copy.deepcopy(prompt_cache))
@@ -251,15 +256,17 @@ def check(answers: dict, tok) -> None:
 def render(info: dict, rows: list[dict]) -> str:
     lines = [f"# bench_generate, {info['shape']} shape, {info['device']}", "",
              f"`{info['command']}`", "", f"Machine: {info['machine']}", "",
-             f"{info['parameters'] / 1e6:.1f}M parameters, {info['dtype']}; instruction {info['instruction_tokens']} "
-             f"tokens (+{info['k']} gist), inputs {info['input_tokens']} tokens, {info['new_tokens']} new tokens, "
-             f"greedy; median of {info['repeats']} warm runs.", "",
+             f"{info['parameters'] / 1e6:.1f}M parameters, {info['dtype']}; instruction "
+             f"{info['instruction_tokens']} tokens (+{info['k']} gist), inputs {info['input_tokens']} "
+             f"tokens, {info['new_tokens']} new tokens, greedy; median of {info['repeats']} warm runs.", "",
              "| batch | method | tokens/s | ms/step | x ceiling |", "|---|---|---|---|---|"]
     for b in sorted({r["batch"] for r in rows}):
-        ceiling = next((r["tokens_per_s"] for r in rows if r["batch"] == b and r["method"] == "ceiling"), None)
+        ceiling = next((r["tokens_per_s"] for r in rows if r["batch"] == b and r["method"] == "ceiling"),
+                       None)
         for r in (r for r in rows if r["batch"] == b):
             ratio = f"{r['tokens_per_s'] / ceiling:.2f}" if ceiling else "-"
-            lines.append(f"| {b} | {r['method']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | {ratio} |")
+            lines.append(f"| {b} | {r['method']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "
+                         f"{ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +288,8 @@ def main(argv=None) -> None:
     print(info, flush=True)
     rows = []
     for batch in cfg.batch:
-        rows += [{"shape": cfg.shape, **r} for r in run_batch(model, tok, instruction, inputs_for(batch, cfg, single),
+        rows += [{"shape": cfg.shape, **r} for r in run_batch(model, tok, instruction,
+                                                               inputs_for(batch, cfg, single),
                                                               cfg)]
     table = render(info, rows)
     print(table)
@@ -290,9 +298,11 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         stem = f"bench_generate-{cfg.shape}-{'cpu' if cfg.device == 'cpu' else 'cuda'}"
         with open(out / f"{stem}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["shape", "batch", "method", "tokens_per_s", "ms_per_token"])
+            writer = csv.DictWriter(f,
+                                    fieldnames=["shape", "batch", "method", "tokens_per_s", "ms_per_token"])
             writer.writeheader()
-            writer.writerows({**r, "tokens_per_s": f"{r['tokens_per_s']:.2f}", "ms_per_token": f"{r['ms_per_token']:.3f}"}
+            writer.writerows({**r, "tokens_per_s": f"{r['tokens_per_s']:.2f}",
+                              "ms_per_token": f"{r['ms_per_token']:.3f}"}
                              for r in rows)
         (out / f"{stem}.md").write_text(table)
         print(f"wrote {out / stem}.csv and .md")

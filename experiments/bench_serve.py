@@ -61,7 +61,8 @@ def export_random(shape: str, folder: Path, positions: int) -> Path:
 
     tok = load_tokenizer("suite")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 2, max_position_embeddings=positions, **SHAPES[shape]))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 2, max_position_embeddings=positions,
+                                         **SHAPES[shape]))
     add_gist_token(tok, model)
     return export_pretrained(model, tok, folder / f"random-{shape}", num_gist_tokens=1, condition="gist")
 
@@ -131,7 +132,8 @@ def one_request(port: int, instruction: str, input: str, max_tokens: int) -> dic
     return out
 
 
-def run_cell(port: int, requests: list[tuple[str, str]], concurrency: int, max_tokens: int, time_limit: float):
+def run_cell(port: int, requests: list[tuple[str, str]], concurrency: int, max_tokens: int,
+             time_limit: float):
     results, lock, next_index = [], threading.Lock(), [0]
     t0 = time.perf_counter()
 
@@ -182,9 +184,11 @@ def get_json(port: int, path: str) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--model", default=None, help="an exported model folder (default: a random-weight --shape)")
+    p.add_argument("--model", default=None,
+                   help="an exported model folder (default: a random-weight --shape)")
     p.add_argument("--shape", default="100m", choices=list(SHAPES))
-    p.add_argument("--instructions_file", default=None, help="Alpaca+-style JSON: use its instructions as they are")
+    p.add_argument("--instructions_file", default=None,
+                   help="Alpaca+-style JSON: use its instructions as they are")
     p.add_argument("--instruction_tokens", type=int, default=300, help="length of the synthetic instructions")
     p.add_argument("--num_instructions", type=int, default=64)
     p.add_argument("--requests", type=int, default=192)
@@ -213,18 +217,26 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = cfg.model or str(export_random(cfg.shape, Path(tmp), 1024))
         tokenizer = load_tokenizer(model)
-        instructions = (file_instructions(cfg.instructions_file, cfg.num_instructions, rng) if cfg.instructions_file
-                        else synthetic_instructions(cfg.num_instructions, cfg.instruction_tokens, tokenizer, rng))
+        if cfg.instructions_file:
+            instructions = file_instructions(cfg.instructions_file, cfg.num_instructions, rng)
+        else:
+            instructions = synthetic_instructions(cfg.num_instructions, cfg.instruction_tokens, tokenizer,
+                                                  rng)
         requests = workload(instructions, cfg.requests, cfg.zipf, rng)
         used = list(dict.fromkeys(t for t, _ in requests))
         # warm-up: an instruction of the same kind outside the workload (its cache entry is typical)
         warm = next((t for t in instructions if t not in used), "Warm up.")
         k = json.loads((Path(model) / "gist_config.json").read_text())["num_gist_tokens"]
-        # instruction tokens as the server sees them: specials + "Instruction: {t}\n" (the prompt before the gists)
+        # instruction tokens as the server sees them: specials + "Instruction: {t}\n" (the prompt before
+        # the gists)
         add_gist_token(tokenizer)
         lengths = [len(encode_prefix(tokenizer, t, k, gist_token_id(tokenizer))) - k for t in used]
-        params = sum(t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-            str(Path(model) / "model.safetensors")).values()) if (Path(model) / "model.safetensors").is_file() else None
+        weights = Path(model) / "model.safetensors"
+        params = None
+        if weights.is_file():
+            from safetensors.torch import load_file
+
+            params = sum(t.numel() for t in load_file(str(weights)).values())
         info = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
                 "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}; "
                            f"{torch.get_num_threads()} torch threads; torch {torch.__version__}",
@@ -237,19 +249,23 @@ def main(argv=None) -> None:
         cells = []
         for mode in cfg.modes:
             for concurrency in cfg.concurrency:
-                args = ["--mode", mode, "--cache_memory", cfg.cache_memory, "--max_batch_size", str(cfg.max_batch_size),
-                        "--accelerator", cfg.device, "--max_tokens_limit", str(max(cfg.max_tokens, 1024))]
+                args = ["--mode", mode, "--cache_memory", cfg.cache_memory,
+                        "--max_batch_size", str(cfg.max_batch_size), "--accelerator", cfg.device,
+                        "--max_tokens_limit", str(max(cfg.max_tokens, 1024))]
                 if cfg.dtype:
                     args += ["--dtype", cfg.dtype]
-                with ServerProcess(model, *args, log=str(Path(tmp) / f"server-{mode}-{concurrency}.log")) as server:
+                log = str(Path(tmp) / f"server-{mode}-{concurrency}.log")
+                with ServerProcess(model, *args, log=log) as server:
                     one_request(server.port, warm, "a", 2)  # first-call overheads out of the timing
-                    results, wall = run_cell(server.port, requests, concurrency, cfg.max_tokens, cfg.time_limit)
+                    results, wall = run_cell(server.port, requests, concurrency, cfg.max_tokens,
+                                             cfg.time_limit)
                     stats = get_json(server.port, "/v1/cache/stats")
                 cell = {"mode": mode, "concurrency": concurrency, **summarize(results, wall),
                         "cached_instructions": stats["cached_instructions"],
                         "bytes_per_instruction": stats["bytes_per_instruction"],
-                        "instructions_in_budget": (int(stats["cache_capacity"] // stats["bytes_per_instruction"])
-                                                   if stats["bytes_per_instruction"] else None),
+                        "instructions_in_budget": (
+                            int(stats["cache_capacity"] // stats["bytes_per_instruction"])
+                            if stats["bytes_per_instruction"] else None),
                         "compressions": stats["compressed"]}
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
@@ -266,18 +282,19 @@ def render(info: dict, cells: list[dict]) -> str:
     lines = [f"# bench_serve: {info['model']}, k={info['k']}, {info['device']}", "",
              info["machine"], "", f"    {info['command']}", "",
              f"{info['instructions']} instructions, {info['distinct_in_workload']} of them in the workload "
-             f"({info['mean_instruction_tokens']:.0f} tokens on average), {info['requests']} requests Zipf({info['zipf']}), "
-             f"{info['max_tokens']} new tokens each (greedy), cache memory {info['cache_memory']} in every mode, "
-             f"max batch {info['max_batch_size']}.", "",
-             "| mode | concurrency | requests | failed | req/s | gen tok/s | latency p50 s | p99 s | TTFT p50 s | p99 s "
-             "| hit rate | compressions | bytes / instruction | instructions in budget |",
+             f"({info['mean_instruction_tokens']:.0f} tokens on average), {info['requests']} requests "
+             f"Zipf({info['zipf']}), {info['max_tokens']} new tokens each (greedy), cache memory "
+             f"{info['cache_memory']} in every mode, max batch {info['max_batch_size']}.", "",
+             "| mode | concurrency | requests | failed | req/s | gen tok/s | latency p50 s | p99 s | TTFT "
+             "p50 s | p99 s | hit rate | compressions | bytes / instruction | instructions in budget |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         per = f"{c['bytes_per_instruction']:.0f}" if c["bytes_per_instruction"] else "-"
         fit = c["instructions_in_budget"] if c["instructions_in_budget"] is not None else "-"
-        lines.append(f"| {c['mode']} | {c['concurrency']} | {c['requests']} | {c['failed']} | {c['requests_per_s']:.2f} "
-                     f"| {c['tokens_per_s']:.1f} | {c['latency_p50']:.2f} | {c['latency_p99']:.2f} | {c['ttft_p50']:.2f} "
-                     f"| {c['ttft_p99']:.2f} | {c['hit_rate']:.2f} | {c['compressions']} | {per} | {fit} |")
+        lines.append(f"| {c['mode']} | {c['concurrency']} | {c['requests']} | {c['failed']} | "
+                     f"{c['requests_per_s']:.2f} | {c['tokens_per_s']:.1f} | {c['latency_p50']:.2f} | "
+                     f"{c['latency_p99']:.2f} | {c['ttft_p50']:.2f} | {c['ttft_p99']:.2f} | "
+                     f"{c['hit_rate']:.2f} | {c['compressions']} | {per} | {fit} |")
     by = {(c["mode"], c["concurrency"]): c for c in cells}
     notes = []
     for conc in sorted({c["concurrency"] for c in cells}):
@@ -288,8 +305,8 @@ def render(info: dict, cells: list[dict]) -> str:
     instr = next((c for c in cells if c["mode"] == "instruction" and c["bytes_per_instruction"]), None)
     if gist and instr:
         notes.append(f"instructions held in the same memory, gist / instruction = "
-                     f"{instr['bytes_per_instruction'] / gist['bytes_per_instruction']:.1f}x (mean instruction tokens / k = "
-                     f"{info['mean_instruction_tokens'] / info['k']:.1f})")
+                     f"{instr['bytes_per_instruction'] / gist['bytes_per_instruction']:.1f}x (mean "
+                     f"instruction tokens / k = {info['mean_instruction_tokens'] / info['k']:.1f})")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 

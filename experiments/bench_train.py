@@ -30,7 +30,8 @@ def from_config(config: str, condition: str, batch_size: int | None):
     return cli.model, cli.datamodule
 
 
-def time_condition(condition: str, rows: list, config: str, batch_size: int, steps: int, warmup: int) -> float:
+def time_condition(condition: str, rows: list, config: str, batch_size: int, steps: int,
+                   warmup: int) -> float:
     module, dm = from_config(config, condition, batch_size)
     collate = dm.collator(for_generation=False)
     torch.manual_seed(0)
@@ -51,7 +52,8 @@ def time_condition(condition: str, rows: list, config: str, batch_size: int, ste
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
@@ -67,7 +69,8 @@ def main() -> None:
     results = {"gist": [], "pos_control": []}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         for condition in results:
-            results[condition].append(time_condition(condition, rows, args.config, batch_size, args.steps, args.warmup))
+            results[condition].append(time_condition(condition, rows, args.config, batch_size, args.steps,
+                                                     args.warmup))
     gist, pos = (max(results[c]) for c in ("gist", "pos_control"))
     print(f"tiny default ({args.config}), batch {batch_size}, {args.steps} steps, best of {args.repeats}, "
           f"{torch.get_num_threads()} threads")

@@ -92,7 +92,8 @@ HUMAN = [
     ("after", {"x": "red"}, "Tell me what's right behind red.", "blue red green"),
     ("after", {"x": "cup"}, "What word is next after cup?", "pen cup book lamp"),
     ("reverse", {}, "Turn this list back to front.", "one two three"),
-    # written later (issue 14), to make the split large enough to measure: the same families, other people's words
+    # written later (issue 14), to make the split large enough to measure: the same families, other people's
+    # words
     ("copy", {}, "Leave the list alone and give it back to me.", "owl lamp"),
     ("copy", {}, "Write out my words again, same order, no changes.", "pear cup sun rain"),
     ("copy", {}, "Just say it back.", "tiger moon"),
@@ -136,7 +137,8 @@ HUMAN = [
     ("drop_second", {}, "Everything but the second word, please.", "apple pear plum"),
     ("drop_second", {}, "Leave the second item out and keep the rest.", "sun moon star tree"),
     ("swap_ends", {}, "Exchange the front word and the back word.", "cat dog owl"),
-    ("swap_ends", {}, "Put the first word at the end and the last word at the start.", "red blue green yellow"),
+    ("swap_ends", {}, "Put the first word at the end and the last word at the start.",
+     "red blue green yellow"),
     ("swap_ends", {}, "Trade places between the words at both ends.", "pen cup book lamp"),
     ("swap_pair", {}, "Switch places of the first and second words.", "sun moon star"),
     ("swap_pair", {}, "The opening two words should trade places.", "apple cup pear lemon"),
@@ -151,7 +153,8 @@ HUMAN = [
     ("replace", {"x": "dog", "y": "cat"}, "Every dog should become cat.", "dog owl dog"),
     ("replace", {"x": "pen", "y": "cup"}, "Put cup wherever pen is.", "pen book pen"),
     ("replace", {"x": "moon", "y": "star"}, "Change all moon words to star.", "sun moon rain moon"),
-    ("replace", {"x": "apple", "y": "pear"}, "Swap out apple and put pear in its place.", "apple lemon apple"),
+    ("replace", {"x": "apple", "y": "pear"}, "Swap out apple and put pear in its place.",
+     "apple lemon apple"),
     ("contains", {"x": "cat"}, "Is there a cat somewhere in here?", "dog cat owl"),
     ("contains", {"x": "pen"}, "Do you see pen in my list?", "cup book lamp"),
     ("contains", {"x": "rain"}, "Tell me yes or no: does rain appear?", "rain sun"),
@@ -211,8 +214,10 @@ def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token=PAD_TOKEN)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token=PAD_TOKEN)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     for rec in suite["train"] + human:
         # the pieces the templates tokenize separately (decoder-only wording; the encoder-decoder
         # source is a prefix of it)
-        texts += [instruction_text(rec["instruction"]), continuation_text(rec["input"], encoder_decoder=False),
-                  rec["output"]]
+        texts += [instruction_text(rec["instruction"]),
+                  continuation_text(rec["input"], encoder_decoder=False), rec["output"]]
     tok = train_tokenizer(texts)
     tok.save_pretrained(ASSETS / "suite_tokenizer")
     print(f"wrote {len(human)} human records and a {len(tok)}-token tokenizer to {ASSETS}")

@@ -86,7 +86,8 @@ def pretrain(config: str, work: Path, steps: int) -> Path:
         return base
     cli = from_config(config, ["--seed_everything", "0", "--model.condition", "pos_control",
                                "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "null",
-                               "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(work / "pretrain"),
+                               "--trainer.limit_val_batches", "0",
+                               "--trainer.default_root_dir", str(work / "pretrain"),
                                "--data.seed", "0", "--data.cache_dir", str(work / "cache")], [])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli.model.export(base)
@@ -103,16 +104,17 @@ def run_arm(name: str, config: str, base: Path, seed: int, steps: int, work: Pat
                                "--model.weight_decay", "0.0", "--model.warmup_ratio", "0.03",
                                "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
                                "--trainer.default_root_dir", str(work / "arms"),
-                               "--data.seed", str(seed), "--data.cache_dir", str(work / "cache")], [rouge, timer])
+                               "--data.seed", str(seed), "--data.cache_dir", str(work / "cache")],
+                      [rouge, timer])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "run.ckpt"
         cli.trainer.save_checkpoint(ckpt)
         ckpt_bytes = ckpt.stat().st_size
     trainable, total = parameter_counts(cli.model.model)
-    row = {"arm": name, "seed": seed, "condition": condition, "peft": peft, "learning_rate": lr, "steps": steps,
-           "trainable_params": trainable, "total_params": total, "checkpoint_bytes": ckpt_bytes,
-           "step_ms_median": 1000 * statistics.median(timer.times[10:])}
+    row = {"arm": name, "seed": seed, "condition": condition, "peft": peft, "learning_rate": lr,
+           "steps": steps, "trainable_params": trainable, "total_params": total,
+           "checkpoint_bytes": ckpt_bytes, "step_ms_median": 1000 * statistics.median(timer.times[10:])}
     for split, s in rouge.last.items():
         row[f"{SHORT[split]}_rougeL"], row[f"{SHORT[split]}_em"] = s.rougeL, s.exact_match
     return row
@@ -146,7 +148,8 @@ def table(rows: list[dict]) -> str:
         if "trainable_params" in rs[0]:
             r = rs[0]
             cells += [f"{r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.2f}%)",
-                      f"{r['checkpoint_bytes'] / 1e6:.2f} MB", format_mean_sd([x["step_ms_median"] for x in rs])]
+                      f"{r['checkpoint_bytes'] / 1e6:.2f} MB",
+                      format_mean_sd([x["step_ms_median"] for x in rs])]
         else:
             cells += ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -154,7 +157,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--out", default="experiments/results/peft-cpu")
     parser.add_argument("--work", default="runs/peft-cpu", help="base model, data cache and run folders")
@@ -183,7 +187,8 @@ def main() -> None:
             rows.append(run_arm(name, config, base, seed, args.steps, work))
             with done_path.open("a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
-    ordered = [r for r in rows if r["arm"].startswith("base")] + [r for n in ARMS for r in rows if r["arm"] == n]
+    ordered = ([r for r in rows if r["arm"].startswith("base")]
+               + [r for n in ARMS for r in rows if r["arm"] == n])
     text = table(ordered)
     print(text)
     (out / "table.md").write_text(text + "\n")

@@ -46,7 +46,8 @@ def grid(conditions: list[str], ks: list[int], seeds: list[int]) -> list[dict]:
     for condition in conditions:
         for k in ks if condition == "gist" else [1]:
             for seed in seeds:
-                cells.append({"condition": condition, "k": k, "seed": seed, "name": f"{condition}-k{k}-seed{seed}"})
+                cells.append({"condition": condition, "k": k, "seed": seed,
+                              "name": f"{condition}-k{k}-seed{seed}"})
     return cells
 
 
@@ -94,7 +95,8 @@ def run_metrics(run_dir: Path) -> dict:
 
 
 def _predictions(run_dir: Path, step: int, split: str) -> list[dict[str, str]]:
-    return read_predictions_csv(run_dir / "predictions" / f"step{step:06d}-{split}.csv", {"x", "y_pred", "y_true"})
+    return read_predictions_csv(run_dir / "predictions" / f"step{step:06d}-{split}.csv",
+                                {"x", "y_pred", "y_true"})
 
 
 def _keyed(rows: list[dict[str, str]]) -> list[tuple[tuple[str, str, int], dict[str, str]]]:
@@ -126,14 +128,16 @@ def check_same_records(runs: list[dict], run_root: Path) -> None:
     for split in VALIDATION_SPLITS:
         groups: dict[tuple, list[str]] = {}
         for r in runs:
-            groups.setdefault(record_keys(run_root / r["name"] / "run", r["step"], split), []).append(r["name"])
+            validated = record_keys(run_root / r["name"] / "run", r["step"], split)
+            groups.setdefault(validated, []).append(r["name"])
         sets = [set(keys) for keys in groups]
         if any(not (a <= b or b <= a) for i, a in enumerate(sets) for b in sets[i + 1:]):
-            listed = "; ".join(f"({len(g)}) {', '.join(g)}" for g in sorted(groups.values(), key=len, reverse=True))
+            listed = "; ".join(f"({len(g)}) {', '.join(g)}"
+                               for g in sorted(groups.values(), key=len, reverse=True))
             raise RuntimeError(
-                f"the runs validated {len(groups)} different sets of {split} records: {listed}. Runs made from "
-                "other data (an earlier version of the suite, another data folder) cannot share a table: move the "
-                "stale ones out of the runs folder and run the sweep again.")
+                f"the runs validated {len(groups)} different sets of {split} records: {listed}. Runs made "
+                "from other data (an earlier version of the suite, another data folder) cannot share a "
+                "table: move the stale ones out of the runs folder and run the sweep again.")
 
 
 def paired_differences(results: list[dict], run_root: Path, prefix: str = "") -> dict:
@@ -200,13 +204,14 @@ def run_cells(cells, configs, run_root: Path, extra: list[str], log=print) -> tu
         minutes = (time.time() - start) / 60
         if proc.returncode != 0:
             failed.append(cell["name"])
-            log(f"[{i}/{len(cells)}] {cell['name']}: FAILED (exit {proc.returncode}) after {minutes:.1f} min; "
-                f"see {folder.parent / 'stdout.log'}")
+            log(f"[{i}/{len(cells)}] {cell['name']}: FAILED (exit {proc.returncode}) after {minutes:.1f} "
+                f"min; see {folder.parent / 'stdout.log'}")
             continue
         result = {**cell, "minutes": round(minutes, 2), **run_metrics(folder)}
         done.write_text(json.dumps(result, indent=1) + "\n")
         results.append(result)
-        log(f"[{i}/{len(cells)}] {cell['name']}: done in {minutes:.1f} min, unseen ROUGE-L {result['unseen_rougeL']:.1f}")
+        log(f"[{i}/{len(cells)}] {cell['name']}: done in {minutes:.1f} min, unseen ROUGE-L "
+            f"{result['unseen_rougeL']:.1f}")
         try:  # the same records as every finished run in the folder (which the table will hold)?
             check_same_records(finished_runs(run_root), run_root)
         except RuntimeError as e:  # stop now rather than after the whole grid
@@ -217,7 +222,8 @@ def run_cells(cells, configs, run_root: Path, extra: list[str], log=print) -> tu
 
 def finished_runs(run_root: Path) -> list[dict]:
     order = {"pos_control": 0, "gist": 1, "neg_control": 2}
-    runs = [{**json.loads(done.read_text()), **run_metrics(done.parent)} for done in run_root.glob("*/run/done.json")]
+    runs = [{**json.loads(done.read_text()), **run_metrics(done.parent)}
+            for done in run_root.glob("*/run/done.json")]
     return sorted(runs, key=lambda r: (order.get(r["condition"], 9), r["k"], r["seed"]))
 
 
@@ -241,12 +247,14 @@ def aggregate(results: list[dict], out: Path, run_root: Path | None = None) -> N
     for prefix, title in (("", "best checkpoint by validation_unseen ROUGE-L (the paper's protocol)"),
                           ("final_", "last validation")):
         lines += [f"{title}:", "",
-                  "| condition | k | seeds | seen ROUGE-L | unseen ROUGE-L | human ROUGE-L | seen EM | unseen EM | human EM |",
+                  "| condition | k | seeds | seen ROUGE-L | unseen ROUGE-L | human ROUGE-L | seen EM | "
+                  "unseen EM | human EM |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for (condition, k), rs in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 9), g[0][1])):
             cells = [format_mean_sd([r[f"{prefix}{SHORT[s]}_{m}"] for r in rs]) for m in QUALITY_METRICS
                      for s in VALIDATION_SPLITS]
-            lines.append(f"| {condition} | {k if condition == 'gist' else '-'} | {len(rs)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {condition} | {k if condition == 'gist' else '-'} | {len(rs)} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     paired = {}
     if run_root is not None:
@@ -254,8 +262,9 @@ def aggregate(results: list[dict], out: Path, run_root: Path | None = None) -> N
             paired[prefix or "best"] = diffs = paired_differences(results, run_root, prefix)
             if not diffs:
                 continue
-            lines += [f"ROUGE-L minus {BASELINE} of the same seed, per record ({title}): mean [bootstrap 95% interval "
-                      "over seeds and records]; an interval that excludes 0 is a difference the data support:", "",
+            lines += [f"ROUGE-L minus {BASELINE} of the same seed, per record ({title}): mean [bootstrap 95% "
+                      "interval over seeds and records]; an interval that excludes 0 is a difference the "
+                      "data support:", "",
                       "| condition | k | seeds | records (seen / unseen / human) | seen | unseen | human |",
                       "|---|---|---|---|---|---|---|"]
             for (condition, k), _ in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 9), g[0][1])):
@@ -300,7 +309,8 @@ def plot(groups: dict, paired: dict, path: Path) -> None:
             pts = [(k, paired[f"gist|{k}|{split}"]) for k in ks if f"gist|{k}|{split}" in paired]
             if pts:
                 ax.errorbar([k for k, _ in pts], [d["mean"] for _, d in pts],
-                            yerr=[[d["mean"] - d["low"] for _, d in pts], [d["high"] - d["mean"] for _, d in pts]],
+                            yerr=[[d["mean"] - d["low"] for _, d in pts],
+                                  [d["high"] - d["mean"] for _, d in pts]],
                             fmt="o-", color="C0", capsize=3, label=f"gist - {BASELINE} (95% CI)")
             neg = paired.get(f"neg_control|1|{split}")
             if neg:
@@ -326,10 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         extra = argv[argv.index("--") + 1:]
         argv = argv[: argv.index("--")]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", required=True, help="base config(s), in order")
     parser.add_argument("--out", required=True, help="results folder (results.csv, table.md, plot)")
-    parser.add_argument("--runs", default=None, help="where the runs go (checkpoints, exports); default <out>/runs")
+    parser.add_argument("--runs", default=None,
+                        help="where the runs go (checkpoints, exports); default <out>/runs")
     parser.add_argument("--conditions", nargs="+", default=["pos_control", "gist", "neg_control"])
     parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 5, 10])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -337,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = grid(args.conditions, args.k, args.seeds)
-    print(f"sweep of {len(cells)} runs into {out}" + (f", passing {' '.join(extra)}" if extra else ""), flush=True)
+    print(f"sweep of {len(cells)} runs into {out}" + (f", passing {' '.join(extra)}" if extra else ""),
+          flush=True)
     run_root = Path(args.runs) if args.runs else out / "runs"
     _, failed = run_cells(cells, args.config, run_root, extra, log=lambda m: print(m, flush=True))
     results = finished_runs(run_root)  # this grid and every earlier finished run in the folder

@@ -1,7 +1,8 @@
 """ROUGE-L of embedded-suite validation_unseen predictions by the kind of unseen wording: each
 held-out sentence (by its place in the family's ``held_out``) and the held-out parameter words.
 
-    python experiments/unseen_breakdown.py runs/sweep-tiny/pos_control-k1-seed*/run/predictions/step007000-validation_unseen.csv
+    python experiments/unseen_breakdown.py \\
+        runs/sweep-tiny/pos_control-k1-seed*/run/predictions/step007000-validation_unseen.csv
 
 One row per CSV (columns: records and mean ROUGE-L per group); used in
 experiments/results/tiny-variance/ to see where the seed-to-seed spread sits.
@@ -47,8 +48,10 @@ def breakdown(path: str) -> dict[str, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("csv", nargs="+", help="validation_unseen prediction CSVs (columns x, y_pred, y_true)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv", nargs="+",
+                        help="validation_unseen prediction CSVs (columns x, y_pred, y_true)")
     args = parser.parse_args(argv)
     tables = {path: breakdown(path) for path in args.csv}
     names = sorted({g for t in tables.values() for g in t})
