@@ -1,7 +1,9 @@
 """Long contexts: recall by compression ratio, gist tokens against full attention and truncation.
 
 Trains, per seed, four models on the generated key-value recall task (configs/tiny-long-recall.yaml,
-through the ``gist-lightning fit`` command line) and answers one fixed test set with each:
+through the ``gist-lightning fit`` command line) and answers one fixed test set with each. The gist
+models train ``--steps`` and are then resumed for ``--more_gist_steps`` (the cosine schedule
+restarts over the new total); full attention trains ``--steps``; neg_control ``--neg_steps``:
 
 - ``gist_coarse`` / ``gist_fine``: one model per placement, trained with a ratio drawn per batch
   from {2, 4, 8, 16}; tested at each ratio from caches made segment by segment
@@ -30,8 +32,10 @@ import csv
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,37 +70,89 @@ TRAINED_BY = {"gist_coarse": "gist_coarse", "gist_fine": "gist_fine", "full": "f
               "neg_control": "neg_control"}
 
 
-def fit_command(method: str, seed: int, run_root: Path, steps: int, extra: list[str]) -> list[str]:
+def fit_command(method: str, seed: int, run_root: Path, steps: int, extra: list[str],
+                resume_from: int | None = None) -> list[str]:
+    """``gist-lightning fit`` of one model; ``resume_from``: continue its run from ``last.ckpt`` (at
+    that step) to ``steps`` (the cosine schedule restarts over the new total: a warm restart)."""
     cmd = [sys.executable, "-m", "gist_lightning.cli", "fit"]
     for c in CONFIGS:
         cmd += ["--config", str(c)]
-    return cmd + TRAINED[method] + [
-        "--seed_everything", str(seed), "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(run_root),
-        "--trainer.logger.init_args.name", f"{method}-seed{seed}", "--trainer.logger.init_args.version", "0",
-        "--data.init_args.cache_dir", str(run_root / "cache"), *extra]
+    cmd += TRAINED[method] + [
+        "--seed_everything", str(seed), "--trainer.max_steps", str(steps), "--trainer.enable_progress_bar", "false",
+        "--trainer.val_check_interval", str(steps - (resume_from or 0)),
+        "--trainer.logger.init_args.save_dir", str(run_root), "--trainer.logger.init_args.name", f"{method}-seed{seed}",
+        "--trainer.logger.init_args.version", "0", "--data.init_args.cache_dir", str(run_root / "cache"), *extra]
+    if resume_from is not None:
+        cmd += ["--ckpt_path", str(run_root / f"{method}-seed{seed}" / "version_0" / "checkpoints" / "last.ckpt")]
+    return cmd
 
 
 def export_of(run_root: Path, method: str, seed: int) -> Path:
     return run_root / f"{method}-seed{seed}" / "version_0" / "export"
 
 
-def train_all(cells: list[tuple[str, int]], run_root: Path, steps: int, jobs: int, extra: list[str]) -> None:
-    """Fit every (method, seed) whose export is missing, ``jobs`` at a time, one torch thread each."""
-    todo = [(m, s) for m, s in cells if not (export_of(run_root, m, s) / "gist_config.json").is_file()]
+def stages(method: str, args) -> list[int]:
+    """The step each training stage of ``method`` ends at: gist models train ``--steps``, then are
+    resumed to ``--steps + --more_gist_steps``; neg_control (which cannot see the context, so it
+    only learns the answers' prior) trains ``--neg_steps``."""
+    if method.startswith("gist") and args.more_gist_steps:
+        return [args.steps, args.steps + args.more_gist_steps]
+    return [args.neg_steps if method == "neg_control" else args.steps]
+
+
+def _running(name: str) -> bool:
+    """A fit of this run started by an earlier invocation is still going (wait for it, do not start another)."""
+    return subprocess.run(["pgrep", "-f", f"init_args.name {name} "], capture_output=True).returncode == 0
+
+
+def train_all(cells: list[tuple[str, int]], run_root: Path, args, extra: list[str]) -> None:
+    """Run every missing training stage of every (method, seed), ``args.jobs`` at a time, one torch
+    thread each; a stage done leaves ``stageN.done`` in the run's folder, so an interrupted
+    experiment resumes where it stopped."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    running: list[tuple[subprocess.Popen, str]] = []
+    todo = [(m, s) for m, s in cells]
+    running: list[tuple[subprocess.Popen | None, str, int, Path, str]] = []
     run_root.mkdir(parents=True, exist_ok=True)
+
+    def next_stage(method, seed):
+        folder = run_root / f"{method}-seed{seed}"
+        for i, end in enumerate(stages(method, args), 1):
+            if not (folder / f"stage{i}.done").is_file():
+                return i, end, folder
+        return None
+
     while todo or running:
-        while todo and len(running) < jobs:
+        while todo and len(running) < args.jobs:
             method, seed = todo.pop(0)
-            log = open(run_root / f"{method}-seed{seed}.log", "w")
-            print(f"training {method} seed {seed} ({steps} steps); log: {log.name}", flush=True)
-            running.append((subprocess.Popen(fit_command(method, seed, run_root, steps, extra), stdout=log,
-                                             stderr=subprocess.STDOUT, env=env, cwd=ROOT), log.name))
-        proc, name = running.pop(0)
-        if proc.wait() != 0:
-            raise SystemExit(f"training failed (exit {proc.returncode}); see {name}")
+            nxt = next_stage(method, seed)
+            if nxt is None:
+                continue
+            i, end, folder = nxt
+            name = f"{method}-seed{seed}"
+            if _running(name):
+                print(f"waiting for {name}, started earlier", flush=True)
+                running.append((None, name, i, folder, method))
+                continue
+            previous = stages(method, args)[i - 2] if i > 1 else None
+            if previous is not None:  # the resumed run exports its best checkpoint again, in the same place
+                shutil.rmtree(export_of(run_root, method, seed), ignore_errors=True)
+            log = open(run_root / f"{name}.log", "a")
+            print(f"training {name} stage {i}: to step {end}; log: {log.name}", flush=True)
+            proc = subprocess.Popen(fit_command(method, seed, run_root, end, extra, previous), stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            running.append((proc, name, i, folder, method))
+        proc, name, i, folder, method = running.pop(0)
+        seed = int(name.rsplit("-seed", 1)[1])
+        if proc is None:
+            while _running(name):
+                time.sleep(10)
+            if not (export_of(run_root, method, seed) / "gist_config.json").is_file():
+                raise SystemExit(f"{name}, started earlier, ended without an export; see its log")
+        elif proc.wait() != 0:
+            raise SystemExit(f"training failed (exit {proc.returncode}); see {run_root / (name + '.log')}")
+        (folder / f"stage{i}.done").touch()
+        if next_stage(method, seed) is not None:
+            todo.insert(0, (method, seed))
 
 
 def test_records(n: int, seed: int, context_words: tuple[int, int], facts: int) -> list[dict]:
@@ -306,7 +362,12 @@ def plot(path: Path, summary: dict, by_distance: list[dict], distances: list[int
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=1000, help="training steps per model")
+    p.add_argument("--steps", type=int, default=1000, help="training steps of the full-attention model, and of the "
+                   "gist models' first stage")
+    p.add_argument("--more_gist_steps", type=int, default=500, help="the gist models' second stage: resumed for "
+                   "this many more steps (0: none)")
+    p.add_argument("--neg_steps", type=int, default=200, help="training steps of neg_control (it learns only the "
+                   "answers' prior: it never sees the context)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (one torch thread each)")
     p.add_argument("--records", type=int, default=300, help="test contexts")
     p.add_argument("--context_words", type=int, nargs=2, default=[40, 80], help="test contexts' words (low high)")
@@ -319,9 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(m, s) for s in args.seeds for m in TRAINED]
     if args.check_args:
         for m, s in cells:
-            print(" ".join(fit_command(m, s, args.run_root, args.steps, extra)))
+            ends = stages(m, args)
+            for i, end in enumerate(ends):
+                print(" ".join(fit_command(m, s, args.run_root, end, extra, ends[i - 1] if i else None)))
         return 0
-    train_all(cells, args.run_root, args.steps, args.jobs, extra)
+    train_all(cells, args.run_root, args, extra)
     torch.set_num_threads(1)
     records = test_records(args.records, 0, tuple(args.context_words), args.facts)
     results, by_distance = {}, []
