@@ -31,31 +31,38 @@ CORPUS = [
 # download: (model_type, config fields, tokenizer framing). Adding a family to the registry means
 # adding its line here; test_families checks that every registry entry has one. Sliding windows
 # are 8 positions, shorter than the test instructions.
-_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
 _WINDOW = dict(sliding_window=8)
 _T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
            relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0)
 TINY_FAMILIES = {
     "llama": ("llama", _SMALL, "llama"),
     "llama3-rope": ("llama", dict(_SMALL, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}), "llama"),
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}), "llama"),
     "mistral": ("mistral", dict(_SMALL, num_key_value_heads=1, **_WINDOW), "llama"),
     "mixtral": ("mixtral", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, **_WINDOW), "llama"),
-    "qwen2": ("qwen2", dict(_SMALL, num_hidden_layers=3, use_sliding_window=True, max_window_layers=1, **_WINDOW), "neox"),
-    "qwen3": ("qwen3", dict(_SMALL, num_hidden_layers=3, head_dim=8, use_sliding_window=True, max_window_layers=1,
+    "qwen2": ("qwen2",
+              dict(_SMALL, num_hidden_layers=3, use_sliding_window=True, max_window_layers=1, **_WINDOW),
+              "neox"),
+    "qwen3": ("qwen3",
+              dict(_SMALL, num_hidden_layers=3, head_dim=8, use_sliding_window=True, max_window_layers=1,
                             **_WINDOW), "neox"),
     "qwen3-no-sliding": ("qwen3", dict(_SMALL, head_dim=8), "neox"),  # layer_types, all full attention
-    "qwen3_moe": ("qwen3_moe", dict(_SMALL, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    "qwen3_moe": ("qwen3_moe",
+                  dict(_SMALL, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                     use_sliding_window=True, **_WINDOW), "neox"),
     "gemma2": ("gemma2", dict(_SMALL, num_hidden_layers=3, head_dim=8, **_WINDOW), "llama"),
     "gemma3_text": ("gemma3_text", dict(_SMALL, num_hidden_layers=3, head_dim=8, **_WINDOW,
-                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]), "llama"),
+                                        layer_types=["sliding_attention", "full_attention",
+                                                     "sliding_attention"]), "llama"),
     "phi3": ("phi3", dict(_SMALL, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.5}, **_WINDOW), "llama"),
     "olmo2": ("olmo2", _SMALL, "neox"),
     "smollm3": ("smollm3", dict(_SMALL, num_hidden_layers=4, use_sliding_window=True, **_WINDOW), "llama"),
-    "granite": ("granite", dict(_SMALL, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3,
+    "granite": ("granite",
+                dict(_SMALL, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3,
                                 logits_scaling=2.0), "llama"),
     "gpt_neox": ("gpt_neox", dict(_SMALL, rotary_pct=0.25), "neox"),
     "t5": ("t5", _T5, "t5"),
@@ -77,7 +84,8 @@ def build_tokenizer(style: str) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<s>", "</s>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     if style == "llama":
@@ -91,8 +99,8 @@ def tiny_hf_config(family: str, vocab_size: int, attn: str = "sdpa", **overrides
     """A tiny random config of ``family`` (a key of ``TINY_FAMILIES``)."""
     model_type, fields, _ = TINY_FAMILIES[family]
     # the checkpoints' special ids lie outside a tiny vocabulary; add_gist_token sets the pad id
-    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=None,
-                               bos_token_id=None, eos_token_id=None, **fields)
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=256,
+                               pad_token_id=None, bos_token_id=None, eos_token_id=None, **fields)
     cfg._attn_implementation = attn
     for key, value in overrides.items():
         setattr(cfg, key, value)
@@ -137,7 +145,8 @@ def require_attention():
 
 @pytest.fixture
 def make_tokenizer():
-    """``make_tokenizer(style)``: a tiny tokenizer framed like "llama", "t5" or "neox", without a pad token."""
+    """``make_tokenizer(style)``: a tiny tokenizer framed like "llama", "t5" or "neox", without a pad
+    token."""
     return build_tokenizer
 
 
@@ -166,7 +175,8 @@ def tiny_family_table():
 
 def _run_config(folder: Path, model_config: dict | None = None, **trainer) -> Path:
     """A tiny ``gist-lightning fit`` config in ``folder``: the embedded suite at 256 training records,
-    ``TINY_LLAMA`` unless ``model_config``, 12 steps validated at 6 and 12 unless ``trainer`` says otherwise."""
+    ``TINY_LLAMA`` unless ``model_config``, 12 steps validated at 6 and 12 unless ``trainer`` says
+    otherwise."""
     cfg = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 12, "val_check_interval": 6,
@@ -237,7 +247,8 @@ def trained_export(tmp_path_factory) -> Path:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(folder))
     trainer.fit(module, datamodule=data)
-    export = export_pretrained(module.model, module.tokenizer, folder / "export", num_gist_tokens=1, condition="gist")
+    export = export_pretrained(module.model, module.tokenizer, folder / "export", num_gist_tokens=1,
+                               condition="gist")
 
     model, tok, _ = load_pretrained(export)
     cache = compress(model, tok, PROBE_INSTRUCTIONS, 1)
@@ -255,7 +266,8 @@ def load_experiment():
     """``load_experiment("sweep")``: the module ``experiments/sweep.py``, imported from its file."""
 
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"experiments_{name}", ROOT / "experiments" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"experiments_{name}",
+                                                      ROOT / "experiments" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

@@ -48,7 +48,8 @@ def main(stage: int, devices: int, out: Path, model_config: dict) -> None:
     callbacks = [c for c in default_callbacks() if not isinstance(c, ModelCheckpoint)]
     callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="zero", save_last=False))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=CPUDeepSpeedStrategy(stage=stage,
-                        process_group_backend="gloo"), max_steps=4, val_check_interval=4, num_sanity_val_steps=0,
+                        process_group_backend="gloo"), max_steps=4, val_check_interval=4,
+                        num_sanity_val_steps=0,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(out), callbacks=callbacks)
     trainer.fit(module, datamodule=dm)

@@ -10,8 +10,8 @@ import signal
 
 import lightning as L
 
-POINTS = ("validation_start", "validation_batch", "validation_end", "export", "checkpoint_write", "sigterm_train",
-          "sigterm_validation", "sigterm_validation_end", "sigterm_accumulating")
+POINTS = ("validation_start", "validation_batch", "validation_end", "export", "checkpoint_write",
+          "sigterm_train", "sigterm_validation", "sigterm_validation_end", "sigterm_accumulating")
 
 
 def _die() -> None:

@@ -121,10 +121,12 @@ def _fit(base, tmp_path, name, max_steps, callbacks=(), ckpt=None, family="llama
 
 
 @pytest.mark.slow
-def test_checkpoint_holds_the_trainable_part_and_resume_equals_the_uninterrupted_run(pretrained_base, tmp_path):
+def test_checkpoint_holds_the_trainable_part_and_resume_equals_the_uninterrupted_run(
+        pretrained_base, tmp_path):
     base = pretrained_base("llama")
     _, straight, _ = _fit(base, tmp_path, "a", max_steps=24)  # default LoRA dropout: the RNG must resume too
-    every = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=20, save_top_k=-1, filename="mid-{step}")
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=20, save_top_k=-1,
+                            filename="mid-{step}")
     _fit(base, tmp_path, "b", max_steps=24, callbacks=[every])
     ckpt = tmp_path / "ckpts" / "mid-step=20.ckpt"
 
@@ -134,7 +136,8 @@ def test_checkpoint_holds_the_trainable_part_and_resume_equals_the_uninterrupted
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
     all_bytes = sum(p.numel() * p.element_size() for p in straight.model.parameters())
     # weights + two AdamW moments of the trainable part, plus bookkeeping; the frozen base is not there
-    assert ckpt.stat().st_size < 3 * trainable_bytes + 64_000 < all_bytes, (ckpt.stat().st_size, trainable_bytes)
+    assert ckpt.stat().st_size < 3 * trainable_bytes + 64_000 < all_bytes, (ckpt.stat().st_size,
+                                                                            trainable_bytes)
 
     _, resumed, steps_run = _fit(base, tmp_path, "c", max_steps=24, ckpt=str(ckpt))
     assert steps_run == 4
@@ -154,7 +157,8 @@ def test_a_checkpoint_of_other_peft_settings_is_refused(pretrained_base):
 def _logits(model, tok):
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
     if model.config.is_encoder_decoder:
-        return model(input_ids=ids, decoder_input_ids=torch.tensor([[model.config.decoder_start_token_id, 5]])).logits
+        start = torch.tensor([[model.config.decoder_start_token_id, 5]])
+        return model(input_ids=ids, decoder_input_ids=start).logits
     return model(input_ids=ids).logits
 
 
@@ -166,7 +170,8 @@ def test_both_export_forms_reload_to_the_same_logits(pretrained_base, tmp_path, 
     want = _logits(module.model.eval(), module.tokenizer)
     untouched = GistLitModule(model_name_or_path=base, attn_implementation=module.hparams.attn_implementation)
     untouched.configure_model()
-    assert not torch.allclose(want, _logits(untouched.model.eval(), module.tokenizer), atol=1e-3)  # it trained
+    # it trained
+    assert not torch.allclose(want, _logits(untouched.model.eval(), module.tokenizer), atol=1e-3)
 
     adapter = module.export(tmp_path / "adapter", form="adapter")
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
@@ -244,9 +249,9 @@ def test_fit_from_the_command_line_exports_the_best_adapters(pretrained_base, ru
     from gist_lightning.evaluation.callbacks import ExportBest
 
     config = run_config(max_steps=6, val_check_interval=3)
-    cli = cli_main(["fit", "--config", str(config), "--model.model_config", "null", "--model.model_name_or_path",
-                    pretrained_base("llama"), "--model.peft.rank", "4", "--data.limits.max_length", "128",
-                    "--data.human_limits.max_length", "160"])
+    cli = cli_main(["fit", "--config", str(config), "--model.model_config", "null",
+                    "--model.model_name_or_path", pretrained_base("llama"), "--model.peft.rank", "4",
+                    "--data.limits.max_length", "128", "--data.human_limits.max_length", "160"])
     best = cli.trainer.checkpoint_callback.best_model_path
     assert set(torch.load(best, weights_only=True)["state_dict"]) == cli.model.trainable_names()
     reloaded = GistLitModule.load_from_checkpoint(best)

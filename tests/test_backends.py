@@ -16,7 +16,8 @@ from gist_lightning.templates import encode_example
 
 INSTRUCTIONS = ["reverse the list of words and then put cat first please", "count the words", "sort them",
                 "remove every dog from the list"]
-INPUTS = ["apple banana cherry", "dog egg fig grape apple", "cat", "the quick brown fox jumps over the lazy dog"]
+INPUTS = ["apple banana cherry", "dog egg fig grape apple", "cat",
+          "the quick brown fox jumps over the lazy dog"]
 OUTPUTS = ["cherry banana apple", "five", "cat", "brown fox jumps lazy over quick the the"]
 TOLERANCE = 1e-4
 
@@ -27,7 +28,8 @@ def _examples(model, tok, gist_id, k):
 
 def _decoder_only(family, tiny_family_table):
     if tiny_family_table[family][0] in ("t5", "mt5", "umt5"):
-        pytest.skip("packing and FlexAttention are for decoder-only families (T5 refuses flex: test_families)")
+        pytest.skip("packing and FlexAttention are for decoder-only families (T5 refuses flex: "
+                    "test_families)")
 
 
 @torch.no_grad()
@@ -76,7 +78,8 @@ def test_flex_block_masks_give_the_dense_logits_and_exact_caches(make_pair, requ
     flex_answers = generate(model, tok, compress(model, tok, INSTRUCTIONS, k), INPUTS, max_new_tokens=6)
     assert model.config._attn_implementation == "flex_attention"  # decoding switched back
     model.set_attn_implementation(dense_impl)
-    assert flex_answers == generate(model, tok, compress(model, tok, INSTRUCTIONS, k), INPUTS, max_new_tokens=6)
+    assert flex_answers == generate(model, tok, compress(model, tok, INSTRUCTIONS, k), INPUTS,
+                                    max_new_tokens=6)
     model.set_attn_implementation("flex_attention")
     # the rule reaches the layers: under flex, gist and pos_control differ after the gists
     gist = _full(model, tok, gist_id, examples, "gist", k)
@@ -136,7 +139,8 @@ def test_a_packed_row_gives_each_example_its_own_loss(make_pair, family, tiny_fa
 
 
 @pytest.mark.slow
-def test_a_packed_row_under_flex_gives_the_dense_logits(make_pair, require_attention, family, tiny_family_table):
+def test_a_packed_row_under_flex_gives_the_dense_logits(make_pair, require_attention, family,
+                                                        tiny_family_table):
     _decoder_only(family, tiny_family_table)
     require_attention(family, "flex_attention")
     model, tok, gist_id = make_pair(family, seed=6)

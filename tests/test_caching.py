@@ -20,14 +20,16 @@ INSTRUCTIONS = [
     "put cat first and remove every dog from the list please",
     "sort them",
 ]
-INPUTS = ["apple banana cherry", "dog egg fig grape apple", "cat", "the quick brown fox jumps over the lazy dog"]
+INPUTS = ["apple banana cherry", "dog egg fig grape apple", "cat",
+          "the quick brown fox jumps over the lazy dog"]
 OUTPUTS = ["cherry banana apple", "five", "cat", "brown dog fox jumps lazy over quick the the"]
 TOLERANCE = 1e-4
 
 
 def _examples(model, tok, gist_id, k, bsz):
     enc_dec = model.config.is_encoder_decoder
-    return [encode_example(tok, INSTRUCTIONS[i], INPUTS[i], OUTPUTS[i], k, gist_id, enc_dec) for i in range(bsz)]
+    return [encode_example(tok, INSTRUCTIONS[i], INPUTS[i], OUTPUTS[i], k, gist_id, enc_dec)
+            for i in range(bsz)]
 
 
 def _full_logits_after_gist(model, tok, gist_id, examples, condition, k):
@@ -36,7 +38,8 @@ def _full_logits_after_gist(model, tok, gist_id, examples, condition, k):
         src, src_mask = pad_batch([e.prompt for e in examples], tok.pad_token_id, "right")
         tgt, tgt_mask = pad_batch([e.target for e in examples], tok.pad_token_id, "right")
         dec_in = model._shift_right(tgt)
-        out = gist_forward(model, src, src_mask, gist_id, condition, decoder_input_ids=dec_in, num_gist_tokens=k)
+        out = gist_forward(model, src, src_mask, gist_id, condition, decoder_input_ids=dec_in,
+                           num_gist_tokens=k)
         return [out.logits[i, : len(e.target)] for i, e in enumerate(examples)], dec_in
     ids, mask = pad_batch([e.prompt + e.target for e in examples], tok.pad_token_id, "left")
     out = gist_forward(model, ids, mask, gist_id, condition, num_gist_tokens=k)
@@ -58,7 +61,8 @@ def _cached_logits(model, tok, gist_id, examples, condition, k, dec_in):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("condition", ["gist", "pos_control", "neg_control"])
 @pytest.mark.parametrize("bsz,k", [(1, 1), (4, 2), (4, 3)])
-def test_cached_logits_equal_masked_full_forward(make_pair, require_attention, family, attn, condition, bsz, k):
+def test_cached_logits_equal_masked_full_forward(make_pair, require_attention, family, attn, condition, bsz,
+                                                 k):
     require_attention(family, attn)
     model, tok, gist_id = make_pair(family, attn)
     examples = _examples(model, tok, gist_id, k, bsz)
@@ -86,7 +90,8 @@ def _greedy_full(model, tok, gist_id, example, condition, max_new):
         if model.config.is_encoder_decoder:
             src = torch.tensor([example.prompt])
             dec = torch.tensor([[model.config.decoder_start_token_id] + out])
-            logits = gist_forward(model, src, torch.ones_like(src), gist_id, condition, decoder_input_ids=dec).logits
+            logits = gist_forward(model, src, torch.ones_like(src), gist_id, condition,
+                                  decoder_input_ids=dec).logits
         else:
             ids = torch.tensor([example.prompt + out])
             logits = gist_forward(model, ids, torch.ones_like(ids), gist_id, condition).logits
@@ -103,17 +108,20 @@ def test_batched_greedy_generation_equals_full_forward(make_pair, family, condit
     if model.config.is_encoder_decoder and condition == "pos_control":
         pytest.skip("pos_control cannot be cached for encoder-decoders (tested above)")
     k, max_new = 2, 8
-    examples = [encode_example(tok, t, x, None, k, gist_id, model.config.is_encoder_decoder) for t, x in zip(INSTRUCTIONS, INPUTS)]
+    examples = [encode_example(tok, t, x, None, k, gist_id, model.config.is_encoder_decoder)
+                for t, x in zip(INSTRUCTIONS, INPUTS)]
     want = [_greedy_full(model, tok, gist_id, e, condition, max_new) for e in examples]
     cache = compress(model, tok, INSTRUCTIONS, k, condition)
     side = "right" if model.config.is_encoder_decoder else "left"
     for rows in ([0], [0, 1, 2, 3]):  # batch 1 and batch 4 with mixed instruction lengths
         cont, cmask = pad_batch([examples[i].suffix for i in rows], tok.pad_token_id, side)
-        got = generate_ids(model, cache.select(rows), cont, cmask, max_new, tok.eos_token_id, tok.pad_token_id)
+        got = generate_ids(model, cache.select(rows), cont, cmask, max_new, tok.eos_token_id,
+                           tok.pad_token_id)
         for row, i in zip(got.tolist(), rows):
             assert row[: len(want[i])] == want[i], (family, condition, i)
     texts = generate(model, tok, cache, INPUTS, max_new_tokens=max_new)
-    assert texts == [tok.decode(w[:-1] if w[-1] == tok.eos_token_id else w, skip_special_tokens=True).strip() for w in want]
+    assert texts == [tok.decode(w[:-1] if w[-1] == tok.eos_token_id else w, skip_special_tokens=True).strip()
+                     for w in want]
 
 
 @pytest.mark.parametrize("condition", ["gist", "neg_control"])
@@ -123,7 +131,8 @@ def test_cached_logits_equal_masked_full_forward_with_adapters(make_pair, family
     from gist_lightning.adapters import PeftSettings, apply_peft
 
     model, tok, gist_id = make_pair(family, seed=2)
-    before = _full_logits_after_gist(model, tok, gist_id, _examples(model, tok, gist_id, 2, 4), condition, 2)[0]
+    examples = _examples(model, tok, gist_id, 2, 4)
+    before = _full_logits_after_gist(model, tok, gist_id, examples, condition, 2)[0]
     apply_peft(model, PeftSettings(rank=4, dropout=0.0), [gist_id])
     torch.manual_seed(0)
     with torch.no_grad():
@@ -133,7 +142,8 @@ def test_cached_logits_equal_masked_full_forward_with_adapters(make_pair, family
     model.eval()
     examples = _examples(model, tok, gist_id, 2, 4)
     full, dec_in = _full_logits_after_gist(model, tok, gist_id, examples, condition, 2)
-    assert max((f - b).abs().max().item() for f, b in zip(full, before)) > 1e-3  # the adapters are in the path
+    # the adapters are in the path
+    assert max((f - b).abs().max().item() for f, b in zip(full, before)) > 1e-3
     cached, _ = _cached_logits(model, tok, gist_id, examples, condition, 2, dec_in)
     diff = max((f - c).abs().max().item() for f, c in zip(full, cached))
     scale = max(1.0, max(f.abs().max().item() for f in full))  # the perturbed adapters make logits larger

@@ -48,9 +48,10 @@ def test_shipped_config_parses(path, capsys, monkeypatch):
     cfg = print_config([*base, path], capsys=capsys)
     # the model owns k and the condition; the data names its source class
     assert "num_gist_tokens" in cfg["model"] and "num_gist_tokens" not in cfg["data"]["init_args"]
-    assert cfg["data"]["class_path"] in ("gist_lightning.data.EmbeddedSuite", "gist_lightning.data.AlpacaPlus",
-                                         "gist_lightning.data.LongRecall")
-    assert ("model_name_or_path" in cfg["model"]) != ("model_config" in cfg["model"] and cfg["model"]["model_config"])
+    assert cfg["data"]["class_path"] in ("gist_lightning.data.EmbeddedSuite",
+                                         "gist_lightning.data.AlpacaPlus", "gist_lightning.data.LongRecall")
+    from_config = "model_config" in cfg["model"] and cfg["model"]["model_config"]
+    assert ("model_name_or_path" in cfg["model"]) != from_config
 
 
 @pytest.mark.parametrize("name", ["llama-7b.yaml", "flan-t5-xxl.yaml"])
@@ -127,8 +128,10 @@ def test_compress_and_generate_commands_end_to_end(make_pair, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "compression factor" in out.stdout and "KiB" in out.stdout
     (tmp_path / "inputs.txt").write_text("\n".join(inputs * 3) + "\n")
-    gen = subprocess.run([BIN, "generate", "--model", str(tmp_path / "m"), "--cache", str(tmp_path / "c.safetensors"),
-                          "--inputs", str(tmp_path / "inputs.txt"), "--batch_size", "4", "--max_new_tokens", "5"],
+    gen = subprocess.run([BIN, "generate", "--model", str(tmp_path / "m"),
+                          "--cache", str(tmp_path / "c.safetensors"),
+                          "--inputs", str(tmp_path / "inputs.txt"), "--batch_size", "4",
+                          "--max_new_tokens", "5"],
                          capture_output=True, text=True, env=env)
     assert gen.returncode == 0, gen.stderr[-2000:]
     lines = gen.stdout.strip().splitlines()
@@ -139,7 +142,8 @@ def test_compress_and_generate_commands_end_to_end(make_pair, tmp_path):
         want = generate(model, tok, cache, [x], max_new_tokens=5)[0]
         assert line == f"{x}\t{want}"
     again = subprocess.run([BIN, "compress", "--model", str(tmp_path / "m"), "--instruction", "x",
-                            "--out", str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=env)
+                            "--out", str(tmp_path / "c.safetensors")], capture_output=True, text=True,
+                           env=env)
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
 
 
@@ -147,9 +151,10 @@ def test_compress_and_generate_commands_end_to_end(make_pair, tmp_path):
 def _fit_command(config: Path, folder: Path, *extra: str) -> list[str]:
     # 40 steps, validation at 20 and 40, last.ckpt every 3 steps; a fixed logger version, so that a
     # resumed run finds its last.ckpt and writes into the same run folder
-    return [BIN, "fit", "--config", str(config), "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
-            "--trainer.default_root_dir", str(folder), "--trainer.logger.init_args.save_dir", str(folder),
-            "--trainer.logger.init_args.version", "run", "--checkpoint_every_n_steps", "3", *extra]
+    return [BIN, "fit", "--config", str(config), "--trainer.max_steps", "40",
+            "--trainer.val_check_interval", "20", "--trainer.default_root_dir", str(folder),
+            "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.version", "run",
+            "--checkpoint_every_n_steps", "3", *extra]
 
 
 def _run_folder(folder: Path) -> Path:
@@ -186,16 +191,16 @@ def test_a_killed_fit_resumed_from_last_equals_the_uninterrupted_run(run_config,
     done = subprocess.run(_fit_command(config, straight), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    proc = subprocess.Popen(_fit_command(config, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(_fit_command(config, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
     if kill_point == "training":  # after the first validation logged its metrics, mid-way to the second
         _kill_when(proc, lambda: _step_of_last(killed) >= 24)
     else:  # the first validation has written one split's predictions, not yet the others
         seen = _run_folder(killed) / "predictions" / "step000020-validation_seen.csv"
         _kill_when(proc, seen.is_file)
     assert _step_of_last(killed) < 40
-    resumed = subprocess.run(_fit_command(config, killed, "--ckpt_path", "last"), capture_output=True, text=True,
-                             env=env)
+    resumed = subprocess.run(_fit_command(config, killed, "--ckpt_path", "last"), capture_output=True,
+                             text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     want = torch.load(_run_folder(straight) / "checkpoints" / "last.ckpt", weights_only=True)
@@ -236,7 +241,8 @@ def test_the_same_config_and_seed_twice_give_identical_metrics(run_config, tmp_p
     first, second = (logged(f) for f in runs)
     assert first == second and any("validation_unseen/rougeL" in r for r in first)
     assert any(k.endswith("loss") for r in first for k in r)
-    a, b = (torch.load(_run_folder(f) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for f in runs)
+    a, b = (torch.load(_run_folder(f) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+            for f in runs)
     assert all(torch.equal(a[name], b[name]) for name in a)
     for p in sorted((_run_folder(runs[0]) / "predictions").iterdir()):
         assert (_run_folder(runs[1]) / "predictions" / p.name).read_text() == p.read_text(), p.name

@@ -19,20 +19,25 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_plus"
 
 def write_raw(tmp_path: Path):
     """Small raw sources with the real files' shapes (Alpaca JSON list, Self-Instruct JSONL)."""
-    alpaca = [{"instruction": f"alpaca task {i % 40}", "input": f"in {i}" if i % 3 else "", "output": f"out {i}"}
+    alpaca = [{"instruction": f"alpaca task {i % 40}", "input": f"in {i}" if i % 3 else "",
+               "output": f"out {i}"}
               for i in range(120)]
     alpaca.append(dict(alpaca[1]))  # a duplicate pair
     si = []
     for t in range(30):
         for j in range(1 + t % 4):  # instructions with 1..4 instances
-            si.append({"instruction": f"si task {t}", "input": f"x{j}" if (t + j) % 5 else "", "output": f"y{j}"})
-    si.append({"instruction": "alpaca task 7", "input": "shared", "output": "z"})  # also an Alpaca instruction
+            si.append({"instruction": f"si task {t}", "input": f"x{j}" if (t + j) % 5 else "",
+                       "output": f"y{j}"})
+    # also an Alpaca instruction
+    si.append({"instruction": "alpaca task 7", "input": "shared", "output": "z"})
     human = [{"id": f"u{i}", "instruction": f"human task {i}",
-              "instances": [{"input": f"h{i}.{j}", "output": f"o{i}.{j}"} for j in range(1 + i % 2)]} for i in range(6)]
+              "instances": [{"input": f"h{i}.{j}", "output": f"o{i}.{j}"} for j in range(1 + i % 2)]}
+             for i in range(6)]
     (tmp_path / "alpaca_data.json").write_text(json.dumps(alpaca))
     (tmp_path / "all_instances_82K.jsonl").write_text("\n".join(json.dumps(r) for r in si))
     (tmp_path / "user_oriented_instructions.jsonl").write_text("\n".join(json.dumps(r) for r in human))
-    return [tmp_path / n for n in ("alpaca_data.json", "all_instances_82K.jsonl", "user_oriented_instructions.jsonl")]
+    return [tmp_path / n
+            for n in ("alpaca_data.json", "all_instances_82K.jsonl", "user_oriented_instructions.jsonl")]
 
 
 def test_builder_invariants(tmp_path):
@@ -40,7 +45,8 @@ def test_builder_invariants(tmp_path):
     out = tmp_path / "out"
     sizes = build_alpaca_plus(*raw, out, seen_size=8, unseen_size=10, seed=1)
     splits = {s: load_records(split_file(out, s)) for s in sizes}
-    train, seen, unseen, human = (splits[s] for s in ("train", "validation_seen", "validation_unseen", "validation_human"))
+    train, seen, unseen, human = (splits[s] for s in ("train", "validation_seen", "validation_unseen",
+                                                      "validation_human"))
     assert (len(seen), len(unseen), len(human)) == (8, 10, 9)
     train_pairs = [(r["instruction"], r["input"]) for r in train]
     train_instr = {r["instruction"] for r in train}
@@ -65,14 +71,17 @@ def test_builder_refuses_to_overwrite_and_names_bad_records(tmp_path):
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         build_alpaca_plus(*raw, out, seen_size=2, unseen_size=2)
     raw[1].write_text(raw[1].read_text() + '\n{"instruction": "a", "input": 3, "output": "b"}')
-    with pytest.raises(DataFormatError, match=r"all_instances_82K.jsonl: record \d+ \(line \d+\): field 'input' must be a string"):
+    with pytest.raises(DataFormatError,
+                       match=r"all_instances_82K.jsonl: record \d+ \(line \d+\): field 'input' must be a "
+                             r"string"):
         build_alpaca_plus(*raw, out, seen_size=2, unseen_size=2, overwrite=True)
     assert (out / "alpaca_plus_train.json").read_bytes() == before
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"real Alpaca+ validation files not present at {SHARED}")
 def test_real_validation_files():
-    sizes = {s: len(load_records(split_file(SHARED, s))) for s in ("validation_seen", "validation_unseen", "validation_human")}
+    sizes = {s: len(load_records(split_file(SHARED, s)))
+             for s in ("validation_seen", "validation_unseen", "validation_human")}
     assert sizes == {"validation_seen": 1000, "validation_unseen": 1000, "validation_human": 252}
     unseen = load_records(split_file(SHARED, "validation_unseen"))
     assert all(r["source"] in ("alpaca", "self_instruct") for r in unseen)

@@ -17,7 +17,8 @@ tokens = st.lists(st.integers(10, 50), min_size=0, max_size=12)
 @st.composite
 def examples(draw):
     k = draw(st.integers(1, 3))
-    exs = [EncodedExample([1] + draw(tokens), [G] * k, draw(tokens), draw(tokens) + [2]) for _ in range(draw(st.integers(1, 4)))]
+    exs = [EncodedExample([1] + draw(tokens), [G] * k, draw(tokens), draw(tokens) + [2])
+           for _ in range(draw(st.integers(1, 4)))]
     return exs, k
 
 
@@ -43,7 +44,8 @@ def test_truncation_keeps_gists_and_a_target_token(batch, limit, enc_dec):
 @given(examples(), st.sampled_from(["gist", "pos_control", "neg_control"]), st.booleans())
 def test_padding_labels_positions(batch, condition, enc_dec):
     exs, k = batch
-    rows = [dict(prefix=e.prefix, gists=e.gists, suffix=e.suffix, target=e.target, x="x", output="y") for e in exs]
+    rows = [dict(prefix=e.prefix, gists=e.gists, suffix=e.suffix, target=e.target, x="x", output="y")
+            for e in exs]
     b = GistCollator(PAD, G, condition, enc_dec, k, for_generation=True)(rows)
     ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
     for i, e in enumerate(exs):
@@ -78,7 +80,8 @@ def test_packing_places_every_example_once_within_capacity(lengths, capacity):
 @given(st.lists(examples(), min_size=1, max_size=3))
 def test_a_packed_batch_holds_each_example_as_one_segment(batches):
     k = batches[0][1]
-    rows = [[dict(prefix=e.prefix, gists=[G] * k, suffix=e.suffix, target=e.target) for e in exs] for exs, _ in batches]
+    rows = [[dict(prefix=e.prefix, gists=[G] * k, suffix=e.suffix, target=e.target) for e in exs]
+            for exs, _ in batches]
     b = GistCollator(PAD, G, "gist", False, k, packed=True)(rows)
     positions = segment_position_ids(b["segment_ids"])
     for i, row in enumerate(rows):

@@ -20,7 +20,8 @@ def suite_module(tmp_path, tiny_models):
         args = dict(cache_dir=str(tmp_path / "cache"), train_size=300, validation_size=20, batch_size=8,
                     eval_batch_size=16)
         data = EmbeddedSuite(**{**args, **data_args})
-        module = GistLitModule(model_config=tiny_models["llama"], num_gist_tokens=num_gist_tokens, condition=condition)
+        module = GistLitModule(model_config=tiny_models["llama"], num_gist_tokens=num_gist_tokens,
+                               condition=condition)
         data.connect(**module.data_facts())
         data.prepare_data()
         return data, module
@@ -32,7 +33,8 @@ def test_connect_then_setup_gives_named_loaders(suite_module):
     dm, module = suite_module(num_gist_tokens=3)
     dm.setup("fit")
     assert {s: len(d) for s, d in dm.datasets.items()} == {
-        "train": 300, "validation_seen": 20, "validation_unseen": 20, "validation_human": len(human_records())}
+        "train": 300, "validation_seen": 20, "validation_unseen": 20,
+        "validation_human": len(human_records())}
     assert dm.validation_names == VALIDATION_SPLITS and tuple(dm.datasets) == SPLITS
     gist = gist_token_id(module.tokenizer)
     batch = next(iter(dm.train_dataloader()))
@@ -49,7 +51,8 @@ def test_without_a_model_the_data_says_what_it_needs(tmp_path):
     dm.prepare_data()  # generating the files needs no tokenizer
     dm.setup("fit")  # Lightning's hook waits for the model's connect
     for loader in (dm.train_dataloader, dm.val_dataloader):
-        with pytest.raises(RuntimeError, match=r"connect\(tokenizer, encoder_decoder, num_gist_tokens, condition\)"):
+        with pytest.raises(RuntimeError,
+                           match=r"connect\(tokenizer, encoder_decoder, num_gist_tokens, condition\)"):
             loader()
 
 
@@ -65,7 +68,8 @@ def test_reconnecting_other_facts_retokenizes(suite_module, tiny_models):
     same = dm.datasets
     dm.connect(**five.data_facts())  # the same facts keep the tokenized splits
     assert dm.datasets is same
-    other_condition = GistLitModule(model_config=tiny_models["llama"], num_gist_tokens=5, condition="neg_control")
+    other_condition = GistLitModule(model_config=tiny_models["llama"], num_gist_tokens=5,
+                                    condition="neg_control")
     dm.connect(**other_condition.data_facts())  # the condition changes the masks only, built per batch
     assert dm.datasets is same and dm.collator(for_generation=False).condition == "neg_control"
 
@@ -82,13 +86,15 @@ def test_examples_that_cannot_fit_are_dropped_and_counted(suite_module):
 def test_limits_given_as_a_mapping_are_read(suite_module):
     """LightningCLI hands a dataclass argument of a subclass over as a plain mapping."""
     dm, _ = suite_module(limits={"max_length": 30})
-    assert dm.limits_for("train") == LengthLimits(max_length=30) and dm.limits_for("validation_human").max_length == 768
+    assert dm.limits_for("train") == LengthLimits(max_length=30)
+    assert dm.limits_for("validation_human").max_length == 768
 
 
 def test_limits_beyond_the_models_positions_are_refused(suite_module):
     from gist_lightning.errors import ContextLengthError
 
-    with pytest.raises(ContextLengthError, match=r"data.human_limits.max_length=900 exceeds the model's 768 positions"):
+    with pytest.raises(ContextLengthError,
+                       match=r"data.human_limits.max_length=900 exceeds the model's 768 positions"):
         suite_module(human_limits=LengthLimits(max_length=900))
 
 

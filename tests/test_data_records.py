@@ -14,9 +14,11 @@ from gist_lightning.data.records import DataFormatError, load_records, write_rec
     [
         ('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "input": ""}]',
          r"bad.json: record 1: missing field 'output'"),
-        ('[{"instruction": "a", "input": "", "output": 5}]', r"bad.json: record 0: field 'output' must be a string"),
+        ('[{"instruction": "a", "input": "", "output": 5}]',
+         r"bad.json: record 0: field 'output' must be a string"),
         ('[{"instruction": "a",\n "input": ""', r"bad.json: malformed JSON at line 2"),
-        ('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "a"', r"bad.json: malformed JSON on line 2"),
+        ('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "a"',
+         r"bad.json: malformed JSON on line 2"),
         ('["just a string"]', r"bad.json: record 0: expected an object"),
     ],
 )

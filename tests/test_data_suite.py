@@ -54,7 +54,8 @@ def test_split_meanings(splits):
     train_pairs = {(r["instruction"], r["input"]) for r in splits["train"]}
     seen, unseen = splits["validation_seen"], splits["validation_unseen"]
     assert len(seen) == len(unseen) == 150
-    assert all(r["instruction"] in train_instr and (r["instruction"], r["input"]) not in train_pairs for r in seen)
+    assert all(r["instruction"] in train_instr and (r["instruction"], r["input"]) not in train_pairs
+               for r in seen)
     assert len({(r["instruction"], r["input"]) for r in seen}) == len(seen)
     assert not any(r["instruction"] in train_instr for r in unseen)
     # both kinds of unseen: held-out paraphrases and held-out parameter values
@@ -88,13 +89,15 @@ def test_training_wordings_are_compositional(splits):
 def test_human_records(splits, load_experiment):
     human = human_records()
     assert len(human) >= 150 and len({r["instruction"] for r in human}) == len(human)
-    assert all(set(r) == {"instruction", "input", "output", "source"} and r["source"] == "human" for r in human)
+    assert all(set(r) == {"instruction", "input", "output", "source"} and r["source"] == "human"
+               for r in human)
     # written by hand: no human wording is one that training can hold, nor a held-out paraphrase
     trainable = set().union(*(training_wordings(t) for t in TASKS))
     assert {r["instruction"] for r in splits["train"]} <= trainable
     assert not any(r["instruction"] in trainable for r in human)
     assert not any(r["instruction"] in held_out_wordings() for r in human)
-    # the shipped outputs are those of the task functions (the file is made by experiments/make_suite_assets.py)
+    # the shipped outputs are those of the task functions (the file is made by
+    # experiments/make_suite_assets.py)
     assert load_experiment("make_suite_assets").human_records() == human
 
 
@@ -127,4 +130,5 @@ def test_the_generator_changes_only_with_its_version():
 
     digest = hashlib.sha256(json.dumps(generate_suite(0, 300, 50), sort_keys=True).encode()).hexdigest()
     assert SUITE_DIGESTS.get(SUITE_VERSION) == digest, (
-        "generate_suite's output changed: raise SUITE_VERSION in gist_lightning/data/suite.py and record the new digest")
+        "generate_suite's output changed: raise SUITE_VERSION in gist_lightning/data/suite.py and record the "
+        "new digest")

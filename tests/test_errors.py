@@ -46,7 +46,8 @@ def one_line_error(argv, capsys) -> str:
     assert exit_info.value.code not in (0, None)
     err = capsys.readouterr().err.strip()
     errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert "Traceback" not in err and len(errors) == 1 and err.splitlines()[-1].startswith("gist-lightning: error: "), err
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert err.splitlines()[-1].startswith("gist-lightning: error: "), err
     return errors[0]
 
 
@@ -55,7 +56,8 @@ def test_an_input_beyond_the_context_is_refused_with_the_numbers(exported):
     model, tok, _, _ = exported
     cache = compress(model, tok, ["Reverse the list."], 1)
     long_input = " ".join(["cat"] * 3000)
-    with pytest.raises(ContextLengthError, match=r"do not fit the model's 256 positions.*\+ 8 new tokens need \d+"):
+    with pytest.raises(ContextLengthError,
+                       match=r"do not fit the model's 256 positions.*\+ 8 new tokens need \d+"):
         generate(model, tok, cache, [long_input], max_new_tokens=8)
 
 
@@ -80,7 +82,8 @@ def test_truncate_input_cuts_words_never_gists_and_says_so(exported):
     with pytest.warns(UserWarning, match=r"row 1: \d+ of 3000 words"):
         out = generate(model, tok, cache, [short, " ".join(["cat"] * 3000)], max_new_tokens=8,
                        on_overflow="truncate_input")
-    assert out[0] == generate(model, tok, cache.select([0]), [short], max_new_tokens=8)[0]  # fitting rows unchanged
+    # fitting rows unchanged
+    assert out[0] == generate(model, tok, cache.select([0]), [short], max_new_tokens=8)[0]
     # the cut row now fits exactly as the refusal rule counts, with its gist and instruction intact
     from gist_lightning.generation import fit_inputs
 
@@ -103,8 +106,8 @@ def test_validation_that_cannot_fit_is_refused_before_training(run_config, tiny_
     small = dict(tiny_models["llama"], max_position_embeddings=40)
     config = run_config(small)
     with pytest.raises(ContextLengthError, match=r"model.max_new_tokens=30 exceeds the model's 40 positions"):
-        cli_main(["fit", "--config", str(config), "--data.limits.max_length", "40", "--data.human_limits.max_length",
-                  "40", "--model.max_new_tokens", "30"])
+        cli_main(["fit", "--config", str(config), "--data.limits.max_length", "40",
+                  "--data.human_limits.max_length", "40", "--model.max_new_tokens", "30"])
 
 
 # -- the command line ----------------------------------------------------------------------------
@@ -137,11 +140,16 @@ def test_expected_failures_are_one_line(exported, tmp_path, capsys):
         (["generate", "--model", str(tmp_path / "nowhere"), "--cache", str(cache), "--input", "x"],
          "nowhere: no gist_config.json"),
         (["score", str(bad_csv)], "bad.csv: missing column(s) ['y_pred', 'y_true']"),
-        (["export", "--ckpt", str(bad_ckpt), "--out", str(tmp_path / "out")], "bad.ckpt: not a readable Lightning checkpoint"),
-        (["fit", "--config", str(CONFIG), "--model.num_gist_tokens", "0"], "num_gist_tokens must be >= 1; got 0"),
-        (["fit", "--config", str(CONFIG), "--model.condition", "half"], "condition must be one of gist, pos_control, neg_control"),
+        (["export", "--ckpt", str(bad_ckpt), "--out", str(tmp_path / "out")],
+         "bad.ckpt: not a readable Lightning checkpoint"),
+        (["fit", "--config", str(CONFIG), "--model.num_gist_tokens", "0"],
+         "num_gist_tokens must be >= 1; got 0"),
+        (["fit", "--config", str(CONFIG), "--model.condition", "half"],
+         "condition must be one of gist, pos_control, neg_control"),
+        # the run folder under tmp_path: without a logger, Lightning writes the run's config.yaml there
         (["fit", "--config", str(CONFIG), "--data", "gist_lightning.data.AlpacaPlus", "--data.folder",
-          str(tmp_path / "missing"), "--trainer.logger", "false"], "missing: no file for split 'train'"),
+          str(tmp_path / "missing"), "--trainer.logger", "false", "--trainer.default_root_dir",
+          str(tmp_path / "run")], "missing: no file for split 'train'"),
     ]
     for argv, wanted in cases:
         assert wanted in one_line_error(argv, capsys), argv
@@ -176,7 +184,8 @@ def test_a_store_with_a_corrupt_entry_lists_the_rest_and_names_it(exported, tmp_
 
 # -- fuzzing the readers -------------------------------------------------------------------------
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12),
+                                                                                       inner, max_size=4),
                            max_leaves=8)
 records = st.lists(st.one_of(
     st.fixed_dictionaries({"instruction": st.text(max_size=10), "input": st.text(max_size=10),
@@ -198,7 +207,8 @@ def test_the_record_reader_accepts_or_refuses_with_its_own_error(tmp_path_factor
         out = load_records(path)
     except GistError:
         return
-    assert all(set(r) == {"instruction", "input", "output", "source"} and isinstance(r["output"], str) for r in out)
+    assert all(set(r) == {"instruction", "input", "output", "source"} and isinstance(r["output"], str)
+               for r in out)
 
 
 @settings(max_examples=150, deadline=None)
@@ -226,7 +236,8 @@ def test_cache_files_from_this_package_are_not_refused_as_corrupt(exported):
     model, tok, _, cache = exported
     from gist_lightning.prompt_cache import load_cache
 
-    assert torch.equal(load_cache(cache, model, tok).valid, compress(model, tok, ["Reverse the list."], 1).valid)
+    assert torch.equal(load_cache(cache, model, tok).valid,
+                       compress(model, tok, ["Reverse the list."], 1).valid)
 
 
 def test_the_generate_command_can_truncate_instead_of_refusing(exported, capsys):

@@ -34,7 +34,8 @@ def validated(trained_export, tmp_path):
     data = EmbeddedSuite(cache_dir=str(tmp_path / "cache"), train_size=64, validation_size=20,
                          max_validation_records=20, eval_batch_size=8)
     module = GistLitModule(model_name_or_path=str(trained_export), max_new_tokens=12)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False,
                         callbacks=default_callbacks(), default_root_dir=str(tmp_path / "run"))
     trainer.validate(module, datamodule=data)
     return trainer, module
@@ -47,7 +48,8 @@ def _callback(trainer, cls):
 def test_logged_metrics_equal_the_written_predictions_rescored(validated):
     trainer, _ = validated
     rouge, writer = _callback(trainer, RougeCallback), _callback(trainer, PredictionWriter)
-    assert set(rouge.last) == set(VALIDATION_SPLITS) and all(isinstance(s, SplitScores) for s in rouge.last.values())
+    assert set(rouge.last) == set(VALIDATION_SPLITS) and all(isinstance(s, SplitScores)
+                                                             for s in rouge.last.values())
     files = {p.stem.split("-", 1)[1]: p for p in writer.written}
     for split in VALIDATION_SPLITS:
         rescored = score_csv(files[split])
@@ -64,14 +66,17 @@ def test_compression_statistics_equal_their_json(validated):
     [path] = (run_dir(trainer) / "predictions").glob("*-compression.json")
     assert json.loads(path.read_text()) == {split: asdict(s) for split, s in stats.items()}
     unseen = stats["validation_unseen"]
-    assert unseen.num_gist_tokens == 1 and unseen.compression_ratio == pytest.approx(unseen.instruction_tokens_mean)
-    assert unseen.instruction_cache_bytes == pytest.approx(unseen.instruction_tokens_mean * unseen.gist_cache_bytes)
+    assert unseen.num_gist_tokens == 1
+    assert unseen.compression_ratio == pytest.approx(unseen.instruction_tokens_mean)
+    assert unseen.instruction_cache_bytes == pytest.approx(unseen.instruction_tokens_mean
+                                                           * unseen.gist_cache_bytes)
 
 
 def test_the_summary_prints_the_typed_results(validated, capsys):
     trainer, module = validated
     export = _callback(trainer, ExportBest)
-    export.result = ExportResult(path=None, source="zero.ckpt", skipped="not exported under DeepSpeed; run: x")
+    export.result = ExportResult(path=None, source="zero.ckpt",
+                                 skipped="not exported under DeepSpeed; run: x")
     RunSummary.print_summary(trainer, module)
     out = capsys.readouterr().out
     scores = _callback(trainer, RougeCallback).last

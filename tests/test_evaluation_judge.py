@@ -20,8 +20,8 @@ from gist_lightning.evaluation.judge import (
 
 
 @pytest.mark.parametrize("reply,verdict", [
-    ("A", "A"), ("B.", "B"), (" answer b: it is shorter", "B"), ("Tie", "TIE"), ("TIE\nboth fine", "TIE"), ("(A)", "A"),
-    ("A good answer would be B", None), ("Both", None), ("", None), ("B because", None)])
+    ("A", "A"), ("B.", "B"), (" answer b: it is shorter", "B"), ("Tie", "TIE"), ("TIE\nboth fine", "TIE"),
+    ("(A)", "A"), ("A good answer would be B", None), ("Both", None), ("", None), ("B because", None)])
 def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) == verdict
 
@@ -51,7 +51,9 @@ def test_predictions_pair_by_prompt_whatever_k(tmp_path):
     assert read_predictions(k1) == {"Instruction: Sort.\nInput: b a": "a b"}
     assert read_predictions(k1).keys() == read_predictions(k5).keys()
     assert task_text("Instruction: Name a color.\n<GIST>\nOutput:") == "Instruction: Name a color."
-    twice = write("twice.csv", [["Instruction: X\n<GIST>\nOutput:", "1", ""], ["Instruction: X\n<GIST><GIST>\nOutput:", "2", ""]])
+    twice = write("twice.csv",
+                  [["Instruction: X\n<GIST>\nOutput:", "1", ""],
+                   ["Instruction: X\n<GIST><GIST>\nOutput:", "2", ""]])
     with pytest.raises(DataFormatError, match="line 3: the prompt occurs twice"):
         read_predictions(twice)
     no_x = tmp_path / "no_x.csv"
@@ -99,7 +101,8 @@ def test_a_failed_request_loses_no_reply_and_the_same_command_resumes(tmp_path):
 
     out = tmp_path / "v.csv"
     broken = FakeJudge(fail_on=["task 3", "task 4"])  # both orders of records 3 and 4 fail
-    with pytest.raises(GistError, match=r"4 of 10 judge requests failed .* the 6 replies received are kept in .*"
+    with pytest.raises(GistError,
+                       match=r"4 of 10 judge requests failed .* the 6 replies received are kept in .*"
                                         r"run the same command again"):
         judge(a, b, broken, out)
     assert not out.exists() and len(journal_path(out).read_text().splitlines()) == 6

@@ -25,9 +25,10 @@ def test_sweep_runs_skips_and_aggregates_with_paired_intervals(run_config, load_
             "--seeds", "0", "1"]
     assert sweep.main(args + ["--", "--model.max_new_tokens", "4"]) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [(r["condition"], r["k"], r["seed"]) for r in rows] == [("pos_control", "1", "0"), ("pos_control", "1", "1"),
-                                                                   ("gist", "1", "0"), ("gist", "1", "1")]
-    assert all(0 <= float(r["unseen_rougeL"]) <= 100 and float(r["seen_instruction_tokens"]) > 0 for r in rows)
+    assert [(r["condition"], r["k"], r["seed"]) for r in rows] == [
+        ("pos_control", "1", "0"), ("pos_control", "1", "1"), ("gist", "1", "0"), ("gist", "1", "1")]
+    assert all(0 <= float(r["unseen_rougeL"]) <= 100 and float(r["seen_instruction_tokens"]) > 0
+               for r in rows)
     table = (out / "table.md").read_text()
     assert "| gist | 1 | 2 |" in table and "| pos_control | - | 2 |" in table
     assert "ROUGE-L minus pos_control of the same seed" in table
@@ -37,7 +38,8 @@ def test_sweep_runs_skips_and_aggregates_with_paired_intervals(run_config, load_
         assert (d["seeds"], d["records"]) == (2, 16) and d["low"] <= d["mean"] <= d["high"]
         # a second path to the same number: the per-record mean difference is the difference of the
         # logged split means, averaged over seeds
-        logged = [float(g[f"{prefix}unseen_rougeL"]) - float(p[f"{prefix}unseen_rougeL"]) for g, p in zip(rows[2:], rows[:2])]
+        logged = [float(g[f"{prefix}unseen_rougeL"]) - float(p[f"{prefix}unseen_rougeL"])
+                  for g, p in zip(rows[2:], rows[:2])]
         assert d["mean"] == pytest.approx(sum(logged) / 2, abs=1e-3)
     assert (out / "rouge_vs_k.png").stat().st_size > 1000
     capsys.readouterr()
@@ -85,8 +87,9 @@ def test_a_failed_run_is_reported_and_the_rest_go_on(run_config, load_experiment
 @pytest.mark.slow
 def test_caching_benchmark_checks_its_outputs_against_the_uncached_prompt(tmp_path):
     bench = ROOT / "experiments" / "bench_caching.py"
-    proc = subprocess.run([sys.executable, str(bench), "--num_prompts", "6", "--repeats", "1", "--new_tokens", "3",
-                           "--batch_sizes", "1", "4", "--out", str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(bench), "--num_prompts", "6", "--repeats", "1",
+                           "--new_tokens", "3", "--batch_sizes", "1", "4", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     diffs = next(line for line in lines if line.startswith("| max logit diff vs uncached prompt"))
@@ -100,14 +103,15 @@ def test_caching_benchmark_checks_its_outputs_against_the_uncached_prompt(tmp_pa
 @pytest.mark.slow
 def test_generation_benchmark_checks_the_methods_agree_and_writes_its_table(tmp_path):
     bench = ROOT / "experiments" / "bench_generate.py"
-    proc = subprocess.run([sys.executable, str(bench), "--shape", "tiny", "--batch", "1", "3", "--new_tokens", "4",
-                           "--instruction_tokens", "60", "--repeats", "1", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(bench), "--shape", "tiny", "--batch", "1", "3",
+                           "--new_tokens", "4", "--instruction_tokens", "60", "--repeats", "1",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "bench_generate-tiny-cpu.csv")))
     assert {(r["batch"], r["method"]) for r in rows} == {(b, m) for b in ("1", "3") for m in
-                                                         ("hf_generate", "hf_prefix_cache", "library", "engine",
-                                                          "ceiling")}
+                                                         ("hf_generate", "hf_prefix_cache", "library",
+                                                          "engine", "ceiling")}
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)
     # the agreement check can fail: answers that differ stop the run
     spec = importlib.util.spec_from_file_location("bench_generate", bench)
@@ -126,13 +130,15 @@ def test_a_killed_sweep_rerun_loses_and_duplicates_nothing(run_config, tmp_path)
 
     config = run_config(max_steps=6, val_check_interval=6)
     out, runs = tmp_path / "sweep", tmp_path / "runs"
-    argv = [sys.executable, str(ROOT / "experiments" / "sweep.py"), "--config", str(config), "--out", str(out),
-            "--runs", str(runs), "--conditions", "gist", "--k", "1", "2", "--", "--model.max_new_tokens", "2"]
+    argv = [sys.executable, str(ROOT / "experiments" / "sweep.py"), "--config", str(config),
+            "--out", str(out), "--runs", str(runs), "--conditions", "gist", "--k", "1", "2",
+            "--", "--model.max_new_tokens", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # kill the driver alone while the second run is under way: its run must die with it
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     start = time.time()
-    while not ((runs / "gist-k1-seed0" / "run" / "done.json").is_file() and (runs / "gist-k2-seed0" / "run").is_dir()):
+    while not ((runs / "gist-k1-seed0" / "run" / "done.json").is_file()
+               and (runs / "gist-k2-seed0" / "run").is_dir()):
         assert proc.poll() is None and time.time() - start < 300
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -155,7 +161,8 @@ def test_a_killed_sweep_rerun_loses_and_duplicates_nothing(run_config, tmp_path)
     assert not orphans(), "a run outlived its killed sweep driver"
     rerun = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "gist-k1-seed0: finished before, skipped" in rerun.stdout and "earlier attempt moved to" in rerun.stdout
+    assert "gist-k1-seed0: finished before, skipped" in rerun.stdout
+    assert "earlier attempt moved to" in rerun.stdout
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted((r["condition"], r["k"]) for r in rows) == [("gist", "1"), ("gist", "2")]
 
@@ -180,13 +187,16 @@ def test_the_peft_experiment_reports_every_arm(tmp_path):
     script = ROOT / "experiments" / "peft_cpu.py"
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--work", str(tmp_path / "work"),
-                           "--seeds", "0", "--pretrain_steps", "6", "--steps", "12", "--max_validation_records", "8"], capture_output=True, text=True)
+                           "--seeds", "0", "--pretrain_steps", "6", "--steps", "12",
+                           "--max_validation_records", "8"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     arms = {r["arm"]: r for r in rows}
     assert len(arms) == 6
-    lora, row_only, full = (arms["gist (LoRA r16 + gist row)"], arms["gist (gist row only)"], arms["gist (full)"])
-    assert row_only["trainable_params"] < lora["trainable_params"] < full["trainable_params"] == full["total_params"]
+    lora, row_only, full = (arms["gist (LoRA r16 + gist row)"], arms["gist (gist row only)"],
+                            arms["gist (full)"])
+    assert (row_only["trainable_params"] < lora["trainable_params"] < full["trainable_params"]
+            == full["total_params"])
     assert row_only["checkpoint_bytes"] < lora["checkpoint_bytes"] < full["checkpoint_bytes"]
     assert "| gist (gist row only) |" in (out / "table.md").read_text()
 
@@ -197,9 +207,12 @@ def test_unseen_breakdown_groups_records_by_held_out_wording(load_experiment, tm
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["x", "y_pred", "y_true"])
-        w.writerow(["Instruction: Say the words again.\n<GIST>\nInput: a b\nOutput:", "a b", "a b"])  # copy, 1st
-        w.writerow(["Instruction: Grab the opening word.\n<GIST><GIST>\nInput: a b\nOutput:", "b", "a"])  # first, 2nd
-        w.writerow(["Instruction: Remove every plum.\n<GIST>\nInput: plum a\nOutput:", "a", "a"])  # held-out word
+        # copy, 1st
+        w.writerow(["Instruction: Say the words again.\n<GIST>\nInput: a b\nOutput:", "a b", "a b"])
+        # first, 2nd
+        w.writerow(["Instruction: Grab the opening word.\n<GIST><GIST>\nInput: a b\nOutput:", "b", "a"])
+        # held-out word
+        w.writerow(["Instruction: Remove every plum.\n<GIST>\nInput: plum a\nOutput:", "a", "a"])
     assert breakdown.breakdown(str(path)) == {"held-out sentence 1": [100.0], "held-out sentence 2": [0.0],
                                               "held-out parameter word": [100.0]}
     assert breakdown.main([str(path)]) == 0

@@ -25,13 +25,15 @@ from gist_lightning.templates import encode_example
 
 INSTRUCTIONS = ["reverse the list of words", "count the words",
                 "put cat first and remove every dog from the list please", "sort them"]
-INPUTS = ["apple banana cherry", "dog egg fig grape apple", "cat", "the quick brown fox jumps over the lazy dog"]
+INPUTS = ["apple banana cherry", "dog egg fig grape apple", "cat",
+          "the quick brown fox jumps over the lazy dog"]
 OUTPUTS = ["cherry banana apple", "five", "cat", "brown dog fox jumps lazy over quick the the"]
 
 
 def _examples(model, tok, gist_id, k, instructions=INSTRUCTIONS):
     enc_dec = model.config.is_encoder_decoder
-    return [encode_example(tok, t, x, y, k, gist_id, enc_dec) for t, x, y in zip(instructions, INPUTS, OUTPUTS)]
+    return [encode_example(tok, t, x, y, k, gist_id, enc_dec)
+            for t, x, y in zip(instructions, INPUTS, OUTPUTS)]
 
 
 def _logits_after_gists(model, tok, gist_id, examples, condition):
@@ -39,7 +41,8 @@ def _logits_after_gists(model, tok, gist_id, examples, condition):
     if model.config.is_encoder_decoder:
         src, src_mask = pad_batch([e.prompt for e in examples], tok.pad_token_id, "right")
         tgt, _ = pad_batch([e.target for e in examples], tok.pad_token_id, "right")
-        out = gist_forward(model, src, src_mask, gist_id, condition, decoder_input_ids=model._shift_right(tgt))
+        out = gist_forward(model, src, src_mask, gist_id, condition,
+                           decoder_input_ids=model._shift_right(tgt))
         return torch.cat([out.logits[i, : len(e.target)] for i, e in enumerate(examples)])
     ids, mask = pad_batch([e.prompt + e.target for e in examples], tok.pad_token_id, "left")
     out = gist_forward(model, ids, mask, gist_id, condition)
@@ -74,7 +77,8 @@ def test_what_is_refused_says_why(make_pair):
     t5.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="no FlexAttention path for T5"):
         family_of(t5)
-    config = AutoConfig.for_model("qwen3", layer_types=["full_attention", "chunked_attention"], num_hidden_layers=2)
+    config = AutoConfig.for_model("qwen3", layer_types=["full_attention", "chunked_attention"],
+                                  num_hidden_layers=2)
     config._attn_implementation = "sdpa"
     with pytest.raises(ValueError, match="layer types \\['chunked_attention'\\]"):
         family_of(config)

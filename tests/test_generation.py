@@ -37,7 +37,8 @@ def stream_text(tokenizer, ids, stop=()):
 
 
 def first_stop(tokenizer, ids, stop):
-    """The one-shot rule for where decoding stops: the first prefix of ``ids`` whose text holds a stop string."""
+    """The one-shot rule for where decoding stops: the first prefix of ``ids`` whose text holds a stop
+    string."""
     for n in range(1, len(ids) + 1):
         text = tokenizer.decode(ids[:n], skip_special_tokens=True).lstrip()
         if any(s in text for s in stop if s):
@@ -45,8 +46,8 @@ def first_stop(tokenizer, ids, stop):
     return len(ids)
 
 
-token_ids = st.lists(st.one_of(st.integers(0, VOCAB - 1), st.sampled_from(PARTIAL)), max_size=40) | st.sampled_from(
-    TEXTS).map(lambda t: SUITE.encode(t, add_special_tokens=False))
+token_ids = (st.lists(st.one_of(st.integers(0, VOCAB - 1), st.sampled_from(PARTIAL)), max_size=40)
+             | st.sampled_from(TEXTS).map(lambda t: SUITE.encode(t, add_special_tokens=False)))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -54,7 +55,8 @@ token_ids = st.lists(st.one_of(st.integers(0, VOCAB - 1), st.sampled_from(PARTIA
 def test_streamed_pieces_equal_the_one_shot_answer(ids, data):
     # stop strings cut from the text itself (so they straddle tokens), or arbitrary short ones
     text = SUITE.decode(ids, skip_special_tokens=True)
-    cut = st.tuples(st.integers(0, max(len(text) - 1, 0)), st.integers(1, 4)).map(lambda a: text[a[0]:a[0] + a[1]])
+    cut = st.tuples(st.integers(0, max(len(text) - 1, 0)), st.integers(1, 4)).map(
+        lambda a: text[a[0]:a[0] + a[1]])
     stop = tuple(s for s in data.draw(st.lists(cut | st.text(min_size=1, max_size=3), max_size=3)) if s)
     pieces, taken = stream_text(SUITE, ids, stop)
     assert "".join(pieces) == final_text(SUITE, ids[:taken], stop)
@@ -127,8 +129,8 @@ def test_library_samples_and_stops_as_the_engine_does(make_pair):
     assert greedy == generate(model, tok, cache, INPUTS, max_new_tokens=16, temperature=0.0, seed=3)
     sampled = generate(model, tok, cache, INPUTS, max_new_tokens=16, temperature=1.5, seed=7)
     assert sampled == generate(model, tok, cache, INPUTS, max_new_tokens=16, temperature=1.5, seed=7)
-    assert sampled != greedy and sampled != generate(model, tok, cache, INPUTS, max_new_tokens=16, temperature=1.5,
-                                                     seed=8)
+    assert sampled != greedy and sampled != generate(model, tok, cache, INPUTS, max_new_tokens=16,
+                                                     temperature=1.5, seed=8)
     for i in range(2):  # row i draws with seed + i, as a request with that seed does
         got, _ = _engine_answer(model, tok, instruction=INSTRUCTIONS[i], input=INPUTS[i], max_tokens=16,
                                 temperature=1.5, seed=7 + i)
@@ -136,8 +138,8 @@ def test_library_samples_and_stops_as_the_engine_does(make_pair):
     stop = greedy[1][len(greedy[1]) // 2:][:2]
     stopped = generate(model, tok, cache, INPUTS, max_new_tokens=16, stop=[stop])
     assert stopped[1] == greedy[1][:greedy[1].index(stop)].rstrip()
-    assert stopped[1] == _engine_answer(model, tok, instruction=INSTRUCTIONS[1], input=INPUTS[1], max_tokens=16,
-                                        stop=(stop,))[0]
+    assert stopped[1] == _engine_answer(model, tok, instruction=INSTRUCTIONS[1], input=INPUTS[1],
+                                        max_tokens=16, stop=(stop,))[0]
 
 
 def test_rows_with_their_own_budgets_are_checked_each_against_its_own(make_pair):
@@ -153,13 +155,15 @@ def test_rows_with_their_own_budgets_are_checked_each_against_its_own(make_pair)
                                    tok.pad_token_id)
     assert len(batch.rows) == 2
     with pytest.raises(decoding.ContextLengthError, match="1 of 2 prompts"):
-        DecodingBatch.start(model, cache, ids, mask, [Row(b + 1, tok.eos_token_id) for b in budgets], tok.pad_token_id)
+        DecodingBatch.start(model, cache, ids, mask, [Row(b + 1, tok.eos_token_id) for b in budgets],
+                            tok.pad_token_id)
 
 
 def test_a_rank_done_early_steps_on_with_padding_until_every_rank_is(make_pair, monkeypatch):
     model, tok, _ = make_pair("llama")
     cache = compress(model, tok, INSTRUCTIONS, K)
-    ids, mask = continuation_batch([encode_continuation(tok, x, False) for x in INPUTS], tok.pad_token_id, False)
+    ids, mask = continuation_batch([encode_continuation(tok, x, False) for x in INPUTS], tok.pad_token_id,
+                                   False)
     first = generate_ids(model, cache, ids, mask, 1, tok.eos_token_id, tok.pad_token_id)[:, 0]
     eos = int(first[0])  # make row 0's first token its end, so that this rank is done after one step
     single = generate_ids(model, cache.select([0]), ids[:1], mask[:1], 8, eos, tok.pad_token_id)
@@ -173,7 +177,8 @@ def test_a_rank_done_early_steps_on_with_padding_until_every_rank_is(make_pair, 
 
     monkeypatch.setattr(decoding.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(decoding.dist, "all_reduce", other_rank_busy_twice)
-    synced = generate_ids(model, cache.select([0]), ids[:1], mask[:1], 8, eos, tok.pad_token_id, sync_ranks=True)
+    synced = generate_ids(model, cache.select([0]), ids[:1], mask[:1], 8, eos, tok.pad_token_id,
+                          sync_ranks=True)
     assert synced.tolist() == [[eos, tok.pad_token_id, tok.pad_token_id]] and calls == [1, 1, 1]
 
 
@@ -182,7 +187,8 @@ def test_decoding_steps_write_keys_in_place(make_pair):
     per token); the answers equal the masked full forward by test_caching and test_serving_engine."""
     model, tok, _ = make_pair("llama")
     cache = compress(model, tok, INSTRUCTIONS, K, "pos_control")  # whole instructions: a cache worth copying
-    ids, mask = continuation_batch([encode_continuation(tok, x, False) for x in INPUTS], tok.pad_token_id, False)
+    ids, mask = continuation_batch([encode_continuation(tok, x, False) for x in INPUTS], tok.pad_token_id,
+                                   False)
     batch, _ = DecodingBatch.start(model, cache, ids, mask, [Row(20, -1) for _ in INPUTS], tok.pad_token_id)
     layer = batch.state["past"].layers[0]
     where, width = layer.keys.data_ptr(), layer.keys.shape[-2]

@@ -38,8 +38,8 @@ def calls(tmp_path_factory) -> list[dict]:
         (tmp / "bin" / program).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "SMOKE_BUDGET_S"}
     env.update(PATH=f"{tmp / 'bin'}{os.pathsep}{env['PATH']}", SMOKE_CALLS=str(tmp / "calls.jsonl"))
-    done = subprocess.run(["bash", str(SCRIPT), str(tmp / "out"), str(tmp / "runs")], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp / "out"), str(tmp / "runs")], env=env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     return [json.loads(line) for line in (tmp / "calls.jsonl").read_text().splitlines()]
 
@@ -51,13 +51,16 @@ def check_gist_lightning(args: list[str], capsys) -> dict | None:
             cli.main([*args, "--print_config"])
         out = capsys.readouterr()
         if exit_info.value.code not in (0, None):
-            pytest.fail(f"gist-lightning {' '.join(args)} does not parse (exit {exit_info.value.code}):\n{out.err[-2000:]}")
+            pytest.fail(f"gist-lightning {' '.join(args)} does not parse (exit "
+                        f"{exit_info.value.code}):\n{out.err[-2000:]}")
         # deepspeed announces its accelerator on stdout when it is first imported
-        return yaml.safe_load("\n".join(line for line in out.out.splitlines() if not re.match(r"^\[\d{4}-", line)))
+        kept = [line for line in out.out.splitlines() if not re.match(r"^\[\d{4}-", line)]
+        return yaml.safe_load("\n".join(kept))
     try:  # the others take no --print_config: they parse, then fail on the files a GPU run would have made
         cli.COMMANDS[args[0]](args[1:])
     except SystemExit as e:
-        pytest.fail(f"gist-lightning {' '.join(args)} does not parse (exit {e.code}):\n{capsys.readouterr().err}")
+        pytest.fail(f"gist-lightning {' '.join(args)} does not parse (exit "
+                    f"{e.code}):\n{capsys.readouterr().err}")
     except Exception:
         pass
     return None
@@ -84,14 +87,16 @@ def test_the_script_is_valid_bash():
 
 def test_every_command_of_the_script_parses(calls, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # the script runs from the repository root; presets name files relative to it
-    monkeypatch.setattr(sys, "argv", ["gist-lightning"])  # LightningCLI warns when pytest's arguments are there
+    # LightningCLI warns when pytest's arguments are there
+    monkeypatch.setattr(sys, "argv", ["gist-lightning"])
     fits, benchmarks = [], {}
     for call in calls:
         program, *args = call["argv"]
         if program == "gist-lightning":
             config = check_gist_lightning(args, capsys)
             if args[0] == "fit":
-                assert config["trainer"]["accelerator"] == "gpu", f"a smoke step that does not use the GPU: {args}"
+                assert config["trainer"]["accelerator"] == "gpu", \
+                    f"a smoke step that does not use the GPU: {args}"
                 fits.append(config)
         elif program == "python" and args[0] == "-":
             compile(call["stdin"], f"<python heredoc of gpu_smoke.sh, {args}>", "exec")
@@ -106,7 +111,8 @@ def test_every_command_of_the_script_parses(calls, capsys, monkeypatch):
     peft = [f["model"]["peft"] for f in fits if f["model"].get("peft")]
     assert sorted(str(p["quantize"]) for p in peft) == ["None", "nf4"]
     assert set(benchmarks) == {"bench_attention", "bench_caching", "bench_serve", "bench_generate"}
-    assert "'shape': '1b'" in benchmarks["bench_attention"] and "'dtype': 'bfloat16'" in benchmarks["bench_attention"]
+    assert "'shape': '1b'" in benchmarks["bench_attention"]
+    assert "'dtype': 'bfloat16'" in benchmarks["bench_attention"]
 
 
 @pytest.mark.parametrize("program, args", [

@@ -204,7 +204,10 @@ def test_the_flex_mask_mod_is_the_dense_rule(batch, condition):
     dense = masks.decoder_attention_mask(ids, None, G, condition, segment_ids=seg)[:, 0]
     for window in (None, 2):
         mod = masks.decoder_mask_mod(seg, first, last, condition, positions, window)
-        want = dense if window is None else dense & masks.sliding_window_mask(positions, positions, window)[:, 0]
+        if window is None:
+            want = dense
+        else:
+            want = dense & masks.sliding_window_mask(positions, positions, window)[:, 0]
         for b in range(ids.shape[0]):
             for q in range(ids.shape[1]):
                 for kv in range(ids.shape[1]):
@@ -248,8 +251,8 @@ def test_gist_placement_coarse_and_fine():
     ctx = list(range(1, 8))  # 7 raw tokens, segments of 4: the last segment is short
     assert masks.interleave_gists(ctx, 4, 2, "coarse", G) == [1, 2, 3, 4, G, G, 5, 6, 7, G, G]
     assert masks.interleave_gists(ctx, 4, 2, "fine", G) == [1, 2, G, 3, 4, G, 5, 6, G, 7, G]
-    for bad, match in [((4, 0, "coarse"), ">= 1"), ((2, 3, "coarse"), "at least"), ((6, 4, "fine"), "multiple"),
-                       ((4, 2, "middle"), "placement")]:
+    for bad, match in [((4, 0, "coarse"), ">= 1"), ((2, 3, "coarse"), "at least"),
+                       ((6, 4, "fine"), "multiple"), ((4, 2, "middle"), "placement")]:
         with pytest.raises(ValueError, match=match):
             masks.interleave_gists(ctx, *bad, G)
 
@@ -327,7 +330,8 @@ def test_the_segment_mask_mod_and_packed_rows_are_the_dense_rule(batch, conditio
     mod = masks.long_context_mask_mod(seg, *labels, condition, window)
     for q in range(packed.shape[1]):
         for kv in range(packed.shape[1]):
-            assert bool(mod(torch.tensor(0), torch.tensor(0), torch.tensor(q), torch.tensor(kv))) == bool(dense[q, kv])
+            allowed = mod(torch.tensor(0), torch.tensor(0), torch.tensor(q), torch.tensor(kv))
+            assert bool(allowed) == bool(dense[q, kv])
 
 
 def test_a_gist_count_that_is_not_whole_segments_is_refused():

@@ -21,7 +21,8 @@ from gist_lightning.tokens import GIST_TOKEN
 
 
 def validate_metrics(module, datamodule, root):
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False,
                         callbacks=default_callbacks(), enable_checkpointing=True, default_root_dir=str(root))
     trainer.validate(module, datamodule=datamodule)
     return next(c for c in trainer.callbacks if isinstance(c, RougeCallback)).last
@@ -30,9 +31,11 @@ def validate_metrics(module, datamodule, root):
 @torch.no_grad()
 def probe_logits(model, tok):
     """Logits of one gist prompt (source + decoder start for encoder-decoders)."""
-    ids = tok("Instruction: Reverse the list.\n" + GIST_TOKEN + "\nInput: cat dog owl", return_tensors="pt")["input_ids"]
+    ids = tok("Instruction: Reverse the list.\n" + GIST_TOKEN + "\nInput: cat dog owl",
+              return_tensors="pt")["input_ids"]
     if model.config.is_encoder_decoder:
-        return model(input_ids=ids, decoder_input_ids=torch.tensor([[model.config.decoder_start_token_id]])).logits
+        start = torch.tensor([[model.config.decoder_start_token_id]])
+        return model(input_ids=ids, decoder_input_ids=start).logits
     return model(input_ids=ids).logits
 
 
@@ -41,7 +44,8 @@ def test_the_model_owns_tokenizer_architecture_k_and_condition(tiny_models):
     t5 = GistLitModule(model_config=tiny_models["t5"])
     facts = llama.data_facts()
     assert facts["tokenizer"] is llama.tokenizer and GIST_TOKEN in llama.tokenizer.get_vocab()
-    assert (facts["encoder_decoder"], facts["num_gist_tokens"], facts["condition"]) == (False, 3, "neg_control")
+    assert ((facts["encoder_decoder"], facts["num_gist_tokens"], facts["condition"])
+            == (False, 3, "neg_control"))
     assert t5.data_facts()["encoder_decoder"] is True  # read from the model's config, set nowhere else
     llama.configure_model()
     assert llama.model.get_input_embeddings().weight.shape[0] == len(llama.tokenizer)
@@ -71,7 +75,8 @@ def test_fit_validate_reload_and_export(run_config, tiny_models, tmp_path, arch)
     model, tok, settings = load_pretrained(export)
     assert settings == {"num_gist_tokens": 1, "condition": "gist", "gist_token": GIST_TOKEN,
                         "gist_token_id": reloaded.gist_token_id,
-                        "source": {"checkpoint": Path(best).name, "global_step": torch.load(best)["global_step"]}}
+                        "source": {"checkpoint": Path(best).name,
+                                   "global_step": torch.load(best)["global_step"]}}
     assert torch.allclose(probe_logits(model, tok), want, atol=1e-5)
     from_export = GistLitModule(model_name_or_path=str(export), num_gist_tokens=1, max_new_tokens=8)
     from_export.configure_model()
@@ -111,7 +116,8 @@ def _train(tmp_path, model_config, name, max_steps, callbacks=(), ckpt=None, pac
                         default_root_dir=str(tmp_path / name), callbacks=list(callbacks))
     steps = StepCounter()
     trainer.callbacks.append(steps)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)  # the data takes tokenizer, k and condition from the module
+    # the data takes tokenizer, k and condition from the module
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     return trainer, module, steps.count
 
 
@@ -128,7 +134,8 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_the_same_run(tmp_path, tin
     ckpt = tmp_path / "ckpts" / "mid-step=20.ckpt"
     state = torch.load(ckpt, weights_only=False)
     assert state["epoch"] >= 1 and state["global_step"] == 20
-    resumed_trainer, resumed, steps_run = _train(tmp_path, llama, "c", max_steps=24, ckpt=str(ckpt), packing=packing)
+    resumed_trainer, resumed, steps_run = _train(tmp_path, llama, "c", max_steps=24, ckpt=str(ckpt),
+                                                 packing=packing)
     assert resumed_trainer.global_step == 24 and steps_run == 4
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
@@ -152,6 +159,7 @@ def test_validation_under_flex_attention_gives_the_dense_metrics(trained_export,
                          max_validation_records=24, eval_batch_size=12)
     dense = validate_metrics(GistLitModule(model_name_or_path=str(trained_export), max_new_tokens=12), data,
                              tmp_path / "dense")
-    flex = GistLitModule(model_name_or_path=str(trained_export), max_new_tokens=12, attn_implementation="flex_attention")
+    flex = GistLitModule(model_name_or_path=str(trained_export), max_new_tokens=12,
+                         attn_implementation="flex_attention")
     assert validate_metrics(flex, data, tmp_path / "flex") == dense
     assert dense["validation_seen"].rougeL > 40

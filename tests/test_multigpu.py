@@ -31,8 +31,8 @@ def last_metrics(log_dir: Path) -> dict[str, float]:
 def validate(config: Path, export: Path, devices: int, name: str, tmp_path: Path) -> dict[str, float]:
     args = [str(BIN), "validate", "--config", str(config), "--model.model_config", "null",
             "--model.model_name_or_path", str(export), "--model.max_new_tokens", "12",
-            "--data.eval_batch_size", "1", "--data.max_validation_records", "15", "--trainer.devices", str(devices),
-            "--trainer.strategy", "ddp" if devices > 1 else "auto",
+            "--data.eval_batch_size", "1", "--data.max_validation_records", "15",
+            "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
             "--trainer.logger.init_args.name", name]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -63,7 +63,8 @@ def test_deepspeed_preset_builds_strategy_with_trainer_values(tmp_path, monkeypa
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     monkeypatch.chdir(ROOT)  # preset paths are relative to the repository root
-    cli = cli_main(["--config", "configs/tiny.yaml", "--config", f"configs/strategies/deepspeed-zero{stage}.yaml",
+    cli = cli_main(["--config", "configs/tiny.yaml",
+                    "--config", f"configs/strategies/deepspeed-zero{stage}.yaml",
                     "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.logger", "false",
                     "--trainer.accumulate_grad_batches", "4", "--trainer.gradient_clip_val", "0.5",
                     "--data.batch_size", "8", "--data.train_size", "64", "--data.validation_size", "4",
@@ -100,7 +101,8 @@ def test_two_process_zero_on_cpu_fits_validates_and_converts(tmp_path, tiny_mode
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     script = Path(__file__).with_name("deepspeed_cpu.py")
-    proc = subprocess.run([sys.executable, str(script), str(stage), "2", str(tmp_path), json.dumps(tiny_models["llama"])],
+    proc = subprocess.run([sys.executable, str(script), str(stage), "2", str(tmp_path),
+                           json.dumps(tiny_models["llama"])],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validation_unseen" in (tmp_path / "rouge.txt").read_text()
@@ -135,7 +137,8 @@ def test_two_process_fsdp_fit_equals_ddp_and_its_checkpoint_exports(run_config, 
         model.save_pretrained(tmp_path / "base")
         tok.save_pretrained(tmp_path / "base")
         extra = ["--model.model_config", "null", "--model.model_name_or_path", str(tmp_path / "base"),
-                 "--model.peft.rank", "4", "--data.limits.max_length", "128", "--data.human_limits.max_length", "160"]
+                 "--model.peft.rank", "4", "--data.limits.max_length", "128",
+                 "--data.human_limits.max_length", "160"]
     config = run_config(max_steps=4, val_check_interval=4)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     runs = {}
@@ -147,7 +150,8 @@ def test_two_process_fsdp_fit_equals_ddp_and_its_checkpoint_exports(run_config, 
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[preset] = (tmp_path / "runs" / preset / "version_0", proc.stdout)
     (ddp, _), (fsdp, out) = runs["ddp-cpu"], runs["fsdp-cpu"]
-    a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for run in (ddp, fsdp))
+    a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+            for run in (ddp, fsdp))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     for p in sorted((ddp / "predictions").glob("*.csv")):
         assert (fsdp / "predictions" / p.name).read_text() == p.read_text(), p.name

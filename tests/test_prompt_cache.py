@@ -55,7 +55,8 @@ def test_a_cache_file_of_version_0_1_still_loads(make_pair, tmp_path):
         "encoder_decoder": "True", "tokenizer_fingerprint": tokenizer_fingerprint(tok, framing=False)}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=old)
     loaded = load_cache(tmp_path / "old.safetensors", model, tok)
-    assert loaded.backend == "t5_encoder" and torch.equal(_logits(model, tok, cache), _logits(model, tok, loaded))
+    assert loaded.backend == "t5_encoder" and torch.equal(_logits(model, tok, cache),
+                                                          _logits(model, tok, loaded))
 
 
 def test_a_mismatched_model_tokenizer_k_or_dtype_is_refused(make_pair, tmp_path):

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow
 
 def _command(config: Path, folder: Path, every: int, *extra: str) -> list[str]:
     # 40 steps, validation at 20 and 40; a fixed logger version, so a resumed run finds its folder
-    return [BIN, "fit", "--config", str(config), "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
-            "--trainer.log_every_n_steps", "5", "--trainer.default_root_dir", str(folder),
+    return [BIN, "fit", "--config", str(config), "--trainer.max_steps", "40",
+            "--trainer.val_check_interval", "20", "--trainer.log_every_n_steps", "5",
+            "--trainer.default_root_dir", str(folder),
             "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.version", "run",
             "--checkpoint_every_n_steps", str(every), "--trainer.callbacks+=kill_points.KillAt", *extra]
 
@@ -60,8 +61,8 @@ def straight(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
     config = _run_config(base, val_check_interval=20)
     root = base / "straight"
-    done = subprocess.run(_command(config, root, 10, "--trainer.enable_progress_bar", "true"), capture_output=True,
-                          text=True, env=_env(base / "tmp-straight"))
+    done = subprocess.run(_command(config, root, 10, "--trainer.enable_progress_bar", "true"),
+                          capture_output=True, text=True, env=_env(base / "tmp-straight"))
     assert done.returncode == 0, done.stderr[-3000:]
     return config, root, done
 
@@ -90,10 +91,11 @@ CASES = [  # (clock every n steps, where the kill lands)
 def test_a_kill_at_any_phase_resumes_to_the_uninterrupted_result(straight, tmp_path, every, kill_at):
     config, want_root, _ = straight
     root, tmp = tmp_path / "killed", tmp_path / "tmp"
-    killed = subprocess.run(_command(config, root, every), capture_output=True, text=True, env=_env(tmp, kill_at))
+    killed = subprocess.run(_command(config, root, every), capture_output=True, text=True,
+                            env=_env(tmp, kill_at))
     assert killed.returncode == -9, killed.stderr[-3000:]  # it died where it was told to
-    resumed = subprocess.run(_command(config, root, every, "--ckpt_path", "last"), capture_output=True, text=True,
-                             env=_env(tmp))
+    resumed = subprocess.run(_command(config, root, every, "--ckpt_path", "last"), capture_output=True,
+                             text=True, env=_env(tmp))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     got, want = _folder(root), _folder(want_root)
@@ -108,7 +110,8 @@ def test_a_kill_at_any_phase_resumes_to_the_uninterrupted_result(straight, tmp_p
     assert sorted(p.name for p in (got / "checkpoints").iterdir()) == ["best-step20.ckpt", "last.ckpt"]
     assert _same_tensors(_state(got / "checkpoints" / "best-step20.ckpt"), _state(want / "checkpoints" /
                                                                                   "best-step20.ckpt"))
-    assert _same_tensors(_state(got / "checkpoints" / "last.ckpt"), _state(want / "checkpoints" / "last.ckpt"))
+    assert _same_tensors(_state(got / "checkpoints" / "last.ckpt"),
+                         _state(want / "checkpoints" / "last.ckpt"))
     assert sorted(p.name for p in got.iterdir() if p.name.startswith("export")) == ["export"]  # no export-1
     assert json.loads((got / "export" / "gist_config.json").read_text())["source"] == \
         {"checkpoint": "best-step20.ckpt", "global_step": 20}
@@ -125,12 +128,15 @@ def test_a_kill_at_any_phase_resumes_to_the_uninterrupted_result(straight, tmp_p
 @pytest.mark.parametrize("every, kill_at, stopped_at, held", [
     (10, "sigterm_train:25", 25, 25),  # between steps: last.ckpt holds the stopping step
     (10, "sigterm_validation:20", 20, 10),  # inside a validation: the clock's step before it
-    (7, "sigterm_validation_end:20", 20, 20),  # after a finished validation: saved then (the step column stays)
+    # after a finished validation: saved then (the step column stays)
+    (7, "sigterm_validation_end:20", 20, 20),
 ])
-def test_sigterm_says_how_to_resume_and_the_command_does(straight, tmp_path, every, kill_at, stopped_at, held):
+def test_sigterm_says_how_to_resume_and_the_command_does(straight, tmp_path, every, kill_at, stopped_at,
+                                                         held):
     config, want_root, _ = straight
     root, tmp = tmp_path / "stopped", tmp_path / "tmp"
-    stopped = subprocess.run(_command(config, root, every), capture_output=True, text=True, env=_env(tmp, kill_at))
+    stopped = subprocess.run(_command(config, root, every), capture_output=True, text=True,
+                             env=_env(tmp, kill_at))
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     lines = [line for line in stopped.stderr.splitlines() if "stopped early by SIGTERM" in line]
     assert len(lines) == 1 and f"at step {stopped_at} of 40 (last.ckpt holds step {held})" in lines[0], \
@@ -172,8 +178,8 @@ def test_sigterm_between_micro_batches_keeps_the_last_whole_step(tmp_path):
                              env=_env(tmp_path / "tmp", "sigterm_accumulating:13"))
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert torch.load(_folder(root) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
-    resumed = subprocess.run(_command(config, root, 10, *accumulate, "--ckpt_path", "last"), capture_output=True,
-                             text=True, env=_env(tmp_path / "tmp"))
+    resumed = subprocess.run(_command(config, root, 10, *accumulate, "--ckpt_path", "last"),
+                             capture_output=True, text=True, env=_env(tmp_path / "tmp"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_run(root, want)
     assert _same_tensors(_state(_folder(root) / "checkpoints" / "last.ckpt"),

@@ -29,7 +29,8 @@ def reference(model, tok, instruction, input, max_tokens=10, condition="gist"):
     return generate(model, tok, cache, [input], max_new_tokens=max_tokens)[0]
 
 
-def run(engine, arrivals: dict[int, list[tuple[str, GenerationRequest]]], cancel: dict[int, str] | None = None):
+def run(engine, arrivals: dict[int, list[tuple[str, GenerationRequest]]],
+        cancel: dict[int, str] | None = None):
     """Step ``engine`` until idle, submitting ``arrivals[step]`` before that step (and cancelling
     ``cancel[step]``); returns {uid: (text, finish_reason or error)} and every event."""
     texts, ends, events, step = {}, {}, [], 0
@@ -62,7 +63,8 @@ def test_answers_equal_cached_generation_however_requests_arrive(make_pair, fami
     condition = "pos_control" if mode == "instruction" else "gist"
     # random weights: the first seed whose answers tell the requests apart (tiny random smollm3 answers
     # ":" to everything at the default init scale; a larger one then)
-    for seed, overrides in [(0, {}), (1, {}), (0, {"initializer_range": 0.2}), (1, {"initializer_range": 0.2})]:
+    for seed, overrides in [(0, {}), (1, {}), (0, {"initializer_range": 0.2}),
+                            (1, {"initializer_range": 0.2})]:
         model, tok, _ = make_pair(family, seed=seed, **overrides)
         want = [reference(model, tok, t, x, condition=condition) for t, x in zip(INSTRUCTIONS, INPUTS)]
         if len(set(want)) > 1:
@@ -104,12 +106,14 @@ def test_memory_is_an_lru_bounded_in_bytes(make_pair):
     engine = ServingEngine(model, tok, K, "gist", cache_memory=int(2.5 * entry))
     for i, t in enumerate(INSTRUCTIONS[:3]):
         run(engine, {0: [(f"r{i}", GenerationRequest(t, max_tokens=1))]})
-    assert len(engine.memory) == 2 and engine.memory.evicted == 1 and engine.memory.used <= engine.memory.capacity
+    assert len(engine.memory) == 2 and engine.memory.evicted == 1
+    assert engine.memory.used <= engine.memory.capacity
     assert list(engine.memory.entries) == INSTRUCTIONS[1:3]  # the least recently used left
     run(engine, {0: [("again", GenerationRequest(INSTRUCTIONS[1], max_tokens=1))]})
     assert engine.counts["memory_hits"] == 1
     run(engine, {0: [("back", GenerationRequest(INSTRUCTIONS[0], max_tokens=1))]})
-    assert engine.counts["compressed"] == 4 and list(engine.memory.entries) == [INSTRUCTIONS[1], INSTRUCTIONS[0]]
+    assert engine.counts["compressed"] == 4
+    assert list(engine.memory.entries) == [INSTRUCTIONS[1], INSTRUCTIONS[0]]
 
     none = ServingEngine(model, tok, K, "gist", cache_memory="0")
     got, _ = run(none, {0: [("x", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
@@ -124,7 +128,8 @@ def test_instruction_mode_holds_whole_instructions(make_pair):
         _, events = run(engine, {0: [("a", GenerationRequest(INSTRUCTIONS[2], max_tokens=1))]})
         sizes[mode] = engine.memory.used
         prefix = events[-1].usage["prompt_tokens"] - len(encode_continuation(tok, "", False))
-    assert sizes["instruction"] == sizes["gist"] * prefix // K  # every prompt position vs the k gist positions
+    # every prompt position vs the k gist positions
+    assert sizes["instruction"] == sizes["gist"] * prefix // K
 
 
 def test_cache_store_on_disk_serves_a_fresh_engine(make_pair, tmp_path):
@@ -144,7 +149,8 @@ def test_cancelled_request_leaves_and_the_others_go_on(make_pair, family):
     model, tok, _ = make_pair(family)
     want = [reference(model, tok, t, x, 12) for t, x in zip(INSTRUCTIONS, INPUTS)]
     engine = ServingEngine(model, tok, K, "gist", max_batch_size=4)
-    reqs = [(f"r{i}", GenerationRequest(t, x, max_tokens=12)) for i, (t, x) in enumerate(zip(INSTRUCTIONS, INPUTS))]
+    reqs = [(f"r{i}", GenerationRequest(t, x, max_tokens=12))
+            for i, (t, x) in enumerate(zip(INSTRUCTIONS, INPUTS))]
     got, _ = run(engine, {0: reqs[:2], 1: reqs[2:]}, cancel={3: "r1"})
     assert got["r1"][1] == "cancelled"
     assert [got[f"r{i}"][0] for i in (0, 2, 3)] == [want[0], want[2], want[3]]
@@ -179,7 +185,8 @@ def test_streamed_pieces_and_stop_strings(make_pair):
     assert "".join(pieces) == full and sum(bool(p) for p in pieces) > 3  # text arrives as it is made
     assert got["a"][1] == "length" and events[-1].usage["completion_tokens"] == 16
     stop = full[len(full) // 2:len(full) // 2 + 3]
-    got, events = run(engine, {0: [("s", GenerationRequest(INSTRUCTIONS[2], INPUTS[2], max_tokens=16, stop=(stop,)))]})
+    request = GenerationRequest(INSTRUCTIONS[2], INPUTS[2], max_tokens=16, stop=(stop,))
+    got, events = run(engine, {0: [("s", request)]})
     assert got["s"] == (full[:full.index(stop)].rstrip(), "stop")
     assert stop not in "".join(e.text for e in events)
 
@@ -188,7 +195,8 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(make_pair):
     model, tok, _ = make_pair("llama")
     engine = ServingEngine(model, tok, K, "gist")
     sample = dict(instruction=INSTRUCTIONS[1], input=INPUTS[0], max_tokens=12, temperature=1.5)
-    got, _ = run(engine, {0: [("a", GenerationRequest(**sample, seed=1)), ("b", GenerationRequest(**sample, seed=1)),
+    got, _ = run(engine, {0: [("a", GenerationRequest(**sample, seed=1)),
+                              ("b", GenerationRequest(**sample, seed=1)),
                               ("c", GenerationRequest(**sample, seed=2)),
                               ("g", GenerationRequest(**sample, top_p=1e-6, seed=3))]})
     assert got["a"] == got["b"] and got["a"] != got["c"]
@@ -240,7 +248,8 @@ def test_a_failed_step_answers_every_request_and_the_engine_goes_on(make_pair, m
     assert sorted(finals) == ["admitted", "refused", "running", "stats", "waiting"]  # each answered once
     assert len([e for e in events if e.done]) == len(finals)
     assert finals["refused"].status == 400 and finals["stats"].stats is not None
-    assert all(finals[u].status == 500 and "out of memory" in finals[u].error for u in ("admitted", "running", "waiting"))
+    assert all(finals[u].status == 500 and "out of memory" in finals[u].error
+               for u in ("admitted", "running", "waiting"))
     assert not engine.busy()
     got, _ = run(engine, {0: [("b", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
     assert got["b"][0] == reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
@@ -251,8 +260,10 @@ def test_a_request_that_cannot_sample_fails_alone(make_pair):
     model, tok, _ = make_pair("llama")
     engine = ServingEngine(model, tok, K, "gist")
     got, events = run(engine, {0: [("ok", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6)),
-                                   ("seed", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], temperature=1.0, seed=10**30)),
-                                   ("cold", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6, temperature=1e-40))]})
+                                   ("seed", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], temperature=1.0,
+                                                              seed=10**30)),
+                                   ("cold", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6,
+                                                              temperature=1e-40))]})
     assert got["seed"][1].startswith("seed must be between") and got["ok"][1] == "length"
     want = reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
     assert got["ok"][0] == got["cold"][0] == want  # a temperature too small to divide by is greedy
@@ -275,7 +286,8 @@ def test_a_store_entry_of_another_model_is_made_again(make_pair, tmp_path):
         {0: [("a", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
     engine = ServingEngine(model, tok, K, "gist", cache_dir=str(tmp_path))
     got, events = run(engine, {0: [("b", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
-    assert events[0].cache == "compressed" and got["b"][0] == reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
+    assert events[0].cache == "compressed"
+    assert got["b"][0] == reference(model, tok, INSTRUCTIONS[0], INPUTS[0], 6)
     again = ServingEngine(model, tok, K, "gist", cache_dir=str(tmp_path))  # the entry was replaced
     _, events = run(again, {0: [("c", GenerationRequest(INSTRUCTIONS[0], INPUTS[0], max_tokens=6))]})
     assert events[0].cache == "disk"
@@ -292,8 +304,10 @@ def test_long_contexts_are_compressed_once_by_segments_and_reused(make_pair, tmp
     model, tok, _ = make_pair("qwen3", seed=1)
     settings = SegmentSettings(8, 2, "fine")
     contexts = [" ".join(INSTRUCTIONS * 3), " ".join(INSTRUCTIONS[::-1] * 5)]  # several segments, two lengths
-    engine = ServingEngine(model, tok, 2, "gist", max_batch_size=4, segments=settings, cache_dir=str(tmp_path))
-    arrivals = {0: [(f"r{i}", GenerationRequest(contexts[i % 2], INPUTS[i % 4], max_tokens=6)) for i in range(6)]}
+    engine = ServingEngine(model, tok, 2, "gist", max_batch_size=4, segments=settings,
+                           cache_dir=str(tmp_path))
+    arrivals = {0: [(f"r{i}", GenerationRequest(contexts[i % 2], INPUTS[i % 4], max_tokens=6))
+                    for i in range(6)]}
     got, events = run(engine, arrivals)
     assert engine.counts["compressed"] == 2  # one per distinct context
     for i in range(6):
@@ -303,10 +317,12 @@ def test_long_contexts_are_compressed_once_by_segments_and_reused(make_pair, tmp
     last = {e.uid: e for e in events if e.usage}
     for i in range(2):
         n = len(encode_text(tok, contexts[i]))
-        assert last[f"r{i}"].usage["compression"] == {"instruction_tokens": n, "cached_positions": -(-n // 8) * 2}
+        assert last[f"r{i}"].usage["compression"] == {"instruction_tokens": n,
+                                                      "cached_positions": -(-n // 8) * 2}
     fresh = ServingEngine(model, tok, 2, "gist", segments=settings, cache_dir=str(tmp_path))
     again, events = run(fresh, {0: [("b", GenerationRequest(contexts[1], INPUTS[1], max_tokens=6))]})
-    assert fresh.counts["disk_hits"] == 1 and fresh.counts["compressed"] == 0 and again["b"][0] == got["r1"][0]
+    assert fresh.counts["disk_hits"] == 1 and fresh.counts["compressed"] == 0
+    assert again["b"][0] == got["r1"][0]
     # an engine of short instructions on the same folder does not take these entries
     short = ServingEngine(model, tok, 2, "gist", cache_dir=str(tmp_path))
     run(short, {0: [("c", GenerationRequest(contexts[1], INPUTS[1], max_tokens=2))]})

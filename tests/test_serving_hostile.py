@@ -102,8 +102,8 @@ NESTING = f"nests deeper than {MAX_DEPTH} levels"
 
 @pytest.mark.parametrize("body", [deep_body(100_000, "[", "messages"), deep_body(100_000, "[", "unknown"),
                                   deep_body(5_000, "{", "content"), deep_body(MAX_DEPTH, "[", "unknown")],
-                         ids=["100k arrays in messages", "100k arrays in an unknown field", "5000 objects in content",
-                              "just past the limit"])
+                         ids=["100k arrays in messages", "100k arrays in an unknown field",
+                              "5000 objects in content", "just past the limit"])
 def test_deep_nesting_is_a_400_that_says_so(server, body):
     status, _, payload = send(server, "POST", "/v1/chat/completions", body)
     assert status == 400 and NESTING in openai_error(status, payload)["message"]
@@ -131,32 +131,39 @@ def test_non_finite_sampling_values_are_named_so(server, field, value):
     assert "finite number" in error["message"] and error["param"] == field
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                       max_size=4),
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                           | st.text(max_size=20),
+                           lambda inner: (st.lists(inner, max_size=4)
+                                          | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                            max_leaves=20)
 
 
-def _wrong_content(value) -> bytes:  # content is a string or a list of text parts, never a number or an object
+# content is a string or a list of text parts, never a number or an object
+def _wrong_content(value) -> bytes:
     return json.dumps({"messages": [{"role": "user", "content": value}]}).encode()
 
 
 hostile = st.one_of(
     st.builds(lambda d, k, w: (deep_body(d, k, w), NESTING), st.integers(MAX_DEPTH, 100_000),
               st.sampled_from("[{"), st.sampled_from(["messages", "content", "unknown"])),
-    st.builds(lambda n: (json.dumps({"messages": [{"role": "user", "content": "x" * n}]}).encode(), "larger than"),
+    st.builds(lambda n: (json.dumps({"messages": [{"role": "user", "content": "x" * n}]}).encode(),
+                         "larger than"),
               st.integers(BODY_LIMIT, 2 * BODY_LIMIT)),
-    st.builds(lambda v: (json.dumps(v).encode(), "invalid request"), json_values.filter(lambda v: not isinstance(v, dict))),
+    st.builds(lambda v: (json.dumps(v).encode(), "invalid request"),
+              json_values.filter(lambda v: not isinstance(v, dict))),
     st.builds(lambda v: (_wrong_content(v), "messages.0.content"),
-              json_values.filter(lambda v: not isinstance(v, str | list)) | st.lists(st.integers(), min_size=1)),
+              json_values.filter(lambda v: not isinstance(v, str | list))
+              | st.lists(st.integers(), min_size=1)),
     st.builds(lambda f, v: (json.dumps({**OK, f: v}).encode(), f),
               st.sampled_from(["temperature", "top_p"]),
-              st.floats(allow_nan=False).filter(lambda v: not 0 <= v <= 2) | st.text(max_size=5) | st.lists(st.none())),
+              st.floats(allow_nan=False).filter(lambda v: not 0 <= v <= 2) | st.text(max_size=5)
+              | st.lists(st.none())),
     st.builds(lambda b: (b, ""), st.binary(max_size=300)),
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=hostile)
 def test_hostile_bodies_get_a_4xx_in_openai_shape(server, case):
     body, message = case
@@ -171,8 +178,8 @@ def test_the_server_is_healthy_after_hostile_clients(server, export):
 # -- FastAPI's own refusals ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,path,status", [("GET", "/nope", 404), ("POST", "/v1/nope", 404),
-                                                ("GET", "/v1/chat/completions", 405), ("POST", "/v1/models", 405),
-                                                ("DELETE", "/health", 405)])
+                                                ("GET", "/v1/chat/completions", 405),
+                                                ("POST", "/v1/models", 405), ("DELETE", "/health", 405)])
 def test_unknown_paths_and_wrong_methods_answer_in_openai_shape(server, method, path, status):
     got, headers, payload = send(server, method, path)
     assert got == status and path in openai_error(got, payload)["message"]
@@ -186,7 +193,8 @@ def test_a_client_that_leaves_at_once_is_one_log_line(server):
     ports = []
     for body in [b"", b'{"messages": [', json.dumps(OK).encode()[:20]]:
         with socket.create_connection(("127.0.0.1", server.port)) as c:
-            c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Type: application/json\r\n"
                       b"Content-Length: 1000\r\n\r\n" + body)  # promised 1000 bytes, sent fewer, hung up
             ports.append(c.getsockname()[1])
     deadline = time.monotonic() + 20
@@ -246,9 +254,9 @@ def test_sigterm_stops_every_process_quietly(export, tmp_path, when):
     log = tmp_path / "server.log"
     port = free_port()
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "gist_lightning.cli", "serve", "--model", str(export),
-                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-m", "gist_lightning.cli", "serve",
+                                    "--model", str(export), "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def healthy() -> bool:
         try:

@@ -67,8 +67,9 @@ def servers(trained_export, tmp_path_factory):
     store = folder / "store"
     with ServerProcess(trained_export, "--max_batch_size", "4", "--cache_dir", str(store),
                        log=str(folder / "one.log")) as one, \
-         ServerProcess(trained_export, "--max_batch_size", "4", "--cache_dir", str(store), "--accelerator", "cpu",
-                       "--workers_per_device", "2", log=str(folder / "two.log")) as two:
+         ServerProcess(trained_export, "--max_batch_size", "4", "--cache_dir", str(store),
+                       "--accelerator", "cpu", "--workers_per_device", "2",
+                       log=str(folder / "two.log")) as two:
         yield one, two, store
 
 
@@ -110,7 +111,8 @@ def test_metrics_move_as_requests_are_answered(servers):
     before = scrape(one)
     answers = [ask(one, "Count the words.", x, max_tokens=5) for x in ("a b c", "d e", "f")]
     answers += [ask(one, "Name the first word.", "g h", max_tokens=3)]
-    refused_here = post(one, "/v1/chat/completions", {"messages": [], "max_tokens": 4})[0]  # by the HTTP process
+    # by the HTTP process
+    refused_here = post(one, "/v1/chat/completions", {"messages": [], "max_tokens": 4})[0]
     refused_there = post(one, "/v1/chat/completions", {  # by the engine: longer than the model's positions
         "messages": [{"role": "system", "content": "Repeat."}, {"role": "user", "content": "word " * 1000}],
         "max_tokens": 4})[0]
@@ -120,7 +122,8 @@ def test_metrics_move_as_requests_are_answered(servers):
     def moved(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
-    outcomes = {o: moved("gist_requests_total", outcome=o) for o in ("stop", "length", "refused", "cancelled", "error")}
+    outcomes = {o: moved("gist_requests_total", outcome=o)
+                for o in ("stop", "length", "refused", "cancelled", "error")}
     assert outcomes["stop"] + outcomes["length"] == len(answers) and outcomes["refused"] == 2
     assert outcomes["cancelled"] == outcomes["error"] == 0
     hits = {s: moved("gist_cache_hits_total", source=s) for s in ("memory", "disk", "compressed")}
@@ -130,8 +133,10 @@ def test_metrics_move_as_requests_are_answered(servers):
     steps = moved("gist_step_seconds_count")
     assert steps >= len(answers) and moved("gist_step_seconds_sum") > 0
     assert value(after, "gist_step_seconds_bucket", le="+Inf") == value(after, "gist_step_seconds_count")
-    assert moved("gist_request_seconds_count") == moved("gist_time_to_first_token_seconds_count") == len(answers)
-    assert value(after, "gist_queue_depth", state="waiting") == value(after, "gist_queue_depth", state="running") == 0
+    assert (moved("gist_request_seconds_count") == moved("gist_time_to_first_token_seconds_count")
+            == len(answers))
+    assert (value(after, "gist_queue_depth", state="waiting")
+            == value(after, "gist_queue_depth", state="running") == 0)
     with urllib.request.urlopen(one.base + "/v1/cache/stats", timeout=30) as r:
         stats = json.loads(r.read())
     assert value(after, "gist_cache_bytes") == stats["cache_bytes"] > 0 and value(after, "gist_workers") == 1
@@ -144,15 +149,16 @@ def s3(tmp_path_factory):
     """A local S3-compatible server (moto) on a free loopback port, with a bucket; the environment that
     points boto (so s3fs, so fsspec) at it."""
     pytest.importorskip("s3fs", reason="s3fs (fsspec's S3 filesystem) is not installed")
-    server_mod = pytest.importorskip("moto.server", reason="moto's server mode is not installed (moto[server])")
+    server_mod = pytest.importorskip("moto.server",
+                                     reason="moto's server mode is not installed (moto[server])")
     port = free_port()
     try:
         moto = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         moto.start()
     except Exception as e:  # noqa: BLE001 - whatever keeps it from starting, the tests say so
         pytest.skip(f"the local S3 server (moto) cannot start: {type(e).__name__}: {e}")
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import s3fs
@@ -183,7 +189,8 @@ def test_an_s3_store_sees_other_writers_entries_after_a_listing(s3, make_pair):
     assert b.list() == ["reverse the list"]  # b has read (and s3fs cached) the listing
     a.add("sort the list")
     assert "sort the list" in b and sorted(b.list()) == ["reverse the list", "sort the list"]
-    assert torch.equal(b.get("sort the list").states[0][0], compress(model, tok, ["sort the list"], 1).states[0][0])
+    assert torch.equal(b.get("sort the list").states[0][0],
+                       compress(model, tok, ["sort the list"], 1).states[0][0])
     # two writers of one instruction write one key with the same bytes
     fs = s3fs.S3FileSystem()
     key = b.path("sort the list")
@@ -214,18 +221,22 @@ def test_a_server_on_an_s3_store(s3, trained_export, tmp_path, monkeypatch):
 
 
 def _serve(export, *args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gist_lightning.cli", "serve", "--model", str(export), *args],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1",
+    return subprocess.run([sys.executable, "-m", "gist_lightning.cli", "serve", "--model", str(export),
+                           *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
                                                                              **(env or {})})
 
 
 def _refused(proc: subprocess.CompletedProcess, message: str) -> None:
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr and message in lines[-1], proc.stderr[-2000:]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in lines[-1], proc.stderr[-2000:]
     assert "serving" not in proc.stdout
 
 
-def test_a_local_store_that_cannot_be_written_and_devices_on_cpu_are_refused_at_start(trained_export, tmp_path):
+def test_a_local_store_that_cannot_be_written_and_devices_on_cpu_are_refused_at_start(trained_export,
+                                                                                      tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     _refused(_serve(trained_export, "--cache_dir", str(blocker / "store")),

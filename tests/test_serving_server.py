@@ -55,7 +55,8 @@ def stream(server, path: str, body) -> tuple[int, list]:
 
 def chat(instruction: str | None, input: str, **kw) -> dict:
     messages = ([{"role": "system", "content": instruction}] if instruction is not None else [])
-    return {"messages": messages + [{"role": "user", "content": input}], "temperature": 0, "max_tokens": 8, **kw}
+    return {"messages": messages + [{"role": "user", "content": input}], "temperature": 0, "max_tokens": 8,
+            **kw}
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +104,10 @@ def test_streamed_answer_is_the_whole_answer(server, library):
     assert status == 200 and chunks[-1] == "[DONE]"
     deltas = [c for c in chunks[:-1] if c["choices"]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in deltas) == library(t, x)
-    assert deltas[0]["choices"][0]["delta"]["role"] == "assistant" and deltas[-1]["choices"][0]["finish_reason"]
-    assert chunks[-2]["usage"]["completion_tokens"] >= 1 and all(c["object"] == "chat.completion.chunk" for c in deltas)
+    assert deltas[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert deltas[-1]["choices"][0]["finish_reason"]
+    assert chunks[-2]["usage"]["completion_tokens"] >= 1 and all(c["object"] == "chat.completion.chunk"
+                                                                 for c in deltas)
 
 
 def test_completions_endpoint_and_its_prompt_list(server, library):
@@ -113,7 +116,8 @@ def test_completions_endpoint_and_its_prompt_list(server, library):
     assert status == 200 and r["object"] == "text_completion"
     assert [c["text"] for c in r["choices"]] == [library(t, PROBE_INPUTS[0]) for t in PROBE_INSTRUCTIONS[:3]]
     assert [c["index"] for c in r["choices"]] == [0, 1, 2]
-    status, chunks = stream(server, "/v1/completions", {"prompt": PROBE_INSTRUCTIONS[3], "input": PROBE_INPUTS[2],
+    status, chunks = stream(server, "/v1/completions",
+                            {"prompt": PROBE_INSTRUCTIONS[3], "input": PROBE_INPUTS[2],
                                                         "max_tokens": 8, "temperature": 0, "stream": True})
     text = "".join(c["choices"][0]["text"] for c in chunks[:-1] if isinstance(c, dict) and c["choices"])
     assert text == library(PROBE_INSTRUCTIONS[3], PROBE_INPUTS[2])
@@ -127,12 +131,14 @@ def test_models_health_and_cache_stats(server):
     post(server, "/v1/chat/completions", chat("Count the words.", "d e"))
     status, stats = get(server, "/v1/cache/stats")
     assert stats["mode"] == "gist" and stats["cached_instructions"] >= 1 and stats["memory_hits"] >= 1
-    assert stats["cache_bytes"] == stats["cached_instructions"] * stats["bytes_per_instruction"]  # k=1: all alike
+    # k=1: all alike
+    assert stats["cache_bytes"] == stats["cached_instructions"] * stats["bytes_per_instruction"]
 
 
 def test_a_literal_gist_token_is_served_as_text(server, library):
     status, r = post(server, "/v1/chat/completions", chat("Repeat the list. <GIST>", "cat <GIST> dog"))
-    assert status == 200 and r["choices"][0]["message"]["content"] == library("Repeat the list. <GIST>", "cat <GIST> dog")
+    assert status == 200 and r["choices"][0]["message"]["content"] == library("Repeat the list. <GIST>",
+                                                                              "cat <GIST> dog")
 
 
 BAD = [
@@ -143,8 +149,10 @@ BAD = [
     ("unknown role", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     ("max_tokens 0", chat("Repeat.", "a", max_tokens=0), "max_tokens must be between 1 and"),
     ("max_tokens too large", chat("Repeat.", "a", max_tokens=10**6), "max_tokens must be between 1 and"),
-    ("max_tokens as text", chat("Repeat.", "a", max_tokens="5"), "max_tokens: Input should be a valid integer"),
-    ("max_completion_tokens 0", chat("Repeat.", "a", max_completion_tokens=0), "max_tokens must be between 1 and"),
+    ("max_tokens as text", chat("Repeat.", "a", max_tokens="5"),
+     "max_tokens: Input should be a valid integer"),
+    ("max_completion_tokens 0", chat("Repeat.", "a", max_completion_tokens=0),
+     "max_tokens must be between 1 and"),
     ("seed beyond 64 bits", chat("Repeat.", "a", seed=10**30), "seed: Input should be less than"),
     ("negative temperature", chat("Repeat.", "a", temperature=-1), "temperature"),
     ("two turns", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
@@ -166,8 +174,10 @@ def test_bad_requests_get_a_4xx_that_says_why(server, name, body, message):
 def test_refusals_that_need_the_model_and_the_server_goes_on(server, library):
     long = chat("Repeat the list.", "word " * 1000)
     status, r = post(server, "/v1/chat/completions", long)
-    assert status == 400 and r["error"]["code"] == "context_length_exceeded" and "positions" in r["error"]["message"]
-    status, chunks = stream(server, "/v1/chat/completions", {**long, "stream": True})  # refused before any stream
+    assert status == 400 and r["error"]["code"] == "context_length_exceeded"
+    assert "positions" in r["error"]["message"]
+    # refused before any stream
+    status, chunks = stream(server, "/v1/chat/completions", {**long, "stream": True})
     assert status == 400 and chunks[0]["error"]["code"] == "context_length_exceeded"
     status, r = post(server, "/v1/chat/completions", chat("Repeat.", "a", model="gpt-4"))
     assert status == 404 and r["error"]["code"] == "model_not_found" and "tiny-gist" in r["error"]["message"]
@@ -175,7 +185,8 @@ def test_refusals_that_need_the_model_and_the_server_goes_on(server, library):
     assert status == 400 and "prompt" in r["error"]["message"]
     assert server.healthy()
     status, r = post(server, "/v1/chat/completions", chat(PROBE_INSTRUCTIONS[0], PROBE_INPUTS[0]))
-    assert status == 200 and r["choices"][0]["message"]["content"] == library(PROBE_INSTRUCTIONS[0], PROBE_INPUTS[0])
+    assert status == 200 and r["choices"][0]["message"]["content"] == library(PROBE_INSTRUCTIONS[0],
+                                                                              PROBE_INPUTS[0])
 
 
 def test_openai_client(server, library):
@@ -191,7 +202,8 @@ def test_openai_client(server, library):
                                             max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == library(t, x)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
-        client.chat.completions.create(model="tiny-gist", messages=[{"role": "user", "content": x}], max_tokens=0)
+        client.chat.completions.create(model="tiny-gist", messages=[{"role": "user", "content": x}],
+                                       max_tokens=0)
 
 
 # -- a client that leaves mid-generation -----------------------------------------------------------
@@ -212,7 +224,8 @@ def test_a_client_leaving_mid_stream_does_not_disturb_its_batch(rambling_server)
 
     def leave():
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        conn.request("POST", "/v1/chat/completions", json.dumps(chat("Ramble on.", "a", max_tokens=400, stream=True)),
+        conn.request("POST", "/v1/chat/completions",
+                     json.dumps(chat("Ramble on.", "a", max_tokens=400, stream=True)),
                      {"Content-Type": "application/json"})
         r = conn.getresponse()
         for _ in range(3):  # a few chunks, then hang up
@@ -241,7 +254,8 @@ def test_serve_refuses_what_it_cannot_serve(tmp_path, capsys):
     from gist_lightning.cli import main
 
     for argv, message in [(["--model", str(tmp_path)], "no gist_config.json"),
-                          (["--model", str(tmp_path), "--cache_memory", "lots"], "cannot read 'lots' as a size")]:
+                          (["--model", str(tmp_path), "--cache_memory", "lots"],
+                           "cannot read 'lots' as a size")]:
         with pytest.raises(SystemExit) as e:
             main(["serve", *argv])
         assert e.value.code == 1 and message in capsys.readouterr().err
@@ -258,11 +272,13 @@ def test_judge_against_this_projects_server(server, library, tmp_path, monkeypat
         with open(tmp_path / name, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["x", "y_pred", "y_true"])
-            w.writerows([[f"Instruction: {t}\n<GIST>\nInput: {x}\nOutput:", answer(t, x), ""] for t, x in pairs])
+            w.writerows([[f"Instruction: {t}\n<GIST>\nInput: {x}\nOutput:", answer(t, x), ""]
+                         for t, x in pairs])
     before = get(server, "/v1/cache/stats")[1]["requests"]
     client = JudgeClient(server.url, "tiny-gist", api_key="unused")
     summary = judge(tmp_path / "a.csv", tmp_path / "b.csv", client, tmp_path / "j.csv")
-    assert get(server, "/v1/cache/stats")[1]["requests"] - before == 2 * len(pairs)  # both orders, every record
+    # both orders, every record
+    assert get(server, "/v1/cache/stats")[1]["requests"] - before == 2 * len(pairs)
     rows = list(csv.DictReader(open(tmp_path / "j.csv")))
     assert len(rows) == summary["records"] == len(pairs)
     for row in rows:  # what was recorded is what the endpoint answers to that question, read by the rules
@@ -273,7 +289,8 @@ def test_judge_against_this_projects_server(server, library, tmp_path, monkeypat
     # the command line: key from the environment, refuses to overwrite what it wrote
     monkeypatch.setenv("JUDGE_KEY", "unused")
     args = ["judge", "--a", str(tmp_path / "a.csv"), "--b", str(tmp_path / "b.csv"), "--url", server.url,
-            "--model", "tiny-gist", "--api_key_env", "JUDGE_KEY", "--out", str(tmp_path / "cli.csv"), "--limit", "2"]
+            "--model", "tiny-gist", "--api_key_env", "JUDGE_KEY", "--out", str(tmp_path / "cli.csv"),
+            "--limit", "2"]
     main(args)
     assert "2 records judged in both orders" in capsys.readouterr().out
     with pytest.raises(SystemExit):

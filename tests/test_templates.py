@@ -18,9 +18,11 @@ def test_template_strings_are_exact(make_pair, encoder_decoder):
     else:
         assert text == "<s>Instruction: Sort the words.\n<GIST><GIST>\nInput: b a\nOutput:"
     assert tok.decode(ex.target) == "a b</s>"
-    assert prompt_text("Sort the words.", "b a", 2, encoder_decoder) == text.removeprefix("<s>").removesuffix("</s>")
+    framed = text.removeprefix("<s>").removesuffix("</s>")
+    assert prompt_text("Sort the words.", "b a", 2, encoder_decoder) == framed
     empty = encode_example(tok, "Say hi.", "", "hi", 1, gist_id, encoder_decoder)
-    want = "Instruction: Say hi.\n<GIST>\nInput: </s>" if encoder_decoder else "<s>Instruction: Say hi.\n<GIST>\nOutput:"
+    want = ("Instruction: Say hi.\n<GIST>\nInput: </s>" if encoder_decoder
+            else "<s>Instruction: Say hi.\n<GIST>\nOutput:")
     assert tok.decode(empty.prompt) == want
 
 

@@ -56,7 +56,8 @@ def test_add_gist_token_never_shrinks_spare_rows(make_tokenizer, make_hf_config)
 def test_literal_gist_in_user_text_is_neutralised(make_pair):
     model, tok, gist_id = make_pair("llama")
     assert gist_id not in encode_text(tok, f"say {GIST_TOKEN} twice {GIST_TOKEN}</s>")
-    ex = encode_example(tok, f"copy {GIST_TOKEN} please", f"a {GIST_TOKEN} b", f"x {GIST_TOKEN}", 3, gist_id, False)
+    ex = encode_example(tok, f"copy {GIST_TOKEN} please", f"a {GIST_TOKEN} b", f"x {GIST_TOKEN}", 3, gist_id,
+                        False)
     ids = ex.prompt + ex.target
     assert ids.count(gist_id) == 3 and ex.gists == [gist_id] * 3
     assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
