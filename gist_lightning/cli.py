@@ -42,7 +42,8 @@ def default_callbacks():
         CompressionStats(),
         # enable_version_counter=False: the clock checkpoint (GistCLI) writes the same last.ckpt
         ModelCheckpoint(monitor=BEST_METRIC, mode=BEST_MODE, save_top_k=1, save_last=True,
-                        filename="best-step{step}", auto_insert_metric_name=False, enable_version_counter=False),
+                        filename="best-step{step}", auto_insert_metric_name=False,
+                        enable_version_counter=False),
         ExportBest(),
         RunSummary(),
         ResumableRun(),
@@ -51,7 +52,8 @@ def default_callbacks():
 
 class SaveConfigUnlessResuming(SaveConfigCallback):
     """Refuses, as Lightning's does, to overwrite the config.yaml of a run folder, except that a run
-    resumed into its own folder (``--ckpt_path``) writes ``config-resumed.yaml`` (``-1``, ``-2``...) beside it."""
+    resumed into its own folder (``--ckpt_path``) writes ``config-resumed.yaml`` (``-1``, ``-2``...)
+    beside it."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.config.get("ckpt_path") is not None:
@@ -64,7 +66,8 @@ class SaveConfigUnlessResuming(SaveConfigCallback):
 class GistCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--checkpoint_minutes", type=float, default=10.0,
-                            help="write last.ckpt at least every this many minutes of training (0: only at validation)")
+                            help="write last.ckpt at least every this many minutes of training (0: only "
+                            "at validation)")
         parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=None,
                             help="write last.ckpt every this many steps instead")
 
@@ -120,8 +123,8 @@ def cli_main(args=None, run: bool = True) -> LightningCLI:
 def score_main(argv: list[str]) -> None:
     from .evaluation.metrics import score_csv
 
-    parser = ArgumentParser(prog="gist-lightning score", description="ROUGE-L (x100) and exact match of predictions CSVs "
-                            "with y_pred and y_true columns, as the authors released them.")
+    parser = ArgumentParser(prog="gist-lightning score", description="ROUGE-L (x100) and exact match of "
+                            "predictions CSVs with y_pred and y_true columns, as the authors released them.")
     parser.add_argument("files", nargs="+", help="CSV files")
     cfg = parser.parse_args(argv)
     for path in cfg.files:
@@ -136,15 +139,17 @@ def export_main(argv: list[str]) -> None:
     import torch
 
 
-    parser = ArgumentParser(prog="gist-lightning export", description="Turn a Lightning checkpoint (a .ckpt file, or "
-                            "the folder a DeepSpeed ZeRO run saves) into an HF folder: model, tokenizer with <GIST>, "
-                            "gist_config.json.")
+    parser = ArgumentParser(prog="gist-lightning export", description="Turn a Lightning checkpoint (a .ckpt "
+                            "file, or the folder a DeepSpeed ZeRO run saves) into an HF folder: model, "
+                            "tokenizer with <GIST>, gist_config.json.")
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file or DeepSpeed checkpoint folder")
     parser.add_argument("--out", required=True, help="output folder (must not hold an export already)")
-    parser.add_argument("--dtype", default="float32", help="weights' dtype in the export: float32 or bfloat16")
+    parser.add_argument("--dtype", default="float32",
+                        help="weights' dtype in the export: float32 or bfloat16")
     parser.add_argument("--form", default="merged", choices=GistLitModule.EXPORT_FORMS,
-                        help="for a model.peft run: merged (adapters folded into the base: a plain HF folder) or "
-                        "adapter (PEFT's adapter files and token rows, loaded onto the base named inside)")
+                        help="for a model.peft run: merged (adapters folded into the base: a plain HF "
+                        "folder) or adapter (PEFT's adapter files and token rows, loaded onto the base named "
+                        "inside)")
     cfg = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = cfg.ckpt
@@ -159,7 +164,8 @@ def export_main(argv: list[str]) -> None:
             raise CorruptFileError(f"{ckpt}: not a readable Lightning checkpoint (not a torch zip archive: "
                                    "truncated, corrupt or another kind of file)")
         module = GistLitModule.load_from_checkpoint(ckpt, map_location="cpu")
-    if not (module.peft and module.peft.quantize):  # 4-bit weights cannot be cast; their adapters stay as trained
+    # 4-bit weights cannot be cast; their adapters stay as trained
+    if not (module.peft and module.peft.quantize):
         module.model.to(getattr(torch, cfg.dtype))
     out = module.export(cfg.out, form=cfg.form)
     form = f", {cfg.form}" if module.peft_model is not None else ""
@@ -177,21 +183,23 @@ def _load_model(path: str, dtype: str | None, device: str):
 
 def _add_answer_args(parser) -> None:
     """Arguments of the commands that answer inputs from a cache."""
-    parser.add_argument("--input", action="append", default=[], help="an input to answer from the cache (repeatable)")
+    parser.add_argument("--input", action="append", default=[],
+                        help="an input to answer from the cache (repeatable)")
     parser.add_argument("--inputs", default=None, help="a text file of inputs, one per line")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--on_overflow", default="error", choices=["error", "truncate_input"],
-                        help="an input that does not fit the model's positions: refuse (default) or drop its last words")
+                        help="an input that does not fit the model's positions: refuse (default) or drop its "
+                        "last words")
 
 
 def _answer(model, tokenizer, cache, cfg) -> int:
     """Print ``input<TAB>output`` for every input of ``--input``/``--inputs``; return how many."""
     inputs = cfg.input + (_read_lines(cfg.inputs) if cfg.inputs else [])
-    for x, y in zip(inputs, _generate_batched(model, tokenizer, cache, inputs, cfg.batch_size, cfg.max_new_tokens,
-                                              cfg.on_overflow)):
+    for x, y in zip(inputs, _generate_batched(model, tokenizer, cache, inputs, cfg.batch_size,
+                                              cfg.max_new_tokens, cfg.on_overflow)):
         print(f"{x}\t{y}")
     return len(inputs)
 
@@ -212,15 +220,17 @@ def _generate_batched(model, tokenizer, cache, inputs: list[str], batch_size: in
 def compress_main(argv: list[str]) -> None:
     from .caching import cache_bytes_per_position
 
-    parser = ArgumentParser(prog="gist-lightning compress", description="Compress an instruction (or, for a model "
-                            "trained with model.segments, a long context read from a file) into a gist cache file "
-                            "with an exported model; with --input, also answer inputs from it.")
-    parser.add_argument("--model", required=True, help="exported model folder (gist-lightning export, or a run's export/)")
+    parser = ArgumentParser(prog="gist-lightning compress", description="Compress an instruction (or, for a "
+                            "model trained with model.segments, a long context read from a file) into a gist "
+                            "cache file with an exported model; with --input, also answer inputs from it.")
+    parser.add_argument("--model", required=True,
+                        help="exported model folder (gist-lightning export, or a run's export/)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--instruction", help="the instruction to compress")
-    what.add_argument("--context", help="a text file (a document, a long system prompt) to compress segment by "
-                      "segment; the model must have been trained with model.segments")
-    parser.add_argument("--out", default=None, help="cache file to write (.safetensors); refuses to overwrite")
+    what.add_argument("--context", help="a text file (a document, a long system prompt) to compress segment "
+                      "by segment; the model must have been trained with model.segments")
+    parser.add_argument("--out", default=None,
+                        help="cache file to write (.safetensors); refuses to overwrite")
     _add_answer_args(parser)
     cfg = parser.parse_args(argv)
     if cfg.out and Path(cfg.out).exists():  # before any work: nothing the user had is overwritten
@@ -232,8 +242,8 @@ def compress_main(argv: list[str]) -> None:
         cache, text, n_tokens, what = _compress_instruction(model, tokenizer, settings, cfg.instruction)
     per_position = cache_bytes_per_position(model)
     print(f"{what}: {n_tokens} tokens -> {cache.length} cached position(s): compression factor "
-          f"{n_tokens / max(cache.length, 1):.1f}x; cache {cache.nbytes() / 1024:.1f} KiB (caching the text itself "
-          f"would hold {n_tokens * per_position / 1024:.1f} KiB)")
+          f"{n_tokens / max(cache.length, 1):.1f}x; cache {cache.nbytes() / 1024:.1f} KiB (caching the text "
+          f"itself would hold {n_tokens * per_position / 1024:.1f} KiB)")
     if cfg.out:
         from .prompt_cache import save_cache
 
@@ -263,8 +273,9 @@ def _compress_context_file(model, tokenizer, settings: dict, path: str):
     from .tokens import encode_text
 
     if not settings.get("segments"):
-        raise ValueError(f"--context {path}: this model was trained on short instructions (no model.segments); "
-                         "compress a long context with a model trained with model.segments, or pass --instruction")
+        raise ValueError(f"--context {path}: this model was trained on short instructions (no "
+                         "model.segments); compress a long context with a model trained with "
+                         "model.segments, or pass --instruction")
     if not Path(path).is_file():
         raise FileNotFoundError(f"--context {path}: no such file")
     text = read_text(path).strip()
@@ -273,20 +284,23 @@ def _compress_context_file(model, tokenizer, settings: dict, path: str):
     segments = SegmentSettings(**settings["segments"])
     cache = compress_context(model, tokenizer, [text], segments, settings["condition"])
     n_tokens = len(encode_text(tokenizer, text))
-    return cache, text, n_tokens, (f"context {path} ({settings['condition']}, segments of {segments.segment_tokens} "
-                                   f"tokens + {segments.gists_per_segment} {segments.placement} gists)")
+    return cache, text, n_tokens, (f"context {path} ({settings['condition']}, segments of "
+                                   f"{segments.segment_tokens} tokens + {segments.gists_per_segment} "
+                                   f"{segments.placement} gists)")
 
 
 def generate_main(argv: list[str]) -> None:
     from .prompt_cache import load_cache
 
-    parser = ArgumentParser(prog="gist-lightning generate", description="Answer inputs from a gist cache file, batched.")
+    parser = ArgumentParser(prog="gist-lightning generate",
+                            description="Answer inputs from a gist cache file, batched.")
     parser.add_argument("--model", required=True, help="the exported model folder the cache was made with")
     parser.add_argument("--cache", required=True, help="cache file written by gist-lightning compress")
     _add_answer_args(parser)
     cfg = parser.parse_args(argv)
     model, tokenizer, settings = _load_model(cfg.model, cfg.dtype, cfg.device)
-    cache = load_cache(cfg.cache, model, tokenizer, settings["num_gist_tokens"], segments=settings.get("segments"))
+    cache = load_cache(cfg.cache, model, tokenizer, settings["num_gist_tokens"],
+                       segments=settings.get("segments"))
     if not _answer(model, tokenizer, cache, cfg):
         raise ValueError("no inputs: pass --input TEXT or --inputs FILE")
 
@@ -319,7 +333,8 @@ LIGHTNING_COMMANDS = {
 }
 HELP = {
     "score": "ROUGE-L and exact match of predictions CSVs (columns y_pred, y_true)",
-    "export": "a Lightning checkpoint (or DeepSpeed checkpoint folder) -> an HF folder with the gist settings",
+    "export": ("a Lightning checkpoint (or DeepSpeed checkpoint folder) -> an HF folder with the gist "
+               "settings"),
     "compress": "compress an instruction (or a long context, --context FILE) into a gist cache file",
     "generate": "answer inputs from a gist cache file, batched",
     "judge": "pairwise comparison of two prediction CSVs by a judge model at any OpenAI-compatible endpoint",
