@@ -11,11 +11,11 @@ from gist_lightning.module import GistLitModule
 
 
 def test_packed_rows_draw_one_ratio_per_batch(tmp_path):
-    settings = SegmentSettings(segment_tokens=16, gists_per_segment=4, placement="coarse", train_ratios=(2, 8))
-    module = GistLitModule(model_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                         "max_position_embeddings": 1024},
-                           num_gist_tokens=4, segments=settings)
+    settings = SegmentSettings(segment_tokens=16, gists_per_segment=4, placement="coarse",
+                               train_ratios=(2, 8))
+    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+    module = GistLitModule(model_config=config, num_gist_tokens=4, segments=settings)
     module.configure_model()
     dm = LongRecall(cache_dir=str(tmp_path), train_size=48, validation_size=4, context_words=(20, 40),
                     batch_size=2, packing=True, limits={"max_length": 400}, human_limits={"max_length": 700})
