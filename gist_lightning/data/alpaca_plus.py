@@ -30,7 +30,8 @@ def split_file(folder: str | os.PathLike, split: str) -> Path:
     for name in (f"alpaca_plus_{split}.json", f"{split}.json", f"{split}.jsonl"):
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"{folder}: no file for split {split!r} (looked for alpaca_plus_{split}.json, {split}.json[l])")
+    raise FileNotFoundError(f"{folder}: no file for split {split!r} (looked for alpaca_plus_{split}.json, "
+                            f"{split}.json[l])")
 
 
 
@@ -103,7 +104,8 @@ def build_alpaca_plus(
         groups.setdefault(r["instruction"], []).append(r)
     candidates = [t for t, rs in groups.items() if sum(1 for r in rs if r["input"]) >= 2]
     if len(candidates) < seen_size:
-        raise ValueError(f"only {len(candidates)} Self-Instruct instructions qualify for validation_seen; asked {seen_size}")
+        raise ValueError(f"only {len(candidates)} Self-Instruct instructions qualify for validation_seen; "
+                         f"asked {seen_size}")
     seen_instr = set(rng.sample(candidates, seen_size))
     seen, held = [], set()
     for t in candidates:
@@ -113,9 +115,11 @@ def build_alpaca_plus(
             held.add(id(first))
 
     si_instructions = set(groups)
-    unseen_candidates = list(OrderedDict.fromkeys(r["instruction"] for r in alpaca if r["input"] and r["instruction"] not in si_instructions))
+    unseen_candidates = list(OrderedDict.fromkeys(r["instruction"] for r in alpaca
+                                                  if r["input"] and r["instruction"] not in si_instructions))
     if len(unseen_candidates) < unseen_size:
-        raise ValueError(f"only {len(unseen_candidates)} Alpaca instructions qualify for validation_unseen; asked {unseen_size}")
+        raise ValueError(f"only {len(unseen_candidates)} Alpaca instructions qualify for validation_unseen; "
+                         f"asked {unseen_size}")
     unseen_instr = set(rng.sample(unseen_candidates, unseen_size))
     unseen, taken = [], set()
     for r in alpaca:

@@ -141,14 +141,17 @@ class GistCollator:
             labels, _ = pad_batch([e.target for e in exs], IGNORE_INDEX, "right")
         else:
             input_ids, attention_mask = pad_batch([e.prompt + e.target for e in exs], pad, "left")
-            labels, _ = pad_batch([[IGNORE_INDEX] * len(e.prompt) + e.target for e in exs], IGNORE_INDEX, "left")
+            labels, _ = pad_batch([[IGNORE_INDEX] * len(e.prompt) + e.target for e in exs],
+                                  IGNORE_INDEX, "left")
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if gists is not None:
             batch["gists_per_segment"] = gists
         if self.for_generation:
-            batch["prefix_ids"], batch["prefix_mask"] = pad_batch([e.prefix + e.gists for e in exs], pad, "left")
+            batch["prefix_ids"], batch["prefix_mask"] = pad_batch(
+                [e.prefix + e.gists for e in exs], pad, "left")
             side = "right" if self.encoder_decoder else "left"
-            batch["continuation_ids"], batch["continuation_mask"] = pad_batch([e.suffix for e in exs], pad, side)
+            batch["continuation_ids"], batch["continuation_mask"] = pad_batch(
+                [e.suffix for e in exs], pad, side)
             batch["instruction_tokens"] = torch.tensor([len(e.prefix) for e in exs])
             batch["x"] = [r["x"] for r in rows]
             batch["y_true"] = [r["output"] for r in rows]

@@ -211,8 +211,8 @@ class GistDataModule(L.LightningDataModule):
                 raise ContextLengthError(f"data.{name}.max_length={limits.max_length} exceeds the model's "
                                          f"{context_length} positions; set it to {context_length} or less")
         if self.hparams.packing and encoder_decoder:
-            raise ValueError("data.packing puts several examples in one decoder row; an encoder-decoder model "
-                             "takes one source per row: set data.packing false")
+            raise ValueError("data.packing puts several examples in one decoder row; an encoder-decoder "
+                             "model takes one source per row: set data.packing false")
         if self.facts is None or self.facts.token_key != facts.token_key:
             self.datasets, self.dropped = {}, {}
             self._packing = (None,)  # the rows of the dropped training split
@@ -220,8 +220,9 @@ class GistDataModule(L.LightningDataModule):
 
     def _connected(self) -> ModelFacts:
         if self.facts is None:
-            raise RuntimeError(f"{type(self).__name__} has no tokenizer yet: run it with a GistLitModule in a "
-                               "Trainer, or call connect(tokenizer, encoder_decoder, num_gist_tokens, condition)")
+            raise RuntimeError(f"{type(self).__name__} has no tokenizer yet: run it with a GistLitModule in "
+                               "a Trainer, or call connect(tokenizer, encoder_decoder, num_gist_tokens, "
+                               "condition)")
         return self.facts
 
     @property
@@ -268,20 +269,22 @@ class GistDataModule(L.LightningDataModule):
         """The function that encodes one record of ``split`` for the connected model: a short
         instruction with k gists, or a long context with its segments' gists."""
         facts, limits = self._connected(), self.limits_for(split)
-        tok, gist_id, k, enc_dec = facts.tokenizer, facts.gist_token_id, facts.num_gist_tokens, facts.encoder_decoder
+        tok, gist_id, k, enc_dec = (facts.tokenizer, facts.gist_token_id, facts.num_gist_tokens,
+                                    facts.encoder_decoder)
         segments = facts.segments
         if segments is not None and split == TRAIN:  # limits hold for the most gists a batch can draw
             segments = replace(segments, gists_per_segment=segments.most_gists)
 
         def tokenize(rec):
             if segments is not None:
-                ex = encode_long_example(tok, rec["instruction"], rec["input"], rec["output"], segments, gist_id)
+                ex = encode_long_example(tok, rec["instruction"], rec["input"], rec["output"], segments,
+                                         gist_id)
             else:
                 ex = encode_example(tok, rec["instruction"], rec["input"], rec["output"], k, gist_id, enc_dec)
             fitted = fit_to_limits(ex, limits, enc_dec)
             ex, keep = fitted or ex, fitted is not None
-            return {"prefix": ex.prefix, "gists": ex.gists, "suffix": ex.suffix, "target": ex.target, "keep": keep,
-                    "x": prompt_text(rec["instruction"], rec["input"], k, enc_dec)}
+            return {"prefix": ex.prefix, "gists": ex.gists, "suffix": ex.suffix, "target": ex.target,
+                    "keep": keep, "x": prompt_text(rec["instruction"], rec["input"], k, enc_dec)}
 
         return tokenize
 
@@ -313,14 +316,15 @@ class GistDataModule(L.LightningDataModule):
     def longest_prompt(self, split: str) -> int:
         """Tokens of the longest prompt (instruction + gists + input) of a loaded split."""
         ds = self.datasets[split]
-        return max((len(a) + len(b) + len(c) for a, b, c in zip(ds["prefix"], ds["gists"], ds["suffix"])), default=0)
+        return max((len(a) + len(b) + len(c) for a, b, c in zip(ds["prefix"], ds["gists"], ds["suffix"])),
+                   default=0)
 
     # -- batching -----------------------------------------------------------------------------
     def collator(self, for_generation: bool, packed: bool = False) -> GistCollator:
         facts = self._connected()
         return GistCollator(facts.tokenizer.pad_token_id, facts.gist_token_id, facts.condition,
-                            facts.encoder_decoder, facts.num_gist_tokens, for_generation, packed, facts.segments,
-                            len(special_frame(facts.tokenizer)[0]))
+                            facts.encoder_decoder, facts.num_gist_tokens, for_generation, packed,
+                            facts.segments, len(special_frame(facts.tokenizer)[0]))
 
     def packed_rows(self) -> list[list[int]]:
         """The training examples' indices, packed into rows of ``limits.max_length`` tokens (once per
@@ -331,8 +335,9 @@ class GistDataModule(L.LightningDataModule):
             lengths = [len(a) + len(b) + len(c) + len(d)
                        for a, b, c, d in zip(ds["prefix"], ds["gists"], ds["suffix"], ds["target"])]
             rows = pack_rows(lengths, self.limits.max_length)
-            log.info("packing: %d examples into %d rows of %d tokens (%.0f%% filled)", len(lengths), len(rows),
-                     self.limits.max_length, 100 * sum(lengths) / max(1, len(rows) * self.limits.max_length))
+            log.info("packing: %d examples into %d rows of %d tokens (%.0f%% filled)", len(lengths),
+                     len(rows), self.limits.max_length,
+                     100 * sum(lengths) / max(1, len(rows) * self.limits.max_length))
             self._packing = (key, rows)
         return self._packing[1]
 
@@ -340,7 +345,8 @@ class GistDataModule(L.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def _batches_processed(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer is not None else 0
+        return (self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer is not None
+                else 0)
 
     def train_dataloader(self) -> DataLoader:
         self.load("fit")  # loaded already in a Trainer; says what it needs when never connected

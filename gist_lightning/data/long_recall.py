@@ -27,7 +27,8 @@ from .records import write_records
 from .suite import WORDS
 
 TASKS = ("recall", "two_hop", "count", "buried")
-KEYS = ("amber", "azure", "coral", "ivory", "jade", "lilac", "olive", "onyx", "ruby", "scarlet", "teal", "violet")
+KEYS = ("amber", "azure", "coral", "ivory", "jade", "lilac", "olive", "onyx", "ruby", "scarlet", "teal",
+        "violet")
 FILLER = ("the {a} sat near the {b} while the {c} watched.", "a {a} and a {b} went to the {c}.",
           "nobody saw the {a} behind the {b}.", "the {a} likes the {b} more than the {c}.",
           "after the rain the {a} found a {b}.")
@@ -68,15 +69,16 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
     if task == "recall":
         facts = [f"the code of {k} is {codes[k]}." for k in keys]
         target = rng.choice(keys)
-        needed, question, answer = [f"the code of {target} is {codes[target]}."], f"What is the code of {target}?", \
-            codes[target]
+        needed, question, answer = ([f"the code of {target} is {codes[target]}."],
+                                    f"What is the code of {target}?", codes[target])
     elif task == "two_hop":
         places = rng.sample(WORDS, len(keys))
         place_codes = {p: _code(rng) for p in places}
         facts = [f"{k} points to {p}." for k, p in zip(keys, places)] + \
                 [f"the code of {p} is {place_codes[p]}." for p in places]
         i = rng.randrange(len(keys))
-        needed = [f"{keys[i]} points to {places[i]}.", f"the code of {places[i]} is {place_codes[places[i]]}."]
+        needed = [f"{keys[i]} points to {places[i]}.",
+                  f"the code of {places[i]} is {place_codes[places[i]]}."]
         question, answer = f"What is the code of what {keys[i]} points to?", place_codes[places[i]]
     elif task == "count":
         colour = rng.choice(keys)
@@ -152,9 +154,10 @@ class LongRecall(GistDataModule):
     def folder(self) -> Path:
         h = self.hparams
         lo, hi = h.context_words
-        tasks = ("" if tuple(h.tasks) == TASKS else "-" + "+".join(h.tasks)) + ("" if h.facts == 6 else f"-facts{h.facts}")
-        return Path(h.cache_dir) / (f"long-recall-v{LONG_RECALL_VERSION}-seed{h.generation_seed}-train{h.train_size}"
-                                    f"-val{h.validation_size}-words{lo}-{hi}{tasks}")
+        tasks = (("" if tuple(h.tasks) == TASKS else "-" + "+".join(h.tasks))
+                 + ("" if h.facts == 6 else f"-facts{h.facts}"))
+        return Path(h.cache_dir) / (f"long-recall-v{LONG_RECALL_VERSION}-seed{h.generation_seed}"
+                                    f"-train{h.train_size}-val{h.validation_size}-words{lo}-{hi}{tasks}")
 
     def split_path(self, split: str) -> Path:
         return self.folder / f"{split}.json"
@@ -165,7 +168,8 @@ class LongRecall(GistDataModule):
         h = self.hparams
         lo, hi = h.context_words
         rng = random.Random(h.generation_seed)
-        asked_unseen = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"] for k in UNSEEN_KEYS)  # noqa: E731
+        asked_unseen = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"]  # noqa: E731
+                                     for k in UNSEEN_KEYS)
 
         def draw(n, words, keep, tasks=tuple(h.tasks)):
             out = []

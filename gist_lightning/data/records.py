@@ -31,7 +31,8 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[dict, int, int | No
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            raise DataFormatError(f"{path}: malformed JSON at line {e.lineno}, "
+                                  f"column {e.colno}: {e.msg}") from None
         return [(rec, i, None) for i, rec in enumerate(data)]
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -46,13 +47,15 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[dict, int, int | No
 
 def check_record(rec, path: Path, index: int, line: int | None, fields=FIELDS) -> dict:
     if not isinstance(rec, dict):
-        raise DataFormatError(f"{record_location(path, index, line)}: expected an object, got {type(rec).__name__}")
+        raise DataFormatError(f"{record_location(path, index, line)}: expected an object, got "
+                              f"{type(rec).__name__}")
     for field in fields:
         if field not in rec:
             raise DataFormatError(f"{record_location(path, index, line)}: missing field {field!r}")
         if not isinstance(rec[field], str):
             raise DataFormatError(
-                f"{record_location(path, index, line)}: field {field!r} must be a string, got {type(rec[field]).__name__}"
+                f"{record_location(path, index, line)}: field {field!r} must be a string, got "
+                f"{type(rec[field]).__name__}"
             )
     return rec
 
@@ -66,7 +69,8 @@ def load_records(path: str | os.PathLike, default_source: str = "local") -> list
         source = rec.get("source", default_source)
         if not isinstance(source, str):
             raise DataFormatError(f"{record_location(path, index, line)}: field 'source' must be a string")
-        out.append({"instruction": rec["instruction"], "input": rec["input"], "output": rec["output"], "source": source})
+        out.append({"instruction": rec["instruction"], "input": rec["input"], "output": rec["output"],
+                    "source": source})
     return out
 
 
