@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gist_lightning.data.suite import TASKS, _all_params
+from gist_lightning.data.suite import TASKS, all_params
 from gist_lightning.evaluation.metrics import read_predictions_csv, rouge_l
 from gist_lightning.evaluation.stats import format_mean_count
 from gist_lightning.templates import without_gists
@@ -26,7 +26,7 @@ def groups_of_wordings() -> dict[str, str]:
     out = {}
     for task in TASKS:
         for i, sentence in enumerate(task.held_out, 1):
-            for params in _all_params(task):
+            for params in all_params(task):
                 out.setdefault(sentence.format(**params), f"held-out sentence {i}")
     return out
 

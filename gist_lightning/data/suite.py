@@ -235,12 +235,15 @@ def training_wordings(task: Task) -> set[str]:
         lower = paraphrase[0].lower() + paraphrase[1:]
         for f in frames:
             text = f.format(s=paraphrase, l=lower, b=lower.rstrip(".?!"))
-            for params in _all_params(task):
+            for params in all_params(task):
                 out.add(text.format(**params))
     return out
 
 
-def _all_params(task: Task) -> list[dict[str, str]]:
+def all_params(task: Task) -> list[dict[str, str]]:
+    """Every parameter setting training draws for ``task`` (held-out words left out), as the
+    ``str.format`` keywords of its wordings: ``{"x": ...}``, ``{"x": ..., "y": ...}`` (two different
+    words) or ``{"n": ...}`` (an ordinal); ``[{}]`` for a family without a parameter."""
     pool = [w for w in WORDS if w not in HELD_OUT_WORDS]
     if task.param is None:
         return [{}]
@@ -249,6 +252,10 @@ def _all_params(task: Task) -> list[dict[str, str]]:
     if task.param == "word":
         return [{"x": x} for x in pool]
     return [{"x": x, "y": y} for x in pool for y in pool if y != x]
+
+
+# the name tests/test_data_suite.py imports
+_all_params = all_params
 
 
 def _params(task: Task, held_out: bool, rng: random.Random) -> dict[str, str]:
