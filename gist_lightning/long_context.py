@@ -64,15 +64,17 @@ class SegmentSettings:
     compact_positions: bool = False
 
     def __post_init__(self):
-        masks.interleave_gists([0], self.segment_tokens, self.gists_per_segment, self.placement, 1)  # the checks
+        # the checks
+        masks.interleave_gists([0], self.segment_tokens, self.gists_per_segment, self.placement, 1)
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 segment (or None); got {self.window}")
         if self.train_ratios is not None:
             object.__setattr__(self, "train_ratios", tuple(int(r) for r in self.train_ratios))
             for r in self.train_ratios:
                 if r < 1 or self.segment_tokens % r:
-                    raise ValueError(f"train_ratios: ratio {r} does not divide segment_tokens {self.segment_tokens} "
-                                     "(each ratio must give a whole number of gists per segment)")
+                    raise ValueError(f"train_ratios: ratio {r} does not divide segment_tokens "
+                                     f"{self.segment_tokens} (each ratio must give a whole number of gists "
+                                     "per segment)")
                 masks.interleave_gists([0], self.segment_tokens, self.segment_tokens // r, self.placement, 1)
 
     @property
@@ -134,8 +136,8 @@ def masked_forward(model, input_ids, attention_mask, gist_token_id: int, setting
     padding side, or packed rows of several examples numbered by ``segment_ids``): what training
     computes, and the reference the segment-wise cache must equal."""
     if settings.compact_positions:
-        positions = masks.compact_position_ids(input_ids, attention_mask, gist_token_id, settings.gists_per_segment,
-                                               segment_ids)
+        positions = masks.compact_position_ids(input_ids, attention_mask, gist_token_id,
+                                               settings.gists_per_segment, segment_ids)
     elif segment_ids is None:
         positions = masks.padding_position_ids(attention_mask)
     else:
@@ -151,8 +153,9 @@ def masked_forward(model, input_ids, attention_mask, gist_token_id: int, setting
             bsz, seq_len, seq_len, input_ids.device)
         with static_shapes_on_cpu(input_ids.device):
             return model(input_ids=input_ids, position_ids=positions, attention_mask=mask, **kwargs)
-    allowed = masks.long_context_attention_mask(input_ids, attention_mask, gist_token_id, settings.gists_per_segment,
-                                                condition, settings.window, segment_ids)
+    allowed = masks.long_context_attention_mask(input_ids, attention_mask, gist_token_id,
+                                                settings.gists_per_segment, condition, settings.window,
+                                                segment_ids)
     return model(input_ids=input_ids, position_ids=positions,
                  attention_mask=self_attention_masks(model, allowed, positions, positions), **kwargs)
 
@@ -254,8 +257,9 @@ def compress_context_ids(model, rows: list[list[int]], gist_token_id: int, pad_t
         else:
             keep = torch.zeros_like(pad, dtype=torch.bool)
         width_kept = int(keep.sum(-1).max()) if keep.numel() else 0
-        # the kept columns of each row, left-padded to width_kept (rows past their last segment keep none)
-        order = torch.sort(keep.long(), dim=-1, stable=True).indices[:, width - width_kept:]  # (B, width_kept)
+        # the kept columns of each row, left-padded to width_kept (rows past their last segment keep
+        # none): (B, width_kept)
+        order = torch.sort(keep.long(), dim=-1, stable=True).indices[:, width - width_kept:]
         new_valid = keep.gather(1, order)
         layers = out.cache.layers
         kept = [(torch.cat([layer.keys[:, :, :n_past], _take(layer.keys[:, :, n_past:], order)], 2),

@@ -63,7 +63,8 @@ def gist_span(
         if wrong.any():
             rows = wrong.nonzero().flatten().tolist()
             raise ValueError(
-                f"rows {rows} hold {count[wrong].tolist()} gist tokens; expected num_gist_tokens={num_gist_tokens}"
+                f"rows {rows} hold {count[wrong].tolist()} gist tokens; expected "
+                f"num_gist_tokens={num_gist_tokens}"
             )
     first = torch.where(has, first, seq_len)
     last = torch.where(has, last, seq_len)
@@ -116,8 +117,8 @@ def segment_gist_spans(
     n_seg = int(segment_ids.max()) + 1 if segment_ids.numel() else 1
     is_gist = (input_ids == gist_token_id) & (segment_ids > 0)
     idx = torch.arange(seq_len, device=input_ids.device).expand(bsz, seq_len)
-    per_segment = lambda fill, values, how: torch.full((bsz, n_seg), fill, device=input_ids.device).scatter_reduce(  # noqa: E731
-        1, segment_ids, values, how)
+    per_segment = lambda fill, values, how: (  # noqa: E731
+        torch.full((bsz, n_seg), fill, device=input_ids.device).scatter_reduce(1, segment_ids, values, how))
     first = per_segment(seq_len, torch.where(is_gist, idx, seq_len), "amin")
     last = per_segment(-1, torch.where(is_gist, idx, -1), "amax")
     count = per_segment(0, is_gist.long(), "sum")
@@ -190,8 +191,12 @@ def interleave_gists(context_ids: list[int], segment_tokens: int, gists_per_segm
     return out
 
 
-def context_labels(input_ids: torch.Tensor, gist_token_id: int, gists_per_segment: int,
-                   segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def context_labels(
+    input_ids: torch.Tensor,
+    gist_token_id: int,
+    gists_per_segment: int,
+    segment_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(seg (B, S), is_gist (B, S), after (B, S)) for :func:`_context_rule`: a position's context
     segment is the number of gist tokens before it (in its packed example) // ``gists_per_segment``,
     so everything after the last gist is segment ``after`` = the example's gists // gists_per_segment.
@@ -216,8 +221,9 @@ def context_labels(input_ids: torch.Tensor, gist_token_id: int, gists_per_segmen
             1, segment_ids, count, "amax")
         total = per.gather(1, segment_ids)
     if (total % gists_per_segment).any():
+        rows = sorted(set((total % gists_per_segment != 0).nonzero()[:, 0].tolist()))
         raise ValueError(f"a row holds a number of gist tokens that is not a multiple of gists_per_segment "
-                         f"({gists_per_segment}): {sorted(set((total % gists_per_segment != 0).nonzero()[:, 0].tolist()))}")
+                         f"({gists_per_segment}): {rows}")
     return exclusive // gists_per_segment, is_gist, total // gists_per_segment
 
 
@@ -252,8 +258,9 @@ def _long_decoder_rule(b, q, k, segment_ids, seg, is_gist, after, condition: str
             & _context_rule(seg[b, q], seg[b, k], is_gist[b, k], after[b, q], condition, window))
 
 
-def long_context_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, gist_token_id: int,
-                                gists_per_segment: int, condition: str, window: int | None = None,
+def long_context_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                                gist_token_id: int, gists_per_segment: int, condition: str,
+                                window: int | None = None,
                                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Decoder-only self-attention over a segmented context (:func:`interleave_gists`) and what
     follows it, as a dense (B, 1, S, S) bool mask; ``window``: context tokens see the gists of only
@@ -266,13 +273,13 @@ def long_context_attention_mask(input_ids: torch.Tensor, attention_mask: torch.T
     bsz, seq_len = input_ids.shape
     idx = torch.arange(seq_len, device=input_ids.device)
     b = torch.arange(bsz, device=input_ids.device)[:, None, None]
-    return _long_decoder_rule(b, idx[None, :, None], idx[None, None, :], segments, seg, is_gist, after, condition,
-                              window)[:, None]
+    return _long_decoder_rule(b, idx[None, :, None], idx[None, None, :], segments, seg, is_gist, after,
+                              condition, window)[:, None]
 
 
-def long_context_mask_mod(segment_ids: torch.Tensor, seg: torch.Tensor, is_gist: torch.Tensor, after: torch.Tensor,
-                          condition: str, window: int | None = None, positions: torch.Tensor | None = None,
-                          sliding: int | None = None):
+def long_context_mask_mod(segment_ids: torch.Tensor, seg: torch.Tensor, is_gist: torch.Tensor,
+                          after: torch.Tensor, condition: str, window: int | None = None,
+                          positions: torch.Tensor | None = None, sliding: int | None = None):
     """The FlexAttention ``mask_mod`` of :func:`long_context_attention_mask` (labels from
     :func:`context_labels`), and of a layer's sliding window of ``sliding`` positions (by position
     id) when set. ``window`` is the segment rule's window of earlier segments' gists."""
@@ -313,7 +320,8 @@ def condition_mask(
     """The condition's rule alone, before causal and padding masks: (B, S, S) bool."""
     first, last = gist_span(input_ids, gist_token_id, num_gist_tokens)
     idx = torch.arange(input_ids.shape[1], device=input_ids.device)
-    return _condition_rule(idx[None, :, None], idx[None, None, :], first[:, None, None], last[:, None, None], condition)
+    return _condition_rule(idx[None, :, None], idx[None, None, :], first[:, None, None], last[:, None, None],
+                           condition)
 
 
 def decoder_segments(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -400,7 +408,8 @@ def _prefix_rule(b, q, k, key_valid, n_prefix: int, causal: bool) -> torch.Tenso
     return allowed & (k <= n_prefix + q) if causal else allowed
 
 
-def prefix_attention_mask(prefix_valid: torch.Tensor, attention_mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def prefix_attention_mask(prefix_valid: torch.Tensor, attention_mask: torch.Tensor,
+                          causal: bool = True) -> torch.Tensor:
     """Mask for new tokens that follow a cached prefix: (B, 1, T, L+T) bool, from the L cached
     positions' validity ``prefix_valid`` (B, L) and the new tokens' padding ``attention_mask`` (B, T)."""
     key_valid = torch.cat([prefix_valid.bool(), attention_mask.bool()], -1)
@@ -414,7 +423,8 @@ def prefix_attention_mask(prefix_valid: torch.Tensor, attention_mask: torch.Tens
     return allowed.expand(bsz, new_len, n_prefix + new_len)[:, None]
 
 
-def sliding_window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
+def sliding_window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
+                        window: int) -> torch.Tensor:
     """Keys within ``window`` positions behind each query, by position id: (B, 1, T, S) bool."""
     return within_window(query_positions[:, :, None], key_positions[:, None, :], window)[:, None]
 
