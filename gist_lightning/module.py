@@ -34,7 +34,8 @@ def shard_with_fsdp2(model, device_mesh) -> None:
     final norm) the root's. Every rank then runs every forward (generation included) together."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    mesh = (device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ())
+            else device_mesh)
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     units = [m for m in model.modules() if type(m).__name__ in blocks]
     if not units:
@@ -106,7 +107,8 @@ class GistLitModule(L.LightningModule):
     ):
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
-            raise ValueError("give exactly one of model_name_or_path (pretrained) or model_config (from scratch)")
+            raise ValueError("give exactly one of model_name_or_path (pretrained) or model_config (from "
+                             "scratch)")
         if model_config is not None and "model_type" not in model_config:
             raise ValueError("model_config needs a 'model_type' (e.g. llama, t5)")
         if num_gist_tokens < 1:
@@ -161,13 +163,14 @@ class GistLitModule(L.LightningModule):
         """What a :class:`~gist_lightning.data.datamodule.GistDataModule` takes from the model."""
         h = self.hparams
         return {"tokenizer": self.tokenizer, "encoder_decoder": self.encoder_decoder,
-                "num_gist_tokens": h.num_gist_tokens, "condition": h.condition, "context_length": self.context_length,
-                "segments": self.segments}
+                "num_gist_tokens": h.num_gist_tokens, "condition": h.condition,
+                "context_length": self.context_length, "segments": self.segments}
 
     @property
     def context_length(self) -> int | None:
         """Positions a prompt and its completion may span (None: no fixed limit, e.g. T5)."""
-        family = FAMILIES.get(self.hf_config.model_type)  # an unknown family is refused when the model is built
+        # an unknown family is refused when the model is built
+        family = FAMILIES.get(self.hf_config.model_type)
         return backend_named(family.backend).context_length(self.hf_config) if family else None
 
     def configure_model(self) -> None:
@@ -197,8 +200,8 @@ class GistLitModule(L.LightningModule):
         if self.peft is not None and self.peft.quantize:
             adapters.check_quantization_possible(self.peft)
             extra["quantization_config"] = adapters.quantization_config(self.peft, dtype)
-        return cls.from_pretrained(h.model_name_or_path, attn_implementation=h.attn_implementation, dtype=dtype,
-                                   **extra)
+        return cls.from_pretrained(h.model_name_or_path, attn_implementation=h.attn_implementation,
+                                   dtype=dtype, **extra)
 
     def _prepare_for_training(self, model):
         """k-bit preparation (QLoRA), gradient checkpointing and the LoRA adapters, as configured."""
@@ -211,11 +214,12 @@ class GistLitModule(L.LightningModule):
         if self.peft is not None:
             # the adapters go into the model in place; the wrapper is kept out of the module tree
             # (object.__setattr__) so that the weights are registered once, under self.model
-            object.__setattr__(self, "peft_model", adapters.apply_peft(model, self.peft, self.trained_token_ids))
+            object.__setattr__(self, "peft_model",
+                               adapters.apply_peft(model, self.peft, self.trained_token_ids))
             trainable, total = adapters.parameter_counts(model)
             rank_zero_info(f"model.peft: training {trainable:,} of {total:,} parameters "
-                           f"({100 * trainable / total:.3f}%): rank-{self.peft.rank} adapters and the rows of "
-                           f"tokens {self.trained_token_ids}")
+                           f"({100 * trainable / total:.3f}%): rank-{self.peft.rank} adapters and the rows "
+                           f"of tokens {self.trained_token_ids}")
         return model
 
     @property
@@ -240,8 +244,8 @@ class GistLitModule(L.LightningModule):
         if self.peft_model is None:
             if form == "adapter":
                 raise GistError("an adapter export needs a model.peft run; this one trained every weight")
-            return export_pretrained(self.model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite,
-                                     source, h.segments)
+            return export_pretrained(self.model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition,
+                                     overwrite, source, h.segments)
         if form == "adapter":
             return export_adapter(self.peft_model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition,
                                   h.model_name_or_path, self._new_token_ids, overwrite, source, h.segments)
@@ -249,8 +253,8 @@ class GistLitModule(L.LightningModule):
             raise GistError("a 4-bit base cannot be merged exactly; export form 'adapter' and load it on the "
                             "full-precision base")
         merged = copy.deepcopy(self.peft_model).merge_and_unload()
-        return export_pretrained(merged, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite, source,
-                                 h.segments)
+        return export_pretrained(merged, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite,
+                                 source, h.segments)
 
     # -- checkpoints hold only what trains under model.peft -----------------------------------
     def trainable_names(self) -> set[str]:
@@ -268,7 +272,8 @@ class GistLitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # applied at the first training batch of a resumed fit (creating the data iterator draws from
         # the random state); only rank 0's state is saved, so with several processes it is not restored
-        resuming = (self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.world_size == 1)
+        resuming = (self._trainer is not None and self.trainer.state.fn == "fit"
+                    and self.trainer.world_size == 1)
         self._resumed_rng = checkpoint.get("rng_states") if resuming else None
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -285,8 +290,9 @@ class GistLitModule(L.LightningModule):
         if self.peft is not None and self.model is not None:
             missing = sorted(self.trainable_names() - set(state_dict))
             if missing:
-                raise CorruptFileError(f"the checkpoint lacks {len(missing)} trainable tensors of this model.peft "
-                                       f"run (first: {missing[0]}); was it saved with other peft settings?")
+                raise CorruptFileError(f"the checkpoint lacks {len(missing)} trainable tensors of this "
+                                       f"model.peft run (first: {missing[0]}); was it saved with other peft "
+                                       "settings?")
             full = self.state_dict()
             full.update(state_dict)
             state_dict = full
@@ -313,15 +319,17 @@ class GistLitModule(L.LightningModule):
         """Refuse settings that cannot run together, with what to change."""
         if self.segments is not None and self.encoder_decoder:
             raise GistError("model.segments gists long contexts segment by segment in a decoder; a T5-style "
-                            "encoder reads its whole source at once: drop model.segments or use a decoder-only model")
-        if (stage == "fit" and self.hparams.attn_implementation == "flex_attention" and self._trainer is not None
-                and self.trainer.strategy.root_device.type == "cpu"):
-            raise GistError("attn_implementation=flex_attention cannot train on a CPU: torch has no FlexAttention "
-                            "backward there. Train with sdpa on CPU (validation and compress under flex_attention "
-                            "do run on CPU), or on a GPU")
-        if self.peft is not None and self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            raise GistError("model.peft runs on one GPU, with DDP or with FSDP; DeepSpeed would shard and save the "
-                            "frozen base too: use configs/strategies/fsdp.yaml or ddp.yaml instead")
+                            "encoder reads its whole source at once: drop model.segments or use a "
+                            "decoder-only model")
+        if (stage == "fit" and self.hparams.attn_implementation == "flex_attention"
+                and self._trainer is not None and self.trainer.strategy.root_device.type == "cpu"):
+            raise GistError("attn_implementation=flex_attention cannot train on a CPU: torch has no "
+                            "FlexAttention backward there. Train with sdpa on CPU (validation and compress "
+                            "under flex_attention do run on CPU), or on a GPU")
+        if (self.peft is not None and self._trainer is not None
+                and isinstance(self.trainer.strategy, DeepSpeedStrategy)):
+            raise GistError("model.peft runs on one GPU, with DDP or with FSDP; DeepSpeed would shard and "
+                            "save the frozen base too: use configs/strategies/fsdp.yaml or ddp.yaml instead")
 
     def _datamodule(self) -> GistDataModule | None:
         """The Trainer's DataModule when it is one of ours (None: dataloaders given directly)."""
@@ -358,7 +366,8 @@ class GistLitModule(L.LightningModule):
                                                                           self.segments.gists_per_segment))
             return long_context.masked_forward(self.model, batch["input_ids"], batch["attention_mask"],
                                                self.gist_token_id, settings, h.condition,
-                                               segment_ids=batch.get("segment_ids"), labels=batch["labels"]).loss
+                                               segment_ids=batch.get("segment_ids"),
+                                               labels=batch["labels"]).loss
         return gist_forward(
             self.model, batch["input_ids"], batch["attention_mask"], self.gist_token_id, h.condition,
             labels=batch["labels"], num_gist_tokens=h.num_gist_tokens, segment_ids=batch.get("segment_ids"),
@@ -383,11 +392,12 @@ class GistLitModule(L.LightningModule):
                                                       self.segments, h.condition)
             cont, cont_mask = batch["continuation_ids"], batch["continuation_mask"]
         else:
-            cache = caching.compress_ids(self.model, batch["prefix_ids"], batch["prefix_mask"], self.gist_token_id,
-                                         h.condition, h.num_gist_tokens)
+            cache = caching.compress_ids(self.model, batch["prefix_ids"], batch["prefix_mask"],
+                                         self.gist_token_id, h.condition, h.num_gist_tokens)
             cont, cont_mask = batch["continuation_ids"], batch["continuation_mask"]
         ids = generation.generate_ids(self.model, cache, cont, cont_mask, h.max_new_tokens, tok.eos_token_id,
-                                   tok.pad_token_id, sync_ranks=self._trainer is not None and self.trainer.world_size > 1)
+                                      tok.pad_token_id,
+                                      sync_ranks=self._trainer is not None and self.trainer.world_size > 1)
         return generation.decode_new_tokens(tok, ids), cache
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0) -> ValidationBatchOutput:
@@ -398,7 +408,8 @@ class GistLitModule(L.LightningModule):
         preds, _ = self.generate_batch(batch)
         real = [not pad for pad in batch["is_padding"]]  # repeats that only keep ranks in step
         keep = lambda values: [v for v, r in zip(values, real) if r]  # noqa: E731
-        return ValidationBatchOutput(split=split, x=keep(batch["x"]), y_pred=keep(preds), y_true=keep(batch["y_true"]),
+        return ValidationBatchOutput(split=split, x=keep(batch["x"]), y_pred=keep(preds),
+                                     y_true=keep(batch["y_true"]),
                                      instruction_tokens=keep(batch["instruction_tokens"].tolist()))
 
     test_step = validation_step
