@@ -40,8 +40,8 @@ def test_the_needed_fact_can_be_anywhere():
     """A quarter of the records need a fact in each quarter of the context: keeping only the end of
     a context (truncation to the same cached positions as a 4x compression) loses most answers."""
     recs = generate_long_recall(seed=0, size=400)
-    quarters = [sum(q / 4 <= r["fact_at"] < (q + 1) / 4 or (q == 3 and r["fact_at"] == 1) for r in recs) / len(recs)
-                for q in range(4)]
+    quarters = [sum(q / 4 <= r["fact_at"] < (q + 1) / 4 or (q == 3 and r["fact_at"] == 1) for r in recs)
+                / len(recs) for q in range(4)]
     assert all(0.12 <= share <= 0.4 for share in quarters), quarters
 
 
@@ -61,9 +61,11 @@ def test_the_datamodule_writes_its_splits_and_tokenizes_contexts_in_segments(tmp
     from gist_lightning.tokens import add_gist_token, gist_token_id, load_tokenizer
 
     dm = LongRecall(cache_dir=str(tmp_path), train_size=40, validation_size=8, context_words=(60, 90),
-                    batch_size=4, eval_batch_size=4, limits={"max_length": 400}, human_limits={"max_length": 700})
+                    batch_size=4, eval_batch_size=4, limits={"max_length": 400},
+                    human_limits={"max_length": 700})
     dm.prepare_data()
-    asked = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"] for k in UNSEEN_KEYS)  # noqa: E731
+    asked = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"]  # noqa: E731
+                          for k in UNSEEN_KEYS)
     train = load_records(dm.split_path("train"))
     assert len(train) == 40 and not any(asked(r) for r in train)
     assert all(asked(r) for r in load_records(dm.split_path("validation_unseen")))
@@ -93,20 +95,23 @@ def test_training_draws_a_ratio_per_batch_and_the_loss_follows_it(tmp_path):
     from gist_lightning.long_context import SegmentSettings, masked_forward
     from gist_lightning.module import GistLitModule
 
-    settings = SegmentSettings(segment_tokens=16, gists_per_segment=4, placement="fine", train_ratios=(2, 4, 8))
+    settings = SegmentSettings(segment_tokens=16, gists_per_segment=4, placement="fine",
+                               train_ratios=(2, 4, 8))
     module = GistLitModule(model_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                         "max_position_embeddings": 1024},
+                                         "num_hidden_layers": 2, "num_attention_heads": 4,
+                                         "num_key_value_heads": 2, "max_position_embeddings": 1024},
                            num_gist_tokens=4, segments=settings)
     module.configure_model()
     dm = LongRecall(cache_dir=str(tmp_path), train_size=64, validation_size=4, context_words=(30, 50),
-                    batch_size=4, eval_batch_size=4, limits={"max_length": 400}, human_limits={"max_length": 700})
+                    batch_size=4, eval_batch_size=4, limits={"max_length": 400},
+                    human_limits={"max_length": 700})
     dm.prepare_data()
     dm.connect(**module.data_facts())
     dm.setup("fit")
     gist = module.gist_token_id
     batches = list(dm.train_dataloader())
-    assert [b["gists_per_segment"] for b in batches] == [b["gists_per_segment"] for b in dm.train_dataloader()]
+    assert ([b["gists_per_segment"] for b in batches]
+            == [b["gists_per_segment"] for b in dm.train_dataloader()])
     assert {b["gists_per_segment"] for b in batches} == {8, 4, 2}  # 16 / (2, 4, 8)
     reference = {tuple(t for t in r["prefix"] + r["gists"] + r["suffix"] + r["target"] if t != gist)
                  for r in dm.datasets["train"]}
@@ -120,7 +125,8 @@ def test_training_draws_a_ratio_per_batch_and_the_loss_follows_it(tmp_path):
     with torch.no_grad():
         loss = module._loss(batch)
         drawn = masked_forward(module.model, batch["input_ids"], batch["attention_mask"], gist,
-                               settings.at_ratio(16 // batch["gists_per_segment"]), labels=batch["labels"]).loss
+                               settings.at_ratio(16 // batch["gists_per_segment"]),
+                               labels=batch["labels"]).loss
         assert torch.equal(loss, drawn)
     # validation batches keep the model's own layout and carry no drawn ratio
     val = next(iter(dm.val_dataloader()[0]))
