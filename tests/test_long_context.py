@@ -58,7 +58,8 @@ def test_the_segment_cache_equals_the_masked_full_forward(make_pair, family, pla
     want = {"gist": gists, "neg_control": [0, 0, 0], "pos_control": [len(p) for p in prefixes]}[condition]
     assert held == want
     if condition == "gist":  # one segment at a time: the gists plus one segment, never the context
-        assert cache.meta["peak_positions"] <= max(gists) + settings.segment_tokens + settings.gists_per_segment + 1
+        assert (cache.meta["peak_positions"]
+                <= max(gists) + settings.segment_tokens + settings.gists_per_segment + 1)
         assert cache.meta["peak_positions"] < max(len(p) for p in prefixes)
 
 
@@ -127,18 +128,19 @@ def test_a_segment_model_trains_validates_through_segment_caches_and_exports(tmp
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["fit", "--config", str(root / "configs" / "tiny.yaml"), "--config",
-                    str(root / "configs" / "tiny-long.yaml"), "--trainer.max_steps", "6",
+    cli = cli_main(["fit", "--config", str(root / "configs" / "tiny.yaml"),
+                    "--config", str(root / "configs" / "tiny-long.yaml"), "--trainer.max_steps", "6",
                     "--trainer.val_check_interval", "6", "--trainer.enable_progress_bar", "false",
-                    "--model.model_config", '{"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, '
-                    '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, '
-                    '"max_position_embeddings": 2048}', "--data.train_size", "48",
-                    "--data.validation_size", "6", "--data.eval_batch_size", "3", "--data.context_words", "[60, 90]",
-                    "--data.cache_dir", str(tmp_path / "cache"), "--model.max_new_tokens", "4"])
+                    "--model.model_config", '{"model_type": "llama", "hidden_size": 32, '
+                    '"intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, '
+                    '"num_key_value_heads": 2, "max_position_embeddings": 2048}', "--data.train_size", "48",
+                    "--data.validation_size", "6", "--data.eval_batch_size", "3",
+                    "--data.context_words", "[60, 90]", "--data.cache_dir", str(tmp_path / "cache"),
+                    "--model.max_new_tokens", "4"])
     export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportBest)).path
     model, tok, settings = load_pretrained(export)
-    assert settings["segments"] == {"segment_tokens": 32, "gists_per_segment": 4, "placement": "fine", "window": None,
-                                    "max_context_tokens": None, "train_ratios": None}
+    assert settings["segments"] == {"segment_tokens": 32, "gists_per_segment": 4, "placement": "fine",
+                                    "window": None, "max_context_tokens": None, "train_ratios": None}
     run = Path(cli.trainer.log_dir)
     [seen] = (run / "predictions").glob("*-validation_seen.csv")
     rows = list(csv.DictReader(open(seen)))
@@ -154,16 +156,18 @@ def test_a_segment_model_trains_validates_through_segment_caches_and_exports(tmp
 def test_segment_settings_must_agree_with_k():
     from gist_lightning.module import GistLitModule
 
-    with pytest.raises(ValueError, match=r"num_gist_tokens \(1\) must equal model.segments.gists_per_segment \(4\)"):
-        GistLitModule(model_config={"model_type": "llama"}, segments={"segment_tokens": 32, "gists_per_segment": 4})
+    with pytest.raises(ValueError, match=r"num_gist_tokens \(1\) must equal "
+                                         r"model.segments.gists_per_segment \(4\)"):
+        GistLitModule(model_config={"model_type": "llama"},
+                      segments={"segment_tokens": 32, "gists_per_segment": 4})
 
 
 def _segment_export(make_pair, tmp_path, settings):
     from gist_lightning.export import export_pretrained
 
     model, tok, gist_id = make_pair("llama", seed=0)
-    export_pretrained(model, tok, tmp_path / "m", num_gist_tokens=settings.gists_per_segment, condition="gist",
-                      segments=asdict(settings))
+    export_pretrained(model, tok, tmp_path / "m", num_gist_tokens=settings.gists_per_segment,
+                      condition="gist", segments=asdict(settings))
     return model, tok, gist_id
 
 
@@ -180,8 +184,8 @@ def test_cache_files_and_the_store_keep_contexts_and_refuse_other_segment_settin
     q_ids, q_mask = pad_batch([encode_continuation(tok, QUESTIONS[0], False)], tok.pad_token_id, "left")
     assert torch.equal(continuation_logits(model, cache, q_ids, q_mask).logits,
                        continuation_logits(model, loaded, q_ids, q_mask).logits)
-    with pytest.raises(CacheMismatchError, match="segments of 8 tokens with 2 fine gists each, the model runs "
-                                                 "segments of 8 tokens with 4 fine gists each"):
+    with pytest.raises(CacheMismatchError, match="segments of 8 tokens with 2 fine gists each, the model "
+                                                 "runs segments of 8 tokens with 4 fine gists each"):
         load_cache(tmp_path / "c.safetensors", model, tok, 2, segments=asdict(other))
     with pytest.raises(CacheMismatchError, match="the model runs a short instruction's gists"):
         load_cache(tmp_path / "c.safetensors", model, tok, 2, segments=None)
@@ -194,7 +198,8 @@ def test_cache_files_and_the_store_keep_contexts_and_refuse_other_segment_settin
     for (k1, v1), (k2, v2) in zip(again.states, direct.states):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
     # another layout in the same folder is another entry, never the first one's gists
-    assert CacheStore(tmp_path / "store", model, tok, 2, segments=SegmentSettings(8, 2, "coarse")).list() == []
+    assert CacheStore(tmp_path / "store", model, tok, 2,
+                      segments=SegmentSettings(8, 2, "coarse")).list() == []
 
 
 def test_compress_and_generate_commands_take_a_context_file(make_pair, tmp_path):
@@ -210,7 +215,8 @@ def test_compress_and_generate_commands_take_a_context_file(make_pair, tmp_path)
     bin_ = str(Path(sys.executable).parent / "gist-lightning")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([bin_, "compress", "--model", str(tmp_path / "m"), "--context", str(context),
-                          "--out", str(tmp_path / "c.safetensors"), "--input", QUESTIONS[2], "--max_new_tokens", "4"],
+                          "--out", str(tmp_path / "c.safetensors"), "--input", QUESTIONS[2],
+                          "--max_new_tokens", "4"],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     n_tokens = len(tok(CONTEXTS[2], add_special_tokens=False)["input_ids"])
@@ -219,15 +225,17 @@ def test_compress_and_generate_commands_take_a_context_file(make_pair, tmp_path)
     expected = generate(model, tok, compress_context(model, tok, [CONTEXTS[2]], settings), [QUESTIONS[2]],
                         max_new_tokens=4)[0]
     assert out.stdout.strip().splitlines()[-1] == f"{QUESTIONS[2]}\t{expected}"
-    gen = subprocess.run([bin_, "generate", "--model", str(tmp_path / "m"), "--cache", str(tmp_path / "c.safetensors"),
-                          "--input", QUESTIONS[2], "--max_new_tokens", "4"], capture_output=True, text=True, env=env)
+    gen = subprocess.run([bin_, "generate", "--model", str(tmp_path / "m"),
+                          "--cache", str(tmp_path / "c.safetensors"), "--input", QUESTIONS[2],
+                          "--max_new_tokens", "4"], capture_output=True, text=True, env=env)
     assert gen.returncode == 0 and gen.stdout.strip() == f"{QUESTIONS[2]}\t{expected}", gen.stderr[-2000:]
     # a short-instruction command on this model, and an existing --out, are refused in one line
     bad = subprocess.run([bin_, "compress", "--model", str(tmp_path / "m"), "--instruction", "x"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and "pass the text as --context FILE" in bad.stderr
-    again = subprocess.run([bin_, "compress", "--model", str(tmp_path / "m"), "--context", str(context), "--out",
-                            str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=env)
+    again = subprocess.run([bin_, "compress", "--model", str(tmp_path / "m"), "--context", str(context),
+                            "--out", str(tmp_path / "c.safetensors")],
+                           capture_output=True, text=True, env=env)
     assert again.returncode == 1 and "exists; refusing to overwrite" in again.stderr
 
 
@@ -257,8 +265,8 @@ def test_compacted_positions_fit_contexts_longer_than_the_model_and_stay_exact(m
 
 @pytest.mark.slow
 @pytest.mark.parametrize("condition", ["gist", "pos_control"])
-def test_under_flex_the_segment_rule_gives_the_dense_logits_and_exact_caches(make_pair, require_attention, family,
-                                                                            condition):
+def test_under_flex_the_segment_rule_gives_the_dense_logits_and_exact_caches(make_pair, require_attention,
+                                                                            family, condition):
     """FlexAttention BlockMasks built from the segment rule (masks.long_context_mask_mod, sliding
     layers included) give the dense mask's logits, and the segment-by-segment cache of a model
     under flex equals its flex full forward (compiles per shape on first use, cached on disk)."""
