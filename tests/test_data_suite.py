@@ -12,7 +12,7 @@ from gist_lightning.data.suite import (
     SUITE_VERSION,
     TASKS,
     EmbeddedSuite,
-    _all_params,
+    all_params,
     generate_suite,
     human_records,
     training_wordings,
@@ -69,7 +69,7 @@ def test_split_meanings(splits):
 
 
 def held_out_wordings():
-    return {h.format(**p) for t in TASKS for h in t.held_out for p in _all_params(t)}
+    return {h.format(**p) for t in TASKS for h in t.held_out for p in all_params(t)}
 
 
 def test_held_out_wording_uses_trained_words(splits):

@@ -254,10 +254,6 @@ def all_params(task: Task) -> list[dict[str, str]]:
     return [{"x": x, "y": y} for x in pool for y in pool if y != x]
 
 
-# the name tests/test_data_suite.py imports
-_all_params = all_params
-
-
 def _params(task: Task, held_out: bool, rng: random.Random) -> dict[str, str]:
     if task.param is None:
         return {}
