@@ -56,7 +56,8 @@ from gist_lightning.masks import interleave_gists
 from gist_lightning.tokens import encode_text, gist_token_id, special_frame
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [ROOT / "configs" / "tiny.yaml", ROOT / "configs" / "tiny-long.yaml", ROOT / "configs" / "tiny-long-recall.yaml"]
+CONFIGS = [ROOT / "configs" / "tiny.yaml", ROOT / "configs" / "tiny-long.yaml",
+           ROOT / "configs" / "tiny-long-recall.yaml"]
 RATIOS = (2, 4, 8, 16)
 METHODS = ("gist_coarse", "gist_fine", "full", "truncation", "neg_control")
 # what each trained model is: its overrides of configs/tiny-long-recall.yaml
@@ -78,12 +79,16 @@ def fit_command(method: str, seed: int, run_root: Path, steps: int, extra: list[
     for c in CONFIGS:
         cmd += ["--config", str(c)]
     cmd += TRAINED[method] + [
-        "--seed_everything", str(seed), "--trainer.max_steps", str(steps), "--trainer.enable_progress_bar", "false",
+        "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
+        "--trainer.enable_progress_bar", "false",
         "--trainer.val_check_interval", str(steps - (resume_from or 0)),
-        "--trainer.logger.init_args.save_dir", str(run_root), "--trainer.logger.init_args.name", f"{method}-seed{seed}",
-        "--trainer.logger.init_args.version", "0", "--data.init_args.cache_dir", str(run_root / "cache"), *extra]
+        "--trainer.logger.init_args.save_dir", str(run_root),
+        "--trainer.logger.init_args.name", f"{method}-seed{seed}",
+        "--trainer.logger.init_args.version", "0",
+        "--data.init_args.cache_dir", str(run_root / "cache"), *extra]
     if resume_from is not None:
-        cmd += ["--ckpt_path", str(run_root / f"{method}-seed{seed}" / "version_0" / "checkpoints" / "last.ckpt")]
+        cmd += ["--ckpt_path",
+                str(run_root / f"{method}-seed{seed}" / "version_0" / "checkpoints" / "last.ckpt")]
     return cmd
 
 
@@ -101,7 +106,8 @@ def stages(method: str, args) -> list[int]:
 
 
 def _running(name: str) -> bool:
-    """A fit of this run started by an earlier invocation is still going (wait for it, do not start another)."""
+    """A fit of this run started by an earlier invocation is still going (wait for it, do not start
+    another)."""
     return subprocess.run(["pgrep", "-f", f"init_args.name {name} "], capture_output=True).returncode == 0
 
 
@@ -179,7 +185,8 @@ def prefill_flops(model, question_tokens: float, cached: float) -> float:
     return 2 * weights * q + 4 * c.num_hidden_layers * c.hidden_size * q * (cached + (q + 1) / 2)
 
 
-def truncated_rows(tok, texts: list[str], settings: SegmentSettings, gist_id: int, positions: list[int]) -> list[list[int]]:
+def truncated_rows(tok, texts: list[str], settings: SegmentSettings, gist_id: int,
+                   positions: list[int]) -> list[list[int]]:
     """Each context cut to its last raw tokens such that, with the full model's own gists placed,
     it holds at most ``positions[i]`` positions (the gist cache's size at the ratio tested)."""
     before, _ = special_frame(tok)
@@ -187,22 +194,25 @@ def truncated_rows(tok, texts: list[str], settings: SegmentSettings, gist_id: in
     for text, budget in zip(texts, positions):
         raw = encode_text(tok, text)
         keep = len(raw)
-        while keep > 1 and len(interleave_gists(raw[-keep:], settings.segment_tokens, settings.gists_per_segment,
-                                                settings.placement, gist_id)) > budget:
+        while keep > 1 and len(interleave_gists(raw[-keep:], settings.segment_tokens,
+                                                settings.gists_per_segment, settings.placement,
+                                                gist_id)) > budget:
             keep -= 1
-        rows.append(before + interleave_gists(raw[-keep:], settings.segment_tokens, settings.gists_per_segment,
-                                              settings.placement, gist_id))
+        rows.append(before + interleave_gists(raw[-keep:], settings.segment_tokens,
+                                              settings.gists_per_segment, settings.placement, gist_id))
     return rows
 
 
 @torch.no_grad()
-def evaluate(export: Path, method: str, records: list[dict], ratios, batch_size: int, max_new_tokens: int) -> dict:
+def evaluate(export: Path, method: str, records: list[dict], ratios, batch_size: int,
+             max_new_tokens: int) -> dict:
     """{ratio: (correct per record, mean cached positions, bytes per context, prefill FLOPs per question)}."""
     model, tok, settings = load_pretrained(export)
     model.float()
     base = SegmentSettings(**settings["segments"])
     gist_id, per_pos = gist_token_id(tok), cache_bytes_per_position(model)
-    condition = {"full": "pos_control", "truncation": "pos_control", "neg_control": "neg_control"}.get(method, "gist")
+    condition = {"full": "pos_control", "truncation": "pos_control",
+                 "neg_control": "neg_control"}.get(method, "gist")
     q_tokens = float(np.mean([len(encode_text(tok, r["input"])) for r in records]))
     out = {}
     for ratio in ratios:
@@ -235,7 +245,8 @@ def peak_memory(export: Path, ratio: int, segments: int = 16) -> dict:
     model, tok, settings = load_pretrained(export)
     settings = SegmentSettings(**settings["segments"]).at_ratio(ratio)
     rng = random.Random(0)
-    raw = encode_text(tok, make_long_record("recall", 400, rng)["instruction"])[: segments * settings.segment_tokens]
+    context = make_long_record("recall", 400, rng)["instruction"]
+    raw = encode_text(tok, context)[: segments * settings.segment_tokens]
     assert len(raw) == segments * settings.segment_tokens, "the generated context is too short"
     row = special_frame(tok)[0] + interleave_gists(raw, settings.segment_tokens, settings.gists_per_segment,
                                                    settings.placement, gist_token_id(tok))
@@ -243,7 +254,8 @@ def peak_memory(export: Path, ratio: int, segments: int = 16) -> dict:
     gists = int(cache.valid.sum())
     one_segment = settings.segment_tokens + settings.gists_per_segment + len(special_frame(tok)[0])
     return {"segments": segments, "ratio": ratio, "context_positions": len(row), "kept_gists": gists,
-            "peak_positions": cache.meta["peak_positions"], "bound_gists_plus_one_segment": gists + one_segment}
+            "peak_positions": cache.meta["peak_positions"],
+            "bound_gists_plus_one_segment": gists + one_segment}
 
 
 def bootstrap(matrix: np.ndarray) -> dict:
@@ -251,13 +263,15 @@ def bootstrap(matrix: np.ndarray) -> dict:
     return paired_bootstrap(100 * matrix)
 
 
-def write_outputs(out: Path, results: dict, by_distance: list[dict], memory: list[dict], records: int) -> None:
+def write_outputs(out: Path, results: dict, by_distance: list[dict], memory: list[dict],
+                  records: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     seeds = sorted({s for (_, _, s) in results})
     rows = []
     for (method, ratio, seed), (correct, cached, nbytes, flops) in sorted(results.items()):
-        rows.append({"method": method, "ratio": ratio, "seed": seed, "exact_match": round(100 * np.mean(correct), 2),
-                     "records": len(correct), "cached_positions": round(cached, 1), "cached_bytes": int(nbytes),
+        rows.append({"method": method, "ratio": ratio, "seed": seed,
+                     "exact_match": round(100 * np.mean(correct), 2), "records": len(correct),
+                     "cached_positions": round(cached, 1), "cached_bytes": int(nbytes),
                      "prefill_flops": int(flops)})
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -276,10 +290,12 @@ def write_outputs(out: Path, results: dict, by_distance: list[dict], memory: lis
         return np.array([results[(method, ratio, s)][0] for s in seeds])
 
     lines = [f"# Long-context recall: {len(seeds)} seeds x {records} test contexts", "",
-             "Exact match (%) on key-value recall among distractors; mean over seeds and records, 95% bootstrap "
-             "interval (seeds and records resampled). `full` and `neg_control` do not depend on the ratio (one "
-             "evaluation, repeated). Cached bytes per context (fp32) and prefill FLOPs per question are means.", "",
-             "| ratio | method | exact match | 95% interval | cached positions | cached bytes | prefill MFLOPs |",
+             "Exact match (%) on key-value recall among distractors; mean over seeds and records, 95% "
+             "bootstrap interval (seeds and records resampled). `full` and `neg_control` do not depend on "
+             "the ratio (one evaluation, repeated). Cached bytes per context (fp32) and prefill FLOPs per "
+             "question are means.", "",
+             "| ratio | method | exact match | 95% interval | cached positions | cached bytes "
+             "| prefill MFLOPs |",
              "|---|---|---|---|---|---|---|"]
     summary = {}
     for ratio in RATIOS:
@@ -291,8 +307,9 @@ def write_outputs(out: Path, results: dict, by_distance: list[dict], memory: lis
             _, cached, nbytes, flops = results[(method, ratio, seeds[0])]
             lines.append(f"| {ratio}x | {method} | {b['mean']:.1f} | [{b['low']:.1f}, {b['high']:.1f}] | "
                          f"{cached:.0f} | {nbytes / 1024:.1f} KiB | {flops / 1e6:.2f} |")
-    lines += ["", "## Per seed", "", "Exact match (%) of each seed's model: training either escapes the loss plateau within "
-              "the budget or not, so seeds differ far more than records do.", "",
+    lines += ["", "## Per seed", "",
+              "Exact match (%) of each seed's model: training either escapes the loss plateau within the "
+              "budget or not, so seeds differ far more than records do.", "",
               "| ratio | method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|---|---|" + "---|" * len(seeds)]
     for ratio in RATIOS:
@@ -306,7 +323,8 @@ def write_outputs(out: Path, results: dict, by_distance: list[dict], memory: lis
         cells = []
         for g in ("gist_coarse", "gist_fine"):
             if (g, ratio, seeds[0]) in results and ("truncation", ratio, seeds[0]) in results:
-                cells.append(format_interval(paired_bootstrap(100 * (matrix(g, ratio) - matrix("truncation", ratio)))))
+                cells.append(format_interval(paired_bootstrap(
+                    100 * (matrix(g, ratio) - matrix("truncation", ratio)))))
             else:
                 cells.append("-")
         lines.append(f"| {ratio}x | {cells[0]} | {cells[1]} |")
@@ -316,20 +334,21 @@ def write_outputs(out: Path, results: dict, by_distance: list[dict], memory: lis
         for ratio in (4, 8):
             if (g, ratio) in summary and full:
                 share = 100 * summary[(g, ratio)]["mean"] / full
-                shares = [100 * np.mean(results[(g, ratio, s)][0]) / max(1e-9, np.mean(results[("full", ratio, s)][0]))
-                          for s in seeds]
+                shares = [100 * np.mean(results[(g, ratio, s)][0])
+                          / max(1e-9, np.mean(results[("full", ratio, s)][0])) for s in seeds]
                 per_seed = ", ".join(f"seed {s} {x:.0f}%" for s, x in zip(seeds, shares))
-                lines.append(f"- {g} at {ratio}x: {summary[(g, ratio)]['mean']:.1f} = {share:.0f}% of full attention's "
-                             f"{full:.1f}" + (" (goal at 4x: >= 90%)" if ratio == 4 else "") + f"; per seed: {per_seed}")
+                lines.append(f"- {g} at {ratio}x: {summary[(g, ratio)]['mean']:.1f} = {share:.0f}% of full "
+                             f"attention's {full:.1f}" + (" (goal at 4x: >= 90%)" if ratio == 4 else "")
+                             + f"; per seed: {per_seed}")
     for g in ("gist_coarse", "gist_fine"):
         wins = [r for r in RATIOS if (g, r, seeds[0]) in results and ("truncation", r, seeds[0]) in results
                 and paired_bootstrap(100 * (matrix(g, r) - matrix("truncation", r)))["low"] > 0]
-        lines.append(f"- {g} beats truncation (interval above 0) at: {', '.join(f'{r}x' for r in wins) or 'no ratio'}"
-                     " (goal: every ratio)")
+        lines.append(f"- {g} beats truncation (interval above 0) at: "
+                     f"{', '.join(f'{r}x' for r in wins) or 'no ratio'} (goal: every ratio)")
     for m in memory:
         lines.append(f"- memory: compressing {m['segments']} segments at {m['ratio']}x held at most "
-                     f"{m['peak_positions']} positions (gists + one segment: {m['bound_gists_plus_one_segment']}; "
-                     f"the whole context: {m['context_positions']})")
+                     f"{m['peak_positions']} positions (gists + one segment: "
+                     f"{m['bound_gists_plus_one_segment']}; the whole context: {m['context_positions']})")
     lines += ["", "## By distance of the needed fact from the question (segments; at 4x)", "",
               "| method | " + " | ".join(f"{d}" for d in sorted({r['distance'] for r in by_distance})) + " |"]
     distances = sorted({r["distance"] for r in by_distance})
@@ -360,8 +379,9 @@ def plot(path: Path, summary: dict, by_distance: list[dict], distances: list[int
         y = [s["mean"] for _, s in pts]
         err = [[s["mean"] - s["low"] for _, s in pts], [s["high"] - s["mean"] for _, s in pts]]
         a.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
-    a.set(xscale="log", xticks=list(RATIOS), xticklabels=[f"{r}x" for r in RATIOS], xlabel="compression ratio",
-          ylabel="exact match (%)", title="Recall by compression ratio (95% CI)", ylim=(0, 100))
+    a.set(xscale="log", xticks=list(RATIOS), xticklabels=[f"{r}x" for r in RATIOS],
+          xlabel="compression ratio", ylabel="exact match (%)", title="Recall by compression ratio (95% CI)",
+          ylim=(0, 100))
     a.legend()
     for method in METHODS:
         ys = []
@@ -379,20 +399,24 @@ def plot(path: Path, summary: dict, by_distance: list[dict], distances: list[int
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=1000, help="training steps of the full-attention model, and of the "
-                   "gist models' first stage")
-    p.add_argument("--more_gist_steps", type=int, default=500, help="the gist models' second stage: resumed for "
-                   "this many more steps (0: none)")
-    p.add_argument("--neg_steps", type=int, default=200, help="training steps of neg_control (it learns only the "
-                   "answers' prior: it never sees the context)")
+    p.add_argument("--steps", type=int, default=1000,
+                   help="training steps of the full-attention model, and of the gist models' first stage")
+    p.add_argument("--more_gist_steps", type=int, default=500,
+                   help="the gist models' second stage: resumed for this many more steps (0: none)")
+    p.add_argument("--neg_steps", type=int, default=200,
+                   help="training steps of neg_control (it learns only the answers' prior: it never sees the "
+                   "context)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (one torch thread each)")
     p.add_argument("--records", type=int, default=300, help="test contexts")
-    p.add_argument("--context_words", type=int, nargs=2, default=[40, 80], help="test contexts' words (low high)")
-    p.add_argument("--facts", type=int, default=1, help="key facts per test context (the asked one + distractors)")
+    p.add_argument("--context_words", type=int, nargs=2, default=[40, 80],
+                   help="test contexts' words (low high)")
+    p.add_argument("--facts", type=int, default=1,
+                   help="key facts per test context (the asked one + distractors)")
     p.add_argument("--run_root", type=Path, default=ROOT / "runs" / "long-context")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "long-context")
     p.add_argument("--batch_size", type=int, default=50)
-    p.add_argument("--check_args", action="store_true", help="check the arguments and the commands, run nothing")
+    p.add_argument("--check_args", action="store_true",
+                   help="check the arguments and the commands, run nothing")
     args, extra = p.parse_known_args(argv)
     cells = [(m, s) for s in args.seeds for m in TRAINED]
     if args.check_args:
@@ -420,9 +444,10 @@ def main(argv: list[str] | None = None) -> int:
                 for d in sorted(set(distances)):
                     picked = [c for c, dd in zip(value[0], distances) if dd == d]
                     by_distance.append({"method": method, "ratio": ratio, "seed": seed, "distance": d,
-                                        "n": len(picked), "exact_match": round(100 * float(np.mean(picked)), 2)})
-            print(f"seed {seed} {method}: " + ", ".join(f"{r}x {100 * np.mean(v[0]):.1f}" for r, v in scores.items()),
-                  flush=True)
+                                        "n": len(picked),
+                                        "exact_match": round(100 * float(np.mean(picked)), 2)})
+            print(f"seed {seed} {method}: "
+                  + ", ".join(f"{r}x {100 * np.mean(v[0]):.1f}" for r, v in scores.items()), flush=True)
     memory = [peak_memory(export_of(args.run_root, "gist_fine", args.seeds[0]), r) for r in RATIOS]
     write_outputs(args.out, results, by_distance, memory, len(records))
     print(f"wrote {args.out}/results.csv, table.md, long_context.png")
