@@ -10,7 +10,9 @@ restarts over the new total); full attention trains ``--steps``; neg_control ``-
   (:func:`gist_lightning.long_context.compress_context`), which hold the gists alone;
 - ``full``: full attention over the context (``pos_control``; the upper bound);
 - ``truncation``: the same full-attention model given only the context's last tokens, as many
-  positions as the gist cache holds at that ratio;
+  positions as the gist cache holds at that ratio (start token included), laid out with the
+  sparsest gist layout that model trained with (2 gists per 32 tokens), so most positions hold
+  raw tokens;
 - ``neg_control``: trained and tested without the context (the answer prior).
 
 ``full`` and ``neg_control`` do not depend on the ratio; their rows repeat one evaluation at every
@@ -187,19 +189,22 @@ def prefill_flops(model, question_tokens: float, cached: float) -> float:
 
 def truncated_rows(tok, texts: list[str], settings: SegmentSettings, gist_id: int,
                    positions: list[int]) -> list[list[int]]:
-    """Each context cut to its last raw tokens such that, with the full model's own gists placed,
-    it holds at most ``positions[i]`` positions (the gist cache's size at the ratio tested)."""
+    """Each context cut to its last raw tokens such that the row (the start tokens, the raw tokens
+    and the full model's gists under ``settings``) holds at most ``positions[i]`` positions (the
+    gist cache's size at the ratio tested); at least one raw token is kept."""
     before, _ = special_frame(tok)
+
+    def row(raw):
+        return before + interleave_gists(raw, settings.segment_tokens, settings.gists_per_segment,
+                                         settings.placement, gist_id)
+
     rows = []
     for text, budget in zip(texts, positions):
         raw = encode_text(tok, text)
         keep = len(raw)
-        while keep > 1 and len(interleave_gists(raw[-keep:], settings.segment_tokens,
-                                                settings.gists_per_segment, settings.placement,
-                                                gist_id)) > budget:
+        while keep > 1 and len(row(raw[-keep:])) > budget:
             keep -= 1
-        rows.append(before + interleave_gists(raw[-keep:], settings.segment_tokens,
-                                              settings.gists_per_segment, settings.placement, gist_id))
+        rows.append(row(raw[-keep:]))
     return rows
 
 
@@ -210,6 +215,7 @@ def evaluate(export: Path, method: str, records: list[dict], ratios, batch_size:
     model, tok, settings = load_pretrained(export)
     model.float()
     base = SegmentSettings(**settings["segments"])
+    sparse = base.at_ratio(max(base.train_ratios or [round(base.ratio)]))
     gist_id, per_pos = gist_token_id(tok), cache_bytes_per_position(model)
     condition = {"full": "pos_control", "truncation": "pos_control",
                  "neg_control": "neg_control"}.get(method, "gist")
@@ -225,9 +231,9 @@ def evaluate(export: Path, method: str, records: list[dict], ratios, batch_size:
             texts = [r["instruction"] for r in batch]
             if method.startswith("gist"):
                 cache = compress_context(model, tok, texts, base.at_ratio(ratio))
-            elif method == "truncation":
-                rows = truncated_rows(tok, texts, base, gist_id, budget[i:i + batch_size])
-                cache = compress_context_ids(model, rows, gist_id, tok.pad_token_id, base, "pos_control")
+            elif method == "truncation":  # the sparsest layout the full model trained with: most raw tokens
+                rows = truncated_rows(tok, texts, sparse, gist_id, budget[i:i + batch_size])
+                cache = compress_context_ids(model, rows, gist_id, tok.pad_token_id, sparse, "pos_control")
             else:
                 cache = compress_context(model, tok, texts, base, condition)
             answers = generate(model, tok, cache, [r["input"] for r in batch], max_new_tokens=max_new_tokens)

@@ -69,20 +69,20 @@ def test_truncated_rows_keep_the_context_end_within_the_position_budget(lc, tok)
     gist_id = add_gist_token(tok)
     before, _ = special_frame(tok)
     texts = [FILLER, "the code of amber is 4417.", FILLER[:150]]
-    # from the least a row can hold (one raw token with its segment's gists: 1 + 8 positions; a
+    # from the least a row can hold (the start tokens, one raw token and its segment's gists; a
     # smaller budget still keeps that one token) to more than the whole context
-    budgets = list(range(1 + SETTINGS.gists_per_segment, 200, 7))
+    budgets = list(range(len(before) + 1 + SETTINGS.gists_per_segment, 200, 7))
     for text in texts:
         raw = encode_text(tok, text)
         rows = lc.truncated_rows(tok, [text] * len(budgets), SETTINGS, gist_id, budgets)
         for row, budget in zip(rows, budgets):
             assert row[:len(before)] == before
             context = row[len(before):]
-            assert len(context) <= budget, (text[:20], budget)
+            assert len(row) <= budget, (text[:20], budget)  # the start tokens count: a cache keeps them
             kept = [t for t in context if t != gist_id]
             assert kept and kept == raw[-len(kept):]  # a suffix: the end of the context
             # as many tokens as fit: one more would not (or the whole context is kept)
-            assert len(kept) == len(raw) or len(interleave_gists(
+            assert len(kept) == len(raw) or len(before) + len(interleave_gists(
                 raw[-len(kept) - 1:], SETTINGS.segment_tokens, SETTINGS.gists_per_segment,
                 SETTINGS.placement, gist_id)) > budget
 
