@@ -149,6 +149,8 @@ def train_all(cells: list[tuple[str, int]], run_root: Path, args, extra: list[st
             proc = subprocess.Popen(fit_command(method, seed, run_root, end, extra, previous), stdout=log,
                                     stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             running.append((proc, name, i, folder, method))
+        if not running:  # every stage of what was left is done
+            break
         proc, name, i, folder, method = running.pop(0)
         seed = int(name.rsplit("-seed", 1)[1])
         if proc is None:
@@ -158,6 +160,7 @@ def train_all(cells: list[tuple[str, int]], run_root: Path, args, extra: list[st
                 raise SystemExit(f"{name}, started earlier, ended without an export; see its log")
         elif proc.wait() != 0:
             raise SystemExit(f"training failed (exit {proc.returncode}); see {run_root / (name + '.log')}")
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / f"stage{i}.done").touch()
         if next_stage(method, seed) is not None:
             todo.insert(0, (method, seed))
@@ -375,6 +378,7 @@ def plot(path: Path, summary: dict, by_distance: list[dict], distances: list[int
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for method in METHODS:
@@ -388,6 +392,7 @@ def plot(path: Path, summary: dict, by_distance: list[dict], distances: list[int
     a.set(xscale="log", xticks=list(RATIOS), xticklabels=[f"{r}x" for r in RATIOS],
           xlabel="compression ratio", ylabel="exact match (%)", title="Recall by compression ratio (95% CI)",
           ylim=(0, 100))
+    a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the tested ratios on the log axis
     a.legend()
     for method in METHODS:
         ys = []
@@ -396,6 +401,7 @@ def plot(path: Path, summary: dict, by_distance: list[dict], distances: list[int
             n = sum(r["n"] for r in sel)
             ys.append(sum(r["exact_match"] * r["n"] for r in sel) / n if n else np.nan)
         b.plot(distances, ys, marker="o", label=method)
+    b.set_xticks(distances)
     b.set(xlabel="segments between the needed fact and the question", ylabel="exact match (%)",
           title="Recall by distance, 4x", ylim=(0, 100))
     fig.tight_layout()

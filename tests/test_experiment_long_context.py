@@ -149,3 +149,35 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     assert "- memory: compressing 16 segments at 4x held at most 169 positions" in table
     assert "| method | 0 | 1 | 2 |" in table and "| full | 0 (10) | 20 (10) | 40 (10) |" in table
     assert (tmp_path / "long_context.png").stat().st_size > 1000
+
+
+def test_training_resumes_stage_by_stage_and_stops_when_all_are_done(lc, tmp_path, monkeypatch):
+    """train_all starts only the stages without a ``stageN.done`` marker (the second stage of a gist
+    model resumed from the first), and returns once every stage is done."""
+    import argparse
+
+    args = argparse.Namespace(steps=1000, more_gist_steps=500, neg_steps=200, jobs=2)
+    started = []
+
+    class Finished:  # a fit that ends at once, successfully
+        returncode = 0
+
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(lc.subprocess, "Popen", Finished)
+    monkeypatch.setattr(lc, "_running", lambda name: False)
+    cells = [("gist_coarse", 0), ("full", 0)]
+    (tmp_path / "gist_coarse-seed0").mkdir()
+    (tmp_path / "gist_coarse-seed0" / "stage1.done").touch()
+    lc.train_all(cells, tmp_path, args, [])
+    assert len(started) == 2  # the gist model's second stage, and full's only stage
+    assert "--ckpt_path" in started[0] and _value(started[0], "--trainer.max_steps") == "1500"
+    assert _value(started[1], "--trainer.max_steps") == "1000"
+    assert (tmp_path / "gist_coarse-seed0" / "stage2.done").is_file()
+    started.clear()
+    lc.train_all(cells, tmp_path, args, [])  # everything done: nothing starts, nothing fails
+    assert started == []
