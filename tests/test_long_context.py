@@ -140,7 +140,8 @@ def test_a_segment_model_trains_validates_through_segment_caches_and_exports(tmp
     export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportBest)).path
     model, tok, settings = load_pretrained(export)
     assert settings["segments"] == {"segment_tokens": 32, "gists_per_segment": 4, "placement": "fine",
-                                    "window": None, "max_context_tokens": None, "train_ratios": None}
+                                    "window": None, "max_context_tokens": None, "train_ratios": None,
+                                    "compact_positions": False}
     run = Path(cli.trainer.log_dir)
     [seen] = (run / "predictions").glob("*-validation_seen.csv")
     rows = list(csv.DictReader(open(seen)))
