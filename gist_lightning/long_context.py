@@ -71,34 +71,35 @@ class SegmentSettings:
         if self.train_ratios is not None:
             object.__setattr__(self, "train_ratios", tuple(int(r) for r in self.train_ratios))
             for r in self.train_ratios:
-                if r < 1 or self.segment_tokens % r:
-                    raise ValueError(f"train_ratios: ratio {r} does not divide segment_tokens "
-                                     f"{self.segment_tokens} (each ratio must give a whole number of gists "
-                                     "per segment)")
-                masks.interleave_gists([0], self.segment_tokens, self.segment_tokens // r, self.placement, 1)
+                masks.interleave_gists([0], self.segment_tokens, self._gists_at(r), self.placement, 1)
 
     @property
     def ratio(self) -> float:
         return self.segment_tokens / self.gists_per_segment
 
+    def _gists_at(self, ratio: int) -> int:
+        """Gists per segment at compression ``ratio`` (refused unless it divides ``segment_tokens``)."""
+        if ratio < 1 or self.segment_tokens % ratio:
+            raise ValueError(f"ratio {ratio} does not divide segment_tokens {self.segment_tokens} (each "
+                             "ratio must give a whole number of gists per segment)")
+        return self.segment_tokens // ratio
+
     def at_ratio(self, ratio: int) -> SegmentSettings:
         """These settings with ``segment_tokens / ratio`` gists per segment (how a model trained with
         ``train_ratios`` is run at one of them)."""
-        if ratio < 1 or self.segment_tokens % ratio:
-            raise ValueError(f"ratio {ratio} does not divide segment_tokens {self.segment_tokens}")
-        return replace(self, gists_per_segment=self.segment_tokens // ratio)
+        return replace(self, gists_per_segment=self._gists_at(ratio))
 
     @property
     def most_gists(self) -> int:
         """The most gists per segment any training batch can have (what length limits are checked at)."""
-        return max([self.gists_per_segment] + [self.segment_tokens // r for r in self.train_ratios or ()])
+        return max([self.gists_per_segment] + [self._gists_at(r) for r in self.train_ratios or ()])
 
     def draw_gists(self, key: tuple) -> int:
         """Gists per segment of the training batch identified by ``key`` (e.g. its first row): a ratio
         from ``train_ratios`` drawn as a function of ``key`` alone, so a resumed run draws alike."""
         if not self.train_ratios:
             return self.gists_per_segment
-        return self.segment_tokens // random.Random(repr(key)).choice(self.train_ratios)
+        return self._gists_at(random.Random(repr(key)).choice(self.train_ratios))
 
 
 def relayout(ids: list[int], n_special: int, gist_token_id: int, settings: SegmentSettings) -> list[int]:
@@ -143,9 +144,8 @@ def masked_forward(model, input_ids, attention_mask, gist_token_id: int, setting
     else:
         positions = masks.segment_position_ids(segment_ids)
     if model.config._attn_implementation == "flex_attention":  # BlockMasks from the same rule
-        segments = masks.decoder_segments(input_ids, attention_mask, segment_ids)
-        seg, is_gist, after = masks.context_labels(input_ids, gist_token_id, settings.gists_per_segment,
-                                                   segments if segment_ids is not None else None)
+        segments, seg, is_gist, after = masks.long_context_labels(input_ids, attention_mask, gist_token_id,
+                                                                  settings.gists_per_segment, segment_ids)
         bsz, seq_len = input_ids.shape
         mask = self_attention_block_masks(
             model, lambda sliding: masks.long_context_mask_mod(segments, seg, is_gist, after, condition,

@@ -258,6 +258,16 @@ def _long_decoder_rule(b, q, k, segment_ids, seg, is_gist, after, condition: str
             & _context_rule(seg[b, q], seg[b, k], is_gist[b, k], after[b, q], condition, window))
 
 
+def long_context_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, gist_token_id: int,
+                        gists_per_segment: int, segment_ids: torch.Tensor | None = None):
+    """(packed example ids, context segment, is_gist, after) of a batch: what the segment rule reads,
+    dense (:func:`long_context_attention_mask`) or as a ``mask_mod`` (:func:`long_context_mask_mod`)."""
+    segments = decoder_segments(input_ids, attention_mask, segment_ids)
+    seg, is_gist, after = context_labels(input_ids, gist_token_id, gists_per_segment,
+                                         segments if segment_ids is not None else None)
+    return segments, seg, is_gist, after
+
+
 def long_context_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                                 gist_token_id: int, gists_per_segment: int, condition: str,
                                 window: int | None = None,
@@ -267,9 +277,8 @@ def long_context_attention_mask(input_ids: torch.Tensor, attention_mask: torch.T
     the last ``window`` segments before theirs. Packed rows: ``segment_ids`` as for
     :func:`decoder_attention_mask`."""
     check_condition(condition)
-    segments = decoder_segments(input_ids, attention_mask, segment_ids)
-    seg, is_gist, after = context_labels(input_ids, gist_token_id, gists_per_segment,
-                                         segments if segment_ids is not None else None)
+    segments, seg, is_gist, after = long_context_labels(input_ids, attention_mask, gist_token_id,
+                                                        gists_per_segment, segment_ids)
     bsz, seq_len = input_ids.shape
     idx = torch.arange(seq_len, device=input_ids.device)
     b = torch.arange(bsz, device=input_ids.device)[:, None, None]

@@ -165,10 +165,16 @@ def _check(path, meta: dict, model, tokenizer, num_gist_tokens: int | None, prin
     for what, stored, current, why in checks:
         if stored != current:
             raise CacheMismatchError(f"{path}: refusing to load this cache into a different {what}: {why}")
-    stored_segments = json.loads(meta.get("segments", "null"))
+    stored_segments = _stored_segments(meta)
     if segments is not False and _segment_key(stored_segments) != _segment_key(segments):
         raise CacheMismatchError(f"{path}: refusing a cache made with other segment settings: it holds "
                                  f"{_describe(stored_segments)}, the model runs {_describe(segments)}")
+
+
+def _stored_segments(meta: dict) -> dict | None:
+    """The segment settings a file's metadata records (None: a short instruction's cache, or a file
+    written before segments existed)."""
+    return json.loads(meta.get("segments", "null"))
 
 
 def _segment_key(segments: dict | None):
@@ -194,8 +200,7 @@ def _from_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> GistCache:
                      positions=tensors["positions"], next_position=tensors["next_position"],
                      num_gist_tokens=int(meta["num_gist_tokens"]), condition=meta["condition"], backend=name,
                      meta={"instructions": json.loads(meta["instructions"]),
-                           **({"segments": json.loads(meta["segments"])}
-                              if meta.get("segments", "null") != "null" else {})})
+                           **({"segments": stored} if (stored := _stored_segments(meta)) else {})})
 
 
 def _metadata_of(where: str, head: bytes) -> dict[str, str]:
@@ -340,8 +345,7 @@ class CacheStore:
                 log.warning("%s", e)
                 continue
             if (meta["num_gist_tokens"] == str(self.num_gist_tokens) and meta["condition"] == self.condition
-                    and _segment_key(json.loads(meta.get("segments", "null")))
-                    == _segment_key(self._segments_dict)):
+                    and _segment_key(_stored_segments(meta)) == _segment_key(self._segments_dict)):
                 out += json.loads(meta["instructions"])
         return out
 

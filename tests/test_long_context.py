@@ -81,10 +81,21 @@ def test_a_window_of_segments_and_generation_from_the_cache(make_pair):
     (dict(segment_tokens=2, gists_per_segment=4), "at least"),
     (dict(segment_tokens=6, gists_per_segment=4, placement="fine"), "multiple"),
     (dict(segment_tokens=8, gists_per_segment=2, window=0), "window"),
+    (dict(segment_tokens=32, gists_per_segment=8, train_ratios=(2, 3)),
+     "ratio 3 does not divide segment_tokens 32"),
+    (dict(segment_tokens=32, gists_per_segment=8, train_ratios=(64,)),
+     "ratio 64 does not divide segment_tokens 32"),
 ])
 def test_bad_settings_are_refused_with_the_numbers(settings, match):
     with pytest.raises(ValueError, match=match):
         SegmentSettings(**settings)
+
+
+def test_a_ratio_that_does_not_divide_the_segment_is_refused_when_run_at():
+    settings = SegmentSettings(32, 8, "fine", train_ratios=(2, 4))
+    assert settings.at_ratio(16).gists_per_segment == 2 and settings.most_gists == 16
+    with pytest.raises(ValueError, match="ratio 5 does not divide segment_tokens 32"):
+        settings.at_ratio(5)
 
 
 def test_contexts_too_long_are_refused_never_truncated(make_pair):

@@ -10,7 +10,7 @@ these by the backends (:mod:`gist_lightning.masks`); nothing here decides what m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -100,7 +100,7 @@ class GistCollator:
             return examples, None
         first = examples[0]
         gists = seg.draw_gists((tuple(first["prefix"][-16:]), tuple(first["target"]), len(examples)))
-        settings = SegmentSettings(seg.segment_tokens, gists, seg.placement, seg.window)
+        settings = replace(seg, gists_per_segment=gists)
         out = []
         for r in examples:
             ids = relayout(r["prefix"] + r["gists"], self.n_special, self.gist_token_id, settings)
