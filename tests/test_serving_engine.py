@@ -293,15 +293,16 @@ def test_a_store_entry_of_another_model_is_made_again(make_pair, tmp_path):
     assert events[0].cache == "disk"
 
 
-def test_long_contexts_are_compressed_once_by_segments_and_reused(make_pair, tmp_path):
+@pytest.mark.parametrize("family", ["qwen3", "llama"])  # llama's tokenizer puts a BOS before the context
+def test_long_contexts_are_compressed_once_by_segments_and_reused(make_pair, tmp_path, family):
     """A model trained with model.segments serves long system prompts: one segment-by-segment
     compression per distinct context however many requests carry it (batched with contexts of other
     lengths), answers equal to the library's compress_context + generate, the usage saying how many
     context tokens went into how many cached positions, and a fresh engine reading them from disk."""
     from gist_lightning.long_context import SegmentSettings, compress_context
-    from gist_lightning.tokens import encode_text
+    from gist_lightning.tokens import encode_text, special_frame
 
-    model, tok, _ = make_pair("qwen3", seed=1)
+    model, tok, _ = make_pair(family, seed=1)
     settings = SegmentSettings(8, 2, "fine")
     contexts = [" ".join(INSTRUCTIONS * 3), " ".join(INSTRUCTIONS[::-1] * 5)]  # several segments, two lengths
     engine = ServingEngine(model, tok, 2, "gist", max_batch_size=4, segments=settings,
@@ -315,6 +316,8 @@ def test_long_contexts_are_compressed_once_by_segments_and_reused(make_pair, tmp
         expected = generate(model, tok, compress_context(model, tok, [c], settings), [x], max_new_tokens=6)[0]
         assert got[f"r{i}"][0] == expected
     last = {e.uid: e for e in events if e.usage}
+    if family == "llama":
+        assert special_frame(tok)[0]  # the start tokens are not the context's
     for i in range(2):
         n = len(encode_text(tok, contexts[i]))
         assert last[f"r{i}"].usage["compression"] == {"instruction_tokens": n,

@@ -46,7 +46,7 @@ from ..errors import ContextLengthError, GistError
 from ..long_context import SegmentSettings, compress_context, encode_context
 from ..prompt_cache import CacheStore
 from ..templates import encode_continuation, encode_prefix
-from ..tokens import encode_text, gist_token_id
+from ..tokens import encode_text, gist_token_id, special_frame
 
 MODES = ("gist", "instruction", "full")
 # where a request's cache came from -> the counter of ServingEngine.stats it adds one to
@@ -235,6 +235,7 @@ class ServingEngine:
             raise GistError(f"--mode {mode} needs {self.condition} caching: {why_not}")
         self.max_batch_size = max_batch_size
         self.gist_id = gist_token_id(tokenizer)
+        self.n_special = len(special_frame(tokenizer)[0])  # tokens before an instruction (e.g. BOS)
         self.context = self.backend.context_length(model.config)
         self.memory = PromptCacheLRU(0 if mode == "full" else parse_bytes(cache_memory))
         if segments is not None and self.backend.encoder_decoder:
@@ -361,7 +362,7 @@ class ServingEngine:
             raise RequestError(f"max_tokens must be at least 1; got {request.max_tokens}")
         if not request.instruction.strip():
             raise RequestError("the instruction is empty")
-        prefix_ids = self._prefix_ids(request.instruction)
+        prefix_ids, instruction_tokens = self._encode_instruction(request.instruction)
         prefix, gists = len(prefix_ids), prefix_ids.count(self.gist_id)
         cont = encode_continuation(self.tokenizer, request.input, self.backend.encoder_decoder)
         self._check_fits(prefix, gists, len(cont), request.max_tokens)
@@ -371,18 +372,20 @@ class ServingEngine:
             raise RequestError(str(e)) from None
         stream = TextStream(self.tokenizer, request.stop)
         row = Row(request.max_tokens, self.tokenizer.eos_token_id, sampling, stream, self.model.device)
-        return _Job(uid, request, prefix, cont, row, instruction_tokens=len(encode_text(self.tokenizer,
-                                                                                         request.instruction)))
+        return _Job(uid, request, prefix, cont, row, instruction_tokens=instruction_tokens)
 
-    def _prefix_ids(self, instruction: str) -> list[int]:
-        """The prompt up to its last gist: ``[specials] instruction <GIST>*k``, or a long context
-        with its segments' gists."""
+    def _encode_instruction(self, instruction: str) -> tuple[list[int], int]:
+        """The prompt up to its last gist (``[specials] instruction <GIST>*k``, or a long context with
+        its segments' gists) and the instruction's own tokens, the context tokenized once."""
         if self.segments is None:
-            return encode_prefix(self.tokenizer, instruction, self.num_gist_tokens, self.gist_id)
+            return (encode_prefix(self.tokenizer, instruction, self.num_gist_tokens, self.gist_id),
+                    len(encode_text(self.tokenizer, instruction)))
         try:
-            return encode_context(self.tokenizer, instruction, self.segments, self.gist_id)
+            ids = encode_context(self.tokenizer, instruction, self.segments, self.gist_id)
         except ContextLengthError as e:
             raise RequestError(str(e), "context_length_exceeded") from None
+        # [specials] + the context's raw tokens with gists placed among them
+        return ids, len(ids) - ids.count(self.gist_id) - self.n_special
 
     def _check_fits(self, prefix: int, gists: int, input_tokens: int, max_tokens: int) -> None:
         """Refuse a request whose prompt and answer would not fit the model's positions: the check of
