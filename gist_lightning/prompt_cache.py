@@ -11,7 +11,16 @@ same key leave one complete file (the last one).
 
 A :class:`CacheStore` may also live at an fsspec URL (``s3://bucket/prefix``, ``gs://...``,
 ``memory://...``), shared by server replicas on several machines: there an entry is written in one
-put (an object store shows the whole object or none of it) and read in one get.
+put (an object store shows the whole object or none of it) and read in one get. A store entry is named
+by what it was made from and with (:func:`store_key`: the instruction, k, the condition, the segment
+settings, the model's and tokenizer's fingerprints, the dtype), so models that share a store each
+read their own entries.
+
+Format versions (``FORMAT``, recorded in every file): 1 named store entries by instruction, k,
+condition (and segments) only, so two models on one store replaced each other's entries; 2 adds the
+model's and tokenizer's fingerprints and the dtype to that name, and ``compact_positions`` to the
+segment settings compared. Files of format 1 still load as files; in a store they are never found
+under the new names and :meth:`CacheStore.list` reports them apart (``older``).
 """
 
 from __future__ import annotations
@@ -40,7 +49,9 @@ from .files import atomic_path
 from .long_context import compress_context
 from .tokens import tokenizer_fingerprint
 
-FORMAT = "gist-lightning-cache/1"
+FORMAT = "gist-lightning-cache/2"
+# every format this version reads (see the module docstring)
+READABLE = ("gist-lightning-cache/1", FORMAT)
 log = logging.getLogger(__name__)
 
 
@@ -120,7 +131,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
         raise CorruptFileError(f"{path}: not a readable cache file, truncated or corrupt ({e})") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READABLE:
         raise CacheMismatchError(f"{path}: not a gist-lightning cache file (format {meta.get('format')!r})")
     return meta
 
@@ -178,11 +189,13 @@ def _stored_segments(meta: dict) -> dict | None:
 
 
 def _segment_key(segments: dict | None):
-    """What of the segment settings decides a cache's content (not the length limit)."""
+    """What of the segment settings decides a cache's content (not the length limit, nor the ratios
+    training draws). A new setting that changes what a cache holds goes here, in the change that makes
+    a new ``FORMAT`` (:func:`store_key` names entries by this)."""
     if not segments:
         return None
     return (segments["segment_tokens"], segments["gists_per_segment"], segments["placement"],
-            segments.get("window"))
+            segments.get("window"), segments.get("compact_positions", False))
 
 
 def _describe(segments: dict | None) -> str:
@@ -214,9 +227,22 @@ def _metadata_of(where: str, head: bytes) -> dict[str, str]:
     if not isinstance(meta, dict):
         raise CorruptFileError(f"{where}: not a readable cache file, truncated or corrupt (no complete "
                                "header)")
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READABLE:
         raise CacheMismatchError(f"{where}: not a gist-lightning cache file (format {meta.get('format')!r})")
     return meta
+
+
+def store_key(instruction: str, num_gist_tokens: int, condition: str, segments: dict | None,
+              prints: dict[str, str], dtype: str) -> dict:
+    """What names a store entry of ``FORMAT`` (its file name is a hash of this): everything an entry's
+    content depends on, so that stores of two models (or of one model under two settings) sharing a
+    folder never meet. A new such setting goes here (a segment setting: in :func:`_segment_key`) in
+    the same change as a new ``FORMAT``: the format is part of the key, so entries of the older
+    format are then not found under the new names, and :meth:`CacheStore.list` reports them apart."""
+    return {"format": FORMAT, "instruction": instruction, "num_gist_tokens": num_gist_tokens,
+            "condition": condition, "segments": _segment_key(segments),
+            "model_fingerprint": prints["model_fingerprint"],
+            "tokenizer_fingerprint": prints["tokenizer_fingerprint"], "dtype": dtype}
 
 
 def check_location(location: str | os.PathLike) -> None:
@@ -241,12 +267,12 @@ def check_location(location: str | os.PathLike) -> None:
 class CacheStore:
     """Many compressed instructions in one folder (or at an fsspec URL), keyed by their text.
 
-    One file per instruction (named by a hash of the text and the settings), so concurrent
-    writers never share a file that is being written, two writers of one instruction write the
-    same key (the same bytes, or a harmless replace), and the listing is read from the files
-    themselves (there is no index to corrupt). Every lookup asks the storage itself, so entries
-    another process (a server replica, on this machine or another) wrote after this store was
-    opened are found.
+    One file per instruction and model (named by a hash of :func:`store_key`: the text, the settings
+    and the model's fingerprints), so concurrent writers never share a file that is being written,
+    two writers of one instruction write the same key (the same bytes, or a harmless replace), stores
+    of different models in one folder keep apart, and the listing is read from the files themselves
+    (there is no index to corrupt). Every lookup asks the storage itself, so entries another process
+    (a server replica, on this machine or another) wrote after this store was opened are found.
     """
 
     def __init__(self, folder: str | os.PathLike, model, tokenizer, num_gist_tokens: int,
@@ -270,20 +296,22 @@ class CacheStore:
         self.segments = segments
         self._segments_dict = asdict(segments) if segments is not None else None
 
-    def _name(self, instruction: str) -> str:
-        parts = [instruction, self.num_gist_tokens, self.condition]
-        if self.segments is not None:  # entries of short-instruction stores keep their names
-            parts.append(_segment_key(self._segments_dict))
-        key = json.dumps(parts)
-        return f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+    def _prints(self) -> dict[str, str]:
+        """The model's and tokenizer's fingerprints (computed again each time unless ``frozen``)."""
+        return self.prints or fingerprints(self.model, self.tokenizer)
 
-    def path(self, instruction: str) -> Path | str:
+    def _name(self, instruction: str, prints: dict[str, str]) -> str:
+        key = store_key(instruction, self.num_gist_tokens, self.condition, self._segments_dict, prints,
+                        str(self.model.dtype))
+        return f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}.safetensors"
+
+    def path(self, instruction: str, prints: dict[str, str] | None = None) -> Path | str:
         """The entry's file (a URL for a store at a URL)."""
-        name = self._name(instruction)
+        name = self._name(instruction, prints or self._prints())
         return self.folder / name if self.local else f"{self.folder}/{name}"
 
-    def _remote(self, instruction: str) -> str:
-        return f"{self._root}/{self._name(instruction)}"
+    def _remote(self, instruction: str, prints: dict[str, str]) -> str:
+        return f"{self._root}/{self._name(instruction, prints)}"
 
     def add(self, instruction: str, cache: GistCache | None = None) -> Path | str:
         """Store the compressed ``instruction`` (compressing it now unless ``cache`` is given)."""
@@ -293,26 +321,29 @@ class CacheStore:
             cache = compress(self.model, self.tokenizer, [instruction], self.num_gist_tokens, self.condition)
         if cache.batch_size != 1:
             raise ValueError(f"a store entry holds one instruction; got a cache of {cache.batch_size} rows")
+        prints = self._prints()
         if self.local:
-            return save_cache(cache, self.path(instruction), self.model, self.tokenizer, [instruction],
-                              self.prints)
-        data = _serialize(cache, self.model, self.tokenizer, [instruction], self.prints)
-        self.fs.pipe_file(self._remote(instruction), data)  # one put: readers see the old object or the new
-        return self.path(instruction)
+            return save_cache(cache, self.path(instruction, prints), self.model, self.tokenizer,
+                              [instruction], prints)
+        data = _serialize(cache, self.model, self.tokenizer, [instruction], prints)
+        # one put: readers see the old object or the new
+        self.fs.pipe_file(self._remote(instruction, prints), data)
+        return self.path(instruction, prints)
 
     def get(self, instruction: str) -> GistCache:
-        path = self.path(instruction)
+        prints = self._prints()
+        path = self.path(instruction, prints)
         if self.local:
             if not path.is_file():
                 raise KeyError(f"no cache for instruction {instruction[:80]!r} in {self.folder}")
-            return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens, self.prints,
+            return load_cache(path, self.model, self.tokenizer, self.num_gist_tokens, prints,
                               self._segments_dict)
         try:
-            data = self.fs.cat_file(self._remote(instruction))  # a plain get, never a cached listing
+            data = self.fs.cat_file(self._remote(instruction, prints))  # a plain get, never a cached listing
         except FileNotFoundError:
             raise KeyError(f"no cache for instruction {instruction[:80]!r} in {self.folder}") from None
         meta = _metadata_of(path, data)
-        _check(path, meta, self.model, self.tokenizer, self.num_gist_tokens, self.prints, self._segments_dict)
+        _check(path, meta, self.model, self.tokenizer, self.num_gist_tokens, prints, self._segments_dict)
         try:
             tensors = load_bytes(data)
         except Exception as e:  # noqa: BLE001
@@ -328,15 +359,20 @@ class CacheStore:
     def __contains__(self, instruction: str) -> bool:
         if self.local:
             return self.path(instruction).is_file()
-        path = self._remote(instruction)
+        path = self._remote(instruction, self._prints())
         self.fs.invalidate_cache(path)  # a listing read earlier would not show what others wrote since
         return self.fs.isfile(path)
 
     def list(self) -> list[str]:
-        """The stored instructions (complete files only; temporary files of crashed writers are
-        ignored). Files that cannot be read are left out, logged, and kept in ``self.unreadable``."""
+        """The instructions stored for this model and these settings (complete files only; temporary
+        files of crashed writers are ignored; entries of other models or settings sharing the folder
+        are not this store's). Files that cannot be read are left out, logged, and kept in
+        ``self.unreadable``; entries of an older format (never read: see the module docstring) are
+        kept in ``self.older``, and logged in one line."""
         out = []
         self.unreadable: list[tuple[Path | str, str]] = []
+        self.older: list[Path | str] = []
+        prints = self._prints()
         for path in self._entries():
             try:
                 meta = read_metadata(path) if self.local else self._remote_metadata(path)
@@ -344,9 +380,15 @@ class CacheStore:
                 self.unreadable.append((path, str(e)))
                 log.warning("%s", e)
                 continue
-            if (meta["num_gist_tokens"] == str(self.num_gist_tokens) and meta["condition"] == self.condition
-                    and _segment_key(_stored_segments(meta)) == _segment_key(self._segments_dict)):
-                out += json.loads(meta["instructions"])
+            if meta["format"] != FORMAT:
+                self.older.append(path)
+                continue
+            name = path.name if self.local else path.rsplit("/", 1)[-1]
+            # an entry is this store's when this store would have named it so
+            out += [text for text in json.loads(meta["instructions"]) if self._name(text, prints) == name]
+        if self.older:
+            log.warning("%s: %d entries of an older format are not used (their instructions are compressed "
+                        "again when asked); delete them to free the space", self.folder, len(self.older))
         return out
 
     def _entries(self) -> list[Path | str]:
@@ -367,7 +409,7 @@ class CacheStore:
             if self.local:
                 self.path(instruction).unlink()
             else:
-                self.fs.rm_file(self._remote(instruction))
+                self.fs.rm_file(self._remote(instruction, self._prints()))
             return True
         except FileNotFoundError:
             return False

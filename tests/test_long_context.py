@@ -212,6 +212,8 @@ def test_cache_files_and_the_store_keep_contexts_and_refuse_other_segment_settin
     # another layout in the same folder is another entry, never the first one's gists
     assert CacheStore(tmp_path / "store", model, tok, 2,
                       segments=SegmentSettings(8, 2, "coarse")).list() == []
+    assert CacheStore(tmp_path / "store", model, tok, 2,
+                      segments=SegmentSettings(8, 2, "fine", compact_positions=True)).list() == []
 
 
 def test_compress_and_generate_commands_take_a_context_file(make_pair, tmp_path):

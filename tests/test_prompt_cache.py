@@ -75,6 +75,57 @@ def test_a_mismatched_model_tokenizer_k_or_dtype_is_refused(make_pair, tmp_path)
         load_cache(path, model2.to(torch.float64), tok2)
 
 
+def test_two_models_on_one_store_each_read_their_own_entries(make_pair, tmp_path):
+    """Entries are named by the model's fingerprint too: a second model adding the same instruction
+    writes an entry of its own instead of replacing the first model's."""
+    a, tok, _ = make_pair("llama", seed=0)
+    b, _, _ = make_pair("llama", seed=1)  # same architecture and tokenizer, other weights
+    store_a, store_b = CacheStore(tmp_path, a, tok, 1, frozen=True), CacheStore(tmp_path, b, tok, 1)
+    store_a.add(INSTRUCTIONS[0])
+    assert INSTRUCTIONS[0] not in store_b and store_b.list() == []
+    store_b.add(INSTRUCTIONS[0])
+    store_b.add(INSTRUCTIONS[1])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    assert store_a.list() == [INSTRUCTIONS[0]] and sorted(store_b.list()) == sorted(INSTRUCTIONS)
+    for store, model in [(store_a, a), (store_b, b)]:  # each reads what it made, not the other's
+        assert torch.equal(store.get(INSTRUCTIONS[0]).states[0][0],
+                           compress(model, tok, [INSTRUCTIONS[0]], 1).states[0][0])
+    # nor does one model under another dtype, k or condition read them
+    assert CacheStore(tmp_path, make_pair("llama", seed=0)[0].to(torch.float64), tok, 1).list() == []
+    assert CacheStore(tmp_path, a, tok, 2).list() == []
+    assert CacheStore(tmp_path, a, tok, 1, "neg_control").list() == []
+
+
+def test_store_entries_of_format_1_are_recognised_and_never_read(make_pair, tmp_path, caplog):
+    """Format 1 named an entry by instruction, k and condition only. Such an entry is not found under
+    the new names (whichever model wrote it), is listed apart, and still loads as a file."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, tok, _ = make_pair("llama", seed=0)
+    other, _, _ = make_pair("llama", seed=1)
+    new = save_cache(compress(other, tok, [INSTRUCTIONS[0]], 1), tmp_path / "x.safetensors", other, tok,
+                     [INSTRUCTIONS[0]])
+    with safe_open(str(new), framework="pt") as f:
+        meta, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    old_name = hashlib.sha256(json.dumps([INSTRUCTIONS[0], 1, "gist"]).encode()).hexdigest()[:32]
+    old = tmp_path / "store" / f"{old_name}.safetensors"
+    old.parent.mkdir()
+    save_file(tensors, str(old), metadata={**meta, "format": "gist-lightning-cache/1"})
+    new.unlink()
+
+    store = CacheStore(tmp_path / "store", model, tok, 1)
+    assert INSTRUCTIONS[0] not in store and store.list() == [] and store.older == [old]
+    assert "1 entries of an older format are not used" in caplog.text
+    fresh = store.get_or_add(INSTRUCTIONS[0])  # made again, beside the old entry, which is left as it was
+    assert torch.equal(fresh.states[0][0], compress(model, tok, [INSTRUCTIONS[0]], 1).states[0][0])
+    assert store.list() == [INSTRUCTIONS[0]] and store.older == [old] and len(list(old.parent.iterdir())) == 2
+    assert load_cache(old, other, tok, 1).meta["instructions"] == [INSTRUCTIONS[0]]
+
+
 @pytest.fixture
 def saved_llama(make_pair, tmp_path):
     """A tiny LLaMA saved as an export folder, so that other processes load the same model."""
@@ -160,8 +211,9 @@ def test_a_store_at_a_url_sees_entries_another_writer_added_after_it_opened(make
     assert second.list() == ["reverse the list of words"] and second.unreadable[0][0] == bad
     with pytest.raises(GistError, match="truncated or corrupt"):
         second.get("put cat first")
-    other, _, _ = make_pair("llama", seed=1)
-    with pytest.raises(CacheMismatchError, match="different model"):
+    other, _, _ = make_pair("llama", seed=1)  # another model's store in the same place: its own entries
+    assert "reverse the list of words" not in CacheStore(url, other, tok, 1)
+    with pytest.raises(KeyError, match="no cache for instruction"):
         CacheStore(url, other, tok, 1).get("reverse the list of words")
     assert second.delete("put cat first") and not second.delete("put cat first")
     fs.rm(url, recursive=True)
