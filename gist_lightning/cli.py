@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -23,10 +22,12 @@ from .data.datamodule import GistDataModule
 from .errors import CorruptFileError, GistError, read_text
 from .evaluation.callbacks import CompressionStats, ExportBest, PredictionWriter, RougeCallback, RunSummary
 from .files import free_path
+from .model_summary import use_model_summary_without_flops
 from .module import GistLitModule
 from .progress import use_step_progress_bar
 from .resume import (
     SIGTERM_EXIT,
+    BestCheckpoint,
     ResumableRun,
     clock_checkpoint,
     stopped_early_message,
@@ -41,7 +42,7 @@ def default_callbacks():
         PredictionWriter(),
         CompressionStats(),
         # enable_version_counter=False: the clock checkpoint (GistCLI) writes the same last.ckpt
-        ModelCheckpoint(monitor=BEST_METRIC, mode=BEST_MODE, save_top_k=1, save_last=True,
+        BestCheckpoint(monitor=BEST_METRIC, mode=BEST_MODE, save_top_k=1, save_last=True,
                         filename="best-step{step}", auto_insert_metric_name=False,
                         enable_version_counter=False),
         ExportBest(),
@@ -75,10 +76,11 @@ class GistCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         clock = clock_checkpoint(self._get(self.config_init, "checkpoint_minutes"),
                                  self._get(self.config_init, "checkpoint_every_n_steps"))
-        if clock is not None and trainer.checkpoint_callback is not None:  # none when checkpointing is off
+        if trainer.checkpoint_callback is not None:  # none when checkpointing is off
             trainer.callbacks.append(clock)
         use_atomic_checkpoints(trainer)
         use_step_progress_bar(trainer)
+        use_model_summary_without_flops(trainer)
         return trainer
 
     def parse_arguments(self, parser, args) -> None:

@@ -34,8 +34,9 @@ def validation_due(trainer) -> bool:
 
 
 class ClockCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` on a clock: every ``train_time_interval`` or ``every_n_train_steps``, when
-    training ends, and when a SIGTERM stops training between steps. (Lightning 2.6 refreshes
+    """``last.ckpt`` on a clock: every ``train_time_interval`` or ``every_n_train_steps``, at the
+    last step (``max_steps``; otherwise when training ends), and when a SIGTERM stops training
+    between steps. (Lightning 2.6 refreshes
     ``last.ckpt`` at a validation only when the best checkpoint improved, so without this a killed
     run could lose everything since its last improving validation.)
 
@@ -54,6 +55,8 @@ class ClockCheckpoint(ModelCheckpoint):
         self._validation_due = validation_due(trainer)
         try:
             super().on_train_batch_end(trainer, *args, **kwargs)
+            if last_step(trainer) and not self._deferred and not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         finally:
             self._validation_due = False
 
@@ -80,6 +83,7 @@ class ClockCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        # saved already when max_steps ended the run (at its last step); left for max_epochs and stops
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -93,16 +97,33 @@ class ClockCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def clock_checkpoint(minutes: float | None = 10.0,
-                     every_n_steps: int | None = None) -> ModelCheckpoint | None:
+def last_step(trainer) -> bool:
+    """Whether the optimizer step that just ended is the run's last (``max_steps`` reached)."""
+    return trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's best-checkpoint callback, except that it leaves the ``last.ckpt`` of a run's end
+    to :class:`ClockCheckpoint`.
+
+    Lightning's own ``on_train_end`` writes ``last.ckpt`` when this process has not written one,
+    after the loop has closed the epoch that ``max_steps`` cut short: a resumed run that found no
+    better validation would end with other loop counters than the uninterrupted run, and extending
+    ``max_steps`` from it would start another epoch on other batches."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pass
+
+
+def clock_checkpoint(minutes: float | None = 10.0, every_n_steps: int | None = None) -> ModelCheckpoint:
     """The :class:`ClockCheckpoint` for ``minutes`` of training or ``every_n_steps`` steps (None / 0:
-    none)."""
+    no clock; it still writes ``last.ckpt`` at the last step and on a SIGTERM)."""
     common = dict(save_top_k=0, save_last=True, enable_version_counter=False)
     if every_n_steps:
         return ClockCheckpoint(every_n_train_steps=every_n_steps, **common)
     if minutes:
         return ClockCheckpoint(train_time_interval=timedelta(minutes=minutes), **common)
-    return None
+    return ClockCheckpoint(every_n_train_steps=0, every_n_epochs=0, **common)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -228,6 +249,6 @@ def stopped_early_message(trainer, argv: list[str]) -> str:
     return f"stopped early by SIGTERM at {where}{held}; resume with: {resume_command(argv, version)}"
 
 
-__all__ = ["AtomicCheckpointIO", "ClockCheckpoint", "ResumableRun", "SIGTERM_EXIT", "clock_checkpoint",
-           "resume_command", "stopped_early_message", "use_atomic_checkpoints", "validation_due"]
-
+__all__ = ["AtomicCheckpointIO", "BestCheckpoint", "ClockCheckpoint", "ResumableRun", "SIGTERM_EXIT",
+           "clock_checkpoint", "last_step", "resume_command", "stopped_early_message",
+           "use_atomic_checkpoints", "validation_due"]

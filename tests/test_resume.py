@@ -1,6 +1,7 @@
 """A run killed at any moment and resumed with ``--ckpt_path last`` ends as the uninterrupted run:
-the same predictions, metrics rows, best checkpoint, export and last weights, with nothing left
-behind. Kills land from inside the process at named moments (``tests/kill_points.py``), with the
+the same predictions, metrics rows, best checkpoint, export, last weights and loop counters, with
+nothing left behind, and extending ``max_steps`` from its last.ckpt gives the same weights as from the
+uninterrupted run's. Kills land from inside the process at named moments (``tests/kill_points.py``), with the
 clock checkpoint every 10 steps (dividing the validation interval of 20) and every 7 (not)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +53,56 @@ def _state(path: Path) -> dict:
 
 def _same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _loop_state(path: Path) -> dict:
+    """The checkpoint's loop counters (epoch and batch progress, steps, the fit loop's own state), flat."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    ckpt = torch.load(path, weights_only=True)
+    return {"epoch": ckpt["epoch"], "global_step": ckpt["global_step"], **flat(ckpt["loops"])}
+
+
+EXTEND_TO = 46  # 6 steps past the end: mid-epoch (16 batches an epoch), no validation
+
+
+def _extended(config: Path, root: Path, every: int, tmp: Path) -> Path:
+    """Extend the finished run in ``root`` to ``EXTEND_TO`` steps from its last.ckpt (a copy of the run
+    folder, so the original is kept); the extended run's last.ckpt."""
+    copy = root.parent / f"{root.name}-extended"
+    shutil.copytree(root, copy)
+    done = subprocess.run(_command(config, copy, every, "--trainer.max_steps", str(EXTEND_TO),
+                                   "--ckpt_path", "last"), capture_output=True, text=True, env=_env(tmp))
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = _folder(copy) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == EXTEND_TO
+    return last
+
+
+def _same_end(config: Path, root: Path, want_root: Path, every: int, tmp: Path, want_every: int = 10) -> None:
+    """The resumed run's last.ckpt has the uninterrupted run's weights and loop counters, and extending
+    ``max_steps`` from either gives the same weights and counters (a resumed run that ended in another
+    loop state would start another epoch on other batches)."""
+    got, want = _folder(root) / "checkpoints" / "last.ckpt", _folder(want_root) / "checkpoints" / "last.ckpt"
+    assert _same_tensors(_state(got), _state(want))
+    assert _loop_state(got) == _loop_state(want)
+    got, want = _extended(config, root, every, tmp), _extended_straight(config, want_root, want_every, tmp)
+    assert _same_tensors(_state(got), _state(want))
+    assert _loop_state(got) == _loop_state(want)
+
+
+_EXTENDED: dict = {}
+
+
+def _extended_straight(config: Path, root: Path, every: int, tmp: Path) -> Path:
+    """:func:`_extended` of the uninterrupted run, made once per run folder and clock."""
+    if (root, every) not in _EXTENDED:
+        _EXTENDED[root, every] = _extended(config, root, every, tmp)
+    return _EXTENDED[root, every]
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +162,6 @@ def test_a_kill_at_any_phase_resumes_to_the_uninterrupted_result(straight, tmp_p
     assert sorted(p.name for p in (got / "checkpoints").iterdir()) == ["best-step20.ckpt", "last.ckpt"]
     assert _same_tensors(_state(got / "checkpoints" / "best-step20.ckpt"), _state(want / "checkpoints" /
                                                                                   "best-step20.ckpt"))
-    assert _same_tensors(_state(got / "checkpoints" / "last.ckpt"),
-                         _state(want / "checkpoints" / "last.ckpt"))
     assert sorted(p.name for p in got.iterdir() if p.name.startswith("export")) == ["export"]  # no export-1
     assert json.loads((got / "export" / "gist_config.json").read_text())["source"] == \
         {"checkpoint": "best-step20.ckpt", "global_step": 20}
@@ -123,6 +173,7 @@ def test_a_kill_at_any_phase_resumes_to_the_uninterrupted_result(straight, tmp_p
     assert "no validation ran" not in resumed.stdout
     assert not list(got.rglob("*.tmp"))
     assert not [p for p in tmp.iterdir() if not p.name.startswith("torchinductor")]  # torch's compile cache
+    _same_end(config, root, want_root, every, tmp)
 
 
 @pytest.mark.parametrize("every, kill_at, stopped_at, held", [
@@ -150,6 +201,7 @@ def test_sigterm_says_how_to_resume_and_the_command_does(straight, tmp_path, eve
     resumed = subprocess.run([BIN, *command[1:]], capture_output=True, text=True, env=_env(tmp))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_run(root, want_root)
+    _same_end(config, root, want_root, every, tmp)
 
 
 def _same_run(root: Path, want_root: Path) -> None:
@@ -182,5 +234,6 @@ def test_sigterm_between_micro_batches_keeps_the_last_whole_step(tmp_path):
                              capture_output=True, text=True, env=_env(tmp_path / "tmp"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_run(root, want)
-    assert _same_tensors(_state(_folder(root) / "checkpoints" / "last.ckpt"),
-                         _state(_folder(want) / "checkpoints" / "last.ckpt"))
+    got, want = _folder(root) / "checkpoints" / "last.ckpt", _folder(want) / "checkpoints" / "last.ckpt"
+    assert _same_tensors(_state(got), _state(want))
+    assert _loop_state(got) == _loop_state(want)
