@@ -33,6 +33,37 @@ def validation_due(trainer) -> bool:
     return loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
 
 
+class _OneValidationDecision:
+    """Lightning's "is a validation due" rule, decided once per training batch and, under several
+    processes, by rank 0 for all. With a time-based ``val_check_interval`` Lightning reads the clock
+    each time it asks, on every rank: :class:`ClockCheckpoint` asking first could see no validation
+    and save just before one runs, and ranks whose clocks disagree would enter the validation's
+    collectives apart and hang."""
+
+    def __init__(self, trainer, rule):
+        self.trainer, self.rule = trainer, rule
+        self._batch, self._due = None, False
+
+    def __call__(self, data_fetcher) -> bool:
+        batch = self.trainer.fit_loop.epoch_loop.total_batch_idx  # the same from a batch's start to its end
+        if batch != self._batch:
+            due = bool(self.rule(data_fetcher))
+            if self.trainer.world_size > 1:
+                due = bool(self.trainer.strategy.broadcast(due, src=0))
+            self._batch, self._due = batch, due
+        return self._due
+
+
+def decide_validation_once(trainer) -> None:
+    """Make the trainer's time-based validation rule one decision per batch, shared by all ranks
+    (:class:`_OneValidationDecision`); a step-based rule reads no clock and is left as it is."""
+    loop = trainer.fit_loop.epoch_loop
+    if getattr(trainer, "_val_check_time_interval", None) is None or isinstance(loop._should_check_val_fx,
+                                                                                 _OneValidationDecision):
+        return
+    loop._should_check_val_fx = _OneValidationDecision(trainer, loop._should_check_val_fx)
+
+
 class ClockCheckpoint(ModelCheckpoint):
     """``last.ckpt`` on a clock: every ``train_time_interval`` or ``every_n_train_steps``, at the
     last step (``max_steps``; otherwise when training ends), and when a SIGTERM stops training
@@ -47,6 +78,10 @@ class ClockCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._validation_due = False  # inside on_train_batch_end of a step that validates
         self._deferred = False  # a save waits for the end of this step's validation
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        decide_validation_once(trainer)
 
     def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
         # a time-triggered save between micro-batches of one accumulation would lose their gradients
@@ -250,5 +285,5 @@ def stopped_early_message(trainer, argv: list[str]) -> str:
 
 
 __all__ = ["AtomicCheckpointIO", "BestCheckpoint", "ClockCheckpoint", "ResumableRun", "SIGTERM_EXIT",
-           "clock_checkpoint", "last_step", "resume_command", "stopped_early_message",
-           "use_atomic_checkpoints", "validation_due"]
+           "clock_checkpoint", "decide_validation_once", "last_step", "resume_command",
+           "stopped_early_message", "use_atomic_checkpoints", "validation_due"]
