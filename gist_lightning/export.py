@@ -6,7 +6,10 @@ the tokenizer and the settings, naming the base model they go on."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
@@ -25,6 +28,28 @@ def _start(out_dir, overwrite: bool) -> Path:
         raise FileExistsError(f"{out_dir} already holds an exported model; refusing to overwrite it")
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
+
+
+@contextmanager
+def _deepspeed_import_unannounced():
+    """Saving imports deepspeed where it is installed (transformers unwraps the model with
+    accelerate, which looks for a DeepSpeedEngine), and deepspeed's import logs on stdout which
+    accelerator it found ("Setting accelerator to CPU..." on a machine without GPU): noise in the
+    output of a run that does not use DeepSpeed. What DeepSpeed logs while it is imported here is
+    dropped; a run that uses DeepSpeed imported it before, and keeps its messages."""
+    if "deepspeed" in sys.modules:
+        yield
+        return
+    logger = logging.getLogger("DeepSpeed")  # deepspeed.utils.logging configures it, keeping its filters
+
+    def drop(record) -> bool:
+        return False
+
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _finish(out_dir: Path, tokenizer, num_gist_tokens: int, condition: str, **extra) -> Path:
@@ -47,7 +72,8 @@ def export_pretrained(model, tokenizer, out_dir: str | os.PathLike, num_gist_tok
     checkpoint and step the weights come from) and ``segments`` (the segment settings of a model
     that gists long contexts) are kept in the settings file."""
     out_dir = _start(out_dir, overwrite)
-    model.save_pretrained(out_dir)
+    with _deepspeed_import_unannounced():
+        model.save_pretrained(out_dir)
     return _finish(out_dir, tokenizer, num_gist_tokens, condition, **_extra(source, segments))
 
 
@@ -61,7 +87,8 @@ def export_adapter(peft_model, tokenizer, out_dir: str | os.PathLike, num_gist_t
     if Path(base_model).is_dir():
         base_model = str(Path(base_model).resolve())  # loadable from another working directory
     # the token rows are adapter parameters, saved with the adapters; no full embedding copy
-    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
+    with _deepspeed_import_unannounced():
+        peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     return _finish(out_dir, tokenizer, num_gist_tokens, condition,
                    adapter={"base_model": base_model, "added_token_ids": list(added_token_ids)},
                    **_extra(source, segments))

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,3 +51,34 @@ def test_a_folder_without_settings_or_with_another_gist_id_is_refused(make_pair,
     (out / SETTINGS_FILE).write_text(json.dumps({**settings, "gist_token_id": settings["gist_token_id"] + 1}))
     with pytest.raises(ValueError, match="<GIST> id differs"):
         load_pretrained(out)
+
+
+EXPORT_IN_A_FRESH_PROCESS = """
+import sys
+from transformers import LlamaConfig, LlamaForCausalLM
+from gist_lightning import add_gist_token
+from gist_lightning.export import export_pretrained
+from gist_lightning.tokens import load_tokenizer
+
+tok = load_tokenizer("suite")
+model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2))
+add_gist_token(tok, model)
+export_pretrained(model, tok, sys.argv[1], num_gist_tokens=1, condition="gist")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_an_export_prints_nothing_of_deepspeed(tmp_path):
+    """Saving imports deepspeed where it is installed (transformers unwraps the model with accelerate,
+    which looks for a DeepSpeedEngine), and its import announces on stdout which accelerator it
+    found: noise after a run that does not use DeepSpeed (a fresh process: this one may have
+    imported it already)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", EXPORT_IN_A_FRESH_PROCESS, str(tmp_path / "m")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "m" / SETTINGS_FILE).is_file()
+    printed = done.stdout + done.stderr
+    assert "accelerator" not in printed.lower(), printed
+    assert not re.search(r"^\[\d{4}-\d\d-\d\d ", printed, re.M), printed  # deepspeed's log lines
