@@ -223,16 +223,32 @@ def test_a_killed_fit_resumed_from_last_equals_the_uninterrupted_run(run_config,
             (_run_folder(straight) / "predictions" / name).read_text(), name
 
 
+def assert_reads_cleanly(done: subprocess.CompletedProcess) -> None:
+    """What a fit prints, as the demo prints it: the model summary without FLOPs it did not count,
+    the progress bar's last frame once, before the run's summary (not again below it), and nothing
+    of DeepSpeed, which the run does not use (the export imports it where it is installed)."""
+    out = done.stdout
+    assert "Total params" in out and "flops" not in out.lower(), out
+    printed = out + done.stderr
+    assert "real_accelerator" not in printed and not re.search(r"^\[\d{4}-\d\d-\d\d ", printed, re.M), printed
+    bars = [m.start() for m in re.finditer(r"^Step \(epoch \d+\)", out, re.M)]
+    summary = out.index("\n== gist, k=")
+    assert len(bars) == 1 and bars[0] < summary, out
+    assert out.rstrip().splitlines()[-1].lstrip().startswith("load it:"), out  # the summary's last line
+
+
 @pytest.mark.slow
 def test_the_same_config_and_seed_twice_give_identical_metrics(run_config, tmp_path):
     """Reproducibility on one machine: two processes, one config and seed, the same numbers to the
-    last digit (losses, ROUGE-L, exact match, the checkpoint's weights, every prediction)."""
-    config = run_config(val_check_interval=20)
+    last digit (losses, ROUGE-L, exact match, the checkpoint's weights, every prediction). With the
+    progress bar and model summary on, as in the demo, each prints what the demo prints, cleanly."""
+    config = run_config(val_check_interval=20, enable_progress_bar=True, enable_model_summary=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     runs = [tmp_path / "first", tmp_path / "second"]
     for folder in runs:
         done = subprocess.run(_fit_command(config, folder), capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert_reads_cleanly(done)
 
     def logged(folder):
         rows = list(csv.DictReader(open(_run_folder(folder) / "metrics.csv")))
