@@ -325,8 +325,29 @@ def judge_main(argv: list[str]) -> None:
     run(argv)
 
 
+def clean_main(argv: list[str]) -> None:
+    from .files import find_strays, remove_strays_at
+
+    parser = ArgumentParser(prog="gist-lightning clean", description="Remove the temporary files and "
+                            "folders that killed writes left in run folders (a kill inside a checkpoint "
+                            "write or an export). A resumed fit removes its own; this is for runs never "
+                            "resumed. Temporaries of writers still alive, or of another host, are kept.")
+    parser.add_argument("folders", nargs="+", help="run folders (searched recursively)")
+    parser.add_argument("--dry_run", action="store_true", help="list them, remove nothing")
+    cfg = parser.parse_args(argv)
+    for folder in cfg.folders:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder")
+    strays = [stray for folder in cfg.folders for stray in find_strays(folder)]
+    for stray in strays:
+        if cfg.dry_run or remove_strays_at(stray):
+            print(("would remove " if cfg.dry_run else "removed ") + str(stray))
+    if not strays:
+        print("nothing to remove")
+
+
 COMMANDS = {"score": score_main, "export": export_main, "compress": compress_main, "generate": generate_main,
-            "serve": serve_main, "judge": judge_main}
+            "serve": serve_main, "judge": judge_main, "clean": clean_main}
 LIGHTNING_COMMANDS = {
     "fit": "train (and validate) a gist model: gist-lightning fit --config configs/tiny.yaml",
     "validate": "validate a model or checkpoint on the validation splits (ROUGE-L, compression)",
@@ -341,6 +362,7 @@ HELP = {
     "generate": "answer inputs from a gist cache file, batched",
     "judge": "pairwise comparison of two prediction CSVs by a judge model at any OpenAI-compatible endpoint",
     "serve": "an OpenAI-compatible server of an exported model: instructions compressed once, caches reused",
+    "clean": "remove the temporaries that killed writes left in run folders (of dead writers only)",
 }
 DEBUG_ENV = "GIST_LIGHTNING_DEBUG"
 # failures that are the input's, not the program's: printed as one line (tracebacks with --debug)
