@@ -118,3 +118,46 @@ def test_packing_fills_rows_with_every_training_example_once(suite_module, tiny_
     t5 = GistLitModule(model_config=tiny_models["t5"])
     with pytest.raises(ValueError, match="data.packing"):
         dm.connect(**t5.data_facts())
+
+
+@pytest.mark.parametrize("size, ranks", [(24, 1), (24, 2), (23, 2)])
+def test_a_loader_restored_mid_epoch_yields_the_rest_of_its_ranks_share(size, ranks):
+    """The training order depends only on (seed, epoch); each data-parallel rank draws every
+    ``ranks``-th index of it (the order padded by repeats to a multiple of ``ranks``), one process the
+    whole order; a loader restored after 2 batches yields the batches its rank had left, and one
+    restored after an epoch's last batch the whole next epoch. The sampler is a DistributedSampler, so
+    Lightning keeps it under DDP/DeepSpeed/FSDP instead of wrapping it in one that a restored loader
+    cannot skip."""
+    import torch
+    from torch.utils.data import DistributedSampler
+
+    from gist_lightning.data.datamodule import _EPOCH_SEED_STRIDE, EpochSampler, ResumableLoader
+
+    epoch = [3]
+
+    def loader(rank: int, batches_done: int = 2) -> ResumableLoader:
+        sampler = EpochSampler(size, seed=7, epoch_fn=lambda: epoch[0], num_replicas=ranks, rank=rank)
+        assert isinstance(sampler, DistributedSampler)
+        return ResumableLoader(list(range(size)), batch_size=4, sampler=sampler,
+                               progress_fn=lambda: batches_done)
+
+    def indices(loader) -> list[int]:
+        return [i for batch in loader for i in batch.tolist()]
+
+    shares = [indices(loader(r)) for r in range(ranks)]
+    assert sorted(set(i for share in shares for i in share)) == list(range(size))
+    assert {len(share) for share in shares} == {-(-size // ranks)}  # the same number of steps on each rank
+    for rank, share in enumerate(shares):
+        restored = loader(rank)
+        restored.load_state_dict(loader(rank).state_dict())  # 2 batches of epoch 3 processed
+        assert indices(restored) == share[8:]
+        # saved after the last batch of epoch 3, resumed in epoch 4 (Lightning moves on): all of it
+        state = loader(rank, batches_done=len(restored)).state_dict()
+        epoch[0] = 4
+        restored = loader(rank)
+        restored.load_state_dict(state)
+        assert indices(restored) == indices(loader(rank)) != share  # reshuffled per epoch
+        epoch[0] = 3
+    if ranks == 1:  # one process keeps the order it always had
+        g = torch.Generator().manual_seed(7 + _EPOCH_SEED_STRIDE * 3)
+        assert shares[0] == torch.randperm(size, generator=g).tolist()

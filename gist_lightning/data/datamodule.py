@@ -21,7 +21,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from datasets import Dataset, load_dataset
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import ContextLengthError
 from ..long_context import SegmentSettings, encode_long_example
@@ -71,37 +71,52 @@ class ModelFacts:
         return (tokenizer_fingerprint(self.tokenizer), self.encoder_decoder, self.num_gist_tokens, segments)
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(DistributedSampler):
     """A shuffling sampler whose order depends only on (seed, epoch), so a run resumed from a
-    mid-epoch checkpoint sees exactly the batches the uninterrupted run would have seen."""
+    mid-epoch checkpoint sees exactly the batches the uninterrupted run would have seen.
 
-    def __init__(self, size: int, seed: int, epoch_fn):
+    With several data-parallel ranks, rank ``r`` takes every ``num_replicas``-th index of that order
+    from the ``r``-th (the order padded with its first indices to a multiple of ``num_replicas``, as
+    DistributedSampler pads), and ``skip`` counts this rank's indices. It is a DistributedSampler so
+    that Lightning keeps it: the one Lightning would wrap it in has no ``skip``, and a run resumed
+    mid-epoch would start the epoch again.
+
+    ``skip`` applies to the next iteration if it is of epoch ``skip_epoch`` (None: whatever its
+    epoch): a checkpoint written at an epoch's last batch resumes at the next epoch, none of which
+    was seen."""
+
+    def __init__(self, size: int, seed: int, epoch_fn, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
         self.size, self.seed, self.epoch_fn = size, seed, epoch_fn
-        self.skip = 0
+        self.skip, self.skip_epoch = 0, None
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples  # this rank's share: the size on one process
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + _EPOCH_SEED_STRIDE * self.epoch_fn())
+        epoch = self.epoch_fn()
+        g = torch.Generator().manual_seed(self.seed + _EPOCH_SEED_STRIDE * epoch)
         order = torch.randperm(self.size, generator=g).tolist()
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        order = (order * -(-self.total_size // max(self.size, 1)))[: self.total_size]
+        skip = self.skip if self.skip_epoch in (None, epoch) else 0
+        self.skip, self.skip_epoch = 0, None
+        return iter(order[self.rank::self.num_replicas][skip:])
 
 
 class ResumableLoader(DataLoader):
     """A DataLoader that Lightning treats as resumable (``state_dict`` / ``load_state_dict``): it
-    records how many batches of the current epoch the trainer has processed."""
+    records the epoch and how many of its batches the trainer has processed."""
 
     def __init__(self, *args, progress_fn, **kwargs):
         super().__init__(*args, **kwargs)
         self.progress_fn = progress_fn
 
     def state_dict(self) -> dict:
-        return {"batches": int(self.progress_fn())}
+        return {"epoch": int(self.sampler.epoch_fn()), "batches": int(self.progress_fn())}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.skip = state["batches"] * self.batch_size
+        # (checkpoints written before the epoch was recorded skip in whatever epoch comes first)
+        self.sampler.skip, self.sampler.skip_epoch = state["batches"] * self.batch_size, state.get("epoch")
 
 
 class PaddedToMultiple(torch.utils.data.Dataset):
@@ -353,7 +368,9 @@ class GistDataModule(L.LightningDataModule):
         dataset = self.datasets[TRAIN]
         if self.hparams.packing:
             dataset = PackedRows(dataset, self.packed_rows())
-        sampler = EpochSampler(len(dataset), self.hparams.seed, self._epoch)
+        # this rank's share of the data-parallel ranks (all of it on one process)
+        shares = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        sampler = EpochSampler(len(dataset), self.hparams.seed, self._epoch, **shares)
         return ResumableLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
                                collate_fn=self.collator(False, packed=self.hparams.packing),
                                num_workers=self.hparams.num_workers, progress_fn=self._batches_processed)
