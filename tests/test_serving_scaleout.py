@@ -1,7 +1,8 @@
-"""Serving past one process: two inference workers answer as one; two servers on one store share
-what either compressed (the second answers from "disk"); a store in S3 (a local S3-compatible server
-on loopback); a store location that cannot be written is refused at start; ``GET /metrics`` moves
-as requests are answered and parses as Prometheus text."""
+"""Serving past one process: two inference workers answer as one; two servers on one store share what
+either compressed (the second answers from "disk"), and servers of two models on one store each read
+their own entries; a store in S3 (a local S3-compatible server on loopback); a store location that
+cannot be written is refused at start; ``GET /metrics`` moves as requests are answered and parses as
+Prometheus text."""
 
 from __future__ import annotations
 
@@ -140,6 +141,23 @@ def test_metrics_move_as_requests_are_answered(servers):
     with urllib.request.urlopen(one.base + "/v1/cache/stats", timeout=30) as r:
         stats = json.loads(r.read())
     assert value(after, "gist_cache_bytes") == stats["cache_bytes"] > 0 and value(after, "gist_workers") == 1
+
+
+def test_two_models_on_one_store_each_read_their_own_entries(random_export, other_random_export, tmp_path):
+    """Without a memory cache every request reads the store: each server compresses the instruction
+    once, then reads its own entry, whatever the other model wrote under the same instruction."""
+    args = ("--cache_dir", str(tmp_path / "store"), "--cache_memory", "0")
+    with ServerProcess(random_export, *args, log=str(tmp_path / "a.log")) as a, \
+         ServerProcess(other_random_export, *args, log=str(tmp_path / "b.log")) as b:
+        sources = [[], []]
+        for _ in range(3):  # the two servers take turns
+            for server, seen in zip((a, b), sources):
+                seen.append(ask(server, PROBE_INSTRUCTIONS[0], PROBE_INPUTS[0])[1])
+        hits = [{s: value(scrape(server), "gist_cache_hits_total", source=s) for s in ("compressed", "disk")}
+                for server in (a, b)]
+    assert sources == [["compressed", "disk", "disk"]] * 2
+    assert hits == [{"compressed": 1, "disk": 2}] * 2
+    assert len(list((tmp_path / "store").glob("*.safetensors"))) == 2
 
 
 # -- a store in S3 ------------------------------------------------------------------------------------
