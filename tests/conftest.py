@@ -1,10 +1,13 @@
 """Shared test helpers, as fixtures: tiny tokenizers and models of every supported family built
 from configs (no download), tiny run configs, a model trained until its answers depend on the
-instruction and the input (made once per test session), and the experiments' scripts."""
+instruction and the input (made once per test session), the experiments' scripts and a one-node SLURM."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -282,3 +285,45 @@ def load_experiment():
         return module
 
     return load
+
+# -- a real scheduler: the one-node SLURM of experiments/slurm_local.sh ------------------------------
+SLURM_LOCAL = ROOT / "experiments" / "slurm_local.sh"
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    env: dict[str, str]  # what a client needs (SLURM_CONF), to add to the environment of sbatch & co.
+    partition: str  # the default partition of the cluster; its one node has the machine's CPUs
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node SLURM on this machine (``experiments/slurm_local.sh start``: Debian's slurm-wlm and
+    munge, installed where missing, on their own config, munged and ports): reused where it already
+    runs, stopped at the end of the session where this session started it. Skipped with the reason
+    where it cannot be installed or started (no root, apt fails, the node is not up within 60 s);
+    with ``GIST_REQUIRE_SLURM=1`` (CI) that fails instead."""
+
+    def unavailable(reason: str):
+        if os.environ.get("GIST_REQUIRE_SLURM") == "1":
+            pytest.fail(f"GIST_REQUIRE_SLURM=1 and {reason}")
+        pytest.skip(reason)
+
+    def script(command: str) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(["bash", str(SLURM_LOCAL), command], capture_output=True, text=True,
+                                  timeout=900, env=dict(os.environ, GIST_SLURM_WAIT_S="60"))
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess([], 1, "", f"slurm_local.sh {command} ran past 900 s")
+
+    was_running = script("status").returncode == 0
+    started = script("start")
+    if started.returncode != 0:
+        if not was_running:
+            script("stop")  # what it started before it gave up
+        unavailable(f"no SLURM here: {(started.stderr.strip().splitlines() or ['start failed'])[-1]}")
+    exported = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines()
+                    if line.startswith("export "))
+    yield SlurmCluster(env={"SLURM_CONF": exported["SLURM_CONF"]}, partition=exported["GIST_SLURM_PARTITION"])
+    if not was_running:
+        script("stop")
