@@ -1,17 +1,20 @@
 """Serving past one process: two inference workers answer as one; two servers on one store share what
 either compressed (the second answers from "disk"), and servers of two models on one store each read
-their own entries; a store in S3 (a local S3-compatible server on loopback); a store location that
-cannot be written is refused at start; ``GET /metrics`` moves as requests are answered and parses as
-Prometheus text."""
+their own entries; a killed server's folder is removed by the next start; a store in S3 (a local
+S3-compatible server on loopback); a store location that cannot be written is refused at start;
+``GET /metrics`` moves as requests are answered and parses as Prometheus text."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ from gist_lightning import compress
 from gist_lightning.export import load_pretrained
 from gist_lightning.prompt_cache import CacheStore
 from gist_lightning.serving.launch import ServerProcess, free_port
+from gist_lightning.serving.shared import remove_dead
 
 pytestmark = pytest.mark.slow
 PAIRS = [(t, x) for t in PROBE_INSTRUCTIONS for x in PROBE_INPUTS]
@@ -158,6 +162,29 @@ def test_two_models_on_one_store_each_read_their_own_entries(random_export, othe
     assert sources == [["compressed", "disk", "disk"]] * 2
     assert hits == [{"compressed": 1, "disk": 2}] * 2
     assert len(list((tmp_path / "store").glob("*.safetensors"))) == 2
+
+
+def test_a_killed_servers_folder_is_removed_by_the_next_start(random_export, tmp_path):
+    """Its Prometheus files live in its own folder; a SIGKILL leaves that folder, and the next server
+    to start removes it, but never the folder of a server still running."""
+    def folder_of(server) -> Path:
+        (folder,) = Path(tempfile.gettempdir()).glob(f"gist-serve-{server.process.pid}-*")
+        return folder
+
+    with ServerProcess(random_export, log=str(tmp_path / "killed.log")) as killed:
+        ask(killed, PROBE_INSTRUCTIONS[0], PROBE_INPUTS[0])
+        left = folder_of(killed)
+        assert list((left / "metrics").glob("*.db"))  # every process's metrics, in the server's folder
+        os.killpg(killed.process.pid, signal.SIGKILL)
+        killed.process.wait()
+    assert left.is_dir()
+    with ServerProcess(random_export, log=str(tmp_path / "next.log")) as server:
+        assert not left.exists()
+        mine = folder_of(server)
+        remove_dead()  # as another server's start would
+        assert mine.is_dir()
+        ask(server, PROBE_INSTRUCTIONS[0], PROBE_INPUTS[0])
+    assert not mine.exists()  # a server that stops removes its own
 
 
 # -- a store in S3 ------------------------------------------------------------------------------------

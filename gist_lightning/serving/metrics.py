@@ -2,9 +2,10 @@
 
 LitServe runs the HTTP process and every inference worker as separate processes, so the metrics
 use prometheus_client's multiprocess mode: each process writes its values to files in one folder
-(``PROMETHEUS_MULTIPROC_DIR``, made by ``gist-lightning serve`` before any process starts), and
-``/metrics`` adds them up over the processes. Counters and histograms are sums over every process;
-the gauges are sums over the live workers (their queues, the bytes their memory caches hold).
+(``PROMETHEUS_MULTIPROC_DIR``: ``metrics/`` in the server's own folder, ``shared.py``, set by
+``gist-lightning serve`` before any process starts), and ``/metrics`` adds them up over the
+processes. Counters and histograms are sums over every process; the gauges are sums over the live
+workers (their queues, the bytes their memory caches hold).
 
 What is counted where: the inference workers count what the engine did (requests by outcome,
 tokens, cache hits, compressions, queue depth, step time, cache bytes); the HTTP process counts the
@@ -15,8 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
+from pathlib import Path
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 # an engine step is one forward of the running batch (milliseconds on a GPU, up to seconds for a big
@@ -25,21 +25,15 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-def prepare_dir() -> str | None:
-    """Point ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder unless the user set one (then its values
-    are theirs to keep); return the folder to remove at exit, or None. Call it before prometheus_client
-    is imported in this process and before any worker starts: its value class is chosen at import."""
+def prepare_dir(folder: str | os.PathLike) -> None:
+    """Point ``PROMETHEUS_MULTIPROC_DIR`` at ``folder`` (the server's ``metrics/``, removed with it)
+    unless the user set one (then its values are theirs to keep). Call it before prometheus_client is
+    imported in this process and before any worker starts: its value class is chosen at import."""
     if os.environ.get(ENV):
         os.makedirs(os.environ[ENV], exist_ok=True)
-        return None
-    folder = tempfile.mkdtemp(prefix="gist-serve-metrics-")
-    os.environ[ENV] = folder
-    return folder
-
-
-def remove_dir(folder: str | None) -> None:
-    if folder:
-        shutil.rmtree(folder, ignore_errors=True)
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    os.environ[ENV] = str(folder)
 
 
 class ServerMetrics:

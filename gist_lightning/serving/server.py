@@ -6,7 +6,7 @@ fsspec URL), so an instruction compressed by one worker, or by a replica on anot
 from there by the others. A worker's continuous batching loop calls :meth:`GistServeAPI.step` for
 as long as its engine has work, and hands it every queued message (a request, a cancellation, a
 stats question) through ``add_request``. ``GET /metrics`` adds up every process's Prometheus metrics
-(``metrics.py``).
+(``metrics.py``), written to the server's own folder (``shared.py``).
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) to the main process at any moment (loading, idle, answering)
 stops the HTTP process, the inference worker and LitServe's manager, and the server exits with status
@@ -31,8 +31,9 @@ from litserve.utils import LitAPIStatus
 
 from ..prompt_cache import check_location
 from .engine import MODES, ServingEngine, parse_bytes
-from .metrics import metrics, prepare_dir, remove_dir
+from .metrics import metrics, prepare_dir
 from .openai_spec import GistOpenAISpec, install_error_handlers, resolve_max_tokens
+from .shared import ServerFolder
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,13 @@ class GistServeAPI(ls.LitAPI):
     def __init__(self, model: str, mode: str = "gist", cache_dir: str | None = None,
                  cache_memory: str = "256MB", max_batch_size: int = 16, dtype: str | None = None,
                  model_name: str | None = None, default_max_tokens: int | None = None,
-                 max_tokens_limit: int = 1024, max_body_size: str | int = "16MiB"):
+                 max_tokens_limit: int = 1024, max_body_size: str | int = "16MiB", *,
+                 folder: ServerFolder):
         if mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}; got {mode!r}")
         parse_bytes(cache_memory)  # a bad size fails here, before any process starts
         self.model_path, self.mode, self.cache_dir, self.cache_memory = model, mode, cache_dir, cache_memory
-        self.dtype = dtype
+        self.dtype, self.folder = dtype, folder
         spec = GistOpenAISpec(model_name or Path(model).name, default_max_tokens, max_tokens_limit,
                               max_body_bytes=parse_bytes(max_body_size))
         super().__init__(max_batch_size=max_batch_size, stream=True, spec=spec, loop=_Loop())
@@ -72,6 +74,7 @@ class GistServeAPI(ls.LitAPI):
         # tqdm's default lock is a multiprocessing semaphore; SIGTERM ends this process before it is
         # freed, and the resource tracker then warned of a leaked semaphore at every shutdown
         tqdm.set_lock(threading.RLock())
+        self.folder.join()  # held while this worker lives: a server that starts later leaves it
 
         from ..export import load_pretrained
         from ..long_context import SegmentSettings
@@ -159,9 +162,10 @@ class GistServeAPI(ls.LitAPI):
         raise NotImplementedError
 
 
-def build_server(cfg) -> ls.LitServer:
+def build_server(cfg, folder: ServerFolder) -> ls.LitServer:
     api = GistServeAPI(cfg.model, cfg.mode, cfg.cache_dir, cfg.cache_memory, cfg.max_batch_size, cfg.dtype,
-                       cfg.served_model_name, cfg.default_max_tokens, cfg.max_tokens_limit, cfg.max_body_size)
+                       cfg.served_model_name, cfg.default_max_tokens, cfg.max_tokens_limit, cfg.max_body_size,
+                       folder=folder)
     server = ls.LitServer(api, accelerator=cfg.accelerator, devices=cfg.devices,
                           workers_per_device=cfg.workers_per_device, timeout=False)
     if server.devices == ["cpu"] and cfg.devices > 1:
@@ -272,12 +276,13 @@ def serve_main(argv: list[str]) -> None:
     (SIGTERM or Ctrl-C), and stop every process it started."""
     cfg = _serve_parser().parse_args(argv)
     _check_settings(cfg)
-    metrics_dir = prepare_dir()  # before any process starts (and before prometheus_client is imported here)
+    folder = ServerFolder.create()  # after removing those of servers that died without removing theirs
+    prepare_dir(folder.metrics)  # before any process starts (and before prometheus_client is imported here)
     _stop_on_signals()  # from here on a signal stops what was started, without a traceback
     logging.getLogger("litserve.server").addFilter(_QuietClientErrors())
     server = None
     try:
-        server = build_server(cfg)
+        server = build_server(cfg, folder)
         workers = len(server.devices) * cfg.workers_per_device
         print(f"serving {cfg.model} ({cfg.mode} mode, {workers} worker{'s' * (workers > 1)}) on "
               f"http://{cfg.host}:{cfg.port}/v1", flush=True)
@@ -288,7 +293,7 @@ def serve_main(argv: list[str]) -> None:
     finally:
         if server is not None:
             _stop_children(server)
-        remove_dir(metrics_dir)
+        folder.remove()
     print("stopped", flush=True)
 
 
