@@ -12,6 +12,7 @@ from gist_lightning import compress, generate
 from gist_lightning.errors import GistError
 from gist_lightning.prompt_cache import CacheStore
 from gist_lightning.serving import GenerationRequest, ServingEngine, parse_bytes
+from gist_lightning.serving.engine import sum_stats
 from gist_lightning.templates import encode_continuation
 
 INSTRUCTIONS = ["reverse the list of words", "count the words", "Write a haiku about autumn leaves and rain.",
@@ -142,6 +143,27 @@ def test_cache_store_on_disk_serves_a_fresh_engine(make_pair, tmp_path):
     assert second.counts["disk_hits"] == 1 and second.counts["compressed"] == 0 and events[0].cache == "disk"
     assert got2["b"][0] == got["a"][0]
     assert events[-1].usage["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_the_stats_of_two_engines_sum_to_those_of_one_that_served_both(make_pair):
+    """What /v1/cache/stats answers for a server of several workers: one engine's stats, had one
+    engine served every request (here, with instructions that differ between the two)."""
+    model, tok, _ = make_pair("llama")
+    requests = [(f"r{i}", GenerationRequest(t, x, max_tokens=4))
+                for i, (t, x) in enumerate(zip(INSTRUCTIONS, INPUTS))]
+    one, two, both = (ServingEngine(model, tok, K, "gist") for _ in range(3))
+    again = [("again", requests[0][1])]  # its instruction from memory
+    run(one, {0: requests[:1], 1: again})
+    run(two, {0: requests[1:]})
+    run(both, {0: requests, 1: again})
+    run(two, {0: [("cancelled", requests[1][1])]}, cancel={0: "cancelled"})
+    run(both, {0: [("cancelled", requests[1][1])]}, cancel={0: "cancelled"})
+    total, alone = sum_stats([one.stats(), two.stats()]), both.stats()
+    capacity = total.pop("cache_capacity")
+    assert capacity == 2 * alone.pop("cache_capacity") and total == alone
+    assert total["requests"] == 6 and total["cancelled"] == 1 and total["memory_hits"] == 1
+    empty = sum_stats([])  # a server whose workers have not started
+    assert empty["requests"] == 0 and empty["bytes_per_instruction"] is None
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])

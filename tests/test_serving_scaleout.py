@@ -1,8 +1,9 @@
 """Serving past one process: two inference workers answer as one; two servers on one store share what
 either compressed (the second answers from "disk"), and servers of two models on one store each read
-their own entries; a killed server's folder is removed by the next start; a store in S3 (a local
-S3-compatible server on loopback); a store location that cannot be written is refused at start;
-``GET /metrics`` moves as requests are answered and parses as Prometheus text."""
+their own entries; ``/v1/cache/stats`` adds up every worker; a killed server's folder is removed by
+the next start; a store in S3 (a local S3-compatible server on loopback); a store location that
+cannot be written is refused at start; ``GET /metrics`` moves as requests are answered and parses as
+Prometheus text."""
 
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ def scrape(server) -> dict[tuple[str, tuple], float]:
 
 def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def cache_stats(server) -> dict:
+    with urllib.request.urlopen(server.base + "/v1/cache/stats", timeout=30) as r:
+        return json.loads(r.read())
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +168,37 @@ def test_two_models_on_one_store_each_read_their_own_entries(random_export, othe
     assert sources == [["compressed", "disk", "disk"]] * 2
     assert hits == [{"compressed": 1, "disk": 2}] * 2
     assert len(list((tmp_path / "store").glob("*.safetensors"))) == 2
+
+
+# -- two workers: what reaches every worker ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_workers(random_export, tmp_path_factory):
+    """Two inference workers of a model with random weights (its answers run to max_tokens)."""
+    log = tmp_path_factory.mktemp("two-workers") / "server.log"
+    with ServerProcess(random_export, "--accelerator", "cpu", "--workers_per_device", "2",
+                       "--max_batch_size", "8", log=str(log)) as server:
+        yield server
+
+
+def test_cache_stats_add_up_every_worker(two_workers):
+    before = cache_stats(two_workers)
+    bodies = [{"messages": [{"role": "system", "content": f"Describe item {i}."},
+                            {"role": "user", "content": "x y"}], "max_tokens": 20, "temperature": 0}
+              for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda body: post(two_workers, "/v1/chat/completions", body), bodies))
+    assert all(status == 200 for status, _ in answers)
+    after = cache_stats(two_workers)
+    workers = after["workers"]
+    assert sorted(workers) == ["0", "1"] and len({w["pid"] for w in workers.values()}) == 2
+    assert after["requests"] - before["requests"] == after["compressed"] - before["compressed"] == 12
+    served = {w: s["requests"] - before["workers"][w]["requests"] for w, s in workers.items()}
+    assert all(served.values()), served  # both took some (each request goes to whichever is free)
+    for key in ("requests", "compressed", "cancelled", "cached_instructions", "cache_bytes",
+                "cache_capacity"):
+        assert after[key] == sum(s[key] for s in workers.values()), key
+    assert after["cache_bytes"] == after["cached_instructions"] * after["bytes_per_instruction"]  # k=1
 
 
 def test_a_killed_servers_folder_is_removed_by_the_next_start(random_export, tmp_path):

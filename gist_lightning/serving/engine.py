@@ -51,6 +51,10 @@ from ..tokens import encode_text, gist_token_id, special_frame
 MODES = ("gist", "instruction", "full")
 # where a request's cache came from -> the counter of ServingEngine.stats it adds one to
 _COUNT_OF_SOURCE = {"memory": "memory_hits", "disk": "disk_hits", "compressed": "compressed_waits"}
+# what sum_stats adds up over engines
+_SUMMED = ("requests", "memory_hits", "disk_hits", "compressed_waits", "compressed", "refused", "cancelled",
+           "cached_instructions", "cache_bytes", "cache_capacity", "evicted", "running", "waiting",
+           "instructions_kept")
 log = logging.getLogger(__name__)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -63,6 +67,17 @@ def parse_bytes(text: str | int) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a size: use e.g. 256MB, 1GiB or a number of bytes")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def sum_stats(stats: list[dict]) -> dict:
+    """The :meth:`ServingEngine.stats` of several engines (a server's workers) as those of one: counters,
+    sizes and queues summed (``cache_capacity``: the memory of all of them), ``bytes_per_instruction``
+    the mean over every entry any of them kept; mode and condition are the same in all."""
+    total = {key: sum(s[key] for s in stats) for key in _SUMMED}
+    kept_bytes = sum((s["bytes_per_instruction"] or 0) * s["instructions_kept"] for s in stats)
+    kept = total["instructions_kept"]
+    total["bytes_per_instruction"] = kept_bytes / kept if kept else None
+    return {**total, **{key: stats[0][key] for key in ("mode", "condition") if stats}}
 
 
 class RequestError(GistError, ValueError):
@@ -288,7 +303,8 @@ class ServingEngine:
                 "waiting": len(self.waiting),
                 # the mean size of every entry kept so far (not only of those still held)
                 "bytes_per_instruction": (self.memory.added_bytes / self.memory.added if self.memory.added
-                                          else None)}
+                                          else None),
+                "instructions_kept": self.memory.added}
 
     def step(self) -> list[Event]:
         """One step (see the module docstring). A failure inside it (a bug, out of memory) ends every

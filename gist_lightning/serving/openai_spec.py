@@ -5,12 +5,13 @@ endpoints, and the response and stream chunk formats.
 Endpoints: ``POST /v1/chat/completions`` (the system message is the instruction, the user message
 the input; without a system message the user message is the instruction), ``POST /v1/completions``
 (``prompt`` is the instruction, the extra field ``input`` the input; a list of prompts gives one
-choice each), ``GET /v1/models``, ``GET /v1/cache/stats`` (the cache counters of the engine of one
-worker: the one that takes the question), ``GET /metrics`` (Prometheus, every worker's); LitServe
-adds ``GET /health``. The engine runs in LitServe's inference worker; this runs in its HTTP
-process and talks to it through LitServe's queues: a request, or a cancellation when the client
-goes away, or a stats question. :func:`install_error_handlers` gives FastAPI's own refusals (unknown
-path, wrong method) the same error shape; a client that leaves is one log line, not a traceback.
+choice each), ``GET /v1/models``, ``GET /v1/cache/stats`` (the cache counters of every worker's
+engine, summed, and each worker's under ``workers``, read from the server's folder, ``shared.py``),
+``GET /metrics`` (Prometheus, every worker's); LitServe adds ``GET /health``. The engines run in
+LitServe's inference workers; this runs in its HTTP process and talks to them through LitServe's
+queues: a request, or a cancellation when the client goes away. :func:`install_error_handlers` gives
+FastAPI's own refusals (unknown path, wrong method) the same error shape; a client that leaves is one
+log line, not a traceback.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from .engine import sum_stats
 from .metrics import metrics, render
+from .shared import ServerFolder
 
 log = logging.getLogger(__name__)
 # a real request nests 4 levels (body, messages, a message, its content parts); clients may add a few
@@ -150,10 +153,10 @@ def resolve_max_tokens(default_max_tokens: int | None, max_tokens_limit: int) ->
 
 
 class GistOpenAISpec(LitSpec):
-    def __init__(self, model_name: str, default_max_tokens: int | None = None, max_tokens_limit: int = 1024,
-                 max_prompts: int = 64, max_body_bytes: int = 16 * 2**20):
+    def __init__(self, model_name: str, folder: ServerFolder, default_max_tokens: int | None = None,
+                 max_tokens_limit: int = 1024, max_prompts: int = 64, max_body_bytes: int = 16 * 2**20):
         super().__init__()
-        self.model_name = model_name
+        self.model_name, self.folder = model_name, folder
         self.default_max_tokens = resolve_max_tokens(default_max_tokens, max_tokens_limit)
         self.max_tokens_limit, self.max_prompts = max_tokens_limit, max_prompts
         self.max_body_bytes = max_body_bytes
@@ -208,12 +211,8 @@ class GistOpenAISpec(LitSpec):
                                             "owned_by": "gist-lightning"}]}
 
     async def cache_stats(self, request: Request):
-        uid = self._send({"kind": "stats"})
-        try:
-            async for event in self._events(uid):
-                return event.get("stats", event)
-        finally:
-            self.response_buffer.pop(uid, None)
+        workers = self.folder.worker_stats()
+        return {**sum_stats(list(workers.values())), "workers": workers}
 
     async def prometheus_metrics(self, request: Request):
         body, content_type = render()

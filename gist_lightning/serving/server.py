@@ -4,9 +4,11 @@ owning a copy of the model and an engine with its own memory cache; they take re
 shared queue, and share compressed instructions through the store at ``--cache_dir`` (a folder or an
 fsspec URL), so an instruction compressed by one worker, or by a replica on another machine, is read
 from there by the others. A worker's continuous batching loop calls :meth:`GistServeAPI.step` for
-as long as its engine has work, and hands it every queued message (a request, a cancellation, a
-stats question) through ``add_request``. ``GET /metrics`` adds up every process's Prometheus metrics
-(``metrics.py``), written to the server's own folder (``shared.py``).
+as long as its engine has work, and hands it every queued message (a request, a cancellation)
+through ``add_request``. What the processes share beside LitServe's queues lives in the server's own
+folder (``shared.py``): each worker writes its engine's stats there when they changed
+(``/v1/cache/stats`` adds them up); ``GET /metrics`` adds up every process's Prometheus metrics
+(``metrics.py``), written there too.
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) to the main process at any moment (loading, idle, answering)
 stops the HTTP process, the inference worker and LitServe's manager, and the server exits with status
@@ -60,7 +62,7 @@ class GistServeAPI(ls.LitAPI):
         parse_bytes(cache_memory)  # a bad size fails here, before any process starts
         self.model_path, self.mode, self.cache_dir, self.cache_memory = model, mode, cache_dir, cache_memory
         self.dtype, self.folder = dtype, folder
-        spec = GistOpenAISpec(model_name or Path(model).name, default_max_tokens, max_tokens_limit,
+        spec = GistOpenAISpec(model_name or Path(model).name, folder, default_max_tokens, max_tokens_limit,
                               max_body_bytes=parse_bytes(max_body_size))
         super().__init__(max_batch_size=max_batch_size, stream=True, spec=spec, loop=_Loop())
 
@@ -75,6 +77,8 @@ class GistServeAPI(ls.LitAPI):
         # freed, and the resource tracker then warned of a leaked semaphore at every shutdown
         tqdm.set_lock(threading.RLock())
         self.folder.join()  # held while this worker lives: a server that starts later leaves it
+        self.worker = os.environ.get("LITSERVE_WORKER_ID", str(os.getpid()))  # set by LitServe
+        self.device_name = str(device)
 
         from ..export import load_pretrained
         from ..long_context import SegmentSettings
@@ -88,6 +92,7 @@ class GistServeAPI(ls.LitAPI):
                                     segments=segments)
         self.metrics = metrics()
         self._acks: set[str] = set()  # uids of cancellation messages: their events are no requests' outcomes
+        self._published: dict | None = None
         self._compressed = self.engine.stats()["compressed"]
         self._observe_engine()
         self.metrics.workers.set(1)
@@ -102,8 +107,6 @@ class GistServeAPI(ls.LitAPI):
         if kind == "cancel":
             self._acks.add(uid)
             self.engine.cancel(request["uid"], ack=uid)
-        elif kind == "stats":
-            self.engine.request_stats(uid)
         else:
             self.engine.submit(uid, request["request"])
 
@@ -135,8 +138,6 @@ class GistServeAPI(ls.LitAPI):
             if event.uid in self._acks:
                 self._acks.discard(event.uid)
                 continue
-            if event.stats is not None:
-                continue
             if event.cache is not None:
                 m.cache_hits.labels(event.cache).inc()
             if event.error is not None:
@@ -147,7 +148,13 @@ class GistServeAPI(ls.LitAPI):
         self._observe_engine()
 
     def _observe_engine(self) -> None:
+        """The engine's state to the gauges, and its stats to the server's folder when they changed
+        (before this step's events go out: a client that got its answer reads stats that count it)."""
         stats = self.engine.stats()
+        if stats != self._published:
+            self.folder.publish_stats(self.worker, {"worker": self.worker, "pid": os.getpid(),
+                                                    "device": self.device_name, **stats})
+            self._published = stats
         self.metrics.queue.labels("waiting").set(stats["waiting"])
         self.metrics.queue.labels("running").set(stats["running"])
         self.metrics.cache_bytes.set(stats["cache_bytes"])

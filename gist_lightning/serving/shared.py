@@ -1,7 +1,9 @@
 """What the processes of one server share beside LitServe's queues: the server's own temporary
 folder, ``gist-serve-<pid>-*`` in the system's temporary folder (``<pid>``: the main process), with
 
-- ``metrics/``: the Prometheus multi-process files (``metrics.py``).
+- ``metrics/``: the Prometheus multi-process files (``metrics.py``);
+- ``workers/``: each worker's engine stats, rewritten when they change (``/v1/cache/stats`` adds
+  them up).
 
 ``gist-lightning serve`` makes the folder before any process starts and removes it when it stops. A
 server killed with SIGKILL cannot: the next server to start removes the folders that no live process
@@ -15,6 +17,7 @@ its folder). Without ``fcntl`` (Windows) nothing is locked and nothing is swept.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -67,7 +70,8 @@ class ServerFolder:
         processes it forks)."""
         remove_dead(root)
         path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
-        (path / "metrics").mkdir()
+        for sub in ("metrics", "workers"):
+            (path / sub).mkdir()
         # locked under another name, then renamed: a sweep never finds the lock file unlocked
         _held[str(path)] = _lock(path / "lock.new")
         os.replace(path / "lock.new", path / "lock")
@@ -87,6 +91,27 @@ class ServerFolder:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics"
+
+    # -- each worker's stats ----------------------------------------------------------------------------
+    def publish_stats(self, worker: str, stats: dict) -> None:
+        """Replace worker ``worker``'s stats (a reader sees the old file or the new one, never half)."""
+        path = self.path / "workers" / f"{worker}.json"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(stats))
+            os.replace(tmp, path)
+        except FileNotFoundError:  # the server is stopping
+            pass
+
+    def worker_stats(self) -> dict[str, dict]:
+        """Every worker's latest stats, by worker id."""
+        out = {}
+        for path in sorted((self.path / "workers").glob("*.json")):
+            try:
+                out[path.stem] = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+        return out
 
 
 def _lock(path: Path) -> int:
