@@ -1,18 +1,21 @@
-"""Serving past one process: two inference workers answer as one; two servers on one store share what
-either compressed (the second answers from "disk"), and servers of two models on one store each read
-their own entries; ``/v1/cache/stats`` adds up every worker; a killed server's folder is removed by
-the next start; a store in S3 (a local S3-compatible server on loopback); a store location that
-cannot be written is refused at start; ``GET /metrics`` moves as requests are answered and parses as
+"""Serving past one process: two inference workers answer as one; two servers on one store share
+what either compressed (the second answers from "disk"), and servers of two models on one store each
+read their own entries; clients that leave mid-stream stop their requests on whichever worker runs
+them; ``/v1/cache/stats`` adds up every worker; a killed server's folder is removed by the next
+start; a store in S3 (a local S3-compatible server on loopback); a store location that cannot be
+written is refused at start; ``GET /metrics`` moves as requests are answered and parses as
 Prometheus text."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -179,6 +182,50 @@ def two_workers(random_export, tmp_path_factory):
     with ServerProcess(random_export, "--accelerator", "cpu", "--workers_per_device", "2",
                        "--max_batch_size", "8", log=str(log)) as server:
         yield server
+
+
+def leave_mid_stream(server, i: int) -> None:
+    """Ask for a long streamed answer, read its first chunks, hang up."""
+    body = {"messages": [{"role": "system", "content": f"Ramble on about {i}."},
+                         {"role": "user", "content": "a"}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200
+    for _ in range(4):  # two chunks, each a data line and a blank line
+        r.fp.readline()
+    conn.sock.close()
+    conn.close()
+
+
+def test_clients_that_leave_mid_stream_stop_their_requests_on_either_worker(two_workers):
+    """A cancellation reaches the worker that runs the request, whichever it is: every request stops
+    within a few tokens (engine steps) of its client leaving, instead of running on to max_tokens."""
+    n = 8
+    before = scrape(two_workers)
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda i: leave_mid_stream(two_workers, i), range(n)))
+    deadline = time.monotonic() + 120
+
+    def moved(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    while True:  # each cancelled request is observed once its last event has come back
+        after = scrape(two_workers)
+        counted = moved("gist_tokens_after_cancel_count")
+        if counted >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    stats = cache_stats(two_workers)
+    per_worker = {w: s["cancelled"] for w, s in stats["workers"].items()}  # requests each one dropped
+    assert counted == n
+    # every request stopped within 4 tokens (engine steps) of its cancellation (measured: 0 or 1);
+    # one whose worker missed the cancellation would run on to its 400
+    stopped = moved("gist_tokens_after_cancel_bucket", le="4.0")
+    assert stopped == n, (stopped, moved("gist_tokens_after_cancel_sum"), per_worker)
+    assert moved("gist_requests_total", outcome="cancelled") == n
+    assert stats["cancelled"] == n and stats["running"] == stats["waiting"] == 0
 
 
 def test_cache_stats_add_up_every_worker(two_workers):

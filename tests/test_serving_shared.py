@@ -1,6 +1,6 @@
 """A server's shared folder: removed at a later start only once no process that writes there is alive
-(however many write at once, whichever of them died first), never while one is; worker stats read
-back as written."""
+(however many write at once, whichever of them died first), never while one is; cancellations and
+worker stats read back as written."""
 
 from __future__ import annotations
 
@@ -68,13 +68,18 @@ def test_a_new_servers_start_removes_dead_folders_and_keeps_live_ones(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gist-serve-1-abc", "unrelated"]
 
 
-def test_worker_stats_read_back(tmp_path):
+def test_cancellations_and_worker_stats_read_back(tmp_path):
     folder = ServerFolder.create(tmp_path)
+    folder.cancel("a")
+    folder.cancel("b")
+    folder.forget("a")
+    folder.forget("never-listed")
+    assert folder.cancelled() == {"b"}
     folder.publish_stats("0", {"requests": 1})
     folder.publish_stats("1", {"requests": 2})
     folder.publish_stats("0", {"requests": 3})
     assert folder.worker_stats() == {"0": {"requests": 3}, "1": {"requests": 2}}
     assert not [p for p in (folder.path / "workers").iterdir() if p.suffix != ".json"]  # no temporaries
     folder.remove()
-    assert folder.worker_stats() == {}
+    assert folder.cancelled() == set() and folder.worker_stats() == {}
     folder.publish_stats("0", {"requests": 4})  # a worker still stepping while the server stops

@@ -280,9 +280,9 @@ class ServingEngine:
         """
         self._inbox.put(("request", uid, request))
 
-    def cancel(self, uid: str, ack: str | None = None) -> None:
-        """Drop request ``uid`` (waiting or running); ``ack``: a uid that gets an event when done."""
-        self._inbox.put(("cancel", uid, ack))
+    def cancel(self, uid: str) -> None:
+        """Drop request ``uid`` (waiting or running): its last event says ``cancelled``."""
+        self._inbox.put(("cancel", uid, None))
 
     def request_stats(self, uid: str) -> None:
         """``uid`` gets an event with :meth:`stats` at the next step."""
@@ -313,7 +313,7 @@ class ServingEngine:
 
         Returns:
             list[Event]: what the step produced, in order: each request's new text, its end, or its
-            refusal; and the answers to stats requests and cancellation acknowledgements.
+            refusal; and the answers to stats requests.
         """
         events: list[Event] = []
         try:
@@ -347,8 +347,6 @@ class ServingEngine:
                 events.append(Event(uid, stats=self.stats()))
             elif kind == "cancel":
                 self._cancel(uid, events)
-                if payload is not None:
-                    events.append(Event(payload, finish_reason="cancelled"))
             else:
                 self.counts["requests"] += 1
                 try:

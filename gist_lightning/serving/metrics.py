@@ -9,7 +9,8 @@ workers (their queues, the bytes their memory caches hold).
 
 What is counted where: the inference workers count what the engine did (requests by outcome,
 tokens, cache hits, compressions, queue depth, step time, cache bytes); the HTTP process counts the
-requests it refused before they reached a worker, and the latencies its clients see.
+requests it refused before they reached a worker, the latencies its clients see, and the tokens
+made for clients that had left.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 # admission on CPU); a request lasts up to minutes
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# one token per engine step: a cancelled request should stop within a few (the running step, the
+# one that reads the cancellation); a cancellation that misses its worker runs on to max_tokens
+AFTER_CANCEL_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def prepare_dir(folder: str | os.PathLike) -> None:
@@ -65,6 +69,9 @@ class ServerMetrics:
                                              buckets=REQUEST_BUCKETS)
         self.request_seconds = Histogram("gist_request_seconds", "From a request's arrival at the HTTP "
                                          "process to its last event", buckets=REQUEST_BUCKETS)
+        self.tokens_after_cancel = Histogram("gist_tokens_after_cancel", "Per request whose client left: "
+                                             "the tokens generated for it after its cancellation (for "
+                                             "nobody)", buckets=AFTER_CANCEL_BUCKETS)
 
 
 @functools.cache

@@ -6,10 +6,11 @@ Endpoints: ``POST /v1/chat/completions`` (the system message is the instruction,
 the input; without a system message the user message is the instruction), ``POST /v1/completions``
 (``prompt`` is the instruction, the extra field ``input`` the input; a list of prompts gives one
 choice each), ``GET /v1/models``, ``GET /v1/cache/stats`` (the cache counters of every worker's
-engine, summed, and each worker's under ``workers``, read from the server's folder, ``shared.py``),
-``GET /metrics`` (Prometheus, every worker's); LitServe adds ``GET /health``. The engines run in
-LitServe's inference workers; this runs in its HTTP process and talks to them through LitServe's
-queues: a request, or a cancellation when the client goes away. :func:`install_error_handlers` gives
+engine, summed, and each worker's under ``workers``), ``GET /metrics`` (Prometheus, every
+worker's); LitServe adds ``GET /health``. The engines run in LitServe's inference workers; this runs
+in its HTTP process and sends them requests through LitServe's queue. A request whose client goes
+away is listed in the server's folder (``shared.py``), where every worker looks, and its remaining
+events are counted (``gist_tokens_after_cancel``) and dropped. :func:`install_error_handlers` gives
 FastAPI's own refusals (unknown path, wrong method) the same error shape; a client that leaves is one
 log line, not a traceback.
 """
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 # reach the parser's or pydantic's recursion limits
 MAX_DEPTH = 64
 DEFAULT_MAX_TOKENS = 128
+# how long the events of a cancelled request are waited for at most: its worker drops it at its next
+# step, so this only bounds what a request whose worker died would hold (its uid, its listing)
+AFTER_CANCEL_LIMIT = 600.0
 
 # what a client may send beside the fields read here (OpenAI clients send some by default)
 _LAX = ConfigDict(strict=True, extra="ignore")
@@ -157,6 +161,8 @@ class GistOpenAISpec(LitSpec):
                  max_tokens_limit: int = 1024, max_prompts: int = 64, max_body_bytes: int = 16 * 2**20):
         super().__init__()
         self.model_name, self.folder = model_name, folder
+        self._ended: set[str] = set()  # requests whose last event has come (read or not)
+        self._draining: set[asyncio.Task] = set()  # what the event loop holds only weakly
         self.default_max_tokens = resolve_max_tokens(default_max_tokens, max_tokens_limit)
         self.max_tokens_limit, self.max_prompts = max_tokens_limit, max_prompts
         self.max_body_bytes = max_body_bytes
@@ -245,10 +251,39 @@ class GistOpenAISpec(LitSpec):
         return uid
 
     def _cancel(self, uids: list[str]) -> None:
+        """Cancel the requests of a client that left: listed for every worker to see (LitServe would
+        hand a message to any one of them); their remaining events are counted and dropped."""
         for uid in uids:
-            # the cancellation is a request of its own, answered by the engine (and dropped here)
-            self.request_queue.put((self.response_queue_id, uuid.uuid4().hex, time.monotonic(),
-                                    {"kind": "cancel", "uid": uid}))
+            if uid in self._ended:  # nothing left to stop
+                self._release(uid)
+                continue
+            self.folder.cancel(uid)
+            task = asyncio.ensure_future(self._after_cancel(uid))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
+    async def _after_cancel(self, uid: str) -> None:
+        """Read a cancelled request's events to its last one (``cancelled`` from its worker, or its own
+        end when the worker finished it first), counting the tokens made for nobody; then forget it."""
+        tokens = 0
+
+        async def drain():
+            nonlocal tokens
+            async for event in self._events(uid):
+                tokens += "error" not in event and event.get("finish_reason") != "cancelled"
+
+        try:
+            await asyncio.wait_for(drain(), AFTER_CANCEL_LIMIT)
+        except asyncio.TimeoutError:
+            log.warning("a cancelled request gave no last event within %.0f s", AFTER_CANCEL_LIMIT)
+        finally:
+            metrics().tokens_after_cancel.observe(tokens)
+            self.folder.forget(uid)
+            self._release(uid)
+
+    def _release(self, uid: str) -> None:
+        self.response_buffer.pop(uid, None)
+        self._ended.discard(uid)
 
     async def _events(self, uid: str):
         """The engine's events for ``uid`` as dicts, until its last one."""
@@ -259,13 +294,15 @@ class GistOpenAISpec(LitSpec):
                 event = json.loads(data) if isinstance(data, str) else {"error": str(data), "status": 500}
             else:
                 event = json.loads(data)
+            if _last(event):
+                self._ended.add(uid)
             yield event
             if "error" in event:
                 return
 
     async def _respond(self, request: Request, gens: list[dict], stream: bool, fmt):
         start = time.monotonic()
-        uids = [self._send({"kind": "generate", "request": g}) for g in gens]
+        uids = [self._send(g) for g in gens]
         streams = [self._events(uid) for uid in uids]
         done = False
         try:
@@ -291,11 +328,9 @@ class GistOpenAISpec(LitSpec):
         finally:
             if not done:
                 self._cancel(uids)
-                for uid in uids:
-                    self.response_buffer.pop(uid, None)
             elif not stream:
                 for uid in uids:
-                    self.response_buffer.pop(uid, None)
+                    self._release(uid)
 
     async def _watch(self, request: Request, uids: list[str], work):
         """``work``'s result, or cancel the requests if the client goes away first."""
@@ -349,7 +384,8 @@ class GistOpenAISpec(LitSpec):
                 self._cancel(gone)
                 log.warning("a client left mid-stream; its request was cancelled")
             for uid in uids:
-                self.response_buffer.pop(uid, None)
+                if uid not in gone:
+                    self._release(uid)
 
 
 class _ClientGone(Exception):

@@ -4,11 +4,11 @@ owning a copy of the model and an engine with its own memory cache; they take re
 shared queue, and share compressed instructions through the store at ``--cache_dir`` (a folder or an
 fsspec URL), so an instruction compressed by one worker, or by a replica on another machine, is read
 from there by the others. A worker's continuous batching loop calls :meth:`GistServeAPI.step` for
-as long as its engine has work, and hands it every queued message (a request, a cancellation)
-through ``add_request``. What the processes share beside LitServe's queues lives in the server's own
-folder (``shared.py``): each worker writes its engine's stats there when they changed
-(``/v1/cache/stats`` adds them up); ``GET /metrics`` adds up every process's Prometheus metrics
-(``metrics.py``), written there too.
+as long as its engine has work, and hands it every queued request through ``add_request``. What the
+processes share beside LitServe's queues lives in the server's own folder (``shared.py``): at each
+step a worker drops its requests whose client left (listed there by the HTTP process), and writes
+its engine's stats there when they changed (``/v1/cache/stats`` adds them up); ``GET /metrics`` adds
+up every process's Prometheus metrics (``metrics.py``), written there too.
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) to the main process at any moment (loading, idle, answering)
 stops the HTTP process, the inference worker and LitServe's manager, and the server exits with status
@@ -91,7 +91,8 @@ class GistServeAPI(ls.LitAPI):
                                     cache_dir=self.cache_dir, max_batch_size=self.max_batch_size,
                                     segments=segments)
         self.metrics = metrics()
-        self._acks: set[str] = set()  # uids of cancellation messages: their events are no requests' outcomes
+        # the requests given to this worker and not ended (add_request adds from the loop's thread)
+        self._uids: set[str] = set()
         self._published: dict | None = None
         self._compressed = self.engine.stats()["compressed"]
         self._observe_engine()
@@ -103,12 +104,8 @@ class GistServeAPI(ls.LitAPI):
 
     # -- what the continuous batching loop calls --------------------------------------------------
     def add_request(self, uid, request):
-        kind = request.get("kind")
-        if kind == "cancel":
-            self._acks.add(uid)
-            self.engine.cancel(request["uid"], ack=uid)
-        else:
-            self.engine.submit(uid, request["request"])
+        self._uids.add(uid)
+        self.engine.submit(uid, request)
 
     def has_capacity(self):
         return True  # the engine queues what does not fit its batch
@@ -118,6 +115,10 @@ class GistServeAPI(ls.LitAPI):
 
     def step(self, prev_outputs):
         start = time.perf_counter()
+        # whichever process heard that a client left, every worker reads it here and drops its own
+        # (set & set runs in C: add_request's thread cannot change the set half-way)
+        for uid in self.folder.cancelled() & self._uids:
+            self.engine.cancel(uid)
         events = self.engine.step()  # a failure inside ends the requests in flight with 500 events
         self.metrics.step_seconds.observe(time.perf_counter() - start)
         self._count(events)
@@ -135,9 +136,8 @@ class GistServeAPI(ls.LitAPI):
         """The metrics of one step's events (the engine's own counters are read, not changed)."""
         m = self.metrics
         for event in events:
-            if event.uid in self._acks:
-                self._acks.discard(event.uid)
-                continue
+            if event.done:
+                self._uids.discard(event.uid)
             if event.cache is not None:
                 m.cache_hits.labels(event.cache).inc()
             if event.error is not None:

@@ -2,6 +2,11 @@
 folder, ``gist-serve-<pid>-*`` in the system's temporary folder (``<pid>``: the main process), with
 
 - ``metrics/``: the Prometheus multi-process files (``metrics.py``);
+- ``cancelled/``: one empty file per request whose client left, named by its uid. LitServe hands a
+  queued message to whichever worker takes it first, so a cancellation sent through its queue
+  missed the worker running the request whenever there were several; here every worker looks at
+  each engine step and drops the requests of its own that are listed. The HTTP process removes a
+  file once the request's last event has come back;
 - ``workers/``: each worker's engine stats, rewritten when they change (``/v1/cache/stats`` adds
   them up).
 
@@ -70,7 +75,7 @@ class ServerFolder:
         processes it forks)."""
         remove_dead(root)
         path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
-        for sub in ("metrics", "workers"):
+        for sub in ("metrics", "cancelled", "workers"):
             (path / sub).mkdir()
         # locked under another name, then renamed: a sweep never finds the lock file unlocked
         _held[str(path)] = _lock(path / "lock.new")
@@ -91,6 +96,20 @@ class ServerFolder:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics"
+
+    # -- cancellations: the HTTP process lists them, every worker reads them ------------------------
+    def cancel(self, uid: str) -> None:
+        (self.path / "cancelled" / uid).touch()
+
+    def forget(self, uid: str) -> None:
+        (self.path / "cancelled" / uid).unlink(missing_ok=True)
+
+    def cancelled(self) -> set[str]:
+        """The uids of the requests whose client left and whose last event has not come back yet."""
+        try:
+            return set(os.listdir(self.path / "cancelled"))
+        except FileNotFoundError:  # the server is stopping
+            return set()
 
     # -- each worker's stats ----------------------------------------------------------------------------
     def publish_stats(self, worker: str, stats: dict) -> None:
