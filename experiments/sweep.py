@@ -1,9 +1,11 @@
 """Sweep conditions and the number of gist tokens k over one base config, then aggregate.
 
-One ``gist-lightning fit`` process per run (Lightning's multi-GPU launchers re-run the process's
-own command line on every rank, so an in-process loop would break under DDP/DeepSpeed), each in
-its own folder ``<runs>/<condition>-k<k>-seed<seed>/``. A finished run (``done.json``) is not
-run again; a failed run is reported, moved aside, and the others go on.
+The runs are the cells of a :class:`gist_lightning.sweeps.Sweep` (the engine of ``gist-lightning
+sweep``): one ``gist-lightning fit`` process per run in its own folder
+``<runs>/<condition>-k<k>-seed<seed>/``, N at once here (``--cells_at_once``, ``--devices_per_cell``)
+or as SLURM job arrays (``--launcher slurm``). A finished run (``run/done.json``) is not run again,
+an interrupted one resumes from its last.ckpt, a failed one is set aside with its log and run again,
+and the others go on.
 
     python experiments/sweep.py --config configs/tiny.yaml --out experiments/results/tiny
     python experiments/sweep.py --config configs/llama-7b.yaml \\
@@ -23,11 +25,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,39 +34,17 @@ import numpy as np
 from gist_lightning.evaluation.metrics import read_predictions_csv, rouge_l
 from gist_lightning.evaluation.stats import format_interval, format_mean_sd, mean_and_sd, paired_bootstrap
 from gist_lightning.splits import BEST_METRIC, QUALITY_METRICS, SHORT, VALIDATION_SPLITS, metric_key
+from gist_lightning.sweeps import Cell, Sweep, SweepStopped, expand
+from gist_lightning.sweeps.engine import add_launcher_arguments, launcher_from, split_extra
+from gist_lightning.sweeps.grid import CONDITION, K
 from gist_lightning.templates import without_gists
 
 BASELINE = "pos_control"
 
 
-def grid(conditions: list[str], ks: list[int], seeds: list[int]) -> list[dict]:
+def cells(conditions: list[str], ks: list[int], seeds: list[int]) -> list[Cell]:
     """Controls run once (k=1: the gist token is present, only the mask differs); gist for every k."""
-    cells = []
-    for condition in conditions:
-        for k in ks if condition == "gist" else [1]:
-            for seed in seeds:
-                cells.append({"condition": condition, "k": k, "seed": seed,
-                              "name": f"{condition}-k{k}-seed{seed}"})
-    return cells
-
-
-def command(cell: dict, configs: list[str], run_root: Path, extra: list[str]) -> list[str]:
-    cli = str(Path(sys.executable).parent / "gist-lightning")
-    args = [cli, "fit"]
-    for c in configs:
-        args += ["--config", c]
-    args += [
-        "--model.condition", cell["condition"],
-        "--model.num_gist_tokens", str(cell["k"]),
-        "--seed_everything", str(cell["seed"]),
-        "--data.seed", str(cell["seed"]),
-        # the logger decides the run folder: <runs>/<name>/run
-        "--trainer.logger", "gist_lightning.loggers.CSVLogger",
-        "--trainer.logger.init_args.save_dir", str(run_root),
-        "--trainer.logger.init_args.name", cell["name"],
-        "--trainer.logger.init_args.version", "run",
-    ]
-    return args + extra
+    return expand({CONDITION: conditions, K: ks}, seeds)
 
 
 def run_metrics(run_dir: Path) -> dict:
@@ -170,61 +147,34 @@ def paired_differences(results: list[dict], run_root: Path, prefix: str = "") ->
     return out
 
 
-def _die_with_parent() -> None:
-    """In the run's process: die when the driver dies (Linux). Otherwise a killed driver leaves its
-    run going, writing into a folder that the next sweep moves aside and runs again."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def run_cells(cells, configs, run_root: Path, extra: list[str], log=print) -> tuple[list[dict], list[str]]:
-    results, failed = [], []
-    for i, cell in enumerate(cells, 1):
-        folder = run_root / cell["name"] / "run"
-        done = folder / "done.json"
-        if done.is_file():
-            log(f"[{i}/{len(cells)}] {cell['name']}: finished before, skipped")
-            results.append({**json.loads(done.read_text()), **run_metrics(folder)})
-            continue
-        if folder.exists():  # an interrupted or failed attempt: keep it, out of the way
-            aside = folder.with_name(f"run-failed-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.move(str(folder), str(aside))
-            log(f"[{i}/{len(cells)}] {cell['name']}: earlier attempt moved to {aside}")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        log(f"[{i}/{len(cells)}] {cell['name']}: running")
-        start = time.time()
-        with open(folder.parent / "stdout.log", "w") as f:
-            proc = subprocess.run(command(cell, configs, run_root, extra), stdout=f, stderr=subprocess.STDOUT,
-                                  preexec_fn=_die_with_parent)
-        minutes = (time.time() - start) / 60
-        if proc.returncode != 0:
-            failed.append(cell["name"])
-            log(f"[{i}/{len(cells)}] {cell['name']}: FAILED (exit {proc.returncode}) after {minutes:.1f} "
-                f"min; see {folder.parent / 'stdout.log'}")
-            continue
-        result = {**cell, "minutes": round(minutes, 2), **run_metrics(folder)}
-        done.write_text(json.dumps(result, indent=1) + "\n")
-        results.append(result)
-        log(f"[{i}/{len(cells)}] {cell['name']}: done in {minutes:.1f} min, unseen ROUGE-L "
-            f"{result['unseen_rougeL']:.1f}")
-        try:  # the same records as every finished run in the folder (which the table will hold)?
+def run_cells(cells: list[Cell], configs: list[str], run_root: Path, extra: list[str], launcher,
+              log=print) -> list[str]:
+    """Run the cells on the engine; the names of those that failed. Each finished run (earlier ones
+    too) must have validated the records every other finished run did: a run that did not stops the
+    sweep at once, not after the grid."""
+    def same_records(_summary: dict) -> None:
+        try:
             check_same_records(finished_runs(run_root), run_root)
-        except RuntimeError as e:  # stop now rather than after the whole grid
-            log(f"[{i}/{len(cells)}] stopping the sweep: {e}")
-            break
-    return results, failed
+        except RuntimeError as e:
+            raise SweepStopped(str(e)) from None
+
+    sweep = Sweep(cells, configs, run_root, launcher, extra, retries=0, log=log, on_finished=same_records)
+    sweep.check()
+    sweep.run()
+    return list(sweep.failed)
 
 
 def finished_runs(run_root: Path) -> list[dict]:
     order = {"pos_control": 0, "gist": 1, "neg_control": 2}
-    runs = [{**json.loads(done.read_text()), **run_metrics(done.parent)}
+    runs = [{**_row(json.loads(done.read_text())), **run_metrics(done.parent)}
             for done in run_root.glob("*/run/done.json")]
     return sorted(runs, key=lambda r: (order.get(r["condition"], 9), r["k"], r["seed"]))
+
+
+def _row(done: dict) -> dict:
+    """A finished cell's ``done.json`` as a results row (condition, k, seed, name, minutes, attempts)."""
+    keys = ("condition", "k", "seed", "name", "minutes", "attempts")
+    return {key: done[key] for key in keys if key in done}
 
 
 def aggregate(results: list[dict], out: Path, run_root: Path | None = None) -> None:
@@ -331,11 +281,7 @@ def plot(groups: dict, paired: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = []
-    if "--" in argv:
-        extra = argv[argv.index("--") + 1:]
-        argv = argv[: argv.index("--")]
+    argv, extra = split_extra(sys.argv[1:] if argv is None else list(argv))
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", required=True, help="base config(s), in order")
@@ -345,14 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conditions", nargs="+", default=["pos_control", "gist", "neg_control"])
     parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 5, 10])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    add_launcher_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cells = grid(args.conditions, args.k, args.seeds)
-    print(f"sweep of {len(cells)} runs into {out}" + (f", passing {' '.join(extra)}" if extra else ""),
-          flush=True)
     run_root = Path(args.runs) if args.runs else out / "runs"
-    _, failed = run_cells(cells, args.config, run_root, extra, log=lambda m: print(m, flush=True))
+    grid = cells(args.conditions, args.k, args.seeds)
+    launcher = launcher_from(args, run_root)
+    print(f"sweep of {len(grid)} runs into {out} ({args.launcher})"
+          + (f", passing {' '.join(extra)}" if extra else ""), flush=True)
+    failed = run_cells(grid, args.config, run_root, extra, launcher, log=lambda m: print(m, flush=True))
     results = finished_runs(run_root)  # this grid and every earlier finished run in the folder
     try:
         aggregate(results, out, run_root)

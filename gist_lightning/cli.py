@@ -346,8 +346,15 @@ def clean_main(argv: list[str]) -> None:
         print("nothing to remove")
 
 
+def sweep_main(argv: list[str]) -> None:
+    from .sweeps.engine import main as run
+
+    sys.exit(run(argv))
+
+
 COMMANDS = {"score": score_main, "export": export_main, "compress": compress_main, "generate": generate_main,
-            "serve": serve_main, "judge": judge_main, "clean": clean_main}
+            "serve": serve_main, "judge": judge_main, "clean": clean_main,
+            "sweep": sweep_main}
 LIGHTNING_COMMANDS = {
     "fit": "train (and validate) a gist model: gist-lightning fit --config configs/tiny.yaml",
     "validate": "validate a model or checkpoint on the validation splits (ROUGE-L, compression)",
@@ -362,6 +369,7 @@ HELP = {
     "generate": "answer inputs from a gist cache file, batched",
     "judge": "pairwise comparison of two prediction CSVs by a judge model at any OpenAI-compatible endpoint",
     "serve": "an OpenAI-compatible server of an exported model: instructions compressed once, caches reused",
+    "sweep": "a grid of fits (any config keys x seeds), N at once here or as SLURM job arrays; resumable",
     "clean": "remove the temporaries that killed writes left in run folders (of dead writers only)",
 }
 DEBUG_ENV = "GIST_LIGHTNING_DEBUG"

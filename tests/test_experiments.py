@@ -151,7 +151,7 @@ def test_a_killed_sweep_rerun_loses_and_duplicates_nothing(run_config, tmp_path)
                 text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if str(runs) in text and "gist-lightning" in text:
+            if str(runs) in text and ("gist-lightning" in text or "gist_lightning.sweeps" in text):
                 found.append(text)
         return found
 
@@ -162,7 +162,8 @@ def test_a_killed_sweep_rerun_loses_and_duplicates_nothing(run_config, tmp_path)
     rerun = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "gist-k1-seed0: finished before, skipped" in rerun.stdout
-    assert "earlier attempt moved to" in rerun.stdout
+    # killed before its first checkpoint: that attempt is set aside and the run starts again
+    assert "gist-k2-seed0: interrupted before its first checkpoint; set aside in" in rerun.stdout
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted((r["condition"], r["k"]) for r in rows) == [("gist", "1"), ("gist", "2")]
 

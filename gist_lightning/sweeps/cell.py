@@ -1,0 +1,138 @@
+"""One cell of a sweep, run where a launcher puts it (a local process, a SLURM array task):
+``python -m gist_lightning.sweeps.cell <runs>/<name>``.
+
+It reads the folder's ``cell.json`` (written by the driver), runs its stages as ``gist-lightning fit``
+processes and leaves in the folder what the driver reads back:
+
+- ``run/``: the run folder (checkpoints, metrics.csv, predictions, export);
+- ``stage<i>.done`` after each stage, ``run/done.json`` when every stage is done;
+- ``failed.json`` when a fit failed on its own (an exit that is not a kill or a SIGTERM);
+- ``stdout.log``: what the fits printed, attempt after attempt (other ranks: ``stdout.rank<r>.log``).
+
+A stage that finds the run's ``last.ckpt`` continues from it (``--ckpt_path last``): an interrupted
+cell resumes through the project's resume path, and a stage after the first extends the run.
+A SIGTERM (or the signal a scheduler sends before a time limit) is passed to the fit, which writes
+``last.ckpt`` and exits 143; the cell exits 143 too, and is resumed when it runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..files import write_text_atomic
+
+SPEC, DONE, FAILED = "cell.json", "done.json", "failed.json"
+STOPPED = {143, -signal.SIGTERM, -signal.SIGKILL, 137}  # stopped from outside: resumable, not failed
+_child: subprocess.Popen | None = None
+
+
+def rank() -> int:
+    """This process's rank in a multi-task cell (SLURM's task id; 0 for a one-process cell)."""
+    return int(os.environ.get("SLURM_PROCID", "0") or 0)
+
+
+def fit_program() -> list[str]:
+    """``gist-lightning`` of this Python (Lightning's DDP launcher re-runs that command line)."""
+    script = Path(sys.executable).parent / "gist-lightning"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gist_lightning.cli"]
+
+
+def _die_with_parent() -> None:
+    """In the fit's process: die when the cell's process dies (Linux), as a killed driver's cells do."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_fit(*_) -> None:
+    """Ask the running fit to stop as a SIGTERM stops it (``last.ckpt`` written, exit 143)."""
+    if _child is not None and _child.poll() is None:
+        _child.send_signal(signal.SIGTERM)
+
+
+def _fit(args: list[str], log: Path) -> int:
+    global _child
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} gist-lightning fit {' '.join(args)}\n")
+        out.flush()
+        _child = subprocess.Popen([*fit_program(), "fit", *args], stdout=out, stderr=subprocess.STDOUT,
+                                  preexec_fn=_die_with_parent)
+        try:
+            return _child.wait()
+        finally:
+            _child = None
+
+
+def run(folder: str | os.PathLike) -> int:
+    """Run the cell in ``folder`` to its end (or until stopped); its exit code."""
+    folder = Path(folder)
+    spec = json.loads((folder / SPEC).read_text())
+    run_dir, first = folder / "run", rank() == 0
+    log = folder / ("stdout.log" if first else f"stdout.rank{rank()}.log")
+    start = time.time()
+    try:
+        return _stages(folder, spec, run_dir, log, first, start)
+    finally:
+        if first:
+            _attempt(folder, start)
+
+
+def _attempts(folder: Path) -> list[dict]:
+    path = folder / "attempts.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _attempt(folder: Path, start: float) -> None:
+    """Record one attempt (its minutes, host and SLURM job) in ``attempts.json``."""
+    record = {"start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
+              "minutes": round((time.time() - start) / 60, 3), "host": os.uname().nodename,
+              "job": os.environ.get("SLURM_JOB_ID"), "restart": os.environ.get("SLURM_RESTART_COUNT")}
+    write_text_atomic(folder / "attempts.json", json.dumps(_attempts(folder) + [record], indent=1) + "\n")
+
+
+def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, start: float) -> int:
+    for i, stage in enumerate(spec["stages"]):
+        if (folder / f"stage{i}.done").exists():
+            continue
+        args = list(spec["args"]) + list(stage["args"])
+        if stage.get("max_steps") is not None:
+            args += ["--trainer.max_steps", str(stage["max_steps"])]
+        if (run_dir / "checkpoints" / "last.ckpt").exists():
+            args += ["--ckpt_path", "last"]
+        code = _fit(args, log)
+        if code != 0:
+            if first and code not in STOPPED:
+                write_text_atomic(folder / FAILED, json.dumps({"exit": code, "stage": i, "log": str(log),
+                                                              "time": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            return code
+        if first:
+            (folder / f"stage{i}.done").touch()
+    if first:  # the minutes of every attempt, this one included
+        attempts = _attempts(folder)
+        minutes = round(sum(a["minutes"] for a in attempts) + (time.time() - start) / 60, 2)
+        write_text_atomic(run_dir / DONE, json.dumps({**spec["summary"], "minutes": minutes,
+                                                      "attempts": len(attempts) + 1}, indent=1) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m gist_lightning.sweeps.cell <cell folder>", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, stop_fit)
+    return run(argv[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The sweep engine: the grid (names, controls once, bad input in one line), the local launcher's
+share of GPUs and cores (a stub command records the environment it was given), the fit arguments
+checked before anything runs, and the driver on real tiny fits: N at once, finished cells skipped,
+failed cells set aside and run again, stages and cells that start from another cell's export."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from gist_lightning.sweeps import Cell, LocalLauncher, Stage, Sweep, expand, parse_grid
+from gist_lightning.sweeps.engine import FAILED, FINISHED, NEW, check_args, main
+
+_RECORD_ENV = ("import json, os, sys; json.dump({k: os.environ.get(k) for k in ('CUDA_VISIBLE_DEVICES', "
+               "'OMP_NUM_THREADS')}, open(sys.argv[1], 'w'))")
+
+
+def test_the_grid_names_its_cells_and_runs_controls_once():
+    grid = parse_grid(["model.num_gist_tokens=1,2,5", "model.condition=pos_control,gist",
+                       "model.learning_rate=0.001"])
+    assert grid == {"model.num_gist_tokens": [1, 2, 5], "model.condition": ["pos_control", "gist"],
+                    "model.learning_rate": [0.001]}
+    cells = expand(grid, [0, 1])
+    assert [c.name for c in cells] == [
+        "pos_control-k1-learning_rate0.001-seed0", "pos_control-k1-learning_rate0.001-seed1",
+        "gist-k1-learning_rate0.001-seed0", "gist-k1-learning_rate0.001-seed1",
+        "gist-k2-learning_rate0.001-seed0", "gist-k2-learning_rate0.001-seed1",
+        "gist-k5-learning_rate0.001-seed0", "gist-k5-learning_rate0.001-seed1"]
+    assert cells[4].fit_args() == ["--model.num_gist_tokens", "2", "--model.condition", "gist",
+                                   "--model.learning_rate", "0.001", "--seed_everything", "0",
+                                   "--data.seed", "0"]
+    assert cells[0].summary() == {"name": cells[0].name, "seed": 0, "condition": "pos_control", "k": 1,
+                                  "values": {"model.num_gist_tokens": 1, "model.condition": "pos_control",
+                                             "model.learning_rate": 0.001}}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("model.num_gist_tokens", "expected KEY=V1,V2"),
+    ("=1,2", "expected KEY=V1,V2"),
+    ("seed_everything=1,2", "seeds are given with --seeds"),
+])
+def test_a_bad_grid_is_refused_in_one_line(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_grid([spec])
+
+
+def test_the_fit_arguments_are_checked_before_anything_runs(run_config):
+    config = str(run_config())
+    check_args(["--config", config, "--model.num_gist_tokens", "2"])
+    with pytest.raises(ValueError, match="model.num_gist_tokenz"):
+        check_args(["--config", config, "--model.num_gist_tokenz", "2"])
+    with pytest.raises(ValueError, match="num_gist_tokens"):
+        check_args(["--config", config, "--model.num_gist_tokens", "two"])
+
+
+def test_a_sweep_with_a_bad_key_runs_nothing(run_config, tmp_path, capsys):
+    with pytest.raises(ValueError, match="cell .*: unrecognized arguments: --model.conditon gist"):
+        main(["--config", str(run_config()), "--runs", str(tmp_path / "runs"), "--grid",
+              "model.conditon=gist", "--grid", "model.num_gist_tokens=1", "--seeds", "0"])
+    assert not list((tmp_path / "runs").glob("*/cell.json"))
+
+
+def test_the_local_launcher_gives_each_cell_its_own_gpus(tmp_path, monkeypatch):
+    """8 GPUs, 2 per cell: 4 cells at once, each with 2 GPUs no other running cell holds."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    launcher = LocalLauncher(cells_at_once=8, devices_per_cell=2)
+    assert launcher.cells_at_once == 4
+    seen = []
+    for i in range(4):
+        folder = tmp_path / f"cell{i}"
+        folder.mkdir()
+        launcher.start(folder, [sys.executable, "-c", _RECORD_ENV, str(folder / "env.json")])
+        seen.append(folder)
+    assert launcher.free() == 0
+    while launcher.running():
+        launcher.poll()
+    envs = [json.loads((f / "env.json").read_text()) for f in seen]
+    assert sorted(e["CUDA_VISIBLE_DEVICES"] for e in envs) == ["0,1", "2,3", "4,5", "6,7"]
+    with pytest.raises(ValueError, match="--devices_per_cell 3: only 2 GPU"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+        LocalLauncher(devices_per_cell=3)
+
+
+def test_the_local_launcher_splits_the_cores_between_cells(tmp_path):
+    launcher = LocalLauncher(cells_at_once=2, cores=2)
+    for i in range(2):
+        (tmp_path / f"c{i}").mkdir()
+        launcher.start(tmp_path / f"c{i}", [sys.executable, "-c", _RECORD_ENV, str(tmp_path / f"c{i}.json")])
+    while launcher.running():
+        launcher.poll()
+    threads = [json.loads((tmp_path / f"c{i}.json").read_text())["OMP_NUM_THREADS"] for i in range(2)]
+    assert threads == ["1", "1"]
+    assert LocalLauncher(cells_at_once=3, cores=8).slot_env(0)["OMP_NUM_THREADS"] == "2"
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_cells_at_once_skips_finished_and_reruns_failed(run_config, tmp_path):
+    """Two cells at once on the 2 cores; a second call skips them; a cell that failed (its fit exits
+    with an error) is reported, then set aside with its log by the next call and run again."""
+    config = str(run_config(max_steps=4, val_check_interval=4))
+    runs = tmp_path / "runs"
+    logs: list[str] = []
+    cells = expand(parse_grid(["model.num_gist_tokens=1,2"]), [0])
+    extra = ["--model.max_new_tokens", "2"]
+    sweep = Sweep(cells, [config], runs, LocalLauncher(cells_at_once=2, cores=2), extra, log=logs.append,
+                  poll_seconds=0.2)
+    assert sweep.run() == 0, logs
+    assert [line.split(": ")[1].split(" (")[0] for line in logs[:2]] == ["running", "running"]  # at once
+    for cell in cells:
+        done = json.loads((runs / cell.name / "run" / "done.json").read_text())
+        assert done["name"] == cell.name and done["attempts"] == 1 and done["minutes"] > 0
+        assert (runs / cell.name / "run" / "export" / "model.safetensors").is_file()
+    logs.clear()
+    assert sweep.run() == 0 and all("finished before, skipped" in line for line in logs), logs
+
+    # a failing fit: an attention implementation this machine does not have
+    bad = Sweep(expand(parse_grid(["model.num_gist_tokens=3"]), [0]), [config], runs, LocalLauncher(),
+                extra + ["--model.attn_implementation", "flash_attention_2"], log=logs.append,
+                poll_seconds=0.2)
+    logs.clear()
+    assert bad.run() == 1
+    assert any("k3-seed0: FAILED" in line for line in logs), logs
+    assert bad.state(bad.cells[0]) == FAILED
+    log = runs / "k3-seed0" / "stdout.log"
+    assert "flash_attention_2" in log.read_text()
+    fixed = Sweep(bad.cells, [config], runs, LocalLauncher(), extra, log=logs.append, poll_seconds=0.2)
+    logs.clear()
+    assert fixed.run() == 0, logs
+    assert any("failed before; that attempt set aside in" in line for line in logs), logs
+    [aside] = (runs / "k3-seed0").glob("failed-*")
+    assert "flash_attention_2" in (aside / "stdout.log").read_text()
+    assert fixed.state(fixed.cells[0]) == FINISHED
+
+
+@pytest.mark.slow
+def test_stages_and_a_cell_that_starts_from_another_cells_export(run_config, tmp_path):
+    """A base cell, then a variant fine-tuned from its export; the variant has two stages (the
+    second extends the run from its last.ckpt) and waits for the base."""
+    config = str(run_config(max_steps=4, val_check_interval=4))
+    runs = tmp_path / "runs"
+    base = Cell(name="base", values={"model.condition": "pos_control"}, seed=0)
+    variant = Cell(name="variant", values={"model.condition": "gist"}, seed=0, needs=("base",),
+                   args=("--model.model_config", "null",
+                         "--model.model_name_or_path", "{cell:base}/run/export"),
+                   stages=(Stage(max_steps=4), Stage(max_steps=6)))
+    logs: list[str] = []
+    sweep = Sweep([variant, base], [config], runs, LocalLauncher(cells_at_once=2, cores=2),
+                  ["--model.max_new_tokens", "2"], log=logs.append, poll_seconds=0.2)
+    assert sweep.state(variant) == NEW
+    assert sweep.run() == 0, logs
+    assert [line.split("] ")[1].split(":")[0] for line in logs if "running" in line] == ["base", "variant"]
+    metrics = (runs / "variant" / "run" / "metrics.csv").read_text()
+    assert sorted({int(row.split(",")[0]) for row in metrics.splitlines()[1:] if row}) != []
+    import torch
+
+    last = torch.load(runs / "variant" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6  # the second stage extended the first
+    spec = json.loads((runs / "variant" / "cell.json").read_text())
+    assert str(runs / "base" / "run" / "export") in spec["args"]
+    assert (runs / "variant" / "stage0.done").exists() and (runs / "variant" / "stage1.done").exists()
+    assert os.path.exists(runs / "variant" / "run" / "done.json")
