@@ -1,7 +1,8 @@
 """A callback that SIGKILLs (or SIGTERMs) its own process at a named moment of a fit, for the kill
 tests (``GIST_KILL_AT=<point>:<step>`` in the environment; points in ``POINTS``; without it the
 callback does nothing). A kill from inside lands at exactly that moment, where a kill from outside
-races the run."""
+races the run. With ``GIST_KILL_GROUP=1`` the SIGKILL goes to the whole process group, every rank of
+a multi-process run at once, as a node failure does (start the run in a session of its own)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import signal
 
 import lightning as L
 
-POINTS = ("validation_start", "validation_batch", "validation_end", "export", "checkpoint_write",
-          "sigterm_train", "sigterm_validation", "sigterm_validation_end", "sigterm_accumulating")
+POINTS = ("optimizer_step", "validation_start", "validation_batch", "validation_end", "export",
+          "checkpoint_write", "sigterm_train", "sigterm_validation", "sigterm_validation_end",
+          "sigterm_accumulating")
 
 
 def _die() -> None:
+    if os.environ.get("GIST_KILL_GROUP") == "1":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -66,6 +70,11 @@ class KillAt(L.Callback):
             _die()
 
         torch.save, local.LocalFileOpener.write = save_half_then_die, write_half_then_die
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # inside training step step + 1: its gradients computed (and all-reduced), the weights not updated
+        if self._here(trainer, "optimizer_step"):
+            _die()
 
     def on_validation_start(self, trainer, pl_module):
         if self._here(trainer, "validation_start"):
