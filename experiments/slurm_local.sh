@@ -21,6 +21,8 @@
 # Set for tests: jobs start within a second of their submission, a requeued job may start again 5 s
 # later (cred_expire; SLURM's default holds it 120 s), KillWait 2 s, finished jobs stay visible to
 # squeue/scontrol for MinJobAge=10 s. No accounting (no slurmdbd): `sacct` answers nothing here.
+# Signals: `scancel --signal=USR2 JOB` reaches every process of the job's steps (as `--signal=USR2@90`
+# before a time limit does), `scancel --signal=USR2 --batch JOB` only the batch shell.
 # Needs root (apt, and slurmd must run as root to start jobs).
 set -euo pipefail
 
@@ -55,10 +57,13 @@ install() {
 }
 
 write_config() {
-    local node cpus mem_mb
+    local node hardware cpus mem_mb
     node=$(hostname -s)
-    cpus=$(nproc)
-    mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
+    # the machine as slurmd sees it (not nproc, which follows OMP_NUM_THREADS)
+    hardware=$(slurmd -C | head -1)
+    cpus=$(sed -E 's/.* CPUs=([0-9]+).*/\1/' <<<"$hardware")
+    mem_mb=$(sed -E 's/.* RealMemory=([0-9]+).*/\1/' <<<"$hardware")
+    mem_mb=$((mem_mb * 9 / 10))
     : > "$DIR/plugstack.conf"  # not the system's /etc/slurm/plugstack.conf
     cat > "$CONF" <<EOF
 # written by experiments/slurm_local.sh start: a one-node test cluster (see that script)
@@ -84,6 +89,9 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+# a submission schedules at once; a requeued job becomes eligible on a clock (cred_expire above), which
+# only the periodic pass sees (every 60 s by default). No SchedulerTimeSlice: it only acts in gang
+# scheduling (PreemptMode=GANG), which this cluster does not use.
 SchedulerParameters=batch_sched_delay=0,sched_interval=1
 JobRequeue=1
 KillWait=2
@@ -134,7 +142,8 @@ start() {
         fi
         [ -n "$(running slurmctld)" ] || slurmctld -f "$CONF" 9>&- \
             || die "slurmctld did not start (log: $DIR/log/slurmctld.log)"
-        [ -n "$(running slurmd)" ] || slurmd -f "$CONF" 9>&- || die "slurmd did not start (log: $DIR/log/slurmd.log)"
+        [ -n "$(running slurmd)" ] || slurmd -f "$CONF" -N "$(hostname -s)" 9>&- \
+            || die "slurmd did not start (log: $DIR/log/slurmd.log)"
         local waited=0 name
         until node_ready; do
             [ "$waited" -lt "$((WAIT_S * 5))" ] || die "the node did not come up within ${WAIT_S}s" \
