@@ -47,7 +47,7 @@ def test_sweep_runs_skips_and_aggregates_with_paired_intervals(run_config, load_
     assert sweep.main(args) == 0
     assert capsys.readouterr().out.count("finished before, skipped") == 4
     # a run made from other data (here: one validation record's prompt changed) cannot share the table
-    kept = json.loads((out / "runs" / "gist-k1-seed1" / "run" / "done.json").read_text())["step"]
+    kept = sweep.run_metrics(out / "runs" / "gist-k1-seed1" / "run")["step"]
     path = out / "runs" / "gist-k1-seed1" / "run" / "predictions" / f"step{kept:06d}-validation_unseen.csv"
     rows = list(csv.DictReader(open(path)))
     rows[0]["x"] = rows[0]["x"].replace("Instruction: ", "Instruction: Now ", 1)
@@ -60,10 +60,12 @@ def test_sweep_runs_skips_and_aggregates_with_paired_intervals(run_config, load_
     err = capsys.readouterr().err
     assert "2 different sets of validation_unseen records" in err and "(1) gist-k1-seed1." in err
     assert {name: (out / name).read_bytes() for name in written} == written  # nothing rewritten
-    # a new run that validates other records than the kept runs stops the sweep at once, not after the grid
+    # finished runs that validated other records refuse a call that would add to them, before it runs
+    # anything
     assert sweep.main(args[:-2] + ["0", "2"]) == 1  # seeds 0 and 2: pos_control-k1-seed2 is new
     captured = capsys.readouterr()
-    assert "pos_control-k1-seed2: running" in captured.out and "stopping the sweep" in captured.out
+    assert "stopping the sweep" in captured.out and "running" not in captured.out
+    assert not (out / "runs" / "pos_control-k1-seed2" / "run").exists()
     assert not (out / "runs" / "gist-k1-seed2").exists()
 
 

@@ -44,7 +44,7 @@ def fit_program() -> list[str]:
 
 
 def _die_with_parent() -> None:
-    """In the fit's process: die when the cell's process dies (Linux), as a killed driver's cells do."""
+    """In a child process: die when its parent dies (Linux), as a killed driver's cells do."""
     try:
         import ctypes
 
@@ -53,10 +53,36 @@ def _die_with_parent() -> None:
         pass
 
 
+def _fit_child() -> None:
+    """In the fit's process: die with the cell, and ignore the user signals a scheduler sends every
+    process of a job before a time limit (SLURM sends them to the whole job step): the cell stops
+    the fit with a SIGTERM, which writes ``last.ckpt``; USR1/USR2 would kill it before. (SIG_IGN
+    survives exec; Lightning's own SLURM requeue handler, on USR1, replaces it where it applies.)"""
+    _die_with_parent()
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def stop_fit(*_) -> None:
     """Ask the running fit to stop as a SIGTERM stops it (``last.ckpt`` written, exit 143)."""
-    if _child is not None and _child.poll() is None:
-        _child.send_signal(signal.SIGTERM)
+    child = _child
+    if child is not None and child.returncode is None:
+        try:
+            child.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_fit() -> None:
+    """Wait until the running fit has exited, without reaping it: called from a signal handler while
+    the main thread waits on it (Popen.wait holds a lock a second wait would block on forever)."""
+    child = _child
+    if child is None or child.returncode is not None:
+        return
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # reaped already
+        pass
 
 
 def _fit(args: list[str], log: Path) -> int:
@@ -65,7 +91,7 @@ def _fit(args: list[str], log: Path) -> int:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} gist-lightning fit {' '.join(args)}\n")
         out.flush()
         _child = subprocess.Popen([*fit_program(), "fit", *args], stdout=out, stderr=subprocess.STDOUT,
-                                  preexec_fn=_die_with_parent)
+                                  preexec_fn=_fit_child)
         try:
             return _child.wait()
         finally:

@@ -247,10 +247,12 @@ class Sweep:
                 self._start(ready)
             for folder, code in self.launcher.poll():
                 c = running.pop(folder)
-                minutes = (time.time() - started.pop(folder, time.time())) / 60
+                since = started.pop(folder, None)  # None: started by an earlier driver
+                minutes = (time.time() - since) / 60 if since else float("nan")
+                took = f" in {minutes:.1f} min" if since else ""
                 state = self.state(c)
                 if state == FINISHED:
-                    self.log(f"{self._tag(c)}: done in {minutes:.1f} min" + _headline(self.summary_of(c)))
+                    self.log(f"{self._tag(c)}: done{took}" + _headline(self.summary_of(c)))
                     stop = stop or not self._finished(c, self._tag(c))
                     continue
                 tries[c.name] = tries.get(c.name, 0) + 1
@@ -262,7 +264,7 @@ class Sweep:
                     todo.append(c)
                 elif state == FAILED or tries[c.name] > max(self.retries, 2):
                     self.failed[c.name] = str(self.folder(c) / "stdout.log")
-                    self.log(f"{self._tag(c)}: FAILED{exit_note} after {minutes:.1f} min; see "
+                    self.log(f"{self._tag(c)}: FAILED{exit_note}{took.replace(' in', ' after')}; see "
                              f"{self.failed[c.name]}")
                 else:  # stopped from outside (cancelled, killed, a time limit not requeued): resume it
                     self.log(f"{self._tag(c)}: stopped before its end{exit_note}; resumes from its last.ckpt")

@@ -19,8 +19,6 @@ class CellJob(submitit.helpers.Checkpointable):
     def checkpoint(self, folder: str) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on the pre-timeout / preemption signal: the fit writes ``last.ckpt`` and
         stops (as on a SIGTERM); the requeued task runs the cell again, which resumes from it."""
-        child = cell._child
         cell.stop_fit()
-        if child is not None:
-            child.wait()
+        cell.wait_for_fit()
         return submitit.helpers.DelayedSubmission(self, folder)
