@@ -203,6 +203,24 @@ def run_config(tmp_path):
     return lambda model_config=None, **trainer: _run_config(tmp_path, model_config, **trainer)
 
 
+def metrics_rows(run: Path) -> list[dict]:
+    """The rows of a run folder's metrics.csv, each without its empty cells."""
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+def assert_same_outputs(got: Path, want: Path) -> None:
+    """Two run folders hold the same prediction files, each once with the same content, and the same
+    metrics rows, none missing and none twice (a killed and resumed run against the uninterrupted one)."""
+    names = sorted(p.name for p in (want / "predictions").iterdir())
+    assert sorted(p.name for p in (got / "predictions").iterdir()) == names
+    for name in names:
+        assert (got / "predictions" / name).read_text() == (want / "predictions" / name).read_text(), name
+    assert metrics_rows(got) == metrics_rows(want)
+
+
 # -- a model whose answers depend on the instruction and on the input -------------------------------
 # Tests that compare two ways of computing the same metric (1 vs 2 processes, a checkpoint vs its
 # export) need such a model: an untrained one answers every record alike, so the two ways agree
@@ -285,6 +303,7 @@ def load_experiment():
         return module
 
     return load
+
 
 # -- a real scheduler: the one-node SLURM of experiments/slurm_local.sh ------------------------------
 SLURM_LOCAL = ROOT / "experiments" / "slurm_local.sh"

@@ -6,7 +6,6 @@ clock checkpoint every 10 steps (dividing the validation interval of 20) and eve
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shlex
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_outputs
 from safetensors.torch import load_file
 
 BIN = str(Path(sys.executable).parent / "gist-lightning")
@@ -41,10 +41,6 @@ def _env(tmp: Path, kill_at: str = "") -> dict:
 def _folder(root: Path) -> Path:
     return root / "t" / "run"
 
-
-def _metrics(root: Path) -> list[dict]:
-    with open(_folder(root) / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
 def _state(path: Path) -> dict:
@@ -151,13 +147,7 @@ def test_a_kill_at_any_phase_resumes_to_the_uninterrupted_result(straight, tmp_p
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     got, want = _folder(root), _folder(want_root)
-    # every prediction file, once, with the uninterrupted run's content
-    names = sorted(p.name for p in (want / "predictions").iterdir())
-    assert sorted(p.name for p in (got / "predictions").iterdir()) == names
-    for name in names:
-        assert (got / "predictions" / name).read_text() == (want / "predictions" / name).read_text(), name
-    # the same metrics rows, none missing and none twice
-    assert _metrics(root) == _metrics(want_root)
+    assert_same_outputs(got, want)  # every prediction file once, the same metrics rows
     # the same best checkpoint, and the export made from it
     assert sorted(p.name for p in (got / "checkpoints").iterdir()) == ["best-step20.ckpt", "last.ckpt"]
     assert _same_tensors(_state(got / "checkpoints" / "best-step20.ckpt"), _state(want / "checkpoints" /
@@ -205,10 +195,7 @@ def test_sigterm_says_how_to_resume_and_the_command_does(straight, tmp_path, eve
 
 
 def _same_run(root: Path, want_root: Path) -> None:
-    for name in sorted(p.name for p in (_folder(want_root) / "predictions").iterdir()):
-        assert (_folder(root) / "predictions" / name).read_text() == \
-            (_folder(want_root) / "predictions" / name).read_text(), name
-    assert _metrics(root) == _metrics(want_root)
+    assert_same_outputs(_folder(root), _folder(want_root))
     assert _same_tensors(load_file(_folder(root) / "export" / "model.safetensors"),
                          load_file(_folder(want_root) / "export" / "model.safetensors"))
 

@@ -181,13 +181,16 @@ class Sweep:
             return self._run()
 
     def _run(self) -> int:
-        todo, watched, stopped = [], {}, False
+        todo, watched = [], {}
+        states = {cell.name: self.state(cell) for cell in self.cells}
+        for cell in self.cells:  # the finished ones first: a check of them may refuse the whole call
+            if states[cell.name] == FINISHED:
+                self.log(f"{self._tag(cell)}: finished before, skipped")
+                if not self._finished(cell, self._tag(cell)):
+                    return 1  # before anything is written or started
         for cell in self.cells:
-            state = self.state(cell)
-            tag = self._tag(cell)
+            state, tag = states[cell.name], self._tag(cell)
             if state == FINISHED:
-                self.log(f"{tag}: finished before, skipped")
-                stopped = stopped or not self._finished(cell, tag)
                 continue
             self.write_spec(cell)
             if state == IN_FLIGHT:
@@ -205,8 +208,6 @@ class Sweep:
                 else:
                     self.log(f"{tag}: interrupted; resumes from its last.ckpt")
             todo.append(cell)
-        if stopped:
-            return 1
         return self._launch(todo, watched)
 
     def _finished(self, cell: Cell, tag: str) -> bool:
