@@ -95,6 +95,7 @@ def test_the_local_launcher_splits_the_cores_between_cells(tmp_path):
     threads = [json.loads((tmp_path / f"c{i}.json").read_text())["OMP_NUM_THREADS"] for i in range(2)]
     assert threads == ["1", "1"]
     assert LocalLauncher(cells_at_once=3, cores=8).slot_env(0)["OMP_NUM_THREADS"] == "2"
+    assert LocalLauncher(cells_at_once=1, cores=8, threads_per_cell=1).slot_env(0)["OMP_NUM_THREADS"] == "1"
 
 
 @pytest.mark.slow

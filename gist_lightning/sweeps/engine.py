@@ -303,6 +303,8 @@ def add_launcher_arguments(parser) -> None:
     group.add_argument("--devices_per_cell", type=int, default=0,
                        help="local: GPUs per cell, given out through CUDA_VISIBLE_DEVICES (0: CPU, the "
                        "cores split between the cells through OMP_NUM_THREADS)")
+    group.add_argument("--threads_per_cell", type=int, default=None,
+                       help="local, on CPU: OMP_NUM_THREADS of each cell (default: cores / cells_at_once)")
     group.add_argument("--partition", default=None, help="slurm: partition")
     group.add_argument("--gpus_per_node", type=int, default=0,
                        help="slurm: GPUs per node of a cell, one task each (0: one task, CPU)")
@@ -330,7 +332,7 @@ def launcher_from(cfg, runs: Path):
                              nodes=cfg.nodes, cpus_per_task=cfg.cpus_per_task, timeout_min=cfg.timeout_min,
                              array_parallelism=cfg.array_parallelism,
                              sbatch=dict(item.split("=", 1) for item in cfg.sbatch))
-    return LocalLauncher(cfg.cells_at_once, cfg.devices_per_cell)
+    return LocalLauncher(cfg.cells_at_once, cfg.devices_per_cell, threads_per_cell=cfg.threads_per_cell)
 
 
 def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:

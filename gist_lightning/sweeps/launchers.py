@@ -34,11 +34,13 @@ def visible_gpus() -> list[str]:
 class LocalLauncher:
     """``cells_at_once`` cells at a time on this machine. With ``devices_per_cell`` > 0 each running
     cell holds that many GPUs of :func:`visible_gpus` (so at most len(gpus) // devices_per_cell at
-    once); without, the cores are split between the running cells (``OMP_NUM_THREADS``)."""
+    once); without, the cores are split between the running cells (``OMP_NUM_THREADS``), or each gets
+    ``threads_per_cell``."""
 
     name = "local"
 
-    def __init__(self, cells_at_once: int = 1, devices_per_cell: int = 0, cores: int | None = None):
+    def __init__(self, cells_at_once: int = 1, devices_per_cell: int = 0, cores: int | None = None,
+                 threads_per_cell: int | None = None):
         if cells_at_once < 1:
             raise ValueError(f"--cells_at_once {cells_at_once}: must be at least 1")
         self.devices_per_cell, self.gpus = devices_per_cell, visible_gpus() if devices_per_cell else []
@@ -49,6 +51,7 @@ class LocalLauncher:
             cells_at_once = min(cells_at_once, len(self.gpus) // devices_per_cell)
         self.cells_at_once = cells_at_once
         self.cores = cores or len(os.sched_getaffinity(0))
+        self.threads_per_cell = threads_per_cell
         self._running: dict[Path, tuple[subprocess.Popen, int]] = {}  # folder -> (process, slot)
 
     def slot_env(self, slot: int) -> dict[str, str]:
@@ -56,7 +59,7 @@ class LocalLauncher:
         if self.devices_per_cell:
             ids = self.gpus[slot * self.devices_per_cell:(slot + 1) * self.devices_per_cell]
             return {"CUDA_VISIBLE_DEVICES": ",".join(ids)}
-        threads = str(max(1, self.cores // self.cells_at_once))
+        threads = str(self.threads_per_cell or max(1, self.cores // self.cells_at_once))
         return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
     def free(self) -> int:
