@@ -104,13 +104,13 @@ class StoppedEarly(SystemExit):
         self.message = message
 
 
-def cli_main(args=None, run: bool = True) -> LightningCLI:
+def cli_main(args=None, run: bool = True, cli_class: type[LightningCLI] | None = None) -> LightningCLI:
     """The training CLI. The model owns the tokenizer, k and the condition (``--model.*``); the data
     source is a ``GistDataModule`` subclass chosen by ``class_path`` (``EmbeddedSuite``,
     ``AlpacaPlus``) and receives them from the model."""
     # Lightning 2.6 on torch 2.13: a deprecation inside Lightning, nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    return GistCLI(
+    return (cli_class or GistCLI)(
         GistLitModule,
         GistDataModule,
         subclass_mode_data=True,

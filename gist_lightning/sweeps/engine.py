@@ -62,7 +62,10 @@ class _Parsed(Exception):
 def check_args(args: list[str]) -> None:
     """Parse ``gist-lightning fit`` arguments as the fit would (every config file, key and type),
     without building anything; a ValueError naming what is wrong."""
-    from ..cli import GistCLI, cli_main  # noqa: F401 - the fit's own parser
+    import contextlib
+    import io
+
+    from ..cli import GistCLI, cli_main  # the fit's own parser, defaults and callbacks
 
     class ParseOnly(GistCLI):
         def _set_seed(self) -> None:  # the fit seeds; a check does not
@@ -71,18 +74,11 @@ def check_args(args: list[str]) -> None:
         def before_instantiate_classes(self) -> None:
             raise _Parsed
 
-    import contextlib
-    import io
-
-    from ..cli import GistDataModule, GistLitModule, SaveConfigUnlessResuming, default_callbacks
-
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # LightningCLI's note that args and sys.argv are both given
-            ParseOnly(GistLitModule, GistDataModule, subclass_mode_data=True,
-                      save_config_callback=SaveConfigUnlessResuming,
-                      trainer_defaults={"callbacks": default_callbacks()}, args=["fit", *args])
+            cli_main(["fit", *args], cli_class=ParseOnly)
     except _Parsed:
         return
     except SystemExit:
