@@ -169,11 +169,19 @@ class GistServeAPI(ls.LitAPI):
         raise NotImplementedError
 
 
+class _Server(ls.LitServer):
+    """LitServe's server, marking when its own shutdown begins (a stop signal is not raised again then)."""
+
+    def _perform_graceful_shutdown(self, *args, **kwargs):
+        _STOP_BEGAN.set()
+        return super()._perform_graceful_shutdown(*args, **kwargs)
+
+
 def build_server(cfg, folder: ServerFolder) -> ls.LitServer:
     api = GistServeAPI(cfg.model, cfg.mode, cfg.cache_dir, cfg.cache_memory, cfg.max_batch_size, cfg.dtype,
                        cfg.served_model_name, cfg.default_max_tokens, cfg.max_tokens_limit, cfg.max_body_size,
                        folder=folder)
-    server = ls.LitServer(api, accelerator=cfg.accelerator, devices=cfg.devices,
+    server = _Server(api, accelerator=cfg.accelerator, devices=cfg.devices,
                           workers_per_device=cfg.workers_per_device, timeout=False)
     if server.devices == ["cpu"] and cfg.devices > 1:
         raise ValueError(f"--devices {cfg.devices}: the server runs on CPU, where --devices counts nothing; "
@@ -182,28 +190,51 @@ def build_server(cfg, folder: ServerFolder) -> ls.LitServer:
     return server
 
 
+_STOPPING = threading.Event()  # set once a stop signal reached the main process
+_STOP_BEGAN = threading.Event()  # set once the main process acts on it (its KeyboardInterrupt was caught)
+
+
 class _QuietClientErrors(logging.Filter):
-    """LitServe logs every error event as a server error; a refused request (4xx) is not one."""
+    """LitServe logs every error event as a server error; a refused request (4xx) is not one. Once a
+    stop began, LitServe's worker-monitoring thread may still ask its manager's shutdown event while
+    LitServe's own shutdown has stopped that manager, and logs the broken connection as a crash with
+    a traceback: that is the stop, not an error."""
 
     def filter(self, record):
-        return "Error occurred while streaming outputs from the inference worker" not in record.getMessage()
+        message = record.getMessage()
+        if _STOPPING.is_set() and message.startswith("Monitoring worker crashed"):
+            return False
+        return "Error occurred while streaming outputs from the inference worker" not in message
 
 
 def _stop_on_signals() -> None:
     """SIGTERM (and SIGINT, which a shell ignores in background jobs) interrupt the main process the
-    way Ctrl-C does, once: LitServe stops its processes itself once it serves, :func:`_stop_children`
-    before that. A second signal while stopping is ignored (it would break off the stop half-way)."""
+    way Ctrl-C does: LitServe stops its processes itself once it serves, :func:`_stop_children`
+    before that. A KeyboardInterrupt raised from a signal handler can land where Python only prints
+    it ("Exception ignored in ...": a fork's logging lock, a finalizer) and the server would go on:
+    it is not raised inside a fork's hooks, and until the stop has begun the signal is sent again
+    every 2 seconds. A signal once the stop has
+    begun is ignored (it would break off the stop half-way)."""
     main_pid = os.getpid()
-    stopping = False
+    forking = [0]  # inside os.fork's hooks: an exception raised there is printed and dropped
+    os.register_at_fork(before=lambda: forking.__setitem__(0, forking[0] + 1),
+                        after_in_parent=lambda: forking.__setitem__(0, forking[0] - 1))
+
+    def insist(signum):
+        while not _STOP_BEGAN.wait(2):
+            os.kill(main_pid, signum)
 
     def interrupt(signum, frame):
-        nonlocal stopping
         if os.getpid() != main_pid:  # the forked HTTP process re-raises what uvicorn caught: just exit
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if not stopping:
-            stopping = True
+        if _STOP_BEGAN.is_set():
+            return
+        if not _STOPPING.is_set():
+            _STOPPING.set()
+            threading.Thread(target=insist, args=(signum,), daemon=True, name="stop-signal").start()
+        if forking[0] == 0:  # else the next insisting signal raises it
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
@@ -221,6 +252,32 @@ def _stop_children(server: ls.LitServer) -> None:
         if child.is_alive():
             child.kill()
             child.join(5)
+    _stop_descendants()
+
+
+def _stop_descendants() -> None:
+    """Stop every process still below this one: a signal that lands while ``multiprocessing`` starts a
+    process leaves one it does not know of yet (started, not yet registered), and such a process
+    outlived the server. Python's resource tracker is left alone: it ignores SIGTERM, and frees what
+    the stopped processes left once this one exits."""
+    from multiprocessing import resource_tracker
+
+    import psutil
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid != tracker]
+    for process in left:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=5)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _serve_parser() -> ArgumentParser:
@@ -298,6 +355,7 @@ def serve_main(argv: list[str]) -> None:
     except KeyboardInterrupt:  # a stop asked for before LitServe's own handling of it began
         pass
     finally:
+        _STOP_BEGAN.set()
         if server is not None:
             _stop_children(server)
         folder.remove()
