@@ -37,6 +37,7 @@ from gist_lightning.splits import BEST_METRIC, QUALITY_METRICS, SHORT, VALIDATIO
 from gist_lightning.sweeps import Cell, Sweep, SweepStopped, expand
 from gist_lightning.sweeps.engine import add_launcher_arguments, launcher_from, split_extra
 from gist_lightning.sweeps.grid import CONDITION, K
+from gist_lightning.sweeps.tracking import add_tracking_arguments, tracking_from
 from gist_lightning.templates import without_gists
 
 BASELINE = "pos_control"
@@ -148,7 +149,7 @@ def paired_differences(results: list[dict], run_root: Path, prefix: str = "") ->
 
 
 def run_cells(cells: list[Cell], configs: list[str], run_root: Path, extra: list[str], launcher,
-              log=print) -> list[str]:
+              log=print, tracking=None) -> list[str]:
     """Run the cells on the engine; the names of those that failed. Each finished run (earlier ones
     too) must have validated the records every other finished run did: a run that did not stops the
     sweep at once, not after the grid."""
@@ -158,7 +159,8 @@ def run_cells(cells: list[Cell], configs: list[str], run_root: Path, extra: list
         except RuntimeError as e:
             raise SweepStopped(str(e)) from None
 
-    sweep = Sweep(cells, configs, run_root, launcher, extra, retries=0, log=log, on_finished=same_records)
+    sweep = Sweep(cells, configs, run_root, launcher, extra, retries=0, log=log, on_finished=same_records,
+                  tracking=tracking)
     sweep.check()
     sweep.run()
     return list(sweep.failed)
@@ -292,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 5, 10])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     add_launcher_arguments(parser)
+    add_tracking_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     launcher = launcher_from(args, run_root)
     print(f"sweep of {len(grid)} runs into {out} ({args.launcher})"
           + (f", passing {' '.join(extra)}" if extra else ""), flush=True)
-    failed = run_cells(grid, args.config, run_root, extra, launcher, log=lambda m: print(m, flush=True))
+    failed = run_cells(grid, args.config, run_root, extra, launcher, log=lambda m: print(m, flush=True),
+                       tracking=tracking_from(args, run_root))
     results = finished_runs(run_root)  # this grid and every earlier finished run in the folder
     try:
         aggregate(results, out, run_root)

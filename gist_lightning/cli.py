@@ -34,6 +34,7 @@ from .resume import (
     use_atomic_checkpoints,
 )
 from .splits import BEST_METRIC, BEST_MODE, EXACT_MATCH, ROUGE_L
+from .tracking import TrackerUploads
 
 
 def default_callbacks():
@@ -41,6 +42,7 @@ def default_callbacks():
         RougeCallback(),
         PredictionWriter(),
         CompressionStats(),
+        TrackerUploads(),  # predictions and compression files to TensorBoard / W&B / MLflow loggers
         # enable_version_counter=False: the clock checkpoint (GistCLI) writes the same last.ckpt
         BestCheckpoint(monitor=BEST_METRIC, mode=BEST_MODE, save_top_k=1, save_last=True,
                         filename="best-step{step}", auto_insert_metric_name=False,

@@ -26,6 +26,7 @@ from ..files import write_text_atomic
 from . import cell as cell_process
 from .grid import Cell, expand, parse_grid
 from .launchers import LocalLauncher, SlurmLauncher
+from .tracking import Tracking, add_tracking_arguments, tracking_from
 
 FINISHED, IN_FLIGHT, FAILED, INTERRUPTED, NEW = "finished", "in flight", "failed", "interrupted", "new"
 
@@ -34,15 +35,17 @@ class SweepStopped(RuntimeError):
     """Raised by an ``on_finished`` check to stop starting cells (e.g. runs that validated other records)."""
 
 
-def cell_args(cell: Cell, configs: list[str], runs: Path, extra: list[str]) -> list[str]:
+def cell_args(cell: Cell, configs: list[str], runs: Path, extra: list[str],
+              trackers: list[dict] = ()) -> list[str]:
     """The ``gist-lightning fit`` arguments of ``cell``: the configs, its values, the run folder
-    ``<runs>/<name>/run`` (a CSV logger there: the sweep reads its metrics.csv), then ``extra``.
-    ``{cell:<name>}`` in an argument is the folder of that cell."""
+    ``<runs>/<name>/run`` (a CSV logger there: the sweep reads its metrics.csv; ``trackers``, more
+    ``trainer.logger`` entries, after it), then ``extra``. ``{cell:<name>}`` in an argument is the
+    folder of that cell."""
     args = [a for c in configs for a in ("--config", str(c))]
     args += cell.fit_args()
-    args += ["--trainer.logger", "gist_lightning.loggers.CSVLogger",
-             "--trainer.logger.init_args.save_dir", str(runs),
-             "--trainer.logger.init_args.name", cell.name, "--trainer.logger.init_args.version", "run"]
+    csv_logger = {"class_path": "gist_lightning.loggers.CSVLogger",
+                  "init_args": {"save_dir": str(runs), "name": cell.name, "version": "run"}}
+    args += ["--trainer.logger", json.dumps([csv_logger, *trackers]) if trackers else json.dumps(csv_logger)]
     args += list(extra)
     return [_fill(a, runs) for a in args]
 
@@ -94,7 +97,8 @@ class Sweep:
 
     def __init__(self, cells: list[Cell], configs: list[str], runs: str | Path, launcher,
                  extra: list[str] = (), retries: int = 0, log: Callable[[str], None] = print,
-                 on_finished: Callable[[dict], None] | None = None, poll_seconds: float = 1.0):
+                 on_finished: Callable[[dict], None] | None = None, poll_seconds: float = 1.0,
+                 tracking: Tracking | None = None):
         names = [c.name for c in cells]
         if len(set(names)) != len(names):
             raise ValueError(f"cells named twice: {sorted({n for n in names if names.count(n) > 1})}")
@@ -104,21 +108,24 @@ class Sweep:
         self.cells, self.configs, self.extra = cells, [str(c) for c in configs], list(extra)
         self.runs, self.launcher, self.retries = Path(runs).resolve(), launcher, retries
         self.log, self.on_finished, self.poll_seconds = log, on_finished, poll_seconds
+        self.tracking = tracking
         self.failed: dict[str, str] = {}  # name -> its log
 
     # -- the cells' folders ----------------------------------------------------------------------
     def folder(self, cell: Cell | str) -> Path:
         return self.runs / (cell if isinstance(cell, str) else cell.name)
 
-    def args(self, cell: Cell) -> list[str]:
-        return cell_args(cell, self.configs, self.runs, self.extra)
+    def args(self, cell: Cell, create: bool = True) -> list[str]:
+        """The cell's fit arguments; ``create=False`` for a check: no tracker run is made."""
+        trackers = self.tracking.loggers(self.runs, cell.name, create=create) if self.tracking else []
+        return cell_args(cell, self.configs, self.runs, self.extra, trackers)
 
     def check(self) -> None:
         """Every cell's arguments parse (one line for the first that does not), before anything runs."""
         checked: set[tuple] = set()
         for cell in self.cells:
             for stage in cell.stages:
-                args = self.args(cell) + list(stage.args)
+                args = self.args(cell, create=False) + list(stage.args)
                 if tuple(args) in checked:
                     continue
                 checked.add(tuple(args))
@@ -354,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seeds of every cell (seed_everything and data.seed)")
     parser.add_argument("--dry_run", action="store_true", help="list the cells and their state; run nothing")
     add_launcher_arguments(parser)
+    add_tracking_arguments(parser)
     cfg = parser.parse_args(argv)
     runs = Path(cfg.runs)
     sweep = Sweep(expand(parse_grid(cfg.grid), cfg.seeds), cfg.config, runs, launcher_from(cfg, runs), extra,
-                  retries=cfg.retries, log=lambda m: print(m, flush=True))
+                  retries=cfg.retries, log=lambda m: print(m, flush=True), tracking=tracking_from(cfg, runs))
     sweep.check()
     if cfg.dry_run:
         for cell in sweep.cells:
