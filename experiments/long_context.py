@@ -23,21 +23,20 @@ between the needed fact and the question), ``memory.csv`` (peak positions held w
 16-segment context), ``table.md`` (means over seeds, 95% bootstrap intervals over seeds and
 records, the paired gist - truncation differences, the goals) and ``long_context.png``.
 
-    python experiments/long_context.py --seeds 0 1 2 --jobs 2          # trains 12 models, then tests
+    python experiments/long_context.py --seeds 0 1 2 --cells_at_once 2  # trains 12 models, then tests
     python experiments/long_context.py --seeds 0 1 2 --steps 3000 --check_args
+
+The trainings are cells of one sweep (:mod:`gist_lightning.sweeps`) over ``--run_root``: 2 at once
+with one thread each by default, or on SLURM (``--launcher slurm``); finished cells are kept,
+interrupted ones resume from their ``last.ckpt``, so the command can be stopped and run again.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import re
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +54,8 @@ from gist_lightning.long_context import (
     encode_context,
 )
 from gist_lightning.masks import interleave_gists
+from gist_lightning.sweeps import Cell, Stage, Sweep
+from gist_lightning.sweeps.engine import add_launcher_arguments, launcher_from
 from gist_lightning.tokens import encode_text, gist_token_id, special_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,29 +74,22 @@ TRAINED_BY = {"gist_coarse": "gist_coarse", "gist_fine": "gist_fine", "full": "f
               "neg_control": "neg_control"}
 
 
-def fit_command(method: str, seed: int, run_root: Path, steps: int, extra: list[str],
-                resume_from: int | None = None) -> list[str]:
-    """``gist-lightning fit`` of one model; ``resume_from``: continue its run from ``last.ckpt`` (at
-    that step) to ``steps`` (the cosine schedule restarts over the new total: a warm restart)."""
-    cmd = [sys.executable, "-m", "gist_lightning.cli", "fit"]
-    for c in CONFIGS:
-        cmd += ["--config", str(c)]
-    cmd += TRAINED[method] + [
-        "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.val_check_interval", str(steps - (resume_from or 0)),
-        "--trainer.logger.init_args.save_dir", str(run_root),
-        "--trainer.logger.init_args.name", f"{method}-seed{seed}",
-        "--trainer.logger.init_args.version", "0",
-        "--data.init_args.cache_dir", str(run_root / "cache"), *extra]
-    if resume_from is not None:
-        cmd += ["--ckpt_path",
-                str(run_root / f"{method}-seed{seed}" / "version_0" / "checkpoints" / "last.ckpt")]
-    return cmd
+def cell_of(method: str, seed: int, args, run_root: Path) -> Cell:
+    """The sweep cell that trains ``method`` on ``seed``: its stages end at :func:`stages` (a stage
+    after the first continues the run from its ``last.ckpt``; the cosine schedule restarts over the
+    new total: a warm restart), each validated once at its end."""
+    ends = stages(method, args)
+    # the seed is the model's (seed_everything); every seed trains on the same generated data, as before
+    return Cell(name=f"{method}-seed{seed}",
+                args=(*TRAINED[method], "--seed_everything", str(seed),
+                      "--trainer.enable_progress_bar", "false",
+                      "--data.init_args.cache_dir", str(run_root / "cache")),
+                stages=tuple(Stage(max_steps=end, args=("--trainer.val_check_interval", str(end - before)))
+                             for before, end in zip([0, *ends], ends)))
 
 
 def export_of(run_root: Path, method: str, seed: int) -> Path:
-    return run_root / f"{method}-seed{seed}" / "version_0" / "export"
+    return run_root / f"{method}-seed{seed}" / "run" / "export"
 
 
 def stages(method: str, args) -> list[int]:
@@ -107,63 +101,12 @@ def stages(method: str, args) -> list[int]:
     return [args.neg_steps if method == "neg_control" else args.steps]
 
 
-def _running(name: str) -> bool:
-    """A fit of this run started by an earlier invocation is still going (wait for it, do not start
-    another)."""
-    return subprocess.run(["pgrep", "-f", f"init_args.name {name} "], capture_output=True).returncode == 0
-
-
-def train_all(cells: list[tuple[str, int]], run_root: Path, args, extra: list[str]) -> None:
-    """Run every missing training stage of every (method, seed), ``args.jobs`` at a time, one torch
-    thread each; a stage done leaves ``stageN.done`` in the run's folder, so an interrupted
-    experiment resumes where it stopped."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    todo = [(m, s) for m, s in cells]
-    running: list[tuple[subprocess.Popen | None, str, int, Path, str]] = []
-    run_root.mkdir(parents=True, exist_ok=True)
-
-    def next_stage(method, seed):
-        folder = run_root / f"{method}-seed{seed}"
-        for i, end in enumerate(stages(method, args), 1):
-            if not (folder / f"stage{i}.done").is_file():
-                return i, end, folder
-        return None
-
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            method, seed = todo.pop(0)
-            nxt = next_stage(method, seed)
-            if nxt is None:
-                continue
-            i, end, folder = nxt
-            name = f"{method}-seed{seed}"
-            if _running(name):
-                print(f"waiting for {name}, started earlier", flush=True)
-                running.append((None, name, i, folder, method))
-                continue
-            previous = stages(method, args)[i - 2] if i > 1 else None
-            if previous is not None:  # the resumed run exports its best checkpoint again, in the same place
-                shutil.rmtree(export_of(run_root, method, seed), ignore_errors=True)
-            log = open(run_root / f"{name}.log", "a")
-            print(f"training {name} stage {i}: to step {end}; log: {log.name}", flush=True)
-            proc = subprocess.Popen(fit_command(method, seed, run_root, end, extra, previous), stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            running.append((proc, name, i, folder, method))
-        if not running:  # every stage of what was left is done
-            break
-        proc, name, i, folder, method = running.pop(0)
-        seed = int(name.rsplit("-seed", 1)[1])
-        if proc is None:
-            while _running(name):
-                time.sleep(10)
-            if not (export_of(run_root, method, seed) / "gist_config.json").is_file():
-                raise SystemExit(f"{name}, started earlier, ended without an export; see its log")
-        elif proc.wait() != 0:
-            raise SystemExit(f"training failed (exit {proc.returncode}); see {run_root / (name + '.log')}")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"stage{i}.done").touch()
-        if next_stage(method, seed) is not None:
-            todo.insert(0, (method, seed))
+def sweep_of(args, extra: list[str]) -> Sweep:
+    """Every (method, seed) model as a cell of one sweep over ``--run_root``, on the launcher the
+    arguments ask for (default: 2 cells at once, one thread each)."""
+    cells = [cell_of(m, s, args, args.run_root) for s in args.seeds for m in TRAINED]
+    return Sweep(cells, [str(c) for c in CONFIGS], args.run_root, launcher_from(args, args.run_root), extra,
+                 retries=args.retries, log=lambda m: print(m, flush=True))
 
 
 def test_records(n: int, seed: int, context_words: tuple[int, int], facts: int) -> list[dict]:
@@ -418,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--neg_steps", type=int, default=200,
                    help="training steps of neg_control (it learns only the answers' prior: it never sees the "
                    "context)")
-    p.add_argument("--jobs", type=int, default=2, help="trainings at once (one torch thread each)")
     p.add_argument("--records", type=int, default=300, help="test contexts")
     p.add_argument("--context_words", type=int, nargs=2, default=[40, 80],
                    help="test contexts' words (low high)")
@@ -428,16 +370,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "long-context")
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--check_args", action="store_true",
-                   help="check the arguments and the commands, run nothing")
-    args, extra = p.parse_known_args(argv)
-    cells = [(m, s) for s in args.seeds for m in TRAINED]
+                   help="check every fit's arguments, list the cells, their stages and state; run nothing")
+    add_launcher_arguments(p)  # the trainings run as a sweep: --cells_at_once, --launcher slurm, ...
+    p.set_defaults(cells_at_once=2, threads_per_cell=1)
+    args, extra = p.parse_known_args(argv)  # unknown arguments go to every fit
+    sweep = sweep_of(args, extra)
+    sweep.check()
     if args.check_args:
-        for m, s in cells:
-            ends = stages(m, args)
-            for i, end in enumerate(ends):
-                print(" ".join(fit_command(m, s, args.run_root, end, extra, ends[i - 1] if i else None)))
+        for cell in sweep.cells:
+            ends = ", ".join(str(stage.max_steps) for stage in cell.stages)
+            print(f"{cell.name}: {sweep.state(cell)}; stages end at step {ends}; "
+                  f"gist-lightning fit {' '.join(sweep.args(cell, create=False))}")
         return 0
-    train_all(cells, args.run_root, args, extra)
+    if sweep.run() != 0:
+        raise SystemExit(f"training did not finish; see {args.run_root}/<cell>/stdout.log and run this again "
+                         "(finished cells are kept, interrupted ones resume)")
     torch.set_num_threads(1)
     records = test_records(args.records, 0, tuple(args.context_words), args.facts)
     results, by_distance = {}, []

@@ -1,5 +1,5 @@
-"""experiments/long_context.py without training: the fit commands ``--check_args`` prints (two
-stages for the gist models, the second resumed from the first's last checkpoint), the truncation
+"""experiments/long_context.py without training: the sweep cells it trains (two stages for the gist
+models, the second extending the first from its last checkpoint; ``--check_args``), the truncation
 baseline's rows (within the position budget, the end of the context kept), the fact's distance in
 segments from the question, and the outputs written from synthetic results."""
 
@@ -36,33 +36,35 @@ def _value(cmd: list[str], flag: str) -> str:
     return cmd[cmd.index(flag) + 1]
 
 
-def test_check_args_prints_two_stages_per_gist_model_and_one_per_control(lc, tmp_path, capsys):
+def test_check_args_lists_two_stages_per_gist_model_and_one_per_control(lc, tmp_path, capsys):
+    """The trainings are cells of one sweep over --run_root: the gist models in two stages (the
+    second extends the run from its last checkpoint, validated at each stage's end), full attention
+    and neg_control in one; every fit's arguments are checked, nothing runs."""
     assert lc.main(["--check_args", "--seeds", "0", "1", "--run_root", str(tmp_path)]) == 0
-    cmds = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert len(cmds) == 2 * (2 + 2 + 1 + 1)
-    by_run: dict[str, list[list[str]]] = {}
-    for cmd in cmds:
-        assert cmd[1:5] == ["-m", "gist_lightning.cli", "fit", "--config"] and cmd.count("--config") == 3
-        assert _value(cmd, "--trainer.logger.init_args.save_dir") == str(tmp_path)
-        name = _value(cmd, "--trainer.logger.init_args.name")
-        assert name.endswith(f"-seed{_value(cmd, '--seed_everything')}")
-        by_run.setdefault(name, []).append(cmd)
+    lines = capsys.readouterr().out.splitlines()
     runs = {f"{m}-seed{s}" for m in ("gist_coarse", "gist_fine", "full", "neg_control") for s in (0, 1)}
-    assert set(by_run) == runs
+    assert {line.split(":")[0] for line in lines} == runs and len(lines) == len(runs)
+    assert all(": new; " in line for line in lines)
+    assert not any(tmp_path.glob("*/cell.json"))  # a check writes no cell
+
+    import argparse
+
+    args = argparse.Namespace(steps=1000, more_gist_steps=500, neg_steps=200)
     for seed in (0, 1):
         for placement in ("coarse", "fine"):
-            name = f"gist_{placement}-seed{seed}"
-            first, second = by_run[name]
-            assert all(_value(c, "--model.segments.placement") == placement for c in (first, second))
-            assert _value(first, "--trainer.max_steps") == "1000" and "--ckpt_path" not in first
-            assert _value(second, "--trainer.max_steps") == "1500"
-            assert _value(second, "--ckpt_path") == str(tmp_path / name / "version_0" / "checkpoints"
-                                                        / "last.ckpt")
-        (full,), (neg,) = by_run[f"full-seed{seed}"], by_run[f"neg_control-seed{seed}"]
-        assert _value(full, "--model.condition") == "pos_control"
-        assert _value(full, "--trainer.max_steps") == "1000" and "--ckpt_path" not in full
-        assert _value(neg, "--model.condition") == "neg_control"
-        assert _value(neg, "--trainer.max_steps") == "200" and "--ckpt_path" not in neg
+            cell = lc.cell_of(f"gist_{placement}", seed, args, tmp_path)
+            assert cell.name == f"gist_{placement}-seed{seed}"
+            assert _value(list(cell.args), "--model.segments.placement") == placement
+            assert _value(list(cell.args), "--seed_everything") == str(seed)
+            assert [(s.max_steps, s.args) for s in cell.stages] == [
+                (1000, ("--trainer.val_check_interval", "1000")),
+                (1500, ("--trainer.val_check_interval", "500"))]
+        full, neg = lc.cell_of("full", seed, args, tmp_path), lc.cell_of("neg_control", seed, args, tmp_path)
+        assert _value(list(full.args), "--model.condition") == "pos_control"
+        assert [s.max_steps for s in full.stages] == [1000]
+        assert _value(list(neg.args), "--model.condition") == "neg_control"
+        assert [s.max_steps for s in neg.stages] == [200]
+    assert lc.export_of(tmp_path, "full", 0) == tmp_path / "full-seed0" / "run" / "export"
 
 
 def test_truncated_rows_keep_the_context_end_within_the_position_budget(lc, tok):
@@ -149,35 +151,3 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     assert "- memory: compressing 16 segments at 4x held at most 169 positions" in table
     assert "| method | 0 | 1 | 2 |" in table and "| full | 0 (10) | 20 (10) | 40 (10) |" in table
     assert (tmp_path / "long_context.png").stat().st_size > 1000
-
-
-def test_training_resumes_stage_by_stage_and_stops_when_all_are_done(lc, tmp_path, monkeypatch):
-    """train_all starts only the stages without a ``stageN.done`` marker (the second stage of a gist
-    model resumed from the first), and returns once every stage is done."""
-    import argparse
-
-    args = argparse.Namespace(steps=1000, more_gist_steps=500, neg_steps=200, jobs=2)
-    started = []
-
-    class Finished:  # a fit that ends at once, successfully
-        returncode = 0
-
-        def __init__(self, cmd, **kwargs):
-            started.append(cmd)
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(lc.subprocess, "Popen", Finished)
-    monkeypatch.setattr(lc, "_running", lambda name: False)
-    cells = [("gist_coarse", 0), ("full", 0)]
-    (tmp_path / "gist_coarse-seed0").mkdir()
-    (tmp_path / "gist_coarse-seed0" / "stage1.done").touch()
-    lc.train_all(cells, tmp_path, args, [])
-    assert len(started) == 2  # the gist model's second stage, and full's only stage
-    assert "--ckpt_path" in started[0] and _value(started[0], "--trainer.max_steps") == "1500"
-    assert _value(started[1], "--trainer.max_steps") == "1000"
-    assert (tmp_path / "gist_coarse-seed0" / "stage2.done").is_file()
-    started.clear()
-    lc.train_all(cells, tmp_path, args, [])  # everything done: nothing starts, nothing fails
-    assert started == []

@@ -147,7 +147,8 @@ def test_stages_and_a_cell_that_starts_from_another_cells_export(run_config, tmp
     variant = Cell(name="variant", values={"model.condition": "gist"}, seed=0, needs=("base",),
                    args=("--model.model_config", "null",
                          "--model.model_name_or_path", "{cell:base}/run/export"),
-                   stages=(Stage(max_steps=4), Stage(max_steps=6)))
+                   stages=(Stage(max_steps=4),
+                           Stage(max_steps=6, args=("--trainer.val_check_interval", "2"))))
     logs: list[str] = []
     sweep = Sweep([variant, base], [config], runs, LocalLauncher(cells_at_once=2, cores=2),
                   ["--model.max_new_tokens", "2"], log=logs.append, poll_seconds=0.2)
@@ -163,6 +164,13 @@ def test_stages_and_a_cell_that_starts_from_another_cells_export(run_config, tmp
     spec = json.loads((runs / "variant" / "cell.json").read_text())
     assert str(runs / "base" / "run" / "export") in spec["args"]
     assert (runs / "variant" / "stage0.done").exists() and (runs / "variant" / "stage1.done").exists()
+    # each stage's export (of the best checkpoint so far): the first stage's kept aside, the last
+    # stage's, written after the first stage ended, where the export goes
+    run = runs / "variant" / "run"
+    assert json.loads((run / "export-stage0" / "gist_config.json").read_text())["source"]["global_step"] == 4
+    stage0_end = (runs / "variant" / "stage0.done").stat().st_mtime
+    assert (run / "export" / "gist_config.json").stat().st_mtime > stage0_end
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("export")) == ["export", "export-stage0"]
     assert os.path.exists(runs / "variant" / "run" / "done.json")
 
 

@@ -4,7 +4,8 @@
 It reads the folder's ``cell.json`` (written by the driver), runs its stages as ``gist-lightning fit``
 processes and leaves in the folder what the driver reads back:
 
-- ``run/``: the run folder (checkpoints, metrics.csv, predictions, export);
+- ``run/``: the run folder (checkpoints, metrics.csv, predictions, export: the last stage's; an
+  earlier stage's is kept as ``export-stage<i>``);
 - ``stage<i>.done`` after each stage, ``run/done.json`` when every stage is done;
 - ``failed.json`` when a fit failed on its own (an exit that is not a kill or a SIGTERM);
 - ``stdout.log``: what the fits printed, attempt after attempt (other ranks: ``stdout.rank<r>.log``).
@@ -134,6 +135,8 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
             args += ["--trainer.max_steps", str(stage["max_steps"])]
         if (run_dir / "checkpoints" / "last.ckpt").exists():
             args += ["--ckpt_path", "last"]
+        if first and i > 0:
+            _keep_export(run_dir, i - 1)
         code = _fit(args, log)
         if code != 0:
             if first and code not in STOPPED:
@@ -148,6 +151,14 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
         write_text_atomic(run_dir / DONE, json.dumps({**spec["summary"], "minutes": minutes,
                                                       "attempts": len(attempts) + 1}, indent=1) + "\n")
     return 0
+
+
+def _keep_export(run_dir: Path, stage: int) -> None:
+    """Before a stage extends the run, the export of the stage before it moves to
+    ``export-stage<i>``: ``export`` is then the last stage's (once), and no stage's export is lost."""
+    export, kept = run_dir / "export", run_dir / f"export-stage{stage}"
+    if export.is_dir() and not kept.exists():
+        export.rename(kept)
 
 
 def main(argv: list[str] | None = None) -> int:
