@@ -161,66 +161,8 @@ def _run_folder(folder: Path) -> Path:
     return folder / "t" / "run"
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
-    import signal
-    import time
-
-    start = time.time()
-    while not ready():
-        assert proc.poll() is None, "the run ended before the kill point: " + proc.stderr.read()[-2000:]
-        assert time.time() - start < timeout, "kill point never reached"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _step_of_last(folder: Path) -> int:
-    path = _run_folder(folder) / "checkpoints" / "last.ckpt"
-    try:
-        return torch.load(path, weights_only=True)["global_step"] if path.is_file() else -1
-    except Exception:  # noqa: BLE001 - being replaced right now
-        return -1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kill_point", ["training", "validation"])
-def test_a_killed_fit_resumed_from_last_equals_the_uninterrupted_run(run_config, tmp_path, kill_point):
-    config = run_config(val_check_interval=20)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = subprocess.run(_fit_command(config, straight), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    proc = subprocess.Popen(_fit_command(config, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
-    if kill_point == "training":  # after the first validation logged its metrics, mid-way to the second
-        _kill_when(proc, lambda: _step_of_last(killed) >= 24)
-    else:  # the first validation has written one split's predictions, not yet the others
-        seen = _run_folder(killed) / "predictions" / "step000020-validation_seen.csv"
-        _kill_when(proc, seen.is_file)
-    assert _step_of_last(killed) < 40
-    resumed = subprocess.run(_fit_command(config, killed, "--ckpt_path", "last"), capture_output=True,
-                             text=True, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    want = torch.load(_run_folder(straight) / "checkpoints" / "last.ckpt", weights_only=True)
-    got = torch.load(_run_folder(killed) / "checkpoints" / "last.ckpt", weights_only=True)
-    assert got["global_step"] == want["global_step"] == 40  # the clock saves when training ends
-    for name, tensor in want["state_dict"].items():
-        assert torch.allclose(tensor, got["state_dict"][name], atol=1e-6), name
-    # both validations' metrics, the one logged before the kill included, each once: rows logged
-    # after the checkpoint the run resumed from are dropped and logged again
-    def validations(folder):
-        rows = csv.DictReader(open(_run_folder(folder) / "metrics.csv"))
-        return [(r["step"], r["validation_unseen/rougeL"]) for r in rows if r.get("validation_unseen/rougeL")]
-
-    assert validations(killed) == validations(straight) and len(validations(straight)) == 2
-    # every prediction file once, with the same content as the uninterrupted run's
-    names = sorted(p.name for p in (_run_folder(straight) / "predictions").iterdir())
-    assert sorted(p.name for p in (_run_folder(killed) / "predictions").iterdir()) == names
-    for name in names:
-        assert (_run_folder(killed) / "predictions" / name).read_text() == \
-            (_run_folder(straight) / "predictions" / name).read_text(), name
+# A fit killed and resumed from last.ckpt equals the uninterrupted run: tests/test_resume.py (every
+# phase a kill can land in, one process), tests/test_resume_strategies.py (DDP, DeepSpeed, FSDP).
 
 
 def assert_reads_cleanly(done: subprocess.CompletedProcess) -> None:

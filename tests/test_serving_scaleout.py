@@ -374,7 +374,9 @@ def test_a_local_store_that_cannot_be_written_and_devices_on_cpu_are_refused_at_
 
 
 def test_an_s3_store_that_cannot_be_reached_or_written_is_refused_at_start(trained_export, s3):
-    closed = {**s3, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+    # nothing listens there; one attempt (botocore's default retries with back-off took ~20 s)
+    closed = {**s3, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1",
+              "AWS_RETRY_MODE": "standard"}
     _refused(_serve(trained_export, "--cache_dir", "s3://no-such-bucket/store", env=s3),
              "cache store s3://no-such-bucket/store: cannot write there")
     _refused(_serve(trained_export, "--cache_dir", "s3://gist-caches/store", env=closed),
