@@ -22,9 +22,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-# every test: what CI runs
+# every test: what CI runs. Two pytest workers (pytest-xdist), each given whole files (module fixtures
+# made once; the one-node SLURM's tests are one file) and one torch thread: most slow tests wait on
+# single-threaded child processes (imports, tiny fits), so two at a time use both cores.
+TEST_WORKERS ?= 2
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	$(VENV)/bin/gist-lightning fit --config configs/tiny.yaml

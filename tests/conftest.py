@@ -346,3 +346,20 @@ def slurm_cluster():
     yield SlurmCluster(env={"SLURM_CONF": exported["SLURM_CONF"]}, partition=exported["GIST_SLURM_PARTITION"])
     if not was_running:
         script("stop")
+
+
+# -- the order files run in under pytest-xdist ------------------------------------------------------
+# `make test-all` gives whole files to two workers, in collection order: the longest files first (as
+# measured on 2 cores: each a few minutes), so that the run does not end with one worker alone on a
+# long file while the other idles. A serial run keeps pytest's own order.
+LONGEST_FIRST = ["test_resume.py", "test_multigpu.py", "test_serving_scaleout.py",
+                 "test_resume_strategies.py", "test_experiments.py", "test_cli.py",
+                 "test_evaluation_callbacks.py", "test_backends.py",
+                 "test_sweeps.py", "test_slurm_cluster.py", "test_long_context.py", "test_serving_hostile.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
