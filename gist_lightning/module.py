@@ -405,12 +405,20 @@ class GistLitModule(L.LightningModule):
         bsz = batch["input_ids"].shape[0]
         self.log(metric_key(split, "loss"), self._loss(batch), batch_size=bsz, add_dataloader_idx=False,
                  sync_dist=True)
-        preds, _ = self.generate_batch(batch)
+        preds, cache = self.generate_batch(batch)
         real = [not pad for pad in batch["is_padding"]]  # repeats that only keep ranks in step
         keep = lambda values: [v for v, r in zip(values, real) if r]  # noqa: E731
+        instruction = batch["instruction_tokens"]
+        if self.segments is not None:  # a long context's own tokens: its prompt to the last gist, less gists
+            instruction = ((batch["prefix_ids"] != self.gist_token_id) & batch["prefix_mask"].bool()).sum(-1)
+        if backend_of(self.model).cannot_cache(self.hparams.condition):
+            cached = instruction  # the whole source is fed again: nothing compressed
+        else:  # what each row's cache holds: counted there, whatever the layout
+            cached = cache.valid.sum(-1)
         return ValidationBatchOutput(split=split, x=keep(batch["x"]), y_pred=keep(preds),
                                      y_true=keep(batch["y_true"]),
-                                     instruction_tokens=keep(batch["instruction_tokens"].tolist()))
+                                     instruction_tokens=keep(instruction.tolist()),
+                                     cached_positions=keep(cached.tolist()))
 
     test_step = validation_step
 

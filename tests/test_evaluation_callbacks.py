@@ -67,6 +67,7 @@ def test_compression_statistics_equal_their_json(validated):
     assert json.loads(path.read_text()) == {split: asdict(s) for split, s in stats.items()}
     unseen = stats["validation_unseen"]
     assert unseen.num_gist_tokens == 1
+    assert unseen.cached_positions_mean == 1  # a gist cache of k=1 position per record
     assert unseen.compression_ratio == pytest.approx(unseen.instruction_tokens_mean)
     assert unseen.instruction_cache_bytes == pytest.approx(unseen.instruction_tokens_mean
                                                            * unseen.gist_cache_bytes)

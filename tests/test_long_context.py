@@ -163,6 +163,25 @@ def test_a_segment_model_trains_validates_through_segment_caches_and_exports(tmp
     first = load_records(cli.datamodule.split_path("validation_seen"))[0]
     cache = compress_context(model, tok, [first["instruction"]], SegmentSettings(**settings["segments"]))
     assert generate(model, tok, cache, [first["input"]], max_new_tokens=4)[0] == rows[0]["y_pred"]
+    # the compression statistics count what the segment caches hold (every segment's gists), not k
+    import json
+
+    from gist_lightning.long_context import encode_context
+    from gist_lightning.tokens import gist_token_id
+
+    gist = gist_token_id(tok)
+    encoded = [encode_context(tok, r["instruction"], SegmentSettings(**settings["segments"]), gist)
+               for r in load_records(cli.datamodule.split_path("validation_seen"))]
+    held = [row.count(gist) for row in encoded]
+    assert len(set(held)) > 1  # contexts of several lengths, so of several segment counts
+    [stats_file] = (run / "predictions").glob("*-compression.json")
+    stats = json.loads(stats_file.read_text())["validation_seen"]
+    tokens = sum(len(row) - n for row, n in zip(encoded, held)) / len(held)
+    assert stats["cached_positions_mean"] == pytest.approx(sum(held) / len(held))
+    assert stats["instruction_tokens_mean"] == pytest.approx(tokens)
+    assert stats["compression_ratio"] == pytest.approx(tokens / (sum(held) / len(held)))
+    assert stats["gist_cache_bytes"] == pytest.approx(stats["cached_positions_mean"] * cache.nbytes()
+                                                      / int(cache.valid.sum()))
 
 
 def test_segment_settings_must_agree_with_k():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -135,24 +136,28 @@ class PredictionWriter(L.Callback):
 
 
 class CompressionStats(L.Callback):
-    """Per split, a :class:`SplitCompression`: instruction tokens (mean, p50, p90), k, compression
-    ratio, cache bytes per prompt for instruction caching vs gist caching, and the prefill FLOPs gist
-    caching saves per call against feeding the whole gist prompt."""
+    """Per split, a :class:`SplitCompression`: instruction tokens (mean, p50, p90), k, the positions
+    the cache holds (counted in each validation batch's cache, so a long context's segments and its
+    layout count), the compression ratio, cache bytes per prompt for instruction caching vs gist
+    caching, and the prefill FLOPs gist caching saves per call against feeding the whole gist prompt."""
 
     def __init__(self):
-        self.tokens: dict[str, list[int]] = {}
+        self.tokens: dict[str, list[tuple[int, int]]] = {}
         self.last: dict[str, SplitCompression] = {}
 
     def state_dict(self) -> dict:
         return {"last": {split: asdict(s) for split, s in self.last.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.last = {split: SplitCompression(**s) for split, s in state_dict.get("last", {}).items()}
+        # a checkpoint of an earlier version has no cached_positions_mean: its caches held k positions
+        self.last = {split: SplitCompression(**{"cached_positions_mean": float(s["num_gist_tokens"]), **s})
+                     for split, s in state_dict.get("last", {}).items()}
 
     def on_validation_batch_end(self, trainer, pl_module, outputs: ValidationBatchOutput, batch, batch_idx,
                                 dataloader_idx=0):
         if not trainer.sanity_checking:
-            self.tokens.setdefault(outputs.split, []).extend(outputs.instruction_tokens)
+            self.tokens.setdefault(outputs.split, []).extend(zip(outputs.instruction_tokens,
+                                                                 outputs.cached_positions))
 
     def on_validation_epoch_end(self, trainer, pl_module):
         tokens, self.tokens = self.tokens, {}
@@ -165,17 +170,19 @@ class CompressionStats(L.Callback):
                        if "embed" not in n and "shared" not in n)
         stats = {}
         for split in in_split_order(tokens):
-            t = np.array(gather_lists(tokens[split]), dtype=float)
+            t, cached = np.array(gather_lists(tokens[split]), dtype=float).reshape(-1, 2).T
+            held = float(cached.mean())
             stats[split] = SplitCompression(
                 records=int(t.size),
                 instruction_tokens_mean=float(t.mean()),
                 instruction_tokens_p50=float(np.percentile(t, 50)),
                 instruction_tokens_p90=float(np.percentile(t, 90)),
                 num_gist_tokens=k,
-                compression_ratio=float(t.mean() / k),
+                cached_positions_mean=held,
+                compression_ratio=float(t.mean() / held) if held else math.inf,
                 instruction_cache_bytes=float(t.mean() * per_position),
-                gist_cache_bytes=float(k * per_position),
-                prefill_flops_saved=float(2 * n_params * (t.mean() + k)),
+                gist_cache_bytes=float(held * per_position),
+                prefill_flops_saved=float(2 * n_params * (t.mean() + held)),
             )
             for name in ("compression_ratio", "instruction_tokens_mean", "gist_cache_bytes"):
                 pl_module.log(metric_key(split, name),

@@ -16,6 +16,8 @@ class ValidationBatchOutput:
     y_pred: list[str]  # greedy generation through the gist cache
     y_true: list[str]
     instruction_tokens: list[int]  # tokens before the gist span (what gist caching replaces)
+    cached_positions: list[int]  # what each row's cache holds in their place (its gists; a long
+    # context: every segment's gists, and what its layout keeps beside them)
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,11 @@ class SplitCompression:
     instruction_tokens_p50: float
     instruction_tokens_p90: float
     num_gist_tokens: int
-    compression_ratio: float  # mean instruction tokens / k
+    cached_positions_mean: float  # positions the run's cache holds per record, counted in the cache
+    compression_ratio: float  # mean instruction tokens / mean cached positions (inf: nothing cached)
     instruction_cache_bytes: float  # a pos_control (instruction) cache of the mean instruction
-    gist_cache_bytes: float  # a gist cache: k positions
-    # matmul FLOPs of prefilling instruction + k tokens, which a gist cache saves per call
+    gist_cache_bytes: float  # the run's cache: cached_positions_mean positions
+    # matmul FLOPs of prefilling instruction + cached positions, which a gist cache saves per call
     # (2 x non-embedding parameters x tokens; attention's quadratic part left out: a lower bound)
     prefill_flops_saved: float
 
