@@ -45,6 +45,14 @@ class SegmentSettings:
             every segment_tokens / gists_per_segment raw tokens).
         window: context tokens see the gists of only the last ``window`` segments before theirs
             (None: of every earlier segment). Tokens after the context always see every gist.
+        sink_tokens: the prompt's first ``sink_tokens`` tokens (its specials, then the context's
+            first raw tokens) are seen by every later token and kept in the cache (attention sinks,
+            as UniGist keeps). 0: none.
+        recent_segments: a context or question token also sees every token, raw ones included, of
+            the ``recent_segments`` segments before its own (for the question: the context's last
+            ones), so the cache keeps those raw tokens too: UniGist's local window, with
+            ``segment_tokens`` = its unit (one gist per segment). Not ``window``, which limits the
+            gists a context token sees. 0: none.
         max_context_tokens: a longer context is refused (None: only the model's positions bound it).
         compact_positions: a token's position counts only the gists of earlier segments and its own
             segment's tokens (:func:`masks.compact_position_ids`), so a context longer than the
@@ -62,12 +70,22 @@ class SegmentSettings:
     max_context_tokens: int | None = None
     train_ratios: tuple[int, ...] | None = None
     compact_positions: bool = False
+    sink_tokens: int = 0
+    recent_segments: int = 0
 
     def __post_init__(self):
         # the checks
         masks.interleave_gists([0], self.segment_tokens, self.gists_per_segment, self.placement, 1)
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 segment (or None); got {self.window}")
+        if not 0 <= self.sink_tokens < self.segment_tokens:
+            raise ValueError(f"sink_tokens ({self.sink_tokens}) must be >= 0 and leave room in the first "
+                             f"segment of segment_tokens {self.segment_tokens}: sinks are its leading tokens")
+        if self.recent_segments < 0:
+            raise ValueError(f"recent_segments must be >= 0 segments; got {self.recent_segments}")
+        if self.compact_positions and (self.sink_tokens or self.recent_segments):
+            raise ValueError("compact_positions counts only earlier gists in a token's position; it cannot "
+                             "be combined with sink_tokens or recent_segments, whose raw tokens stay visible")
         if self.train_ratios is not None:
             object.__setattr__(self, "train_ratios", tuple(int(r) for r in self.train_ratios))
             for r in self.train_ratios:
@@ -76,6 +94,18 @@ class SegmentSettings:
     @property
     def ratio(self) -> float:
         return self.segment_tokens / self.gists_per_segment
+
+    def cached_positions(self, row: list[int], gist_token_id: int) -> int:
+        """Positions a cache of the ``[specials] context-with-gists`` ``row`` holds under these
+        settings: what the rule lets the tokens after the context see (every gist, the sinks, the
+        last ``recent_segments`` segments), counted by the rule itself. A layout's compression ratio
+        and a truncation at equal cache are reckoned from it."""
+        ids = torch.tensor([row])
+        _, labels = masks.long_context_labels(ids, None, gist_token_id, self.gists_per_segment, None,
+                                              self.sink_tokens)
+        seen = masks._context_rule(labels.after, labels.seg, labels.is_gist, labels.after, "gist",
+                                   self.window, labels.is_sink, self.recent_segments)
+        return int(seen.sum())
 
     def _gists_at(self, ratio: int) -> int:
         """Gists per segment at compression ``ratio`` (refused unless it divides ``segment_tokens``)."""
@@ -144,18 +174,19 @@ def masked_forward(model, input_ids, attention_mask, gist_token_id: int, setting
     else:
         positions = masks.segment_position_ids(segment_ids)
     if model.config._attn_implementation == "flex_attention":  # BlockMasks from the same rule
-        segments, seg, is_gist, after = masks.long_context_labels(input_ids, attention_mask, gist_token_id,
-                                                                  settings.gists_per_segment, segment_ids)
+        segments, labels = masks.long_context_labels(input_ids, attention_mask, gist_token_id,
+                                                     settings.gists_per_segment, segment_ids,
+                                                     settings.sink_tokens)
         bsz, seq_len = input_ids.shape
         mask = self_attention_block_masks(
-            model, lambda sliding: masks.long_context_mask_mod(segments, seg, is_gist, after, condition,
-                                                               settings.window, positions, sliding),
+            model, lambda sliding: masks.long_context_mask_mod(segments, labels, condition, settings.window,
+                                                               positions, sliding, settings.recent_segments),
             bsz, seq_len, seq_len, input_ids.device)
         with static_shapes_on_cpu(input_ids.device):
             return model(input_ids=input_ids, position_ids=positions, attention_mask=mask, **kwargs)
     allowed = masks.long_context_attention_mask(input_ids, attention_mask, gist_token_id,
                                                 settings.gists_per_segment, condition, settings.window,
-                                                segment_ids)
+                                                segment_ids, settings.sink_tokens, settings.recent_segments)
     return model(input_ids=input_ids, position_ids=positions,
                  attention_mask=self_attention_masks(model, allowed, positions, positions), **kwargs)
 
@@ -221,55 +252,56 @@ def compress_context_ids(model, rows: list[list[int]], gist_token_id: int, pad_t
                                     " (or train a model with segments.compact_positions)"))
     n_segments = max(len(c) for c in chunks)
     device, bsz = model.device, len(rows)
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, H, G, D)
-    kept_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
-    kept_pos = torch.zeros(bsz, 0, dtype=torch.long, device=device)
-    kept_seg = torch.zeros(bsz, 0, dtype=torch.long, device=device)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, H, P, D)
+    # per kept column (B, P): a real one, its position, its segment, a gist, a sink
+    empty = lambda dtype: torch.zeros(bsz, 0, dtype=dtype, device=device)  # noqa: E731
+    kept_valid, kept_pos, kept_seg = empty(torch.bool), empty(torch.long), empty(torch.long)
+    kept_gist, kept_sink = empty(torch.bool), empty(torch.bool)
     offset = torch.zeros(bsz, dtype=torch.long, device=device)  # positions before this segment, per row
     peak = 0
     for s in range(n_segments):
         ids, pad = pad_batch([c[s] if s < len(c) else [] for c in chunks], pad_token_id, "left")
         ids, pad = ids.to(device), pad.to(device)
+        real, is_gist = pad.bool(), ids == gist_id
         positions = masks.padding_position_ids(pad, offset)
+        is_sink = real & ~is_gist & (positions < settings.sink_tokens) & (s == 0)
         n_past, width = kept_valid.shape[1], ids.shape[1]
         peak = max(peak, n_past + width)
-        # the rule of masks._context_rule, with the keys' segments: kept keys are earlier segments' gists
+        # the rule of masks._context_rule, with the keys' segments: past keys are what it let through
         k_seg = torch.cat([kept_seg, torch.full_like(ids, s)], -1)
-        k_gist = torch.cat([torch.ones_like(kept_valid) if condition != "pos_control" else kept_valid,
-                            ids == gist_id], -1)
+        k_gist, k_sink = torch.cat([kept_gist, is_gist], -1), torch.cat([kept_sink, is_sink], -1)
         q = torch.arange(width, device=device)[None, :, None]
         k = torch.arange(n_past + width, device=device)[None, None, :]
-        key_real = torch.cat([kept_valid, pad.bool()], -1)[:, None, :]
+        key_real = torch.cat([kept_valid, real], -1)[:, None, :]
         causal = k < n_past + q + 1
         allowed = (key_real & causal & masks._context_rule(
             torch.full_like(ids, s)[:, :, None], k_seg[:, None, :], k_gist[:, None, :], n_segments, condition,
-            settings.window))[:, None]
+            settings.window, k_sink[:, None, :], settings.recent_segments))[:, None]
         past = DynamicCache(ddp_cache_data=kept) if kept else DynamicCache()
         key_positions = torch.cat([kept_pos, positions], -1)
         with dense_attention(model):  # a segment after its past: a small mask, as a continuation's
             out = model(input_ids=ids, position_ids=positions, cache=past, use_cache=True,
                         attention_mask=self_attention_masks(model, allowed, positions, key_positions))
-        # what later tokens may see of this segment: its gists (gist), all of it (pos_control), nothing
+        # what later tokens may still see, of the past and of this segment: every gist and sink, the
+        # tokens of the last recent_segments segments (gist); all of it (pos_control); nothing (neg)
         if condition == "gist":
-            keep = (ids == gist_id) & pad.bool()
+            active = real.any(-1, keepdim=True)  # a row past its last segment keeps its recent ones
+            keep = torch.cat([kept_valid & (kept_gist | kept_sink | (kept_seg > s - settings.recent_segments)
+                                            | ~active),
+                              real & (is_gist | is_sink | (settings.recent_segments > 0))], -1)
         elif condition == "pos_control":
-            keep = pad.bool()
+            keep = torch.cat([kept_valid, real], -1)
         else:
-            keep = torch.zeros_like(pad, dtype=torch.bool)
+            keep = torch.zeros_like(key_real[:, 0])
         width_kept = int(keep.sum(-1).max()) if keep.numel() else 0
-        # the kept columns of each row, left-padded to width_kept (rows past their last segment keep
-        # none): (B, width_kept)
-        order = torch.sort(keep.long(), dim=-1, stable=True).indices[:, width - width_kept:]
-        new_valid = keep.gather(1, order)
-        layers = out.cache.layers
-        kept = [(torch.cat([layer.keys[:, :, :n_past], _take(layer.keys[:, :, n_past:], order)], 2),
-                 torch.cat([layer.values[:, :, :n_past], _take(layer.values[:, :, n_past:], order)], 2))
-                for layer in layers]
-        kept_valid = torch.cat([kept_valid, new_valid], -1)
-        kept_pos = torch.cat([kept_pos, positions.gather(1, order)], -1)
-        kept_seg = torch.cat([kept_seg, torch.full_like(order, s)], -1)
+        # the kept columns of each row, left-padded to width_kept: (B, width_kept)
+        order = torch.sort(keep.long(), dim=-1, stable=True).indices[:, keep.shape[1] - width_kept:]
+        kept = [(_take(layer.keys, order), _take(layer.values, order)) for layer in out.cache.layers]
+        kept_valid = keep.gather(1, order)
+        kept_pos, kept_seg = key_positions.gather(1, order), k_seg.gather(1, order)
+        kept_gist, kept_sink = k_gist.gather(1, order), k_sink.gather(1, order)
         if settings.compact_positions:  # the next segment starts after this one's gists
-            offset = offset + t * pad.bool().any(-1).long()
+            offset = offset + t * real.any(-1).long()
         else:
             offset = offset + pad.long().sum(-1)
     return GistCache(states=kept, valid=kept_valid, positions=kept_pos, next_position=offset,

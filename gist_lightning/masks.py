@@ -19,6 +19,8 @@ what a gist cache keeps are all read off it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 CONDITIONS = ("gist", "pos_control", "neg_control")
@@ -71,25 +73,35 @@ def gist_span(
     return first, last
 
 
-def _context_rule(q_seg, k_seg, k_gist, after, condition: str, window: int | None = None) -> torch.Tensor:
+def _context_rule(q_seg, k_seg, k_gist, after, condition: str, window: int | None = None, k_sink=None,
+                  recent: int = 0) -> torch.Tensor:
     """The gist rule over context segments (all arguments broadcast; causality is the caller's).
 
     A prompt's context is cut into segments numbered 0..n-1, each holding raw tokens and its gist
     tokens; everything after the context (the input / question and the answer) is segment ``after``
     (= n). A query may see keys of its own segment, and the gist keys of earlier segments (for a
     context query, only of the ``window`` segments before its own when ``window`` is set).
+    Layouts beside the gists (UniGist-style): ``k_sink`` marks sink keys (the prompt's first tokens),
+    which every later query sees; ``recent`` > 0 lets a query see every key (raw tokens too) of the
+    ``recent`` segments before its own (what follows the context: of its last ``recent`` segments).
     ``neg_control``: tokens after the context see no context at all; ``pos_control``: everything.
     With one segment (the instruction and its k gists) this is the short-instruction rule."""
     check_condition(condition)
     if condition == "pos_control":
         shape = torch.broadcast_shapes(q_seg.shape, k_seg.shape, torch.as_tensor(after).shape)
         return torch.ones(shape, dtype=torch.bool, device=q_seg.device)
-    earlier_gist = k_gist & (k_seg < q_seg)
+    earlier = k_seg < q_seg
+    visible = k_gist
     if window is not None:
-        earlier_gist = earlier_gist & ((q_seg - k_seg <= window) | (q_seg == after))
+        visible = visible & ((q_seg - k_seg <= window) | (q_seg == after))
+    if k_sink is not None:
+        visible = visible | k_sink
+    if recent:
+        visible = visible | (q_seg - k_seg <= recent)
+    visible = earlier & visible
     if condition == "neg_control":
-        earlier_gist = earlier_gist & (q_seg != after)
-    return (q_seg == k_seg) | earlier_gist
+        visible = visible & (q_seg != after)
+    return (q_seg == k_seg) | visible
 
 
 def _condition_rule(
@@ -250,52 +262,74 @@ def compact_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return seg * gists_per_segment + real - real.gather(1, start_col)
 
 
-def _long_decoder_rule(b, q, k, segment_ids, seg, is_gist, after, condition: str, window: int | None):
+def _long_decoder_rule(b, q, k, segment_ids, labels: ContextLabels, condition: str, window: int | None,
+                       recent: int = 0):
     """:func:`_decoder_rule` for segmented contexts: causal, same packed example, a real key, and
     :func:`_context_rule` with the key's and query's context segments."""
     same_example = (segment_ids[b, k] == segment_ids[b, q]) & (segment_ids[b, k] > 0)
     return ((q >= k) & same_example
-            & _context_rule(seg[b, q], seg[b, k], is_gist[b, k], after[b, q], condition, window))
+            & _context_rule(labels.seg[b, q], labels.seg[b, k], labels.is_gist[b, k], labels.after[b, q],
+                            condition, window, labels.is_sink[b, k], recent))
+
+
+class ContextLabels(NamedTuple):
+    """What the segment rule reads of a batch, per position (B, S): its context segment, whether it
+    is a gist, whether it is a sink (one of the prompt's first ``sink_tokens`` tokens), and the
+    segment number of what follows its context (``after``)."""
+
+    seg: torch.Tensor
+    is_gist: torch.Tensor
+    is_sink: torch.Tensor
+    after: torch.Tensor
 
 
 def long_context_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, gist_token_id: int,
-                        gists_per_segment: int, segment_ids: torch.Tensor | None = None):
-    """(packed example ids, context segment, is_gist, after) of a batch: what the segment rule reads,
-    dense (:func:`long_context_attention_mask`) or as a ``mask_mod`` (:func:`long_context_mask_mod`)."""
+                        gists_per_segment: int, segment_ids: torch.Tensor | None = None,
+                        sink_tokens: int = 0) -> tuple[torch.Tensor, ContextLabels]:
+    """(packed example ids, :class:`ContextLabels`) of a batch: what the segment rule reads, dense
+    (:func:`long_context_attention_mask`) or as a ``mask_mod`` (:func:`long_context_mask_mod`)."""
     segments = decoder_segments(input_ids, attention_mask, segment_ids)
     seg, is_gist, after = context_labels(input_ids, gist_token_id, gists_per_segment,
                                          segments if segment_ids is not None else None)
-    return segments, seg, is_gist, after
+    if segment_ids is not None:
+        index = segment_position_ids(segments)
+    elif attention_mask is not None:
+        index = padding_position_ids(attention_mask)
+    else:
+        index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    is_sink = (index < sink_tokens) & (seg == 0) & ~is_gist & (segments > 0)
+    return segments, ContextLabels(seg, is_gist, is_sink, after)
 
 
 def long_context_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                                 gist_token_id: int, gists_per_segment: int, condition: str,
                                 window: int | None = None,
-                                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                                segment_ids: torch.Tensor | None = None, sink_tokens: int = 0,
+                                recent_segments: int = 0) -> torch.Tensor:
     """Decoder-only self-attention over a segmented context (:func:`interleave_gists`) and what
     follows it, as a dense (B, 1, S, S) bool mask; ``window``: context tokens see the gists of only
-    the last ``window`` segments before theirs. Packed rows: ``segment_ids`` as for
-    :func:`decoder_attention_mask`."""
+    the last ``window`` segments before theirs; ``sink_tokens`` / ``recent_segments``: see
+    :func:`_context_rule`. Packed rows: ``segment_ids`` as for :func:`decoder_attention_mask`."""
     check_condition(condition)
-    segments, seg, is_gist, after = long_context_labels(input_ids, attention_mask, gist_token_id,
-                                                        gists_per_segment, segment_ids)
+    segments, labels = long_context_labels(input_ids, attention_mask, gist_token_id, gists_per_segment,
+                                           segment_ids, sink_tokens)
     bsz, seq_len = input_ids.shape
     idx = torch.arange(seq_len, device=input_ids.device)
     b = torch.arange(bsz, device=input_ids.device)[:, None, None]
-    return _long_decoder_rule(b, idx[None, :, None], idx[None, None, :], segments, seg, is_gist, after,
-                              condition, window)[:, None]
+    return _long_decoder_rule(b, idx[None, :, None], idx[None, None, :], segments, labels, condition, window,
+                              recent_segments)[:, None]
 
 
-def long_context_mask_mod(segment_ids: torch.Tensor, seg: torch.Tensor, is_gist: torch.Tensor,
-                          after: torch.Tensor, condition: str, window: int | None = None,
-                          positions: torch.Tensor | None = None, sliding: int | None = None):
+def long_context_mask_mod(segment_ids: torch.Tensor, labels: ContextLabels, condition: str,
+                          window: int | None = None, positions: torch.Tensor | None = None,
+                          sliding: int | None = None, recent_segments: int = 0):
     """The FlexAttention ``mask_mod`` of :func:`long_context_attention_mask` (labels from
-    :func:`context_labels`), and of a layer's sliding window of ``sliding`` positions (by position
-    id) when set. ``window`` is the segment rule's window of earlier segments' gists."""
+    :func:`long_context_labels`), and of a layer's sliding window of ``sliding`` positions (by
+    position id) when set. ``window`` is the segment rule's window of earlier segments' gists."""
     check_condition(condition)
 
     def mask_mod(b, h, q, k):
-        allowed = _long_decoder_rule(b, q, k, segment_ids, seg, is_gist, after, condition, window)
+        allowed = _long_decoder_rule(b, q, k, segment_ids, labels, condition, window, recent_segments)
         if sliding is not None:
             allowed = allowed & within_window(positions[b, q], positions[b, k], sliding)
         return allowed

@@ -19,8 +19,9 @@ read their own entries.
 Format versions (``FORMAT``, recorded in every file): 1 named store entries by instruction, k,
 condition (and segments) only, so two models on one store replaced each other's entries; 2 adds the
 model's and tokenizer's fingerprints and the dtype to that name, and ``compact_positions`` to the
-segment settings compared. Files of format 1 still load as files; in a store they are never found
-under the new names and :meth:`CacheStore.list` reports them apart (``older``).
+segment settings compared; 3 adds the layouts' ``sink_tokens`` and ``recent_segments`` to them.
+Files of older formats still load as files; in a store they are never found under the new names and
+:meth:`CacheStore.list` reports them apart (``older``).
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ from .files import atomic_path
 from .long_context import compress_context
 from .tokens import tokenizer_fingerprint
 
-FORMAT = "gist-lightning-cache/2"
+FORMAT = "gist-lightning-cache/3"
 # every format this version reads (see the module docstring)
-READABLE = ("gist-lightning-cache/1", FORMAT)
+READABLE = ("gist-lightning-cache/1", "gist-lightning-cache/2", FORMAT)
 log = logging.getLogger(__name__)
 
 
@@ -195,15 +196,18 @@ def _segment_key(segments: dict | None):
     if not segments:
         return None
     return (segments["segment_tokens"], segments["gists_per_segment"], segments["placement"],
-            segments.get("window"), segments.get("compact_positions", False))
+            segments.get("window"), segments.get("compact_positions", False), segments.get("sink_tokens", 0),
+            segments.get("recent_segments", 0))
 
 
 def _describe(segments: dict | None) -> str:
     if not segments:
         return "a short instruction's gists (no segments)"
-    window = f", window {segments['window']}" if segments.get("window") else ""
+    extra = "".join(f", {name} {segments[key]}" for key, name in (
+        ("window", "window"), ("sink_tokens", "sink tokens"), ("recent_segments", "recent segments"))
+        if segments.get(key))
     return (f"segments of {segments['segment_tokens']} tokens with {segments['gists_per_segment']} "
-            f"{segments['placement']} gists each{window}")
+            f"{segments['placement']} gists each{extra}")
 
 
 def _from_tensors(meta: dict, tensors: dict[str, torch.Tensor]) -> GistCache:

@@ -63,6 +63,33 @@ def test_the_segment_cache_equals_the_masked_full_forward(make_pair, family, pla
         assert cache.meta["peak_positions"] < max(len(p) for p in prefixes)
 
 
+LAYOUT = dict(sink_tokens=3, recent_segments=1)  # UniGist-style: sinks and a window of raw segments
+
+
+@pytest.mark.parametrize("placement", ["coarse", "fine"])
+def test_sinks_and_recent_segments_keep_exactly_what_the_rule_lets_through(make_pair, family, placement):
+    """Layouts: the cache compressed segment by segment, keeping the sinks, every gist and the raw
+    tokens of the last segment, equals the masked full forward; it holds what the rule lets the
+    question see (SegmentSettings.cached_positions), and compression never holds more than sinks +
+    gists + the recent segments + one segment."""
+    model, tok, gist_id = make_pair(family, "eager")
+    if model.config.is_encoder_decoder:
+        pytest.skip("T5-style models gist no long contexts (refused: test_the_segment_cache_equals_...)")
+    settings = SegmentSettings(segment_tokens=8, gists_per_segment=2, placement=placement, **LAYOUT)
+    diff, cache, prefixes = _full_and_cached(model, tok, gist_id, settings, "gist")
+    assert diff <= TOLERANCE, f"{family}/{placement}: max abs diff {diff:.1e}"
+    held = cache.valid.sum(-1).tolist()
+    gists = [sum(t == gist_id for t in p) for p in prefixes]
+    assert held == [settings.cached_positions(p, gist_id) for p in prefixes]
+    assert all(h > g for h, g in zip(held, gists))  # sinks and raw tokens beside the gists
+    unit = settings.segment_tokens + settings.gists_per_segment
+    specials = len(prefixes[0]) - len(tok(CONTEXTS[0], add_special_tokens=False).input_ids) - gists[0]
+    bound = settings.sink_tokens + max(gists) + (settings.recent_segments + 1) * unit + specials
+    assert cache.meta["peak_positions"] <= bound < max(len(p) for p in prefixes)
+    plain = _full_and_cached(model, tok, gist_id, SegmentSettings(8, 2, placement), "gist")[1]
+    assert not torch.allclose(cache.states[-1][0][:, :, -1], plain.states[-1][0][:, :, -1])  # it matters
+
+
 def test_a_window_of_segments_and_generation_from_the_cache(make_pair):
     """With window=1 a segment sees only the previous segment's gists: still exact; and greedy
     generation from the cache runs as from any gist cache. The windowed cache differs from the
@@ -81,6 +108,11 @@ def test_a_window_of_segments_and_generation_from_the_cache(make_pair):
     (dict(segment_tokens=2, gists_per_segment=4), "at least"),
     (dict(segment_tokens=6, gists_per_segment=4, placement="fine"), "multiple"),
     (dict(segment_tokens=8, gists_per_segment=2, window=0), "window"),
+    (dict(segment_tokens=8, gists_per_segment=2, sink_tokens=8),
+     "sink_tokens \\(8\\) must be >= 0 and leave room"),
+    (dict(segment_tokens=8, gists_per_segment=2, recent_segments=-1), "recent_segments must be >= 0"),
+    (dict(segment_tokens=8, gists_per_segment=2, sink_tokens=2, compact_positions=True),
+     "cannot be combined with sink_tokens or recent_segments"),
     (dict(segment_tokens=32, gists_per_segment=8, train_ratios=(2, 3)),
      "ratio 3 does not divide segment_tokens 32"),
     (dict(segment_tokens=32, gists_per_segment=8, train_ratios=(64,)),
@@ -152,7 +184,7 @@ def test_a_segment_model_trains_validates_through_segment_caches_and_exports(tmp
     model, tok, settings = load_pretrained(export)
     assert settings["segments"] == {"segment_tokens": 32, "gists_per_segment": 4, "placement": "fine",
                                     "window": None, "max_context_tokens": None, "train_ratios": None,
-                                    "compact_positions": False}
+                                    "compact_positions": False, "sink_tokens": 0, "recent_segments": 0}
     run = Path(cli.trainer.log_dir)
     [seen] = (run / "predictions").glob("*-validation_seen.csv")
     rows = list(csv.DictReader(open(seen)))
@@ -233,6 +265,18 @@ def test_cache_files_and_the_store_keep_contexts_and_refuse_other_segment_settin
                       segments=SegmentSettings(8, 2, "coarse")).list() == []
     assert CacheStore(tmp_path / "store", model, tok, 2,
                       segments=SegmentSettings(8, 2, "fine", compact_positions=True)).list() == []
+    # layouts: a file and a store entry of sinks and recent segments are theirs alone
+    layout = SegmentSettings(8, 2, "fine", **LAYOUT)
+    for other in (SegmentSettings(8, 2, "fine", sink_tokens=3),
+                  SegmentSettings(8, 2, "fine", recent_segments=1)):
+        assert CacheStore(tmp_path / "store", model, tok, 2, segments=other).list() == []
+    with pytest.raises(CacheMismatchError, match="it holds segments of 8 tokens with 2 fine gists each, the "
+                                                 "model runs .* each, sink tokens 3, recent segments 1"):
+        load_cache(tmp_path / "c.safetensors", model, tok, 2, segments=asdict(layout))
+    layered = CacheStore(tmp_path / "store", model, tok, 2, segments=layout).get_or_add(CONTEXTS[2])
+    direct = compress_context(model, tok, [CONTEXTS[2]], layout)
+    assert torch.equal(layered.valid, direct.valid) and layered.length > first.length
+    assert CacheStore(tmp_path / "store", model, tok, 2, segments=layout).list() == [CONTEXTS[2]]
 
 
 def test_compress_and_generate_commands_take_a_context_file(make_pair, tmp_path):
@@ -297,17 +341,18 @@ def test_compacted_positions_fit_contexts_longer_than_the_model_and_stay_exact(m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("condition", ["gist", "pos_control"])
+@pytest.mark.parametrize("condition, layout", [("gist", LAYOUT), ("pos_control", {})])
 def test_under_flex_the_segment_rule_gives_the_dense_logits_and_exact_caches(make_pair, require_attention,
-                                                                            family, condition):
+                                                                            family, condition, layout):
     """FlexAttention BlockMasks built from the segment rule (masks.long_context_mask_mod, sliding
-    layers included) give the dense mask's logits, and the segment-by-segment cache of a model
-    under flex equals its flex full forward (compiles per shape on first use, cached on disk)."""
+    layers included; under gist with sinks and a recent segment) give the dense mask's logits, and
+    the segment-by-segment cache of a model under flex equals its flex full forward (compiles per
+    shape on first use, cached on disk)."""
     model, tok, gist_id = make_pair(family, seed=3)
     if model.config.is_encoder_decoder:
         pytest.skip("T5-style models gist no long contexts (refused: test_the_segment_cache_equals_...)")
     require_attention(family, "flex_attention")
-    settings = SegmentSettings(8, 2, "fine")
+    settings = SegmentSettings(8, 2, "fine", **layout)
     dense_diff, _, prefixes = _full_and_cached(model, tok, gist_id, settings, condition)
     conts = [encode_continuation(tok, q, False) for q in QUESTIONS]
     ids, mask = pad_batch([p + c for p, c in zip(prefixes, conts)], tok.pad_token_id, "left")

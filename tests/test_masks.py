@@ -281,19 +281,24 @@ def segmented_rows(draw):
     ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows_])  # left padding
     attn = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows_])[:, None]).long()
     labels = [[None] * (width - len(lab)) + lab for lab in labels]
-    return ids, attn, t, labels, draw(st.sampled_from([None, 1, 2]))
+    return ids, attn, t, labels, draw(st.sampled_from([None, 1, 2])), draw(st.integers(0, 3)), \
+        draw(st.integers(0, 2))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(segmented_rows(), st.sampled_from(masks.CONDITIONS))
 def test_the_segment_rule_matches_its_definition(batch, condition):
     """Brute force from the definition in words: causal, real keys; a context token sees its own
     segment and the gists of earlier segments (the last ``window`` of them when set); a token after
-    the context sees every context gist (none under neg_control, everything under pos_control)."""
-    ids, attn, t, labels, window = batch
-    got = masks.long_context_attention_mask(ids, attn, G, t, condition, window)[:, 0]
+    the context sees every context gist (none under neg_control, everything under pos_control).
+    Layouts: the row's first ``sink`` tokens (raw, first segment) are seen by every later token, and
+    every token of the ``recent`` segments before a token's own (raw ones too)."""
+    ids, attn, t, labels, window, sink, recent = batch
+    got = masks.long_context_attention_mask(ids, attn, G, t, condition, window, sink_tokens=sink,
+                                            recent_segments=recent)[:, 0]
     for b, lab in enumerate(labels):
         after = next(s for s, g in reversed([x for x in lab if x]) if not g)  # the question's label
+        first = next(i for i, x in enumerate(lab) if x)  # the row's first real column
         for q in range(ids.shape[1]):
             for k in range(ids.shape[1]):
                 if lab[q] is None or lab[k] is None or k > q:
@@ -302,11 +307,13 @@ def test_the_segment_rule_matches_its_definition(batch, condition):
                     want = True
                 else:
                     (qs, _), (ks, kg) = lab[q], lab[k]
-                    earlier = kg and ks < qs and (window is None or qs == after or qs - ks <= window)
+                    is_sink = k - first < sink and ks == 0 and not kg
+                    earlier = ks < qs and ((kg and (window is None or qs == after or qs - ks <= window))
+                                           or is_sink or qs - ks <= recent)
                     if condition == "neg_control" and qs == after:
                         earlier = False
                     want = qs == ks or earlier
-                assert bool(got[b, q, k]) == want, (b, q, k, lab[q], lab[k], window)
+                assert bool(got[b, q, k]) == want, (b, q, k, lab[q], lab[k], window, sink, recent)
 
 
 @settings(max_examples=40, deadline=None)
@@ -314,20 +321,23 @@ def test_the_segment_rule_matches_its_definition(batch, condition):
 def test_the_segment_mask_mod_and_packed_rows_are_the_dense_rule(batch, condition):
     """Packed: the examples of a row side by side see exactly their masks alone; the FlexAttention
     mask_mod evaluated per pair gives the dense mask."""
-    ids, attn, t, _, window = batch
+    ids, attn, t, _, window, sink, recent = batch
+    layout = {"sink_tokens": sink, "recent_segments": recent}
     rows_ = [ids[b][attn[b].bool()].tolist() for b in range(ids.shape[0])]
     packed = torch.tensor([sum(rows_, [])])
     seg = torch.tensor([[i + 1 for i, r in enumerate(rows_) for _ in r]])
-    dense = masks.long_context_attention_mask(packed, None, G, t, condition, window, segment_ids=seg)[0, 0]
+    dense = masks.long_context_attention_mask(packed, None, G, t, condition, window, segment_ids=seg,
+                                              **layout)[0, 0]
     start = 0
     for r in rows_:
-        alone = masks.long_context_attention_mask(torch.tensor([r]), None, G, t, condition, window)[0, 0]
+        alone = masks.long_context_attention_mask(torch.tensor([r]), None, G, t, condition, window,
+                                                  **layout)[0, 0]
         block = dense[start:start + len(r)]
         assert torch.equal(block[:, start:start + len(r)], alone)
         assert not block[:, :start].any() and not block[:, start + len(r):].any()
         start += len(r)
-    labels = masks.context_labels(packed, G, t, seg)
-    mod = masks.long_context_mask_mod(seg, *labels, condition, window)
+    segments, labels = masks.long_context_labels(packed, None, G, t, seg, sink)
+    mod = masks.long_context_mask_mod(segments, labels, condition, window, recent_segments=recent)
     for q in range(packed.shape[1]):
         for kv in range(packed.shape[1]):
             allowed = mod(torch.tensor(0), torch.tensor(0), torch.tensor(q), torch.tensor(kv))

@@ -315,17 +315,19 @@ def test_a_store_entry_of_another_model_is_made_again(make_pair, tmp_path):
     assert events[0].cache == "disk"
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama"])  # llama's tokenizer puts a BOS before the context
-def test_long_contexts_are_compressed_once_by_segments_and_reused(make_pair, tmp_path, family):
+@pytest.mark.parametrize("family, layout", [("qwen3", {}), ("llama", {}),  # llama: a BOS before the context
+                                            ("llama", {"sink_tokens": 3, "recent_segments": 1})])
+def test_long_contexts_are_compressed_once_by_segments_and_reused(make_pair, tmp_path, family, layout):
     """A model trained with model.segments serves long system prompts: one segment-by-segment
     compression per distinct context however many requests carry it (batched with contexts of other
     lengths), answers equal to the library's compress_context + generate, the usage saying how many
-    context tokens went into how many cached positions, and a fresh engine reading them from disk."""
-    from gist_lightning.long_context import SegmentSettings, compress_context
-    from gist_lightning.tokens import encode_text, special_frame
+    context tokens went into how many cached positions, and a fresh engine reading them from disk.
+    Layouts (sinks, a recent raw segment) too."""
+    from gist_lightning.long_context import SegmentSettings, compress_context, encode_context
+    from gist_lightning.tokens import encode_text, gist_token_id, special_frame
 
     model, tok, _ = make_pair(family, seed=1)
-    settings = SegmentSettings(8, 2, "fine")
+    settings = SegmentSettings(8, 2, "fine", **layout)
     contexts = [" ".join(INSTRUCTIONS * 3), " ".join(INSTRUCTIONS[::-1] * 5)]  # several segments, two lengths
     engine = ServingEngine(model, tok, 2, "gist", max_batch_size=4, segments=settings,
                            cache_dir=str(tmp_path))
@@ -342,8 +344,10 @@ def test_long_contexts_are_compressed_once_by_segments_and_reused(make_pair, tmp
         assert special_frame(tok)[0]  # the start tokens are not the context's
     for i in range(2):
         n = len(encode_text(tok, contexts[i]))
-        assert last[f"r{i}"].usage["compression"] == {"instruction_tokens": n,
-                                                      "cached_positions": -(-n // 8) * 2}
+        held = settings.cached_positions(encode_context(tok, contexts[i], settings, gist_token_id(tok)),
+                                         gist_token_id(tok))
+        assert held == (-(-n // 8) * 2 if not layout else -(-n // 8) * 2 + 3 + n - (-(-n // 8) - 1) * 8)
+        assert last[f"r{i}"].usage["compression"] == {"instruction_tokens": n, "cached_positions": held}
     fresh = ServingEngine(model, tok, 2, "gist", segments=settings, cache_dir=str(tmp_path))
     again, events = run(fresh, {0: [("b", GenerationRequest(contexts[1], INPUTS[1], max_tokens=6))]})
     assert fresh.counts["disk_hits"] == 1 and fresh.counts["compressed"] == 0
