@@ -61,25 +61,27 @@ def _finish(out_dir: Path, tokenizer, num_gist_tokens: int, condition: str, **ex
     return out_dir
 
 
-def _extra(source: dict | None, segments: dict | None) -> dict:
-    return {k: v for k, v in (("source", source), ("segments", segments)) if v}
+def _extra(source: dict | None, segments: dict | None, objectives: dict | None = None) -> dict:
+    return {k: v for k, v in (("source", source), ("segments", segments), ("objectives", objectives)) if v}
 
 
 def export_pretrained(model, tokenizer, out_dir: str | os.PathLike, num_gist_tokens: int, condition: str,
                       overwrite: bool = False, source: dict | None = None,
-                      segments: dict | None = None) -> Path:
+                      segments: dict | None = None, objectives: dict | None = None) -> Path:
     """A whole model (or a PEFT model merged into its base) as an HF folder. ``source`` (e.g. the
-    checkpoint and step the weights come from) and ``segments`` (the segment settings of a model
-    that gists long contexts) are kept in the settings file."""
+    checkpoint and step the weights come from), ``segments`` (the segment settings of a model
+    that gists long contexts) and ``objectives`` (what its training loss added) are kept in the
+    settings file."""
     out_dir = _start(out_dir, overwrite)
     with _deepspeed_import_unannounced():
         model.save_pretrained(out_dir)
-    return _finish(out_dir, tokenizer, num_gist_tokens, condition, **_extra(source, segments))
+    return _finish(out_dir, tokenizer, num_gist_tokens, condition, **_extra(source, segments, objectives))
 
 
 def export_adapter(peft_model, tokenizer, out_dir: str | os.PathLike, num_gist_tokens: int, condition: str,
                    base_model: str, added_token_ids: list[int], overwrite: bool = False,
-                   source: dict | None = None, segments: dict | None = None) -> Path:
+                   source: dict | None = None, segments: dict | None = None,
+                   objectives: dict | None = None) -> Path:
     """PEFT's adapter files (LoRA weights and the trained token rows) with the tokenizer and the gist
     settings; ``base_model`` (hub id or folder) is what :func:`load_pretrained` puts them on, after
     giving it rows for ``added_token_ids``."""
@@ -91,7 +93,7 @@ def export_adapter(peft_model, tokenizer, out_dir: str | os.PathLike, num_gist_t
         peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     return _finish(out_dir, tokenizer, num_gist_tokens, condition,
                    adapter={"base_model": base_model, "added_token_ids": list(added_token_ids)},
-                   **_extra(source, segments))
+                   **_extra(source, segments, objectives))
 
 
 def read_settings(path: str | os.PathLike) -> dict | None:

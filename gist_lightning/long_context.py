@@ -161,18 +161,24 @@ def encode_long_example(tokenizer, context: str, input: str, output: str | None,
                           encode_target(tokenizer, output) if output is not None else [])
 
 
+def prompt_positions(input_ids, attention_mask, gist_token_id: int, settings: SegmentSettings,
+                     segment_ids=None) -> torch.Tensor:
+    """The position ids of segmented prompts in :func:`masked_forward` (compacted, or skipping
+    padding, or restarting per packed example)."""
+    if settings.compact_positions:
+        return masks.compact_position_ids(input_ids, attention_mask, gist_token_id,
+                                          settings.gists_per_segment, segment_ids)
+    if segment_ids is None:
+        return masks.padding_position_ids(attention_mask)
+    return masks.segment_position_ids(segment_ids)
+
+
 def masked_forward(model, input_ids, attention_mask, gist_token_id: int, settings: SegmentSettings,
                    condition: str = "gist", segment_ids=None, **kwargs):
     """The single masked full forward over ``[context with gists | what follows]`` rows (either
     padding side, or packed rows of several examples numbered by ``segment_ids``): what training
     computes, and the reference the segment-wise cache must equal."""
-    if settings.compact_positions:
-        positions = masks.compact_position_ids(input_ids, attention_mask, gist_token_id,
-                                               settings.gists_per_segment, segment_ids)
-    elif segment_ids is None:
-        positions = masks.padding_position_ids(attention_mask)
-    else:
-        positions = masks.segment_position_ids(segment_ids)
+    positions = prompt_positions(input_ids, attention_mask, gist_token_id, settings, segment_ids)
     if model.config._attn_implementation == "flex_attention":  # BlockMasks from the same rule
         segments, labels = masks.long_context_labels(input_ids, attention_mask, gist_token_id,
                                                      settings.gists_per_segment, segment_ids,

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, get_scheduler
 
-from . import adapters, caching, generation, long_context
+from . import adapters, caching, generation, long_context, masks
 from .adapters import PeftSettings
 from .backends import backend_named, backend_of, gist_forward
 from .cache import GistCache
@@ -24,6 +24,15 @@ from .families import FAMILIES, family_of, model_class
 from .generation import positions_needed
 from .long_context import SegmentSettings
 from .masks import check_condition
+from .objectives import (
+    Objectives,
+    autoencode_loss,
+    build_autoencoder,
+    distill_loss,
+    importance_weights,
+    load_teacher,
+    weighted_lm_loss,
+)
 from .splits import VALIDATION_SPLITS, metric_key
 from .tokens import SUITE_TOKENIZER_NAME, add_special_tokens, fit_embeddings, gist_token_id, load_tokenizer
 
@@ -85,6 +94,9 @@ class GistLitModule(L.LightningModule):
             (:class:`~gist_lightning.long_context.SegmentSettings`; decoder-only, with a data source
             of long contexts such as ``LongRecall``); ``num_gist_tokens`` must equal its
             ``gists_per_segment``. None: the instruction is one segment (the paper's gisting).
+        objectives: what the loss adds to next-token prediction
+            (:class:`~gist_lightning.objectives.Objectives`: distillation from a frozen teacher,
+            segment-wise token importance, fine-grained autoencoding), each off by default.
     """
 
     def __init__(
@@ -104,6 +116,7 @@ class GistLitModule(L.LightningModule):
         max_new_tokens: int = 64,
         peft: PeftSettings | None = None,
         segments: SegmentSettings | None = None,
+        objectives: Objectives | None = None,
     ):
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
@@ -124,9 +137,15 @@ class GistLitModule(L.LightningModule):
         if self.segments is not None and self.segments.gists_per_segment != num_gist_tokens:
             raise ValueError(f"model.num_gist_tokens ({num_gist_tokens}) must equal "
                              f"model.segments.gists_per_segment ({self.segments.gists_per_segment})")
-        self.save_hyperparameters(ignore=["peft", "segments"])
+        self.objectives = (objectives if objectives is None or isinstance(objectives, Objectives)
+                           else Objectives(**objectives))
+        if self.objectives is not None and self.objectives.autoencode_weight and self.segments is None:
+            raise ValueError("model.objectives.autoencode_weight reconstructs each segment's gist units: it "
+                             "needs model.segments")
+        self.save_hyperparameters(ignore=["peft", "segments", "objectives"])
         self.save_hyperparameters({**self.hparams, "peft": asdict(self.peft) if self.peft else None,
-                                   "segments": asdict(self.segments) if self.segments else None})
+                                   "segments": asdict(self.segments) if self.segments else None,
+                                   "objectives": asdict(self.objectives) if self.objectives else None})
         self.tokenizer = load_tokenizer(tokenizer or model_name_or_path or SUITE_TOKENIZER_NAME)
         # <GIST> (and <PAD> where missing) join the tokenizer now, so the data can tokenize before
         # the model exists; configure_model gives the new ids their embedding rows
@@ -134,6 +153,8 @@ class GistLitModule(L.LightningModule):
         self.hf_config = self._hf_config()
         self.model = None
         self.peft_model = None  # PEFT's wrapper around self.model when model.peft is set
+        self.autoencoder = None  # objectives.autoencode_weight: trained and checkpointed, never exported
+        self._teacher: list = []  # objectives' frozen teacher, kept out of parameters and checkpoints
 
     def _hf_config(self):
         h = self.hparams
@@ -187,6 +208,8 @@ class GistLitModule(L.LightningModule):
         # from_pretrained returns a model in eval mode, and Lightning keeps a submodule's mode: train
         # with the model's dropout on (Lightning switches to eval for validation and back)
         self.model = model.train()
+        if self.objectives is not None and self.objectives.autoencode_weight:
+            self.autoencoder = build_autoencoder(self.hf_config).to(model.dtype).train()
 
     def _build_model(self):
         """The HF model: ``model_name_or_path``'s weights (4-bit under QLoRA), or random weights of
@@ -245,16 +268,17 @@ class GistLitModule(L.LightningModule):
             if form == "adapter":
                 raise GistError("an adapter export needs a model.peft run; this one trained every weight")
             return export_pretrained(self.model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition,
-                                     overwrite, source, h.segments)
+                                     overwrite, source, h.segments, h.get("objectives"))
         if form == "adapter":
             return export_adapter(self.peft_model, self.tokenizer, out_dir, h.num_gist_tokens, h.condition,
-                                  h.model_name_or_path, self._new_token_ids, overwrite, source, h.segments)
+                                  h.model_name_or_path, self._new_token_ids, overwrite, source, h.segments,
+                                  h.get("objectives"))
         if self.peft.quantize:
             raise GistError("a 4-bit base cannot be merged exactly; export form 'adapter' and load it on the "
                             "full-precision base")
         merged = copy.deepcopy(self.peft_model).merge_and_unload()
         return export_pretrained(merged, self.tokenizer, out_dir, h.num_gist_tokens, h.condition, overwrite,
-                                 source, h.segments)
+                                 source, h.segments, h.get("objectives"))
 
     # -- checkpoints hold only what trains under model.peft -----------------------------------
     def trainable_names(self) -> set[str]:
@@ -312,6 +336,8 @@ class GistLitModule(L.LightningModule):
         # row of the embedding). Every rank holds the whole model until the engine partitions it.
         self.configure_model()
         self._check_runnable(stage)
+        if stage == "fit" and self.objectives is not None and self.objectives.needs_teacher:
+            self.teacher()  # loaded and checked (vocabulary) before any step
         self._connect_data(stage)
         self._check_validation_fits()
 
@@ -359,24 +385,70 @@ class GistLitModule(L.LightningModule):
                         "model.max_new_tokens or the data limits")
 
     # -- training -----------------------------------------------------------------------------
-    def _loss(self, batch) -> torch.Tensor:
+    def _forward(self, model, batch, condition: str, **kwargs):
+        """The masked forward of ``model`` over a batch under ``condition`` (the student's rule, or a
+        teacher's full / segment-alone view of the same tokens)."""
         h = self.hparams
         if self.segments is not None:  # a training batch may carry its drawn ratio (segments.train_ratios)
             settings = replace(self.segments, gists_per_segment=batch.get("gists_per_segment",
                                                                           self.segments.gists_per_segment))
-            return long_context.masked_forward(self.model, batch["input_ids"], batch["attention_mask"],
-                                               self.gist_token_id, settings, h.condition,
-                                               segment_ids=batch.get("segment_ids"),
-                                               labels=batch["labels"]).loss
-        return gist_forward(
-            self.model, batch["input_ids"], batch["attention_mask"], self.gist_token_id, h.condition,
-            labels=batch["labels"], num_gist_tokens=h.num_gist_tokens, segment_ids=batch.get("segment_ids"),
-        ).loss
+            return long_context.masked_forward(model, batch["input_ids"], batch["attention_mask"],
+                                               self.gist_token_id, settings, condition,
+                                               segment_ids=batch.get("segment_ids"), **kwargs)
+        return gist_forward(model, batch["input_ids"], batch["attention_mask"], self.gist_token_id, condition,
+                            num_gist_tokens=h.num_gist_tokens, segment_ids=batch.get("segment_ids"), **kwargs)
+
+    def _loss(self, batch) -> torch.Tensor:
+        return self._losses(batch)["loss"]
+
+    def _losses(self, batch) -> dict[str, torch.Tensor]:
+        """``loss`` (what trains) and, with objectives, its terms (``lm``, ``distill``, ``autoencode``)."""
+        h, o = self.hparams, self.objectives
+        if o is None or not o.active:
+            return {"loss": self._forward(self.model, batch, h.condition, labels=batch["labels"]).loss}
+        labels = batch["labels"]
+        out = self._forward(self.model, batch, h.condition, use_cache=bool(o.autoencode_weight))
+        terms, weights = {}, None
+        if o.needs_teacher:
+            teacher = self.teacher()
+            with torch.no_grad():
+                full = self._forward(teacher, batch, "pos_control").logits
+                if o.importance_weight:
+                    alone = self._forward(teacher, batch, "neg_control").logits
+                    weights = importance_weights(full, alone, labels, o.importance_cap)
+        terms["lm"] = weighted_lm_loss(out.logits, labels, weights, o.importance_weight)
+        loss = terms["lm"]
+        if o.distill_weight:
+            terms["distill"] = distill_loss(out.logits, full, labels, o.distill_temperature)
+            loss = loss + o.distill_weight * terms["distill"]
+        if o.autoencode_weight:
+            ids, seg = batch["input_ids"], batch.get("segment_ids")
+            settings = replace(self.segments, gists_per_segment=batch.get("gists_per_segment",
+                                                                          self.segments.gists_per_segment))
+            positions = long_context.prompt_positions(ids, batch["attention_mask"], self.gist_token_id,
+                                                      settings, seg)
+            examples = masks.decoder_segments(ids, batch["attention_mask"], seg)
+            terms["autoencode"] = autoencode_loss(self.autoencoder, out.cache, ids, examples, positions,
+                                                  self.gist_token_id)
+            loss = loss + o.autoencode_weight * terms["autoencode"]
+        return {"loss": loss, **terms}
+
+    def teacher(self):
+        """The objectives' frozen teacher, loaded on first use (once), on this module's device."""
+        if not self._teacher:
+            self._teacher.append(load_teacher(self.objectives, self.tokenizer, self.model.dtype))
+        if self._teacher[0].device != self.device:
+            self._teacher[0].to(self.device)
+        return self._teacher[0]
 
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        losses = self._losses(batch)
+        bsz = batch["input_ids"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bsz)
+        for name, value in losses.items():
+            if name != "loss":
+                self.log(f"train/{name}_loss", value, batch_size=bsz)
+        return losses["loss"]
 
     # -- validation: generation through the gist cache ----------------------------------------
     @torch.no_grad()
@@ -426,7 +498,10 @@ class GistLitModule(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        trained = list(self.model.named_parameters())
+        if self.autoencoder is not None:
+            trained += [(f"autoencoder.{n}", p) for n, p in self.autoencoder.named_parameters()]
+        for name, p in trained:
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         optimizer = torch.optim.AdamW(
