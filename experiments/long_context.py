@@ -1,49 +1,50 @@
-"""Long contexts: recall by compression ratio, gist tokens against full attention and truncation.
+"""Long contexts: recipes that train every time, compared by compression ratio, in one ablation.
 
-Trains, per seed, four models on the generated key-value recall task (configs/tiny-long-recall.yaml,
-through the ``gist-lightning fit`` command line) and answers one fixed test set with each. The gist
-models train ``--steps`` and are then resumed for ``--more_gist_steps`` (the cosine schedule
-restarts over the new total); full attention trains ``--steps``; neg_control ``--neg_steps``:
+Per task and seed, a full-attention **base** (``pos_control``: the gists in place, hiding nothing)
+is trained first; every gist **variant** is then fine-tuned from its export (as every successor
+fine-tunes a model that already reads), except ``scratch``, the plain recipe trained from random
+weights. Every gist model trains with a ratio drawn per batch from {4, 8, 16} and is tested at each
+from caches made segment by segment (:func:`gist_lightning.long_context.compress_context`).
 
-- ``gist_coarse`` / ``gist_fine``: one model per placement, trained with a ratio drawn per batch
-  from {2, 4, 8, 16}; tested at each ratio from caches made segment by segment
-  (:func:`gist_lightning.long_context.compress_context`), which hold the gists alone;
-- ``full``: full attention over the context (``pos_control``; the upper bound);
-- ``truncation``: the same full-attention model given only the context's last tokens, as many
-  positions as the gist cache holds at that ratio (start token included), laid out with the
-  sparsest gist layout that model trained with (2 gists per 32 tokens), so most positions hold
-  raw tokens;
-- ``neg_control``: trained and tested without the context (the answer prior).
+Variants (``VARIANTS``): ``scratch`` (coarse, from random weights), ``coarse`` and ``fine`` (from
+the base); then, on the placement chosen on validation records (``--placement auto``): ``+layout``
+(4 sink tokens and the last raw segment kept: UniGist's layout), ``+ae`` (fine-grained
+autoencoding), ``+importance`` (segment-wise token importance from the base), ``+kd``
+(distillation from the base), and ``best`` (the additions that helped on validation, together).
+Baselines: ``full`` (the base itself), ``truncation`` (the base given only the context's end, as
+many positions as each gist variant's cache holds: gists, sinks and window included) and
+``no_context`` (the base asked without the context), beside each task's chance floor.
 
-``full`` and ``neg_control`` do not depend on the ratio; their rows repeat one evaluation at every
-ratio so that each ratio's comparison reads from one place. Outputs (``--out``): ``results.csv``
-(one row per method, ratio and seed: exact match in percent, cached positions and bytes per
-context, prefill FLOPs per question), ``by_distance.csv`` (exact match by how many segments lie
-between the needed fact and the question), ``memory.csv`` (peak positions held while compressing a
-16-segment context), ``table.md`` (means over seeds, 95% bootstrap intervals over seeds and
-records, the paired gist - truncation differences, the goals) and ``long_context.png``.
+Stages, each a sweep over ``--run_root`` (finished cells kept, interrupted ones resumed, so the
+command can be stopped and run again): ``ablation`` (every variant on ``--ablation_task``, on
+``--ablation_seeds``) then ``final`` (the chosen variant, full attention and truncation on every
+task, on ``--final_seeds``). Outputs (``--out``): ``results.csv`` (``task, method, ratio, seed,
+exact_match``, cached positions, the effective ratio), ``plateau.csv`` (the step each model's train
+loss first fell under ``--plateau_loss``), ``speed.csv`` (train steps/s of each objective against
+the plain loss), ``table.md`` (means with 95% bootstrap intervals over seeds and records, per seed,
+paired differences against truncation) and ``long_context.png``.
 
-    python experiments/long_context.py --seeds 0 1 2 --cells_at_once 2  # trains 12 models, then tests
-    python experiments/long_context.py --seeds 0 1 2 --steps 3000 --check_args
-
-The trainings are cells of one sweep (:mod:`gist_lightning.sweeps`) over ``--run_root``: 2 at once
-with one thread each by default, or on SLURM (``--launcher slurm``); finished cells are kept,
-interrupted ones resume from their ``last.ckpt``, so the command can be stopped and run again.
+    python experiments/long_context.py --check_args                   # the cells, nothing runs
+    python experiments/long_context.py --stage ablation               # resumable
+    python experiments/long_context.py --stage final
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import random
 import re
+import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from gist_lightning import generate
-from gist_lightning.caching import cache_bytes_per_position
 from gist_lightning.data.long_recall import make_long_record
 from gist_lightning.evaluation.stats import format_interval, paired_bootstrap
 from gist_lightning.export import load_pretrained
@@ -51,7 +52,6 @@ from gist_lightning.long_context import (
     SegmentSettings,
     compress_context,
     compress_context_ids,
-    encode_context,
 )
 from gist_lightning.masks import interleave_gists
 from gist_lightning.sweeps import Cell, Stage, Sweep
@@ -59,90 +59,189 @@ from gist_lightning.sweeps.engine import add_launcher_arguments, launcher_from
 from gist_lightning.tokens import encode_text, gist_token_id, special_frame
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [ROOT / "configs" / "tiny.yaml", ROOT / "configs" / "tiny-long.yaml",
-           ROOT / "configs" / "tiny-long-recall.yaml"]
-RATIOS = (2, 4, 8, 16)
-METHODS = ("gist_coarse", "gist_fine", "full", "truncation", "neg_control")
-# what each trained model is: its overrides of configs/tiny-long-recall.yaml
-TRAINED = {
-    "gist_coarse": ["--model.segments.placement", "coarse"],
-    "gist_fine": ["--model.segments.placement", "fine"],
-    "full": ["--model.condition", "pos_control"],
-    "neg_control": ["--model.condition", "neg_control"],
+CONFIGS = [
+    ROOT / "configs" / "tiny.yaml",
+    ROOT / "configs" / "tiny-long.yaml",
+    ROOT / "configs" / "tiny-long-recall.yaml",
+]
+RATIOS = (4, 8, 16)
+# the tasks: (generator task, facts per context, chance floor: answering any code in the context)
+TASKS = {"recall1": ("recall", 1), "recall3": ("recall", 3), "two_hop": ("two_hop", 1)}
+# a model of ~3.3M parameters (the tiny default's 0.9M does not learn 3 facts), contexts of 8-16
+# segments of 32 tokens at 4x
+MODEL = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
 }
-TRAINED_BY = {"gist_coarse": "gist_coarse", "gist_fine": "gist_fine", "full": "full", "truncation": "full",
-              "neg_control": "neg_control"}
+LAYOUT = ["--model.segments.sink_tokens", "4", "--model.segments.recent_segments", "1"]
+# what each gist variant adds to fine-tuning from the base (``{base}``: the base's export)
+ADDITIONS = {
+    "+layout": LAYOUT,
+    "+ae": ["--model.objectives.autoencode_weight", "0.5"],
+    "+importance": ["--model.objectives.teacher", "{base}", "--model.objectives.importance_weight", "0.5"],
+    "+kd": ["--model.objectives.teacher", "{base}", "--model.objectives.distill_weight", "1.0"],
+}
+BASELINES = ("full", "truncation", "no_context")
 
 
-def cell_of(method: str, seed: int, args, run_root: Path) -> Cell:
-    """The sweep cell that trains ``method`` on ``seed``: its stages end at :func:`stages` (a stage
-    after the first continues the run from its ``last.ckpt``; the cosine schedule restarts over the
-    new total: a warm restart), each validated once at its end."""
-    ends = stages(method, args)
-    # the seed is the model's (seed_everything); every seed trains on the same generated data, as before
-    return Cell(name=f"{method}-seed{seed}",
-                args=(*TRAINED[method], "--seed_everything", str(seed),
-                      "--trainer.enable_progress_bar", "false",
-                      "--data.init_args.cache_dir", str(run_root / "cache")),
-                stages=tuple(Stage(max_steps=end, args=("--trainer.val_check_interval", str(end - before)))
-                             for before, end in zip([0, *ends], ends)))
+def task_args(task: str, args) -> list[str]:
+    """The task's data, and the layout every model of the experiment shares: segments of 32 tokens,
+    4x (8 gists) for validation and export, ratios 4, 8 and 16 drawn in training."""
+    generator, facts = TASKS[task]
+    return [
+        "--model.segments.train_ratios",
+        "[4, 8, 16]",
+        "--data.init_args.tasks",
+        f"[{generator}]",
+        "--data.init_args.facts",
+        str(facts),
+        "--data.init_args.context_words",
+        json.dumps(args.context_words),
+        "--data.init_args.limits.max_length",
+        "1024",
+    ]
 
 
-def export_of(run_root: Path, method: str, seed: int) -> Path:
-    return run_root / f"{method}-seed{seed}" / "run" / "export"
+def variant_args(variant: str, placement: str) -> list[str]:
+    """The fine-tuning overrides of ``variant`` (``scratch``, ``base``, ``base+ae``, ``best+ae+kd``...)
+    on ``placement``."""
+    out = ["--model.segments.placement", placement]
+    for addition in variant.split("+")[1:]:
+        out += ADDITIONS["+" + addition]
+    return out
 
 
-def stages(method: str, args) -> list[int]:
-    """The step each training stage of ``method`` ends at: gist models train ``--steps``, then are
-    resumed to ``--steps + --more_gist_steps``; neg_control (which cannot see the context, so it
-    only learns the answers' prior) trains ``--neg_steps``."""
-    if method.startswith("gist") and args.more_gist_steps:
-        return [args.steps, args.steps + args.more_gist_steps]
-    return [args.neg_steps if method == "neg_control" else args.steps]
+def run_name(model: str, task: str, seed: int) -> str:
+    return f"{model}-{task}-seed{seed}"
 
 
-def sweep_of(args, extra: list[str]) -> Sweep:
-    """Every (method, seed) model as a cell of one sweep over ``--run_root``, on the launcher the
-    arguments ask for (default: 2 cells at once, one thread each)."""
-    cells = [cell_of(m, s, args, args.run_root) for s in args.seeds for m in TRAINED]
-    return Sweep(cells, [str(c) for c in CONFIGS], args.run_root, launcher_from(args, args.run_root), extra,
-                 retries=args.retries, log=lambda m: print(m, flush=True))
+def export_of(run_root: Path, model: str, task: str, seed: int) -> Path:
+    return run_root / run_name(model, task, seed) / "run" / "export"
 
 
-def test_records(n: int, seed: int, context_words: tuple[int, int], facts: int) -> list[dict]:
-    """The fixed test set (a generator seed no training split uses): recall among distractors."""
-    rng = random.Random(10_000 + seed)
-    return [make_long_record("recall", rng.randint(*context_words), rng, facts) for _ in range(n)]
+def base_cell(task: str, seed: int, args) -> Cell:
+    """The full-attention base of ``task``: ``pos_control`` over the segmented layout (so its
+    vocabulary and positions are the gist models'), ratios drawn as theirs are."""
+    return Cell(
+        name=run_name("base", task, seed),
+        args=(
+            "--model.condition",
+            "pos_control",
+            "--model.model_config",
+            json.dumps(args.model_config),
+            *task_args(task, args),
+            "--seed_everything",
+            str(seed),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.cache_dir",
+            str(args.run_root / "cache"),
+        ),
+        stages=(
+            Stage(max_steps=args.base_steps, args=("--trainer.val_check_interval", str(args.base_steps))),
+        ),
+    )
 
 
-def fact_distance(tok, rec: dict, segment_tokens: int) -> int:
-    """Segments between the asked fact and the question (0: the fact is in the last segment)."""
-    key = re.search(r"code of (\w+)\?", rec["input"]).group(1)
-    start = rec["instruction"].index(f"the code of {key} is")
-    n_tokens = len(encode_text(tok, rec["instruction"]))
-    before = len(encode_text(tok, rec["instruction"][:start].rstrip())) if start else 0
-    return (n_tokens - 1) // segment_tokens - before // segment_tokens
+def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
+    """A gist model: ``scratch`` from random weights, every other variant fine-tuned from the base."""
+    base = export_of(args.run_root, "base", task, seed)
+    if variant == "scratch":
+        source, steps = ["--model.model_config", json.dumps(args.model_config)], args.scratch_steps
+    else:
+        source, steps = (
+            ["--model.model_config", "null", "--model.model_name_or_path", str(base)],
+            args.tune_steps,
+        )
+    extra = [a.replace("{base}", str(base)) for a in variant_args(variant, placement)]
+    return Cell(
+        name=run_name(method_name(variant, placement), task, seed),
+        args=(
+            *source,
+            *extra,
+            *task_args(task, args),
+            "--seed_everything",
+            str(seed),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.cache_dir",
+            str(args.run_root / "cache"),
+        ),
+        stages=(Stage(max_steps=steps, args=("--trainer.val_check_interval", str(steps))),),
+    )
 
 
-def prefill_flops(model, question_tokens: float, cached: float) -> float:
-    """FLOPs of one question's prefill over a cache of ``cached`` positions: 2 x the non-embedding
-    weights per token, plus attention scores and weighted sums (4 x hidden per key per layer)."""
-    c = model.config
-    weights = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-    q = question_tokens
-    return 2 * weights * q + 4 * c.num_hidden_layers * c.hidden_size * q * (cached + (q + 1) / 2)
+def method_name(variant: str, placement: str) -> str:
+    """``scratch-coarse``, ``base-fine``, ``base-fine+ae``, ``best-fine+ae+kd``..."""
+    if variant in ("scratch", "base"):
+        return f"{variant}-{placement}"
+    head, *adds = variant.split("+")
+    return f"{head}-{placement}" + "".join("+" + a for a in adds)
 
 
-def truncated_rows(tok, texts: list[str], settings: SegmentSettings, gist_id: int,
-                   positions: list[int]) -> list[list[int]]:
+def sweep(cells: list[Cell], args, extra: list[str]) -> Sweep:
+    return Sweep(
+        cells,
+        [str(c) for c in CONFIGS],
+        args.run_root,
+        launcher_from(args, args.run_root),
+        extra,
+        retries=args.retries,
+        log=lambda m: print(m, flush=True),
+    )
+
+
+def run_or_list(cells: list[Cell], args, extra: list[str]) -> None:
+    """Run the cells as one sweep (or, with --check_args, check and list them)."""
+    sw = sweep(cells, args, extra)
+    sw.check()
+    if args.check_args:
+        for cell in sw.cells:
+            print(
+                f"{cell.name}: {sw.state(cell)}; {cell.stages[-1].max_steps} steps; "
+                f"gist-lightning fit {' '.join(sw.args(cell, create=False))}"
+            )
+        return
+    if sw.run() != 0:
+        raise SystemExit(
+            f"training did not finish; see {args.run_root}/<cell>/stdout.log and run this again "
+            "(finished cells are kept, interrupted ones resume)"
+        )
+
+
+def records_of(task: str, n: int, seed: int, context_words: tuple[int, int]) -> list[dict]:
+    """A fixed record set of ``task`` from a generator seed no training split uses (``seed`` 0:
+    the test set; 1: validation records, what variants are chosen on)."""
+    generator, facts = TASKS[task]
+    rng = random.Random(10_000 + 10_000 * seed + sorted(TASKS).index(task))
+    return [make_long_record(generator, rng.randint(*context_words), rng, facts) for _ in range(n)]
+
+
+def chance_floor(records: list[dict]) -> float:
+    """Exact match (%) of answering any code that appears in the context, uniformly."""
+    return 100 * float(
+        np.mean([1 / max(1, len(set(re.findall(r"\b\d{2,4}\b", r["instruction"])))) for r in records])
+    )
+
+
+def truncated_rows(
+    tok, texts: list[str], settings: SegmentSettings, gist_id: int, positions: list[int]
+) -> list[list[int]]:
     """Each context cut to its last raw tokens such that the row (the start tokens, the raw tokens
     and the full model's gists under ``settings``) holds at most ``positions[i]`` positions (the
     gist cache's size at the ratio tested); at least one raw token is kept."""
     before, _ = special_frame(tok)
 
     def row(raw):
-        return before + interleave_gists(raw, settings.segment_tokens, settings.gists_per_segment,
-                                         settings.placement, gist_id)
+        return before + interleave_gists(
+            raw, settings.segment_tokens, settings.gists_per_segment, settings.placement, gist_id
+        )
 
     rows = []
     for text, budget in zip(texts, positions):
@@ -155,59 +254,43 @@ def truncated_rows(tok, texts: list[str], settings: SegmentSettings, gist_id: in
 
 
 @torch.no_grad()
-def evaluate(export: Path, method: str, records: list[dict], ratios, batch_size: int,
-             max_new_tokens: int) -> dict:
-    """{ratio: (correct per record, mean cached positions, bytes per context, prefill FLOPs per question)}."""
+def evaluate(
+    export: Path,
+    method: str,
+    records: list[dict],
+    ratios,
+    batch_size: int,
+    max_new_tokens: int,
+    budgets: dict[int, list[int]] | None = None,
+) -> dict:
+    """{ratio: (correct per record, cached positions per record)}. Gist variants answer from their
+    caches at each ratio; ``full`` / ``no_context`` are the base with the whole context / none;
+    ``truncation`` is the base given the context's end in ``budgets[ratio][i]`` positions."""
     model, tok, settings = load_pretrained(export)
     model.float()
     base = SegmentSettings(**settings["segments"])
     sparse = base.at_ratio(max(base.train_ratios or [round(base.ratio)]))
-    gist_id, per_pos = gist_token_id(tok), cache_bytes_per_position(model)
-    condition = {"full": "pos_control", "truncation": "pos_control",
-                 "neg_control": "neg_control"}.get(method, "gist")
-    q_tokens = float(np.mean([len(encode_text(tok, r["input"])) for r in records]))
+    gist_id = gist_token_id(tok)
     out = {}
     for ratio in ratios:
-        if method == "truncation":  # as many positions as the gist cache holds at this ratio: its gists
-            budget = [encode_context(tok, r["instruction"], base.at_ratio(ratio), gist_id).count(gist_id)
-                      for r in records]
         correct, positions = [], []
         for i in range(0, len(records), batch_size):
-            batch = records[i:i + batch_size]
+            batch = records[i : i + batch_size]
             texts = [r["instruction"] for r in batch]
-            if method.startswith("gist"):
-                cache = compress_context(model, tok, texts, base.at_ratio(ratio))
-            elif method == "truncation":  # the sparsest layout the full model trained with: most raw tokens
-                rows = truncated_rows(tok, texts, sparse, gist_id, budget[i:i + batch_size])
+            if method == "truncation":  # the sparsest layout the base trained with: the most raw tokens
+                rows = truncated_rows(tok, texts, sparse, gist_id, budgets[ratio][i : i + batch_size])
                 cache = compress_context_ids(model, rows, gist_id, tok.pad_token_id, sparse, "pos_control")
+            elif method in ("full", "no_context"):
+                cache = compress_context(
+                    model, tok, texts, base, "pos_control" if method == "full" else "neg_control"
+                )
             else:
-                cache = compress_context(model, tok, texts, base, condition)
+                cache = compress_context(model, tok, texts, base.at_ratio(ratio))
             answers = generate(model, tok, cache, [r["input"] for r in batch], max_new_tokens=max_new_tokens)
             correct += [float(a.strip() == r["output"]) for a, r in zip(answers, batch)]
             positions += cache.valid.sum(-1).tolist()
-        cached = float(np.mean(positions))
-        out[ratio] = (correct, cached, cached * per_pos, prefill_flops(model, q_tokens, cached))
+        out[ratio] = (correct, positions)
     return out
-
-
-@torch.no_grad()
-def peak_memory(export: Path, ratio: int, segments: int = 16) -> dict:
-    """Peak positions held while compressing a context of ``segments`` segments, against the gists
-    plus one segment (the issue's bound) and the whole context."""
-    model, tok, settings = load_pretrained(export)
-    settings = SegmentSettings(**settings["segments"]).at_ratio(ratio)
-    rng = random.Random(0)
-    context = make_long_record("recall", 400, rng)["instruction"]
-    raw = encode_text(tok, context)[: segments * settings.segment_tokens]
-    assert len(raw) == segments * settings.segment_tokens, "the generated context is too short"
-    row = special_frame(tok)[0] + interleave_gists(raw, settings.segment_tokens, settings.gists_per_segment,
-                                                   settings.placement, gist_token_id(tok))
-    cache = compress_context_ids(model, [row], gist_token_id(tok), tok.pad_token_id, settings)
-    gists = int(cache.valid.sum())
-    one_segment = settings.segment_tokens + settings.gists_per_segment + len(special_frame(tok)[0])
-    return {"segments": segments, "ratio": ratio, "context_positions": len(row), "kept_gists": gists,
-            "peak_positions": cache.meta["peak_positions"],
-            "bound_gists_plus_one_segment": gists + one_segment}
 
 
 def bootstrap(matrix: np.ndarray) -> dict:
@@ -215,202 +298,448 @@ def bootstrap(matrix: np.ndarray) -> dict:
     return paired_bootstrap(100 * matrix)
 
 
-def write_outputs(out: Path, results: dict, by_distance: list[dict], memory: list[dict],
-                  records: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = sorted({s for (_, _, s) in results})
+def plateau_step(run: Path, threshold: float) -> int | None:
+    """The first logged step whose train loss is under ``threshold`` (None: never)."""
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return None
+    for row in csv.DictReader(open(path)):
+        if row.get("train/loss") and float(row["train/loss"]) < threshold:
+            return int(row["step"])
+    return None
+
+
+class _StepClock(Callback):
+    """Wall time of each training step after ``warmup`` steps."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self._t = warmup, [], 0.0
+
+    def on_train_batch_start(self, trainer, *args):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._t)
+
+
+def objective_speed(base: Path, task: str, args, steps: int = 25) -> list[dict]:
+    """Train steps/s of fine-tuning from ``base`` with each objective against the plain loss, one
+    process, one thread, the same batches (batch and context lengths of the task's training)."""
+    from gist_lightning.data import LongRecall
+    from gist_lightning.module import GistLitModule
+
+    generator, facts = TASKS[task]
+    _, _, settings = load_pretrained(base)
     rows = []
-    for (method, ratio, seed), (correct, cached, nbytes, flops) in sorted(results.items()):
-        rows.append({"method": method, "ratio": ratio, "seed": seed,
-                     "exact_match": round(100 * np.mean(correct), 2), "records": len(correct),
-                     "cached_positions": round(cached, 1), "cached_bytes": int(nbytes),
-                     "prefill_flops": int(flops)})
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    with open(out / "by_distance.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(by_distance[0]))
-        w.writeheader()
-        w.writerows(by_distance)
-    with open(out / "memory.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(memory[0]))
-        w.writeheader()
-        w.writerows(memory)
+    for name, objectives in [
+        ("plain", None),
+        ("+ae", {"autoencode_weight": 0.5}),
+        ("+importance", {"teacher": str(base), "importance_weight": 0.5}),
+        ("+kd", {"teacher": str(base), "distill_weight": 1.0}),
+    ]:
+        torch.manual_seed(0)
+        segments = {**settings["segments"], "placement": "coarse"}
+        module = GistLitModule(
+            model_name_or_path=str(base),
+            num_gist_tokens=segments["gists_per_segment"],
+            segments=segments,
+            learning_rate=1e-4,
+            objectives=objectives,
+        )
+        data = LongRecall(
+            tasks=[generator],
+            facts=facts,
+            context_words=tuple(args.context_words),
+            train_size=256,
+            validation_size=8,
+            batch_size=32,
+            cache_dir=str(args.run_root / "cache-speed"),
+            limits={"max_length": 1024},
+        )
+        clock = _StepClock(warmup=5)
+        L.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[clock],
+        ).fit(module, datamodule=data)
+        rows.append(
+            {
+                "objective": name,
+                "steps_per_second": round(1 / float(np.median(clock.times)), 3),
+                "steps_timed": len(clock.times),
+            }
+        )
+    plain = rows[0]["steps_per_second"]
+    for r in rows:
+        r["relative_to_plain"] = round(r["steps_per_second"] / plain, 3)
+    return rows
 
-    def matrix(method, ratio):
-        return np.array([results[(method, ratio, s)][0] for s in seeds])
 
-    lines = [f"# Long-context recall: {len(seeds)} seeds x {records} test contexts", "",
-             "Exact match (%) on key-value recall among distractors; mean over seeds and records, 95% "
-             "bootstrap interval (seeds and records resampled). `full` and `neg_control` do not depend on "
-             "the ratio (one evaluation, repeated). Cached bytes per context (fp32) and prefill FLOPs per "
-             "question are means.", "",
-             "| ratio | method | exact match | 95% interval | cached positions | cached bytes "
-             "| prefill MFLOPs |",
-             "|---|---|---|---|---|---|---|"]
+def effective_ratio(records: list[dict], tok, positions: list[int]) -> float:
+    """Context tokens / every cached position (sinks and window included), over the records."""
+    return float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]) / np.mean(positions))
+
+
+def write_outputs(
+    out: Path, results: dict, floors: dict, plateau: list[dict], speed: list[dict], context_tokens: dict, args
+) -> None:
+    """results[(task, method, ratio, seed)] = (correct, positions)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "task": t,
+            "method": m,
+            "ratio": r,
+            "seed": s,
+            "exact_match": round(100 * np.mean(c), 2),
+            "records": len(c),
+            "cached_positions": round(float(np.mean(p)), 1),
+            "effective_ratio": round(context_tokens[t] / float(np.mean(p)), 2) if np.mean(p) else "",
+        }
+        for (t, m, r, s), (c, p) in sorted(results.items())
+    ]
+    for name, table in (("results.csv", rows), ("plateau.csv", plateau), ("speed.csv", speed)):
+        if table:
+            with open(out / name, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(table[0]))
+                w.writeheader()
+                w.writerows(table)
+    seeds_of = {}
+    for t, m, _, s in results:
+        seeds_of.setdefault((t, m), set()).add(s)
+
+    def matrix(t, m, r):
+        return np.array([results[(t, m, r, s)][0] for s in sorted(seeds_of[(t, m)])])
+
+    lines = [
+        f"# Long contexts: recipes by compression ratio ({args.records} test records per task)",
+        "",
+        "Exact match (%), mean over seeds and records with a 95% bootstrap interval (seeds and records "
+        "resampled); in brackets under each ratio, the effective ratio (context tokens / every cached "
+        "position). `truncation` holds as many positions as the plain gist cache at that ratio "
+        "(`truncation+layout`: as the layout's). `full` and `no_context` do not depend on the ratio.",
+        "",
+    ]
     summary = {}
-    for ratio in RATIOS:
-        for method in METHODS:
-            if (method, ratio, seeds[0]) not in results:
-                continue
-            b = bootstrap(matrix(method, ratio))
-            summary[(method, ratio)] = b
-            _, cached, nbytes, flops = results[(method, ratio, seeds[0])]
-            lines.append(f"| {ratio}x | {method} | {b['mean']:.1f} | [{b['low']:.1f}, {b['high']:.1f}] | "
-                         f"{cached:.0f} | {nbytes / 1024:.1f} KiB | {flops / 1e6:.2f} |")
-    lines += ["", "## Per seed", "",
-              "Exact match (%) of each seed's model: training either escapes the loss plateau within the "
-              "budget or not, so seeds differ far more than records do.", "",
-              "| ratio | method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-              "|---|---|" + "---|" * len(seeds)]
-    for ratio in RATIOS:
-        for method in METHODS:
-            if (method, ratio, seeds[0]) in results:
-                lines.append(f"| {ratio}x | {method} | " + " | ".join(
-                    f"{100 * np.mean(results[(method, ratio, s)][0]):.1f}" for s in seeds) + " |")
-    lines += ["", "## Gist against truncation at the same cached positions (paired, percentage points)", "",
-              "| ratio | gist_coarse - truncation | gist_fine - truncation |", "|---|---|---|"]
-    for ratio in RATIOS:
-        cells = []
-        for g in ("gist_coarse", "gist_fine"):
-            if (g, ratio, seeds[0]) in results and ("truncation", ratio, seeds[0]) in results:
-                cells.append(format_interval(paired_bootstrap(
-                    100 * (matrix(g, ratio) - matrix("truncation", ratio)))))
-            else:
-                cells.append("-")
-        lines.append(f"| {ratio}x | {cells[0]} | {cells[1]} |")
-    lines += ["", "## Goals", ""]
-    full = summary.get(("full", 4), {}).get("mean")
-    for g in ("gist_coarse", "gist_fine"):
-        for ratio in (4, 8):
-            if (g, ratio) in summary and full:
-                share = 100 * summary[(g, ratio)]["mean"] / full
-                shares = [100 * np.mean(results[(g, ratio, s)][0])
-                          / max(1e-9, np.mean(results[("full", ratio, s)][0])) for s in seeds]
-                per_seed = ", ".join(f"seed {s} {x:.0f}%" for s, x in zip(seeds, shares))
-                lines.append(f"- {g} at {ratio}x: {summary[(g, ratio)]['mean']:.1f} = {share:.0f}% of full "
-                             f"attention's {full:.1f}" + (" (goal at 4x: >= 90%)" if ratio == 4 else "")
-                             + f"; per seed: {per_seed}")
-    for g in ("gist_coarse", "gist_fine"):
-        wins = [r for r in RATIOS if (g, r, seeds[0]) in results and ("truncation", r, seeds[0]) in results
-                and paired_bootstrap(100 * (matrix(g, r) - matrix("truncation", r)))["low"] > 0]
-        lines.append(f"- {g} beats truncation (interval above 0) at: "
-                     f"{', '.join(f'{r}x' for r in wins) or 'no ratio'} (goal: every ratio)")
-    for m in memory:
-        lines.append(f"- memory: compressing {m['segments']} segments at {m['ratio']}x held at most "
-                     f"{m['peak_positions']} positions (gists + one segment: "
-                     f"{m['bound_gists_plus_one_segment']}; the whole context: {m['context_positions']})")
-    lines += ["", "## By distance of the needed fact from the question (segments; at 4x)", "",
-              "| method | " + " | ".join(f"{d}" for d in sorted({r['distance'] for r in by_distance})) + " |"]
-    distances = sorted({r["distance"] for r in by_distance})
-    lines.append("|---|" + "---|" * len(distances))
-    for method in METHODS:
-        cells = []
-        for d in distances:
-            sel = [r for r in by_distance if r["method"] == method and r["ratio"] == 4 and r["distance"] == d]
-            n = sum(r["n"] for r in sel)
-            cells.append(f"{sum(r['exact_match'] * r['n'] for r in sel) / n:.0f} ({n})" if n else "-")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for task in sorted({k[0] for k in results}):
+        methods = sorted({k[1] for k in results if k[0] == task}, key=lambda m: (m in BASELINES, m))
+        lines += [
+            f"## {task} (chance floor {floors[task]:.1f}%)",
+            "",
+            "| method | seeds | " + " | ".join(f"{r}x" for r in RATIOS) + " | vs truncation (4x, 8x, 16x) |",
+            "|---|---|" + "---|" * (len(RATIOS) + 1),
+        ]
+        for m in methods:
+            cells, diffs = [], []
+            for r in RATIOS:
+                if (task, m, r, min(seeds_of[(task, m)])) not in results:
+                    cells.append("-")
+                    continue
+                b = bootstrap(matrix(task, m, r))
+                summary[(task, m, r)] = b
+                pos = np.mean([np.mean(results[(task, m, r, s)][1]) for s in seeds_of[(task, m)]])
+                eff = f" ({context_tokens[task] / pos:.1f}x)" if pos else ""
+                cells.append(f"{b['mean']:.1f} [{b['low']:.0f}, {b['high']:.0f}]{eff}")
+                trunc = "truncation+layout" if "layout" in m else "truncation"
+                if (
+                    m not in BASELINES
+                    and not m.startswith("truncation")
+                    and (task, trunc, r, 0) in results
+                    and seeds_of[(task, trunc)] >= seeds_of[(task, m)]
+                ):
+                    paired = np.array(
+                        [results[(task, m, r, s)][0] for s in sorted(seeds_of[(task, m)])]
+                    ) - np.array([results[(task, trunc, r, s)][0] for s in sorted(seeds_of[(task, m)])])
+                    diffs.append(format_interval(paired_bootstrap(100 * paired)))
+            lines.append(
+                f"| {m} | {len(seeds_of[(task, m)])} | "
+                + " | ".join(cells)
+                + " | "
+                + ("; ".join(diffs) or "-")
+                + " |"
+            )
+        lines += ["", "Per seed (exact match %):", "", "| method | ratio | per seed |", "|---|---|---|"]
+        for m in methods:
+            for r in RATIOS:
+                if (task, m, r, min(seeds_of[(task, m)])) in results:
+                    lines.append(
+                        f"| {m} | {r}x | "
+                        + ", ".join(
+                            f"seed {s}: {100 * np.mean(results[(task, m, r, s)][0]):.1f}"
+                            for s in sorted(seeds_of[(task, m)])
+                        )
+                        + " |"
+                    )
+        lines.append("")
+    if plateau:
+        lines += [
+            f"## Leaving the plateau (first logged step with train loss < {args.plateau_loss})",
+            "",
+            "| model | task | seed | step | of |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p['model']} | {p['task']} | {p['seed']} | {p['plateau_step'] or 'never'} | {p['steps']} |"
+            for p in plateau
+        ]
+        lines.append("")
+    if speed:
+        lines += [
+            "## Train steps/s of each objective (fine-tuning from a base, one thread)",
+            "",
+            "| objective | steps/s | x plain |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r['objective']} | {r['steps_per_second']:.2f} | {r['relative_to_plain']:.2f} |"
+            for r in speed
+        ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    plot(out / "long_context.png", summary, by_distance, distances)
+    plot(out / "long_context.png", summary)
 
 
-def plot(path: Path, summary: dict, by_distance: list[dict], distances: list[int]) -> None:
+def plot(path: Path, summary: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in METHODS:
-        pts = [(r, summary[(method, r)]) for r in RATIOS if (method, r) in summary]
-        if not pts:
-            continue
-        x = [r for r, _ in pts]
-        y = [s["mean"] for _, s in pts]
-        err = [[s["mean"] - s["low"] for _, s in pts], [s["high"] - s["mean"] for _, s in pts]]
-        a.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
-    a.set(xscale="log", xticks=list(RATIOS), xticklabels=[f"{r}x" for r in RATIOS],
-          xlabel="compression ratio", ylabel="exact match (%)", title="Recall by compression ratio (95% CI)",
-          ylim=(0, 100))
-    a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the tested ratios on the log axis
-    a.legend()
-    for method in METHODS:
-        ys = []
-        for d in distances:
-            sel = [r for r in by_distance if r["method"] == method and r["ratio"] == 4 and r["distance"] == d]
-            n = sum(r["n"] for r in sel)
-            ys.append(sum(r["exact_match"] * r["n"] for r in sel) / n if n else np.nan)
-        b.plot(distances, ys, marker="o", label=method)
-    b.set_xticks(distances)
-    b.set(xlabel="segments between the needed fact and the question", ylabel="exact match (%)",
-          title="Recall by distance, 4x", ylim=(0, 100))
+    tasks = sorted({t for t, _, _ in summary})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in sorted({m for t, m, _ in summary if t == task}):
+            pts = [(r, summary[(task, method, r)]) for r in RATIOS if (task, method, r) in summary]
+            y = [b["mean"] for _, b in pts]
+            err = [[b["mean"] - b["low"] for _, b in pts], [b["high"] - b["mean"] for _, b in pts]]
+            ax.errorbar([r for r, _ in pts], y, yerr=err, marker="o", capsize=3, label=method)
+        ax.set(
+            xscale="log",
+            xticks=list(RATIOS),
+            xticklabels=[f"{r}x" for r in RATIOS],
+            ylim=(0, 100),
+            xlabel="compression ratio",
+            ylabel="exact match (%)",
+            title=f"{task} (95% CI)",
+        )
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+class Evaluations:
+    """Evaluations kept in ``<run_root>/evaluations.json`` (a re-run evaluates only what is new)."""
+
+    def __init__(self, run_root: Path):
+        self.path = run_root / "evaluations.json"
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, key: str, compute) -> dict:
+        if key not in self.done:
+            self.done[key] = {str(r): v for r, v in compute().items()}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.done))
+        return {int(r): tuple(v) for r, v in self.done[key].items()}
+
+
+def evaluate_all(
+    ev: Evaluations, task: str, seed: int, methods: list[str], records: list[dict], split: str, args
+) -> dict:
+    """{(method, ratio): (correct, positions)} of the gist methods and baselines on ``records``."""
+    out = {}
+    base = export_of(args.run_root, "base", task, seed)
+    for m in methods:
+        res = ev.get(
+            f"{split}/{task}/{m}/seed{seed}",
+            lambda m=m: evaluate(
+                export_of(args.run_root, m, task, seed), m, records, RATIOS, args.batch_size, 8
+            ),
+        )
+        out.update({(m, r): v for r, v in res.items()})
+    for m in ("full", "no_context"):
+        res = ev.get(
+            f"{split}/{task}/{m}/seed{seed}", lambda m=m: evaluate(base, m, records, (4,), args.batch_size, 8)
+        )
+        out.update({(m, r): res[4] for r in RATIOS})
+    for trunc, like in (
+        ("truncation", [m for m in methods if "layout" not in m]),
+        ("truncation+layout", [m for m in methods if "layout" in m]),
+    ):
+        if like:  # as many positions as that gist cache held, record by record
+            budgets = {r: out[(like[0], r)][1] for r in RATIOS}
+            res = ev.get(
+                f"{split}/{task}/{trunc}/seed{seed}",
+                lambda b=budgets: evaluate(base, "truncation", records, RATIOS, args.batch_size, 8, b),
+            )
+            out.update({(trunc, r): v for r, v in res.items()})
+    return out
+
+
+def mean_em(scores: dict, method: str) -> float:
+    return float(np.mean([np.mean(scores[(method, r)][0]) for r in RATIOS]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=1000,
-                   help="training steps of the full-attention model, and of the gist models' first stage")
-    p.add_argument("--more_gist_steps", type=int, default=500,
-                   help="the gist models' second stage: resumed for this many more steps (0: none)")
-    p.add_argument("--neg_steps", type=int, default=200,
-                   help="training steps of neg_control (it learns only the answers' prior: it never sees the "
-                   "context)")
-    p.add_argument("--records", type=int, default=300, help="test contexts")
-    p.add_argument("--context_words", type=int, nargs=2, default=[40, 80],
-                   help="test contexts' words (low high)")
-    p.add_argument("--facts", type=int, default=1,
-                   help="key facts per test context (the asked one + distractors)")
+    p.add_argument(
+        "--stage",
+        choices=["ablation", "final", "report"],
+        default="ablation",
+        help="ablation: every variant on --ablation_task; final: the chosen variant on every task; "
+        "report: write the outputs of what has been evaluated",
+    )
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--ablation_task", default="recall3", choices=list(TASKS))
+    p.add_argument("--ablation_seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--final_seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--base_steps", type=int, default=1500, help="training steps of each full-attention base")
+    p.add_argument("--tune_steps", type=int, default=500, help="fine-tuning steps of each gist variant")
+    p.add_argument("--scratch_steps", type=int, default=2000, help="steps of the from-scratch variant")
+    p.add_argument(
+        "--placement",
+        choices=["auto", "coarse", "fine"],
+        default="auto",
+        help="the placement the additions go on (auto: the better one on validation records)",
+    )
+    p.add_argument("--records", type=int, default=200, help="test records per task")
+    p.add_argument("--validation_records", type=int, default=100, help="records the choices are made on")
+    p.add_argument(
+        "--context_words",
+        type=int,
+        nargs=2,
+        default=[150, 250],
+        help="contexts' words (low high): 8-16 segments of 32 tokens at 4x",
+    )
+    p.add_argument(
+        "--model_config",
+        type=json.loads,
+        default=MODEL,
+        help="the bases' (and scratch's) HF config fields, JSON (default: ~3.3M parameters)",
+    )
+    p.add_argument("--plateau_loss", type=float, default=0.5)
+    p.add_argument("--speed", action="store_true", help="also time each objective's training steps")
     p.add_argument("--run_root", type=Path, default=ROOT / "runs" / "long-context")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "long-context")
     p.add_argument("--batch_size", type=int, default=50)
-    p.add_argument("--check_args", action="store_true",
-                   help="check every fit's arguments, list the cells, their stages and state; run nothing")
-    add_launcher_arguments(p)  # the trainings run as a sweep: --cells_at_once, --launcher slurm, ...
+    p.add_argument(
+        "--check_args",
+        action="store_true",
+        help="check every fit's arguments, list the cells of the stage and their state; run nothing",
+    )
+    add_launcher_arguments(p)  # the trainings run as sweeps: --cells_at_once, --launcher slurm, ...
     p.set_defaults(cells_at_once=2, threads_per_cell=1)
     args, extra = p.parse_known_args(argv)  # unknown arguments go to every fit
-    sweep = sweep_of(args, extra)
-    sweep.check()
-    if args.check_args:
-        for cell in sweep.cells:
-            ends = ", ".join(str(stage.max_steps) for stage in cell.stages)
-            print(f"{cell.name}: {sweep.state(cell)}; stages end at step {ends}; "
-                  f"gist-lightning fit {' '.join(sweep.args(cell, create=False))}")
-        return 0
-    if sweep.run() != 0:
-        raise SystemExit(f"training did not finish; see {args.run_root}/<cell>/stdout.log and run this again "
-                         "(finished cells are kept, interrupted ones resume)")
+    args.context_words = list(args.context_words)
     torch.set_num_threads(1)
-    records = test_records(args.records, 0, tuple(args.context_words), args.facts)
-    results, by_distance = {}, []
-    _, tok, settings = load_pretrained(export_of(args.run_root, "full", args.seeds[0]))
-    seg = settings["segments"]["segment_tokens"]
-    distances = [min(fact_distance(tok, r, seg), 5) for r in records]  # 5: five or more
-    for seed in args.seeds:
-        for method in METHODS:
-            export = export_of(args.run_root, TRAINED_BY[method], seed)
-            ratios = RATIOS if method not in ("full", "neg_control") else (4,)
-            scores = evaluate(export, method, records, ratios, args.batch_size, 8)
-            if len(ratios) == 1:
-                scores = {r: scores[4] for r in RATIOS}
-            for ratio, value in scores.items():
-                results[(method, ratio, seed)] = value
-                for d in sorted(set(distances)):
-                    picked = [c for c, dd in zip(value[0], distances) if dd == d]
-                    by_distance.append({"method": method, "ratio": ratio, "seed": seed, "distance": d,
-                                        "n": len(picked),
-                                        "exact_match": round(100 * float(np.mean(picked)), 2)})
-            print(f"seed {seed} {method}: "
-                  + ", ".join(f"{r}x {100 * np.mean(v[0]):.1f}" for r, v in scores.items()), flush=True)
-    memory = [peak_memory(export_of(args.run_root, "gist_fine", args.seeds[0]), r) for r in RATIOS]
-    write_outputs(args.out, results, by_distance, memory, len(records))
-    print(f"wrote {args.out}/results.csv, table.md, long_context.png")
+    ev = Evaluations(args.run_root)
+    choice_path = args.run_root / "choice.json"
+    task, seeds = args.ablation_task, args.ablation_seeds
+    if args.stage == "ablation":
+        first = [base_cell(task, s, args) for s in seeds] + [
+            gist_cell(v, pl, task, s, args)
+            for s in seeds
+            for v, pl in (("scratch", "coarse"), ("base", "coarse"), ("base", "fine"))
+        ]
+        run_or_list(first, args, extra)
+        if args.check_args:
+            placement = "coarse" if args.placement == "auto" else args.placement
+        else:
+            val = records_of(task, args.validation_records, 1, tuple(args.context_words))
+            scores = {
+                s: evaluate_all(ev, task, s, ["base-coarse", "base-fine"], val, "validation", args)
+                for s in seeds
+            }
+            means = {
+                pl: np.mean([mean_em(scores[s], f"base-{pl}") for s in seeds]) for pl in ("coarse", "fine")
+            }
+            placement = max(means, key=means.get) if args.placement == "auto" else args.placement
+            print(f"placement: {placement} (validation exact match over ratios: {means})", flush=True)
+        additions = [gist_cell("base" + a, placement, task, s, args) for s in seeds for a in ADDITIONS]
+        run_or_list(additions, args, extra)
+        if args.check_args:
+            return 0
+        plain = f"base-{placement}"
+        val_scores = {
+            s: evaluate_all(ev, task, s, [plain] + [plain + a for a in ADDITIONS], val, "validation", args)
+            for s in seeds
+        }
+        gains = {
+            a: np.mean([mean_em(val_scores[s], plain + a) - mean_em(val_scores[s], plain) for s in seeds])
+            for a in ADDITIONS
+        }
+        helped = [a for a in ADDITIONS if gains[a] > 0]
+        best = "best" + "".join(helped) if len(helped) > 1 else ("base" + helped[0] if helped else "base")
+        print(
+            f"validation gains over {plain} (points): {gains}; chosen: {method_name(best, placement)}",
+            flush=True,
+        )
+        if len(helped) > 1:
+            run_or_list([gist_cell(best, placement, task, s, args) for s in seeds], args, extra)
+        choice_path.write_text(
+            json.dumps({"placement": placement, "variant": best, "gains": gains}, indent=1)
+        )
+    elif args.stage == "final":
+        if not choice_path.is_file():
+            raise SystemExit(f"{choice_path}: no choice yet; run --stage ablation first")
+        choice = json.loads(choice_path.read_text())
+        cells = [base_cell(t, s, args) for t in args.tasks for s in args.final_seeds]
+        cells += [
+            gist_cell(choice["variant"], choice["placement"], t, s, args)
+            for t in args.tasks
+            for s in args.final_seeds
+        ]
+        run_or_list(cells, args, extra)
+        if args.check_args:
+            return 0
+    report(ev, args)
     return 0
+
+
+def report(ev: Evaluations, args) -> None:
+    """Evaluate every finished model on its task's test records and write the outputs."""
+    results, plateau, floors, context_tokens = {}, [], {}, {}
+    _, tok, _ = load_pretrained(next(args.run_root.glob("base-*/run/export")))
+    for task in TASKS:
+        records = records_of(task, args.records, 0, tuple(args.context_words))
+        floors[task] = chance_floor(records)
+        context_tokens[task] = float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]))
+        for base in sorted(args.run_root.glob(f"base-{task}-seed*/run/export")):
+            seed = int(base.parts[-3].rsplit("seed", 1)[1])
+            tail = f"-{task}-seed{seed}"
+            methods = sorted(
+                e.parts[-3][: -len(tail)]
+                for e in args.run_root.glob(f"*{tail}/run/export")
+                if e.parts[-3] != run_name("base", task, seed)
+            )
+            if (args.run_root / run_name("base", task, seed) / "run" / "done.json").is_file():
+                scores = evaluate_all(ev, task, seed, methods, records, "test", args)
+                results.update({(task, m, r, seed): v for (m, r), v in scores.items()})
+            for model in ["base"] + methods:
+                run = args.run_root / run_name(model, task, seed) / "run"
+                done = run / "done.json"
+                steps = json.loads(done.read_text()).get("step") if done.is_file() else None
+                plateau.append(
+                    {
+                        "model": model,
+                        "task": task,
+                        "seed": seed,
+                        "plateau_step": plateau_step(run, args.plateau_loss),
+                        "steps": steps,
+                    }
+                )
+    speed = []
+    if args.speed:
+        base = export_of(args.run_root, "base", args.ablation_task, args.ablation_seeds[0])
+        speed = objective_speed(base, args.ablation_task, args)
+    write_outputs(args.out, results, floors, plateau, speed, context_tokens, args)
+    print(f"wrote {args.out}/results.csv, table.md, long_context.png")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
-"""experiments/long_context.py without training: the sweep cells it trains (two stages for the gist
-models, the second extending the first from its last checkpoint; ``--check_args``), the truncation
-baseline's rows (within the position budget, the end of the context kept), the fact's distance in
-segments from the question, and the outputs written from synthetic results."""
+"""experiments/long_context.py without training: the sweep cells of the ablation (bases, then
+variants fine-tuned from their exports; ``--check_args``), the truncation baseline's rows (within
+the position budget, the end of the context kept), the chance floor, the plateau step, kept
+evaluations and the outputs written from synthetic results."""
 
 from __future__ import annotations
 
 import csv
-import random
+import json
 
 import pytest
 
-from gist_lightning.data.long_recall import make_long_record
 from gist_lightning.long_context import SegmentSettings
 from gist_lightning.masks import interleave_gists
 from gist_lightning.tokens import add_gist_token, encode_text, load_tokenizer, special_frame
@@ -36,35 +35,39 @@ def _value(cmd: list[str], flag: str) -> str:
     return cmd[cmd.index(flag) + 1]
 
 
-def test_check_args_lists_two_stages_per_gist_model_and_one_per_control(lc, tmp_path, capsys):
-    """The trainings are cells of one sweep over --run_root: the gist models in two stages (the
-    second extends the run from its last checkpoint, validated at each stage's end), full attention
-    and neg_control in one; every fit's arguments are checked, nothing runs."""
-    assert lc.main(["--check_args", "--seeds", "0", "1", "--run_root", str(tmp_path)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    runs = {f"{m}-seed{s}" for m in ("gist_coarse", "gist_fine", "full", "neg_control") for s in (0, 1)}
-    assert {line.split(":")[0] for line in lines} == runs and len(lines) == len(runs)
-    assert all(": new; " in line for line in lines)
+def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_them(lc, tmp_path, capsys):
+    """The ablation's cells: a full-attention base per seed, the from-scratch row, coarse and fine
+    from the base, then each addition on the (here default) placement; every fit's arguments are
+    checked, nothing runs or is written."""
+    assert lc.main(["--check_args", "--run_root", str(tmp_path)]) == 0
+    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    want = [f"base-recall3-seed{s}" for s in (0, 1)]
+    want += [f"{m}-recall3-seed{s}" for s in (0, 1) for m in ("scratch-coarse", "base-coarse", "base-fine")]
+    want += [f"base-coarse{a}-recall3-seed{s}" for s in (0, 1)
+             for a in ("+layout", "+ae", "+importance", "+kd")]
+    assert names == want
     assert not any(tmp_path.glob("*/cell.json"))  # a check writes no cell
 
     import argparse
 
-    args = argparse.Namespace(steps=1000, more_gist_steps=500, neg_steps=200)
-    for seed in (0, 1):
-        for placement in ("coarse", "fine"):
-            cell = lc.cell_of(f"gist_{placement}", seed, args, tmp_path)
-            assert cell.name == f"gist_{placement}-seed{seed}"
-            assert _value(list(cell.args), "--model.segments.placement") == placement
-            assert _value(list(cell.args), "--seed_everything") == str(seed)
-            assert [(s.max_steps, s.args) for s in cell.stages] == [
-                (1000, ("--trainer.val_check_interval", "1000")),
-                (1500, ("--trainer.val_check_interval", "500"))]
-        full, neg = lc.cell_of("full", seed, args, tmp_path), lc.cell_of("neg_control", seed, args, tmp_path)
-        assert _value(list(full.args), "--model.condition") == "pos_control"
-        assert [s.max_steps for s in full.stages] == [1000]
-        assert _value(list(neg.args), "--model.condition") == "neg_control"
-        assert [s.max_steps for s in neg.stages] == [200]
-    assert lc.export_of(tmp_path, "full", 0) == tmp_path / "full-seed0" / "run" / "export"
+    args = argparse.Namespace(run_root=tmp_path, context_words=[150, 250], base_steps=1500, tune_steps=500,
+                              scratch_steps=2000, model_config=lc.MODEL)
+    base = lc.base_cell("recall3", 1, args)
+    assert _value(list(base.args), "--model.condition") == "pos_control"
+    assert json.loads(_value(list(base.args), "--model.model_config"))["hidden_size"] == 256
+    assert _value(list(base.args), "--data.init_args.facts") == "3"
+    assert [s.max_steps for s in base.stages] == [1500]
+    export = str(lc.export_of(tmp_path, "base", "recall3", 1))
+    kd = list(lc.gist_cell("base+kd", "fine", "recall3", 1, args).args)
+    assert _value(kd, "--model.model_name_or_path") == export == _value(kd, "--model.objectives.teacher")
+    assert _value(kd, "--model.model_config") == "null" and _value(kd, "--model.segments.placement") == "fine"
+    assert _value(kd, "--model.segments.train_ratios") == "[4, 8, 16]"
+    best = lc.gist_cell("best+layout+ae", "coarse", "two_hop", 0, args)
+    assert best.name == "best-coarse+layout+ae-two_hop-seed0"
+    assert _value(list(best.args), "--model.segments.sink_tokens") == "4"
+    assert _value(list(best.args), "--model.objectives.autoencode_weight") == "0.5"
+    scratch = lc.gist_cell("scratch", "coarse", "recall1", 0, args)
+    assert "--model.model_name_or_path" not in scratch.args and scratch.stages[0].max_steps == 2000
 
 
 def test_truncated_rows_keep_the_context_end_within_the_position_budget(lc, tok):
@@ -89,65 +92,61 @@ def test_truncated_rows_keep_the_context_end_within_the_position_budget(lc, tok)
                 SETTINGS.placement, gist_id)) > budget
 
 
-def test_fact_distance_counts_segments_between_the_fact_and_the_question(lc, tok):
-    def record(instruction: str) -> dict:
-        return {"instruction": instruction, "input": "What is the code of amber?", "output": "4417"}
+def test_the_chance_floor_answers_any_code_of_the_context(lc):
+    records = [{"instruction": "the code of amber is 4417. the code of jade is 12. the code of ruby is 999."},
+               {"instruction": "the code of amber is 4417. the cat sat."}]
+    assert lc.chance_floor(records) == pytest.approx(100 * (1 / 3 + 1) / 2)
+    recall3 = lc.records_of("recall3", 50, 0, (150, 250))
+    assert 30 <= lc.chance_floor(recall3) <= 40  # three codes per context
+    assert lc.records_of("recall3", 5, 0, (150, 250)) == recall3[:5]  # fixed
+    assert lc.records_of("recall3", 5, 1, (150, 250)) != recall3[:5]  # validation records differ
 
-    fact = "the code of amber is 4417."
-    last = record(f"{FILLER} {fact}")
-    first = record(f"{fact} {FILLER}")
-    segments = (len(encode_text(tok, first["instruction"])) - 1) // SETTINGS.segment_tokens
-    assert segments >= 2  # the filler spans several segments
-    assert lc.fact_distance(tok, last, SETTINGS.segment_tokens) == 0
-    assert lc.fact_distance(tok, first, SETTINGS.segment_tokens) == segments
-    # generated records (the fact among distractors, anywhere): between 0 and the last segment
-    rng = random.Random(0)
-    for _ in range(20):
-        rec = make_long_record("recall", 120, rng, 3)
-        n = len(encode_text(tok, rec["instruction"]))
-        assert 0 <= lc.fact_distance(tok, rec, SETTINGS.segment_tokens) <= (n - 1) // SETTINGS.segment_tokens
+
+def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n0,49,2.1\n0,99,0.9\n0,149,0.4\n0,199,0.6\n")
+    assert lc.plateau_step(tmp_path, 0.5) == 149 and lc.plateau_step(tmp_path, 0.1) is None
+    calls = []
+    ev = lc.Evaluations(tmp_path)
+    compute = lambda: calls.append(1) or {4: ([1.0, 0.0], [10, 12])}  # noqa: E731
+    assert ev.get("test/x", compute) == {4: ([1.0, 0.0], [10, 12])}
+    assert lc.Evaluations(tmp_path).get("test/x", compute) == {4: ([1.0, 0.0], [10, 12])} and calls == [1]
 
 
 def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
+    import argparse
+
     seeds, n = (0, 1), 10
 
     def right(method: str, ratio: int, seed: int) -> int:  # correct answers of n
-        if method == "gist_fine":
+        if method == "base-coarse":
             return n
-        if method in ("gist_coarse", "truncation"):  # alike: coarse never beats truncation
-            return {2: 5, 4: 4, 8: 3, 16: 2}[ratio] - seed
-        return {"full": 8 - 2 * seed, "neg_control": 1}[method]
+        if method in ("scratch-coarse", "truncation"):  # alike: scratch never beats truncation
+            return {4: 4, 8: 3, 16: 2}[ratio] - seed
+        return {"full": 9, "no_context": 1}[method]
 
-    # (correct per record, cached positions, cached bytes, prefill FLOPs), as evaluate() returns them
-    results = {(m, r, s): ([1.0] * right(m, r, s) + [0.0] * (n - right(m, r, s)), 40.0 / r, 256.0 * 40 / r,
-                           1e6) for m in lc.METHODS for r in lc.RATIOS for s in seeds}
-    by_distance = [{"method": m, "ratio": 4, "seed": s, "distance": d, "n": 5, "exact_match": 20.0 * d}
-                   for m in lc.METHODS for s in seeds for d in (0, 1, 2)]
-    memory = [{"segments": 16, "ratio": r, "context_positions": 640, "kept_gists": 512 // r,
-               "peak_positions": 512 // r + 41, "bound_gists_plus_one_segment": 512 // r + 41}
-              for r in lc.RATIOS]
-    lc.write_outputs(tmp_path, results, by_distance, memory, n)
-
+    methods = ("base-coarse", "scratch-coarse", "truncation", "full", "no_context")
+    results = {("recall3", m, r, s): ([1.0] * right(m, r, s) + [0.0] * (n - right(m, r, s)), [64 // r] * n)
+               for m in methods for r in lc.RATIOS for s in seeds}
+    plateau = [{"model": "base-coarse", "task": "recall3", "seed": 0, "plateau_step": 149, "steps": 500},
+               {"model": "scratch-coarse", "task": "recall3", "seed": 0, "plateau_step": None, "steps": 2000}]
+    speed = [{"objective": "plain", "steps_per_second": 2.0, "steps_timed": 20, "relative_to_plain": 1.0},
+             {"objective": "+kd", "steps_per_second": 1.5, "steps_timed": 20, "relative_to_plain": 0.75}]
+    args = argparse.Namespace(records=n, plateau_loss=0.5)
+    lc.write_outputs(tmp_path, results, {"recall3": 33.3}, plateau, speed, {"recall3": 256.0}, args)
     with open(tmp_path / "results.csv") as f:
-        assert f.readline().startswith("method,ratio,seed,exact_match")
+        assert f.readline().startswith("task,method,ratio,seed,exact_match")
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert sorted((r["method"], int(r["ratio"]), int(r["seed"])) for r in rows) == sorted(results)
+    assert len(rows) == len(results)
     for r in rows:
         assert float(r["exact_match"]) == 100 * right(r["method"], int(r["ratio"]), int(r["seed"])) / n
-        assert int(r["records"]) == n
-    assert len(list(csv.DictReader(open(tmp_path / "by_distance.csv")))) == len(by_distance)
-    assert [int(r["ratio"]) for r in csv.DictReader(open(tmp_path / "memory.csv"))] == list(lc.RATIOS)
-
+        assert float(r["effective_ratio"]) == pytest.approx(256 / (64 // int(r["ratio"])), abs=0.01)
     table = (tmp_path / "table.md").read_text()
-    assert table.startswith(f"# Long-context recall: 2 seeds x {n} test contexts")
-    assert "| 4x | gist_fine | 100.0 | [100.0, 100.0] |" in table  # mean and interval over seeds
-    assert "## Per seed" in table and "| ratio | method | seed 0 | seed 1 |" in table
-    assert "| 4x | full | 80.0 | 60.0 |" in table and "| 16x | truncation | 20.0 | 10.0 |" in table
-    assert "## Goals" in table
-    assert ("- gist_fine at 4x: 100.0 = 143% of full attention's 70.0 (goal at 4x: >= 90%); "
-            "per seed: seed 0 125%, seed 1 167%") in table
-    assert "- gist_fine beats truncation (interval above 0) at: 2x, 4x, 8x, 16x (goal: every ratio)" in table
-    assert "- gist_coarse beats truncation (interval above 0) at: no ratio (goal: every ratio)" in table
-    assert "- memory: compressing 16 segments at 4x held at most 169 positions" in table
-    assert "| method | 0 | 1 | 2 |" in table and "| full | 0 (10) | 20 (10) | 40 (10) |" in table
+    assert "## recall3 (chance floor 33.3%)" in table
+    assert "| base-coarse | 2 | 100.0 [100, 100] (16.0x) |" in table
+    assert "| scratch-coarse | 2 | " in table and "| full | 2 | 90.0 [" in table
+    assert "seed 0: 40.0, seed 1: 30.0" in table  # scratch at 4x, per seed
+    assert "| scratch-coarse | recall3 | 0 | never | 2000 |" in table
+    assert "| +kd | 1.50 | 0.75 |" in table
     assert (tmp_path / "long_context.png").stat().st_size > 1000
+    base_line = next(line for line in table.splitlines() if line.startswith("| base-coarse | 2"))
+    assert base_line.count("[") >= 6  # three ratios, and a paired interval against truncation at each
