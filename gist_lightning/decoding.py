@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -271,13 +272,16 @@ class DecodingBatch:
     """Rows decoding together from gist caches: the backend's decoding state (one row per
     :class:`Row`) and the tokens chosen last (fed at the next step). Use :meth:`start`."""
 
-    def __init__(self, model, backend, state, rows: list[Row], tokens: torch.Tensor, pad_token_id: int):
+    def __init__(self, model, backend, state, rows: list[Row], tokens: torch.Tensor, pad_token_id: int,
+                 compiled: bool | None = None):
         self.model, self.backend, self.state = model, backend, state
         self.rows, self.tokens, self.pad_token_id = rows, tokens, pad_token_id
+        self.compiled = compiled  # None: growing buffers, eager; else static buffers, compiled or not
 
     @classmethod
     def start(cls, model, cache: GistCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              rows: list[Row], pad_token_id: int) -> tuple[DecodingBatch, list[str]]:
+              rows: list[Row], pad_token_id: int,
+              compile: bool | str = False) -> tuple[DecodingBatch, list[str]]:
         """The first forward of what follows each cache row (``input_ids`` padded as
         :func:`continuation_batch` pads) and every row's first token.
 
@@ -287,6 +291,10 @@ class DecodingBatch:
             input_ids / attention_mask: (B, T) what follows each cache row.
             rows: one :class:`Row` per row.
             pad_token_id: fed for rows that finished while others go on.
+            compile: decode in static key/value buffers (the batch and the capacity rounded up to
+                powers of two) with each step through ``torch.compile`` (CUDA graphs on a GPU);
+                ``"static"``: the same buffers, eager. A backend that cannot (T5-style models) says so
+                in a warning and decodes eagerly.
 
         Returns:
             (the batch, the text each row's first token adds).
@@ -296,14 +304,27 @@ class DecodingBatch:
         """
         check_fits(model, cache, attention_mask, [r.max_new_tokens for r in rows])
         backend = backend_named(cache.backend)
-        logits, state = backend.start(model, cache, input_ids, attention_mask)
-        batch = cls(model, backend, state, rows, input_ids.new_zeros(len(rows)), pad_token_id)
+        if compile and not backend.can_compile:
+            warnings.warn(f"compile: the {backend.name} backend cannot decode in static buffers; decoding "
+                          "eagerly", stacklevel=2)
+            compile = False
+        if compile:
+            logits, state = backend.start_static(model, cache, input_ids, attention_mask,
+                                                 max(r.max_new_tokens for r in rows))
+            compiled = compile != "static"
+        else:
+            logits, state = backend.start(model, cache, input_ids, attention_mask)
+            compiled = None
+        batch = cls(model, backend, state, rows, input_ids.new_zeros(len(rows)), pad_token_id, compiled)
         return batch, batch._advance(logits)
 
     def step(self) -> list[str]:
         """One more token for every row (finished rows take padding, which nothing reads); returns
         the text each row adds."""
-        logits, self.state = self.backend.step(self.model, self.state, self.tokens)
+        if self.compiled is None:
+            logits, self.state = self.backend.step(self.model, self.state, self.tokens)
+        else:
+            logits, self.state = self.backend.step_static(self.model, self.state, self.tokens, self.compiled)
         return self._advance(logits)
 
     def _advance(self, logits: torch.Tensor) -> list[str]:
@@ -320,6 +341,8 @@ class DecodingBatch:
         """Keep rows ``indices`` alone, in that order (finished requests leave a running batch)."""
         if len(indices) == len(self.rows):
             return
+        if self.compiled is not None:
+            raise NotImplementedError("rows cannot leave a batch decoding in static buffers yet")
         self.rows = [self.rows[i] for i in indices]
         if indices:
             index = torch.tensor(indices, device=self.tokens.device)
@@ -330,6 +353,8 @@ class DecodingBatch:
     def merge(batches: list[DecodingBatch]) -> DecodingBatch | None:
         """One batch holding the rows of ``batches`` in order (rows started at different steps decode
         together); None where the backend keeps them apart."""
+        if any(b.compiled is not None for b in batches):
+            return None  # static buffers are not merged (yet): the batches decode apart
         state = batches[0].backend.merge([b.state for b in batches])
         if state is None:
             return None
@@ -350,18 +375,19 @@ def _all_ranks_done(batch: DecodingBatch, sync_ranks: bool) -> bool:
 
 
 def decode_steps(model, cache: GistCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 rows: list[Row], pad_token_id: int,
-                 sync_ranks: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                 rows: list[Row], pad_token_id: int, sync_ranks: bool = False,
+                 compile: bool | str = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """A static batch decoded step by step: yields (the tokens chosen (B,), the text each row adds)
     until every row is done, on every process when ``sync_ranks``.
 
     Args:
         model / cache / input_ids / attention_mask / rows / pad_token_id: as :meth:`DecodingBatch.start`.
         sync_ranks: step until every rank's rows are done (ZeRO-3 validation).
+        compile: as :meth:`DecodingBatch.start`.
     """
     if not rows or max(r.max_new_tokens for r in rows) < 1:
         return
-    batch, texts = DecodingBatch.start(model, cache, input_ids, attention_mask, rows, pad_token_id)
+    batch, texts = DecodingBatch.start(model, cache, input_ids, attention_mask, rows, pad_token_id, compile)
     yield batch.tokens, texts
     while not _all_ranks_done(batch, sync_ranks):
         texts = batch.step()

@@ -28,10 +28,12 @@ __all__ = ["OVERFLOW_POLICIES", "check_fits", "decode_new_tokens", "fit_inputs",
            "positions_needed", "prompt_lengths"]
 
 
-def _run(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks=False) -> torch.Tensor:
+def _run(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks=False,
+         compile: bool | str = False) -> torch.Tensor:
     """Every step's tokens of a static batch, (B, N): rows that ended early carry padding."""
     with torch.no_grad():
-        steps = decode_steps(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks)
+        steps = decode_steps(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks,
+                             compile)
         tokens = [t for t, _ in steps]
     return torch.stack(tokens, 1) if tokens else input_ids.new_zeros((input_ids.shape[0], 0))
 
@@ -45,6 +47,7 @@ def generate_ids(
     eos_token_id: int,
     pad_token_id: int,
     sync_ranks: bool = False,
+    compile: bool | str = False,
 ) -> torch.Tensor:
     """Greedy new tokens for what follows each cache row.
 
@@ -59,12 +62,13 @@ def generate_ids(
         eos_token_id / pad_token_id: the token that ends a row, and what a finished row takes.
         sync_ranks: step until every process's rows are done (ZeRO-3 gathers parameters inside each
             forward, so no rank may stop before the others).
+        compile: decode in static buffers through ``torch.compile`` (see :func:`generate`).
 
     Returns:
         (B, N <= max_new_tokens) the new tokens.
     """
     rows = [Row(max_new_tokens, eos_token_id) for _ in range(input_ids.shape[0])]
-    return _run(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks)
+    return _run(model, cache, input_ids, attention_mask, rows, pad_token_id, sync_ranks, compile)
 
 
 OVERFLOW_POLICIES = ("error", "truncate_input")
@@ -110,6 +114,7 @@ def generate(
     skip_special_tokens: bool = True,
     on_overflow: str = "error", temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
     stop: str | list[str] | tuple[str, ...] = (),
+    compile: bool | str = False,
 ) -> list[str]:
     """Completions for ``inputs``, row i continuing cache row i (``cache.select`` to reuse one).
 
@@ -131,6 +136,10 @@ def generate(
         seed: row i samples from a generator seeded with ``seed + i`` (random when None), so one
             input with ``seed`` is answered as a server request with ``seed`` is.
         stop: strings that end an answer (cut before the first one found, the row stops decoding).
+        compile: decode in static key/value buffers (batch and capacity padded to powers of two),
+            each step through ``torch.compile``: CUDA graphs (``reduce-overhead``) on a GPU, the
+            default mode on a CPU. The first call per shape compiles (seconds to a minute); the
+            answers are the eager ones. ``"static"``: the static buffers without compiling.
 
     Returns:
         One answer per input, without leading and trailing white space.
@@ -164,7 +173,8 @@ def generate(
         inputs = fit_inputs(model, tokenizer, cache, inputs, max_new_tokens)
     ids, mask = continuation_batch([encode_continuation(tokenizer, x, cache.encoder_decoder) for x in inputs],
                                    tokenizer.pad_token_id, cache.encoder_decoder)
-    _run(model, cache.to(device), ids.to(device), mask.to(device), rows, tokenizer.pad_token_id)
+    _run(model, cache.to(device), ids.to(device), mask.to(device), rows, tokenizer.pad_token_id,
+         compile=compile)
     # without stop strings no text is needed while decoding: each answer is decoded once at the end
     return [r.text if stop else final_text(tokenizer, r.answer_ids, (), skip_special_tokens) for r in rows]
 

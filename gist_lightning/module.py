@@ -97,6 +97,8 @@ class GistLitModule(L.LightningModule):
         objectives: what the loss adds to next-token prediction
             (:class:`~gist_lightning.objectives.Objectives`: distillation from a frozen teacher,
             segment-wise token importance, fine-grained autoencoding), each off by default.
+        compile_decoding: validation decodes in static key/value buffers through ``torch.compile``
+            (CUDA graphs on a GPU; see :func:`gist_lightning.generate`); answers unchanged.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class GistLitModule(L.LightningModule):
         peft: PeftSettings | None = None,
         segments: SegmentSettings | None = None,
         objectives: Objectives | None = None,
+        compile_decoding: bool = False,
     ):
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
@@ -469,7 +472,8 @@ class GistLitModule(L.LightningModule):
             cont, cont_mask = batch["continuation_ids"], batch["continuation_mask"]
         ids = generation.generate_ids(self.model, cache, cont, cont_mask, h.max_new_tokens, tok.eos_token_id,
                                       tok.pad_token_id,
-                                      sync_ranks=self._trainer is not None and self.trainer.world_size > 1)
+                                      sync_ranks=self._trainer is not None and self.trainer.world_size > 1,
+                                      compile=h.get("compile_decoding", False))
         return generation.decode_new_tokens(tok, ids), cache
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0) -> ValidationBatchOutput:

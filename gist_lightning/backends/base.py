@@ -11,6 +11,7 @@ class Backend:
     name: str = ""
     encoder_decoder: bool = False  # the encoder-decoder templates and batching (right-padded sources)
     seq_dim: int = 0  # the axis of every cached state tensor that runs over prompt positions
+    can_compile: bool = False  # decodes in static buffers (start_static / step_static) through torch.compile
 
     def cannot_cache(self, condition: str) -> str | None:
         """Why prompts of ``condition`` cannot be cached by this backend (None: they can)."""

@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from .. import masks
 from ..families import FAMILIES, self_attention_block_masks, self_attention_masks
@@ -66,6 +66,54 @@ class _GrowingLayer(DynamicLayer):
         buffer[0][:, :, n:n + t], buffer[1][:, :, n:n + t] = key_states, value_states
         self.keys, self.values = buffer[0][:, :, :n + t], buffer[1][:, :, :n + t]
         return self.keys, self.values
+
+
+def bucket(n: int, smallest: int = 1) -> int:
+    """The power of two at or above ``n`` (and ``smallest``): the batch sizes and capacities static
+    decoding pads to, so that a compiled step sees a few shapes, not one per request."""
+    return max(smallest, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _static_cache(states, batch: int, capacity: int) -> Cache:
+    """A cache of fixed-size buffers (``batch`` rows x ``capacity`` columns per layer) holding
+    ``states`` [(keys, values) per layer, (B <= batch, H, n, D)] in their first rows and columns;
+    a step writes its column in place (HF's ``StaticLayer``: static addresses, compilable). Every
+    layer keeps ``capacity`` columns, sliding ones too: the masks slide by position."""
+    layers = []
+    for keys, values in states:
+        layer = StaticLayer(max_cache_len=capacity)
+        layer.lazy_initialization(keys.new_empty((batch, *keys.shape[1:])),
+                                  values.new_empty((batch, *values.shape[1:])))
+        b, n = keys.shape[0], keys.shape[2]
+        layer.keys[:b, :, :n], layer.values[:b, :, :n] = keys, values
+        layer.cumulative_length.fill_(n)
+        layers.append(layer)
+    return Cache(layers=layers)
+
+
+def static_step(model, past, tokens, position, key_valid, key_positions):
+    """One decoding step over static buffers: every shape is fixed by (batch, capacity), so it runs
+    through ``torch.compile`` without graph breaks (tests/test_static_decoding.py). The new column
+    is the buffers' write index; returns (logits (B, V), key_valid, key_positions)."""
+    column = past.layers[0].cumulative_length.view(1)
+    key_valid = key_valid.index_fill(1, column, True)
+    key_positions = key_positions.index_copy(1, column, position[:, None])
+    mask = self_attention_masks(model, key_valid[:, None, None, :], position[:, None], key_positions)
+    out = model(input_ids=tokens[:, None], position_ids=position[:, None], cache=past, use_cache=True,
+                attention_mask=mask)
+    return out.logits[:, -1], key_valid, key_positions
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_step(device) -> object:
+    """:func:`static_step` through ``torch.compile``: CUDA graphs (``reduce-overhead``) on a GPU,
+    the default mode elsewhere; one compiled function per mode (dynamo keeps a graph per shape)."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(static_step, mode=mode, dynamic=False, fullgraph=True)
+    return _COMPILED[mode]
 
 
 def _kv_cache(states=()) -> DynamicCache:
@@ -138,6 +186,41 @@ class DecoderKV(Backend):
             "position": cache.next_position + attention_mask.long().sum(-1),
         }
         return out.logits[:, -1], state
+
+    can_compile = True
+
+    def start_static(self, model, cache, input_ids, attention_mask, max_new_tokens: int):
+        """:meth:`start` into static buffers: the batch padded to a power of two with rows that see
+        only themselves, room for ``max_new_tokens`` in a capacity rounded up to a power of two."""
+        out = self.continuation(model, cache, input_ids, attention_mask)
+        n, rows = out.cache.layers[0].keys.shape[2], input_ids.shape[0]
+        batch, capacity = bucket(rows), bucket(n + max_new_tokens, 64)
+        past = _static_cache([(layer.keys, layer.values) for layer in out.cache.layers], batch, capacity)
+        key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=input_ids.device)
+        key_positions = torch.zeros(batch, capacity, dtype=torch.long, device=input_ids.device)
+        key_valid[:rows, :n] = torch.cat([cache.valid, attention_mask.bool()], -1)
+        key_positions[:rows, :n] = torch.cat(
+            [cache.positions, masks.padding_position_ids(attention_mask, cache.next_position)], -1)
+        position = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        position[:rows] = cache.next_position + attention_mask.long().sum(-1)
+        state = {"static": past, "key_valid": key_valid, "key_positions": key_positions, "position": position,
+                 "rows": rows}
+        return out.logits[:, -1], state
+
+    def step_static(self, model, state, tokens, compiled: bool):
+        """One step of :meth:`start_static`'s state, through the compiled function when ``compiled``."""
+        rows, batch = state["rows"], state["position"].shape[0]
+        if state["static"].layers[0].cumulative_length >= state["key_valid"].shape[1]:
+            raise RuntimeError(f"the static cache's {state['key_valid'].shape[1]} columns are full")
+        fed = tokens.new_zeros(batch)
+        fed[:rows] = tokens
+        step = compiled_step(tokens.device) if compiled else static_step
+        with dense_attention(model):
+            logits, key_valid, key_positions = step(model, state["static"], fed, state["position"],
+                                                    state["key_valid"], state["key_positions"])
+        state = {**state, "key_valid": key_valid, "key_positions": key_positions,
+                 "position": state["position"] + 1}
+        return logits[:rows], state
 
     def step(self, model, state, tokens):
         key_valid = torch.cat([state["key_valid"], torch.ones_like(state["key_valid"][:, :1])], -1)
