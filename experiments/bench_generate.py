@@ -1,5 +1,5 @@
 """Decoding speed from a cached prompt, against what a user gets without this project and against
-the hardware's ceiling.
+what this machine can do.
 
 One instruction of ``--instruction_tokens`` tokens shared by every row (a system prompt), B inputs
 of the same length, greedy, ``--new_tokens`` new tokens, caches made before the clock starts:
@@ -7,20 +7,27 @@ of the same length, greedy, ``--new_tokens`` new tokens, caches made before the 
 - ``hf_generate``: HF ``model.generate`` on the whole prompt (what a user does without this project);
 - ``hf_prefix_cache``: HF ``model.generate`` continuing a precomputed cache of the instruction
   (HF's own prefix caching; the copy of the cache that generate may extend is made before the clock);
-- ``library``: ``gist_lightning.generate`` from a gist cache (k positions);
+- ``library``: ``gist_lightning.generate`` from a gist cache (k positions); ``library_compiled``:
+  the same with ``compile=True`` (static buffers, each step through ``torch.compile``);
 - ``engine``: the serving engine in-process (no HTTP), the instruction's cache warm in memory;
-- ``ceiling``: a bare loop of model forwards with a key/value cache and no masks, from the same
-  gist cache (``ceiling_compiled``: the same loop through ``torch.compile``, with ``--compile``).
+- ``ceiling``: a bare loop of model forwards over HF's concatenating ``DynamicCache``, no masks;
+- ``ceiling_static``: a bare loop over a preallocated cache (HF ``StaticLayer`` buffers), no
+  masks; ``ceiling_static_compiled``: its step through ``torch.compile`` (``fullgraph``: no graph
+  break, or it fails);
+- ``floor``: only the weight matmuls of each step (every linear layer and the LM head, at the same
+  batch, one token): what no decoding loop of this model can beat on this machine.
 
-Answers are checked where they must agree: hf_generate = hf_prefix_cache = the library from a
-pos_control cache (full attention over the instruction), and library = engine = ceiling (from the
-gist cache). A disagreement fails the run. tokens_per_s = B x new tokens / time; ms_per_token =
-time / new tokens (one step of the whole batch); the median of ``--repeats`` timed runs after a
-warm-up. Random weights are fine for speed.
+Every method runs once per round, the rounds interleaved (``--repeats``, at least 5 for the
+committed tables), after a warm-up run whose time is reported for the compiled ones (their compile
+cost). Answers are checked where they must agree: hf_generate = hf_prefix_cache = the library from a
+pos_control cache (full attention over the instruction), and library = library_compiled = engine =
+the ceilings (from the gist cache). tokens_per_s = B x new tokens / time (median over rounds, with
+the lowest and highest); each method is also given as a ratio to ``ceiling_static``,
+``ceiling_static_compiled`` and ``floor``. Random weights are fine for speed.
 
     python experiments/bench_generate.py --shape tiny
-    python experiments/bench_generate.py --shape 100m --out experiments/results
-    python experiments/bench_generate.py --shape 100m --device cuda --dtype bfloat16 --compile
+    python experiments/bench_generate.py --shape 100m --batch 1 32 --repeats 5 --out experiments/results
+    python experiments/bench_generate.py --shape 100m --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("hf_generate", "hf_prefix_cache", "library", "engine", "ceiling", "ceiling_compiled")
+METHODS = ("hf_generate", "hf_prefix_cache", "library", "library_compiled", "engine", "ceiling",
+           "ceiling_static", "ceiling_static_compiled", "floor")
+COMPILED = ("library_compiled", "ceiling_static_compiled")
+CEILINGS = ("ceiling_static", "ceiling_static_compiled", "floor")
 SHAPES = {  # as experiments/bench_serve.py
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
@@ -55,11 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--instruction_tokens", type=int, default=400)
     p.add_argument("--input_tokens", type=int, default=8)
     p.add_argument("--k", type=int, default=1, help="gist tokens")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "ceiling_compiled"],
-                   choices=METHODS)
-    p.add_argument("--compile", action="store_true",
-                   help="add ceiling_compiled (torch.compile of the bare loop)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of every method")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=None, help="folder for bench_generate-<shape>-<device>.csv and .md")
@@ -72,8 +79,6 @@ def parse_args(argv=None):
         p.error(f"--device: {e}")
     if min(cfg.batch) < 1 or cfg.new_tokens < 2 or cfg.repeats < 1:
         p.error("--batch values >= 1, --new_tokens >= 2 and --repeats >= 1")
-    if cfg.compile and "ceiling_compiled" not in cfg.methods:
-        cfg.methods.append("ceiling_compiled")
     return cfg
 
 
@@ -105,18 +110,6 @@ def inputs_for(batch: int, cfg, single: list[str]) -> list[str]:
             for r in range(batch)]
 
 
-def timed(fn, repeats: int):
-    fn()  # warm-up (first-call allocations, lazy inits)
-    times, out = [], None
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -126,10 +119,13 @@ def until_eos(rows: list[list[int]], eos: int) -> list[list[int]]:
     return [r[: r.index(eos) + 1] if eos in r else r for r in rows]
 
 
-def run_batch(model, tok, instruction: str, inputs: list[str], cfg) -> list[dict]:
+def methods_for(model, tok, instruction: str, inputs: list[str], cfg) -> tuple[dict, dict]:
+    """{method: a function running it once and returning its answers}, and the answers of the
+    pos_control library run (what HF's own generation must equal)."""
     from transformers import DynamicCache
 
     from gist_lightning import compress, generate
+    from gist_lightning.backends.decoder_kv import _static_cache, bucket
     from gist_lightning.generation import decode_new_tokens
     from gist_lightning.serving.engine import GenerationRequest, ServingEngine
     from gist_lightning.templates import encode_continuation, encode_prefix
@@ -141,100 +137,111 @@ def run_batch(model, tok, instruction: str, inputs: list[str], cfg) -> list[dict
     conts = [encode_continuation(tok, x, False) for x in inputs]
     assert len({len(c) for c in conts}) == 1, "inputs of different token lengths"
     whole = torch.tensor([prefix + c for c in conts], device=dev)
-    results, answers = [], {}
-
-    def record(method, seconds, rows):
-        results.append({"batch": B, "method": method, "tokens_per_s": B * T / seconds,
-                        "ms_per_token": 1000 * seconds / T})
-        answers[method] = rows
-        print(f"  batch {B:>3} {method:<17} {B * T / seconds:10.1f} tok/s {1000 * seconds / T:9.2f} ms/step",
-              flush=True)
-
+    fns = {}
     hf_kwargs = dict(max_new_tokens=T, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
-    if "hf_generate" in cfg.methods:
-        s, out = timed(lambda: model.generate(whole, attention_mask=torch.ones_like(whole), **hf_kwargs),
-                       cfg.repeats)
-        record("hf_generate", s, until_eos(out[:, whole.shape[1]:].tolist(), eos))
-    if "hf_prefix_cache" in cfg.methods:
-        prompt_cache = DynamicCache()
-        with torch.no_grad():
-            model(torch.tensor([prefix] * B, device=dev), past_key_values=prompt_cache)
-        copies = []
+    fns["hf_generate"] = lambda: until_eos(model.generate(whole, attention_mask=torch.ones_like(whole),
+                                                          **hf_kwargs)[:, whole.shape[1]:].tolist(), eos)
+    prompt_cache = DynamicCache()
+    with torch.no_grad():
+        model(torch.tensor([prefix] * B, device=dev), past_key_values=prompt_cache)
+    fns["hf_prefix_cache"] = lambda: until_eos(model.generate(
+        whole, attention_mask=torch.ones_like(whole), past_key_values=copy.deepcopy(prompt_cache),
+        **hf_kwargs)[:, whole.shape[1]:].tolist(), eos)  # the copy costs little against the decoding
+    full_cache = compress(model, tok, [instruction] * B, cfg.k, "pos_control")
+    pos_control = generate(model, tok, full_cache, inputs, T)
+    gist_cache = compress(model, tok, [instruction] * B, cfg.k, "gist")
+    fns["library"] = lambda: generate(model, tok, gist_cache, inputs, T)
+    fns["library_compiled"] = lambda: generate(model, tok, gist_cache, inputs, T, compile=True)
+    engine = ServingEngine(model, tok, cfg.k, "gist", mode="gist", cache_memory="4GB", max_batch_size=B)
 
-        def prefix_cached():
-            past = copies.pop() if copies else copy.deepcopy(prompt_cache)
-            return model.generate(whole, attention_mask=torch.ones_like(whole), past_key_values=past,
-                                  **hf_kwargs)
+    def serve():
+        texts = {}
+        for i, x in enumerate(inputs):
+            engine.submit(str(i), GenerationRequest(instruction, x, max_tokens=T))
+        while engine.busy():
+            for e in engine.step():
+                assert e.error is None, e.error
+                texts[e.uid] = texts.get(e.uid, "") + e.text
+        return [texts[str(i)] for i in range(B)]
 
-        def timed_copies():  # the copy generate extends is made outside the clock
-            copies.append(copy.deepcopy(prompt_cache))
+    fns["engine"] = serve
+    start_pos, cont = int(gist_cache.next_position[0]), torch.tensor(conts, device=dev)
+    capacity = bucket(gist_cache.length + cont.shape[1] + T, 64)
+
+    def static_step(past, tokens, position):
+        return model(input_ids=tokens[:, None], position_ids=position[:, None], cache=past,
+                     use_cache=True).logits[:, -1]
+
+    compiled_step = torch.compile(static_step, dynamic=False, fullgraph=True,
+                                  mode="reduce-overhead" if dev.type == "cuda" else None)
+
+    @torch.no_grad()
+    def bare(kind: str):
+        if kind == "ceiling":
+            past = DynamicCache(ddp_cache_data=[(k_, v_) for k_, v_ in gist_cache.states])
+        else:
+            past = _static_cache(gist_cache.states, B, capacity)
+        pos = torch.arange(start_pos, start_pos + cont.shape[1], device=dev)[None].expand(B, -1)
+        logits = model(input_ids=cont, position_ids=pos, cache=past, use_cache=True).logits[:, -1]
+        step = compiled_step if kind == "ceiling_static_compiled" else static_step
+        tokens, nxt, position = [], logits.argmax(-1), torch.full((B,), start_pos + cont.shape[1], device=dev)
+        for i in range(T):
+            tokens.append(nxt)
+            if i == T - 1:
+                break
+            nxt = step(past, nxt, position).argmax(-1)
+            position = position + 1
+        return decode_new_tokens(tok, torch.stack(tokens, 1))
+
+    for kind in ("ceiling", "ceiling_static", "ceiling_static_compiled"):
+        fns[kind] = lambda kind=kind: bare(kind)
+    # the floor: every linear layer's matmul at this batch, one token per row, T steps
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(B, w.shape[1], device=dev, dtype=w.dtype) for w in weights]
+
+    @torch.no_grad()
+    def floor():
+        for _ in range(T):
+            for x, w in zip(xs, weights):
+                torch.matmul(x, w.t())
+        return None
+
+    fns["floor"] = floor
+    return {m: f for m, f in fns.items() if m in cfg.methods}, {"library_pos_control": pos_control}
+
+
+def run_batch(model, tok, instruction: str, inputs: list[str], cfg) -> list[dict]:
+    """Every method warmed once (the compiled ones' warm-up timed), then ``cfg.repeats`` rounds of
+    every method in turn; one row per method: median tokens/s and the rounds' lowest and highest."""
+    B, T = len(inputs), cfg.new_tokens
+    fns, answers = methods_for(model, tok, instruction, inputs, cfg)
+    warmup = {}
+    for method, fn in fns.items():
+        sync()
+        start = time.perf_counter()
+        answers[method] = fn()
+        sync()
+        warmup[method] = time.perf_counter() - start
+    times = {m: [] for m in fns}
+    for _ in range(cfg.repeats):
+        for method, fn in fns.items():
             sync()
             start = time.perf_counter()
-            out = prefix_cached()
+            fn()
             sync()
-            return time.perf_counter() - start, out
-
-        prefix_cached()
-        runs = [timed_copies() for _ in range(cfg.repeats)]
-        record("hf_prefix_cache", statistics.median(r[0] for r in runs),
-               until_eos(runs[-1][1][:, whole.shape[1]:].tolist(), eos))
-    # the library from a pos_control cache: full attention over the instruction, as HF computes it
-    full_cache = compress(model, tok, [instruction] * B, cfg.k, "pos_control")
-    answers["library_pos_control"] = generate(model, tok, full_cache, inputs, T)
-    gist_cache = compress(model, tok, [instruction] * B, cfg.k, "gist")
-    if "library" in cfg.methods:
-        s, texts = timed(lambda: generate(model, tok, gist_cache, inputs, T), cfg.repeats)
-        record("library", s, texts)
-    if "engine" in cfg.methods:
-        engine = ServingEngine(model, tok, cfg.k, "gist", mode="gist", cache_memory="4GB", max_batch_size=B)
-
-        def serve():
-            texts = {}
-            for i, x in enumerate(inputs):
-                engine.submit(str(i), GenerationRequest(instruction, x, max_tokens=T))
-            while engine.busy():
-                for e in engine.step():
-                    assert e.error is None, e.error
-                    texts[e.uid] = texts.get(e.uid, "") + e.text
-            return [texts[str(i)] for i in range(B)]
-
-        s, texts = timed(serve, cfg.repeats)
-        record("engine", s, texts)
-    start_pos, cont = int(gist_cache.next_position[0]), torch.tensor(conts, device=dev)
-    for method in ("ceiling", "ceiling_compiled"):
-        if method not in cfg.methods:
-            continue
-        forward = model.forward
-        if method == "ceiling_compiled":
-            try:
-                forward = torch.compile(model.forward, dynamic=False)
-            except Exception as e:  # noqa: BLE001 - reported, the others go on
-                print(f"  {method}: torch.compile failed: {e}")
-                continue
-        @torch.no_grad()
-        def bare(forward=forward):
-            past = DynamicCache(ddp_cache_data=[(k_, v_) for k_, v_ in gist_cache.states])
-            pos = torch.arange(start_pos, start_pos + cont.shape[1], device=dev)[None].expand(B, -1)
-            logits = forward(input_ids=cont, position_ids=pos, cache=past, use_cache=True).logits[:, -1]
-            tokens, nxt, p = [], logits.argmax(-1), start_pos + cont.shape[1]
-            for step in range(T):
-                tokens.append(nxt)
-                if step == T - 1:
-                    break
-                pos = torch.full((B, 1), p + step, device=dev)
-                logits = forward(input_ids=nxt[:, None], position_ids=pos, cache=past,
-                                 use_cache=True).logits[:, -1]
-                nxt = logits.argmax(-1)
-            return torch.stack(tokens, 1)
-
-        try:
-            s, ids = timed(bare, cfg.repeats)
-        except Exception as e:  # noqa: BLE001 - a compile failure is reported, the others go on
-            print(f"  {method}: failed: {type(e).__name__}: {e}")
-            continue
-        record(method, s, decode_new_tokens(tok, ids))
+            times[method].append(time.perf_counter() - start)
     check(answers, tok)
-    return results
+    rows = []
+    for method, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"batch": B, "method": method, "tokens_per_s": B * T / med,
+                     "ms_per_token": 1000 * med / T, "tokens_per_s_low": B * T / max(ts),
+                     "tokens_per_s_high": B * T / min(ts),
+                     "warmup_s": warmup[method] if method in COMPILED else None})
+        print(f"  batch {B:>3} {method:<24} {B * T / med:10.1f} tok/s [{B * T / max(ts):.1f}, "
+              f"{B * T / min(ts):.1f}] {1000 * med / T:9.2f} ms/step"
+              + (f"  (warm-up {warmup[method]:.1f} s)" if method in COMPILED else ""), flush=True)
+    return rows
 
 
 def check(answers: dict, tok) -> None:
@@ -244,7 +251,8 @@ def check(answers: dict, tok) -> None:
                                                         skip_special_tokens=True).strip() for r in rows]
 
     groups = [("hf_generate", "hf_prefix_cache", "library_pos_control"),
-              ("library", "engine", "ceiling", "ceiling_compiled")]
+              ("library", "library_compiled", "engine", "ceiling", "ceiling_static",
+               "ceiling_static_compiled")]
     for group in groups:
         present = [m for m in group if m in answers]
         for m in present[1:]:
@@ -258,15 +266,19 @@ def render(info: dict, rows: list[dict]) -> str:
              f"`{info['command']}`", "", f"Machine: {info['machine']}", "",
              f"{info['parameters'] / 1e6:.1f}M parameters, {info['dtype']}; instruction "
              f"{info['instruction_tokens']} tokens (+{info['k']} gist), inputs {info['input_tokens']} "
-             f"tokens, {info['new_tokens']} new tokens, greedy; median of {info['repeats']} warm runs.", "",
-             "| batch | method | tokens/s | ms/step | x ceiling |", "|---|---|---|---|---|"]
+             f"tokens, {info['new_tokens']} new tokens, greedy; median [lowest, highest] of "
+             f"{info['repeats']} interleaved rounds after a warm-up; the compiled methods' warm-up (their "
+             "compile) apart.", "",
+             "| batch | method | tokens/s [range] | ms/step | x ceiling_static | x ceiling_static_compiled "
+             "| x floor | warm-up s |", "|---|---|---|---|---|---|---|---|"]
     for b in sorted({r["batch"] for r in rows}):
-        ceiling = next((r["tokens_per_s"] for r in rows if r["batch"] == b and r["method"] == "ceiling"),
-                       None)
+        ref = {c: next((r["tokens_per_s"] for r in rows if r["batch"] == b and r["method"] == c), None)
+               for c in CEILINGS}
         for r in (r for r in rows if r["batch"] == b):
-            ratio = f"{r['tokens_per_s'] / ceiling:.2f}" if ceiling else "-"
-            lines.append(f"| {b} | {r['method']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "
-                         f"{ratio} |")
+            ratios = " | ".join(f"{r['tokens_per_s'] / ref[c]:.2f}" if ref[c] else "-" for c in CEILINGS)
+            warm = f"{r['warmup_s']:.1f}" if r.get("warmup_s") is not None else ""
+            lines.append(f"| {b} | {r['method']} | {r['tokens_per_s']:.1f} [{r['tokens_per_s_low']:.1f}, "
+                         f"{r['tokens_per_s_high']:.1f}] | {r['ms_per_token']:.2f} | {ratios} | {warm} |")
     return "\n".join(lines) + "\n"
 
 
@@ -298,12 +310,16 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         stem = f"bench_generate-{cfg.shape}-{'cpu' if cfg.device == 'cpu' else 'cuda'}"
         with open(out / f"{stem}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f,
-                                    fieldnames=["shape", "batch", "method", "tokens_per_s", "ms_per_token"])
+            fields = ["shape", "batch", "method", "tokens_per_s", "tokens_per_s_low", "tokens_per_s_high",
+                      "ms_per_token", "warmup_s"] + [f"x_{c}" for c in CEILINGS]
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
-            writer.writerows({**r, "tokens_per_s": f"{r['tokens_per_s']:.2f}",
-                              "ms_per_token": f"{r['ms_per_token']:.3f}"}
-                             for r in rows)
+            for r in rows:
+                ref = {c: next((x["tokens_per_s"] for x in rows
+                                if x["batch"] == r["batch"] and x["method"] == c), None) for c in CEILINGS}
+                writer.writerow({**{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()},
+                                 **{f"x_{c}": f"{r['tokens_per_s'] / ref[c]:.3f}" if ref[c] else ""
+                                    for c in CEILINGS}})
         (out / f"{stem}.md").write_text(table)
         print(f"wrote {out / stem}.csv and .md")
 
