@@ -103,7 +103,8 @@ def test_caching_benchmark_checks_its_outputs_against_the_uncached_prompt(tmp_pa
 
 
 def module_methods():
-    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "experiments" / "bench_generate.py")
+    bench = ROOT / "experiments" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", bench)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.METHODS
