@@ -341,8 +341,11 @@ class DecodingBatch:
         """Keep rows ``indices`` alone, in that order (finished requests leave a running batch)."""
         if len(indices) == len(self.rows):
             return
-        if self.compiled is not None:
-            raise NotImplementedError("rows cannot leave a batch decoding in static buffers yet")
+        if self.compiled is not None and indices:  # new static buffers, sized to the rows that stay
+            self.rows = [self.rows[i] for i in indices]
+            self.state = self.backend.restack_static([(self.state, indices)], _room(self.rows))
+            self.tokens = self.tokens[torch.tensor(indices, device=self.tokens.device)]
+            return
         self.rows = [self.rows[i] for i in indices]
         if indices:
             index = torch.tensor(indices, device=self.tokens.device)
@@ -353,14 +356,27 @@ class DecodingBatch:
     def merge(batches: list[DecodingBatch]) -> DecodingBatch | None:
         """One batch holding the rows of ``batches`` in order (rows started at different steps decode
         together); None where the backend keeps them apart."""
-        if any(b.compiled is not None for b in batches):
-            return None  # static buffers are not merged (yet): the batches decode apart
+        first = batches[0]
+        if len({b.compiled for b in batches}) > 1:
+            return None  # static and growing buffers decode apart
+        if first.compiled is not None:
+            rows = [r for b in batches for r in b.rows]
+            state = first.backend.restack_static([(b.state, list(range(len(b.rows)))) for b in batches],
+                                                 _room(rows))
+            tokens = torch.cat([b.tokens for b in batches])
+            return DecodingBatch(first.model, first.backend, state, rows, tokens, first.pad_token_id,
+                                 first.compiled)
         state = batches[0].backend.merge([b.state for b in batches])
         if state is None:
             return None
         first = batches[0]
         return DecodingBatch(first.model, first.backend, state, [r for b in batches for r in b.rows],
                              torch.cat([b.tokens for b in batches]), first.pad_token_id)
+
+
+def _room(rows: list[Row]) -> int:
+    """Columns the rows may still write: the most tokens any of them may still take."""
+    return max((r.max_new_tokens - len(r.tokens) for r in rows), default=0)
 
 
 def _all_ranks_done(batch: DecodingBatch, sync_ranks: bool) -> bool:

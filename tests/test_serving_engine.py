@@ -78,6 +78,9 @@ def test_answers_equal_cached_generation_however_requests_arrive(make_pair, fami
     alone = ServingEngine(model, tok, K, "gist", mode=mode, max_batch_size=1)
     got_alone, _ = run(alone, staggered())
     assert got_alone == got
+    if mode == "gist":  # static buffers (eager): rows joining and leaving, restacked into buckets
+        static = ServingEngine(model, tok, K, "gist", mode=mode, max_batch_size=3, compile="static")
+        assert run(static, staggered())[0] == got
 
 
 def test_one_compression_per_instruction_however_many_ask(make_pair):
@@ -356,3 +359,19 @@ def test_long_contexts_are_compressed_once_by_segments_and_reused(make_pair, tmp
     short = ServingEngine(model, tok, 2, "gist", cache_dir=str(tmp_path))
     run(short, {0: [("c", GenerationRequest(contexts[1], INPUTS[1], max_tokens=2))]})
     assert short.counts["disk_hits"] == 0 and short.counts["compressed"] == 1
+
+
+@pytest.mark.slow
+def test_compiled_engine_answers_alike_and_joins_and_leaves_reuse_its_graphs(make_pair):
+    """compile=True (CPU: inductor, fp32): the staggered stream (rows joining a running batch and
+    leaving it) answers as the eager engine; served again, it adds no compiled graph: the buckets of
+    rows and columns seen once are reused."""
+    from torch._dynamo.utils import counters
+
+    model, tok, _ = make_pair("llama", "sdpa", seed=0)
+    eager, _ = run(ServingEngine(model, tok, K, "gist", max_batch_size=3), staggered())
+    compiled, _ = run(ServingEngine(model, tok, K, "gist", max_batch_size=3, compile=True), staggered())
+    assert compiled == eager
+    graphs = counters["stats"]["unique_graphs"]
+    again, _ = run(ServingEngine(model, tok, K, "gist", max_batch_size=3, compile=True), staggered())
+    assert again == eager and counters["stats"]["unique_graphs"] == graphs

@@ -222,6 +222,45 @@ class DecoderKV(Backend):
                  "position": state["position"] + 1}
         return logits[:rows], state
 
+    def restack_static(self, parts: list[tuple[dict, list[int]]], room: int) -> dict:
+        """Static states of the rows ``parts`` [(state, row indices)] in that order, in new buffers:
+        the batch padded to a power of two, the write columns aligned (a state written to fewer
+        columns is shifted right: its keys keep their positions, so the answers do not change), and a
+        capacity with ``room`` more columns, rounded up to a power of two. Rows leaving (one part)
+        and batches merging (several) both come here; the copies happen then, not per token."""
+        ends = [int(state["static"].layers[0].cumulative_length) for state, _ in parts]
+        end, n_rows = max(ends), sum(len(rows) for _, rows in parts)
+        batch, capacity = bucket(n_rows), bucket(end + room, 64)
+        template = parts[0][0]
+        device = template["key_valid"].device
+        layers = []
+        for ref in template["static"].layers:
+            layer = StaticLayer(max_cache_len=capacity)
+            k, v = ref.keys, ref.values
+            layer.lazy_initialization(k.new_empty((batch, k.shape[1], 1, k.shape[3])),
+                                      v.new_empty((batch, v.shape[1], 1, v.shape[3])))
+            layer.keys.zero_()
+            layer.values.zero_()
+            layers.append(layer)
+        key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        key_positions = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        position = torch.zeros(batch, dtype=torch.long, device=device)
+        row = 0
+        for (state, rows), n in zip(parts, ends):
+            index = torch.tensor(rows, dtype=torch.long, device=device)
+            into, cols = slice(row, row + len(rows)), slice(end - n, end)
+            for layer, src in zip(layers, state["static"].layers):
+                layer.keys[into, :, cols] = src.keys[index, :, :n]
+                layer.values[into, :, cols] = src.values[index, :, :n]
+            key_valid[into, cols] = state["key_valid"][index, :n]
+            key_positions[into, cols] = state["key_positions"][index, :n]
+            position[into] = state["position"][index]
+            row += len(rows)
+        for layer in layers:
+            layer.cumulative_length.fill_(end)
+        return {"static": Cache(layers=layers), "key_valid": key_valid, "key_positions": key_positions,
+                "position": position, "rows": n_rows}
+
     def step(self, model, state, tokens):
         key_valid = torch.cat([state["key_valid"], torch.ones_like(state["key_valid"][:, :1])], -1)
         position = state["position"]

@@ -213,6 +213,10 @@ class ServingEngine:
         segments: the model gists long contexts segment by segment (its export's ``segments``); a
             request's instruction (a system prompt or a document) is then compressed with
             :func:`~gist_lightning.long_context.compress_context`, once per distinct text.
+        compile: decode in static key/value buffers, each step through ``torch.compile`` (CUDA
+            graphs on a GPU); batches are padded to powers of two in rows and columns, so joins and
+            leaves reuse a few compiled shapes (``"static"``: the buffers without compiling). The
+            answers are the eager ones.
 
     Raises:
         ValueError: an unknown mode or a batch size below 1.
@@ -236,7 +240,7 @@ class ServingEngine:
 
     def __init__(self, model, tokenizer, num_gist_tokens: int, condition: str, mode: str = "gist",
                  cache_memory: int | str = "256MB", cache_dir: str | None = None, max_batch_size: int = 16,
-                 segments: SegmentSettings | None = None):
+                 segments: SegmentSettings | None = None, compile: bool | str = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         if max_batch_size < 1:
@@ -249,6 +253,7 @@ class ServingEngine:
         if why_not:
             raise GistError(f"--mode {mode} needs {self.condition} caching: {why_not}")
         self.max_batch_size = max_batch_size
+        self.compile = compile
         self.gist_id = gist_token_id(tokenizer)
         self.n_special = len(special_frame(tokenizer)[0])  # tokens before an instruction (e.g. BOS)
         self.context = self.backend.context_length(model.config)
@@ -426,7 +431,7 @@ class ServingEngine:
         ids, mask = continuation_batch([j.continuation for j in jobs], pad, self.backend.encoder_decoder)
         device = self.model.device
         decoding, texts = DecodingBatch.start(self.model, cache.to(device), ids.to(device), mask.to(device),
-                                              [j.row for j in jobs], pad)
+                                              [j.row for j in jobs], pad, self.compile)
         batch = _Batch(decoding, jobs)
         self._advance(batch, texts, events, first=True)
         self.admitting = []
