@@ -240,51 +240,86 @@ def compress_context_ids(model, rows: list[list[int]], gist_token_id: int, pad_t
                          settings: SegmentSettings, condition: str = "gist") -> GistCache:
     """:func:`compress_context` of rows already encoded (:func:`encode_context`), e.g. a validation
     batch's prompts up to their last gist."""
-    backend = backend_of(model)
-    if backend.encoder_decoder:
-        raise ValueError("compress_context is for decoder-only models: a T5-style encoder reads its whole "
-                         "source in one pass, so its segments cannot be compressed one at a time")
-    masks.check_condition(condition)
-    gist_id, t = gist_token_id, settings.gists_per_segment
-    context = backend.context_length(model.config)
-    chunks = [_segments_of(r, gist_id, t) for r in rows]
-    # positions the context takes: all of its tokens, or (compacted) the earlier gists + the last segment
-    longest = max(((len(c) - 1) * t + len(c[-1])) if settings.compact_positions else len(r)
-                  for r, c in zip(rows, chunks))
-    if context is not None and longest >= context:
-        raise ContextLengthError(f"a context of {longest} positions (gists included) leaves no room in the "
-                                 f"model's {context} positions for what follows it; shorten the context"
-                                 + ("" if settings.compact_positions else
-                                    " (or train a model with segments.compact_positions)"))
-    n_segments = max(len(c) for c in chunks)
-    device, bsz = model.device, len(rows)
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, H, P, D)
-    # per kept column (B, P): a real one, its position, its segment, a gist, a sink
-    empty = lambda dtype: torch.zeros(bsz, 0, dtype=dtype, device=device)  # noqa: E731
-    kept_valid, kept_pos, kept_seg = empty(torch.bool), empty(torch.long), empty(torch.long)
-    kept_gist, kept_sink = empty(torch.bool), empty(torch.bool)
-    offset = torch.zeros(bsz, dtype=torch.long, device=device)  # positions before this segment, per row
-    peak = 0
-    for s in range(n_segments):
-        ids, pad = pad_batch([c[s] if s < len(c) else [] for c in chunks], pad_token_id, "left")
+    compression = ContextCompression(model, rows, gist_token_id, pad_token_id, settings, condition)
+    while not compression.done:
+        compression.step()
+    return compression.result()
+
+
+class ContextCompression:
+    """:func:`compress_context_ids` one segment per :meth:`step`: what the serving engine runs between
+    decoding steps, so that a long document delays the running requests by one segment per step
+    (and the one path :func:`compress_context` takes, run to its end). ``tokens_left`` says how
+    much remains; :meth:`result` is the cache once ``done``."""
+
+    def __init__(self, model, rows: list[list[int]], gist_token_id: int, pad_token_id: int,
+                 settings: SegmentSettings, condition: str = "gist"):
+        backend = backend_of(model)
+        if backend.encoder_decoder:
+            raise ValueError("compress_context is for decoder-only models: a T5-style encoder reads its "
+                             "whole source in one pass, so its segments cannot be compressed one at a time")
+        masks.check_condition(condition)
+        t = settings.gists_per_segment
+        context = backend.context_length(model.config)
+        self.chunks = [_segments_of(r, gist_token_id, t) for r in rows]
+        # positions the context takes: all of its tokens, or (compacted) the earlier gists + the last segment
+        longest = max(((len(c) - 1) * t + len(c[-1])) if settings.compact_positions else len(r)
+                      for r, c in zip(rows, self.chunks))
+        if context is not None and longest >= context:
+            raise ContextLengthError(f"a context of {longest} positions (gists included) leaves no room in "
+                                     f"the model's {context} positions for what follows it; shorten the "
+                                     "context"
+                                     + ("" if settings.compact_positions else
+                                        " (or train a model with segments.compact_positions)"))
+        self.model, self.backend, self.rows = model, backend, rows
+        self.gist_id, self.pad_token_id = gist_token_id, pad_token_id
+        self.settings, self.condition = settings, condition
+        self.n_segments = max(len(c) for c in self.chunks)
+        self.segment = 0  # the next one to run
+        device, bsz = model.device, len(rows)
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, H, P, D)
+        # per kept column (B, P): a real one, its position, its segment, a gist, a sink
+        empty = lambda dtype: torch.zeros(bsz, 0, dtype=dtype, device=device)  # noqa: E731
+        self.kept_valid, self.kept_pos = empty(torch.bool), empty(torch.long)
+        self.kept_seg = empty(torch.long)
+        self.kept_gist, self.kept_sink = empty(torch.bool), empty(torch.bool)
+        self.offset = torch.zeros(bsz, dtype=torch.long, device=device)  # positions before this segment
+        self.peak = 0
+
+    @property
+    def done(self) -> bool:
+        return self.segment >= self.n_segments
+
+    @property
+    def tokens_left(self) -> int:
+        """Tokens of the segments not run yet, over every row."""
+        return sum(len(seg) for c in self.chunks for seg in c[self.segment:])
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Run the next segment of every row that has one."""
+        s, settings, condition, gist_id, model = (self.segment, self.settings, self.condition, self.gist_id,
+                                                  self.model)
+        device = model.device
+        ids, pad = pad_batch([c[s] if s < len(c) else [] for c in self.chunks], self.pad_token_id, "left")
         ids, pad = ids.to(device), pad.to(device)
         real, is_gist = pad.bool(), ids == gist_id
-        positions = masks.padding_position_ids(pad, offset)
+        positions = masks.padding_position_ids(pad, self.offset)
         is_sink = real & ~is_gist & (positions < settings.sink_tokens) & (s == 0)
-        n_past, width = kept_valid.shape[1], ids.shape[1]
-        peak = max(peak, n_past + width)
+        n_past, width = self.kept_valid.shape[1], ids.shape[1]
+        self.peak = max(self.peak, n_past + width)
         # the rule of masks._context_rule, with the keys' segments: past keys are what it let through
-        k_seg = torch.cat([kept_seg, torch.full_like(ids, s)], -1)
-        k_gist, k_sink = torch.cat([kept_gist, is_gist], -1), torch.cat([kept_sink, is_sink], -1)
+        k_seg = torch.cat([self.kept_seg, torch.full_like(ids, s)], -1)
+        k_gist, k_sink = torch.cat([self.kept_gist, is_gist], -1), torch.cat([self.kept_sink, is_sink], -1)
         q = torch.arange(width, device=device)[None, :, None]
         k = torch.arange(n_past + width, device=device)[None, None, :]
-        key_real = torch.cat([kept_valid, real], -1)[:, None, :]
+        key_real = torch.cat([self.kept_valid, real], -1)[:, None, :]
         causal = k < n_past + q + 1
         allowed = (key_real & causal & masks._context_rule(
-            torch.full_like(ids, s)[:, :, None], k_seg[:, None, :], k_gist[:, None, :], n_segments, condition,
-            settings.window, k_sink[:, None, :], settings.recent_segments))[:, None]
-        past = DynamicCache(ddp_cache_data=kept) if kept else DynamicCache()
-        key_positions = torch.cat([kept_pos, positions], -1)
+            torch.full_like(ids, s)[:, :, None], k_seg[:, None, :], k_gist[:, None, :], self.n_segments,
+            condition, settings.window, k_sink[:, None, :], settings.recent_segments))[:, None]
+        past = DynamicCache(ddp_cache_data=self.kept) if self.kept else DynamicCache()
+        key_positions = torch.cat([self.kept_pos, positions], -1)
         with dense_attention(model):  # a segment after its past: a small mask, as a continuation's
             out = model(input_ids=ids, position_ids=positions, cache=past, use_cache=True,
                         attention_mask=self_attention_masks(model, allowed, positions, key_positions))
@@ -292,28 +327,35 @@ def compress_context_ids(model, rows: list[list[int]], gist_token_id: int, pad_t
         # tokens of the last recent_segments segments (gist); all of it (pos_control); nothing (neg)
         if condition == "gist":
             active = real.any(-1, keepdim=True)  # a row past its last segment keeps its recent ones
-            keep = torch.cat([kept_valid & (kept_gist | kept_sink | (kept_seg > s - settings.recent_segments)
-                                            | ~active),
+            keep = torch.cat([self.kept_valid & (self.kept_gist | self.kept_sink
+                                                 | (self.kept_seg > s - settings.recent_segments) | ~active),
                               real & (is_gist | is_sink | (settings.recent_segments > 0))], -1)
         elif condition == "pos_control":
-            keep = torch.cat([kept_valid, real], -1)
+            keep = torch.cat([self.kept_valid, real], -1)
         else:
             keep = torch.zeros_like(key_real[:, 0])
         width_kept = int(keep.sum(-1).max()) if keep.numel() else 0
         # the kept columns of each row, left-padded to width_kept: (B, width_kept)
         order = torch.sort(keep.long(), dim=-1, stable=True).indices[:, keep.shape[1] - width_kept:]
-        kept = [(_take(layer.keys, order), _take(layer.values, order)) for layer in out.cache.layers]
-        kept_valid = keep.gather(1, order)
-        kept_pos, kept_seg = key_positions.gather(1, order), k_seg.gather(1, order)
-        kept_gist, kept_sink = k_gist.gather(1, order), k_sink.gather(1, order)
+        self.kept = [(_take(layer.keys, order), _take(layer.values, order)) for layer in out.cache.layers]
+        self.kept_valid = keep.gather(1, order)
+        self.kept_pos, self.kept_seg = key_positions.gather(1, order), k_seg.gather(1, order)
+        self.kept_gist, self.kept_sink = k_gist.gather(1, order), k_sink.gather(1, order)
         if settings.compact_positions:  # the next segment starts after this one's gists
-            offset = offset + t * real.any(-1).long()
+            self.offset = self.offset + settings.gists_per_segment * real.any(-1).long()
         else:
-            offset = offset + pad.long().sum(-1)
-    return GistCache(states=kept, valid=kept_valid, positions=kept_pos, next_position=offset,
-                     num_gist_tokens=t, condition=condition, backend=backend.name,
-                     meta={"segments": asdict(settings), "context_tokens": [len(r) for r in rows],
-                           "peak_positions": peak})
+            self.offset = self.offset + pad.long().sum(-1)
+        self.segment += 1
+
+    def result(self) -> GistCache:
+        """The cache of the rows' contexts (every segment run)."""
+        if not self.done:
+            raise RuntimeError(f"{self.n_segments - self.segment} segments are not compressed yet")
+        return GistCache(states=self.kept, valid=self.kept_valid, positions=self.kept_pos,
+                         next_position=self.offset, num_gist_tokens=self.settings.gists_per_segment,
+                         condition=self.condition, backend=self.backend.name,
+                         meta={"segments": asdict(self.settings),
+                               "context_tokens": [len(r) for r in self.rows], "peak_positions": self.peak})
 
 
 def _take(states: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
