@@ -375,3 +375,43 @@ def test_compiled_engine_answers_alike_and_joins_and_leaves_reuse_its_graphs(mak
     graphs = counters["stats"]["unique_graphs"]
     again, _ = run(ServingEngine(model, tok, K, "gist", max_batch_size=3, compile=True), staggered())
     assert again == eager and counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_long_context_is_compressed_a_segment_per_step_while_others_decode(make_pair):
+    """Chunked prefill: a request bringing a long context (many segments) arrives while another
+    streams; the running one gets a token at every step while the document is compressed, one
+    segment per step (its first token comes after as many steps as it has segments), and both answers
+    equal the library's compress_context + generate."""
+    from gist_lightning.long_context import SegmentSettings, compress_context, encode_context
+    from gist_lightning.tokens import gist_token_id
+
+    model, tok, _ = make_pair("llama", seed=1)
+    settings = SegmentSettings(8, 2, "fine")
+    short, long = INSTRUCTIONS[0], " ".join(INSTRUCTIONS * 4)
+    n_segments = encode_context(tok, long, settings, gist_token_id(tok)).count(gist_token_id(tok)) // 2
+    assert n_segments >= 10  # (the model has 256 positions)
+    engine = ServingEngine(model, tok, 2, "gist", max_batch_size=4, segments=settings)
+    arrivals = {0: [("a", GenerationRequest(short, INPUTS[0], max_tokens=40))],
+                3: [("b", GenerationRequest(long, INPUTS[2], max_tokens=6))]}
+    tokens_at: dict[str, list[int]] = {"a": [], "b": []}
+    step, ended = 0, {}
+    while engine.busy() or step <= 3:
+        for uid, req in arrivals.get(step, []):
+            engine.submit(uid, req)
+        for e in engine.step():
+            tokens_at[e.uid].append(step)  # one event per token taken (its text may be held back)
+            if e.done:
+                ended[e.uid] = e.finish_reason
+        step += 1
+        assert step < 200
+    first_b = min(tokens_at["b"])
+    assert first_b >= 3 + n_segments  # b waited for its pieces, one per step from step 4
+    assert ended["a"] == "length" and max(tokens_at["a"]) > first_b  # a ran through b's compression...
+    start = tokens_at["a"][0]  # ...taking a token at every step from its first, never stalled
+    assert tokens_at["a"] == list(range(start, start + 40))
+    assert engine.counts["compressed"] == 2
+    for uid, text, x, n in (("a", short, INPUTS[0], 40), ("b", long, INPUTS[2], 6)):
+        want = generate(model, tok, compress_context(model, tok, [text], settings), [x], max_new_tokens=n)[0]
+        got, _ = run(ServingEngine(model, tok, 2, "gist", segments=settings),
+                     {0: [(uid, GenerationRequest(text, x, max_tokens=n))]})
+        assert got[uid][0] == want

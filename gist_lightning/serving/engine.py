@@ -7,7 +7,11 @@ now) and queued; cancelled ones leave; (2) every running request gets one more t
 forward; (3) waiting requests join, up to ``max_batch_size`` running: their instructions' caches
 come from memory (an LRU bounded in bytes), else from the on-disk :class:`CacheStore`, else they
 are compressed, in one batch, each distinct instruction once however many requests carry it; one
-forward of their inputs from those caches gives each its first token. Decoder-only models then
+forward of their inputs from those caches gives each its first token. A long context (a model
+with ``segments``) is compressed in pieces instead: one segment per step
+(:class:`~gist_lightning.long_context.ContextCompression`), between the running requests' tokens,
+while its requests wait and others join; so a document delays the running requests by one segment
+per token, not by its whole compression. Decoder-only models then
 decode the newcomers in the same batch as the running requests (continuous batching); T5 keeps
 batches that started at different steps apart (its decoder cannot align them).
 
@@ -43,7 +47,7 @@ from ..decoding import (
     prompt_room,
 )
 from ..errors import ContextLengthError, GistError
-from ..long_context import SegmentSettings, compress_context, encode_context
+from ..long_context import ContextCompression, SegmentSettings, compress_context, encode_context
 from ..prompt_cache import CacheStore
 from ..templates import encode_continuation, encode_prefix
 from ..tokens import encode_text, gist_token_id, special_frame
@@ -268,6 +272,9 @@ class ServingEngine:
         self.waiting: deque[_Job] = deque()
         # taken from waiting, not yet running (a failure must still answer them)
         self.admitting: list[_Job] = []
+        # long contexts being compressed, one segment per step, and the caches made for waiting jobs
+        self.compressing: list[tuple[list[str], ContextCompression]] = []
+        self._fresh: dict[str, GistCache] = {}
         self.running: list[_Batch] = []
         # per request: served from memory, from disk, or waiting for a compression ("compressed_waits");
         # "compressed": compressions run (one per distinct missing instruction; per request in full mode)
@@ -295,7 +302,7 @@ class ServingEngine:
 
     def busy(self) -> bool:
         """True while anything is queued, waiting or decoding: :meth:`step` has work."""
-        return not self._inbox.empty() or bool(self.waiting) or bool(self.running)
+        return not self._inbox.empty() or bool(self.waiting) or bool(self.running) or bool(self.compressing)
 
     # -- the stepping thread ------------------------------------------------------------------
     def stats(self) -> dict:
@@ -333,6 +340,7 @@ class ServingEngine:
         self._drain(events)
         for batch in list(self.running):
             self._advance(batch, batch.decoding.step(), events)
+        self._compress_pieces()
         self._admit(events)
         if len(self.running) > 1:
             merged = DecodingBatch.merge([b.decoding for b in self.running])
@@ -343,6 +351,7 @@ class ServingEngine:
         """Error events for every request in flight (after a failure inside a step), and a clean slate."""
         jobs = [j for b in self.running for j in b.jobs] + self.admitting + list(self.waiting)
         self.running, self.admitting, self.waiting = [], [], deque()
+        self.compressing, self._fresh = [], {}
         return [Event(j.uid, error=message, status=500) for j in dict((j.uid, j) for j in jobs).values()]
 
     def _drain(self, events: list[Event]) -> None:
@@ -423,9 +432,17 @@ class ServingEngine:
 
     def _admit(self, events: list[Event]) -> None:
         free = self.max_batch_size - sum(len(b.jobs) for b in self.running)
-        if free <= 0 or not self.waiting:
+        if not self.waiting:
             return
-        jobs = self.admitting = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        if self._in_pieces():  # long contexts: the jobs whose caches are ready; others start compressing
+            jobs = self._ready_jobs(max(free, 0))
+        elif free <= 0:
+            return
+        else:
+            jobs = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        if not jobs:
+            return
+        self.admitting = jobs
         cache = GistCache.concat(self._prompt_caches(jobs))
         pad = self.tokenizer.pad_token_id
         ids, mask = continuation_batch([j.continuation for j in jobs], pad, self.backend.encoder_decoder)
@@ -438,10 +455,67 @@ class ServingEngine:
         if batch.jobs:
             self.running.append(batch)
 
+    def _in_pieces(self) -> bool:
+        """Long contexts are compressed a segment per step (in full mode each request compresses its
+        own at admission, as a short instruction is)."""
+        return self.segments is not None and self.mode != "full"
+
+    def _ready_jobs(self, free: int) -> list[_Job]:
+        """Up to ``free`` waiting jobs whose context caches are ready (in memory, on disk, or just
+        compressed), in arrival order; the contexts of the others, neither cached nor being
+        compressed, start compressing (each once, ``max_batch_size`` contexts per compression)."""
+        ready, starting = [], []
+        busy = {text for texts, _ in self.compressing for text in texts}
+        for job in list(self.waiting):
+            text = job.request.instruction
+            if not job.cache_source:  # looked up once, when first considered
+                if text in self._fresh:
+                    job.cache_source = "memory"
+                elif text in busy or text in starting:
+                    job.cache_source = "compressed"
+                else:
+                    cache, job.cache_source = self._cached(text)
+                    if cache is None:
+                        starting.append(text)
+                    else:
+                        self._fresh[text] = cache
+                self.counts[_COUNT_OF_SOURCE[job.cache_source]] += 1
+            if text in self._fresh and len(ready) < free:
+                ready.append(job)
+                self.waiting.remove(job)
+        for start in range(0, len(starting), self.max_batch_size):
+            texts = starting[start:start + self.max_batch_size]
+            rows = [encode_context(self.tokenizer, text, self.segments, self.gist_id) for text in texts]
+            self.compressing.append((texts, ContextCompression(self.model, rows, self.gist_id,
+                                                               self.tokenizer.pad_token_id, self.segments,
+                                                               self.condition)))
+            self.counts["compressed"] += len(texts)
+        return ready
+
+    def _compress_pieces(self) -> None:
+        """One segment of every context being compressed; a finished one's caches are kept (memory,
+        store) and held for the jobs waiting on them."""
+        still = []
+        for texts, compression in self.compressing:
+            compression.step()
+            if not compression.done:
+                still.append((texts, compression))
+                continue
+            cache = compression.result()
+            for i, text in enumerate(texts):
+                row = cache.select([i]).trimmed()
+                self._keep(text, row)
+                self._fresh[text] = row
+        self.compressing = still
+
     def _prompt_caches(self, jobs: list[_Job]) -> list[GistCache]:
         """One cache row per job, in order: from memory, disk, or compressed now (each instruction
         once). In full mode every job compresses its own instruction and nothing is kept."""
-        if self.mode == "full":  # every request pays for its own prompt
+        if self._in_pieces():  # made ready by _ready_jobs; held until no waiting job needs them
+            rows = [self._fresh[job.request.instruction] for job in jobs]
+            needed = {job.request.instruction for job in self.waiting}
+            self._fresh = {t: c for t, c in self._fresh.items() if t in needed}
+        elif self.mode == "full":  # every request pays for its own prompt
             for job in jobs:
                 job.cache_source = "none"
             rows = self._compress([job.request.instruction for job in jobs])
