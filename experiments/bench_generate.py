@@ -10,6 +10,7 @@ of the same length, greedy, ``--new_tokens`` new tokens, caches made before the 
 - ``library``: ``gist_lightning.generate`` from a gist cache (k positions); ``library_compiled``:
   the same with ``compile=True`` (static buffers, each step through ``torch.compile``);
 - ``engine``: the serving engine in-process (no HTTP), the instruction's cache warm in memory;
+  ``engine_compiled``: the same with ``compile=True``;
 - ``ceiling``: a bare loop of model forwards over HF's concatenating ``DynamicCache``, no masks;
 - ``ceiling_static``: a bare loop over a preallocated cache (HF ``StaticLayer`` buffers), no
   masks; ``ceiling_static_compiled``: its step through ``torch.compile`` (``fullgraph``: no graph
@@ -20,10 +21,10 @@ of the same length, greedy, ``--new_tokens`` new tokens, caches made before the 
 Every method runs once per round, the rounds interleaved (``--repeats``, at least 5 for the
 committed tables), after a warm-up run whose time is reported for the compiled ones (their compile
 cost). Answers are checked where they must agree: hf_generate = hf_prefix_cache = the library from a
-pos_control cache (full attention over the instruction), and library = library_compiled = engine =
-the ceilings (from the gist cache). tokens_per_s = B x new tokens / time (median over rounds, with
-the lowest and highest); each method is also given as a ratio to ``ceiling_static``,
-``ceiling_static_compiled`` and ``floor``. Random weights are fine for speed.
+pos_control cache (full attention over the instruction), and library = library_compiled = engine
+= engine_compiled = the ceilings (from the gist cache). tokens_per_s = B x new tokens / time
+(median over rounds, with the lowest and highest); each method is also given as a ratio to
+``ceiling_static``, ``ceiling_static_compiled`` and ``floor``. Random weights are fine for speed.
 
     python experiments/bench_generate.py --shape tiny
     python experiments/bench_generate.py --shape 100m --batch 1 32 --repeats 5 --out experiments/results
@@ -42,9 +43,9 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("hf_generate", "hf_prefix_cache", "library", "library_compiled", "engine", "ceiling",
-           "ceiling_static", "ceiling_static_compiled", "floor")
-COMPILED = ("library_compiled", "ceiling_static_compiled")
+METHODS = ("hf_generate", "hf_prefix_cache", "library", "library_compiled", "engine", "engine_compiled",
+           "ceiling", "ceiling_static", "ceiling_static_compiled", "floor")
+COMPILED = ("library_compiled", "engine_compiled", "ceiling_static_compiled")
 CEILINGS = ("ceiling_static", "ceiling_static_compiled", "floor")
 SHAPES = {  # as experiments/bench_serve.py
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -143,18 +144,20 @@ def methods_for(model, tok, instruction: str, inputs: list[str], cfg) -> tuple[d
                                                           **hf_kwargs)[:, whole.shape[1]:].tolist(), eos)
     prompt_cache = DynamicCache()
     with torch.no_grad():
-        model(torch.tensor([prefix] * B, device=dev), past_key_values=prompt_cache)
+        model(torch.tensor([prefix] * B, device=dev), cache=prompt_cache)
     fns["hf_prefix_cache"] = lambda: until_eos(model.generate(
-        whole, attention_mask=torch.ones_like(whole), past_key_values=copy.deepcopy(prompt_cache),
+        whole, attention_mask=torch.ones_like(whole), cache=copy.deepcopy(prompt_cache),
         **hf_kwargs)[:, whole.shape[1]:].tolist(), eos)  # the copy costs little against the decoding
     full_cache = compress(model, tok, [instruction] * B, cfg.k, "pos_control")
     pos_control = generate(model, tok, full_cache, inputs, T)
     gist_cache = compress(model, tok, [instruction] * B, cfg.k, "gist")
     fns["library"] = lambda: generate(model, tok, gist_cache, inputs, T)
     fns["library_compiled"] = lambda: generate(model, tok, gist_cache, inputs, T, compile=True)
-    engine = ServingEngine(model, tok, cfg.k, "gist", mode="gist", cache_memory="4GB", max_batch_size=B)
+    engines = {name: ServingEngine(model, tok, cfg.k, "gist", mode="gist", cache_memory="4GB",
+                                   max_batch_size=B, compile=name == "engine_compiled")
+               for name in ("engine", "engine_compiled")}
 
-    def serve():
+    def serve(engine):
         texts = {}
         for i, x in enumerate(inputs):
             engine.submit(str(i), GenerationRequest(instruction, x, max_tokens=T))
@@ -164,7 +167,8 @@ def methods_for(model, tok, instruction: str, inputs: list[str], cfg) -> tuple[d
                 texts[e.uid] = texts.get(e.uid, "") + e.text
         return [texts[str(i)] for i in range(B)]
 
-    fns["engine"] = serve
+    for name, engine in engines.items():
+        fns[name] = lambda engine=engine: serve(engine)
     start_pos, cont = int(gist_cache.next_position[0]), torch.tensor(conts, device=dev)
     capacity = bucket(gist_cache.length + cont.shape[1] + T, 64)
 
@@ -251,7 +255,7 @@ def check(answers: dict, tok) -> None:
                                                         skip_special_tokens=True).strip() for r in rows]
 
     groups = [("hf_generate", "hf_prefix_cache", "library_pos_control"),
-              ("library", "library_compiled", "engine", "ceiling", "ceiling_static",
+              ("library", "library_compiled", "engine", "engine_compiled", "ceiling", "ceiling_static",
                "ceiling_static_compiled")]
     for group in groups:
         present = [m for m in group if m in answers]

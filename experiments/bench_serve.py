@@ -19,6 +19,15 @@ meaningless, the work is real), exported to a temporary folder with the suite to
     python experiments/bench_serve.py --shape 100m --out experiments/results/serve-100m-cpu
     python experiments/bench_serve.py --shape tiny --out experiments/results/serve-tiny-cpu
     python experiments/bench_serve.py --shape 100m --device cuda --requests 1024 --out ...
+
+``--long_documents``: a segment model (random weights, 64 raw tokens + 8 gists per segment) serving
+``--streams`` short requests that stream, then ``--documents`` requests whose system prompt is a
+document of 2,000-4,000 tokens, compressed by the engine a piece per step between the streams'
+tokens (``--prefill_tokens_per_step``, several values: one server each). Reported: the running
+streams' inter-token gaps p50/p99 before the documents arrive and while they are compressed, and
+the documents' time to first token against each compressed alone on the idle server.
+
+    python experiments/bench_serve.py --long_documents --shape tiny --out experiments/results/serve-long-docs
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ WORDS = ("the a user assistant answer question always never must should reply fo
          "include avoid mention number date time price support ticket escalate manager review rules").split()
 
 
-def export_random(shape: str, folder: Path, positions: int) -> Path:
+def export_random(shape: str, folder: Path, positions: int, segments: dict | None = None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gist_lightning.export import export_pretrained
@@ -64,7 +73,9 @@ def export_random(shape: str, folder: Path, positions: int) -> Path:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 2, max_position_embeddings=positions,
                                          **SHAPES[shape]))
     add_gist_token(tok, model)
-    return export_pretrained(model, tok, folder / f"random-{shape}", num_gist_tokens=1, condition="gist")
+    k = segments["gists_per_segment"] if segments else 1
+    return export_pretrained(model, tok, folder / f"random-{shape}{'-segments' if segments else ''}",
+                             num_gist_tokens=k, condition="gist", segments=segments)
 
 
 def synthetic_instructions(n: int, tokens: int, tokenizer, rng: random.Random) -> list[str]:
@@ -130,6 +141,124 @@ def one_request(port: int, instruction: str, input: str, max_tokens: int) -> dic
     finally:
         out["end"] = time.perf_counter()
     return out
+
+
+def stream_times(port: int, instruction: str, input: str, max_tokens: int, out: dict) -> None:
+    """Stream one chat completion into ``out``: its start, the arrival time of every chunk with
+    content, and its end."""
+    body = {"messages": [{"role": "system", "content": instruction}, {"role": "user", "content": input}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    out.update(start=time.perf_counter(), times=[], error=None)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1200)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        out["error"] = f"HTTP {r.status}: {r.read()[:200]!r}"
+        return
+    for line in r:
+        line = line.strip()
+        if line.startswith(b"data: {"):
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                out["error"] = chunk["error"]
+                return
+            if chunk["choices"] and chunk["choices"][0].get("delta", {}).get("content"):
+                out["times"].append(time.perf_counter())
+    out["end"] = time.perf_counter()
+    conn.close()
+
+
+def long_documents(cfg, tmp: Path) -> tuple[dict, list[dict]]:
+    """The --long_documents scenario: one server per --prefill_tokens_per_step value."""
+    from dataclasses import asdict
+
+    from gist_lightning.long_context import SegmentSettings
+    from gist_lightning.tokens import load_tokenizer
+
+    rng = random.Random(cfg.seed)
+    settings = SegmentSettings(64, 8, "coarse")
+    model = str(export_random(cfg.shape, tmp, 8192, asdict(settings)))
+    tokenizer = load_tokenizer(model)
+
+    def text_of(tokens: int, tag: str) -> str:
+        return synthetic_instructions(1, tokens, tokenizer, random.Random(f"{tag}{rng.random()}"))[0]
+
+    info = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.platform()}; "
+            f"{torch.get_num_threads()} torch threads; torch {torch.__version__}",
+            "model": f"random {cfg.shape} LLaMA shape, segments of 64 + 8 gists", "streams": cfg.streams,
+            "documents": cfg.documents, "document_tokens": [2000, 4000], "stream_tokens": cfg.stream_tokens}
+    cells = []
+    for budget in cfg.prefill_tokens_per_step:
+        args = ["--max_batch_size", str(cfg.streams + cfg.documents), "--accelerator", cfg.device,
+                "--max_tokens_limit", str(cfg.stream_tokens), "--prefill_tokens_per_step", str(budget)]
+        if cfg.dtype:
+            args += ["--dtype", cfg.dtype]
+        stream_texts = [text_of(40, f"s{i}") for i in range(cfg.streams)]
+        doc_texts = [text_of(rng.randint(2000, 4000), f"d{i}") for i in range(cfg.documents)]
+        with ServerProcess(model, *args, log=str(tmp / f"server-docs-{budget}.log")) as server:
+            stream_times(server.port, text_of(40, "warm"), "a", 2, {})
+            streams = [{} for _ in range(cfg.streams)]
+            threads = [threading.Thread(target=stream_times,
+                                        args=(server.port, text, "go on", cfg.stream_tokens, out))
+                       for text, out in zip(stream_texts, streams)]
+            for t in threads:
+                t.start()
+            time.sleep(cfg.lead_seconds)  # the streams run alone for a while
+            docs = [{} for _ in range(cfg.documents)]
+            arrive = time.perf_counter()
+            question = "What is rule 3?"
+            doc_threads = [threading.Thread(target=stream_times, args=(server.port, text, question, 8, doc))
+                           for doc, text in zip(docs, doc_texts)]
+            for t in doc_threads:
+                t.start()
+            for t in doc_threads + threads:
+                t.join()
+            # each document alone on the idle server (new texts of the same lengths: nothing cached)
+            alone = []
+            for text in doc_texts:
+                again = {}
+                stream_times(server.port, text.replace("Rule set", "Rule book", 1), question, 8, again)
+                alone.append(again["times"][0] - again["start"])
+        errors = [x["error"] for x in streams + docs if x.get("error")]
+        last_first = max(d["times"][0] for d in docs if d.get("times"))
+        before, during = [], []
+        for st in streams:
+            for a, b in zip(st["times"], st["times"][1:]):
+                (before if b <= arrive else during if a >= arrive and b <= last_first else []).append(b - a)
+        ttft = [d["times"][0] - d["start"] for d in docs if d.get("times")]
+        cell = {"prefill_tokens_per_step": budget, "gaps_before": len(before), "gaps_during": len(during),
+                "gap_p50_before_ms": 1000 * percentile(before, 50),
+                "gap_p99_before_ms": 1000 * percentile(before, 99),
+                "gap_p50_during_ms": 1000 * percentile(during, 50),
+                "gap_p99_during_ms": 1000 * percentile(during, 99),
+                "doc_ttft_s": ttft, "doc_ttft_alone_s": alone, "errors": errors[:3]}
+        cell["p99_ratio"] = cell["gap_p99_during_ms"] / cell["gap_p99_before_ms"]
+        cell["ttft_ratio_max"] = max(t / a for t, a in zip(ttft, alone)) if len(ttft) == len(alone) else None
+        cells.append(cell)
+        print(json.dumps(cell), flush=True)
+    return info, cells
+
+
+def render_documents(info: dict, cells: list[dict]) -> str:
+    lines = [f"# bench_serve --long_documents: {info['model']}", "", info["machine"], "",
+             f"    {info['command']}", "",
+             f"{info['streams']} streams of {info['stream_tokens']} tokens each (greedy), then "
+             f"{info['documents']} requests bringing documents of 2,000-4,000 tokens (8 new tokens each). "
+             "Gaps: between a running stream's content chunks, before the documents arrive and while they "
+             "are compressed (until the last one's first token). Goals (issue 33): p99 while <= 1.5x p99 "
+             "before; each document's time to first token <= 2x its compression alone.", "",
+             "| prefill tokens / step | gaps before / during | p50 before ms | p99 before ms | p50 during ms "
+             "| p99 during ms | p99 ratio | doc TTFT s | alone s | worst TTFT ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        budget = c["prefill_tokens_per_step"] or "1 segment"
+        ratio = f"{c['ttft_ratio_max']:.2f}" if c["ttft_ratio_max"] is not None else "-"
+        lines.append(f"| {budget} | {c['gaps_before']} / {c['gaps_during']} | {c['gap_p50_before_ms']:.1f} | "
+                     f"{c['gap_p99_before_ms']:.1f} | {c['gap_p50_during_ms']:.1f} | "
+                     f"{c['gap_p99_during_ms']:.1f} | "
+                     f"{c['p99_ratio']:.2f} | {', '.join(f'{t:.2f}' for t in c['doc_ttft_s'])} | "
+                     f"{', '.join(f'{t:.2f}' for t in c['doc_ttft_alone_s'])} | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_cell(port: int, requests: list[tuple[str, str]], concurrency: int, max_tokens: int,
@@ -205,9 +334,27 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
     p.add_argument("--check_args", action="store_true",
                    help="validate the arguments, print what would run and exit (no server, no work)")
+    p.add_argument("--long_documents", action="store_true",
+                   help="the long-document scenario (chunked prefill; see the module docstring)")
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--stream_tokens", type=int, default=600)
+    p.add_argument("--documents", type=int, default=4)
+    p.add_argument("--lead_seconds", type=float, default=3.0, help="the streams alone before the documents")
+    p.add_argument("--prefill_tokens_per_step", type=int, nargs="+", default=[0, 256])
     cfg = p.parse_args(argv)
     if cfg.check_args:
         print(f"bench_serve would run: {vars(cfg)}")
+        return
+    if cfg.long_documents:
+        with tempfile.TemporaryDirectory() as tmp:
+            info, cells = long_documents(cfg, Path(tmp))
+        table = render_documents(info, cells)
+        print(table)
+        if cfg.out:
+            out = Path(cfg.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps({"info": info, "cells": cells}, indent=1))
+            (out / "results.md").write_text(table)
         return
 
     from gist_lightning.templates import encode_prefix

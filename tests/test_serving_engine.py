@@ -415,3 +415,27 @@ def test_a_long_context_is_compressed_a_segment_per_step_while_others_decode(mak
         got, _ = run(ServingEngine(model, tok, 2, "gist", segments=settings),
                      {0: [(uid, GenerationRequest(text, x, max_tokens=n))]})
         assert got[uid][0] == want
+
+
+def test_a_token_budget_per_step_compresses_in_fewer_larger_pieces(make_pair):
+    """prefill_tokens_per_step: segments until that many tokens per step; the document's first
+    token comes sooner, its answer is the same; a negative budget is refused."""
+    from gist_lightning.long_context import SegmentSettings
+
+    model, tok, _ = make_pair("llama", seed=1)
+    settings = SegmentSettings(8, 2, "fine")
+    doc = " ".join(INSTRUCTIONS * 4)
+    firsts, answers = {}, {}
+    for budget in (0, 40):
+        engine = ServingEngine(model, tok, 2, "gist", segments=settings, prefill_tokens_per_step=budget)
+        engine.submit("d", GenerationRequest(doc, INPUTS[0], max_tokens=4))
+        step, text = 0, ""
+        while engine.busy():
+            for e in engine.step():
+                text += e.text
+                firsts.setdefault(budget, step)
+            step += 1
+        answers[budget] = text
+    assert answers[0] == answers[40] and firsts[40] * 3 < firsts[0]
+    with pytest.raises(ValueError, match="prefill_tokens_per_step must be >= 0"):
+        ServingEngine(model, tok, 2, "gist", segments=settings, prefill_tokens_per_step=-1)

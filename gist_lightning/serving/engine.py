@@ -221,6 +221,10 @@ class ServingEngine:
             graphs on a GPU); batches are padded to powers of two in rows and columns, so joins and
             leaves reuse a few compiled shapes (``"static"``: the buffers without compiling). The
             answers are the eager ones.
+        prefill_tokens_per_step: a long context is compressed in pieces between decoding steps: one
+            segment per step (0), or segments until this many of its tokens per step (at least one
+            segment): more makes a document's first token come sooner and the running requests'
+            tokens later.
 
     Raises:
         ValueError: an unknown mode or a batch size below 1.
@@ -244,7 +248,8 @@ class ServingEngine:
 
     def __init__(self, model, tokenizer, num_gist_tokens: int, condition: str, mode: str = "gist",
                  cache_memory: int | str = "256MB", cache_dir: str | None = None, max_batch_size: int = 16,
-                 segments: SegmentSettings | None = None, compile: bool | str = False):
+                 segments: SegmentSettings | None = None, compile: bool | str = False,
+                 prefill_tokens_per_step: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         if max_batch_size < 1:
@@ -258,6 +263,9 @@ class ServingEngine:
             raise GistError(f"--mode {mode} needs {self.condition} caching: {why_not}")
         self.max_batch_size = max_batch_size
         self.compile = compile
+        if prefill_tokens_per_step < 0:
+            raise ValueError(f"prefill_tokens_per_step must be >= 0; got {prefill_tokens_per_step}")
+        self.prefill_tokens_per_step = prefill_tokens_per_step
         self.gist_id = gist_token_id(tokenizer)
         self.n_special = len(special_frame(tokenizer)[0])  # tokens before an instruction (e.g. BOS)
         self.context = self.backend.context_length(model.config)
@@ -493,11 +501,15 @@ class ServingEngine:
         return ready
 
     def _compress_pieces(self) -> None:
-        """One segment of every context being compressed; a finished one's caches are kept (memory,
-        store) and held for the jobs waiting on them."""
+        """One piece of every context being compressed (a segment, or ``prefill_tokens_per_step``
+        tokens' worth); a finished one's caches are kept (memory, store) and held for the jobs
+        waiting on them."""
         still = []
         for texts, compression in self.compressing:
+            start = compression.tokens_left
             compression.step()
+            while not compression.done and start - compression.tokens_left < self.prefill_tokens_per_step:
+                compression.step()
             if not compression.done:
                 still.append((texts, compression))
                 continue

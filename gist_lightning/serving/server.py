@@ -56,12 +56,13 @@ class GistServeAPI(ls.LitAPI):
                  cache_memory: str = "256MB", max_batch_size: int = 16, dtype: str | None = None,
                  model_name: str | None = None, default_max_tokens: int | None = None,
                  max_tokens_limit: int = 1024, max_body_size: str | int = "16MiB", *,
-                 folder: ServerFolder, compile: bool = False):
+                 folder: ServerFolder, compile: bool = False, prefill_tokens_per_step: int = 0):
         if mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}; got {mode!r}")
         parse_bytes(cache_memory)  # a bad size fails here, before any process starts
         self.model_path, self.mode, self.cache_dir, self.cache_memory = model, mode, cache_dir, cache_memory
         self.dtype, self.folder, self.compile = dtype, folder, compile
+        self.prefill_tokens_per_step = prefill_tokens_per_step
         spec = GistOpenAISpec(model_name or Path(model).name, folder, default_max_tokens, max_tokens_limit,
                               max_body_bytes=parse_bytes(max_body_size))
         super().__init__(max_batch_size=max_batch_size, stream=True, spec=spec, loop=_Loop())
@@ -89,7 +90,8 @@ class GistServeAPI(ls.LitAPI):
         self.engine = ServingEngine(model.to(device), tokenizer, settings["num_gist_tokens"],
                                     settings["condition"], mode=self.mode, cache_memory=self.cache_memory,
                                     cache_dir=self.cache_dir, max_batch_size=self.max_batch_size,
-                                    segments=segments, compile=self.compile)
+                                    segments=segments, compile=self.compile,
+                                    prefill_tokens_per_step=self.prefill_tokens_per_step)
         self.metrics = metrics()
         # the requests given to this worker and not ended (add_request adds from the loop's thread)
         self._uids: set[str] = set()
@@ -180,7 +182,8 @@ class _Server(ls.LitServer):
 def build_server(cfg, folder: ServerFolder) -> ls.LitServer:
     api = GistServeAPI(cfg.model, cfg.mode, cfg.cache_dir, cfg.cache_memory, cfg.max_batch_size, cfg.dtype,
                        cfg.served_model_name, cfg.default_max_tokens, cfg.max_tokens_limit, cfg.max_body_size,
-                       folder=folder, compile=cfg.compile)
+                       folder=folder, compile=cfg.compile,
+                       prefill_tokens_per_step=cfg.prefill_tokens_per_step)
     server = _Server(api, accelerator=cfg.accelerator, devices=cfg.devices,
                           workers_per_device=cfg.workers_per_device, timeout=False)
     if server.devices == ["cpu"] and cfg.devices > 1:
@@ -295,6 +298,9 @@ def _serve_parser() -> ArgumentParser:
     parser.add_argument("--cache_memory", default="256MB",
                         help="memory for cached instructions (LRU), e.g. 256MB, 2GiB")
     parser.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together at most")
+    parser.add_argument("--prefill_tokens_per_step", type=int, default=0,
+                        help="a long context (segment models) is compressed between decoding steps: one "
+                        "segment per step (0), or segments until this many tokens per step")
     parser.add_argument("--compile", action="store_true",
                         help="decode in static buffers through torch.compile (CUDA graphs on a GPU); each "
                         "new bucket of rows and columns compiles once (seconds to minutes) on first use")
