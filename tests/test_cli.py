@@ -23,7 +23,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 # configs that complete another one rather than stand alone (trainer presets go on top of any config)
 LAYERED = {"tiny-t5.yaml": ["tiny.yaml"], "tiny-long.yaml": ["tiny.yaml"],
-           "tiny-long-recall.yaml": ["tiny.yaml", "tiny-long.yaml"]}
+           "tiny-long-recall.yaml": ["tiny.yaml", "tiny-long.yaml"],
+           # the long-context recipe's two steps
+           "tiny-long-base.yaml": ["tiny.yaml", "tiny-long.yaml", "tiny-long-recall.yaml"],
+           "tiny-long-gist.yaml": ["tiny.yaml", "tiny-long.yaml", "tiny-long-recall.yaml"]}
 for preset in (CONFIG_DIR / "strategies").glob("*.yaml"):
     LAYERED[preset.name] = ["tiny.yaml"]
 BIN = str(Path(sys.executable).parent / "gist-lightning")
