@@ -348,13 +348,7 @@ def main(argv=None) -> None:
     if cfg.long_documents:
         with tempfile.TemporaryDirectory() as tmp:
             info, cells = long_documents(cfg, Path(tmp))
-        table = render_documents(info, cells)
-        print(table)
-        if cfg.out:
-            out = Path(cfg.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "results.json").write_text(json.dumps({"info": info, "cells": cells}, indent=1))
-            (out / "results.md").write_text(table)
+        write_results(cfg.out, info, cells, render_documents(info, cells))
         return
 
     from gist_lightning.templates import encode_prefix
@@ -416,10 +410,14 @@ def main(argv=None) -> None:
                         "compressions": stats["compressed"]}
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
-    table = render(info, cells)
+    write_results(cfg.out, info, cells, render(info, cells))
+
+
+def write_results(out: str | None, info: dict, cells: list[dict], table: str) -> None:
+    """Print the table; with ``out``, write results.json and results.md there."""
     print(table)
-    if cfg.out:
-        out = Path(cfg.out)
+    if out:
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"info": info, "cells": cells}, indent=1))
         (out / "results.md").write_text(table)

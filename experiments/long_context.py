@@ -108,6 +108,19 @@ def task_args(task: str, args) -> list[str]:
     ]
 
 
+def cell_tail(task: str, seed: int, args) -> list[str]:
+    """What every cell of ``task`` and ``seed`` ends with: the task, the seed, no bar, the shared cache."""
+    return [
+        *task_args(task, args),
+        "--seed_everything",
+        str(seed),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.cache_dir",
+        str(args.run_root / "cache"),
+    ]
+
+
 def variant_args(variant: str, placement: str) -> list[str]:
     """The fine-tuning overrides of ``variant`` (``scratch``, ``base``, ``base+ae``, ``best+ae+kd``...)
     on ``placement``."""
@@ -135,13 +148,7 @@ def base_cell(task: str, seed: int, args) -> Cell:
             "pos_control",
             "--model.model_config",
             json.dumps(args.model_config),
-            *task_args(task, args),
-            "--seed_everything",
-            str(seed),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--data.init_args.cache_dir",
-            str(args.run_root / "cache"),
+            *cell_tail(task, seed, args),
         ),
         stages=(
             Stage(max_steps=args.base_steps, args=("--trainer.val_check_interval", str(args.base_steps))),
@@ -165,13 +172,7 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
         args=(
             *source,
             *extra,
-            *task_args(task, args),
-            "--seed_everything",
-            str(seed),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--data.init_args.cache_dir",
-            str(args.run_root / "cache"),
+            *cell_tail(task, seed, args),
         ),
         stages=(Stage(max_steps=steps, args=("--trainer.val_check_interval", str(steps))),),
     )

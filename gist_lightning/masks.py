@@ -239,6 +239,17 @@ def context_labels(
     return exclusive // gists_per_segment, is_gist, total // gists_per_segment
 
 
+def index_in_example(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """Each column's index among its example's real tokens: restarting per packed example
+    (``segment_ids``), skipping padding (``attention_mask``), or the column itself."""
+    if segment_ids is not None:
+        return segment_position_ids(segment_ids.long())
+    if attention_mask is not None:
+        return padding_position_ids(attention_mask)
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+
 def compact_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, gist_token_id: int,
                          gists_per_segment: int, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Positions of a segmented context with the earlier segments' raw tokens taken out: a token's
@@ -247,12 +258,7 @@ def compact_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     follows it need N x gists / segment_tokens + one segment positions, not N: a model trained
     this way (``SegmentSettings.compact_positions``) reads contexts longer than its positions."""
     seg, _, _ = context_labels(input_ids, gist_token_id, gists_per_segment, segment_ids)
-    if segment_ids is not None:
-        real = segment_position_ids(segment_ids)
-    elif attention_mask is not None:
-        real = padding_position_ids(attention_mask)
-    else:
-        real = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    real = index_in_example(input_ids, attention_mask, segment_ids)
     starts = torch.ones_like(seg, dtype=torch.bool)
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
     if segment_ids is not None:
@@ -291,12 +297,7 @@ def long_context_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     segments = decoder_segments(input_ids, attention_mask, segment_ids)
     seg, is_gist, after = context_labels(input_ids, gist_token_id, gists_per_segment,
                                          segments if segment_ids is not None else None)
-    if segment_ids is not None:
-        index = segment_position_ids(segments)
-    elif attention_mask is not None:
-        index = padding_position_ids(attention_mask)
-    else:
-        index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    index = index_in_example(input_ids, attention_mask, segment_ids)
     is_sink = (index < sink_tokens) & (seg == 0) & ~is_gist & (segments > 0)
     return segments, ContextLabels(seg, is_gist, is_sink, after)
 
