@@ -18,14 +18,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # the fast tier (a few minutes on 2 cores): everything but the tests marked slow (end-to-end fits,
-# kills and resumes, server processes, multi-process runs, flex compilations)
+# kills and resumes, server processes, multi-process runs, flex compilations), on the same two
+# workers as test-all
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 # every test: what CI runs. Two pytest workers (pytest-xdist), each given whole files (module fixtures
 # made once; the one-node SLURM's tests are one file) and one torch thread: most slow tests wait on
 # single-threaded child processes (imports, tiny fits), so two at a time use both cores.
-TEST_WORKERS ?= 2
 test-all: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
