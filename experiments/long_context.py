@@ -657,8 +657,9 @@ def main(argv: list[str] | None = None) -> int:
                 s: evaluate_all(ev, task, s, ["base-coarse", "base-fine"], val, "validation", args)
                 for s in seeds
             }
-            means = {
-                pl: np.mean([mean_em(scores[s], f"base-{pl}") for s in seeds]) for pl in ("coarse", "fine")
+            means = {  # exact match %, over seeds and ratios
+                pl: round(100 * float(np.mean([mean_em(scores[s], f"base-{pl}") for s in seeds])), 2)
+                for pl in ("coarse", "fine")
             }
             placement = max(means, key=means.get) if args.placement == "auto" else args.placement
             print(f"placement: {placement} (validation exact match over ratios: {means})", flush=True)
@@ -671,8 +672,9 @@ def main(argv: list[str] | None = None) -> int:
             s: evaluate_all(ev, task, s, [plain] + [plain + a for a in ADDITIONS], val, "validation", args)
             for s in seeds
         }
-        gains = {
-            a: np.mean([mean_em(val_scores[s], plain + a) - mean_em(val_scores[s], plain) for s in seeds])
+        gains = {  # percentage points of exact match over the plain placement, over seeds and ratios
+            a: round(100 * float(np.mean([mean_em(val_scores[s], plain + a) - mean_em(val_scores[s], plain)
+                                          for s in seeds])), 2)
             for a in ADDITIONS
         }
         helped = [a for a in ADDITIONS if gains[a] > 0]
