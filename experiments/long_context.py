@@ -429,7 +429,8 @@ def write_outputs(
     ]
     summary = {}
     for task in sorted({k[0] for k in results}):
-        methods = sorted({k[1] for k in results if k[0] == task}, key=lambda m: (m in BASELINES or m.startswith("truncation"), m))
+        baseline = lambda m: m in BASELINES or m.startswith("truncation")  # noqa: E731
+        methods = sorted({k[1] for k in results if k[0] == task}, key=lambda m: (baseline(m), m))
         lines += [
             f"## {task} (chance floor {floors[task]:.1f}%)",
             "",
