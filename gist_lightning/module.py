@@ -392,14 +392,18 @@ class GistLitModule(L.LightningModule):
         """The masked forward of ``model`` over a batch under ``condition`` (the student's rule, or a
         teacher's full / segment-alone view of the same tokens)."""
         h = self.hparams
-        if self.segments is not None:  # a training batch may carry its drawn ratio (segments.train_ratios)
-            settings = replace(self.segments, gists_per_segment=batch.get("gists_per_segment",
-                                                                          self.segments.gists_per_segment))
+        if self.segments is not None:
             return long_context.masked_forward(model, batch["input_ids"], batch["attention_mask"],
-                                               self.gist_token_id, settings, condition,
+                                               self.gist_token_id, self._batch_segments(batch), condition,
                                                segment_ids=batch.get("segment_ids"), **kwargs)
         return gist_forward(model, batch["input_ids"], batch["attention_mask"], self.gist_token_id, condition,
                             num_gist_tokens=h.num_gist_tokens, segment_ids=batch.get("segment_ids"), **kwargs)
+
+    def _batch_segments(self, batch) -> SegmentSettings:
+        """The segment settings of a batch: a training batch may carry its drawn ratio
+        (``segments.train_ratios``)."""
+        return replace(self.segments, gists_per_segment=batch.get("gists_per_segment",
+                                                                  self.segments.gists_per_segment))
 
     def _loss(self, batch) -> torch.Tensor:
         return self._losses(batch)["loss"]
@@ -426,10 +430,8 @@ class GistLitModule(L.LightningModule):
             loss = loss + o.distill_weight * terms["distill"]
         if o.autoencode_weight:
             ids, seg = batch["input_ids"], batch.get("segment_ids")
-            settings = replace(self.segments, gists_per_segment=batch.get("gists_per_segment",
-                                                                          self.segments.gists_per_segment))
             positions = long_context.prompt_positions(ids, batch["attention_mask"], self.gist_token_id,
-                                                      settings, seg)
+                                                      self._batch_segments(batch), seg)
             examples = masks.decoder_segments(ids, batch["attention_mask"], seg)
             terms["autoencode"] = autoencode_loss(self.autoencoder, out.cache, ids, examples, positions,
                                                   self.gist_token_id)
