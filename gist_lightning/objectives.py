@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .families import self_attention_masks
+from .families import model_class, self_attention_masks
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,6 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 
 def build_autoencoder(student_config):
     """A one-layer decoder of the student's family and width (its own, fresh parameters)."""
-    from .families import model_class
-
     config = student_config.__class__.from_dict({**student_config.to_dict(), "num_hidden_layers": 1,
                                                 "layer_types": None, "use_cache": True})
     config._attn_implementation = "sdpa" if student_config._attn_implementation == "flex_attention" \
