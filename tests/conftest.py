@@ -258,17 +258,24 @@ def other_random_export(tmp_path_factory) -> Path:
     return _random_export(tmp_path_factory.mktemp("random-other"), seed=1)
 
 
-@pytest.fixture(scope="session")
-def trained_export(tmp_path_factory) -> Path:
-    """An exported gist model (tiny LLaMA, k=1) trained on the embedded suite for 2000 steps
-    (about a minute on 2 cores), checked here to answer by instruction and input: for every probe
-    input, at least two different answers over four instructions, and for every instruction a
-    different answer to each input."""
+def _shared_folder(tmp_path_factory, name: str):
+    """(folder, lock): a folder every pytest-xdist worker of this run shares (under the run's base
+    temp), built under the lock; in one process, a folder of its own and no lock."""
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp(name), nullcontext()
+    root = tmp_path_factory.getbasetemp().parent  # this run's, shared by its workers
+    return root / name, FileLock(str(root / f"{name}.lock"))
+
+
+def _train_export(folder: Path) -> Path:
     from gist_lightning.data import EmbeddedSuite
-    from gist_lightning.export import export_pretrained, load_pretrained
+    from gist_lightning.export import export_pretrained
     from gist_lightning.module import GistLitModule
 
-    folder = tmp_path_factory.mktemp("trained")
     L.seed_everything(0)
     module = GistLitModule(model_config=dict(TINY_LLAMA, hidden_size=64, intermediate_size=128),
                            learning_rate=3e-3, warmup_ratio=0.05)
@@ -277,8 +284,24 @@ def trained_export(tmp_path_factory) -> Path:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(folder))
     trainer.fit(module, datamodule=data)
-    export = export_pretrained(module.model, module.tokenizer, folder / "export", num_gist_tokens=1,
-                               condition="gist")
+    return export_pretrained(module.model, module.tokenizer, folder / "export", num_gist_tokens=1,
+                             condition="gist")
+
+
+@pytest.fixture(scope="session")
+def trained_export(tmp_path_factory) -> Path:
+    """An exported gist model (tiny LLaMA, k=1) trained on the embedded suite for 2000 steps
+    (about a minute on 2 cores; once per test run: xdist workers share it), checked here to answer
+    by instruction and input: for every probe input, at least two different answers over four
+    instructions, and for every instruction a different answer to each input."""
+    from gist_lightning.export import load_pretrained
+
+    folder, lock = _shared_folder(tmp_path_factory, "trained")
+    export = folder / "export"
+    with lock:
+        if not (folder / "trained.done").is_file():
+            _train_export(folder)
+            (folder / "trained.done").write_text("")
 
     model, tok, _ = load_pretrained(export)
     cache = compress(model, tok, PROBE_INSTRUCTIONS, 1)
