@@ -66,7 +66,9 @@ CONFIGS = [
 ]
 RATIOS = (4, 8, 16)
 # the tasks: (generator task, facts per context, chance floor: answering any code in the context)
-TASKS = {"recall1": ("recall", 1), "recall3": ("recall", 3), "two_hop": ("two_hop", 1)}
+# (two-hop with 2 facts: 2 pointers and 2 codes, so answering any code of the context is right half
+# the time; with 1 fact the context holds one code and the task needs no second hop)
+TASKS = {"recall1": ("recall", 1), "recall3": ("recall", 3), "two_hop": ("two_hop", 2)}
 # a model of ~3.3M parameters (the tiny default's 0.9M does not learn 3 facts), contexts of 8-16
 # segments of 32 tokens at 4x
 MODEL = {
@@ -91,10 +93,18 @@ BASELINES = ("full", "truncation", "no_context")
 
 
 def task_args(task: str, args) -> list[str]:
-    """The task's data, and the layout every model of the experiment shares: segments of 32 tokens,
-    4x (8 gists) for validation and export, ratios 4, 8 and 16 drawn in training."""
+    """The task's data, and the layout every model of the experiment shares: segments of
+    ``--segment_tokens`` raw tokens, 4x for validation and export, ratios 4, 8 and 16 drawn in
+    training."""
     generator, facts = TASKS[task]
+    gists = str(args.segment_tokens // 4)
     return [
+        "--model.segments.segment_tokens",
+        str(args.segment_tokens),
+        "--model.segments.gists_per_segment",
+        gists,
+        "--model.num_gist_tokens",
+        gists,
         "--model.segments.train_ratios",
         "[4, 8, 16]",
         "--data.init_args.tasks",
@@ -103,6 +113,8 @@ def task_args(task: str, args) -> list[str]:
         str(facts),
         "--data.init_args.context_words",
         json.dumps(args.context_words),
+        "--data.init_args.batch_size",
+        str(args.train_batch_size),
         "--data.init_args.limits.max_length",
         "1024",
     ]
@@ -148,6 +160,8 @@ def base_cell(task: str, seed: int, args) -> Cell:
             "pos_control",
             "--model.model_config",
             json.dumps(args.model_config),
+            "--model.learning_rate",
+            str(args.base_learning_rate),
             *cell_tail(task, seed, args),
         ),
         stages=(
@@ -161,11 +175,13 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
     base = export_of(args.run_root, "base", task, seed)
     if variant == "scratch":
         source, steps = ["--model.model_config", json.dumps(args.model_config)], args.scratch_steps
+        needs = ()
     else:
         source, steps = (
             ["--model.model_config", "null", "--model.model_name_or_path", str(base)],
             args.tune_steps,
         )
+        needs = (run_name("base", task, seed),)  # its base's export, so it starts when that is done
     extra = [a.replace("{base}", str(base)) for a in variant_args(variant, placement)]
     return Cell(
         name=run_name(method_name(variant, placement), task, seed),
@@ -175,6 +191,7 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
             *cell_tail(task, seed, args),
         ),
         stages=(Stage(max_steps=steps, args=("--trainer.val_check_interval", str(steps))),),
+        needs=needs,
     )
 
 
@@ -354,7 +371,7 @@ def objective_speed(base: Path, task: str, args, steps: int = 25) -> list[dict]:
             context_words=tuple(args.context_words),
             train_size=256,
             validation_size=8,
-            batch_size=32,
+            batch_size=args.train_batch_size,
             cache_dir=str(args.run_root / "cache-speed"),
             limits={"max_length": 1024},
         )
@@ -600,6 +617,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--ablation_task", default="recall3", choices=list(TASKS))
     p.add_argument("--ablation_seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument(
+        "--ablation_rows",
+        nargs="+",
+        default=["scratch", *ADDITIONS],
+        choices=["scratch", *ADDITIONS],
+        help="the ablation's optional rows (cut to fit a budget; coarse and fine from the base always run)",
+    )
     p.add_argument("--final_seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--base_steps", type=int, default=1500, help="training steps of each full-attention base")
     p.add_argument("--tune_steps", type=int, default=500, help="fine-tuning steps of each gist variant")
@@ -616,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         "--context_words",
         type=int,
         nargs=2,
-        default=[150, 250],
-        help="contexts' words (low high): 8-16 segments of 32 tokens at 4x",
+        default=[70, 120],
+        help="contexts' words (low high): ~130-230 tokens, 8-14 segments of 16 tokens",
     )
     p.add_argument(
         "--model_config",
@@ -625,11 +649,19 @@ def main(argv: list[str] | None = None) -> int:
         default=MODEL,
         help="the bases' (and scratch's) HF config fields, JSON (default: ~3.3M parameters)",
     )
+    p.add_argument(
+        "--segment_tokens",
+        type=int,
+        default=16,
+        help="raw tokens per segment (a multiple of 16: 4x, 8x and 16x keep segment_tokens/4, /8, /16 gists)",
+    )
     p.add_argument("--plateau_loss", type=float, default=0.5)
     p.add_argument("--speed", action="store_true", help="also time each objective's training steps")
     p.add_argument("--run_root", type=Path, default=ROOT / "runs" / "long-context")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "long-context")
-    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--batch_size", type=int, default=50, help="records per evaluation batch")
+    p.add_argument("--train_batch_size", type=int, default=16, help="records per training batch")
+    p.add_argument("--base_learning_rate", type=float, default=1e-3, help="the bases' peak learning rate")
     p.add_argument(
         "--check_args",
         action="store_true",
@@ -639,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(cells_at_once=2, threads_per_cell=1)
     args, extra = p.parse_known_args(argv)  # unknown arguments go to every fit
     args.context_words = list(args.context_words)
+    if args.segment_tokens < 16 or args.segment_tokens % 16:
+        p.error(f"--segment_tokens must be a multiple of 16 (16x keeps segment_tokens/16 gists); got "
+                f"{args.segment_tokens}")
     torch.set_num_threads(1)
     ev = Evaluations(args.run_root)
     choice_path = args.run_root / "choice.json"
@@ -648,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             gist_cell(v, pl, task, s, args)
             for s in seeds
             for v, pl in (("scratch", "coarse"), ("base", "coarse"), ("base", "fine"))
+            if v != "scratch" or "scratch" in args.ablation_rows
         ]
         run_or_list(first, args, extra)
         if args.check_args:
@@ -664,28 +700,30 @@ def main(argv: list[str] | None = None) -> int:
             }
             placement = max(means, key=means.get) if args.placement == "auto" else args.placement
             print(f"placement: {placement} (validation exact match over ratios: {means})", flush=True)
-        additions = [gist_cell("base" + a, placement, task, s, args) for s in seeds for a in ADDITIONS]
-        run_or_list(additions, args, extra)
+        bases = [base_cell(task, s, args) for s in seeds]  # finished: kept, as what the rest needs
+        rows = [a for a in ADDITIONS if a in args.ablation_rows]
+        additions = [gist_cell("base" + a, placement, task, s, args) for s in seeds for a in rows]
+        run_or_list(bases + additions, args, extra)
         if args.check_args:
             return 0
         plain = f"base-{placement}"
         val_scores = {
-            s: evaluate_all(ev, task, s, [plain] + [plain + a for a in ADDITIONS], val, "validation", args)
+            s: evaluate_all(ev, task, s, [plain] + [plain + a for a in rows], val, "validation", args)
             for s in seeds
         }
         gains = {  # percentage points of exact match over the plain placement, over seeds and ratios
             a: round(100 * float(np.mean([mean_em(val_scores[s], plain + a) - mean_em(val_scores[s], plain)
                                           for s in seeds])), 2)
-            for a in ADDITIONS
+            for a in rows
         }
-        helped = [a for a in ADDITIONS if gains[a] > 0]
+        helped = [a for a in rows if gains[a] > 0]
         best = "best" + "".join(helped) if len(helped) > 1 else ("base" + helped[0] if helped else "base")
         print(
             f"validation gains over {plain} (points): {gains}; chosen: {method_name(best, placement)}",
             flush=True,
         )
         if len(helped) > 1:
-            run_or_list([gist_cell(best, placement, task, s, args) for s in seeds], args, extra)
+            run_or_list(bases + [gist_cell(best, placement, task, s, args) for s in seeds], args, extra)
         choice_path.write_text(
             json.dumps({"placement": placement, "variant": best, "gains": gains}, indent=1)
         )

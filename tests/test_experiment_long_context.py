@@ -43,6 +43,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
     want = [f"base-recall3-seed{s}" for s in (0, 1)]
     want += [f"{m}-recall3-seed{s}" for s in (0, 1) for m in ("scratch-coarse", "base-coarse", "base-fine")]
+    want += [f"base-recall3-seed{s}" for s in (0, 1)]  # again: what the additions need (finished: kept)
     want += [f"base-coarse{a}-recall3-seed{s}" for s in (0, 1)
              for a in ("+layout", "+ae", "+importance", "+kd")]
     assert names == want
@@ -50,10 +51,18 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
 
     import argparse
 
-    args = argparse.Namespace(run_root=tmp_path, context_words=[150, 250], base_steps=1500, tune_steps=500,
-                              scratch_steps=2000, model_config=lc.MODEL)
+    args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], base_steps=1500, tune_steps=500,
+                              scratch_steps=2000, model_config=lc.MODEL, segment_tokens=32,
+                              train_batch_size=16, base_learning_rate=3e-3)
     base = lc.base_cell("recall3", 1, args)
     assert _value(list(base.args), "--model.condition") == "pos_control"
+    assert _value(list(base.args), "--model.learning_rate") == "0.003"
+    assert _value(list(base.args), "--data.init_args.batch_size") == "16"
+    # 32 raw tokens a segment: 8 gists at 4x (validation and export), ratios 4-16 drawn in training
+    assert _value(list(base.args), "--model.segments.segment_tokens") == "32"
+    assert _value(list(base.args), "--model.segments.gists_per_segment") == "8"
+    assert _value(list(base.args), "--model.num_gist_tokens") == "8"
+    assert base.needs == ()
     assert json.loads(_value(list(base.args), "--model.model_config"))["hidden_size"] == 256
     assert _value(list(base.args), "--data.init_args.facts") == "3"
     assert [s.max_steps for s in base.stages] == [1500]
@@ -62,12 +71,25 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     assert _value(kd, "--model.model_name_or_path") == export == _value(kd, "--model.objectives.teacher")
     assert _value(kd, "--model.model_config") == "null" and _value(kd, "--model.segments.placement") == "fine"
     assert _value(kd, "--model.segments.train_ratios") == "[4, 8, 16]"
+    assert lc.gist_cell("base+kd", "fine", "recall3", 1, args).needs == ("base-recall3-seed1",)  # waits
     best = lc.gist_cell("best+layout+ae", "coarse", "two_hop", 0, args)
     assert best.name == "best-coarse+layout+ae-two_hop-seed0"
     assert _value(list(best.args), "--model.segments.sink_tokens") == "4"
     assert _value(list(best.args), "--model.objectives.autoencode_weight") == "0.5"
     scratch = lc.gist_cell("scratch", "coarse", "recall1", 0, args)
     assert "--model.model_name_or_path" not in scratch.args and scratch.stages[0].max_steps == 2000
+    assert scratch.needs == ()  # from random weights: nothing to wait for
+
+
+def test_ablation_rows_cut_the_optional_rows_and_segments_must_divide(lc, tmp_path, capsys):
+    assert lc.main(["--check_args", "--run_root", str(tmp_path), "--ablation_seeds", "0",
+                    "--ablation_rows", "+layout", "+kd"]) == 0
+    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["base-recall3-seed0", "base-coarse-recall3-seed0", "base-fine-recall3-seed0",
+                     "base-recall3-seed0", "base-coarse+layout-recall3-seed0", "base-coarse+kd-recall3-seed0"]
+    with pytest.raises(SystemExit):
+        lc.main(["--check_args", "--run_root", str(tmp_path), "--segment_tokens", "24"])
+    assert "--segment_tokens must be a multiple of 16" in capsys.readouterr().err
 
 
 def test_truncated_rows_keep_the_context_end_within_the_position_budget(lc, tok):
