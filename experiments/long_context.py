@@ -554,18 +554,57 @@ def plot(path: Path, summary: dict) -> None:
 
 
 class Evaluations:
-    """Evaluations kept in ``<run_root>/evaluations.json`` (a re-run evaluates only what is new)."""
+    """What the experiment measured, kept in ``<out>/evaluations.json`` beside its outputs (and
+    committed with them): every evaluation (per record: correct, cached positions), what each model's
+    training did (plateau step, steps), the objectives' speed, the settings all of it was made under.
+    A re-run evaluates only what is new, and a later sitting on a fresh checkout, without the run
+    folders, still reports what earlier sittings measured. A file made under other settings is
+    refused (naming the fields that differ), never mixed or overwritten."""
 
-    def __init__(self, run_root: Path):
-        self.path = run_root / "evaluations.json"
-        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+    def __init__(self, path: Path, settings: dict):
+        self.path, self.settings = path, json.loads(json.dumps(settings))
+        data = (
+            json.loads(path.read_text())
+            if path.is_file()
+            else {"settings": self.settings, "evaluations": {}, "models": {}, "speed": []}
+        )
+        if data["settings"] != self.settings:
+            differ = sorted(k for k in {*data["settings"], *self.settings}
+                            if data["settings"].get(k) != self.settings.get(k))
+            raise SystemExit(
+                f"{path}: measured under other settings ({', '.join(differ)} differ); pass another --out, "
+                "or the settings it records"
+            )
+        self.done, self.models, self.speed = data["evaluations"], data["models"], data["speed"]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"settings": self.settings, "evaluations": self.done, "models": self.models}
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({**record, "speed": self.speed}))
+        tmp.replace(self.path)
 
     def get(self, key: str, compute) -> dict:
         if key not in self.done:
             self.done[key] = {str(r): v for r, v in compute().items()}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.done))
+            self.save()
         return {int(r): tuple(v) for r, v in self.done[key].items()}
+
+    def results(self, split: str = "test") -> dict:
+        """{(task, method, ratio, seed): (correct, positions)} of every evaluation on ``split``."""
+        out = {}
+        for key, by_ratio in self.done.items():
+            where, task, method, seed = key.split("/")
+            if where == split:
+                out.update({(task, method, int(r), int(seed[4:])): tuple(v) for r, v in by_ratio.items()})
+        return out
+
+
+def experiment_settings(args, extra: list[str]) -> dict:
+    """What an evaluation depends on, besides the task, method and seed."""
+    keys = ("context_words", "segment_tokens", "model_config", "base_steps", "tune_steps", "scratch_steps",
+            "train_batch_size", "base_learning_rate", "records", "validation_records")
+    return {**{k: getattr(args, k) for k in keys}, "fit_args": list(extra)}
 
 
 def evaluate_all(
@@ -675,8 +714,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--segment_tokens must be a multiple of 16 (16x keeps segment_tokens/16 gists); got "
                 f"{args.segment_tokens}")
     torch.set_num_threads(1)
-    ev = Evaluations(args.run_root)
-    choice_path = args.run_root / "choice.json"
+    settings = experiment_settings(args, extra)  # (a check reads and writes no results)
+    ev = None if args.check_args else Evaluations(args.out / "evaluations.json", settings)
+    choice_path = args.out / "choice.json"
     task, seeds = args.ablation_task, args.ablation_seeds
     if args.stage == "ablation":
         first = [base_cell(task, s, args) for s in seeds] + [
@@ -724,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if len(helped) > 1:
             run_or_list(bases + [gist_cell(best, placement, task, s, args) for s in seeds], args, extra)
+        choice_path.parent.mkdir(parents=True, exist_ok=True)
         choice_path.write_text(
             json.dumps({"placement": placement, "variant": best, "gains": gains}, indent=1)
         )
@@ -745,9 +786,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(ev: Evaluations, args) -> None:
-    """Evaluate every finished model on its task's test records and write the outputs."""
-    results, plateau, floors, context_tokens = {}, [], {}, {}
-    _, tok, _ = load_pretrained(next(args.run_root.glob("base-*/run/export")))
+    """Evaluate every finished model of ``--run_root`` on its task's test records (what earlier
+    sittings evaluated is kept in ``ev``) and write the outputs of everything ``ev`` holds."""
+    from gist_lightning.tokens import load_tokenizer
+
+    floors, context_tokens = {}, {}
+    tok = load_tokenizer("suite")  # the experiment's tokenizer (configs/tiny.yaml): context lengths
     for task in TASKS:
         records = records_of(task, args.records, 0, tuple(args.context_words))
         floors[task] = chance_floor(records)
@@ -761,26 +805,25 @@ def report(ev: Evaluations, args) -> None:
                 if e.parts[-3] != run_name("base", task, seed)
             )
             if (args.run_root / run_name("base", task, seed) / "run" / "done.json").is_file():
-                scores = evaluate_all(ev, task, seed, methods, records, "test", args)
-                results.update({(task, m, r, seed): v for (m, r), v in scores.items()})
+                evaluate_all(ev, task, seed, methods, records, "test", args)
             for model in ["base"] + methods:
                 run = args.run_root / run_name(model, task, seed) / "run"
                 done = run / "done.json"
-                steps = json.loads(done.read_text()).get("step") if done.is_file() else None
-                plateau.append(
-                    {
+                if done.is_file():
+                    ev.models[run_name(model, task, seed)] = {
                         "model": model,
                         "task": task,
                         "seed": seed,
                         "plateau_step": plateau_step(run, args.plateau_loss),
-                        "steps": steps,
+                        "steps": json.loads(done.read_text()).get("step"),
                     }
-                )
-    speed = []
+    ev.save()
     if args.speed:
         base = export_of(args.run_root, "base", args.ablation_task, args.ablation_seeds[0])
-        speed = objective_speed(base, args.ablation_task, args)
-    write_outputs(args.out, results, floors, plateau, speed, context_tokens, args)
+        ev.speed[:] = objective_speed(base, args.ablation_task, args)
+        ev.save()
+    plateau = [ev.models[k] for k in sorted(ev.models)]
+    write_outputs(args.out, ev.results("test"), floors, plateau, ev.speed, context_tokens, args)
     print(f"wrote {args.out}/results.csv, table.md, long_context.png")
 
 

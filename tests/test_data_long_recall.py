@@ -85,6 +85,31 @@ def test_the_datamodule_writes_its_splits_and_tokenizes_contexts_in_segments(tmp
     long_context_attention_mask(rows, batch["attention_mask"], gist, 4, "gist")
 
 
+def test_a_list_of_fact_counts_mixes_difficulties_in_every_split(tmp_path):
+    """``facts: [1, 3]``: each record draws its count (recall: as many codes in the context); one
+    count keeps the records of ``facts: n``; a bad count is refused naming the field."""
+    from gist_lightning.data import LongRecall
+    from gist_lightning.data.records import load_records
+
+    def codes(r):
+        return len(re.findall(r"the code of \w+ is \d+", r["instruction"]))
+
+    kw = dict(train_size=60, validation_size=20, context_words=(30, 60), tasks=["recall"])
+    mixed = LongRecall(cache_dir=str(tmp_path / "mixed"), facts=[1, 3], **kw)
+    mixed.prepare_data()
+    assert "facts1+3" in mixed.folder.name
+    for split in ("train", "validation_seen"):
+        records = load_records(mixed.split_path(split))
+        assert {codes(r) for r in records} == {1, 3}
+        assert all(_answer_from_context({**r, "task": "recall"}) == r["output"] for r in records)
+    one = LongRecall(cache_dir=str(tmp_path / "one"), facts=3, **kw)
+    one.prepare_data()
+    assert {codes(r) for r in load_records(one.split_path("train"))} == {3}
+    for bad in ([], [0, 2], [13]):
+        with pytest.raises(ValueError, match="data.facts must be"):
+            LongRecall(cache_dir=str(tmp_path), facts=bad, **kw)
+
+
 def test_training_draws_a_ratio_per_batch_and_the_loss_follows_it(tmp_path):
     """segments.train_ratios (Activation Beacon style): each training batch gets one ratio of the set,
     drawn from its content (so a resumed run draws alike); its contexts keep their raw tokens with

@@ -127,11 +127,19 @@ def test_the_chance_floor_answers_any_code_of_the_context(lc):
 def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n0,49,2.1\n0,99,0.9\n0,149,0.4\n0,199,0.6\n")
     assert lc.plateau_step(tmp_path, 0.5) == 149 and lc.plateau_step(tmp_path, 0.1) is None
-    calls = []
-    ev = lc.Evaluations(tmp_path)
+    calls, path, settings = [], tmp_path / "out" / "evaluations.json", {"context_words": [70, 120]}
+    ev = lc.Evaluations(path, settings)
     compute = lambda: calls.append(1) or {4: ([1.0, 0.0], [10, 12])}  # noqa: E731
-    assert ev.get("test/x", compute) == {4: ([1.0, 0.0], [10, 12])}
-    assert lc.Evaluations(tmp_path).get("test/x", compute) == {4: ([1.0, 0.0], [10, 12])} and calls == [1]
+    assert ev.get("test/recall3/base-coarse/seed1", compute) == {4: ([1.0, 0.0], [10, 12])}
+    ev.get("validation/recall3/base-fine/seed0", lambda: {8: ([0.0], [3])})
+    again = lc.Evaluations(path, settings)  # a later sitting: kept, not computed again
+    assert again.get("test/recall3/base-coarse/seed1", compute) == {4: ([1.0, 0.0], [10, 12])}
+    assert calls == [1]
+    assert again.results("test") == {("recall3", "base-coarse", 4, 1): ([1.0, 0.0], [10, 12])}
+    before = path.read_text()
+    with pytest.raises(SystemExit, match="context_words differ"):  # other settings: refused, file kept
+        lc.Evaluations(path, {"context_words": [150, 250]})
+    assert path.read_text() == before
 
 
 def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):

@@ -131,18 +131,23 @@ class LongRecall(GistDataModule):
         generation_seed: the generator's seed.
         train_size / validation_size: records in train and in each validation split.
         context_words: (low, high) words per training context.
-        facts: key facts per context (the asked one and its distractors, at most 12).
+        facts: key facts per context (the asked one and its distractors, at most 12); a list: each
+            record draws its count from it (a mixture of difficulties in one split, e.g.
+            ``[1, 2, 3]``: one model for recall among 1, 2 or 3 facts).
         tasks: the task families drawn in turn (a subset of ``TASKS``; ``validation_unseen`` keeps
             those of them that ask about a key: recall and two_hop).
         kwargs: batch sizes, length limits, ... of :class:`~gist_lightning.data.datamodule.GistDataModule`.
     """
 
     def __init__(self, generation_seed: int = 0, train_size: int = 20000, validation_size: int = 200,
-                 context_words: tuple[int, int] = (150, 300), tasks: tuple[str, ...] = TASKS, facts: int = 6,
+                 context_words: tuple[int, int] = (150, 300), tasks: tuple[str, ...] = TASKS,
+                 facts: int | list[int] = 6,
                  **kwargs):
         super().__init__(**kwargs)
-        if not 1 <= facts <= len(KEYS):
-            raise ValueError(f"data.facts must be 1..{len(KEYS)} key facts per context; got {facts}")
+        counts = [facts] if isinstance(facts, int) else list(facts)
+        if not counts or not all(isinstance(n, int) and 1 <= n <= len(KEYS) for n in counts):
+            raise ValueError(f"data.facts must be 1..{len(KEYS)} key facts per context, or a non-empty list "
+                             f"of such counts; got {facts}")
         unknown = [t for t in tasks if t not in TASKS]
         if not tasks or unknown:
             raise ValueError(f"data.tasks must be a non-empty subset of {TASKS}; got {list(tasks)}")
@@ -155,7 +160,8 @@ class LongRecall(GistDataModule):
         h = self.hparams
         lo, hi = h.context_words
         tasks = (("" if tuple(h.tasks) == TASKS else "-" + "+".join(h.tasks))
-                 + ("" if h.facts == 6 else f"-facts{h.facts}"))
+                 + ("" if h.facts == 6 else "-facts" + (str(h.facts) if isinstance(h.facts, int)
+                                                         else "+".join(map(str, h.facts)))))
         return Path(h.cache_dir) / (f"long-recall-v{LONG_RECALL_VERSION}-seed{h.generation_seed}"
                                     f"-train{h.train_size}-val{h.validation_size}-words{lo}-{hi}{tasks}")
 
@@ -174,7 +180,8 @@ class LongRecall(GistDataModule):
         def draw(n, words, keep, tasks=tuple(h.tasks)):
             out = []
             while len(out) < n:
-                rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng, h.facts)
+                facts = h.facts if isinstance(h.facts, int) else rng.choice(list(h.facts))
+                rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng, facts)
                 if keep(rec):
                     out.append({**rec, "source": "long_recall"})
             return out
