@@ -28,6 +28,7 @@ from .objectives import (
     Objectives,
     autoencode_loss,
     build_autoencoder,
+    context_labels,
     distill_loss,
     importance_weights,
     load_teacher,
@@ -154,6 +155,10 @@ class GistLitModule(L.LightningModule):
         # the model exists; configure_model gives the new ids their embedding rows
         self._new_token_ids = add_special_tokens(self.tokenizer)
         self.hf_config = self._hf_config()
+        if self.objectives is not None and self.objectives.context_weight and self.encoder_decoder:
+            raise ValueError("model.objectives.context_weight predicts the prompt's tokens with a decoder-only "
+                             "model's logits; an encoder-decoder model reads its prompt in the encoder: set it "
+                             "to 0")
         self.model = None
         self.peft_model = None  # PEFT's wrapper around self.model when model.peft is set
         self.autoencoder = None  # objectives.autoencode_weight: trained and checkpointed, never exported
@@ -409,7 +414,8 @@ class GistLitModule(L.LightningModule):
         return self._losses(batch)["loss"]
 
     def _losses(self, batch) -> dict[str, torch.Tensor]:
-        """``loss`` (what trains) and, with objectives, its terms (``lm``, ``distill``, ``autoencode``)."""
+        """``loss`` (what trains) and, with objectives, its terms (``lm``, ``distill``, ``autoencode``,
+        ``context``)."""
         h, o = self.hparams, self.objectives
         if o is None or not o.active:
             return {"loss": self._forward(self.model, batch, h.condition, labels=batch["labels"]).loss}
@@ -428,6 +434,11 @@ class GistLitModule(L.LightningModule):
         if o.distill_weight:
             terms["distill"] = distill_loss(out.logits, full, labels, o.distill_temperature)
             loss = loss + o.distill_weight * terms["distill"]
+        if o.context_weight:
+            ctx = context_labels(batch["input_ids"], batch["attention_mask"], labels, self.gist_token_id,
+                                 batch.get("segment_ids"))
+            terms["context"] = weighted_lm_loss(out.logits, ctx, None, 0.0)
+            loss = loss + o.context_weight * terms["context"]
         if o.autoencode_weight:
             ids, seg = batch["input_ids"], batch.get("segment_ids")
             positions = long_context.prompt_positions(ids, batch["attention_mask"], self.gist_token_id,

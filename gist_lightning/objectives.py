@@ -7,6 +7,11 @@
   (``neg_control``: what follows the context sees none of it), capped at ``importance_cap``,
   softmax-normalised over a row's loss tokens (mean weight 1), mixed with the plain loss by
   ``importance_weight``;
+- **context language modelling** (UniGist, Activation Beacon: next-token loss over the whole
+  sequence in one masked pass): next-token prediction of the prompt's own raw tokens (the
+  context and the question; gist and padding tokens are never targets, nor an example's first
+  token in a packed row), under the condition's mask, so a gist model learns to predict the
+  context from what it compressed so far and a full-attention base learns to read (copy) it;
 - **fine-grained autoencoding** (Deng et al.): a one-layer decoder of the student's family, with its
   own parameters (trained, checkpointed, never exported nor cached), reconstructs the raw tokens of
   each gist unit (those between a run of gists and the previous run) from that unit's gist
@@ -40,6 +45,7 @@ class Objectives:
         importance_weight: 0 (off) to 1 (the loss tokens weighted by importance alone).
         importance_cap: the most a token's log-likelihood gain from the context counts.
         autoencode_weight: weight of the autoencoding loss (0: off); needs ``model.segments``.
+        context_weight: weight of the context language-modelling loss (0: off).
     """
 
     teacher: str | None = None
@@ -48,9 +54,10 @@ class Objectives:
     importance_weight: float = 0.0
     importance_cap: float = 2.0
     autoencode_weight: float = 0.0
+    context_weight: float = 0.0
 
     def __post_init__(self):
-        for name in ("distill_weight", "importance_weight", "autoencode_weight"):
+        for name in ("distill_weight", "importance_weight", "autoencode_weight", "context_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.objectives.{name} must be >= 0; got {getattr(self, name)}")
         if self.importance_weight > 1:
@@ -73,7 +80,7 @@ class Objectives:
 
     @property
     def active(self) -> bool:
-        return self.needs_teacher or bool(self.autoencode_weight)
+        return self.needs_teacher or bool(self.autoencode_weight or self.context_weight)
 
 
 def load_teacher(objectives: Objectives, student_tokenizer, dtype: torch.dtype):
@@ -125,6 +132,19 @@ def importance_weights(full_logits: torch.Tensor, alone_logits: torch.Tensor, la
     gain = (token_log_probs(full_logits, labels) - token_log_probs(alone_logits, labels)).clamp(max=cap)
     weights = gain.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
     return weights * mask.sum(-1, keepdim=True)
+
+
+def context_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   gist_token_id: int, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Labels (B, S) of the prompt's raw tokens for next-token prediction: every real token that is
+    neither a loss token of ``labels`` (the answer), a gist, nor the first token of an example (of a
+    row, or of a packed row's ``segment_ids``); -100 elsewhere."""
+    real = attention_mask.bool()
+    keep = real & (labels == -100) & (input_ids != gist_token_id)
+    first = real & (real.long().cumsum(-1) == 1)  # a row's first real token (rows may be left-padded)
+    if segment_ids is not None:
+        first[:, 1:] |= segment_ids[:, 1:] != segment_ids[:, :-1]
+    return input_ids.masked_fill(~keep | first, -100)
 
 
 def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,

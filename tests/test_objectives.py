@@ -16,6 +16,7 @@ from gist_lightning.objectives import (
     Objectives,
     autoencode_loss,
     build_autoencoder,
+    context_labels,
     distill_loss,
     gist_units,
     importance_weights,
@@ -53,6 +54,54 @@ def test_the_plain_weighted_loss_is_the_models_own_loss(make_pair):
     assert weighted_lm_loss(out.logits, labels, None, 0.0) == pytest.approx(out.loss.item(), abs=1e-6)
     ones = torch.ones(labels.shape[0], labels.shape[1] - 1)
     assert weighted_lm_loss(out.logits, labels, ones, 1.0) == pytest.approx(out.loss.item(), abs=1e-6)
+
+
+def test_context_labels_are_the_prompts_raw_tokens_and_the_term_is_the_masked_models_loss(make_pair):
+    """The context term's targets: every real prompt token but gists, the answer and each example's
+    first token (a packed row's too); its value is the loss of the model under the condition's mask
+    with those labels, and the module adds it with its weight."""
+    from gist_lightning.module import GistLitModule
+
+    model, tok, gist_id = make_pair("llama", "eager")
+    settings = SegmentSettings(8, 2, "fine")
+    ids, mask, labels = _batch(tok, gist_id, settings)
+    ctx = context_labels(ids, mask, labels, gist_id)
+    for row in range(ids.shape[0]):
+        real = mask[row].bool()
+        first = int(real.nonzero()[0])
+        want = [t for i, t in enumerate(ids[row].tolist())
+                if real[i] and i != first and t != gist_id and labels[row, i] == -100]
+        assert ctx[row][ctx[row] != -100].tolist() == want and len(want) > 10
+    assert not ((ctx != -100) & (labels != -100)).any()  # the answer stays the lm term's
+    packed = torch.tensor([[5, 6, gist_id, 7, 8, 9, gist_id, 10]])
+    seg = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    got = context_labels(packed, torch.ones_like(packed), torch.full_like(packed, -100), gist_id, seg)
+    assert got.tolist() == [[-100, 6, -100, 7, -100, 9, -100, 10]]  # each example's first token: none
+
+    with torch.no_grad():
+        gist = masked_forward(model, ids, mask, gist_id, settings, "gist", labels=ctx)
+        full = masked_forward(model, ids, mask, gist_id, settings, "pos_control", labels=ctx)
+    assert gist.loss.item() != pytest.approx(full.loss.item(), abs=1e-4)  # the mask decides what it reads
+    module = GistLitModule(model_config={"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
+                                         "num_attention_heads": 2}, num_gist_tokens=2,
+                           segments={"segment_tokens": 8, "gists_per_segment": 2, "placement": "fine"},
+                           objectives={"context_weight": 0.5})
+    module.model, module.tokenizer = model, tok
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        terms = module._losses(batch)
+        answer = masked_forward(model, ids, mask, gist_id, settings, "gist", labels=labels).loss
+    assert terms["context"].item() == pytest.approx(gist.loss.item(), abs=1e-5)
+    assert terms["lm"].item() == pytest.approx(answer.item(), abs=1e-5)
+    assert terms["loss"].item() == pytest.approx(answer.item() + 0.5 * gist.loss.item(), abs=1e-5)
+
+
+def test_the_context_term_is_refused_for_an_encoder_decoder_model():
+    from gist_lightning.module import GistLitModule
+
+    with pytest.raises(ValueError, match="context_weight predicts the prompt's tokens"):
+        GistLitModule(model_config={"model_type": "t5", "d_model": 32, "d_ff": 64, "num_layers": 1,
+                                    "num_heads": 2, "d_kv": 16}, objectives={"context_weight": 1.0})
 
 
 def test_distillation_is_zero_from_the_same_view_and_trains_only_the_student(make_pair):
@@ -148,6 +197,7 @@ def test_each_unit_is_reconstructed_from_its_own_gists_alone(make_pair):
     (dict(teacher="x"), "teacher is set but no objective uses it"),
     (dict(importance_weight=1.5, teacher="x"), "importance_weight mixes"),
     (dict(autoencode_weight=-1.0), "autoencode_weight must be >= 0"),
+    (dict(context_weight=-0.5), "context_weight must be >= 0"),
 ])
 def test_bad_objectives_are_refused_naming_the_setting(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -191,14 +241,15 @@ def test_objectives_train_are_logged_recorded_and_stay_out_of_the_export(tmp_pat
     base_export = next(c for c in base.trainer.callbacks if isinstance(c, ExportBest)).path
     teacher_before = {k: v.clone() for k, v in load_pretrained(base_export)[0].state_dict().items()}
     objectives = {"teacher": str(base_export), "distill_weight": 0.5, "importance_weight": 0.5,
-                  "autoencode_weight": 0.3}
+                  "autoencode_weight": 0.3, "context_weight": 0.2}
     cli = _fit(tmp_path, "gist", "--model.model_config", "null", "--model.model_name_or_path",
                str(base_export), "--model.objectives", json.dumps(objectives))
     run = Path(cli.trainer.log_dir)
     import csv
 
     logged = list(csv.DictReader(open(run / "metrics.csv")))
-    for term in ("train/loss", "train/lm_loss", "train/distill_loss", "train/autoencode_loss"):
+    for term in ("train/loss", "train/lm_loss", "train/distill_loss", "train/autoencode_loss",
+                 "train/context_loss"):
         values = [float(r[term]) for r in logged if r.get(term)]
         assert len(values) == 3 and all(v > 0 for v in values), term
     teacher = cli.model._teacher[0]
