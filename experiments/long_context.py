@@ -69,6 +69,14 @@ RATIOS = (4, 8, 16)
 # (two-hop with 2 facts: 2 pointers and 2 codes, so answering any code of the context is right half
 # the time; with 1 fact the context holds one code and the task needs no second hop)
 TASKS = {"recall1": ("recall", 1), "recall3": ("recall", 3), "two_hop": ("two_hop", 2)}
+# what a model can be trained on: one task, or (``--train_on mixture``) one model per seed for every
+# task: recall and two-hop among 1, 2 or 3 facts per context, drawn per record
+TRAINING = {**{t: ([g], f) for t, (g, f) in TASKS.items()}, "mixture": (["recall", "two_hop"], [1, 2, 3])}
+
+
+def trained_on(task: str, args) -> str:
+    """The training set of the models that answer ``task``: the task itself, or the mixture."""
+    return "mixture" if args.train_on == "mixture" else task
 # a model of ~3.3M parameters (the tiny default's 0.9M does not learn 3 facts), contexts of 8-16
 # segments of 32 tokens at 4x
 MODEL = {
@@ -92,11 +100,11 @@ ADDITIONS = {
 BASELINES = ("full", "truncation", "no_context")
 
 
-def task_args(task: str, args) -> list[str]:
-    """The task's data, and the layout every model of the experiment shares: segments of
-    ``--segment_tokens`` raw tokens, 4x for validation and export, ratios 4, 8 and 16 drawn in
-    training."""
-    generator, facts = TASKS[task]
+def task_args(training: str, args) -> list[str]:
+    """The training set's data (``TRAINING``), and the layout every model of the experiment shares:
+    segments of ``--segment_tokens`` raw tokens, 4x for validation and export, ratios 4, 8 and 16
+    drawn in training."""
+    generators, facts = TRAINING[training]
     gists = str(args.segment_tokens // 4)
     return [
         "--model.segments.segment_tokens",
@@ -108,11 +116,11 @@ def task_args(task: str, args) -> list[str]:
         "--model.segments.train_ratios",
         "[4, 8, 16]",
         "--data.init_args.tasks",
-        f"[{generator}]",
+        json.dumps(generators),
         "--data.init_args.facts",
-        str(facts),
+        json.dumps(facts),
         "--data.init_args.context_words",
-        json.dumps(args.context_words),
+        json.dumps(args.train_context_words or args.context_words),
         "--data.init_args.batch_size",
         str(args.train_batch_size),
         "--data.init_args.limits.max_length",
@@ -120,10 +128,11 @@ def task_args(task: str, args) -> list[str]:
     ]
 
 
-def cell_tail(task: str, seed: int, args) -> list[str]:
-    """What every cell of ``task`` and ``seed`` ends with: the task, the seed, no bar, the shared cache."""
+def cell_tail(training: str, seed: int, args) -> list[str]:
+    """What every cell of ``training`` and ``seed`` ends with: its data, the seed, no bar, the shared
+    cache."""
     return [
-        *task_args(task, args),
+        *task_args(training, args),
         "--seed_everything",
         str(seed),
         "--trainer.enable_progress_bar",
@@ -317,12 +326,14 @@ def bootstrap(matrix: np.ndarray) -> dict:
 
 
 def plateau_step(run: Path, threshold: float) -> int | None:
-    """The first logged step whose train loss is under ``threshold`` (None: never)."""
+    """The first logged step whose answer loss is under ``threshold`` (None: never): ``train/lm_loss``
+    where objectives add terms to the loss, else ``train/loss``."""
     path = run / "metrics.csv"
     if not path.is_file():
         return None
     for row in csv.DictReader(open(path)):
-        if row.get("train/loss") and float(row["train/loss"]) < threshold:
+        loss = row.get("train/lm_loss") or row.get("train/loss")
+        if loss and float(loss) < threshold:
             return int(row["step"])
     return None
 
@@ -347,7 +358,7 @@ def objective_speed(base: Path, task: str, args, steps: int = 25) -> list[dict]:
     from gist_lightning.data import LongRecall
     from gist_lightning.module import GistLitModule
 
-    generator, facts = TASKS[task]
+    generators, facts = TRAINING[trained_on(task, args)]
     _, _, settings = load_pretrained(base)
     rows = []
     for name, objectives in [
@@ -366,9 +377,9 @@ def objective_speed(base: Path, task: str, args, steps: int = 25) -> list[dict]:
             objectives=objectives,
         )
         data = LongRecall(
-            tasks=[generator],
+            tasks=generators,
             facts=facts,
-            context_words=tuple(args.context_words),
+            context_words=tuple(args.train_context_words or args.context_words),
             train_size=256,
             validation_size=8,
             batch_size=args.train_batch_size,
@@ -602,22 +613,24 @@ class Evaluations:
 
 def experiment_settings(args, extra: list[str]) -> dict:
     """What an evaluation depends on, besides the task, method and seed."""
-    keys = ("context_words", "segment_tokens", "model_config", "base_steps", "tune_steps", "scratch_steps",
-            "train_batch_size", "base_learning_rate", "records", "validation_records")
+    keys = ("context_words", "train_context_words", "train_on", "segment_tokens", "model_config",
+            "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate", "records",
+            "validation_records")
     return {**{k: getattr(args, k) for k in keys}, "fit_args": list(extra)}
 
 
 def evaluate_all(
     ev: Evaluations, task: str, seed: int, methods: list[str], records: list[dict], split: str, args
 ) -> dict:
-    """{(method, ratio): (correct, positions)} of the gist methods and baselines on ``records``."""
-    out = {}
-    base = export_of(args.run_root, "base", task, seed)
+    """{(method, ratio): (correct, positions)} of the gist methods and baselines on ``records`` (of
+    ``task``; the models are those of its training set)."""
+    out, training = {}, trained_on(task, args)
+    base = export_of(args.run_root, "base", training, seed)
     for m in methods:
         res = ev.get(
             f"{split}/{task}/{m}/seed{seed}",
             lambda m=m: evaluate(
-                export_of(args.run_root, m, task, seed), m, records, RATIOS, args.batch_size, 8
+                export_of(args.run_root, m, training, seed), m, records, RATIOS, args.batch_size, 8
             ),
         )
         out.update({(m, r): v for r, v in res.items()})
@@ -654,6 +667,21 @@ def main(argv: list[str] | None = None) -> int:
         "report: write the outputs of what has been evaluated",
     )
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument(
+        "--train_on",
+        choices=["task", "mixture"],
+        default="mixture",
+        help="task: models trained per task; mixture: one model per seed (and variant) for every task, "
+        "trained on recall and two-hop among 1-3 facts",
+    )
+    p.add_argument(
+        "--train_context_words",
+        type=int,
+        nargs=2,
+        default=None,
+        help="training contexts' words (default: --context_words; shorter ones among them help a base "
+        "leave the loss plateau)",
+    )
     p.add_argument("--ablation_task", default="recall3", choices=list(TASKS))
     p.add_argument("--ablation_seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument(
@@ -718,9 +746,10 @@ def main(argv: list[str] | None = None) -> int:
     ev = None if args.check_args else Evaluations(args.out / "evaluations.json", settings)
     choice_path = args.out / "choice.json"
     task, seeds = args.ablation_task, args.ablation_seeds
+    training = trained_on(task, args)
     if args.stage == "ablation":
-        first = [base_cell(task, s, args) for s in seeds] + [
-            gist_cell(v, pl, task, s, args)
+        first = [base_cell(training, s, args) for s in seeds] + [
+            gist_cell(v, pl, training, s, args)
             for s in seeds
             for v, pl in (("scratch", "coarse"), ("base", "coarse"), ("base", "fine"))
             if v != "scratch" or "scratch" in args.ablation_rows
@@ -740,9 +769,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             placement = max(means, key=means.get) if args.placement == "auto" else args.placement
             print(f"placement: {placement} (validation exact match over ratios: {means})", flush=True)
-        bases = [base_cell(task, s, args) for s in seeds]  # finished: kept, as what the rest needs
+        bases = [base_cell(training, s, args) for s in seeds]  # finished: kept, as what the rest needs
         rows = [a for a in ADDITIONS if a in args.ablation_rows]
-        additions = [gist_cell("base" + a, placement, task, s, args) for s in seeds for a in rows]
+        additions = [gist_cell("base" + a, placement, training, s, args) for s in seeds for a in rows]
         run_or_list(bases + additions, args, extra)
         if args.check_args:
             return 0
@@ -763,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if len(helped) > 1:
-            run_or_list(bases + [gist_cell(best, placement, task, s, args) for s in seeds], args, extra)
+            run_or_list(bases + [gist_cell(best, placement, training, s, args) for s in seeds], args, extra)
         choice_path.parent.mkdir(parents=True, exist_ok=True)
         choice_path.write_text(
             json.dumps({"placement": placement, "variant": best, "gains": gains}, indent=1)
@@ -772,10 +801,11 @@ def main(argv: list[str] | None = None) -> int:
         if not choice_path.is_file():
             raise SystemExit(f"{choice_path}: no choice yet; run --stage ablation first")
         choice = json.loads(choice_path.read_text())
-        cells = [base_cell(t, s, args) for t in args.tasks for s in args.final_seeds]
+        trainings = list(dict.fromkeys(trained_on(t, args) for t in args.tasks))  # (the mixture: once)
+        cells = [base_cell(t, s, args) for t in trainings for s in args.final_seeds]
         cells += [
             gist_cell(choice["variant"], choice["placement"], t, s, args)
-            for t in args.tasks
+            for t in trainings
             for s in args.final_seeds
         ]
         run_or_list(cells, args, extra)
@@ -796,30 +826,31 @@ def report(ev: Evaluations, args) -> None:
         records = records_of(task, args.records, 0, tuple(args.context_words))
         floors[task] = chance_floor(records)
         context_tokens[task] = float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]))
-        for base in sorted(args.run_root.glob(f"base-{task}-seed*/run/export")):
+        training = trained_on(task, args)
+        for base in sorted(args.run_root.glob(f"base-{training}-seed*/run/export")):
             seed = int(base.parts[-3].rsplit("seed", 1)[1])
-            tail = f"-{task}-seed{seed}"
+            tail = f"-{training}-seed{seed}"
             methods = sorted(
                 e.parts[-3][: -len(tail)]
                 for e in args.run_root.glob(f"*{tail}/run/export")
-                if e.parts[-3] != run_name("base", task, seed)
+                if e.parts[-3] != run_name("base", training, seed)
             )
-            if (args.run_root / run_name("base", task, seed) / "run" / "done.json").is_file():
+            if (args.run_root / run_name("base", training, seed) / "run" / "done.json").is_file():
                 evaluate_all(ev, task, seed, methods, records, "test", args)
             for model in ["base"] + methods:
-                run = args.run_root / run_name(model, task, seed) / "run"
+                run = args.run_root / run_name(model, training, seed) / "run"
                 done = run / "done.json"
                 if done.is_file():
-                    ev.models[run_name(model, task, seed)] = {
+                    ev.models[run_name(model, training, seed)] = {
                         "model": model,
-                        "task": task,
+                        "task": training,
                         "seed": seed,
                         "plateau_step": plateau_step(run, args.plateau_loss),
                         "steps": json.loads(done.read_text()).get("step"),
                     }
     ev.save()
     if args.speed:
-        base = export_of(args.run_root, "base", args.ablation_task, args.ablation_seeds[0])
+        base = export_of(args.run_root, "base", trained_on(args.ablation_task, args), args.ablation_seeds[0])
         ev.speed[:] = objective_speed(base, args.ablation_task, args)
         ev.save()
     plateau = [ev.models[k] for k in sorted(ev.models)]

@@ -53,7 +53,8 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
 
     args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], base_steps=1500, tune_steps=500,
                               scratch_steps=2000, model_config=lc.MODEL, segment_tokens=32,
-                              train_batch_size=16, base_learning_rate=3e-3)
+                              train_batch_size=16, base_learning_rate=3e-3, train_context_words=None,
+                              train_on="task")
     base = lc.base_cell("recall3", 1, args)
     assert _value(list(base.args), "--model.condition") == "pos_control"
     assert _value(list(base.args), "--model.learning_rate") == "0.003"
@@ -127,6 +128,8 @@ def test_the_chance_floor_answers_any_code_of_the_context(lc):
 def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n0,49,2.1\n0,99,0.9\n0,149,0.4\n0,199,0.6\n")
     assert lc.plateau_step(tmp_path, 0.5) == 149 and lc.plateau_step(tmp_path, 0.1) is None
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss,train/lm_loss\n0,49,0.4,2.1\n0,99,0.3,0.2\n")
+    assert lc.plateau_step(tmp_path, 0.5) == 99  # with objectives: the answer's own loss
     calls, path, settings = [], tmp_path / "out" / "evaluations.json", {"context_words": [70, 120]}
     ev = lc.Evaluations(path, settings)
     compute = lambda: calls.append(1) or {4: ([1.0, 0.0], [10, 12])}  # noqa: E731
