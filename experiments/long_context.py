@@ -36,6 +36,7 @@ import csv
 import json
 import random
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -232,7 +233,7 @@ def run_or_list(cells: list[Cell], args, extra: list[str]) -> None:
         for cell in sw.cells:
             print(
                 f"{cell.name}: {sw.state(cell)}; {cell.stages[-1].max_steps} steps; "
-                f"gist-lightning fit {' '.join(sw.args(cell, create=False))}"
+                f"gist-lightning fit {shlex.join(sw.args(cell, create=False))}"
             )
         return
     if sw.run() != 0:

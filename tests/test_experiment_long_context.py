@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     """The ablation's cells: a full-attention base per seed, the from-scratch row, coarse and fine
     from the base, then each addition on the (here default) placement; every fit's arguments are
     checked, nothing runs or is written."""
-    assert lc.main(["--check_args", "--run_root", str(tmp_path)]) == 0
+    assert lc.main(["--check_args", "--run_root", str(tmp_path), "--train_on", "task"]) == 0
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
     want = [f"base-recall3-seed{s}" for s in (0, 1)]
     want += [f"{m}-recall3-seed{s}" for s in (0, 1) for m in ("scratch-coarse", "base-coarse", "base-fine")]
@@ -83,14 +84,29 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
 
 
 def test_ablation_rows_cut_the_optional_rows_and_segments_must_divide(lc, tmp_path, capsys):
-    assert lc.main(["--check_args", "--run_root", str(tmp_path), "--ablation_seeds", "0",
-                    "--ablation_rows", "+layout", "+kd"]) == 0
+    assert lc.main(["--check_args", "--run_root", str(tmp_path), "--ablation_seeds", "0", "--train_on",
+                    "task", "--ablation_rows", "+layout", "+kd"]) == 0
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["base-recall3-seed0", "base-coarse-recall3-seed0", "base-fine-recall3-seed0",
                      "base-recall3-seed0", "base-coarse+layout-recall3-seed0", "base-coarse+kd-recall3-seed0"]
     with pytest.raises(SystemExit):
         lc.main(["--check_args", "--run_root", str(tmp_path), "--segment_tokens", "24"])
     assert "--segment_tokens must be a multiple of 16" in capsys.readouterr().err
+
+
+def test_a_mixture_trains_one_model_per_seed_for_every_task(lc, tmp_path, capsys):
+    """--train_on mixture: one base and one variant per seed, trained on recall and two-hop among
+    1-3 facts, shared by every task's evaluation."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "choice.json").write_text(json.dumps({"placement": "fine", "variant": "base"}))
+    assert lc.main(["--check_args", "--stage", "final", "--run_root", str(tmp_path), "--out",
+                    str(tmp_path / "out"), "--final_seeds", "0", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["base-mixture-seed0", "base-mixture-seed1",
+                                                      "base-fine-mixture-seed0", "base-fine-mixture-seed1"]
+    fit = shlex.split(lines[0].split("; ", 2)[2])  # the printed command, as a shell reads it
+    assert _value(fit, "--data.init_args.tasks") == '["recall", "two_hop"]'
+    assert _value(fit, "--data.init_args.facts") == "[1, 2, 3]"
 
 
 def test_truncated_rows_keep_the_context_end_within_the_position_budget(lc, tok):
