@@ -375,10 +375,11 @@ def slurm_cluster():
 # `make test-all` gives whole files to two workers, in collection order: the longest files first (as
 # measured on 2 cores: each a few minutes), so that the run does not end with one worker alone on a
 # long file while the other idles. A serial run keeps pytest's own order.
-LONGEST_FIRST = ["test_resume.py", "test_multigpu.py", "test_serving_scaleout.py",
-                 "test_resume_strategies.py", "test_experiments.py", "test_cli.py",
-                 "test_evaluation_callbacks.py", "test_backends.py",
-                 "test_sweeps.py", "test_slurm_cluster.py", "test_long_context.py", "test_serving_hostile.py"]
+# (test_multigpu second: its worker trains the shared trained_export while the other runs test_resume)
+LONGEST_FIRST = ["test_resume.py", "test_multigpu.py", "test_experiments.py", "test_backends.py",
+                 "test_resume_strategies.py", "test_long_context.py", "test_serving_scaleout.py",
+                 "test_module.py", "test_slurm_cluster.py", "test_sweeps.py", "test_cli.py",
+                 "test_benchmarks.py", "test_evaluation_callbacks.py", "test_serving_hostile.py"]
 
 
 def pytest_collection_modifyitems(config, items):
