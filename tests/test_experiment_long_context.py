@@ -65,7 +65,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     assert _value(list(base.args), "--model.segments.gists_per_segment") == "8"
     assert _value(list(base.args), "--model.num_gist_tokens") == "8"
     assert base.needs == ()
-    assert json.loads(_value(list(base.args), "--model.model_config"))["hidden_size"] == 256
+    assert json.loads(_value(list(base.args), "--model.model_config"))["hidden_size"] == 128
     assert _value(list(base.args), "--data.init_args.facts") == "3"
     assert [s.max_steps for s in base.stages] == [1500]
     export = str(lc.export_of(tmp_path, "base", "recall3", 1))
@@ -100,7 +100,7 @@ def test_a_mixture_trains_one_model_per_seed_for_every_task(lc, tmp_path, capsys
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "choice.json").write_text(json.dumps({"placement": "fine", "variant": "base"}))
     assert lc.main(["--check_args", "--stage", "final", "--run_root", str(tmp_path), "--out",
-                    str(tmp_path / "out"), "--final_seeds", "0", "1"]) == 0
+                    str(tmp_path / "out"), "--final_seeds", "0", "1", "--train_on", "mixture"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["base-mixture-seed0", "base-mixture-seed1",
                                                       "base-fine-mixture-seed0", "base-fine-mixture-seed1"]
