@@ -126,7 +126,7 @@ def methods_for(model, tok, instruction: str, inputs: list[str], cfg) -> tuple[d
     from transformers import DynamicCache
 
     from gist_lightning import compress, generate
-    from gist_lightning.backends.decoder_kv import _static_cache, bucket
+    from gist_lightning.backends.decoder_kv import bucket, static_cache
     from gist_lightning.generation import decode_new_tokens
     from gist_lightning.serving.engine import GenerationRequest, ServingEngine
     from gist_lightning.templates import encode_continuation, encode_prefix
@@ -184,7 +184,7 @@ def methods_for(model, tok, instruction: str, inputs: list[str], cfg) -> tuple[d
         if kind == "ceiling":
             past = DynamicCache(ddp_cache_data=[(k_, v_) for k_, v_ in gist_cache.states])
         else:
-            past = _static_cache(gist_cache.states, B, capacity)
+            past = static_cache(gist_cache.states, B, capacity)
         pos = torch.arange(start_pos, start_pos + cont.shape[1], device=dev)[None].expand(B, -1)
         logits = model(input_ids=cont, position_ids=pos, cache=past, use_cache=True).logits[:, -1]
         step = compiled_step if kind == "ceiling_static_compiled" else static_step

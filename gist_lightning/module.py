@@ -156,9 +156,9 @@ class GistLitModule(L.LightningModule):
         self._new_token_ids = add_special_tokens(self.tokenizer)
         self.hf_config = self._hf_config()
         if self.objectives is not None and self.objectives.context_weight and self.encoder_decoder:
-            raise ValueError("model.objectives.context_weight predicts the prompt's tokens with a decoder-only "
-                             "model's logits; an encoder-decoder model reads its prompt in the encoder: set it "
-                             "to 0")
+            raise ValueError("model.objectives.context_weight predicts the prompt's tokens with a "
+                             "decoder-only model's logits; an encoder-decoder model reads its prompt in the "
+                             "encoder: set it to 0")
         self.model = None
         self.peft_model = None  # PEFT's wrapper around self.model when model.peft is set
         self.autoencoder = None  # objectives.autoencode_weight: trained and checkpointed, never exported

@@ -74,7 +74,7 @@ def bucket(n: int, smallest: int = 1) -> int:
     return max(smallest, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _static_cache(states, batch: int, capacity: int) -> Cache:
+def static_cache(states, batch: int, capacity: int) -> Cache:
     """A cache of fixed-size buffers (``batch`` rows x ``capacity`` columns per layer) holding
     ``states`` [(keys, values) per layer, (B <= batch, H, n, D)] in their first rows and columns;
     a step writes its column in place (HF's ``StaticLayer``: static addresses, compilable). Every
@@ -195,7 +195,7 @@ class DecoderKV(Backend):
         out = self.continuation(model, cache, input_ids, attention_mask)
         n, rows = out.cache.layers[0].keys.shape[2], input_ids.shape[0]
         batch, capacity = bucket(rows), bucket(n + max_new_tokens, 64)
-        past = _static_cache([(layer.keys, layer.values) for layer in out.cache.layers], batch, capacity)
+        past = static_cache([(layer.keys, layer.values) for layer in out.cache.layers], batch, capacity)
         key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=input_ids.device)
         key_positions = torch.zeros(batch, capacity, dtype=torch.long, device=input_ids.device)
         key_valid[:rows, :n] = torch.cat([cache.valid, attention_mask.bool()], -1)

@@ -44,7 +44,7 @@ def fit_program() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "gist_lightning.cli"]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In a child process: die when its parent dies (Linux), as a killed driver's cells do."""
     try:
         import ctypes
@@ -59,7 +59,7 @@ def _fit_child() -> None:
     process of a job before a time limit (SLURM sends them to the whole job step): the cell stops
     the fit with a SIGTERM, which writes ``last.ckpt``; USR1/USR2 would kill it before. (SIG_IGN
     survives exec; Lightning's own SLURM requeue handler, on USR1, replaces it where it applies.)"""
-    _die_with_parent()
+    die_with_parent()
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 

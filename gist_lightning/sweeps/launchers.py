@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cell import _die_with_parent
+from .cell import die_with_parent
 
 
 def visible_gpus() -> list[str]:
@@ -73,7 +73,7 @@ class LocalLauncher:
         command = command or [sys.executable, "-m", "gist_lightning.sweeps.cell", str(folder)]
         with open(folder / "launcher.log", "a", encoding="utf-8") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
         self._running[folder] = (proc, slot)
         return f"pid {proc.pid}, " + ", ".join(f"{k}={v}" for k, v in self.slot_env(slot).items()
                                                if k != "MKL_NUM_THREADS")
