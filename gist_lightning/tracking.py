@@ -8,21 +8,13 @@ TensorBoard text table) and its compression statistics file."""
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from .evaluation.callbacks import PredictionWriter
+from .evaluation.metrics import read_predictions_csv
 
 TEXT_ROWS = 20  # rows of a TensorBoard text table (the whole file goes to W&B and MLflow)
-
-
-def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    return rows[0], rows[1:]
 
 
 def _markdown(columns: list[str], rows: list[list[str]]) -> str:
@@ -53,17 +45,21 @@ class TrackerUploads(L.Callback):
         compression = files[0].parent / f"{prefix}compression.json" if files else None
         if compression is not None and not compression.is_file():
             compression = None
+        tables = {}  # each predictions file read once (the tables of W&B and TensorBoard)
+        for path in files:
+            records = read_predictions_csv(path, set())
+            columns = list(records[0]) if records else []
+            tables[path] = columns, [[r[c] for c in columns] for r in records]
         for logger in trackers:
             for path in files:
                 split = path.stem[len(prefix):]
+                columns, rows = tables[path]
                 if isinstance(logger, WandbLogger):
-                    columns, rows = _read_rows(path)
                     # at W&B's current step: it drops what is logged at a step below one it has seen
                     logger.log_table(f"predictions/{split}", columns=columns, data=rows)
                 elif isinstance(logger, MLFlowLogger):
                     logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="predictions")
                 else:
-                    columns, rows = _read_rows(path)
                     shown = f" (first {TEXT_ROWS} of {len(rows)})" if len(rows) > TEXT_ROWS else ""
                     table = _markdown(columns, rows[:TEXT_ROWS])
                     logger.experiment.add_text(f"predictions/{split}", f"{path.name}{shown}\n\n{table}",
