@@ -379,8 +379,7 @@ def slurm_cluster():
 LONGEST_FIRST = ["test_resume.py", "test_multigpu.py", "test_experiments.py", "test_backends.py",
                  "test_resume_strategies.py", "test_long_context.py", "test_serving_scaleout.py",
                  "test_module.py", "test_slurm_cluster.py", "test_sweeps.py", "test_cli.py",
-                 "test_resume_steps.py", "test_benchmarks.py", "test_evaluation_callbacks.py",
-                 "test_serving_hostile.py"]
+                 "test_benchmarks.py", "test_evaluation_callbacks.py", "test_serving_hostile.py"]
 
 
 def pytest_collection_modifyitems(config, items):
