@@ -595,9 +595,9 @@ class Evaluations:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"settings": self.settings, "evaluations": self.done, "models": self.models}
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**record, "speed": self.speed}))
+        tmp.write_text(json.dumps({"settings": self.settings, "evaluations": self.done, "models": self.models,
+                                   "speed": self.speed}))
         tmp.replace(self.path)
 
     def get(self, key: str, compute) -> dict:
