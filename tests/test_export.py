@@ -65,15 +65,16 @@ model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, interm
                                      num_hidden_layers=1, num_attention_heads=2))
 add_gist_token(tok, model)
 export_pretrained(model, tok, sys.argv[1], num_gist_tokens=1, condition="gist")
+assert "deepspeed" not in sys.modules, "the export imported deepspeed"
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_an_export_prints_nothing_of_deepspeed(tmp_path):
-    """Saving imports deepspeed where it is installed (transformers unwraps the model with accelerate,
-    which looks for a DeepSpeedEngine), and its import announces on stdout which accelerator it
-    found: noise after a run that does not use DeepSpeed (a fresh process: this one may have
-    imported it already)."""
+    """Saving would import deepspeed where it is installed (transformers unwraps the model with
+    accelerate, which looks for a DeepSpeedEngine): seconds of every export, and its import
+    announces on stdout which accelerator it found. An export in a process that never used DeepSpeed
+    imports none of it (a fresh process: this one may have imported it already)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", EXPORT_IN_A_FRESH_PROCESS, str(tmp_path / "m")],
                           capture_output=True, text=True, env=env)
