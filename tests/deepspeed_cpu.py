@@ -10,6 +10,7 @@ launcher re-runs the command line on every rank):
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -30,6 +31,10 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         DDPStrategy.setup_environment(self)
 
     def setup_distributed(self) -> None:
+        # DeepSpeed's shared-memory all-reduce is a C++ op compiled on first use (~90 s of g++ on a
+        # machine without its build cache, in every cold CI run); gloo does the same reductions.
+        # (By module name: the attribute ``deepspeed.comm.torch`` is the torch package.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
