@@ -225,7 +225,7 @@ def assert_same_outputs(got: Path, want: Path) -> None:
 # Tests that compare two ways of computing the same metric (1 vs 2 processes, a checkpoint vs its
 # export) need such a model: an untrained one answers every record alike, so the two ways agree
 # whatever instruction either of them used.
-TRAINED_STEPS = 2000
+TRAINED_STEPS = 1200
 PROBE_INSTRUCTIONS = ["Repeat the list.", "Reverse the list.", "What is the last word?", "Remove every cat."]
 PROBE_INPUTS = ["dog cat owl", "apple pear plum lemon", "cat red"]
 
@@ -290,7 +290,7 @@ def _train_export(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_export(tmp_path_factory) -> Path:
-    """An exported gist model (tiny LLaMA, k=1) trained on the embedded suite for 2000 steps
+    """An exported gist model (tiny LLaMA, k=1) trained on the embedded suite for 1200 steps
     (about a minute on 2 cores; once per test run: xdist workers share it), checked here to answer
     by instruction and input: for every probe input, at least two different answers over four
     instructions, and for every instruction a different answer to each input."""
