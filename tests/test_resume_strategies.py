@@ -165,6 +165,16 @@ def test_every_rank_killed_in_training_then_in_validation_resumes_to_the_uninter
     if strategy == "ddp":
         assert _same_tensors(load_file(got / "export" / "model.safetensors"),
                              load_file(want / "export" / "model.safetensors"))
+    if strategy == "deepspeed":  # the ZeRO-3 folder of shards converts to an HF folder of those weights
+        from gist_lightning.cli import main
+        from gist_lightning.export import load_pretrained
+
+        best = got / "checkpoints" / "best-step8.ckpt"
+        main(["export", "--ckpt", str(best), "--out", str(tmp_path / "hf")])
+        model, _, settings = load_pretrained(tmp_path / "hf", attn_implementation="eager")
+        assert settings["num_gist_tokens"] == 1
+        weights = _weights(best, tmp_path)
+        assert all(torch.equal(v, weights[f"model.{k}"]) for k, v in model.state_dict().items())
     assert "best validation_unseen/rougeL" in resumed.stdout and "no validation ran" not in resumed.stdout
     assert not list(got.rglob("*.tmp"))
     assert not [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor")]
