@@ -373,13 +373,15 @@ def slurm_cluster():
 
 # -- the order files run in under pytest-xdist ------------------------------------------------------
 # `make test-all` gives whole files to two workers, in collection order: the longest files first (as
-# measured on 2 cores: each a few minutes), so that the run does not end with one worker alone on a
-# long file while the other idles. A serial run keeps pytest's own order.
+# measured on 2 cores, with compile caches cold as in CI: the flex and compiled-decoding files take
+# minutes of compiling there and seconds on a warm machine), so that the run does not end with one
+# worker alone on a long file while the other idles. A serial run keeps pytest's own order.
 # (test_multigpu second: its worker trains the shared trained_export while the other runs test_resume)
-LONGEST_FIRST = ["test_resume.py", "test_multigpu.py", "test_experiments.py", "test_backends.py",
-                 "test_resume_strategies.py", "test_long_context.py", "test_serving_scaleout.py",
-                 "test_module.py", "test_slurm_cluster.py", "test_sweeps.py", "test_cli.py",
-                 "test_benchmarks.py", "test_evaluation_callbacks.py", "test_serving_hostile.py"]
+LONGEST_FIRST = ["test_resume.py", "test_multigpu.py", "test_resume_strategies.py",
+                 "test_serving_scaleout.py", "test_experiments.py", "test_long_context.py",
+                 "test_backends.py", "test_serving_server.py", "test_sweeps.py", "test_module.py",
+                 "test_slurm_cluster.py", "test_cli.py", "test_serving_hostile.py", "test_benchmarks.py",
+                 "test_evaluation_callbacks.py", "test_masks.py"]
 
 
 def pytest_collection_modifyitems(config, items):
