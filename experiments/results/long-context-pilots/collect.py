@@ -1,0 +1,77 @@
+"""Add pilots' curves to loss.csv and validation.csv (from their run folders' metrics.csv) and redraw
+pilots.png from the two files.
+
+    python experiments/results/long-context-pilots/collect.py NAME=RUN_FOLDER ...   # then redraw
+    python experiments/results/long-context-pilots/collect.py                       # redraw only
+
+A pilot already in the files is replaced by its folder's rows."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SPLITS = ("validation_seen", "validation_unseen", "validation_human")
+
+
+def read(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def add(name: str, run: Path) -> None:
+    metrics = read(run / "metrics.csv")
+    loss = [r for r in read(HERE / "loss.csv") if r["pilot"] != name]
+    for r in metrics:
+        answer = r.get("train/lm_loss") or r.get("train/loss")
+        if answer:
+            loss.append({"pilot": name, "step": r["step"], "answer_loss": round(float(answer), 4),
+                         "context_loss": r.get("train/context_loss", "")})
+    write(HERE / "loss.csv", loss, ["pilot", "step", "answer_loss", "context_loss"])
+    val = [r for r in read(HERE / "validation.csv") if r["pilot"] != name]
+    for r in metrics:
+        for split in SPLITS:
+            if r.get(f"{split}/exact_match"):
+                val.append({"pilot": name, "step": r["step"], "split": split,
+                            "exact_match": r[f"{split}/exact_match"]})
+    write(HERE / "validation.csv", val, ["pilot", "step", "split", "exact_match"])
+
+
+def draw() -> None:
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for r in read(HERE / "loss.csv"):
+        curves.setdefault(r["pilot"], []).append((int(r["step"]), float(r["answer_loss"])))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, (name, points) in enumerate(curves.items()):
+        points.sort()
+        ax.plot([s for s, _ in points], [v for _, v in points], label=name, lw=1,
+                color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")
+    ax.axhline(0.5, color="grey", ls="--", lw=0.8)  # the plateau threshold of experiments/long_context.py
+    ax.set_xlabel("training step")
+    ax.set_ylabel("answer loss (train)")
+    ax.set_ylim(0, 3)
+    ax.set_title("long-context pilots: the answer's loss (dashed: the plateau threshold, 0.5)")
+    ax.legend(ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(HERE / "pilots.png", dpi=110)
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        name, _, folder = arg.partition("=")
+        add(name, Path(folder))
+    draw()
