@@ -40,10 +40,12 @@ def _no_deepspeed_import():
     if "deepspeed" in sys.modules:
         yield
         return
-    import accelerate.utils.other as probe
-
+    try:
+        import accelerate.utils.other as probe
+    except ImportError:  # without accelerate, transformers does not look for DeepSpeed here
+        probe = None
     asked = getattr(probe, "is_deepspeed_available", None)
-    if asked is None:  # another accelerate: nothing to skip
+    if asked is None:  # no accelerate, or another one: nothing to skip
         yield
         return
     probe.is_deepspeed_available = lambda: False
