@@ -156,9 +156,10 @@ def test_every_rank_killed_in_training_then_in_validation_resumes_to_the_uninter
     assert_same_outputs(got, want)
     # the same best and last weights (single files gathered on rank 0; DeepSpeed's folders of shards)
     assert sorted(p.name for p in (got / "checkpoints").iterdir()) == ["best-step8.ckpt", "last.ckpt"]
-    for name in ("best-step8.ckpt", "last.ckpt"):
-        assert _same_tensors(_weights(got / "checkpoints" / name, tmp_path),
-                             _weights(want / "checkpoints" / name, tmp_path)), name
+    weights = {name: _weights(got / "checkpoints" / name, tmp_path)
+               for name in ("best-step8.ckpt", "last.ckpt")}
+    for name, got_weights in weights.items():
+        assert _same_tensors(got_weights, _weights(want / "checkpoints" / name, tmp_path)), name
     # DDP exports the best checkpoint; the sharded strategies leave it to `gist-lightning export`
     exports = sorted(p.name for p in got.iterdir() if p.name.startswith("export"))
     assert exports == (["export"] if strategy == "ddp" else [])
@@ -169,13 +170,13 @@ def test_every_rank_killed_in_training_then_in_validation_resumes_to_the_uninter
         from gist_lightning.cli import main
         from gist_lightning.export import load_pretrained
 
-        best = got / "checkpoints" / "best-step8.ckpt"
-        main(["export", "--ckpt", str(best), "--out", str(tmp_path / "hf")])
+        main(["export", "--ckpt", str(got / "checkpoints" / "best-step8.ckpt"), "--out",
+              str(tmp_path / "hf")])
         model, _, settings = load_pretrained(tmp_path / "hf", attn_implementation="eager")
         assert settings["num_gist_tokens"] == 1
-        weights = _weights(best, tmp_path)
+        best = weights["best-step8.ckpt"]  # consolidated above
         assert _same_tensors({f"model.{k}": v for k, v in model.state_dict().items()},
-                             {k: v for k, v in weights.items() if k.startswith("model.")})
+                             {k: v for k, v in best.items() if k.startswith("model.")})
     assert "best validation_unseen/rougeL" in resumed.stdout and "no validation ran" not in resumed.stdout
     assert not list(got.rglob("*.tmp"))
     assert not [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor")]
