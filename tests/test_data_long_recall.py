@@ -15,11 +15,11 @@ def _answer_from_context(rec: dict) -> str:
     ctx, q = rec["instruction"], rec["input"]
     if rec["task"] == "recall":
         key = re.match(r"What is the code of (\w+)\?", q).group(1)
-        return re.search(rf"the code of {key} is (\d+)\.", ctx).group(1)
+        return re.search(rf"the code of {key} is (\w+)\.", ctx).group(1)
     if rec["task"] == "two_hop":
         key = re.match(r"What is the code of what (\w+) points to\?", q).group(1)
         place = re.search(rf"{key} points to (\w+)\.", ctx).group(1)
-        return re.search(rf"the code of {place} is (\d+)\.", ctx).group(1)
+        return re.search(rf"the code of {place} is (\w+)\.", ctx).group(1)
     if rec["task"] == "count":
         colour = re.match(r"How many boxes of (\w+) are there\?", q).group(1)
         return str(len(re.findall(rf"the box of {colour} holds", ctx)))
@@ -34,6 +34,56 @@ def test_records_are_deterministic_and_answerable_from_the_context():
     for r in recs:
         assert _answer_from_context(r) == r["output"], r
         assert 100 <= len(r["instruction"].split()) <= 200 + 20
+
+
+def test_the_default_vocabulary_writes_generator_version_1s_records():
+    """``vocabulary`` added after version 1: its default draws exactly the records it drew before
+    (committed evaluations and cached splits stay valid); the digest is of version 1's output."""
+    import hashlib
+    import json
+
+    recs = generate_long_recall(seed=5, size=40, context_words=(30, 60))
+    assert (hashlib.sha256(json.dumps(recs).encode()).hexdigest()
+            == "6a7ad9dfd6e040768df4d94a558fd885bd45ab38c747fa93b93442f11d520153")
+
+
+def test_the_words_vocabulary_makes_one_token_keys_and_values(tmp_path):
+    """``vocabulary: words``: every task answerable from its context; keys, values and two-hop places
+    are one suite token each, from disjoint sets, values distinct within a record; the DataModule
+    keeps its own unseen keys out of training and writes to its own folder; a bad name is refused."""
+    from gist_lightning.data import LongRecall
+    from gist_lightning.data.long_recall import WORD_KEYS, WORD_PLACES, WORD_VALUES, unseen_keys
+    from gist_lightning.data.records import load_records
+    from gist_lightning.tokens import load_tokenizer
+
+    tok = load_tokenizer("suite")
+    for w in WORD_KEYS + WORD_VALUES + WORD_PLACES:
+        assert len(tok.tokenize(" " + w)) == 1, w
+    assert not (set(WORD_KEYS) & set(WORD_VALUES) or set(WORD_KEYS) & set(WORD_PLACES)
+                or set(WORD_VALUES) & set(WORD_PLACES))
+    recs = generate_long_recall(seed=1, size=200, context_words=(40, 80), vocabulary="words")
+    assert {r["task"] for r in recs} == set(TASKS)
+    for r in recs:
+        assert _answer_from_context(r) == r["output"], r
+        if r["task"] in ("recall", "two_hop"):
+            values = re.findall(r"the code of \w+ is (\w+)\.", r["instruction"])
+            assert r["output"] in WORD_VALUES and len(values) == len(set(values)) >= 1, r
+            assert not re.search(r"\d", r["instruction"])
+    hops = [r for r in recs if r["task"] == "two_hop"]
+    assert all(re.search(r"points to (\w+)\.", r["instruction"]).group(1) in WORD_PLACES for r in hops)
+
+    kw = dict(train_size=60, validation_size=20, context_words=(30, 60), tasks=["recall", "two_hop"], facts=3)
+    dm = LongRecall(cache_dir=str(tmp_path), vocabulary="words", **kw)
+    dm.prepare_data()
+    assert dm.folder.name.endswith("-words") and dm.folder != LongRecall(cache_dir=str(tmp_path), **kw).folder
+    asked = lambda r: any(f"of {k}?" in r["input"] or f"what {k} " in r["input"]  # noqa: E731
+                          for k in unseen_keys("words"))
+    train = load_records(dm.split_path("train"))
+    assert train and not any(asked(r) for r in train)
+    assert all(r["output"] in WORD_VALUES for r in train)
+    assert all(asked(r) for r in load_records(dm.split_path("validation_unseen")))
+    with pytest.raises(ValueError, match="data.vocabulary must be one of"):
+        LongRecall(cache_dir=str(tmp_path), vocabulary="emoji", **kw)
 
 
 def test_the_needed_fact_can_be_anywhere():

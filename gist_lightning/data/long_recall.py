@@ -14,6 +14,15 @@ the context is what a gist model compresses (segment by segment), ``fact_at`` th
 context (0 = start, 1 = end) where the fact the answer needs begins, for breakdowns by distance.
 Context length is set in words (``context_words``); the suite tokenizer makes about 1.8 tokens per
 word of this vocabulary.
+
+Two vocabularies for the keys and values of the facts (``vocabulary``):
+
+- ``codes`` (the default): colour-like keys ("amber", "scarlet") and numeric codes of 2-4 digits,
+  which the suite tokenizer splits into 2-6 and 3-5 tokens;
+- ``words``: keys, values and two-hop places are words the suite tokenizer keeps whole ("the code of
+  apple is tiger."), three disjoint sets: recall is then associative recall of one token, which a
+  small model learns from scratch where matching and copying multi-token pieces does not (the
+  long-context pilots: a 0.9M model stayed under chance on 3 facts of codes).
 """
 
 from __future__ import annotations
@@ -42,6 +51,16 @@ def _code(rng: random.Random) -> str:
     return str(rng.randint(10, 9999))
 
 
+# ``vocabulary: words``: three disjoint sets of words of the suite vocabulary (one token each)
+WORD_KEYS = ("apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach", "pear", "plum", "cat",
+             "dog")
+WORD_VALUES = ("fox", "horse", "lion", "mouse", "owl", "rabbit", "sheep", "tiger", "red", "blue", "green",
+               "yellow", "black", "white", "pink", "brown", "gray", "gold")
+WORD_PLACES = ("book", "chair", "clock", "cup", "door", "lamp", "pen", "shoe", "table", "window", "river",
+               "cloud", "stone", "tree", "moon", "star", "sun", "rain", "snow", "wind")
+VOCABULARIES = ("codes", "words")
+
+
 def _place(sentences: list[str], facts: list[str], rng: random.Random) -> tuple[list[str], list[int]]:
     """``facts`` inserted at random places among ``sentences``; their indices in the result."""
     slots = sorted(rng.sample(range(len(sentences) + len(facts)), len(facts)))
@@ -59,12 +78,21 @@ def _place(sentences: list[str], facts: list[str], rng: random.Random) -> tuple[
     return out, [where[f] for f in facts]
 
 
-def make_long_record(task: str, context_words: int, rng: random.Random, n_facts: int = 6) -> dict:
-    """One record of ``task`` with a context of about ``context_words`` words."""
+def make_long_record(task: str, context_words: int, rng: random.Random, n_facts: int = 6,
+                     vocabulary: str = "codes") -> dict:
+    """One record of ``task`` with a context of about ``context_words`` words, its keys and values
+    from ``vocabulary`` (module docstring)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}; got {task!r}")
-    keys = rng.sample(KEYS, min(n_facts, len(KEYS)))
-    codes = {k: _code(rng) for k in keys}
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"vocabulary must be one of {VOCABULARIES}; got {vocabulary!r}")
+    words = vocabulary == "words"
+    keys = rng.sample(WORD_KEYS if words else KEYS, min(n_facts, len(KEYS)))
+
+    def values(names):  # distinct within a record under ``words``, as codes almost always are
+        return dict(zip(names, rng.sample(WORD_VALUES, len(names)))) if words else {n: _code(rng) for n in names}
+
+    codes = values(keys)
     needed: list[str]
     if task == "recall":
         facts = [f"the code of {k} is {codes[k]}." for k in keys]
@@ -72,8 +100,8 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
         needed, question, answer = ([f"the code of {target} is {codes[target]}."],
                                     f"What is the code of {target}?", codes[target])
     elif task == "two_hop":
-        places = rng.sample(WORDS, len(keys))
-        place_codes = {p: _code(rng) for p in places}
+        places = rng.sample(WORD_PLACES if words else WORDS, len(keys))
+        place_codes = values(places)
         facts = [f"{k} points to {p}." for k, p in zip(keys, places)] + \
                 [f"the code of {p} is {place_codes[p]}." for p in places]
         i = rng.randrange(len(keys))
@@ -103,18 +131,25 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
 
 
 def generate_long_recall(seed: int = 0, size: int = 1000, context_words: tuple[int, int] = (150, 300),
-                         tasks: tuple[str, ...] = TASKS) -> list[dict]:
+                         tasks: tuple[str, ...] = TASKS, vocabulary: str = "codes") -> list[dict]:
     """``size`` records, tasks in turn, context lengths uniform in ``context_words`` (words)."""
     rng = random.Random(seed)
     lo, hi = context_words
     if not 1 <= lo <= hi:
         raise ValueError(f"context_words must be (low, high) with 1 <= low <= high; got {context_words}")
-    return [make_long_record(tasks[i % len(tasks)], rng.randint(lo, hi), rng) for i in range(size)]
+    return [make_long_record(tasks[i % len(tasks)], rng.randint(lo, hi), rng, vocabulary=vocabulary)
+            for i in range(size)]
 
 
 # the generator's version, part of the cache folder's name (raise it when what it writes changes)
 LONG_RECALL_VERSION = 1
 UNSEEN_KEYS = ("onyx", "teal")  # never the asked key in training or validation_seen
+WORD_UNSEEN_KEYS = ("plum", "dog")  # the same under ``vocabulary: words``
+
+
+def unseen_keys(vocabulary: str = "codes") -> tuple[str, str]:
+    """The keys never asked in training or validation_seen, under ``vocabulary``."""
+    return WORD_UNSEEN_KEYS if vocabulary == "words" else UNSEEN_KEYS
 
 
 class LongRecall(GistDataModule):
@@ -136,14 +171,18 @@ class LongRecall(GistDataModule):
             ``[1, 2, 3]``: one model for recall among 1, 2 or 3 facts).
         tasks: the task families drawn in turn (a subset of ``TASKS``; ``validation_unseen`` keeps
             those of them that ask about a key: recall and two_hop).
+        vocabulary: the facts' keys and values: ``codes`` (numeric codes) or ``words`` (one token
+            each); module docstring.
         kwargs: batch sizes, length limits, ... of :class:`~gist_lightning.data.datamodule.GistDataModule`.
     """
 
     def __init__(self, generation_seed: int = 0, train_size: int = 20000, validation_size: int = 200,
                  context_words: tuple[int, int] = (150, 300), tasks: tuple[str, ...] = TASKS,
-                 facts: int | list[int] = 6,
+                 facts: int | list[int] = 6, vocabulary: str = "codes",
                  **kwargs):
         super().__init__(**kwargs)
+        if vocabulary not in VOCABULARIES:
+            raise ValueError(f"data.vocabulary must be one of {VOCABULARIES}; got {vocabulary!r}")
         counts = [facts] if isinstance(facts, int) else list(facts)
         if not counts or not all(isinstance(n, int) and 1 <= n <= len(KEYS) for n in counts):
             raise ValueError(f"data.facts must be 1..{len(KEYS)} key facts per context, or a non-empty list "
@@ -161,7 +200,8 @@ class LongRecall(GistDataModule):
         lo, hi = h.context_words
         tasks = (("" if tuple(h.tasks) == TASKS else "-" + "+".join(h.tasks))
                  + ("" if h.facts == 6 else "-facts" + (str(h.facts) if isinstance(h.facts, int)
-                                                         else "+".join(map(str, h.facts)))))
+                                                         else "+".join(map(str, h.facts))))
+                 + ("" if h.vocabulary == "codes" else f"-{h.vocabulary}"))
         return Path(h.cache_dir) / (f"long-recall-v{LONG_RECALL_VERSION}-seed{h.generation_seed}"
                                     f"-train{h.train_size}-val{h.validation_size}-words{lo}-{hi}{tasks}")
 
@@ -175,13 +215,14 @@ class LongRecall(GistDataModule):
         lo, hi = h.context_words
         rng = random.Random(h.generation_seed)
         asked_unseen = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"]  # noqa: E731
-                                     for k in UNSEEN_KEYS)
+                                     for k in unseen_keys(h.vocabulary))
 
         def draw(n, words, keep, tasks=tuple(h.tasks)):
             out = []
             while len(out) < n:
                 facts = h.facts if isinstance(h.facts, int) else rng.choice(list(h.facts))
-                rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng, facts)
+                rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng, facts,
+                                       h.vocabulary)
                 if keep(rec):
                     out.append({**rec, "source": "long_recall"})
             return out
