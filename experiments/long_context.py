@@ -126,6 +126,8 @@ def task_args(training: str, args) -> list[str]:
         json.dumps(facts),
         "--data.init_args.context_words",
         json.dumps(args.train_context_words or args.context_words),
+        "--data.init_args.vocabulary",
+        args.vocabulary,
         "--data.init_args.batch_size",
         str(args.train_batch_size),
         "--data.init_args.limits.max_length",
@@ -247,19 +249,23 @@ def run_or_list(cells: list[Cell], args, extra: list[str]) -> None:
         )
 
 
-def records_of(task: str, n: int, seed: int, context_words: tuple[int, int]) -> list[dict]:
+def records_of(
+    task: str, n: int, seed: int, context_words: tuple[int, int], vocabulary: str = "codes"
+) -> list[dict]:
     """A fixed record set of ``task`` from a generator seed no training split uses (``seed`` 0:
-    the test set; 1: validation records, what variants are chosen on)."""
+    the test set; 1: validation records, what variants are chosen on), keys and values from
+    ``vocabulary`` (LongRecall's)."""
     generator, facts = TASKS[task]
     rng = random.Random(10_000 + 10_000 * seed + sorted(TASKS).index(task))
-    return [make_long_record(generator, rng.randint(*context_words), rng, facts) for _ in range(n)]
+    return [make_long_record(generator, rng.randint(*context_words), rng, facts, vocabulary)
+            for _ in range(n)]
 
 
 def chance_floor(records: list[dict]) -> float:
-    """Exact match (%) of answering any code that appears in the context, uniformly."""
-    return 100 * float(
-        np.mean([1 / max(1, len(set(re.findall(r"\b\d{2,4}\b", r["instruction"])))) for r in records])
-    )
+    """Exact match (%) of answering any code (value) that the context's facts give, uniformly."""
+    return 100 * float(np.mean([
+        1 / max(1, len(set(re.findall(r"the code of \w+ is (\w+)\.", r["instruction"])))) for r in records
+    ]))
 
 
 def truncated_rows(
@@ -384,6 +390,7 @@ def objective_speed(base: Path, task: str, args, steps: int = 25) -> list[dict]:
         data = LongRecall(
             tasks=generators,
             facts=facts,
+            vocabulary=args.vocabulary,
             context_words=tuple(args.train_context_words or args.context_words),
             train_size=256,
             validation_size=8,
@@ -620,7 +627,7 @@ def experiment_settings(args, extra: list[str]) -> dict:
     """What an evaluation depends on, besides the task, method and seed."""
     keys = ("context_words", "train_context_words", "train_on", "segment_tokens", "model_config",
             "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate", "records",
-            "validation_records")
+            "validation_records", "vocabulary")
     return {**{k: getattr(args, k) for k in keys}, "fit_args": list(extra)}
 
 
@@ -686,6 +693,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="training contexts' words (default: --context_words; shorter ones among them help a base "
         "leave the loss plateau)",
+    )
+    p.add_argument(
+        "--vocabulary",
+        choices=["codes", "words"],
+        default="codes",
+        help="the facts' keys and values (data.vocabulary): codes of 2-4 digits, or words of one token",
     )
     p.add_argument("--ablation_task", default="recall3", choices=list(TASKS))
     p.add_argument("--ablation_seeds", type=int, nargs="+", default=[0, 1])
@@ -763,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_args:
             placement = "coarse" if args.placement == "auto" else args.placement
         else:
-            val = records_of(task, args.validation_records, 1, tuple(args.context_words))
+            val = records_of(task, args.validation_records, 1, tuple(args.context_words), args.vocabulary)
             scores = {
                 s: evaluate_all(ev, task, s, ["base-coarse", "base-fine"], val, "validation", args)
                 for s in seeds
@@ -828,7 +841,7 @@ def report(ev: Evaluations, args) -> None:
     floors, context_tokens = {}, {}
     tok = load_tokenizer("suite")  # the experiment's tokenizer (configs/tiny.yaml): context lengths
     for task in TASKS:
-        records = records_of(task, args.records, 0, tuple(args.context_words))
+        records = records_of(task, args.records, 0, tuple(args.context_words), args.vocabulary)
         floors[task] = chance_floor(records)
         context_tokens[task] = float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]))
         training = trained_on(task, args)

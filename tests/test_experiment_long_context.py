@@ -55,7 +55,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], base_steps=1500, tune_steps=500,
                               scratch_steps=2000, model_config=lc.MODEL, segment_tokens=32,
                               train_batch_size=16, base_learning_rate=3e-3, train_context_words=None,
-                              train_on="task")
+                              train_on="task", vocabulary="codes")
     base = lc.base_cell("recall3", 1, args)
     assert _value(list(base.args), "--model.condition") == "pos_control"
     assert _value(list(base.args), "--model.learning_rate") == "0.003"
@@ -67,6 +67,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     assert base.needs == ()
     assert json.loads(_value(list(base.args), "--model.model_config"))["hidden_size"] == 128
     assert _value(list(base.args), "--data.init_args.facts") == "3"
+    assert _value(list(base.args), "--data.init_args.vocabulary") == "codes"
     assert [s.max_steps for s in base.stages] == [1500]
     export = str(lc.export_of(tmp_path, "base", "recall3", 1))
     kd = list(lc.gist_cell("base+kd", "fine", "recall3", 1, args).args)
@@ -139,6 +140,10 @@ def test_the_chance_floor_answers_any_code_of_the_context(lc):
     assert 30 <= lc.chance_floor(recall3) <= 40  # three codes per context
     assert lc.records_of("recall3", 5, 0, (150, 250)) == recall3[:5]  # fixed
     assert lc.records_of("recall3", 5, 1, (150, 250)) != recall3[:5]  # validation records differ
+    words = lc.records_of("recall3", 50, 0, (150, 250), "words")  # one-token values: the same floor
+    assert 30 <= lc.chance_floor(words) <= 40 and not any(r["output"].isdigit() for r in words)
+    two = "the code of apple is fox. the code of pear is owl. a cat sat."
+    assert lc.chance_floor([{"instruction": two}]) == 50
 
 
 def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):

@@ -90,7 +90,9 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
     keys = rng.sample(WORD_KEYS if words else KEYS, min(n_facts, len(KEYS)))
 
     def values(names):  # distinct within a record under ``words``, as codes almost always are
-        return dict(zip(names, rng.sample(WORD_VALUES, len(names)))) if words else {n: _code(rng) for n in names}
+        if words:
+            return dict(zip(names, rng.sample(WORD_VALUES, len(names))))
+        return {n: _code(rng) for n in names}
 
     codes = values(keys)
     needed: list[str]
