@@ -69,6 +69,9 @@ def test_the_words_vocabulary_makes_one_token_keys_and_values(tmp_path):
             values = re.findall(r"the code of \w+ is (\w+)\.", r["instruction"])
             assert r["output"] in WORD_VALUES and len(values) == len(set(values)) >= 1, r
             assert not re.search(r"\d", r["instruction"])
+        if r["task"] == "recall":  # keys and values in the facts alone, as codes are
+            rest = re.sub(r"the code of \w+ is \w+\.", "", r["instruction"]).split()
+            assert not set(rest) & (set(WORD_KEYS) | set(WORD_VALUES)), r
     hops = [r for r in recs if r["task"] == "two_hop"]
     assert all(re.search(r"points to (\w+)\.", r["instruction"]).group(1) in WORD_PLACES for r in hops)
 

@@ -20,9 +20,10 @@ Two vocabularies for the keys and values of the facts (``vocabulary``):
 - ``codes`` (the default): colour-like keys ("amber", "scarlet") and numeric codes of 2-4 digits,
   which the suite tokenizer splits into 2-6 and 3-5 tokens;
 - ``words``: keys, values and two-hop places are words the suite tokenizer keeps whole ("the code of
-  apple is tiger."), three disjoint sets: recall is then associative recall of one token, which a
-  small model learns from scratch where matching and copying multi-token pieces does not (the
-  long-context pilots: a 0.9M model stayed under chance on 3 facts of codes).
+  apple is tiger."), three disjoint sets; the filler sentences draw from the places only, so that, as
+  with codes, keys and values occur in the facts alone. Recall is then associative recall of one
+  token, without matching and copying multi-token pieces (where a 0.9M model stayed under chance on
+  3 facts of codes in the long-context pilots).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ FILLER = ("the {a} sat near the {b} while the {c} watched.", "a {a} and a {b} we
           "after the rain the {a} found a {b}.")
 
 
-def _filler(rng: random.Random) -> str:
-    return rng.choice(FILLER).format(a=rng.choice(WORDS), b=rng.choice(WORDS), c=rng.choice(WORDS))
+def _filler(rng: random.Random, words: tuple[str, ...] = WORDS) -> str:
+    return rng.choice(FILLER).format(a=rng.choice(words), b=rng.choice(words), c=rng.choice(words))
 
 
 def _code(rng: random.Random) -> str:
@@ -125,7 +126,7 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
     words_in_facts = sum(len(f.split()) for f in facts)
     sentences = []
     while sum(len(s.split()) for s in sentences) + words_in_facts < context_words:
-        sentences.append(_filler(rng))
+        sentences.append(_filler(rng, WORD_PLACES if words else WORDS))
     placed, at = _place(sentences, facts, rng)
     first_needed = min(at[facts.index(f)] for f in needed)
     return {"instruction": " ".join(placed), "input": question, "output": answer, "task": task,
@@ -144,7 +145,7 @@ def generate_long_recall(seed: int = 0, size: int = 1000, context_words: tuple[i
 
 
 # the generator's version, part of the cache folder's name (raise it when what it writes changes)
-LONG_RECALL_VERSION = 1
+LONG_RECALL_VERSION = 2  # 2: vocabulary words (its fillers from the places); codes as in 1
 UNSEEN_KEYS = ("onyx", "teal")  # never the asked key in training or validation_seen
 WORD_UNSEEN_KEYS = ("plum", "dog")  # the same under ``vocabulary: words``
 
