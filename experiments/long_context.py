@@ -105,6 +105,11 @@ ADDITIONS = {
 BASELINES = ("full", "truncation", "no_context")
 
 
+def training_words(args) -> list[int]:
+    """The training contexts' words (low, high): ``--train_context_words``, else ``--context_words``."""
+    return list(args.train_context_words or args.context_words)
+
+
 def task_args(training: str, args) -> list[str]:
     """The training set's data (``TRAINING``), and the layout every model of the experiment shares:
     segments of ``--segment_tokens`` raw tokens, 4x for validation and export, ratios 4, 8 and 16
@@ -125,7 +130,7 @@ def task_args(training: str, args) -> list[str]:
         "--data.init_args.facts",
         json.dumps(facts),
         "--data.init_args.context_words",
-        json.dumps(args.train_context_words or args.context_words),
+        json.dumps(training_words(args)),
         "--data.init_args.vocabulary",
         args.vocabulary,
         "--data.init_args.batch_size",
@@ -391,7 +396,7 @@ def objective_speed(base: Path, task: str, args, steps: int = 25) -> list[dict]:
             tasks=generators,
             facts=facts,
             vocabulary=args.vocabulary,
-            context_words=tuple(args.train_context_words or args.context_words),
+            context_words=tuple(training_words(args)),
             train_size=256,
             validation_size=8,
             batch_size=args.train_batch_size,
