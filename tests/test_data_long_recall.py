@@ -89,6 +89,34 @@ def test_the_words_vocabulary_makes_one_token_keys_and_values(tmp_path):
         LongRecall(cache_dir=str(tmp_path), vocabulary="emoji", **kw)
 
 
+def test_restate_states_training_facts_twice_and_never_validation_ones(tmp_path):
+    """``restate: 1.0``: every fact of a training context is stated twice, the copy later than the
+    first; validation contexts state each once; answers still follow; a bad probability is refused."""
+    from gist_lightning.data import LongRecall
+    from gist_lightning.data.records import load_records
+
+    kw = dict(train_size=40, validation_size=10, context_words=(30, 60), tasks=["recall", "two_hop"], facts=2,
+              vocabulary="words")
+    dm = LongRecall(cache_dir=str(tmp_path), restate=1.0, **kw)
+    dm.prepare_data()
+    assert dm.folder.name.endswith("-restate1")
+
+    def statements(r):
+        return re.findall(r"the code of \w+ is \w+\.|\w+ points to \w+\.", r["instruction"])
+
+    for r in load_records(dm.split_path("train")):
+        facts = statements(r)
+        task = "two_hop" if "points to" in r["input"] else "recall"
+        assert all(facts.count(f) == 2 for f in facts)
+        assert _answer_from_context({**r, "task": task}) == r["output"]
+    for split in ("validation_seen", "validation_unseen", "validation_human"):
+        for r in load_records(dm.split_path(split)):
+            facts = statements(r)
+            assert facts and len(facts) == len(set(facts)), r
+    with pytest.raises(ValueError, match="data.restate must be"):
+        LongRecall(cache_dir=str(tmp_path), restate=1.5, **kw)
+
+
 def test_the_needed_fact_can_be_anywhere():
     """A quarter of the records need a fact in each quarter of the context: keeping only the end of
     a context (truncation to the same cached positions as a 4x compression) loses most answers."""

@@ -80,9 +80,11 @@ def _place(sentences: list[str], facts: list[str], rng: random.Random) -> tuple[
 
 
 def make_long_record(task: str, context_words: int, rng: random.Random, n_facts: int = 6,
-                     vocabulary: str = "codes") -> dict:
+                     vocabulary: str = "codes", restate: float = 0.0) -> dict:
     """One record of ``task`` with a context of about ``context_words`` words, its keys and values
-    from ``vocabulary`` (module docstring)."""
+    from ``vocabulary`` (module docstring); each fact is stated a second time, later in the context,
+    with probability ``restate`` (training data whose context is predictable from itself: with the
+    context language-model loss, the second statement's value is a lookup of the first's key)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}; got {task!r}")
     if vocabulary not in VOCABULARIES:
@@ -127,8 +129,11 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
     sentences = []
     while sum(len(s.split()) for s in sentences) + words_in_facts < context_words:
         sentences.append(_filler(rng, WORD_PLACES if words else WORDS))
-    placed, at = _place(sentences, facts, rng)
-    first_needed = min(at[facts.index(f)] for f in needed)
+    placed, _ = _place(sentences, facts, rng)
+    for fact in facts if restate else ():
+        if rng.random() < restate:
+            placed.insert(rng.randint(placed.index(fact) + 1, len(placed)), fact)
+    first_needed = min(placed.index(f) for f in needed)
     return {"instruction": " ".join(placed), "input": question, "output": answer, "task": task,
             "fact_at": round(first_needed / max(len(placed) - 1, 1), 3)}
 
@@ -176,14 +181,18 @@ class LongRecall(GistDataModule):
             those of them that ask about a key: recall and two_hop).
         vocabulary: the facts' keys and values: ``codes`` (numeric codes) or ``words`` (one token
             each); module docstring.
+        restate: the probability that a fact is stated twice in a *training* context (validation
+            splits never restate): with ``model.objectives.context_weight``, a dense lookup signal.
         kwargs: batch sizes, length limits, ... of :class:`~gist_lightning.data.datamodule.GistDataModule`.
     """
 
     def __init__(self, generation_seed: int = 0, train_size: int = 20000, validation_size: int = 200,
                  context_words: tuple[int, int] = (150, 300), tasks: tuple[str, ...] = TASKS,
-                 facts: int | list[int] = 6, vocabulary: str = "codes",
+                 facts: int | list[int] = 6, vocabulary: str = "codes", restate: float = 0.0,
                  **kwargs):
         super().__init__(**kwargs)
+        if not 0.0 <= restate <= 1.0:
+            raise ValueError(f"data.restate must be a probability in [0, 1]; got {restate}")
         if vocabulary not in VOCABULARIES:
             raise ValueError(f"data.vocabulary must be one of {VOCABULARIES}; got {vocabulary!r}")
         counts = [facts] if isinstance(facts, int) else list(facts)
@@ -204,7 +213,8 @@ class LongRecall(GistDataModule):
         tasks = (("" if tuple(h.tasks) == TASKS else "-" + "+".join(h.tasks))
                  + ("" if h.facts == 6 else "-facts" + (str(h.facts) if isinstance(h.facts, int)
                                                          else "+".join(map(str, h.facts))))
-                 + ("" if h.vocabulary == "codes" else f"-{h.vocabulary}"))
+                 + ("" if h.vocabulary == "codes" else f"-{h.vocabulary}")
+                 + ("" if not h.restate else f"-restate{h.restate:g}"))
         return Path(h.cache_dir) / (f"long-recall-v{LONG_RECALL_VERSION}-seed{h.generation_seed}"
                                     f"-train{h.train_size}-val{h.validation_size}-words{lo}-{hi}{tasks}")
 
@@ -220,18 +230,18 @@ class LongRecall(GistDataModule):
         asked_unseen = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"]  # noqa: E731
                                      for k in unseen_keys(h.vocabulary))
 
-        def draw(n, words, keep, tasks=tuple(h.tasks)):
+        def draw(n, words, keep, tasks=tuple(h.tasks), restate=0.0):
             out = []
             while len(out) < n:
                 facts = h.facts if isinstance(h.facts, int) else rng.choice(list(h.facts))
                 rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng, facts,
-                                       h.vocabulary)
+                                       h.vocabulary, restate)
                 if keep(rec):
                     out.append({**rec, "source": "long_recall"})
             return out
 
         splits = {
-            TRAIN: draw(h.train_size, (lo, hi), lambda r: not asked_unseen(r)),
+            TRAIN: draw(h.train_size, (lo, hi), lambda r: not asked_unseen(r), restate=h.restate),
             "validation_seen": draw(h.validation_size, (lo, hi), lambda r: not asked_unseen(r)),
             "validation_unseen": draw(h.validation_size, (lo, hi), asked_unseen,
                                       tuple(t for t in h.tasks if t in ("recall", "two_hop"))),
