@@ -103,6 +103,10 @@ ADDITIONS = {
     "+kd": ["--model.objectives.teacher", "{base}", "--model.objectives.distill_weight", "1.0"],
 }
 BASELINES = ("full", "truncation", "no_context")
+# the answer loss (per token, over the answer and its end) a model leaves the plateau under, per
+# vocabulary: a code is 3-5 tokens, a word one, so guessing among 3 facts' values costs ~0.55 with
+# words (the pilots' ws3k sat there at chance for 3000 steps) and more with codes
+PLATEAU_LOSS = {"codes": 0.5, "words": 0.25}
 
 
 def training_words(args) -> list[int]:
@@ -632,7 +636,7 @@ def experiment_settings(args, extra: list[str]) -> dict:
     """What an evaluation depends on, besides the task, method and seed."""
     keys = ("context_words", "train_context_words", "train_on", "segment_tokens", "model_config",
             "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate", "records",
-            "validation_records", "vocabulary")
+            "validation_records", "vocabulary", "plateau_loss")
     return {**{k: getattr(args, k) for k in keys}, "fit_args": list(extra)}
 
 
@@ -745,7 +749,13 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="raw tokens per segment (a multiple of 16: 4x, 8x and 16x keep segment_tokens/4, /8, /16 gists)",
     )
-    p.add_argument("--plateau_loss", type=float, default=0.5)
+    p.add_argument(
+        "--plateau_loss",
+        type=float,
+        default=None,
+        help="the answer loss a model leaves the plateau under (default: 0.5 for codes; 0.25 for words, "
+        "whose one-token answers sit at ~0.55 when a model picks one of 3 facts' values at random)",
+    )
     p.add_argument("--speed", action="store_true", help="also time each objective's training steps")
     p.add_argument("--run_root", type=Path, default=ROOT / "runs" / "long-context")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "long-context")
@@ -761,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(cells_at_once=2, threads_per_cell=1)
     args, extra = p.parse_known_args(argv)  # unknown arguments go to every fit
     args.context_words = list(args.context_words)
+    if args.plateau_loss is None:
+        args.plateau_loss = PLATEAU_LOSS[args.vocabulary]
     if args.segment_tokens < 16 or args.segment_tokens % 16:
         p.error(f"--segment_tokens must be a multiple of 16 (16x keeps segment_tokens/16 gists); got "
                 f"{args.segment_tokens}")
