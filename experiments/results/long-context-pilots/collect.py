@@ -60,11 +60,14 @@ def draw() -> None:
         points.sort()
         ax.plot([s for s, _ in points], [v for _, v in points], label=name, lw=1,
                 color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")
-    ax.axhline(0.5, color="grey", ls="--", lw=0.8)  # the plateau threshold of experiments/long_context.py
+    # the plateau thresholds of experiments/long_context.py (PLATEAU_LOSS: codes, words)
+    ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+    ax.axhline(0.25, color="grey", ls=":", lw=0.8)
     ax.set_xlabel("training step")
     ax.set_ylabel("answer loss (train)")
     ax.set_ylim(0, 3)
-    ax.set_title("long-context pilots: the answer's loss (dashed: the plateau threshold, 0.5)")
+    ax.set_title("long-context pilots: the answer's loss\n(plateau: codes 0.5 dashed, words 0.25 dotted; "
+                 "w*: words)", fontsize=11)
     ax.legend(ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(HERE / "pilots.png", dpi=110)
