@@ -42,9 +42,10 @@ def test_the_default_vocabulary_writes_generator_version_1s_records():
     import hashlib
     import json
 
-    recs = generate_long_recall(seed=5, size=40, context_words=(30, 60))
+    # 2000 records of every task: count's repeated box sentences included (their fact_at)
+    recs = generate_long_recall(seed=0, size=2000, context_words=(30, 80))
     assert (hashlib.sha256(json.dumps(recs).encode()).hexdigest()
-            == "6a7ad9dfd6e040768df4d94a558fd885bd45ab38c747fa93b93442f11d520153")
+            == "9c8c6951fd2b757c9cb66e258d6b036e9e7c742d69c2a4f74dcfde61b2b0aa23")
 
 
 def test_the_words_vocabulary_makes_one_token_keys_and_values(tmp_path):
@@ -69,9 +70,11 @@ def test_the_words_vocabulary_makes_one_token_keys_and_values(tmp_path):
             values = re.findall(r"the code of \w+ is (\w+)\.", r["instruction"])
             assert r["output"] in WORD_VALUES and len(values) == len(set(values)) >= 1, r
             assert not re.search(r"\d", r["instruction"])
-        if r["task"] == "recall":  # keys and values in the facts alone, as codes are
-            rest = re.sub(r"the code of \w+ is \w+\.", "", r["instruction"]).split()
-            assert not set(rest) & (set(WORD_KEYS) | set(WORD_VALUES)), r
+        # keys and values in the facts alone, as codes are (count's boxes and the buried word too)
+        rest = re.sub(r"the code of \w+ is \w+\.|the box of \w+ holds|what \w+ points|\w+ points to", "",
+                      r["instruction"])
+        rest = re.findall(r"\w+", rest)
+        assert not set(rest) & (set(WORD_KEYS) | set(WORD_VALUES)), r
     hops = [r for r in recs if r["task"] == "two_hop"]
     assert all(re.search(r"points to (\w+)\.", r["instruction"]).group(1) in WORD_PLACES for r in hops)
 
@@ -95,24 +98,29 @@ def test_restate_states_training_facts_twice_and_never_validation_ones(tmp_path)
     from gist_lightning.data import LongRecall
     from gist_lightning.data.records import load_records
 
-    kw = dict(train_size=40, validation_size=10, context_words=(30, 60), tasks=["recall", "two_hop"], facts=2,
-              vocabulary="words")
+    kw = dict(train_size=80, validation_size=10, context_words=(30, 60), facts=2, vocabulary="words")
     dm = LongRecall(cache_dir=str(tmp_path), restate=1.0, **kw)
     dm.prepare_data()
-    assert dm.folder.name.endswith("-restate1")
+    assert dm.folder.name.endswith("-restate1.0")
 
     def statements(r):
-        return re.findall(r"the code of \w+ is \w+\.|\w+ points to \w+\.", r["instruction"])
+        return re.findall(r"the code of \w+ is \w+\.|\w+ points to \w+\.|answer with the word \w+\.",
+                          r["instruction"])
 
-    for r in load_records(dm.split_path("train")):
+    def task_of(r):
+        return next(t for t, q in (("two_hop", "points to"), ("recall", "code of"), ("count", "How many"),
+                                   ("buried", "secret")) if q in r["input"])
+
+    train = load_records(dm.split_path("train"))
+    assert {task_of(r) for r in train} == set(TASKS)
+    for r in train:  # every task answerable; count's boxes never restated (that would change it)
         facts = statements(r)
-        task = "two_hop" if "points to" in r["input"] else "recall"
-        assert all(facts.count(f) == 2 for f in facts)
-        assert _answer_from_context({**r, "task": task}) == r["output"]
+        assert all(facts.count(f) == 2 for f in facts) and (facts or task_of(r) == "count")
+        assert _answer_from_context({**r, "task": task_of(r)}) == r["output"], r
     for split in ("validation_seen", "validation_unseen", "validation_human"):
         for r in load_records(dm.split_path(split)):
             facts = statements(r)
-            assert facts and len(facts) == len(set(facts)), r
+            assert len(facts) == len(set(facts)) and (facts or task_of(r) == "count"), r
     with pytest.raises(ValueError, match="data.restate must be"):
         LongRecall(cache_dir=str(tmp_path), restate=1.5, **kw)
 

@@ -84,12 +84,14 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
     """One record of ``task`` with a context of about ``context_words`` words, its keys and values
     from ``vocabulary`` (module docstring); each fact is stated a second time, later in the context,
     with probability ``restate`` (training data whose context is predictable from itself: with the
-    context language-model loss, the second statement's value is a lookup of the first's key)."""
+    context language-model loss, the second statement's value is a lookup of the first's key; never
+    for ``count``, whose answer a second statement would change)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}; got {task!r}")
     if vocabulary not in VOCABULARIES:
         raise ValueError(f"vocabulary must be one of {VOCABULARIES}; got {vocabulary!r}")
     words = vocabulary == "words"
+    fill = WORD_PLACES if words else WORDS  # the words of fillers, boxes' contents, the buried answer
     keys = rng.sample(WORD_KEYS if words else KEYS, min(n_facts, len(KEYS)))
 
     def values(names):  # distinct within a record under ``words``, as codes almost always are
@@ -105,7 +107,7 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
         needed, question, answer = ([f"the code of {target} is {codes[target]}."],
                                     f"What is the code of {target}?", codes[target])
     elif task == "two_hop":
-        places = rng.sample(WORD_PLACES if words else WORDS, len(keys))
+        places = rng.sample(fill, len(keys))
         place_codes = values(places)
         facts = [f"{k} points to {p}." for k, p in zip(keys, places)] + \
                 [f"the code of {p} is {place_codes[p]}." for p in places]
@@ -116,24 +118,27 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
     elif task == "count":
         colour = rng.choice(keys)
         n = rng.randint(1, 5)
-        facts = [f"the box of {colour} holds a {rng.choice(WORDS)}." for _ in range(n)] + \
-                [f"the box of {k} holds a {rng.choice(WORDS)}." for k in keys if k != colour]
+        facts = [f"the box of {colour} holds a {rng.choice(fill)}." for _ in range(n)] + \
+                [f"the box of {k} holds a {rng.choice(fill)}." for k in keys if k != colour]
         needed = [f for f in facts if f"of {colour} " in f]
         question, answer = f"How many boxes of {colour} are there?", str(n)
     else:  # buried
-        word = rng.choice(WORDS)
+        word = rng.choice(fill)
         facts = [f"when asked for the secret, answer with the word {word}."] + \
                 [f"the code of {k} is {codes[k]}." for k in keys[:3]]
         needed, question, answer = facts[:1], "What is the secret?", word
     words_in_facts = sum(len(f.split()) for f in facts)
     sentences = []
     while sum(len(s.split()) for s in sentences) + words_in_facts < context_words:
-        sentences.append(_filler(rng, WORD_PLACES if words else WORDS))
-    placed, _ = _place(sentences, facts, rng)
-    for fact in facts if restate else ():
-        if rng.random() < restate:
-            placed.insert(rng.randint(placed.index(fact) + 1, len(placed)), fact)
-    first_needed = min(placed.index(f) for f in needed)
+        sentences.append(_filler(rng, fill))
+    placed, at = _place(sentences, facts, rng)
+    # (where a fact occurs twice in ``facts``, as count's boxes may, ``at`` holds its later place)
+    first_needed = min(at[facts.index(f)] for f in needed)
+    if restate and task != "count":  # a second box statement would change the count
+        for fact in facts:
+            if rng.random() < restate:
+                placed.insert(rng.randint(placed.index(fact) + 1, len(placed)), fact)
+        first_needed = min(at[facts.index(f)] for f in needed)
     return {"instruction": " ".join(placed), "input": question, "output": answer, "task": task,
             "fact_at": round(first_needed / max(len(placed) - 1, 1), 3)}
 
@@ -150,7 +155,7 @@ def generate_long_recall(seed: int = 0, size: int = 1000, context_words: tuple[i
 
 
 # the generator's version, part of the cache folder's name (raise it when what it writes changes)
-LONG_RECALL_VERSION = 2  # 2: vocabulary words (its fillers from the places); codes as in 1
+LONG_RECALL_VERSION = 3  # 2, 3: vocabulary words (fillers, boxes, buried words from the places); codes as in 1
 UNSEEN_KEYS = ("onyx", "teal")  # never the asked key in training or validation_seen
 WORD_UNSEEN_KEYS = ("plum", "dog")  # the same under ``vocabulary: words``
 
@@ -214,7 +219,7 @@ class LongRecall(GistDataModule):
                  + ("" if h.facts == 6 else "-facts" + (str(h.facts) if isinstance(h.facts, int)
                                                          else "+".join(map(str, h.facts))))
                  + ("" if h.vocabulary == "codes" else f"-{h.vocabulary}")
-                 + ("" if not h.restate else f"-restate{h.restate:g}"))
+                 + ("" if not h.restate else f"-restate{float(h.restate)!r}"))
         return Path(h.cache_dir) / (f"long-recall-v{LONG_RECALL_VERSION}-seed{h.generation_seed}"
                                     f"-train{h.train_size}-val{h.validation_size}-words{lo}-{hi}{tasks}")
 
@@ -230,10 +235,12 @@ class LongRecall(GistDataModule):
         asked_unseen = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"]  # noqa: E731
                                      for k in unseen_keys(h.vocabulary))
 
+        counts = [h.facts] if isinstance(h.facts, int) else list(h.facts)  # [3] draws as 3 (one folder)
+
         def draw(n, words, keep, tasks=tuple(h.tasks), restate=0.0):
             out = []
             while len(out) < n:
-                facts = h.facts if isinstance(h.facts, int) else rng.choice(list(h.facts))
+                facts = counts[0] if len(counts) == 1 else rng.choice(counts)
                 rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng, facts,
                                        h.vocabulary, restate)
                 if keep(rec):
