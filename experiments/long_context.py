@@ -585,6 +585,35 @@ def plot(path: Path, summary: dict) -> None:
     fig.savefig(path, dpi=120)
 
 
+def differing(recorded: dict, now: dict) -> list[str]:
+    """The fields whose values differ between two settings dicts."""
+    return sorted(k for k in {*recorded, *now} if recorded.get(k) != now.get(k))
+
+
+# what the models of --run_root depend on (the settings of evaluations and reports aside): a cell
+# finished under other values would otherwise be kept and reported as if trained under these
+TRAINING_SETTINGS = ("context_words", "train_context_words", "train_on", "segment_tokens", "model_config",
+                     "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate",
+                     "vocabulary", "fit_args")
+
+
+def check_run_root(run_root: Path, settings: dict) -> None:
+    """Record the training settings in ``<run_root>/settings.json``, or refuse (naming the fields)
+    a run folder whose models were trained under others; nothing in it is changed then."""
+    path = run_root / "settings.json"
+    now = json.loads(json.dumps({k: settings[k] for k in TRAINING_SETTINGS}))
+    if path.is_file():
+        differ = differing(json.loads(path.read_text()), now)
+        if differ:
+            raise SystemExit(
+                f"{path}: its models were trained under other settings ({', '.join(differ)} differ); "
+                "pass another --run_root, or the settings it records"
+            )
+        return
+    run_root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now, indent=1) + "\n")
+
+
 class Evaluations:
     """What the experiment measured, kept in ``<out>/evaluations.json`` beside its outputs (and
     committed with them): every evaluation (per record: correct, cached positions), what each model's
@@ -600,9 +629,8 @@ class Evaluations:
             if path.is_file()
             else {"settings": self.settings, "evaluations": {}, "models": {}, "speed": []}
         )
-        if data["settings"] != self.settings:
-            differ = sorted(k for k in {*data["settings"], *self.settings}
-                            if data["settings"].get(k) != self.settings.get(k))
+        differ = differing(data["settings"], self.settings)
+        if differ:
             raise SystemExit(
                 f"{path}: measured under other settings ({', '.join(differ)} differ); pass another --out, "
                 "or the settings it records"
@@ -779,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     settings = experiment_settings(args, extra)  # (a check reads and writes no results)
     ev = None if args.check_args else Evaluations(args.out / "evaluations.json", settings)
+    if not args.check_args:
+        check_run_root(args.run_root, settings)
     choice_path = args.out / "choice.json"
     task, seeds = args.ablation_task, args.ablation_seeds
     training = trained_on(task, args)

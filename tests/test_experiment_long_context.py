@@ -166,6 +166,20 @@ def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
     assert path.read_text() == before
 
 
+def test_a_run_folder_keeps_the_training_settings_of_its_models(lc, tmp_path):
+    """``<run_root>/settings.json``: written once; the same training settings pass (evaluation ones
+    such as --records may change); other ones (here the vocabulary) are refused naming the field,
+    the folder unchanged: its finished cells would otherwise be kept as if trained under them."""
+    settings = {k: None for k in lc.TRAINING_SETTINGS} | {"vocabulary": "codes", "records": 200}
+    lc.check_run_root(tmp_path / "runs", settings)
+    written = (tmp_path / "runs" / "settings.json").read_text()
+    lc.check_run_root(tmp_path / "runs", settings | {"records": 50})
+    with pytest.raises(SystemExit, match=r"runs/settings.json: .*\(vocabulary differ"):
+        lc.check_run_root(tmp_path / "runs", settings | {"vocabulary": "words"})
+    assert (tmp_path / "runs" / "settings.json").read_text() == written
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["settings.json"]
+
+
 def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     import argparse
 
