@@ -3,11 +3,12 @@ spread over the whole context (so truncation cannot solve them)."""
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
 
-from gist_lightning.data.long_recall import TASKS, generate_long_recall
+from gist_lightning.data.long_recall import TASKS, generate_long_recall, make_long_record
 
 
 def _answer_from_context(rec: dict) -> str:
@@ -121,6 +122,12 @@ def test_restate_states_training_facts_twice_and_never_validation_ones(tmp_path)
         for r in load_records(dm.split_path(split)):
             facts = statements(r)
             assert len(facts) == len(set(facts)) and (facts or task_of(r) == "count"), r
+    rng = random.Random(0)  # fact_at (not kept in the split files): where the needed fact is first stated
+    for r in [make_long_record("recall", 40, rng, 3, "words", restate=1.0) for _ in range(50)]:
+        sentences = [x.strip() for x in re.findall(r"[^.]+\.", r["instruction"])]
+        key = re.search(r"of (\w+)[?]", r["input"])[1]
+        first = sentences.index(f"the code of {key} is {r['output']}.")
+        assert r["fact_at"] == round(first / (len(sentences) - 1), 3), r
     with pytest.raises(ValueError, match="data.restate must be"):
         LongRecall(cache_dir=str(tmp_path), restate=1.5, **kw)
 

@@ -132,12 +132,12 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
     while sum(len(s.split()) for s in sentences) + words_in_facts < context_words:
         sentences.append(_filler(rng, fill))
     placed, at = _place(sentences, facts, rng)
-    # (where a fact occurs twice in ``facts``, as count's boxes may, ``at`` holds its later place)
-    first_needed = min(at[facts.index(f)] for f in needed)
     if restate and task != "count":  # a second box statement would change the count
         for fact in facts:
             if rng.random() < restate:
                 placed.insert(rng.randint(placed.index(fact) + 1, len(placed)), fact)
+        first_needed = min(placed.index(f) for f in needed)  # the first statement
+    else:  # (where a fact occurs twice in ``facts``, as count's boxes may, ``at`` holds its later place)
         first_needed = min(at[facts.index(f)] for f in needed)
     return {"instruction": " ".join(placed), "input": question, "output": answer, "task": task,
             "fact_at": round(first_needed / max(len(placed) - 1, 1), 3)}
@@ -155,7 +155,8 @@ def generate_long_recall(seed: int = 0, size: int = 1000, context_words: tuple[i
 
 
 # the generator's version, part of the cache folder's name (raise it when what it writes changes)
-LONG_RECALL_VERSION = 3  # 2, 3: vocabulary words (fillers, boxes, buried words from the places); codes as in 1
+# (2, 3: vocabulary words, its fillers, boxes and buried words from the places; codes as in 1)
+LONG_RECALL_VERSION = 3
 UNSEEN_KEYS = ("onyx", "teal")  # never the asked key in training or validation_seen
 WORD_UNSEEN_KEYS = ("plum", "dog")  # the same under ``vocabulary: words``
 
