@@ -595,6 +595,7 @@ def differing(recorded: dict, now: dict) -> list[str]:
 TRAINING_SETTINGS = ("context_words", "train_context_words", "train_on", "segment_tokens", "model_config",
                      "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate",
                      "vocabulary", "fit_args")
+EVALUATION_SETTINGS = ("records", "validation_records", "plateau_loss")  # what else an evaluation needs
 
 
 def check_run_root(run_root: Path, settings: dict) -> None:
@@ -661,10 +662,9 @@ class Evaluations:
 
 
 def experiment_settings(args, extra: list[str]) -> dict:
-    """What an evaluation depends on, besides the task, method and seed."""
-    keys = ("context_words", "train_context_words", "train_on", "segment_tokens", "model_config",
-            "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate", "records",
-            "validation_records", "vocabulary", "plateau_loss")
+    """What an evaluation depends on, besides the task, method and seed: how its models were trained
+    (``TRAINING_SETTINGS``) and how they are evaluated."""
+    keys = [k for k in (*TRAINING_SETTINGS, *EVALUATION_SETTINGS) if k != "fit_args"]
     return {**{k: getattr(args, k) for k in keys}, "fit_args": list(extra)}
 
 
