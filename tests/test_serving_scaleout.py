@@ -220,9 +220,11 @@ def test_clients_that_leave_mid_stream_stop_their_requests_on_either_worker(two_
     stats = cache_stats(two_workers)
     per_worker = {w: s["cancelled"] for w, s in stats["workers"].items()}  # requests each one dropped
     assert counted == n
-    # every request stopped within 4 tokens (engine steps) of its cancellation (measured: 0 or 1);
-    # one whose worker missed the cancellation would run on to its 400
-    stopped = moved("gist_tokens_after_cancel_bucket", le="4.0")
+    # every request stopped within 32 tokens of its cancellation; one whose worker missed the
+    # cancellation runs on to its 400. The count includes the events already on their way to the HTTP
+    # process when the client left: 0 or 1 on an idle machine, but one request of 8 counted ~10 in a CI
+    # run with the suite's other processes beside it (sum 17), so the bound is not 4
+    stopped = moved("gist_tokens_after_cancel_bucket", le="32.0")
     assert stopped == n, (stopped, moved("gist_tokens_after_cancel_sum"), per_worker)
     assert moved("gist_requests_total", outcome="cancelled") == n
     assert stats["cancelled"] == n and stats["running"] == stats["waiting"] == 0

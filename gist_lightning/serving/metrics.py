@@ -70,8 +70,9 @@ class ServerMetrics:
         self.request_seconds = Histogram("gist_request_seconds", "From a request's arrival at the HTTP "
                                          "process to its last event", buckets=REQUEST_BUCKETS)
         self.tokens_after_cancel = Histogram("gist_tokens_after_cancel", "Per request whose client left: "
-                                             "the tokens generated for it after its cancellation (for "
-                                             "nobody)", buckets=AFTER_CANCEL_BUCKETS)
+                                             "the tokens that came back for it after its cancellation "
+                                             "(for nobody; those already on their way included)",
+                                             buckets=AFTER_CANCEL_BUCKETS)
 
 
 @functools.cache
