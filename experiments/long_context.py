@@ -35,7 +35,6 @@ import argparse
 import csv
 import json
 import random
-import re
 import shlex
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from gist_lightning import generate
-from gist_lightning.data.long_recall import make_long_record
+from gist_lightning.data.long_recall import fact_values, make_long_record
 from gist_lightning.evaluation.stats import format_interval, paired_bootstrap
 from gist_lightning.export import load_pretrained
 from gist_lightning.long_context import (
@@ -270,11 +269,10 @@ def records_of(
             for _ in range(n)]
 
 
-def chance_floor(records: list[dict]) -> float:
+def chance_floor(records: list[dict], vocabulary: str = "codes") -> float:
     """Exact match (%) of answering any code (value) that the context's facts give, uniformly."""
-    return 100 * float(np.mean([
-        1 / max(1, len(set(re.findall(r"the code of \w+ is (\w+)\.", r["instruction"])))) for r in records
-    ]))
+    return 100 * float(np.mean([1 / max(1, len(set(fact_values(r["instruction"], vocabulary))))
+                                for r in records]))
 
 
 def truncated_rows(
@@ -889,7 +887,7 @@ def report(ev: Evaluations, args) -> None:
     tok = load_tokenizer("suite")  # the experiment's tokenizer (configs/tiny.yaml): context lengths
     for task in TASKS:
         records = records_of(task, args.records, 0, tuple(args.context_words), args.vocabulary)
-        floors[task] = chance_floor(records)
+        floors[task] = chance_floor(records, args.vocabulary)
         context_tokens[task] = float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]))
         training = trained_on(task, args)
         for base in sorted(args.run_root.glob(f"base-{training}-seed*/run/export")):

@@ -8,19 +8,25 @@ import re
 
 import pytest
 
-from gist_lightning.data.long_recall import TASKS, generate_long_recall, make_long_record
+from gist_lightning.data.long_recall import TASKS, fact_values, generate_long_recall, make_long_record
+
+
+def _sentences(rec: dict) -> list[str]:
+    return [x.strip() for x in re.findall(r"[^.]+\.", rec["instruction"])]
 
 
 def _answer_from_context(rec: dict) -> str:
     """The answer worked out from the context and the question alone."""
     ctx, q = rec["instruction"], rec["input"]
+
+    def after(key):  # codes: "the code of KEY is V." / "KEY points to V."; words: "KEY V."
+        m = re.search(rf"(?:the code of |^|\. ){key}(?: is| points to)? (\w+)\.", ctx)
+        return m.group(1)
+
     if rec["task"] == "recall":
-        key = re.match(r"What is the code of (\w+)\?", q).group(1)
-        return re.search(rf"the code of {key} is (\w+)\.", ctx).group(1)
+        return after(re.match(r"What is the code of (\w+)\?", q).group(1))
     if rec["task"] == "two_hop":
-        key = re.match(r"What is the code of what (\w+) points to\?", q).group(1)
-        place = re.search(rf"{key} points to (\w+)\.", ctx).group(1)
-        return re.search(rf"the code of {place} is (\w+)\.", ctx).group(1)
+        return after(after(re.match(r"What is the code of what (\w+) points to\?", q).group(1)))
     if rec["task"] == "count":
         colour = re.match(r"How many boxes of (\w+) are there\?", q).group(1)
         return str(len(re.findall(rf"the box of {colour} holds", ctx)))
@@ -67,17 +73,21 @@ def test_the_words_vocabulary_makes_one_token_keys_and_values(tmp_path):
     assert {r["task"] for r in recs} == set(TASKS)
     for r in recs:
         assert _answer_from_context(r) == r["output"], r
+        facts = [f for f in _sentences(r) if len(f.split()) == 2]  # "apple tiger.", "apple river."
         if r["task"] in ("recall", "two_hop"):
-            values = re.findall(r"the code of \w+ is (\w+)\.", r["instruction"])
+            values = fact_values(r["instruction"], "words")
             assert r["output"] in WORD_VALUES and len(values) == len(set(values)) >= 1, r
             assert not re.search(r"\d", r["instruction"])
+            # the value right after its key (or place): no word between them
+            pairs = [re.findall(r"\w+", f) for f in facts]
+            assert all(k in WORD_KEYS + WORD_PLACES and v in WORD_VALUES + WORD_PLACES for k, v in pairs), r
+            assert len(facts) == 6 * (1 + (r["task"] == "two_hop")), r  # the generator's 6 facts
         # keys and values in the facts alone, as codes are (count's boxes and the buried word too)
-        rest = re.sub(r"the code of \w+ is \w+\.|the box of \w+ holds|what \w+ points|\w+ points to", "",
-                      r["instruction"])
-        rest = re.findall(r"\w+", rest)
+        rest = [w for f in _sentences(r) if f not in facts
+                for w in re.findall(r"\w+", re.sub(r"the box of \w+ holds", "", f))]
         assert not set(rest) & (set(WORD_KEYS) | set(WORD_VALUES)), r
     hops = [r for r in recs if r["task"] == "two_hop"]
-    assert all(re.search(r"points to (\w+)\.", r["instruction"]).group(1) in WORD_PLACES for r in hops)
+    assert all(re.search(r"what (\w+) points", r["input"])[1] in WORD_KEYS for r in hops)
 
     kw = dict(train_size=60, validation_size=20, context_words=(30, 60), tasks=["recall", "two_hop"], facts=3)
     dm = LongRecall(cache_dir=str(tmp_path), vocabulary="words", **kw)
@@ -104,9 +114,8 @@ def test_restate_states_training_facts_twice_and_never_validation_ones(tmp_path)
     dm.prepare_data()
     assert dm.folder.name.endswith("-restate1.0")
 
-    def statements(r):
-        return re.findall(r"the code of \w+ is \w+\.|\w+ points to \w+\.|answer with the word \w+\.",
-                          r["instruction"])
+    def statements(r):  # the facts (words: two-word sentences) and the buried instruction
+        return [f for f in _sentences(r) if len(f.split()) == 2 or "answer with the word" in f]
 
     def task_of(r):
         return next(t for t, q in (("two_hop", "points to"), ("recall", "code of"), ("count", "How many"),
@@ -124,9 +133,9 @@ def test_restate_states_training_facts_twice_and_never_validation_ones(tmp_path)
             assert len(facts) == len(set(facts)) and (facts or task_of(r) == "count"), r
     rng = random.Random(0)  # fact_at (not kept in the split files): where the needed fact is first stated
     for r in [make_long_record("recall", 40, rng, 3, "words", restate=1.0) for _ in range(50)]:
-        sentences = [x.strip() for x in re.findall(r"[^.]+\.", r["instruction"])]
+        sentences = _sentences(r)
         key = re.search(r"of (\w+)[?]", r["input"])[1]
-        first = sentences.index(f"the code of {key} is {r['output']}.")
+        first = sentences.index(f"{key} {r['output']}.")
         assert r["fact_at"] == round(first / (len(sentences) - 1), 3), r
     with pytest.raises(ValueError, match="data.restate must be"):
         LongRecall(cache_dir=str(tmp_path), restate=1.5, **kw)

@@ -141,9 +141,9 @@ def test_the_chance_floor_answers_any_code_of_the_context(lc):
     assert lc.records_of("recall3", 5, 0, (150, 250)) == recall3[:5]  # fixed
     assert lc.records_of("recall3", 5, 1, (150, 250)) != recall3[:5]  # validation records differ
     words = lc.records_of("recall3", 50, 0, (150, 250), "words")  # one-token values: the same floor
-    assert 30 <= lc.chance_floor(words) <= 40 and not any(r["output"].isdigit() for r in words)
-    two = "the code of apple is fox. the code of pear is owl. a cat sat."
-    assert lc.chance_floor([{"instruction": two}]) == 50
+    assert 30 <= lc.chance_floor(words, "words") <= 40 and not any(r["output"].isdigit() for r in words)
+    two = "apple fox. the book sat near the tree. pear owl. a lamp and a door went to the river."
+    assert lc.chance_floor([{"instruction": two}], "words") == 50
 
 
 def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):

@@ -19,16 +19,21 @@ Two vocabularies for the keys and values of the facts (``vocabulary``):
 
 - ``codes`` (the default): colour-like keys ("amber", "scarlet") and numeric codes of 2-4 digits,
   which the suite tokenizer splits into 2-6 and 3-5 tokens;
-- ``words``: keys, values and two-hop places are words the suite tokenizer keeps whole ("the code of
-  apple is tiger."), three disjoint sets; the filler sentences draw from the places only, so that, as
+- ``words``: keys, values and two-hop places are words the suite tokenizer keeps whole, three
+  disjoint sets, each fact two tokens, the value right after its key ("apple tiger."; two-hop
+  "apple river." ... "river tiger."); the filler sentences draw from the places only, so that, as
   with codes, keys and values occur in the facts alone. Recall is then associative recall of one
-  token, without matching and copying multi-token pieces (where a 0.9M model stayed under chance on
-  3 facts of codes in the long-context pilots).
+  token (multi-query associative recall, as in the Zoology benchmarks) without matching and copying
+  multi-token pieces. Why the value sits right after its key: in the long-context pilots a 0.9M
+  model did not learn the lookup on 3 facts of codes, nor on "the code of apple is tiger." (the
+  value two tokens after the key) in 3000 steps, with or without restated facts; with the value
+  next to its key, restated facts and the context loss, it did in ~1000 (pilots README).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from ..splits import HUMAN, SPLITS, TRAIN
@@ -100,20 +105,25 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
         return {n: _code(rng) for n in names}
 
     codes = values(keys)
+
+    def code_of(k: str, v: str) -> str:  # under ``words`` the value right after its key (docstring)
+        return f"{k} {v}." if words else f"the code of {k} is {v}."
+
+    def points(k: str, p: str) -> str:
+        return f"{k} {p}." if words else f"{k} points to {p}."
+
     needed: list[str]
     if task == "recall":
-        facts = [f"the code of {k} is {codes[k]}." for k in keys]
+        facts = [code_of(k, codes[k]) for k in keys]
         target = rng.choice(keys)
-        needed, question, answer = ([f"the code of {target} is {codes[target]}."],
+        needed, question, answer = ([code_of(target, codes[target])],
                                     f"What is the code of {target}?", codes[target])
     elif task == "two_hop":
         places = rng.sample(fill, len(keys))
         place_codes = values(places)
-        facts = [f"{k} points to {p}." for k, p in zip(keys, places)] + \
-                [f"the code of {p} is {place_codes[p]}." for p in places]
+        facts = [points(k, p) for k, p in zip(keys, places)] + [code_of(p, place_codes[p]) for p in places]
         i = rng.randrange(len(keys))
-        needed = [f"{keys[i]} points to {places[i]}.",
-                  f"the code of {places[i]} is {place_codes[places[i]]}."]
+        needed = [points(keys[i], places[i]), code_of(places[i], place_codes[places[i]])]
         question, answer = f"What is the code of what {keys[i]} points to?", place_codes[places[i]]
     elif task == "count":
         colour = rng.choice(keys)
@@ -125,7 +135,7 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
     else:  # buried
         word = rng.choice(fill)
         facts = [f"when asked for the secret, answer with the word {word}."] + \
-                [f"the code of {k} is {codes[k]}." for k in keys[:3]]
+                [code_of(k, codes[k]) for k in keys[:3]]
         needed, question, answer = facts[:1], "What is the secret?", word
     words_in_facts = sum(len(f.split()) for f in facts)
     sentences = []
@@ -143,6 +153,14 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
             "fact_at": round(first_needed / max(len(placed) - 1, 1), 3)}
 
 
+def fact_values(context: str, vocabulary: str = "codes") -> list[str]:
+    """The values (codes) that the facts of ``context`` give, in order: what answering "any code of
+    the context" draws from (under ``words`` values occur in the facts alone)."""
+    if vocabulary == "words":
+        return [w for w in re.findall(r"\w+", context) if w in WORD_VALUES]
+    return re.findall(r"the code of \w+ is (\w+)\.", context)
+
+
 def generate_long_recall(seed: int = 0, size: int = 1000, context_words: tuple[int, int] = (150, 300),
                          tasks: tuple[str, ...] = TASKS, vocabulary: str = "codes") -> list[dict]:
     """``size`` records, tasks in turn, context lengths uniform in ``context_words`` (words)."""
@@ -155,8 +173,9 @@ def generate_long_recall(seed: int = 0, size: int = 1000, context_words: tuple[i
 
 
 # the generator's version, part of the cache folder's name (raise it when what it writes changes)
-# (2, 3: vocabulary words, its fillers, boxes and buried words from the places; codes as in 1)
-LONG_RECALL_VERSION = 3
+# (2, 3: vocabulary words, its fillers, boxes and buried words from the places; 4: words' facts
+# "apple tiger."; codes as in 1)
+LONG_RECALL_VERSION = 4
 UNSEEN_KEYS = ("onyx", "teal")  # never the asked key in training or validation_seen
 WORD_UNSEEN_KEYS = ("plum", "dog")  # the same under ``vocabulary: words``
 
