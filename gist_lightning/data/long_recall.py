@@ -23,11 +23,11 @@ Two vocabularies for the keys and values of the facts (``vocabulary``):
   disjoint sets, each fact two tokens, the value right after its key ("apple tiger."; two-hop
   "apple river." ... "river tiger."); the filler sentences draw from the places only, so that, as
   with codes, keys and values occur in the facts alone. Recall is then associative recall of one
-  token (multi-query associative recall, as in the Zoology benchmarks) without matching and copying
-  multi-token pieces. Why the value sits right after its key: in the long-context pilots a 0.9M
-  model did not learn the lookup on 3 facts of codes, nor on "the code of apple is tiger." (the
-  value two tokens after the key) in 3000 steps, with or without restated facts; with the value
-  next to its key, restated facts and the context loss, it did in ~1000 (pilots README).
+  token (associative recall, as in the Zoology benchmarks) without matching and copying multi-token
+  pieces. Why the value sits right after its key: in the long-context pilots a 0.9M model never
+  learned the 3-fact lookup with the value two tokens after its key ("the code of apple is tiger.")
+  in up to 3000 steps, and learned it in some runs with the value next to its key, restated facts
+  and the context loss (experiments/results/long-context-pilots/README.md).
 """
 
 from __future__ import annotations
