@@ -1,9 +1,12 @@
 """Long contexts: recipes that train every time, compared by compression ratio, in one ablation.
 
 Per task and seed, a full-attention **base** (``pos_control``: the gists in place, hiding nothing)
-is trained first; every gist **variant** is then fine-tuned from its export (as every successor
-fine-tunes a model that already reads), except ``scratch``, the plain recipe trained from random
-weights. Every gist model trains with a ratio drawn per batch from {4, 8, 16} and is tested at each
+is trained first, on short contexts where the key-value lookup forms (``--base_short_steps`` on
+``--base_short_words``), then on the task's; every gist **variant** is then fine-tuned from its
+export (as every successor fine-tunes a model that already reads), except ``scratch``, the plain
+recipe trained from random weights. Every model trains with each fact restated (``--restate``) and
+the context's own next-token loss (``--context_weight``): the lookup's dense signal.
+Every gist model trains with a ratio drawn per batch from {4, 8, 16} and is tested at each
 from caches made segment by segment (:func:`gist_lightning.long_context.compress_context`).
 
 Variants (``VARIANTS``): ``scratch`` (coarse, from random weights), ``coarse`` and ``fine`` (from
@@ -79,10 +82,11 @@ def trained_on(task: str, args) -> str:
     return "mixture" if args.train_on == "mixture" else task
 
 
-# the bases' model: configs/tiny-long.yaml's ~0.9M-parameter LLaMA (at batch 32 and a peak learning
-# rate of 1e-3 its 1-fact base left the plateau (answer loss < 0.5) by step ~620 on 8-14 segments;
-# batch 16, 3e-3, mixtures of tasks did not in 1000-1500 steps: see docs/long-context.md). A
-# larger one: --model_config (hidden_size 256, intermediate_size 512: ~3.1M, ~3x slower a step)
+# the bases' model: configs/tiny-long.yaml's ~0.9M-parameter LLaMA (at batch 32, 3e-4 constant,
+# restated facts and the context loss, its 3-fact words base left the plateau at steps 950-3100 on
+# 6-12-word contexts, 4 runs of 4, and kept the lookup on 70-120 words; at 1e-3 and 70-120 words
+# from the start it never did: see docs/long-context.md). A larger one: --model_config
+# (hidden_size 256, intermediate_size 512: ~3.1M, ~3x slower a step)
 MODEL = {
     "model_type": "llama",
     "hidden_size": 128,
@@ -148,7 +152,10 @@ def cell_tail(training: str, seed: int, args) -> list[str]:
     cache."""
     return [
         *task_args(training, args),
+        *recipe_args(args),
         "--seed_everything",
+        str(seed),
+        "--data.init_args.seed",  # the order of training batches too, not the initial weights alone
         str(seed),
         "--trainer.enable_progress_bar",
         "false",
@@ -174,9 +181,40 @@ def export_of(run_root: Path, model: str, task: str, seed: int) -> Path:
     return run_root / run_name(model, task, seed) / "run" / "export"
 
 
+def recipe_args(args) -> list[str]:
+    """What every model of the experiment trains with besides its data (docs/long-context.md, "The
+    recipe"): each training fact restated once with probability ``--restate`` and the context's own
+    next-token loss weighted ``--context_weight`` (the lookup's dense signal)."""
+    return [
+        "--data.init_args.restate",
+        str(args.restate),
+        "--model.objectives.context_weight",
+        str(args.context_weight),
+    ]
+
+
+def base_stages(args) -> tuple[Stage, ...]:
+    """The base's curriculum: ``--base_short_steps`` on short contexts (``--base_short_words``, with
+    ``--base_short_facts`` facts each), where the lookup forms, no validation (so the export is the
+    last stage's model, never a short-context one); then ``--base_steps`` more on the task's
+    contexts, validated once at the end. Without short steps: one stage, as before."""
+    last = Stage(
+        max_steps=args.base_short_steps + args.base_steps,
+        args=("--trainer.val_check_interval", str(args.base_short_steps + args.base_steps)),
+    )
+    if not args.base_short_steps:
+        return (last,)
+    short = ["--data.init_args.context_words", json.dumps(list(args.base_short_words)),
+             "--trainer.limit_val_batches", "0"]
+    if args.base_short_facts is not None:
+        short += ["--data.init_args.facts", json.dumps(args.base_short_facts)]
+    return Stage(max_steps=args.base_short_steps, args=tuple(short)), last
+
+
 def base_cell(task: str, seed: int, args) -> Cell:
     """The full-attention base of ``task``: ``pos_control`` over the segmented layout (so its
-    vocabulary and positions are the gist models'), ratios drawn as theirs are."""
+    vocabulary and positions are the gist models'), ratios drawn as theirs are; a constant
+    learning rate after warmup, the curriculum of :func:`base_stages`."""
     return Cell(
         name=run_name("base", task, seed),
         args=(
@@ -186,11 +224,11 @@ def base_cell(task: str, seed: int, args) -> Cell:
             json.dumps(args.model_config),
             "--model.learning_rate",
             str(args.base_learning_rate),
+            "--model.scheduler",
+            "constant_with_warmup",
             *cell_tail(task, seed, args),
         ),
-        stages=(
-            Stage(max_steps=args.base_steps, args=("--trainer.val_check_interval", str(args.base_steps))),
-        ),
+        stages=base_stages(args),
     )
 
 
@@ -202,7 +240,8 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
         needs = ()
     else:
         source, steps = (
-            ["--model.model_config", "null", "--model.model_name_or_path", str(base)],
+            ["--model.model_config", "null", "--model.model_name_or_path", str(base),
+             "--model.learning_rate", str(args.tune_learning_rate)],
             args.tune_steps,
         )
         needs = (run_name("base", task, seed),)  # its base's export, so it starts when that is done
@@ -592,7 +631,8 @@ def differing(recorded: dict, now: dict) -> list[str]:
 # finished under other values would otherwise be kept and reported as if trained under these
 TRAINING_SETTINGS = ("context_words", "train_context_words", "train_on", "segment_tokens", "model_config",
                      "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate",
-                     "vocabulary", "fit_args")
+                     "tune_learning_rate", "restate", "context_weight", "base_short_steps",
+                     "base_short_words", "base_short_facts", "vocabulary", "fit_args")
 EVALUATION_SETTINGS = ("records", "validation_records", "plateau_loss")  # what else an evaluation needs
 
 
@@ -732,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--vocabulary",
         choices=["codes", "words"],
-        default="codes",
+        default="words",
         help="the facts' keys and values (data.vocabulary): codes of 2-4 digits, or words of one token",
     )
     p.add_argument("--ablation_task", default="recall3", choices=list(TASKS))
@@ -745,7 +785,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the ablation's optional rows (cut to fit a budget; coarse and fine from the base always run)",
     )
     p.add_argument("--final_seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--base_steps", type=int, default=1500, help="training steps of each full-attention base")
+    p.add_argument("--base_steps", type=int, default=1000,
+                   help="each base's training steps on the task's contexts (after the short ones)")
     p.add_argument("--tune_steps", type=int, default=500, help="fine-tuning steps of each gist variant")
     p.add_argument("--scratch_steps", type=int, default=2000, help="steps of the from-scratch variant")
     p.add_argument(
@@ -787,7 +828,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "long-context")
     p.add_argument("--batch_size", type=int, default=50, help="records per evaluation batch")
     p.add_argument("--train_batch_size", type=int, default=32, help="records per training batch")
-    p.add_argument("--base_learning_rate", type=float, default=1e-3, help="the bases' peak learning rate")
+    p.add_argument("--base_learning_rate", type=float, default=3e-4,
+                   help="the bases' learning rate (constant after a 5%% warmup)")
+    p.add_argument("--tune_learning_rate", type=float, default=3e-4,
+                   help="the peak learning rate of fine-tuning from a base (configs/tiny.yaml's schedule)")
+    p.add_argument("--restate", type=float, default=1.0,
+                   help="the probability that a training fact is stated twice (data.restate)")
+    p.add_argument("--context_weight", type=float, default=20.0,
+                   help="the weight of the context's own next-token loss (model.objectives.context_weight)")
+    p.add_argument("--base_short_steps", type=int, default=4000,
+                   help="the bases' first steps, on short contexts (--base_short_words); 0: none")
+    p.add_argument("--base_short_words", type=int, nargs=2, default=[6, 12],
+                   help="the short contexts' words (low high)")
+    p.add_argument("--base_short_facts", type=int, default=None,
+                   help="facts per short context (default: the task's)")
     p.add_argument(
         "--check_args",
         action="store_true",

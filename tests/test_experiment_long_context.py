@@ -55,10 +55,17 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], base_steps=1500, tune_steps=500,
                               scratch_steps=2000, model_config=lc.MODEL, segment_tokens=32,
                               train_batch_size=16, base_learning_rate=3e-3, train_context_words=None,
-                              train_on="task", vocabulary="codes")
+                              train_on="task", vocabulary="codes", restate=1.0, context_weight=20.0,
+                              base_short_steps=0, base_short_words=[6, 12], base_short_facts=None,
+                              tune_learning_rate=2e-4)
     base = lc.base_cell("recall3", 1, args)
     assert _value(list(base.args), "--model.condition") == "pos_control"
     assert _value(list(base.args), "--model.learning_rate") == "0.003"
+    assert _value(list(base.args), "--model.scheduler") == "constant_with_warmup"
+    assert _value(list(base.args), "--data.init_args.restate") == "1.0"
+    assert _value(list(base.args), "--model.objectives.context_weight") == "20.0"
+    seeds = _value(list(base.args), "--seed_everything"), _value(list(base.args), "--data.init_args.seed")
+    assert seeds == ("1", "1")
     assert _value(list(base.args), "--data.init_args.batch_size") == "16"
     # 32 raw tokens a segment: 8 gists at 4x (validation and export), ratios 4-16 drawn in training
     assert _value(list(base.args), "--model.segments.segment_tokens") == "32"
@@ -73,6 +80,8 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     kd = list(lc.gist_cell("base+kd", "fine", "recall3", 1, args).args)
     assert _value(kd, "--model.model_name_or_path") == export == _value(kd, "--model.objectives.teacher")
     assert _value(kd, "--model.model_config") == "null" and _value(kd, "--model.segments.placement") == "fine"
+    assert _value(kd, "--model.learning_rate") == "0.0002"  # --tune_learning_rate
+    assert _value(kd, "--data.init_args.restate") == "1.0"  # the recipe's data, as the base's
     assert _value(kd, "--model.segments.train_ratios") == "[4, 8, 16]"
     assert lc.gist_cell("base+kd", "fine", "recall3", 1, args).needs == ("base-recall3-seed1",)  # waits
     best = lc.gist_cell("best+layout+ae", "coarse", "two_hop", 0, args)
@@ -82,6 +91,36 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     scratch = lc.gist_cell("scratch", "coarse", "recall1", 0, args)
     assert "--model.model_name_or_path" not in scratch.args and scratch.stages[0].max_steps == 2000
     assert scratch.needs == ()  # from random weights: nothing to wait for
+
+
+def test_the_base_forms_the_lookup_on_short_contexts_first_then_trains_on_the_task(lc, tmp_path, capsys):
+    """The base's curriculum: --base_short_steps on short contexts (their words and facts override
+    the task's: the stage's arguments come last), unvalidated, so the export is the model after the
+    task's contexts; then --base_steps more on the task's contexts, validated at the end."""
+    assert lc.main(["--check_args", "--run_root", str(tmp_path), "--ablation_seeds", "0", "--ablation_rows",
+                    "+layout", "--base_short_steps", "700", "--base_steps", "300", "--base_short_words", "4",
+                    "9", "--base_short_facts", "8"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("base-recall3-seed0:") and "; 1000 steps;" in line
+    import argparse
+
+    args = argparse.Namespace(base_short_steps=700, base_steps=300, base_short_words=[4, 9],
+                              base_short_facts=8)
+    short, task = lc.base_stages(args)
+    assert short.max_steps == 700 and task.max_steps == 1000
+    cell_args = shlex.split(line.split("; ", 2)[2])
+    composed = cell_args + list(short.args)  # how the sweep runs a stage: the cell's, then the stage's
+    last = max(i for i, a in enumerate(composed) if a == "--data.init_args.context_words")  # the one read
+    assert json.loads(composed[last + 1]) == [4, 9]
+    assert json.loads(_value(cell_args, "--data.init_args.context_words")) == [70, 120]  # the task's
+    assert _value(list(short.args), "--data.init_args.facts") == "8"
+    assert _value(list(short.args), "--trainer.limit_val_batches") == "0"
+    assert "--data.init_args.context_words" not in task.args
+    assert "--trainer.limit_val_batches" not in task.args
+    assert _value(list(task.args), "--trainer.val_check_interval") == "1000"
+    args.base_short_steps = 0
+    (only,) = lc.base_stages(args)  # no short steps: one stage, the task's contexts
+    assert only.max_steps == 300 and "--data.init_args.context_words" not in only.args
 
 
 def test_ablation_rows_cut_the_optional_rows_and_segments_must_divide(lc, tmp_path, capsys):
