@@ -2,9 +2,11 @@
 pilots.png from the two files.
 
     python experiments/results/long-context-pilots/collect.py NAME=RUN_FOLDER ...   # then redraw
+    python experiments/results/long-context-pilots/collect.py NAME=FOLDER+FOLDER    # a run continued
     python experiments/results/long-context-pilots/collect.py                       # redraw only
 
-A pilot already in the files is replaced by its folder's rows."""
+A pilot already in the files is replaced by its folders' rows. ``pilots.png`` draws the first
+pilots; ``lookup.png`` the framework's lookup pilots (names starting with ``a``: words, 3 facts)."""
 
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ def write(path: Path, rows: list[dict], fields: list[str]) -> None:
         writer.writerows(rows)
 
 
-def add(name: str, run: Path) -> None:
-    metrics = read(run / "metrics.csv")
+def add(name: str, runs: list[Path]) -> None:
+    metrics = [r for run in runs for r in read(run / "metrics.csv")]
     loss = [r for r in read(HERE / "loss.csv") if r["pilot"] != name]
     for r in metrics:
         answer = r.get("train/lm_loss") or r.get("train/loss")
@@ -55,6 +57,15 @@ def draw() -> None:
     curves: dict[str, list[tuple[int, float]]] = {}
     for r in read(HERE / "loss.csv"):
         curves.setdefault(r["pilot"], []).append((int(r["step"]), float(r["answer_loss"])))
+    draw_curves({k: v for k, v in curves.items() if not k.startswith("a")}, "pilots.png",
+                "long-context pilots: the answer's loss\n(plateau: codes 0.5 dashed, words 0.25 dotted; "
+                "w*: words)")
+    draw_curves({k: v for k, v in curves.items() if k.startswith("a")}, "lookup.png",
+                "the 3-fact lookup in the framework (words, restated facts, 3e-4 constant)\n"
+                "a5s1 went on at 70-120 words from step 2000; plateau 0.25 dotted")
+
+
+def draw_curves(curves: dict[str, list[tuple[int, float]]], filename: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for i, (name, points) in enumerate(curves.items()):
         points.sort()
@@ -66,15 +77,14 @@ def draw() -> None:
     ax.set_xlabel("training step")
     ax.set_ylabel("answer loss (train)")
     ax.set_ylim(0, 3)
-    ax.set_title("long-context pilots: the answer's loss\n(plateau: codes 0.5 dashed, words 0.25 dotted; "
-                 "w*: words)", fontsize=11)
+    ax.set_title(title, fontsize=11)
     ax.legend(ncol=3, fontsize=8)
     fig.tight_layout()
-    fig.savefig(HERE / "pilots.png", dpi=110)
+    fig.savefig(HERE / filename, dpi=110)
 
 
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
-        name, _, folder = arg.partition("=")
-        add(name, Path(folder))
+        name, _, folders = arg.partition("=")
+        add(name, [Path(f) for f in folders.split("+")])
     draw()
