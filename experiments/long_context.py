@@ -285,7 +285,7 @@ def run_or_list(cells: list[Cell], args, extra: list[str]) -> None:
     if args.check_args:
         for cell in sw.cells:
             print(
-                f"{cell.name}: {sw.state(cell)}; {cell.stages[-1].max_steps} steps; "
+                f"{cell.name}: {sw.describe(cell)}; {cell.stages[-1].max_steps} steps; "
                 f"gist-lightning fit {shlex.join(sw.args(cell, create=False))}"
             )
         return

@@ -171,3 +171,40 @@ def test_stages_and_a_cell_that_starts_from_another_cells_export(run_config, tmp
     assert (run / "export" / "gist_config.json").stat().st_mtime > stage0_end
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("export")) == ["export", "export-stage0"]
     assert os.path.exists(runs / "variant" / "run" / "done.json")
+
+
+def test_a_cell_made_with_other_arguments_is_refused_not_kept_or_resumed(run_config, tmp_path):
+    """A finished (or interrupted) cell whose recorded arguments or stages differ from the sweep's
+    would be kept (or resumed) as if it were the cell asked for: the run refuses, naming the cell and
+    what differs, before anything is written or started; the same cell is kept as before, and a
+    failed one is still set aside and run anew (not refused)."""
+    import dataclasses
+
+    config = str(run_config(max_steps=4, val_check_interval=4))
+    runs, logs = tmp_path / "runs", []
+    cells = expand(parse_grid(["model.num_gist_tokens=1,2"]), [0])
+    sweep = Sweep(cells, [config], runs, LocalLauncher(), ["--model.max_new_tokens", "2"], log=logs.append)
+    for cell in cells:  # as a finished run leaves them (no fit needed to be refused)
+        sweep.write_spec(cell)
+        (runs / cell.name / "run").mkdir(parents=True)
+        (runs / cell.name / "run" / "done.json").write_text("{}")
+    assert sweep.run() == 0 and len(logs) == 2 and all("finished before, skipped" in m for m in logs), logs
+    before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file() and p.name != ".sweep.lock"}
+
+    other = Sweep(cells, [config], runs, LocalLauncher(), ["--model.max_new_tokens", "3"], log=logs.append)
+    with pytest.raises(ValueError, match=r"k1-seed0 \(finished\) was made with other arguments \(recorded "
+                                         r"--model.max_new_tokens 2; now --model.max_new_tokens 3\) "
+                                         r"\(and 1 more cell"):
+        other.run()
+    assert other.describe(cells[0]).startswith("finished, made with other arguments")
+    longer = Sweep([dataclasses.replace(cells[0], stages=(Stage(max_steps=8),))], [config], runs,
+                   LocalLauncher(), ["--model.max_new_tokens", "2"], log=logs.append)
+    with pytest.raises(ValueError, match=r"other stages \(recorded .*null.*; now .*8"):
+        longer.run()
+    (runs / cells[0].name / "run" / "done.json").unlink()  # interrupted: it would resume
+    before.pop(runs / cells[0].name / "run" / "done.json")
+    with pytest.raises(ValueError, match=r"k1-seed0 \(interrupted\) was made with other arguments"):
+        other.run()
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file() and p.name != ".sweep.lock"} == before
+    (runs / cells[0].name / "failed.json").write_text("{}")  # a failed attempt: set aside, run anew
+    assert other.describe(cells[0]) == FAILED

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shlex
 import shutil
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -56,6 +58,47 @@ def _fill(arg: str, runs: Path) -> str:
         end = arg.index("}", start)
         arg = arg[:start] + str(runs / arg[start + 6:end]) + arg[end + 1:]
     return arg
+
+
+def _stages_of(cell: Cell) -> list[dict]:
+    """The cell's stages as ``cell.json`` records them (JSON's lists for tuples)."""
+    return json.loads(json.dumps([asdict(s) | {"args": list(s.args)} for s in cell.stages]))
+
+
+def _without_logger(args: list[str]) -> list[str]:
+    """Fit arguments less ``--trainer.logger`` and its value (the sweep's loggers: its CSV folder, and
+    trackers whose run ids a check does not make), which do not change what trains."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--trainer.logger":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def _units(args: list[str]) -> list[tuple[str, ...]]:
+    """Arguments as options: ``--key value`` pairs, a lone ``--flag``, a lone value."""
+    out: list[tuple[str, ...]] = []
+    for a in args:
+        if out and out[-1][0].startswith("--") and len(out[-1]) == 1 and not a.startswith("--"):
+            out[-1] = (out[-1][0], a)
+        else:
+            out.append((a,))
+    return out
+
+
+def _difference(a: list[str], b: list[str]) -> str:
+    """The options of ``a`` that ``b`` lacks (as many times as they are missing), quoted as a shell
+    reads them; '-' when none."""
+    missing, out = Counter(_units(a)) - Counter(_units(b)), []
+    for unit in _units(a):
+        if missing[unit]:
+            missing[unit] -= 1
+            out += unit
+    return shlex.join(out) or "-"
 
 
 class _Parsed(Exception):
@@ -137,10 +180,25 @@ class Sweep:
     def write_spec(self, cell: Cell) -> None:
         folder = self.folder(cell)
         folder.mkdir(parents=True, exist_ok=True)
-        spec = {"name": cell.name, "args": self.args(cell),
-                "stages": [asdict(s) | {"args": list(s.args)} for s in cell.stages],
+        spec = {"name": cell.name, "args": self.args(cell), "stages": _stages_of(cell),
                 "summary": cell.summary()}
         write_text_atomic(folder / cell_process.SPEC, json.dumps(spec, indent=1) + "\n")
+
+    def changed(self, cell: Cell) -> str | None:
+        """What differs between ``cell`` and the cell its folder's ``cell.json`` recorded (its fit
+        arguments, loggers aside, and its stages), in one line; None when they agree or nothing is
+        recorded. A finished, running or interrupted cell trained under the recorded ones."""
+        path = self.folder(cell) / cell_process.SPEC
+        if not path.is_file():
+            return None
+        recorded = json.loads(path.read_text())
+        was, now = _without_logger(recorded["args"]), _without_logger(self.args(cell, create=False))
+        if was != now:
+            return f"arguments (recorded {_difference(was, now)}; now {_difference(now, was)})"
+        stages = _stages_of(cell)
+        if recorded.get("stages") != stages:
+            return f"stages (recorded {json.dumps(recorded.get('stages'))}; now {json.dumps(stages)})"
+        return None
 
     def state(self, cell: Cell) -> str:
         folder = self.folder(cell)
@@ -154,6 +212,12 @@ class Sweep:
         if (folder / "run").exists():
             return INTERRUPTED
         return NEW
+
+    def describe(self, cell: Cell) -> str:
+        """The cell's state, and for a cell a run would refuse, what differs from its record."""
+        state = self.state(cell)
+        why = self.changed(cell) if state in (FINISHED, IN_FLIGHT, INTERRUPTED) else None
+        return f"{state}, made with other {why}: a run refuses it" if why else state
 
     def set_aside(self, cell: Cell, why: str) -> Path:
         """Move a failed (or unresumable) attempt's files into ``<cell>/<why>-<time>/``, log included."""
@@ -186,6 +250,18 @@ class Sweep:
     def _run(self) -> int:
         todo, watched = [], {}
         states = {cell.name: self.state(cell) for cell in self.cells}
+        # a cell that trained (or trains) under other arguments would be kept or resumed as if it were
+        # this one: refused before anything runs (a failed one is set aside and run anew, as ever)
+        changed = [(c, why) for c in self.cells if states[c.name] in (FINISHED, IN_FLIGHT, INTERRUPTED)
+                   and (why := self.changed(c))]
+        if changed:
+            cell, why = changed[0]
+            more = f" (and {len(changed) - 1} more cell(s))" if len(changed) > 1 else ""
+            raise ValueError(
+                f"{self.folder(cell) / cell_process.SPEC}: cell {cell.name} ({states[cell.name]}) was made "
+                f"with other {why}{more}; give the sweep another runs folder, or move that cell's folder "
+                "away to train it again"
+            )
         for cell in self.cells:  # the finished ones first: a check of them may refuse the whole call
             if states[cell.name] == FINISHED:
                 self.log(f"{self._tag(cell)}: finished before, skipped")
@@ -369,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.check()
     if cfg.dry_run:
         for cell in sweep.cells:
-            print(f"{cell.name}: {sweep.state(cell)}")
+            print(f"{cell.name}: {sweep.describe(cell)}")
         return 0
     print(f"sweep of {len(sweep.cells)} cells into {runs} ({cfg.launcher})"
           + (f", passing {' '.join(extra)}" if extra else ""), flush=True)
