@@ -4,8 +4,10 @@ Per task and seed, a full-attention **base** (``pos_control``: the gists in plac
 is trained first, on short contexts where the key-value lookup forms (``--base_short_steps`` on
 ``--base_short_words``), then on the task's; every gist **variant** is then fine-tuned from its
 export (as every successor fine-tunes a model that already reads), except ``scratch``, the plain
-recipe trained from random weights. Every model trains with each fact restated (``--restate``) and
-the context's own next-token loss (``--context_weight``): the lookup's dense signal.
+recipe trained from random weights. A base trains with each fact restated (``--restate``) and the
+context's own next-token loss (``--context_weight``), the lookup's dense signal; a gist model on the
+answer's loss alone (``--tune_restate``, ``--tune_context_weight``: with the base's, it learned
+nothing through its gists).
 Every gist model trains with a ratio drawn per batch from {4, 8, 16} and is tested at each
 from caches made segment by segment (:func:`gist_lightning.long_context.compress_context`).
 
@@ -147,12 +149,12 @@ def task_args(training: str, args) -> list[str]:
     ]
 
 
-def cell_tail(training: str, seed: int, args) -> list[str]:
-    """What every cell of ``training`` and ``seed`` ends with: its data, the seed, no bar, the shared
-    cache."""
+def cell_tail(training: str, seed: int, args, base: bool = False) -> list[str]:
+    """What every cell of ``training`` and ``seed`` ends with: its data, a base's or a gist model's
+    recipe (:func:`recipe_args`), the seed, no bar, the shared cache."""
     return [
         *task_args(training, args),
-        *recipe_args(args),
+        *recipe_args(args, base),
         "--seed_everything",
         str(seed),
         "--data.init_args.seed",  # the order of training batches too, not the initial weights alone
@@ -181,16 +183,15 @@ def export_of(run_root: Path, model: str, task: str, seed: int) -> Path:
     return run_root / run_name(model, task, seed) / "run" / "export"
 
 
-def recipe_args(args) -> list[str]:
-    """What every model of the experiment trains with besides its data (docs/long-context.md, "The
-    recipe"): each training fact restated once with probability ``--restate`` and the context's own
-    next-token loss weighted ``--context_weight`` (the lookup's dense signal)."""
-    return [
-        "--data.init_args.restate",
-        str(args.restate),
-        "--model.objectives.context_weight",
-        str(args.context_weight),
-    ]
+def recipe_args(args, base: bool) -> list[str]:
+    """What a model trains with besides its data (docs/long-context.md, "Data"): each training fact
+    restated with probability ``--restate`` and the context's own next-token loss weighted
+    ``--context_weight`` for a base (the lookup's dense signal); ``--tune_restate`` and
+    ``--tune_context_weight`` (default none: the answer's loss alone) for a gist model, which
+    with the base's context loss learned nothing through its gists in 600 steps (the pilots' g1*)."""
+    restate, weight = (args.restate, args.context_weight) if base else (args.tune_restate,
+                                                                         args.tune_context_weight)
+    return ["--data.init_args.restate", str(restate), "--model.objectives.context_weight", str(weight)]
 
 
 def base_stages(args) -> tuple[Stage, ...]:
@@ -226,7 +227,7 @@ def base_cell(task: str, seed: int, args) -> Cell:
             str(args.base_learning_rate),
             "--model.scheduler",
             "constant_with_warmup",
-            *cell_tail(task, seed, args),
+            *cell_tail(task, seed, args, base=True),
         ),
         stages=base_stages(args),
     )
@@ -631,7 +632,8 @@ def differing(recorded: dict, now: dict) -> list[str]:
 # finished under other values would otherwise be kept and reported as if trained under these
 TRAINING_SETTINGS = ("context_words", "train_context_words", "train_on", "segment_tokens", "model_config",
                      "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate",
-                     "tune_learning_rate", "restate", "context_weight", "base_short_steps",
+                     "tune_learning_rate", "restate", "context_weight", "tune_restate",
+                     "tune_context_weight", "base_short_steps",
                      "base_short_words", "base_short_facts", "vocabulary", "fit_args")
 EVALUATION_SETTINGS = ("records", "validation_records", "plateau_loss")  # what else an evaluation needs
 
@@ -833,9 +835,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune_learning_rate", type=float, default=3e-4,
                    help="the peak learning rate of fine-tuning from a base (configs/tiny.yaml's schedule)")
     p.add_argument("--restate", type=float, default=1.0,
-                   help="the probability that a training fact is stated twice (data.restate)")
+                   help="the bases' probability that a training fact is stated twice (data.restate)")
     p.add_argument("--context_weight", type=float, default=20.0,
-                   help="the weight of the context's own next-token loss (model.objectives.context_weight)")
+                   help="the bases' weight of the context's own next-token loss (objectives.context_weight)")
+    p.add_argument("--tune_restate", type=float, default=0.0, help="--restate of the gist models")
+    p.add_argument("--tune_context_weight", type=float, default=0.0,
+                   help="--context_weight of the gist models")
     p.add_argument("--base_short_steps", type=int, default=4000,
                    help="the bases' first steps, on short contexts (--base_short_words); 0: none")
     p.add_argument("--base_short_words", type=int, nargs=2, default=[6, 12],

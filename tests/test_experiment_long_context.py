@@ -57,7 +57,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
                               train_batch_size=16, base_learning_rate=3e-3, train_context_words=None,
                               train_on="task", vocabulary="codes", restate=1.0, context_weight=20.0,
                               base_short_steps=0, base_short_words=[6, 12], base_short_facts=None,
-                              tune_learning_rate=2e-4)
+                              tune_learning_rate=2e-4, tune_restate=0.0, tune_context_weight=0.5)
     base = lc.base_cell("recall3", 1, args)
     assert _value(list(base.args), "--model.condition") == "pos_control"
     assert _value(list(base.args), "--model.learning_rate") == "0.003"
@@ -81,7 +81,9 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     assert _value(kd, "--model.model_name_or_path") == export == _value(kd, "--model.objectives.teacher")
     assert _value(kd, "--model.model_config") == "null" and _value(kd, "--model.segments.placement") == "fine"
     assert _value(kd, "--model.learning_rate") == "0.0002"  # --tune_learning_rate
-    assert _value(kd, "--data.init_args.restate") == "1.0"  # the recipe's data, as the base's
+    # a gist model's recipe is its own: here the answer's loss and a little of the context's
+    assert _value(kd, "--data.init_args.restate") == "0.0"
+    assert _value(kd, "--model.objectives.context_weight") == "0.5"
     assert _value(kd, "--model.segments.train_ratios") == "[4, 8, 16]"
     assert lc.gist_cell("base+kd", "fine", "recall3", 1, args).needs == ("base-recall3-seed1",)  # waits
     best = lc.gist_cell("best+layout+ae", "coarse", "two_hop", 0, args)
