@@ -6,7 +6,8 @@ pilots.png from the two files.
     python experiments/results/long-context-pilots/collect.py                       # redraw only
 
 A pilot already in the files is replaced by its folders' rows. ``pilots.png`` draws the first
-pilots; ``lookup.png`` the framework's lookup pilots (names starting with ``a``: words, 3 facts)."""
+pilots; ``lookup.png`` the framework's lookup pilots (names starting with ``a``: words, 3 facts);
+``tune.png`` gist models fine-tuned from a base (names starting with ``t``)."""
 
 from __future__ import annotations
 
@@ -57,12 +58,15 @@ def draw() -> None:
     curves: dict[str, list[tuple[int, float]]] = {}
     for r in read(HERE / "loss.csv"):
         curves.setdefault(r["pilot"], []).append((int(r["step"]), float(r["answer_loss"])))
-    draw_curves({k: v for k, v in curves.items() if not k.startswith("a")}, "pilots.png",
+    draw_curves({k: v for k, v in curves.items() if not k.startswith(("a", "t"))}, "pilots.png",
                 "long-context pilots: the answer's loss\n(plateau: codes 0.5 dashed, words 0.25 dotted; "
                 "w*: words)")
     draw_curves({k: v for k, v in curves.items() if k.startswith("a")}, "lookup.png",
                 "the 3-fact lookup in the framework (words, restated facts, 3e-4 constant)\n"
                 "a5s1 went on at 70-120 words from step 2000; plateau 0.25 dotted")
+    draw_curves({k: v for k, v in curves.items() if k.startswith("t")}, "tune.png",
+                "gist models fine-tuned from a5s1's base (3 facts, words, coarse)\n"
+                "the answer's loss; plateau 0.25 dotted")
 
 
 def draw_curves(curves: dict[str, list[tuple[int, float]]], filename: str, title: str) -> None:

@@ -3,7 +3,8 @@ experiments/long_context.py does, on a task's 200 test records (contexts of 70-1
 model at 4x, 8x and 16x, the base with the whole context, with none, and with the context's end in
 as many positions as each gist cache held.
 
-    python experiments/results/long-context-pilots/evaluate_pair.py TASK BASE_EXPORT GIST_EXPORT OUT.json
+    python experiments/results/long-context-pilots/evaluate_pair.py TASK BASE_EXPORT GIST_EXPORT OUT.json \
+        [VOCABULARY]   # codes (default) or words
 """
 
 import importlib.util
@@ -18,13 +19,13 @@ import torch
 EXPERIMENT = Path(__file__).resolve().parents[2] / "long_context.py"
 
 
-def main(task: str, base: str, gist: str, out: str) -> None:
+def main(task: str, base: str, gist: str, out: str, vocabulary: str = "codes") -> None:
     torch.set_num_threads(1)
     spec = importlib.util.spec_from_file_location("long_context", EXPERIMENT)
     lc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lc)
-    records = lc.records_of(task, 200, 0, (70, 120))
-    print("chance floor", round(lc.chance_floor(records), 1))
+    records = lc.records_of(task, 200, 0, (70, 120), vocabulary)
+    print("chance floor", round(lc.chance_floor(records, vocabulary), 1))
     start = time.time()
     res = {"gist-coarse": lc.evaluate(gist, "gist", records, lc.RATIOS, 50, 8)}
     res["full"] = lc.evaluate(base, "full", records, (4,), 50, 8)
@@ -40,4 +41,4 @@ def main(task: str, base: str, gist: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
