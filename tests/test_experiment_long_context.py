@@ -259,3 +259,18 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     assert (tmp_path / "long_context.png").stat().st_size > 1000
     base_line = next(line for line in table.splitlines() if line.startswith("| base-coarse | 2"))
     assert base_line.count("[") >= 6  # three ratios, and a paired interval against truncation at each
+
+
+def test_test_and_validation_records_ask_the_keys_training_asks(lc):
+    """The experiment's record sets ask only keys that training asks (keys never asked are the
+    fits' validation_unseen): without the filter about a sixth of them would not."""
+    from gist_lightning.data.long_recall import asks_unseen_key, unseen_keys
+
+    for task in lc.TASKS:
+        for seed in (0, 1):
+            records = lc.records_of(task, 120, seed, (20, 40), "words")
+            assert len(records) == 120 and not any(asks_unseen_key(r, "words") for r in records)
+    first, second = unseen_keys("words")
+    assert asks_unseen_key({"input": f"What is the code of {first}?"}, "words")
+    assert asks_unseen_key({"input": f"What is the code of what {second} points to?"}, "words")
+    assert not asks_unseen_key({"input": "What is the code of apple?"}, "words")

@@ -185,6 +185,12 @@ def unseen_keys(vocabulary: str = "codes") -> tuple[str, str]:
     return WORD_UNSEEN_KEYS if vocabulary == "words" else UNSEEN_KEYS
 
 
+def asks_unseen_key(record: dict, vocabulary: str = "codes") -> bool:
+    """Whether ``record``'s question is about a key of :func:`unseen_keys` (never asked in training)."""
+    question = record["input"]
+    return any(f"of {k}" in question or f"what {k} " in question for k in unseen_keys(vocabulary))
+
+
 class LongRecall(GistDataModule):
     """The long-context tasks as a DataModule, generated into ``cache_dir`` (no download). The
     model must gist segment by segment (``model.segments``); the splits:
@@ -252,8 +258,7 @@ class LongRecall(GistDataModule):
         h = self.hparams
         lo, hi = h.context_words
         rng = random.Random(h.generation_seed)
-        asked_unseen = lambda r: any(f"of {k}" in r["input"] or f"what {k} " in r["input"]  # noqa: E731
-                                     for k in unseen_keys(h.vocabulary))
+        asked_unseen = lambda r: asks_unseen_key(r, h.vocabulary)  # noqa: E731
 
         counts = [h.facts] if isinstance(h.facts, int) else list(h.facts)  # [3] draws as 3 (one folder)
 
