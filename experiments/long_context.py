@@ -795,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--final_seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--base_steps", type=int, default=1000,
                    help="each base's training steps on the task's contexts (after the short ones)")
-    p.add_argument("--tune_steps", type=int, default=500, help="fine-tuning steps of each gist variant")
+    p.add_argument("--tune_steps", type=int, default=1000, help="fine-tuning steps of each gist variant")
     p.add_argument("--scratch_steps", type=int, default=2000, help="steps of the from-scratch variant")
     p.add_argument(
         "--placement",
