@@ -282,7 +282,10 @@ def sweep(cells: list[Cell], args, extra: list[str]) -> Sweep:
 def run_or_list(cells: list[Cell], args, extra: list[str]) -> None:
     """Run the cells as one sweep (or, with --check_args, check and list them)."""
     sw = sweep(cells, args, extra)
-    sw.check()
+    try:
+        sw.check()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if args.check_args:
         for cell in sw.cells:
             print(
@@ -290,7 +293,11 @@ def run_or_list(cells: list[Cell], args, extra: list[str]) -> None:
                 f"gist-lightning fit {shlex.join(sw.args(cell, create=False))}"
             )
         return
-    if sw.run() != 0:
+    try:
+        code = sw.run()
+    except ValueError as e:  # e.g. cells made with other arguments: refused before anything ran
+        raise SystemExit(str(e)) from None
+    if code != 0:
         raise SystemExit(
             f"training did not finish; see {args.run_root}/<cell>/stdout.log and run this again "
             "(finished cells are kept, interrupted ones resume)"

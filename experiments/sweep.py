@@ -303,8 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     launcher = launcher_from(args, run_root)
     print(f"sweep of {len(grid)} runs into {out} ({args.launcher})"
           + (f", passing {' '.join(extra)}" if extra else ""), flush=True)
-    failed = run_cells(grid, args.config, run_root, extra, launcher, log=lambda m: print(m, flush=True),
-                       tracking=tracking_from(args, run_root))
+    try:
+        failed = run_cells(grid, args.config, run_root, extra, launcher, log=lambda m: print(m, flush=True),
+                           tracking=tracking_from(args, run_root))
+    except ValueError as e:  # e.g. runs made with other arguments: nothing ran, nothing was written
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
     results = finished_runs(run_root)  # this grid and every earlier finished run in the folder
     try:
         aggregate(results, out, run_root)

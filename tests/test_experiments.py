@@ -43,8 +43,13 @@ def test_sweep_runs_skips_and_aggregates_with_paired_intervals(run_config, load_
     assert (out / "rouge_vs_k.png").stat().st_size > 1000
     capsys.readouterr()
     # a second call finds every run finished and runs nothing
+    args += ["--", "--model.max_new_tokens", "4"]
     assert sweep.main(args) == 0
     assert capsys.readouterr().out.count("finished before, skipped") == 4
+    # a call with other fit arguments is refused in one line: its runs would not be these
+    assert sweep.main(args[:-1] + ["5"]) == 2
+    err = capsys.readouterr().err
+    assert "other arguments (recorded --model.max_new_tokens 4; now --model.max_new_tokens 5)" in err
     # a run that fails (an attention implementation this machine lacks) is reported, and the runs
     # before it are still aggregated
     bad = sweep.main(args[:5] + ["gist", "--k", "3", "--", "--model.attn_implementation",
@@ -68,7 +73,7 @@ def test_sweep_runs_skips_and_aggregates_with_paired_intervals(run_config, load_
     assert {name: (out / name).read_bytes() for name in written} == written  # nothing rewritten
     # finished runs that validated other records refuse a call that would add to them, before it runs
     # anything
-    assert sweep.main(args[:-2] + ["0", "2"]) == 1  # seeds 0 and 2: pos_control-k1-seed2 is new
+    assert sweep.main(args[:-5] + ["0", "2"] + args[-3:]) == 1  # seeds 0, 2: pos_control-k1-seed2 is new
     captured = capsys.readouterr()
     assert "stopping the sweep" in captured.out and "running" not in captured.out
     assert not (out / "runs" / "pos_control-k1-seed2" / "run").exists()
