@@ -199,10 +199,8 @@ def base_stages(args) -> tuple[Stage, ...]:
     ``--base_short_facts`` facts each), where the lookup forms, no validation (so the export is the
     last stage's model, never a short-context one); then ``--base_steps`` more on the task's
     contexts, validated once at the end. Without short steps: one stage, as before."""
-    last = Stage(
-        max_steps=args.base_short_steps + args.base_steps,
-        args=("--trainer.val_check_interval", str(args.base_short_steps + args.base_steps)),
-    )
+    total = args.base_short_steps + args.base_steps
+    last = Stage(max_steps=total, args=("--trainer.val_check_interval", str(total)))
     if not args.base_short_steps:
         return (last,)
     short = ["--data.init_args.context_words", json.dumps(list(args.base_short_words)),

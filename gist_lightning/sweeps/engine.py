@@ -93,8 +93,9 @@ def _units(args: list[str]) -> list[tuple[str, ...]]:
 def _difference(a: list[str], b: list[str]) -> str:
     """The options of ``a`` that ``b`` lacks (as many times as they are missing), quoted as a shell
     reads them; '-' when none."""
-    missing, out = Counter(_units(a)) - Counter(_units(b)), []
-    for unit in _units(a):
+    units = _units(a)
+    missing, out = Counter(units) - Counter(_units(b)), []
+    for unit in units:
         if missing[unit]:
             missing[unit] -= 1
             out += unit
@@ -184,12 +185,13 @@ class Sweep:
                 "summary": cell.summary()}
         write_text_atomic(folder / cell_process.SPEC, json.dumps(spec, indent=1) + "\n")
 
-    def changed(self, cell: Cell) -> str | None:
-        """What differs between ``cell`` and the cell its folder's ``cell.json`` recorded (its fit
-        arguments, loggers aside, and its stages), in one line; None when they agree or nothing is
-        recorded. A finished, running or interrupted cell trained under the recorded ones."""
+    def changed(self, cell: Cell, state: str) -> str | None:
+        """For a cell in ``state`` that trained (or trains) under its folder's ``cell.json`` (finished,
+        running or interrupted), what differs between that record and ``cell`` (its fit arguments,
+        loggers aside, and its stages), in one line; None when they agree, nothing is recorded, or
+        the cell is new or failed (a failed attempt is set aside and run anew)."""
         path = self.folder(cell) / cell_process.SPEC
-        if not path.is_file():
+        if state not in (FINISHED, IN_FLIGHT, INTERRUPTED) or not path.is_file():
             return None
         recorded = json.loads(path.read_text())
         was, now = _without_logger(recorded["args"]), _without_logger(self.args(cell, create=False))
@@ -216,7 +218,7 @@ class Sweep:
     def describe(self, cell: Cell) -> str:
         """The cell's state, and for a cell a run would refuse, what differs from its record."""
         state = self.state(cell)
-        why = self.changed(cell) if state in (FINISHED, IN_FLIGHT, INTERRUPTED) else None
+        why = self.changed(cell, state)
         return f"{state}, made with other {why}: a run refuses it" if why else state
 
     def set_aside(self, cell: Cell, why: str) -> Path:
@@ -251,9 +253,8 @@ class Sweep:
         todo, watched = [], {}
         states = {cell.name: self.state(cell) for cell in self.cells}
         # a cell that trained (or trains) under other arguments would be kept or resumed as if it were
-        # this one: refused before anything runs (a failed one is set aside and run anew, as ever)
-        changed = [(c, why) for c in self.cells if states[c.name] in (FINISHED, IN_FLIGHT, INTERRUPTED)
-                   and (why := self.changed(c))]
+        # this one: refused before anything runs
+        changed = [(c, why) for c in self.cells if (why := self.changed(c, states[c.name]))]
         if changed:
             cell, why = changed[0]
             more = f" (and {len(changed) - 1} more cell(s))" if len(changed) > 1 else ""
