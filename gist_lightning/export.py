@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from .families import FAMILIES, model_class
+from .families import FAMILIES, LOAD_OPTIONS, model_class
 from .files import write_text_atomic
 from .tokens import GIST_TOKEN, fit_embeddings, gist_token_id
 
@@ -158,7 +158,8 @@ def load_pretrained(path: str | os.PathLike, attn_implementation: str | None = N
     if attn_implementation is None:
         family = FAMILIES.get(config.model_type)  # an unknown family is refused by the backends
         attn_implementation = family.preferred_attention if family else "sdpa"
-    model = model_class(config).from_pretrained(source, attn_implementation=attn_implementation, dtype=dtype)
+    model = model_class(config).from_pretrained(source, attn_implementation=attn_implementation, dtype=dtype,
+                                                **LOAD_OPTIONS)
     if adapter:
         from peft import PeftModel
 

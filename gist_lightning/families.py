@@ -101,6 +101,15 @@ def model_class(config):
     return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
+# Every ``from_pretrained`` of a model passes these. transformers (5.25) turns hub kernels on by
+# default: on a GPU, ``from_pretrained`` and every ``train()`` / ``eval()`` afterwards swap layers
+# (RoPE, RMSNorm, activations) for kernels downloaded from the Hub at run time. Without internet
+# that ends a fit at its first validation (seen on an H200: "Kernel repository
+# 'kernels-community/rotary' could not verify publisher trust status"), and with it the layers
+# that run are not the ones the exactness tests check.
+LOAD_OPTIONS = {"use_kernels": False}
+
+
 def family_of(model_or_config) -> Family:
     """The family of a model (or config); a clear error for families, attention implementations
     and layer types we do not support."""

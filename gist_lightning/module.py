@@ -20,7 +20,7 @@ from .cache import GistCache
 from .data.datamodule import GistDataModule
 from .errors import ContextLengthError, CorruptFileError, GistError
 from .evaluation.results import ValidationBatchOutput
-from .families import FAMILIES, family_of, model_class
+from .families import FAMILIES, LOAD_OPTIONS, family_of, model_class
 from .generation import positions_needed
 from .long_context import SegmentSettings
 from .masks import check_condition
@@ -232,7 +232,7 @@ class GistLitModule(L.LightningModule):
             adapters.check_quantization_possible(self.peft)
             extra["quantization_config"] = adapters.quantization_config(self.peft, dtype)
         return cls.from_pretrained(h.model_name_or_path, attn_implementation=h.attn_implementation,
-                                   dtype=dtype, **extra)
+                                   dtype=dtype, **LOAD_OPTIONS, **extra)
 
     def _prepare_for_training(self, model):
         """k-bit preparation (QLoRA), gradient checkpointing and the LoRA adapters, as configured."""

@@ -83,3 +83,24 @@ def test_an_export_prints_nothing_of_deepspeed(tmp_path):
     printed = done.stdout + done.stderr
     assert "accelerator" not in printed.lower(), printed
     assert not re.search(r"^\[\d{4}-\d\d-\d\d ", printed, re.M), printed  # deepspeed's log lines
+
+
+def test_every_load_leaves_hub_kernels_off(random_export, monkeypatch):
+    """transformers turns hub kernels on by default: on a GPU, loading and every train() / eval()
+    swap layers for kernels downloaded at run time. Both loaders (an export; a fit's
+    model_name_or_path) turn them off: with the swap made to fail, they load, train and eval."""
+    import transformers.modeling_utils
+
+    from gist_lightning.module import GistLitModule
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("hub kernels were asked for")
+
+    monkeypatch.setattr(transformers.modeling_utils, "kernelize", refuse)
+    model, _, _ = load_pretrained(random_export)
+    module = GistLitModule(model_name_or_path=str(random_export), num_gist_tokens=1)
+    module.configure_model()
+    for loaded in (model, module.model):
+        loaded.train()
+        loaded.eval()
+        assert not loaded.use_kernels
