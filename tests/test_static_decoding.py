@@ -10,7 +10,7 @@ import torch
 
 from gist_lightning import compress, generate
 from gist_lightning.backends import backend_named
-from gist_lightning.backends.decoder_kv import bucket, static_step
+from gist_lightning.backends.decoder_kv import bucket, graph_replays, static_step
 from gist_lightning.decoding import continuation_batch
 from gist_lightning.generation import generate_ids
 from gist_lightning.templates import encode_continuation
@@ -79,3 +79,23 @@ def test_compiled_steps_have_no_graph_break_answer_alike_and_do_not_recompile(ma
     assert counters["stats"]["unique_graphs"] == graphs  # the same buckets: nothing recompiled
     assert other == generate(model, tok, compress(model, tok, INSTRUCTIONS[::-1], 1), ["owl", "a b", "c d e"],
                              max_new_tokens=10)
+
+
+def test_cuda_graph_steps_return_what_the_next_replay_cannot_overwrite(monkeypatch):
+    """Under CUDA graphs a replay writes its outputs into the graph's own buffers; the library's
+    compiled step hands back copies and marks a new step before each call. Simulated here (no GPU):
+    a step that writes into the same buffers at every call, like a replay."""
+    buffers = (torch.zeros(2, 5), torch.zeros(2, 8, dtype=torch.bool), torch.zeros(2, 8, dtype=torch.long))
+
+    def replay(value):
+        for buffer in buffers:
+            buffer.fill_(value)
+        return buffers
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(marks)))
+    step = graph_replays(replay)
+    first = step(1)
+    second = step(0)
+    assert all(bool((out == 1).all()) for out in first) and all(bool((out == 0).all()) for out in second)
+    assert [out.dtype for out in first] == [b.dtype for b in buffers] and marks == [0, 1]

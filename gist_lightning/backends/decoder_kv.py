@@ -112,8 +112,24 @@ def compiled_step(device) -> object:
     the default mode elsewhere; one compiled function per mode (dynamo keeps a graph per shape)."""
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
     if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(static_step, mode=mode, dynamic=False, fullgraph=True)
+        step = torch.compile(static_step, mode=mode, dynamic=False, fullgraph=True)
+        _COMPILED[mode] = graph_replays(step) if mode == "reduce-overhead" else step
     return _COMPILED[mode]
+
+
+def graph_replays(step):
+    """``step`` (compiled with CUDA graphs) as a function whose outputs stay valid: a replay writes
+    its outputs into the graph's own buffers, so the state a step returns (``key_valid``,
+    ``key_positions``: the next step's inputs) and its logits would be overwritten by the next
+    replay of that graph or of another shape's (on an H200: "accessing tensor output of CUDAGraphs
+    that has been overwritten by a subsequent run"). Each call starts a new graph step and returns
+    copies, (B, V) and two (B, capacity) tensors: small beside the step itself."""
+
+    def replay(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tuple(out.clone() for out in step(*args))
+
+    return replay
 
 
 def _kv_cache(states=()) -> DynamicCache:
