@@ -1,6 +1,9 @@
 """gist-lightning: gist tokens for prompt compression (Mu, Li, Goodman 2023) on PyTorch Lightning."""
 
+import re as _re
+from importlib.metadata import PackageNotFoundError as _NotInstalled
 from importlib.metadata import version as _version
+from pathlib import Path as _Path
 
 from .cache import GistCache
 from .caching import compress
@@ -9,4 +12,17 @@ from .masks import CONDITIONS
 from .tokens import GIST_TOKEN, add_gist_token
 
 __all__ = ["CONDITIONS", "GIST_TOKEN", "GistCache", "add_gist_token", "compress", "generate"]
-__version__ = _version("gist-lightning")  # the one source is pyproject.toml
+
+
+def _source_version() -> str:
+    """The version in pyproject.toml beside the package: a checkout on PYTHONPATH, not installed
+    (as on a GPU machine with no registry, where the package cannot be pip-installed)."""
+    pyproject = _Path(__file__).resolve().parents[1] / "pyproject.toml"
+    found = pyproject.is_file() and _re.search(r'^version = "([^"]+)"', pyproject.read_text(), _re.M)
+    return found[1] if found else "0+unknown"
+
+
+try:
+    __version__ = _version("gist-lightning")  # the one source is pyproject.toml
+except _NotInstalled:
+    __version__ = _source_version()

@@ -207,3 +207,20 @@ def test_the_same_config_and_seed_twice_give_identical_metrics(run_config, tmp_p
     assert all(torch.equal(a[name], b[name]) for name in a)
     for p in sorted((_run_folder(runs[0]) / "predictions").iterdir()):
         assert (_run_folder(runs[1]) / "predictions" / p.name).read_text() == p.read_text(), p.name
+
+
+def test_a_checkout_that_is_not_installed_imports_with_its_version(tmp_path):
+    """On PYTHONPATH without pip install (no package metadata): the version comes from pyproject.toml."""
+    code = ("import importlib.metadata as m\n"
+            "found = m.version\n"
+            "def version(name):\n"
+            "    if name == 'gist-lightning': raise m.PackageNotFoundError(name)\n"
+            "    return found(name)\n"
+            "m.version = version\n"
+            "import gist_lightning\n"
+            "print(gist_lightning.__version__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    from gist_lightning import __version__
+    assert done.stdout.split()[-1] == __version__ and re.fullmatch(r"\d+\.\d+\.\d+", __version__)
