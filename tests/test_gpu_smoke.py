@@ -28,20 +28,27 @@ with open(os.environ["SMOKE_CALLS"], "a") as f:
 """
 
 
-@pytest.fixture(scope="module")
-def calls(tmp_path_factory) -> list[dict]:
-    """What the script runs, in order: ``{"argv": [program, *args], "stdin": heredoc or None}``."""
-    tmp = tmp_path_factory.mktemp("gpu_smoke")
-    (tmp / "bin").mkdir()
+def record(tmp: Path, **env_vars: str) -> list[dict]:
+    """Run the script with recorders in ``tmp`` (its output in ``tmp/out``); what it ran, in order:
+    ``{"argv": [program, *args], "stdin": heredoc or None}``."""
+    (tmp / "bin").mkdir(exist_ok=True)
     for program in ("gist-lightning", "python", "nvidia-smi"):
         (tmp / "bin" / program).write_text(RECORDER.format(python=sys.executable))
         (tmp / "bin" / program).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "SMOKE_BUDGET_S"}
+    env = {k: v for k, v in os.environ.items() if k not in ("SMOKE_BUDGET_S", "SMOKE_STEPS")}
     env.update(PATH=f"{tmp / 'bin'}{os.pathsep}{env['PATH']}", SMOKE_CALLS=str(tmp / "calls.jsonl"))
+    env.update(env_vars)
+    (tmp / "calls.jsonl").unlink(missing_ok=True)
     done = subprocess.run(["bash", str(SCRIPT), str(tmp / "out"), str(tmp / "runs")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     return [json.loads(line) for line in (tmp / "calls.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def calls(tmp_path_factory) -> list[dict]:
+    """What the whole script runs."""
+    return record(tmp_path_factory.mktemp("gpu_smoke"))
 
 
 def check_gist_lightning(args: list[str], capsys) -> dict | None:
@@ -113,6 +120,19 @@ def test_every_command_of_the_script_parses(calls, capsys, monkeypatch):
     assert set(benchmarks) == {"bench_attention", "bench_caching", "bench_serve", "bench_generate"}
     assert "'shape': '1b'" in benchmarks["bench_attention"]
     assert "'dtype': 'bfloat16'" in benchmarks["bench_attention"]
+
+
+def test_a_part_runs_the_steps_named_and_adds_to_the_times(tmp_path):
+    """SMOKE_STEPS runs only the steps it names; a second part keeps the first one's times."""
+    first = record(tmp_path, SMOKE_STEPS="machine bench_generate")
+    assert [c["argv"][:2] for c in first] == [["nvidia-smi"], ["python", "-"],
+                                               ["python", "experiments/bench_generate.py"]]
+    second = record(tmp_path, SMOKE_STEPS="zero2")
+    assert [c["argv"][:2] for c in second] == [["nvidia-smi"], ["gist-lightning", "fit"]]
+    times = (tmp_path / "out" / "times.txt").read_text().splitlines()
+    ran = [line.split()[0] for line in times if line.split()[-1] == "ok"]
+    assert ran == ["machine", "bench_generate", "zero2"], times
+    assert sum("not selected" in line for line in times) == 2 * 15 - 3, times  # 15 steps, 3 of them run
 
 
 @pytest.mark.parametrize("program, args", [
