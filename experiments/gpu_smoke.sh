@@ -27,6 +27,7 @@
 #   total              ~900 s: over one device call (600 s); run it in two parts, e.g.
 #                      SMOKE_STEPS="machine zero2 zero2-export zero2-reload zero3 zero3-export zero3-reload
 #                      qwen3-base lora qlora bench_attention", then the benchmarks after it
+# Offline GPU machines (no registry): experiments/offline_wheels.sh prepares the packages to carry.
 # Checked on CPU: tests/test_gpu_smoke.py runs this script with `gist-lightning`, `python` and
 # `nvidia-smi` replaced by recorders, then parses every recorded `gist-lightning fit` command
 # (--print_config), every `gist-lightning export` command and every benchmark command (--check_args).
