@@ -7,7 +7,8 @@ pilots.png from the two files.
 
 A pilot already in the files is replaced by its folders' rows. ``pilots.png`` draws the first
 pilots; ``lookup.png`` the framework's lookup pilots (names starting with ``a``: words, 3 facts);
-``tune.png`` gist models fine-tuned from a base (names starting with ``t``)."""
+``tune.png`` gist models fine-tuned from a base (names starting with ``t``); ``twohop.png`` the
+two-hop bases (``hop``)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def draw() -> None:
     curves: dict[str, list[tuple[int, float]]] = {}
     for r in read(HERE / "loss.csv"):
         curves.setdefault(r["pilot"], []).append((int(r["step"]), float(r["answer_loss"])))
-    draw_curves({k: v for k, v in curves.items() if not k.startswith(("a", "t"))}, "pilots.png",
+    draw_curves({k: v for k, v in curves.items() if not k.startswith(("a", "t", "hop"))}, "pilots.png",
                 "long-context pilots: the answer's loss\n(plateau: codes 0.5 dashed, words 0.25 dotted; "
                 "w*: words)")
     draw_curves({k: v for k, v in curves.items() if k.startswith("a")}, "lookup.png",
@@ -67,6 +68,9 @@ def draw() -> None:
     draw_curves({k: v for k, v in curves.items() if k.startswith("t")}, "tune.png",
                 "gist models fine-tuned from a5s1's base (3 facts, words, coarse)\n"
                 "the answer's loss; plateau 0.25 dotted")
+    draw_curves({k: v for k, v in curves.items() if k.startswith("hop")}, "twohop.png",
+                "two-hop bases (words, 2 keys, restated facts, context loss 20, 6-12 words)\n"
+                "the answer's loss; hop-r0 starts from the 3-fact base; hop-L8 has 8 layers")
 
 
 def draw_curves(curves: dict[str, list[tuple[int, float]]], filename: str, title: str) -> None:
