@@ -38,24 +38,38 @@ OUT=${1:-experiments/results/gpu}
 RUNS=${2:-runs/gpu_smoke}
 BUDGET_S=${SMOKE_BUDGET_S:-540}
 mkdir -p "$OUT/logs" "$RUNS"
-if [[ -n ${SMOKE_STEPS:-} ]]; then  # a part: added to the times of the others
-  echo "# SMOKE_STEPS=\"$SMOKE_STEPS\" ($(date -u '+%F %T') UTC)" >> "$OUT/times.txt"
-else
-  : > "$OUT/times.txt"
-fi
-FAILED=()
-
 # SMOKE_STEPS="zero2 lora ...": run only the steps named (default: all); the others are listed in
 # times.txt as "not selected". The whole script outlasts one device call (H200, measured: ~900 s
-# against a 600 s call), so it is run in parts (README.md in the output folder).
-SELECTED=" ${SMOKE_STEPS:-} "
+# against a 600 s call), so it is run in parts (README.md in the output folder). A part that names
+# `machine` starts machine.txt and times.txt afresh; any other part adds its lines to times.txt.
+# Steps that need an earlier one in the same part (a fresh machine has nothing): zero*-export and
+# zero*-reload need zero*; lora and qlora need qwen3-base.
+STEPS=(machine zero2 zero2-export zero2-reload zero3 zero3-export zero3-reload qwen3-base lora qlora
+       bench_attention bench_caching bench_serve bench_generate bench_serve_docs)
+read -ra WANTED -d '' <<< "${SMOKE_STEPS:-}" || true  # names split by any blanks, lines too
+known() { local s; for s in "${STEPS[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
+selected() {
+  ((${#WANTED[@]} == 0)) && return 0
+  local w; for w in "${WANTED[@]}"; do [[ $w == "$1" ]] && return 0; done; return 1
+}
+for w in "${WANTED[@]}"; do
+  known "$w" || { echo "gpu_smoke.sh: SMOKE_STEPS names no step $w (steps: ${STEPS[*]})" >&2; exit 2; }
+done
+if selected machine; then
+  : > "$OUT/times.txt"
+fi
+if ((${#WANTED[@]})); then
+  echo "# SMOKE_STEPS=\"${WANTED[*]}\" ($(date -u '+%F %T') UTC)" >> "$OUT/times.txt"
+fi
+FAILED=()
 
 # step NAME CAP_S COMMAND...: run COMMAND under min(CAP_S, what is left of the budget), its output
 # in logs/NAME.log (its last lines on the console), and its wall time in times.txt
 step() {
   local name=$1 cap=$2 left=$((BUDGET_S - SECONDS)) start=$SECONDS status=ok code=0
   shift 2
-  if [[ -n ${SMOKE_STEPS:-} && $SELECTED != *" $name "* ]]; then
+  known "$name" || { echo "gpu_smoke.sh: step $name is not in STEPS" >&2; exit 2; }
+  if ! selected "$name"; then
     printf '%-16s    0 s  not selected (SMOKE_STEPS)\n' "$name" | tee -a "$OUT/times.txt"
     return
   fi
@@ -73,7 +87,9 @@ step() {
   printf '%-16s %4d s  (cap %d s) %s\n' "$name" $((SECONDS - start)) "$cap" "$status" | tee -a "$OUT/times.txt"
 }
 
-{ nvidia-smi || true; } > "$OUT/machine.txt"
+if selected machine; then
+  { nvidia-smi || true; } > "$OUT/machine.txt"
+fi
 step machine 20 python - "$OUT/machine.txt" <<'PY'
 import importlib.metadata as md, platform, sys, torch
 with open(sys.argv[1], "a") as f:

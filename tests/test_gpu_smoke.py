@@ -123,16 +123,25 @@ def test_every_command_of_the_script_parses(calls, capsys, monkeypatch):
 
 
 def test_a_part_runs_the_steps_named_and_adds_to_the_times(tmp_path):
-    """SMOKE_STEPS runs only the steps it names; a second part keeps the first one's times."""
-    first = record(tmp_path, SMOKE_STEPS="machine bench_generate")
+    """SMOKE_STEPS runs only the steps it names (split by any blanks); a part without ``machine``
+    keeps the first part's times and machine.txt; a name of no step is refused before anything runs."""
+    first = record(tmp_path, SMOKE_STEPS="machine\n bench_generate")
     assert [c["argv"][:2] for c in first] == [["nvidia-smi"], ["python", "-"],
                                                ["python", "experiments/bench_generate.py"]]
+    machine = (tmp_path / "out" / "machine.txt").read_bytes()
     second = record(tmp_path, SMOKE_STEPS="zero2")
-    assert [c["argv"][:2] for c in second] == [["nvidia-smi"], ["gist-lightning", "fit"]]
+    assert [c["argv"][:2] for c in second] == [["gist-lightning", "fit"]]
+    assert (tmp_path / "out" / "machine.txt").read_bytes() == machine
     times = (tmp_path / "out" / "times.txt").read_text().splitlines()
     ran = [line.split()[0] for line in times if line.split()[-1] == "ok"]
     assert ran == ["machine", "bench_generate", "zero2"], times
     assert sum("not selected" in line for line in times) == 2 * 15 - 3, times  # 15 steps, 3 of them run
+    record(tmp_path, SMOKE_STEPS="machine")  # a part with machine starts the times afresh
+    assert [line.split()[0] for line in (tmp_path / "out" / "times.txt").read_text().splitlines()
+            if line.split()[-1] == "ok"] == ["machine"]
+    with pytest.raises(AssertionError, match="names no step bench-generate"):
+        record(tmp_path, SMOKE_STEPS="machine bench-generate")
+    assert not (tmp_path / "calls.jsonl").exists()
 
 
 @pytest.mark.parametrize("program, args", [
