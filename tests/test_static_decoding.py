@@ -99,3 +99,25 @@ def test_cuda_graph_steps_return_what_the_next_replay_cannot_overwrite(monkeypat
     second = step(0)
     assert all(bool((out == 1).all()) for out in first) and all(bool((out == 0).all()) for out in second)
     assert [out.dtype for out in first] == [b.dtype for b in buffers] and marks == [0, 1]
+
+
+def test_the_gpu_step_is_compiled_with_cuda_graphs_and_hands_back_copies(monkeypatch):
+    """The wiring, without a GPU: compiled_step("cuda") compiles with CUDA graphs behind
+    graph_replays; the CPU step is compiled plainly and returns what it computes."""
+    from gist_lightning.backends import decoder_kv
+
+    outputs = (torch.zeros(2, 5), torch.zeros(2, 8, dtype=torch.bool), torch.zeros(2, 8, dtype=torch.long))
+    modes = []
+
+    def fake_compile(fn, mode=None, **kwargs):
+        modes.append(mode)
+        return lambda *args: outputs
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(decoder_kv, "_COMPILED", {})
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    on_gpu = decoder_kv.compiled_step("cuda")(None)
+    assert modes == ["reduce-overhead"] and marks == [1]
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(on_gpu, outputs))
+    assert decoder_kv.compiled_step("cpu")(None) is outputs and modes == ["reduce-overhead", None]

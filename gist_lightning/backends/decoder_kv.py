@@ -123,7 +123,9 @@ def graph_replays(step):
     ``key_positions``: the next step's inputs) and its logits would be overwritten by the next
     replay of that graph or of another shape's (on an H200: "accessing tensor output of CUDAGraphs
     that has been overwritten by a subsequent run"). Each call starts a new graph step and returns
-    copies, (B, V) and two (B, capacity) tensors: small beside the step itself."""
+    copies, (B, V) and two (B, capacity) tensors: small beside the step itself. The step mark is
+    process-wide: a caller's own CUDA-graph outputs held across a compiled decoding are invalidated
+    too."""
 
     def replay(*args):
         torch.compiler.cudagraph_mark_step_begin()
