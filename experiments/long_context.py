@@ -194,6 +194,27 @@ def recipe_args(args, base: bool) -> list[str]:
     return ["--data.init_args.restate", str(restate), "--model.objectives.context_weight", str(weight)]
 
 
+def task_model_config(text: str) -> tuple[str, dict]:
+    """argparse type of ``--task_model_config``: ``TRAINING=JSON`` -> (training, config fields)."""
+    training, sep, fields = text.partition("=")
+    if not sep or training not in TRAINING:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAINING=JSON, TRAINING one of "
+                                         f"{', '.join(TRAINING)}")
+    try:
+        config = json.loads(fields)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{training}: its config is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise argparse.ArgumentTypeError(f"{training}: its config must be a JSON object")
+    return training, config
+
+
+def model_config_of(training: str, args) -> dict:
+    """The HF config fields of ``training``'s base and scratch models: ``--task_model_config`` for
+    that training, else ``--model_config`` (a harder task may need a larger model)."""
+    return (args.task_model_configs or {}).get(training, args.model_config)
+
+
 def base_stages(args) -> tuple[Stage, ...]:
     """The base's curriculum: ``--base_short_steps`` on short contexts (``--base_short_words``, with
     ``--base_short_facts`` facts each), where the lookup forms, no validation (so the export is the
@@ -220,7 +241,7 @@ def base_cell(task: str, seed: int, args) -> Cell:
             "--model.condition",
             "pos_control",
             "--model.model_config",
-            json.dumps(args.model_config),
+            json.dumps(model_config_of(task, args)),
             "--model.learning_rate",
             str(args.base_learning_rate),
             "--model.scheduler",
@@ -235,7 +256,7 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
     """A gist model: ``scratch`` from random weights, every other variant fine-tuned from the base."""
     base = export_of(args.run_root, "base", task, seed)
     if variant == "scratch":
-        source, steps = ["--model.model_config", json.dumps(args.model_config)], args.scratch_steps
+        source, steps = ["--model.model_config", json.dumps(model_config_of(task, args))], args.scratch_steps
         needs = ()
     else:
         source, steps = (
@@ -642,6 +663,7 @@ def differing(recorded: dict, now: dict) -> list[str]:
 # what the models of --run_root depend on (the settings of evaluations and reports aside): a cell
 # finished under other values would otherwise be kept and reported as if trained under these
 TRAINING_SETTINGS = ("context_words", "train_context_words", "train_on", "segment_tokens", "model_config",
+                     "task_model_configs",
                      "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate",
                      "tune_learning_rate", "restate", "context_weight", "tune_restate",
                      "tune_context_weight", "base_short_steps",
@@ -824,6 +846,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the bases' (and scratch's) HF config fields, JSON (default: ~0.9M parameters)",
     )
     p.add_argument(
+        "--task_model_config",
+        type=task_model_config,
+        action="append",
+        metavar="TRAINING=JSON",
+        help="another model for one task's models (a task, or mixture), e.g. two_hop='{...}'; "
+        "repeatable; the others keep --model_config",
+    )
+    p.add_argument(
         "--segment_tokens",
         type=int,
         default=16,
@@ -867,6 +897,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(cells_at_once=2, threads_per_cell=1)
     args, extra = p.parse_known_args(argv)  # unknown arguments go to every fit
     args.context_words = list(args.context_words)
+    args.task_model_configs = dict(args.task_model_config or ()) or None  # None: recorded as before
     if args.plateau_loss is None:
         args.plateau_loss = PLATEAU_LOSS[args.vocabulary]
     if args.segment_tokens < 16 or args.segment_tokens % 16:

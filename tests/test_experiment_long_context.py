@@ -5,6 +5,7 @@ evaluations and the outputs written from synthetic results."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import shlex
@@ -50,10 +51,10 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     assert names == want
     assert not any(tmp_path.glob("*/cell.json"))  # a check writes no cell
 
-    import argparse
 
     args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], base_steps=1500, tune_steps=500,
-                              scratch_steps=2000, model_config=lc.MODEL, segment_tokens=32,
+                              scratch_steps=2000, model_config=lc.MODEL, task_model_configs=None,
+                              segment_tokens=32,
                               train_batch_size=16, base_learning_rate=3e-3, train_context_words=None,
                               train_on="task", vocabulary="codes", restate=1.0, context_weight=20.0,
                               base_short_steps=0, base_short_words=[6, 12], base_short_facts=None,
@@ -104,7 +105,6 @@ def test_the_base_forms_the_lookup_on_short_contexts_first_then_trains_on_the_ta
                     "9", "--base_short_facts", "8"]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("base-recall3-seed0:") and "; 1000 steps;" in line
-    import argparse
 
     args = argparse.Namespace(base_short_steps=700, base_steps=300, base_short_words=[4, 9],
                               base_short_facts=8)
@@ -222,7 +222,6 @@ def test_a_run_folder_keeps_the_training_settings_of_its_models(lc, tmp_path):
 
 
 def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
-    import argparse
 
     seeds, n = (0, 1), 10
 
@@ -274,3 +273,30 @@ def test_test_and_validation_records_ask_the_keys_training_asks(lc):
     assert asks_unseen_key({"input": f"What is the code of {first}?"}, "words")
     assert asks_unseen_key({"input": f"What is the code of what {second} points to?"}, "words")
     assert not asks_unseen_key({"input": "What is the code of apple?"}, "words")
+
+
+def test_a_task_can_have_its_own_model_and_older_run_folders_still_pass(lc, tmp_path, capsys):
+    """--task_model_config two_hop=JSON: two-hop's base and scratch cells build that model, the
+    others keep --model_config; a settings.json written before the option existed still passes
+    without it and is refused with it; a malformed value is refused naming the option."""
+    bigger = {**lc.MODEL, "num_hidden_layers": 8}
+    assert lc.main(["--check_args", "--stage", "ablation", "--run_root", str(tmp_path), "--ablation_task",
+                    "two_hop", "--ablation_seeds", "0", "--ablation_rows", "scratch",
+                    "--task_model_config", f"two_hop={json.dumps(bigger)}"]) == 0
+    cells = [line for line in capsys.readouterr().out.splitlines() if ": new;" in line]
+    built = {line.split(":")[0]: line for line in cells if "--model.model_config {" in line or
+             "--model.model_config '{" in line}
+    assert sorted(built) == ["base-two_hop-seed0", "scratch-coarse-two_hop-seed0"], cells
+    assert all('"num_hidden_layers": 8' in line for line in built.values())
+    args = argparse.Namespace(model_config=lc.MODEL, task_model_configs={"two_hop": bigger})
+    assert lc.model_config_of("two_hop", args) == bigger and lc.model_config_of("recall3", args) == lc.MODEL
+    older = {k: None for k in lc.TRAINING_SETTINGS if k != "task_model_configs"}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "settings.json").write_text(json.dumps(older))
+    lc.check_run_root(tmp_path / "old", {k: None for k in lc.TRAINING_SETTINGS})
+    with pytest.raises(SystemExit, match="task_model_configs differ"):
+        lc.check_run_root(tmp_path / "old", {k: None for k in lc.TRAINING_SETTINGS} |
+                          {"task_model_configs": {"two_hop": bigger}})
+    with pytest.raises(SystemExit):
+        lc.main(["--check_args", "--run_root", str(tmp_path), "--task_model_config", "two_hop={nope"])
+    assert "--task_model_config: two_hop: its config is not JSON" in capsys.readouterr().err
