@@ -47,11 +47,9 @@ mkdir -p "$OUT/logs" "$RUNS"
 STEPS=(machine zero2 zero2-export zero2-reload zero3 zero3-export zero3-reload qwen3-base lora qlora
        bench_attention bench_caching bench_serve bench_generate bench_serve_docs)
 read -ra WANTED -d '' <<< "${SMOKE_STEPS:-}" || true  # names split by any blanks, lines too
-known() { local s; for s in "${STEPS[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
-selected() {
-  ((${#WANTED[@]} == 0)) && return 0
-  local w; for w in "${WANTED[@]}"; do [[ $w == "$1" ]] && return 0; done; return 1
-}
+among() { local x=$1 s; shift; for s; do [[ $s == "$x" ]] && return 0; done; return 1; }  # among X LIST...
+known() { among "$1" "${STEPS[@]}"; }
+selected() { ((${#WANTED[@]} == 0)) || among "$1" "${WANTED[@]}"; }
 for w in "${WANTED[@]}"; do
   known "$w" || { echo "gpu_smoke.sh: SMOKE_STEPS names no step $w (steps: ${STEPS[*]})" >&2; exit 2; }
 done
