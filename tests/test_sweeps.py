@@ -208,3 +208,47 @@ def test_a_cell_made_with_other_arguments_is_refused_not_kept_or_resumed(run_con
     assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file() and p.name != ".sweep.lock"} == before
     (runs / cells[0].name / "failed.json").write_text("{}")  # a failed attempt: set aside, run anew
     assert other.describe(cells[0]) == FAILED
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_driver_stops_its_cells_with_a_checkpoint_and_a_rerun_resumes(run_config, tmp_path):
+    """Stopping a local driver (SIGTERM, as `kill` or a session's end sends; Ctrl-C alike) stops its
+    running cells as a SIGTERM stops a fit: each writes ``last.ckpt``, the driver waits for them and
+    exits 143 saying so, no process is left; the next driver resumes the cell from that checkpoint
+    (before, the driver died at once and took its cells with it, unsaved)."""
+    import signal
+    import subprocess
+    import time
+
+    config = str(run_config(max_steps=400, val_check_interval=400, log_every_n_steps=1))
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "-m", "gist_lightning.cli", "sweep", "--config", config, "--runs", str(runs),
+            "--grid", "model.num_gist_tokens=1", "--seeds", "0", "--", "--model.max_new_tokens", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = runs / "k1-seed0" / "run" / "metrics.csv"
+    start = time.time()
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3):  # training, a few steps in
+        assert driver.poll() is None and time.time() - start < 300, driver.stdout.read()
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 143, out
+    assert "SIGTERM: stopping 1 running cell(s)" in out
+    assert "k1-seed0: stopped; resumes from its last.ckpt when the sweep runs again" in out
+    assert (runs / "k1-seed0" / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not (runs / "k1-seed0" / "run" / "done.json").exists()
+    left = [p for p in os.listdir("/proc") if p.isdigit() and str(runs).encode() in _cmdline(p)]
+    assert not left, "a cell outlived its stopped driver"
+    rerun = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stdout[-2000:]
+    assert "k1-seed0: interrupted; resumes from its last.ckpt" in rerun.stdout
+    assert json.loads((runs / "k1-seed0" / "run" / "done.json").read_text())["attempts"] == 2
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

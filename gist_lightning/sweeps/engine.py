@@ -16,11 +16,14 @@ import fcntl
 import json
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -154,6 +157,7 @@ class Sweep:
         self.log, self.on_finished, self.poll_seconds = log, on_finished, poll_seconds
         self.tracking = tracking
         self.failed: dict[str, str] = {}  # name -> its log
+        self.signalled: int | None = None  # a SIGTERM or SIGINT asked the running sweep to stop
 
     # -- the cells' folders ----------------------------------------------------------------------
     def folder(self, cell: Cell | str) -> Path:
@@ -240,14 +244,36 @@ class Sweep:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> int:
-        """Run the sweep to its end; 0 when every cell finished, 1 otherwise."""
+        """Run the sweep to its end; 0 when every cell finished, 1 otherwise, 128 + the signal when a
+        SIGTERM or SIGINT (Ctrl-C) stopped the driver: its local cells were stopped as a SIGTERM stops
+        a fit (``last.ckpt`` written) and waited for, so a rerun resumes them; SLURM jobs go on."""
         self.runs.mkdir(parents=True, exist_ok=True)
         with open(self.runs / ".sweep.lock", "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise ValueError(f"another sweep driver is running on {self.runs}") from None
-            return self._run()
+            with self._stopped_by_signals():
+                return self._run()
+
+    @contextmanager
+    def _stopped_by_signals(self):
+        """While the sweep runs (in the main thread), SIGTERM and SIGINT only ask it to stop: the loop
+        stops the cells and returns, instead of the driver dying and its cells with it, unsaved."""
+        self.signalled = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask(signum, _frame):
+            self.signalled = signum
+
+        before = {sig: signal.signal(sig, ask) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
 
     def _run(self) -> int:
         todo, watched = [], {}
@@ -310,6 +336,8 @@ class Sweep:
         started: dict[Path, float] = {}
         stop = False
         while todo or running:
+            if self.signalled:
+                return self._stop(todo, running)
             for c in [c for c in todo if any(d in self.failed for d in c.needs)]:
                 todo.remove(c)
                 self.failed[c.name] = "needs " + ", ".join(d for d in c.needs if d in self.failed)
@@ -356,6 +384,26 @@ class Sweep:
             self.log(f"{len(self.failed)} cell(s) failed: "
                      + "; ".join(f"{name} ({why})" for name, why in self.failed.items()))
         return 1 if self.failed or stop else 0
+
+    def _stop(self, todo: list[Cell], running: dict[Path, Cell]) -> int:
+        """The driver was asked to stop (:meth:`run`): stop the running cells, log what each left."""
+        name = signal.Signals(self.signalled).name
+        self.log(f"{name}: stopping {len(running)} running cell(s) (each writes its last.ckpt); "
+                 f"{len(todo)} not started")
+        self.launcher.stop_all()
+        for folder, _ in self.launcher.poll():
+            c = running.pop(folder)
+            state = self.state(c)
+            if state == FINISHED:
+                self.log(f"{self._tag(c)}: done")
+            elif (folder / "run" / "checkpoints" / "last.ckpt").exists():
+                self.log(f"{self._tag(c)}: stopped; resumes from its last.ckpt when the sweep runs again")
+            else:
+                self.log(f"{self._tag(c)}: stopped before its first checkpoint; starts again when the sweep "
+                         "runs again")
+        for c in running.values():  # on a scheduler: left to it, watched by the next driver
+            self.log(f"{self._tag(c)}: left running on the scheduler")
+        return 128 + self.signalled
 
     def _start(self, cells: list[Cell]) -> None:
         folders = [self.folder(c) for c in cells]

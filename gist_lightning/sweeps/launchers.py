@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -88,6 +89,21 @@ class LocalLauncher:
 
     def running(self) -> list[Path]:
         return list(self._running)
+
+    def stop_all(self, grace_seconds: float = 600.0) -> list[Path]:
+        """Stop every running cell as a SIGTERM stops it (its fit writes ``last.ckpt`` and exits 143)
+        and wait for them, at most ``grace_seconds`` each before a kill; the cells stopped (their
+        exits are left for :meth:`poll`)."""
+        procs = [(folder, proc) for folder, (proc, _) in self._running.items() if proc.poll() is None]
+        for _, proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for _, proc in procs:
+            try:
+                proc.wait(grace_seconds)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return [folder for folder, _ in procs]
 
     def in_flight(self, folder: Path, job: str | None = None) -> bool:
         """Whether a cell of an earlier driver is still queued or running: locally, none is (a cell's
@@ -181,6 +197,10 @@ class SlurmLauncher:
 
     def running(self) -> list[Path]:
         return list(self._jobs)
+
+    def stop_all(self, grace_seconds: float = 0.0) -> list[Path]:
+        """A stopped driver leaves its jobs to the scheduler (a later driver watches them): none."""
+        return []
 
 
 __all__ = ["LocalLauncher", "SlurmLauncher", "visible_gpus"]
