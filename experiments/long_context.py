@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import random
+import re
 import shlex
 import time
 from pathlib import Path
@@ -59,7 +61,7 @@ from gist_lightning.long_context import (
     compress_context_ids,
 )
 from gist_lightning.masks import interleave_gists
-from gist_lightning.sweeps import Cell, Stage, Sweep
+from gist_lightning.sweeps import Cell, Stage, Sweep, SweepStopped
 from gist_lightning.sweeps.engine import add_launcher_arguments, launcher_from
 from gist_lightning.tokens import encode_text, gist_token_id, special_frame
 
@@ -286,7 +288,13 @@ def method_name(variant: str, placement: str) -> str:
     return f"{head}-{placement}" + "".join("+" + a for a in adds)
 
 
-def sweep(cells: list[Cell], args, extra: list[str]) -> Sweep:
+def sweep(cells: list[Cell], args, extra: list[str], ev: Evaluations | None = None) -> Sweep:
+    def finished(summary: dict) -> None:
+        try:
+            record_model(ev, args, summary["name"])
+        except SystemExit as e:  # e.g. retrained weights that differ from the recorded ones
+            raise SweepStopped(str(e)) from None
+
     return Sweep(
         cells,
         [str(c) for c in CONFIGS],
@@ -295,12 +303,32 @@ def sweep(cells: list[Cell], args, extra: list[str]) -> Sweep:
         extra,
         retries=args.retries,
         log=lambda m: print(m, flush=True),
+        on_finished=finished if ev is not None else None,
     )
 
 
-def run_or_list(cells: list[Cell], args, extra: list[str]) -> None:
-    """Run the cells as one sweep (or, with --check_args, check and list them)."""
-    sw = sweep(cells, args, extra)
+def still_to_train(cells: list[Cell], ev: Evaluations | None) -> list[Cell]:
+    """``cells`` less those whose evaluations ``ev`` already holds (a finished model, evaluated, maybe
+    by a sitting on another machine whose run folders are gone), and less the bases that none of the
+    rest needs and that are evaluated too."""
+    if ev is None:
+        return list(cells)
+    rest = [c for c in cells if not ev.models.get(c.name, {}).get("evaluated")]
+    needed = {n for c in rest for n in c.needs}
+    return [c for c in cells if c in rest or c.name in needed]
+
+
+def run_or_list(cells: list[Cell], args, extra: list[str], ev: Evaluations | None = None) -> None:
+    """Run the cells as one sweep (or, with --check_args, check and list them); each finished model is
+    evaluated at once (:func:`record_model`), and a model ``ev`` holds is not trained again."""
+    todo = still_to_train(cells, ev)
+    for cell in cells:
+        if cell not in todo:
+            print(f"{cell.name}: evaluated in {ev.path} (steps {ev.models[cell.name].get('steps')}); not run")
+    if not todo:
+        return
+    cells = todo
+    sw = sweep(cells, args, extra, None if args.check_args else ev)
     try:
         sw.check()
     except ValueError as e:
@@ -868,7 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--speed", action="store_true", help="also time each objective's training steps")
     p.add_argument("--run_root", type=Path, default=ROOT / "runs" / "long-context")
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "long-context")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "long-context-recipes",
+                   help="where the outputs and evaluations.json go (commit them: a later sitting on a fresh "
+                   "machine trains only what it does not hold)")
     p.add_argument("--batch_size", type=int, default=50, help="records per evaluation batch")
     p.add_argument("--train_batch_size", type=int, default=32, help="records per training batch")
     p.add_argument("--base_learning_rate", type=float, default=3e-4,
@@ -904,8 +934,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--segment_tokens must be a multiple of 16 (16x keeps segment_tokens/16 gists); got "
                 f"{args.segment_tokens}")
     torch.set_num_threads(1)
-    settings = experiment_settings(args, extra)  # (a check reads and writes no results)
-    ev = None if args.check_args else Evaluations(args.out / "evaluations.json", settings)
+    settings = experiment_settings(args, extra)  # (a check reads results, and writes none)
+    ev = Evaluations(args.out / "evaluations.json", settings)
     if not args.check_args:
         check_run_root(args.run_root, settings)
     choice_path = args.out / "choice.json"
@@ -918,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
             for v, pl in (("scratch", "coarse"), ("base", "coarse"), ("base", "fine"))
             if v != "scratch" or "scratch" in args.ablation_rows
         ]
-        run_or_list(first, args, extra)
+        run_or_list(first, args, extra, ev)
         if args.check_args:
             placement = "coarse" if args.placement == "auto" else args.placement
         else:
@@ -936,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
         bases = [base_cell(training, s, args) for s in seeds]  # finished: kept, as what the rest needs
         rows = [a for a in ADDITIONS if a in args.ablation_rows]
         additions = [gist_cell("base" + a, placement, training, s, args) for s in seeds for a in rows]
-        run_or_list(bases + additions, args, extra)
+        run_or_list(bases + additions, args, extra, ev)
         if args.check_args:
             return 0
         plain = f"base-{placement}"
@@ -956,7 +986,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if len(helped) > 1:
-            run_or_list(bases + [gist_cell(best, placement, training, s, args) for s in seeds], args, extra)
+            best_cells = [gist_cell(best, placement, training, s, args) for s in seeds]
+            run_or_list(bases + best_cells, args, extra, ev)
         choice_path.parent.mkdir(parents=True, exist_ok=True)
         choice_path.write_text(
             json.dumps({"placement": placement, "variant": best, "gains": gains}, indent=1)
@@ -972,16 +1003,97 @@ def main(argv: list[str] | None = None) -> int:
             for t in trainings
             for s in args.final_seeds
         ]
-        run_or_list(cells, args, extra)
+        run_or_list(cells, args, extra, ev)
         if args.check_args:
             return 0
     report(ev, args)
     return 0
 
 
+RUN_NAME = re.compile(r"^(?P<model>.+)-(?P<training>" + "|".join(TRAINING) + r")-seed(?P<seed>\d+)$")
+
+
+def parse_run_name(name: str) -> tuple[str, str, int] | None:
+    """(model, training, seed) of a cell's name (:func:`run_name`), None for another folder's."""
+    m = RUN_NAME.match(name)
+    return (m["model"], m["training"], int(m["seed"])) if m else None
+
+
+def weights_digest(export: Path) -> str:
+    """sha256 of an export's weights: every tensor's name, dtype, shape and bytes, in name order (the
+    same model trained again gives the same digest only when it is the same model, bit for bit)."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for path in sorted(export.glob("*.safetensors")):
+        tensors = load_file(path)
+        for key in sorted(tensors):
+            t = tensors[key].contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def record_model(ev: Evaluations, args, name: str) -> None:
+    """Evaluate a finished model as soon as it is (its folder may not outlive the sitting): on each
+    task it answers, the test records and, for the ablation's models, the validation records, with
+    the baselines its evaluation needs (its base's full, no-context and truncation at its cache's
+    size); then record what its training did and the digest of its weights (and a gist model's, of
+    its base's). A base trained again (its folder lost with an earlier machine) must come out the
+    same, bit for bit, as the base the recorded models were fine-tuned from; else this stops,
+    naming both digests, and nothing recorded is changed."""
+    model, training, seed = parse_run_name(name)
+    run = args.run_root / name / "run"
+    digest = weights_digest(run / "export")
+    recorded = ev.models.get(name, {}).get("weights_sha256")
+    if recorded and recorded != digest:
+        raise SystemExit(
+            f"{name}: its weights now (sha256 {digest[:16]}) differ from those {ev.path} records "
+            f"({recorded[:16]}), which its evaluations (and the models fine-tuned from it) were made "
+            "with; train it under the recorded settings on the recorded machine, or pass another --out"
+        )
+    base = run_name("base", training, seed)
+    base_digest = None
+    if model != "base":
+        base_digest = ev.models.get(base, {}).get("weights_sha256") or weights_digest(
+            export_of(args.run_root, "base", training, seed)
+        )
+    methods = [] if model == "base" else [model]
+    for task in TASKS:
+        if trained_on(task, args) != training:
+            continue
+        splits = [("test", records_of(task, args.records, 0, tuple(args.context_words), args.vocabulary))]
+        if task == args.ablation_task:
+            splits.append(("validation", records_of(task, args.validation_records, 1,
+                                                    tuple(args.context_words), args.vocabulary)))
+        for split, records in splits:
+            evaluate_all(ev, task, seed, methods, records, split, args)
+    done = json.loads((run / "done.json").read_text())
+    ev.models[name] = {
+        "model": model,
+        "task": training,
+        "seed": seed,
+        "plateau_step": plateau_step(run, args.plateau_loss),
+        "steps": done.get("step") or last_step(run),
+        "minutes": done.get("minutes"),
+        "weights_sha256": digest,
+        **({"base_sha256": base_digest} if base_digest else {}),
+        "evaluated": True,
+    }
+    ev.save()
+    print(f"{name}: evaluated; recorded in {ev.path}", flush=True)
+
+
+def last_step(run: Path) -> int | None:
+    """The last step ``metrics.csv`` logged (None: none)."""
+    path = run / "metrics.csv"
+    steps = [int(r["step"]) for r in csv.DictReader(open(path)) if r.get("step")] if path.is_file() else []
+    return max(steps, default=None)
+
+
 def report(ev: Evaluations, args) -> None:
-    """Evaluate every finished model of ``--run_root`` on its task's test records (what earlier
-    sittings evaluated is kept in ``ev``) and write the outputs of everything ``ev`` holds."""
+    """Evaluate every finished model of ``--run_root`` that ``ev`` does not hold yet (what earlier
+    sittings evaluated is kept in it) and write the outputs of everything ``ev`` holds."""
     from gist_lightning.tokens import load_tokenizer
 
     floors, context_tokens = {}, {}
@@ -990,34 +1102,17 @@ def report(ev: Evaluations, args) -> None:
         records = records_of(task, args.records, 0, tuple(args.context_words), args.vocabulary)
         floors[task] = chance_floor(records, args.vocabulary)
         context_tokens[task] = float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]))
-        training = trained_on(task, args)
-        for base in sorted(args.run_root.glob(f"base-{training}-seed*/run/export")):
-            seed = int(base.parts[-3].rsplit("seed", 1)[1])
-            tail = f"-{training}-seed{seed}"
-            methods = sorted(
-                e.parts[-3][: -len(tail)]
-                for e in args.run_root.glob(f"*{tail}/run/export")
-                if e.parts[-3] != run_name("base", training, seed)
-            )
-            if (args.run_root / run_name("base", training, seed) / "run" / "done.json").is_file():
-                evaluate_all(ev, task, seed, methods, records, "test", args)
-            for model in ["base"] + methods:
-                run = args.run_root / run_name(model, training, seed) / "run"
-                done = run / "done.json"
-                if done.is_file():
-                    ev.models[run_name(model, training, seed)] = {
-                        "model": model,
-                        "task": training,
-                        "seed": seed,
-                        "plateau_step": plateau_step(run, args.plateau_loss),
-                        "steps": json.loads(done.read_text()).get("step"),
-                    }
+    finished = [d.parent.parent.name for d in args.run_root.glob("*/run/done.json")]
+    for name in sorted(finished, key=lambda n: (not n.startswith("base-"), n)):  # bases first
+        if parse_run_name(name) and not ev.models.get(name, {}).get("evaluated"):
+            record_model(ev, args, name)
     ev.save()
     if args.speed:
         base = export_of(args.run_root, "base", trained_on(args.ablation_task, args), args.ablation_seeds[0])
         ev.speed[:] = objective_speed(base, args.ablation_task, args)
         ev.save()
-    plateau = [ev.models[k] for k in sorted(ev.models)]
+    fields = ("model", "task", "seed", "plateau_step", "steps", "minutes")  # (digests: evaluations.json)
+    plateau = [{f: ev.models[k].get(f) for f in fields} for k in sorted(ev.models)]
     write_outputs(args.out, ev.results("test"), floors, plateau, ev.speed, context_tokens, args)
     print(f"wrote {args.out}/results.csv, table.md, long_context.png")
 

@@ -300,3 +300,88 @@ def test_a_task_can_have_its_own_model_and_older_run_folders_still_pass(lc, tmp_
     with pytest.raises(SystemExit):
         lc.main(["--check_args", "--run_root", str(tmp_path), "--task_model_config", "two_hop={nope"])
     assert "--task_model_config: two_hop: its config is not JSON" in capsys.readouterr().err
+
+
+def _finished_run(lc, root, name, weights, steps=(49, 99)):
+    """A cell folder as a finished fit leaves it: done.json, metrics.csv and an export's weights."""
+    from safetensors.torch import save_file
+
+    run = root / name / "run"
+    (run / "export").mkdir(parents=True)
+    save_file(weights, str(run / "export" / "model.safetensors"))
+    (run / "done.json").write_text(json.dumps({"name": name, "minutes": 3.5, "attempts": 1}))
+    rows = "".join(f"0,{s},{1.0 / (i + 1)}\n" for i, s in enumerate(steps))
+    (run / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
+    return run
+
+
+def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_only_the_rest(
+        lc, tmp_path, monkeypatch, capsys):
+    """A sitting's run folders may not outlive its machine, so a finished model is evaluated when it
+    finishes (test records; validation records too on the ablation's task), its training and weights'
+    digest recorded in evaluations.json (committed). A later sitting with no run folders trains only
+    what that file does not hold, and a base it needs again must come out bit for bit the base the
+    recorded models were fine-tuned from, or the sweep stops naming both digests, nothing changed."""
+    import torch
+
+    calls = []
+
+    def fake_evaluate_all(ev, task, seed, methods, records, split, args):
+        calls.append((task, seed, tuple(methods), split, len(records)))
+        for m in [*methods, "full"]:
+            ev.get(f"{split}/{task}/{m}/seed{seed}", lambda: {4: ([1.0] * len(records), [9] * len(records))})
+
+    monkeypatch.setattr(lc, "evaluate_all", fake_evaluate_all)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = argparse.Namespace(run_root=runs, train_on="task", ablation_task="recall3", records=6,
+                              validation_records=4, context_words=[70, 120], vocabulary="words",
+                              plateau_loss=0.6)
+    ev = lc.Evaluations(out / "evaluations.json", {"context_words": [70, 120]})
+    base_weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)}
+    _finished_run(lc, runs, "base-recall3-seed0", base_weights)
+    _finished_run(lc, runs, "base-coarse-recall3-seed0", {"w": torch.zeros(2, 3)}, steps=(49, 99, 149))
+    lc.record_model(ev, args, "base-recall3-seed0")
+    lc.record_model(ev, args, "base-coarse-recall3-seed0")
+    # the ablation's task: test and validation records; the base alone evaluates its baselines
+    assert calls == [("recall3", 0, (), "test", 6), ("recall3", 0, (), "validation", 4),
+                     ("recall3", 0, ("base-coarse",), "test", 6), ("recall3", 0, ("base-coarse",), "validation", 4)]
+    tuned = ev.models["base-coarse-recall3-seed0"]
+    assert tuned["evaluated"] and tuned["steps"] == 149 and tuned["plateau_step"] == 99
+    assert tuned["base_sha256"] == ev.models["base-recall3-seed0"]["weights_sha256"] != tuned["weights_sha256"]
+    assert lc.weights_digest(runs / "base-recall3-seed0" / "run" / "export") == tuned["base_sha256"]
+
+    # a fresh machine: the run folders are gone; what evaluations.json holds is not trained again
+    later = lc.Evaluations(out / "evaluations.json", {"context_words": [70, 120]})
+    bases = [lc.Cell(f"base-recall3-seed{s}", ()) for s in (0, 1)]
+    tuned_cells = [lc.Cell(f"base-{p}-recall3-seed{s}", (), needs=(f"base-recall3-seed{s}",))
+                   for s in (0, 1) for p in ("coarse", "fine")]
+    todo = [c.name for c in lc.still_to_train(bases + tuned_cells, later)]
+    # seed 0's base trains again, for its fine model; seed 1: everything
+    assert todo == ["base-recall3-seed0", "base-recall3-seed1", "base-fine-recall3-seed0",
+                    "base-coarse-recall3-seed1", "base-fine-recall3-seed1"]
+    only_coarse = [c.name for c in lc.still_to_train(bases[:1] + tuned_cells[:1], later)]
+    assert only_coarse == []  # nothing left that needs seed 0's base: not trained again
+    real_sweep = lc.sweep
+    monkeypatch.setattr(lc, "sweep", lambda *a, **k: pytest.fail("nothing was left to train"))
+    lc.run_or_list(bases[:1] + tuned_cells[:1], argparse.Namespace(check_args=False), [], later)
+    assert "base-coarse-recall3-seed0: evaluated in" in capsys.readouterr().out
+
+    # seed 0's base trained again, bit for bit: passes; a different one stops, the file unchanged
+    import shutil
+
+    shutil.rmtree(runs)
+    _finished_run(lc, runs, "base-recall3-seed0", dict(base_weights))
+    lc.record_model(later, args, "base-recall3-seed0")
+    before = (out / "evaluations.json").read_text()
+    shutil.rmtree(runs)
+    _finished_run(lc, runs, "base-recall3-seed0", {**base_weights, "b": torch.ones(2) + 1e-6})
+    with pytest.raises(SystemExit, match=r"base-recall3-seed0: its weights now \(sha256 \w{16}\) differ from "
+                                         r"those .*evaluations.json records \(\w{16}\)"):
+        lc.record_model(later, args, "base-recall3-seed0")
+    assert (out / "evaluations.json").read_text() == before
+    # in a sweep, that stop is the engine's SweepStopped (it stops starting cells, the log says why)
+    launch = argparse.Namespace(**vars(args), retries=0, launcher="local", cells_at_once=1, devices_per_cell=0,
+                                threads_per_cell=1)
+    sw = real_sweep([bases[0]], launch, [], later)
+    with pytest.raises(lc.SweepStopped, match="differ from"):
+        sw.on_finished({"name": "base-recall3-seed0"})
