@@ -155,12 +155,13 @@ def test_local_from_pretrained_round_trip(make_pair, family, tmp_path):
     """The real loading path (from_pretrained of a folder) gives the same cache and generations."""
     from transformers import AutoTokenizer
 
-    from gist_lightning.families import model_class
+    from gist_lightning.families import LOAD_OPTIONS, model_class
 
     model, tok, gist_id = make_pair(family, seed=4)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    model2 = model_class(model.config).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    loaded = model_class(model.config).from_pretrained(tmp_path, attn_implementation="eager", **LOAD_OPTIONS)
+    model2 = loaded.eval()
     tok2 = AutoTokenizer.from_pretrained(tmp_path)
     a = generate(model, tok, compress(model, tok, INSTRUCTIONS, 1), INPUTS, max_new_tokens=6)
     b = generate(model2, tok2, compress(model2, tok2, INSTRUCTIONS, 1), INPUTS, max_new_tokens=6)
