@@ -215,7 +215,8 @@ def test_a_sigterm_to_the_driver_stops_its_cells_with_a_checkpoint_and_a_rerun_r
     """Stopping a local driver (SIGTERM, as `kill` or a session's end sends; Ctrl-C alike) stops its
     running cells as a SIGTERM stops a fit: each writes ``last.ckpt``, the driver waits for them and
     exits 143 saying so, no process is left; the next driver resumes the cell from that checkpoint
-    (before, the driver died at once and took its cells with it, unsaved)."""
+    (before, the driver died at once and took its cells with it, unsaved). While it runs, a listing
+    from another process says the cell is running (before: "interrupted")."""
     import signal
     import subprocess
     import time
@@ -231,6 +232,9 @@ def test_a_sigterm_to_the_driver_stops_its_cells_with_a_checkpoint_and_a_rerun_r
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3):  # training, a few steps in
         assert driver.poll() is None and time.time() - start < 300, driver.stdout.read()
         time.sleep(0.1)
+    # a second process's listing (--dry_run, as long_context.py --check_args) sees the cell running
+    listing = subprocess.run(argv[:-3] + ["--dry_run"] + argv[-3:], capture_output=True, text=True, env=env)
+    assert "k1-seed0: running (pid " in listing.stdout and "under another driver" in listing.stdout, listing
     driver.send_signal(signal.SIGTERM)
     out, _ = driver.communicate(timeout=300)
     assert driver.returncode == 143, out
@@ -238,6 +242,9 @@ def test_a_sigterm_to_the_driver_stops_its_cells_with_a_checkpoint_and_a_rerun_r
     assert "k1-seed0: stopped; resumes from its last.ckpt when the sweep runs again" in out
     assert (runs / "k1-seed0" / "run" / "checkpoints" / "last.ckpt").is_file()
     assert not (runs / "k1-seed0" / "run" / "done.json").exists()
+    assert not (runs / "k1-seed0" / "running.json").exists()
+    listing = subprocess.run(argv[:-3] + ["--dry_run"] + argv[-3:], capture_output=True, text=True, env=env)
+    assert "k1-seed0: interrupted\n" in listing.stdout, listing
     left = [p for p in os.listdir("/proc") if p.isdigit() and str(runs).encode() in _cmdline(p)]
     assert not left, "a cell outlived its stopped driver"
     rerun = subprocess.run(argv, capture_output=True, text=True, env=env)

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..files import write_text_atomic
 
 SPEC, DONE, FAILED = "cell.json", "done.json", "failed.json"
+RUNNING = "running.json"  # while a cell's process runs: its pid and host (a second process's listing)
 STOPPED = {143, -signal.SIGTERM, -signal.SIGKILL, 137}  # stopped from outside: resumable, not failed
 _child: subprocess.Popen | None = None
 
@@ -106,11 +107,28 @@ def run(folder: str | os.PathLike) -> int:
     run_dir, first = folder / "run", rank() == 0
     log = folder / ("stdout.log" if first else f"stdout.rank{rank()}.log")
     start = time.time()
+    if first:
+        write_text_atomic(folder / RUNNING, json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                                        "start": time.strftime("%Y-%m-%d %H:%M:%S")}))
     try:
         return _stages(folder, spec, run_dir, log, first, start)
     finally:
         if first:
             _attempt(folder, start)
+            (folder / RUNNING).unlink(missing_ok=True)
+
+
+def running_here(folder: Path) -> dict | None:
+    """``running.json`` of the cell in ``folder`` when its process is alive on this machine (a cell a
+    driver in another process runs now), else None (none recorded, another host's, or a dead one's)."""
+    try:
+        record = json.loads((folder / RUNNING).read_text())
+        if record["host"] != os.uname().nodename:
+            return None
+        cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes().replace(b"\0", b" ")
+    except (OSError, ValueError, KeyError):
+        return None
+    return record if str(folder).encode() in cmdline else None
 
 
 def _attempts(folder: Path) -> list[dict]:

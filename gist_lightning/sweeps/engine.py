@@ -220,8 +220,12 @@ class Sweep:
         return NEW
 
     def describe(self, cell: Cell) -> str:
-        """The cell's state, and for a cell a run would refuse, what differs from its record."""
+        """The cell's state, and for a cell a run would refuse, what differs from its record. A cell
+        that a driver in another process runs on this machine now reads ``running (pid N, since ...)``."""
         state = self.state(cell)
+        alive = cell_process.running_here(self.folder(cell)) if state in (INTERRUPTED, NEW) else None
+        if alive:
+            return f"running (pid {alive['pid']}, since {alive['start']}, under another driver)"
         why = self.changed(cell, state)
         return f"{state}, made with other {why}: a run refuses it" if why else state
 
