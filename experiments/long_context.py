@@ -32,6 +32,7 @@ paired differences against truncation) and ``long_context.png``.
     python experiments/long_context.py --check_args                   # the cells, nothing runs
     python experiments/long_context.py --stage ablation               # resumable
     python experiments/long_context.py --stage final
+    python experiments/long_context.py --stage bases --tasks two_hop   # whether its bases train
 """
 
 from __future__ import annotations
@@ -811,9 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--stage",
-        choices=["ablation", "final", "report"],
+        choices=["ablation", "final", "bases", "report"],
         default="ablation",
         help="ablation: every variant on --ablation_task; final: the chosen variant on every task; "
+        "bases: only the full-attention bases of --tasks on --final_seeds (does each train?); "
         "report: write the outputs of what has been evaluated",
     )
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -997,13 +999,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{choice_path}: no choice yet; run --stage ablation first")
         choice = json.loads(choice_path.read_text())
         trainings = list(dict.fromkeys(trained_on(t, args) for t in args.tasks))  # (the mixture: once)
-        cells = [base_cell(t, s, args) for t in trainings for s in args.final_seeds]
-        cells += [
-            gist_cell(choice["variant"], choice["placement"], t, s, args)
+        cells = [  # each base beside its gist model: a sitting cut short leaves whole pairs behind it
+            cell
             for t in trainings
             for s in args.final_seeds
+            for cell in (base_cell(t, s, args), gist_cell(choice["variant"], choice["placement"], t, s, args))
         ]
         run_or_list(cells, args, extra, ev)
+        if args.check_args:
+            return 0
+    elif args.stage == "bases":
+        trainings = list(dict.fromkeys(trained_on(t, args) for t in args.tasks))
+        run_or_list([base_cell(t, s, args) for t in trainings for s in args.final_seeds], args, extra, ev)
         if args.check_args:
             return 0
     report(ev, args)

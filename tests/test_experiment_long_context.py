@@ -144,11 +144,20 @@ def test_a_mixture_trains_one_model_per_seed_for_every_task(lc, tmp_path, capsys
     assert lc.main(["--check_args", "--stage", "final", "--run_root", str(tmp_path), "--out",
                     str(tmp_path / "out"), "--final_seeds", "0", "1", "--train_on", "mixture"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["base-mixture-seed0", "base-mixture-seed1",
-                                                      "base-fine-mixture-seed0", "base-fine-mixture-seed1"]
+    # each base beside its gist model (the sweep still starts both bases first: the gist waits)
+    assert [line.split(":")[0] for line in lines] == ["base-mixture-seed0", "base-fine-mixture-seed0",
+                                                      "base-mixture-seed1", "base-fine-mixture-seed1"]
     fit = shlex.split(lines[0].split("; ", 2)[2])  # the printed command, as a shell reads it
     assert _value(fit, "--data.init_args.tasks") == '["recall", "two_hop"]'
     assert _value(fit, "--data.init_args.facts") == "[1, 2, 3]"
+
+
+def test_the_bases_stage_trains_only_the_bases_of_the_tasks_asked(lc, tmp_path, capsys):
+    """--stage bases: whether the full-attention bases of some tasks train, before any gist cell."""
+    assert lc.main(["--check_args", "--stage", "bases", "--run_root", str(tmp_path), "--out",
+                    str(tmp_path / "out"), "--tasks", "two_hop", "recall1", "--final_seeds", "0", "2"]) == 0
+    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["base-two_hop-seed0", "base-two_hop-seed2", "base-recall1-seed0", "base-recall1-seed2"]
 
 
 def test_truncated_rows_keep_the_context_end_within_the_position_budget(lc, tok):
