@@ -221,7 +221,7 @@ def test_a_sigterm_to_the_driver_stops_its_cells_with_a_checkpoint_and_a_rerun_r
     import subprocess
     import time
 
-    config = str(run_config(max_steps=400, val_check_interval=400, log_every_n_steps=1))
+    config = str(run_config(max_steps=150, val_check_interval=150, log_every_n_steps=1))
     runs = tmp_path / "runs"
     argv = [sys.executable, "-m", "gist_lightning.cli", "sweep", "--config", config, "--runs", str(runs),
             "--grid", "model.num_gist_tokens=1", "--seeds", "0", "--", "--model.max_new_tokens", "2"]
@@ -232,9 +232,11 @@ def test_a_sigterm_to_the_driver_stops_its_cells_with_a_checkpoint_and_a_rerun_r
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3):  # training, a few steps in
         assert driver.poll() is None and time.time() - start < 300, driver.stdout.read()
         time.sleep(0.1)
-    # a second process's listing (--dry_run, as long_context.py --check_args) sees the cell running
-    listing = subprocess.run(argv[:-3] + ["--dry_run"] + argv[-3:], capture_output=True, text=True, env=env)
-    assert "k1-seed0: running (pid " in listing.stdout and "under another driver" in listing.stdout, listing
+    # another process's listing (this one's, as --dry_run or long_context.py --check_args) sees it running
+    listing = Sweep(expand(parse_grid(["model.num_gist_tokens=1"]), [0]), [config], runs, LocalLauncher(),
+                    ["--model.max_new_tokens", "2"])
+    assert listing.describe(listing.cells[0]).startswith("running (pid ")
+    assert "under another driver" in listing.describe(listing.cells[0])
     driver.send_signal(signal.SIGTERM)
     out, _ = driver.communicate(timeout=300)
     assert driver.returncode == 143, out
@@ -243,8 +245,7 @@ def test_a_sigterm_to_the_driver_stops_its_cells_with_a_checkpoint_and_a_rerun_r
     assert (runs / "k1-seed0" / "run" / "checkpoints" / "last.ckpt").is_file()
     assert not (runs / "k1-seed0" / "run" / "done.json").exists()
     assert not (runs / "k1-seed0" / "running.json").exists()
-    listing = subprocess.run(argv[:-3] + ["--dry_run"] + argv[-3:], capture_output=True, text=True, env=env)
-    assert "k1-seed0: interrupted\n" in listing.stdout, listing
+    assert listing.describe(listing.cells[0]) == "interrupted"
     left = [p for p in os.listdir("/proc") if p.isdigit() and str(runs).encode() in _cmdline(p)]
     assert not left, "a cell outlived its stopped driver"
     rerun = subprocess.run(argv, capture_output=True, text=True, env=env)
