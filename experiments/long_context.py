@@ -1076,12 +1076,13 @@ def record_model(ev: Evaluations, args, name: str) -> None:
         for split, records in splits:
             evaluate_all(ev, task, seed, methods, records, split, args)
     done = json.loads((run / "done.json").read_text())
+    spec = json.loads((args.run_root / name / "cell.json").read_text())  # (the sweep's record of the cell)
     ev.models[name] = {
         "model": model,
         "task": training,
         "seed": seed,
         "plateau_step": plateau_step(run, args.plateau_loss),
-        "steps": done.get("step") or last_step(run),
+        "steps": spec["stages"][-1]["max_steps"],  # (a finished cell ran its last stage to its end)
         "minutes": done.get("minutes"),
         "weights_sha256": digest,
         **({"base_sha256": base_digest} if base_digest else {}),
@@ -1089,13 +1090,6 @@ def record_model(ev: Evaluations, args, name: str) -> None:
     }
     ev.save()
     print(f"{name}: evaluated; recorded in {ev.path}", flush=True)
-
-
-def last_step(run: Path) -> int | None:
-    """The last step ``metrics.csv`` logged (None: none)."""
-    path = run / "metrics.csv"
-    steps = [int(r["step"]) for r in csv.DictReader(open(path)) if r.get("step")] if path.is_file() else []
-    return max(steps, default=None)
 
 
 def report(ev: Evaluations, args) -> None:

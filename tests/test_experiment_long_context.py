@@ -319,6 +319,8 @@ def _finished_run(lc, root, name, weights, steps=(49, 99)):
     (run / "export").mkdir(parents=True)
     save_file(weights, str(run / "export" / "model.safetensors"))
     (run / "done.json").write_text(json.dumps({"name": name, "minutes": 3.5, "attempts": 1}))
+    stages = [{"max_steps": 4000}, {"max_steps": 10 * len(steps)}]
+    (root / name / "cell.json").write_text(json.dumps({"name": name, "stages": stages}))
     rows = "".join(f"0,{s},{1.0 / (i + 1)}\n" for i, s in enumerate(steps))
     (run / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
     return run
@@ -352,11 +354,13 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     lc.record_model(ev, args, "base-recall3-seed0")
     lc.record_model(ev, args, "base-coarse-recall3-seed0")
     # the ablation's task: test and validation records; the base alone evaluates its baselines
+    coarse = ("base-coarse",)
     assert calls == [("recall3", 0, (), "test", 6), ("recall3", 0, (), "validation", 4),
-                     ("recall3", 0, ("base-coarse",), "test", 6), ("recall3", 0, ("base-coarse",), "validation", 4)]
+                     ("recall3", 0, coarse, "test", 6), ("recall3", 0, coarse, "validation", 4)]
     tuned = ev.models["base-coarse-recall3-seed0"]
-    assert tuned["evaluated"] and tuned["steps"] == 149 and tuned["plateau_step"] == 99
-    assert tuned["base_sha256"] == ev.models["base-recall3-seed0"]["weights_sha256"] != tuned["weights_sha256"]
+    assert tuned["evaluated"] and tuned["steps"] == 30 and tuned["plateau_step"] == 99
+    base_digest = ev.models["base-recall3-seed0"]["weights_sha256"]
+    assert tuned["base_sha256"] == base_digest != tuned["weights_sha256"]
     assert lc.weights_digest(runs / "base-recall3-seed0" / "run" / "export") == tuned["base_sha256"]
 
     # a fresh machine: the run folders are gone; what evaluations.json holds is not trained again
@@ -389,8 +393,8 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
         lc.record_model(later, args, "base-recall3-seed0")
     assert (out / "evaluations.json").read_text() == before
     # in a sweep, that stop is the engine's SweepStopped (it stops starting cells, the log says why)
-    launch = argparse.Namespace(**vars(args), retries=0, launcher="local", cells_at_once=1, devices_per_cell=0,
-                                threads_per_cell=1)
+    launch = argparse.Namespace(**vars(args), retries=0, launcher="local", cells_at_once=1,
+                                devices_per_cell=0, threads_per_cell=1)
     sw = real_sweep([bases[0]], launch, [], later)
     with pytest.raises(lc.SweepStopped, match="differ from"):
         sw.on_finished({"name": "base-recall3-seed0"})
