@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import hashlib
 import json
+import os
 import random
 import re
 import shlex
+import signal
 import time
 from pathlib import Path
 
@@ -260,14 +263,15 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
     base = export_of(args.run_root, "base", task, seed)
     if variant == "scratch":
         source, steps = ["--model.model_config", json.dumps(model_config_of(task, args))], args.scratch_steps
-        needs = ()
     else:
         source, steps = (
             ["--model.model_config", "null", "--model.model_name_or_path", str(base),
              "--model.learning_rate", str(args.tune_learning_rate)],
             args.tune_steps,
         )
-        needs = (run_name("base", task, seed),)  # its base's export, so it starts when that is done
+    # its base's export: to start from, and (scratch too) for the baselines its evaluation compares
+    # it with, so it starts when that is done
+    needs = (run_name("base", task, seed),)
     extra = [a.replace("{base}", str(base)) for a in variant_args(variant, placement)]
     return Cell(
         name=run_name(method_name(variant, placement), task, seed),
@@ -291,10 +295,15 @@ def method_name(variant: str, placement: str) -> str:
 
 def sweep(cells: list[Cell], args, extra: list[str], ev: Evaluations | None = None) -> Sweep:
     def finished(summary: dict) -> None:
+        """Record the model (:func:`record_model`); whatever goes wrong there stops the sweep from
+        starting cells (the running ones go on to their end) instead of ending the driver, which
+        would take its running cells with it."""
         try:
             record_model(ev, args, summary["name"])
         except SystemExit as e:  # e.g. retrained weights that differ from the recorded ones
             raise SweepStopped(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - reported, and the sweep stops as above
+            raise SweepStopped(f"{summary['name']}: its evaluation failed: {type(e).__name__}: {e}") from e
 
     return Sweep(
         cells,
@@ -345,10 +354,13 @@ def run_or_list(cells: list[Cell], args, extra: list[str], ev: Evaluations | Non
         code = sw.run()
     except ValueError as e:  # e.g. cells made with other arguments: refused before anything ran
         raise SystemExit(str(e)) from None
+    if code > 128:
+        raise SystemExit(f"stopped ({signal.Signals(code - 128).name}); run the same command again: "
+                         "finished cells are kept, stopped ones resume from their last.ckpt")
     if code != 0:
         raise SystemExit(
-            f"training did not finish; see {args.run_root}/<cell>/stdout.log and run this again "
-            "(finished cells are kept, interrupted ones resume)"
+            f"training did not finish; see {args.run_root}/<cell>/stdout.log and the lines above, and run "
+            "this again (finished cells are kept, interrupted ones resume)"
         )
 
 
@@ -741,11 +753,22 @@ class Evaluations:
         self.done, self.models, self.speed = data["evaluations"], data["models"], data["speed"]
 
     def save(self) -> None:
+        """Write what this process holds, merged with what another process (a report beside the
+        driver, a second driver on another run folder) wrote meanwhile: under a lock, each writer
+        adds its records and loses none of the other's."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "evaluations": self.done, "models": self.models,
-                                   "speed": self.speed}))
-        tmp.replace(self.path)
+        with open(self.path.with_suffix(".json.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                there = json.loads(self.path.read_text())
+                self.done.update({k: v for k, v in there["evaluations"].items() if k not in self.done})
+                self.models.update({k: v for k, v in there["models"].items() if k not in self.models})
+                if not self.speed:
+                    self.speed[:] = there["speed"]
+            tmp = self.path.with_suffix(f".json.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"settings": self.settings, "evaluations": self.done,
+                                       "models": self.models, "speed": self.speed}))
+            tmp.replace(self.path)
 
     def get(self, key: str, compute) -> dict:
         if key not in self.done:
@@ -1031,8 +1054,11 @@ def weights_digest(export: Path) -> str:
     same model trained again gives the same digest only when it is the same model, bit for bit)."""
     from safetensors.torch import load_file
 
+    paths = sorted(export.glob("*.safetensors"))
+    if not paths:
+        raise SystemExit(f"{export}: no *.safetensors weights to take the digest of")
     h = hashlib.sha256()
-    for path in sorted(export.glob("*.safetensors")):
+    for path in paths:
         tensors = load_file(path)
         for key in sorted(tensors):
             t = tensors[key].contiguous()

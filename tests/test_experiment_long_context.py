@@ -93,7 +93,8 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     assert _value(list(best.args), "--model.objectives.autoencode_weight") == "0.5"
     scratch = lc.gist_cell("scratch", "coarse", "recall1", 0, args)
     assert "--model.model_name_or_path" not in scratch.args and scratch.stages[0].max_steps == 2000
-    assert scratch.needs == ()  # from random weights: nothing to wait for
+    # from random weights, but evaluated against its base (full attention, truncation): it waits for it
+    assert scratch.needs == ("base-recall1-seed0",)
 
 
 def test_the_base_forms_the_lookup_on_short_contexts_first_then_trains_on_the_task(lc, tmp_path, capsys):
@@ -398,3 +399,27 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     sw = real_sweep([bases[0]], launch, [], later)
     with pytest.raises(lc.SweepStopped, match="differ from"):
         sw.on_finished({"name": "base-recall3-seed0"})
+    # any other failure of an evaluation stops the sweep too (its running cells go on), never the driver
+    monkeypatch.setattr(lc, "weights_digest", lambda export: 1 / 0)
+    with pytest.raises(lc.SweepStopped, match="base-recall3-seed0: its evaluation failed: ZeroDivisionError"):
+        sw.on_finished({"name": "base-recall3-seed0"})
+    monkeypatch.undo()
+    (runs / "base-recall3-seed0" / "run" / "export" / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match="no \\*.safetensors weights"):  # never the digest of nothing
+        lc.weights_digest(runs / "base-recall3-seed0" / "run" / "export")
+
+
+def test_two_processes_recording_evaluations_lose_nothing(lc, tmp_path):
+    """The driver and a report (or two drivers on other run folders with one --out) each write
+    evaluations.json as they go: each save merges what the other wrote meanwhile."""
+    path, settings = tmp_path / "evaluations.json", {"context_words": [70, 120]}
+    driver, report = lc.Evaluations(path, settings), lc.Evaluations(path, settings)
+    driver.get("test/recall3/base-coarse/seed0", lambda: {4: ([1.0], [9])})
+    report.get("test/recall3/base-fine/seed0", lambda: {4: ([0.0], [9])})
+    report.models["base-fine-recall3-seed0"] = {"evaluated": True}
+    report.save()
+    driver.models["base-coarse-recall3-seed0"] = {"evaluated": True}
+    driver.save()
+    later = lc.Evaluations(path, settings)
+    assert sorted(later.done) == ["test/recall3/base-coarse/seed0", "test/recall3/base-fine/seed0"]
+    assert sorted(later.models) == ["base-coarse-recall3-seed0", "base-fine-recall3-seed0"]

@@ -211,12 +211,15 @@ def test_a_cell_made_with_other_arguments_is_refused_not_kept_or_resumed(run_con
 
 
 @pytest.mark.slow
-def test_a_sigterm_to_the_driver_stops_its_cells_with_a_checkpoint_and_a_rerun_resumes(run_config, tmp_path):
-    """Stopping a local driver (SIGTERM, as `kill` or a session's end sends; Ctrl-C alike) stops its
-    running cells as a SIGTERM stops a fit: each writes ``last.ckpt``, the driver waits for them and
-    exits 143 saying so, no process is left; the next driver resumes the cell from that checkpoint
-    (before, the driver died at once and took its cells with it, unsaved). While it runs, a listing
-    from another process says the cell is running (before: "interrupted")."""
+def test_ctrl_c_at_the_drivers_terminal_stops_its_cells_with_a_checkpoint_and_a_rerun_resumes(run_config,
+                                                                                             tmp_path):
+    """A Ctrl-C at the driver's terminal (SIGINT to its whole process group; a SIGTERM to the driver
+    goes the same way) stops its running cells as a SIGTERM stops a fit: each writes ``last.ckpt``,
+    the driver waits for them and exits 130 saying so, no process is left; the next driver resumes
+    the cell from that checkpoint. Before, the driver died at once and took its cells with it,
+    unsaved; and cells in the driver's process group got the SIGINT themselves, which ends a fit
+    with exit 1 and no checkpoint (a failed cell, trained again from its start). While it runs, a
+    listing from another process says the cell is running (before: "interrupted")."""
     import signal
     import subprocess
     import time
@@ -226,7 +229,8 @@ def test_a_sigterm_to_the_driver_stops_its_cells_with_a_checkpoint_and_a_rerun_r
     argv = [sys.executable, "-m", "gist_lightning.cli", "sweep", "--config", config, "--runs", str(runs),
             "--grid", "model.num_gist_tokens=1", "--seeds", "0", "--", "--model.max_new_tokens", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              start_new_session=True)  # a process group of its own, as a terminal's job
     metrics = runs / "k1-seed0" / "run" / "metrics.csv"
     start = time.time()
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 3):  # training, a few steps in
@@ -237,10 +241,10 @@ def test_a_sigterm_to_the_driver_stops_its_cells_with_a_checkpoint_and_a_rerun_r
                     ["--model.max_new_tokens", "2"])
     assert listing.describe(listing.cells[0]).startswith("running (pid ")
     assert "under another driver" in listing.describe(listing.cells[0])
-    driver.send_signal(signal.SIGTERM)
+    os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C does
     out, _ = driver.communicate(timeout=300)
-    assert driver.returncode == 143, out
-    assert "SIGTERM: stopping 1 running cell(s)" in out
+    assert driver.returncode == 130, out
+    assert "SIGINT: stopping 1 running cell(s)" in out
     assert "k1-seed0: stopped; resumes from its last.ckpt when the sweep runs again" in out
     assert (runs / "k1-seed0" / "run" / "checkpoints" / "last.ckpt").is_file()
     assert not (runs / "k1-seed0" / "run" / "done.json").exists()
@@ -260,3 +264,118 @@ def _cmdline(pid: str) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+class _ScriptedLauncher:
+    """A launcher whose cells end when the test says: ``finish(folder)`` writes ``run/done.json``
+    and reports the exit at the next poll; ``on_stop``: what ``stop_all`` does."""
+
+    def __init__(self, on_stop=None):
+        self.ended, self.started, self.on_stop = [], [], on_stop
+
+    def free(self):
+        return 2 - len(self.started) + len(self.ended)
+
+    def start(self, folder):
+        self.started.append(folder)
+        return "scripted"
+
+    def finish(self, folder):
+        (folder / "run").mkdir(parents=True, exist_ok=True)
+        (folder / "run" / "done.json").write_text(json.dumps({"name": folder.name}))
+        self.ended.append((folder, 0))
+
+    def poll(self):
+        out, self.ended = self.ended, []
+        return out
+
+    def stop_all(self):
+        if self.on_stop:
+            self.on_stop(self)
+        return []
+
+    def in_flight(self, folder, job=None):
+        return False
+
+
+def test_a_stop_asked_during_the_last_cells_record_or_while_a_cell_ends_is_kept(tmp_path):
+    """Two windows of a stop (a signal sets ``signalled``; tested without processes): a signal while
+    the last cell's ``on_finished`` runs (an evaluation can take minutes) still makes the sweep
+    return 128 + the signal, so its caller does not go on; a cell that finishes as the stop asks it
+    to is recorded (``on_finished``), not left for a later sitting to train again."""
+    import signal
+
+    cells = [Cell("a", ()), Cell("b", ())]
+    launcher = _ScriptedLauncher()
+    seen = []
+
+    def on_finished(summary):
+        seen.append(summary["name"])
+        sweep.signalled = signal.SIGTERM  # the signal arrives while this runs
+
+    sweep = Sweep(cells[:1], [], tmp_path, launcher, on_finished=on_finished, poll_seconds=0.01)
+    sweep.write_spec = lambda cell: None
+    real_start = sweep._start
+    sweep._start = lambda cs: (real_start(cs), [launcher.finish(sweep.folder(c)) for c in cs])
+    assert sweep.run() == 128 + signal.SIGTERM and seen == ["a"]
+
+    # a stop while b runs; b ends (finished) as it is stopped: recorded
+    def stop(launcher):
+        launcher.finish(sweep2.folder(cells[1]))
+
+    launcher2, seen2 = _ScriptedLauncher(on_stop=stop), []
+    sweep2 = Sweep(cells[1:], [], tmp_path / "2", launcher2, on_finished=lambda s: seen2.append(s["name"]),
+                   poll_seconds=0.01)
+    sweep2.write_spec = lambda cell: None
+    real_start2 = sweep2._start
+
+    def start_then_signal(cs):
+        real_start2(cs)
+        sweep2.signalled = signal.SIGINT
+
+    sweep2._start = start_then_signal
+    assert sweep2.run() == 128 + signal.SIGINT
+    assert seen2 == ["b"] and sweep2.state(cells[1]) == FINISHED
+
+
+def test_a_cell_asked_to_stop_starts_no_further_fit_and_reads_as_stopped(tmp_path, monkeypatch):
+    """The cell process: a stop between two stages (no fit running to pass it to) is not lost, and a
+    fit that exits otherwise than 143 after a stop was asked (a SIGINT ends a fit with 1) is a stopped
+    cell to resume, not a failed one to set aside and train again."""
+    from gist_lightning.sweeps import cell as cell_process
+
+    spec = {"args": [], "stages": [{"args": [], "max_steps": 2}, {"args": [], "max_steps": 4}]}
+    fits = []
+
+    def fit(args, log):
+        fits.append(args)
+        cell_process.stop_fit()  # the stop comes while this stage's fit runs...
+        return 1  # ...and the fit ends with 1, as a SIGINT ends it
+
+    monkeypatch.setattr(cell_process, "_fit", fit)
+    monkeypatch.setattr(cell_process, "_stop_asked", False)
+    code = cell_process._stages(tmp_path, spec, tmp_path / "run", tmp_path / "log", True, 0.0)
+    assert code == 143 and len(fits) == 1  # the second stage never started
+    assert not (tmp_path / cell_process.FAILED).exists()
+
+
+def test_running_here_matches_the_cell_folder_exactly(tmp_path):
+    """A stale running.json whose pid now runs another cell (k1-seed10, a name that k1-seed1 starts)
+    is not read as this cell running."""
+    import subprocess
+
+    from gist_lightning.sweeps.cell import RUNNING, running_here
+
+    other = tmp_path / "k1-seed10"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(other)])
+    try:
+        for name in ("k1-seed1", "k1-seed10"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / RUNNING).write_text(json.dumps({"pid": proc.pid, "host": os.uname().nodename,
+                                                               "start": "now"}))
+        assert running_here(tmp_path / "k1-seed1") is None
+        assert running_here(tmp_path / "k1-seed10")["pid"] == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+    assert running_here(tmp_path / "k1-seed10") is None  # its process gone

@@ -30,8 +30,10 @@ from ..files import write_text_atomic
 
 SPEC, DONE, FAILED = "cell.json", "done.json", "failed.json"
 RUNNING = "running.json"  # while a cell's process runs: its pid and host (a second process's listing)
-STOPPED = {143, -signal.SIGTERM, -signal.SIGKILL, 137}  # stopped from outside: resumable, not failed
+SIGTERM_EXIT = 128 + signal.SIGTERM  # a fit stopped by a SIGTERM exits so (resume.SIGTERM_EXIT)
+STOPPED = {SIGTERM_EXIT, -signal.SIGTERM, -signal.SIGKILL, 137}  # stopped from outside: resumable, not failed
 _child: subprocess.Popen | None = None
+_stop_asked = False  # a stop signal came: no further fit starts, and the cell's exit reads as stopped
 
 
 def rank() -> int:
@@ -66,7 +68,10 @@ def _fit_child() -> None:
 
 
 def stop_fit(*_) -> None:
-    """Ask the running fit to stop as a SIGTERM stops it (``last.ckpt`` written, exit 143)."""
+    """Ask the running fit to stop as a SIGTERM stops it (``last.ckpt`` written, exit 143), and the
+    cell to start no further fit (a stop between two stages would otherwise be lost)."""
+    global _stop_asked
+    _stop_asked = True
     child = _child
     if child is not None and child.returncode is None:
         try:
@@ -125,10 +130,10 @@ def running_here(folder: Path) -> dict | None:
         record = json.loads((folder / RUNNING).read_text())
         if record["host"] != os.uname().nodename:
             return None
-        cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes().replace(b"\0", b" ")
+        cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes().decode(errors="replace")
     except (OSError, ValueError, KeyError):
         return None
-    return record if str(folder).encode() in cmdline else None
+    return record if str(folder) in cmdline.split("\0") else None
 
 
 def _attempts(folder: Path) -> list[dict]:
@@ -155,7 +160,11 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
             args += ["--ckpt_path", "last"]
         if first and i > 0:
             _keep_export(run_dir, i - 1)
+        if _stop_asked:
+            return SIGTERM_EXIT
         code = _fit(args, log)
+        if code != 0 and _stop_asked:  # asked to stop: whatever the fit's exit, resumable, not failed
+            code = SIGTERM_EXIT
         if code != 0:
             if first and code not in STOPPED:
                 write_text_atomic(folder / FAILED, json.dumps({"exit": code, "stage": i, "log": str(log),

@@ -34,6 +34,7 @@ from .launchers import LocalLauncher, SlurmLauncher
 from .tracking import Tracking, add_tracking_arguments, tracking_from
 
 FINISHED, IN_FLIGHT, FAILED, INTERRUPTED, NEW = "finished", "in flight", "failed", "interrupted", "new"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what stops a running sweep, saved
 
 
 class SweepStopped(RuntimeError):
@@ -258,21 +259,28 @@ class Sweep:
             except BlockingIOError:
                 raise ValueError(f"another sweep driver is running on {self.runs}") from None
             with self._stopped_by_signals():
-                return self._run()
+                code = self._run()
+            # (a signal during the last cell's on_finished, or before anything started: no cell to stop)
+            return 128 + self.signalled if self.signalled else code
 
     @contextmanager
     def _stopped_by_signals(self):
-        """While the sweep runs (in the main thread), SIGTERM and SIGINT only ask it to stop: the loop
-        stops the cells and returns, instead of the driver dying and its cells with it, unsaved."""
+        """While the sweep runs (in the main thread), SIGTERM, SIGINT and SIGHUP only ask it to stop:
+        the loop stops the cells and returns, instead of the driver dying and its cells with it,
+        unsaved. A second signal acts as it did before (a driver that must go at once can)."""
         self.signalled = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        before = {}
 
         def ask(signum, _frame):
             self.signalled = signum
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
 
-        before = {sig: signal.signal(sig, ask) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in STOP_SIGNALS:
+            before[sig] = signal.signal(sig, ask)
         try:
             yield
         finally:
@@ -395,11 +403,15 @@ class Sweep:
         self.log(f"{name}: stopping {len(running)} running cell(s) (each writes its last.ckpt); "
                  f"{len(todo)} not started")
         self.launcher.stop_all()
-        for folder, _ in self.launcher.poll():
+        for folder, code in self.launcher.poll():
             c = running.pop(folder)
             state = self.state(c)
-            if state == FINISHED:
-                self.log(f"{self._tag(c)}: done")
+            if state == FINISHED:  # it ended as it was asked to stop: what follows a finished cell
+                self.log(f"{self._tag(c)}: done" + _headline(self.summary_of(c)))
+                self._finished(c, self._tag(c))
+            elif state == FAILED:
+                self.failed[c.name] = str(folder / "stdout.log")
+                self.log(f"{self._tag(c)}: FAILED (exit {code}); see {self.failed[c.name]}")
             elif (folder / "run" / "checkpoints" / "last.ckpt").exists():
                 self.log(f"{self._tag(c)}: stopped; resumes from its last.ckpt when the sweep runs again")
             else:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,8 +74,10 @@ class LocalLauncher:
         env = dict(os.environ, **self.slot_env(slot))
         command = command or [sys.executable, "-m", "gist_lightning.sweeps.cell", str(folder)]
         with open(folder / "launcher.log", "a", encoding="utf-8") as log:
+            # its own session: a Ctrl-C at the driver's terminal reaches the driver alone, which stops
+            # the cells as a SIGTERM does (a SIGINT would end a fit without its last.ckpt)
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=die_with_parent)
+                                    preexec_fn=die_with_parent, start_new_session=True)
         self._running[folder] = (proc, slot)
         return f"pid {proc.pid}, " + ", ".join(f"{k}={v}" for k, v in self.slot_env(slot).items()
                                                if k != "MKL_NUM_THREADS")
@@ -92,14 +95,15 @@ class LocalLauncher:
 
     def stop_all(self, grace_seconds: float = 600.0) -> list[Path]:
         """Stop every running cell as a SIGTERM stops it (its fit writes ``last.ckpt`` and exits 143)
-        and wait for them, at most ``grace_seconds`` each before a kill; the cells stopped (their
-        exits are left for :meth:`poll`)."""
+        and wait for them, ``grace_seconds`` in all before the rest are killed; the cells stopped
+        (their exits are left for :meth:`poll`)."""
         procs = [(folder, proc) for folder, (proc, _) in self._running.items() if proc.poll() is None]
         for _, proc in procs:
             proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
         for _, proc in procs:
             try:
-                proc.wait(grace_seconds)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
