@@ -33,6 +33,11 @@ def tok():
     return tokenizer
 
 
+def _roots(tmp_path) -> list[str]:
+    """--run_root and --out in the test's folder (the default --out holds the committed experiment's)."""
+    return ["--run_root", str(tmp_path), "--out", str(tmp_path / "out")]
+
+
 def _value(cmd: list[str], flag: str) -> str:
     return cmd[cmd.index(flag) + 1]
 
@@ -41,7 +46,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     """The ablation's cells: a full-attention base per seed, the from-scratch row, coarse and fine
     from the base, then each addition on the (here default) placement; every fit's arguments are
     checked, nothing runs or is written."""
-    assert lc.main(["--check_args", "--run_root", str(tmp_path), "--train_on", "task"]) == 0
+    assert lc.main(["--check_args", *_roots(tmp_path), "--train_on", "task"]) == 0
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
     want = [f"base-recall3-seed{s}" for s in (0, 1)]
     want += [f"{m}-recall3-seed{s}" for s in (0, 1) for m in ("scratch-coarse", "base-coarse", "base-fine")]
@@ -101,7 +106,7 @@ def test_the_base_forms_the_lookup_on_short_contexts_first_then_trains_on_the_ta
     """The base's curriculum: --base_short_steps on short contexts (their words and facts override
     the task's: the stage's arguments come last), unvalidated, so the export is the model after the
     task's contexts; then --base_steps more on the task's contexts, validated at the end."""
-    assert lc.main(["--check_args", "--run_root", str(tmp_path), "--ablation_seeds", "0", "--ablation_rows",
+    assert lc.main(["--check_args", *_roots(tmp_path), "--ablation_seeds", "0", "--ablation_rows",
                     "+layout", "--base_short_steps", "700", "--base_steps", "300", "--base_short_words", "4",
                     "9", "--base_short_facts", "8"]) == 0
     line = capsys.readouterr().out.splitlines()[0]
@@ -127,13 +132,13 @@ def test_the_base_forms_the_lookup_on_short_contexts_first_then_trains_on_the_ta
 
 
 def test_ablation_rows_cut_the_optional_rows_and_segments_must_divide(lc, tmp_path, capsys):
-    assert lc.main(["--check_args", "--run_root", str(tmp_path), "--ablation_seeds", "0", "--train_on",
+    assert lc.main(["--check_args", *_roots(tmp_path), "--ablation_seeds", "0", "--train_on",
                     "task", "--ablation_rows", "+layout", "+kd"]) == 0
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["base-recall3-seed0", "base-coarse-recall3-seed0", "base-fine-recall3-seed0",
                      "base-recall3-seed0", "base-coarse+layout-recall3-seed0", "base-coarse+kd-recall3-seed0"]
     with pytest.raises(SystemExit):
-        lc.main(["--check_args", "--run_root", str(tmp_path), "--segment_tokens", "24"])
+        lc.main(["--check_args", *_roots(tmp_path), "--segment_tokens", "24"])
     assert "--segment_tokens must be a multiple of 16" in capsys.readouterr().err
 
 
@@ -159,6 +164,15 @@ def test_the_bases_stage_trains_only_the_bases_of_the_tasks_asked(lc, tmp_path, 
                     str(tmp_path / "out"), "--tasks", "two_hop", "recall1", "--final_seeds", "0", "2"]) == 0
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["base-two_hop-seed0", "base-two_hop-seed2", "base-recall1-seed0", "base-recall1-seed2"]
+    # a check against an --out measured under other settings still lists the cells, and says so
+    (tmp_path / "out").mkdir()
+    other = {"settings": {"vocabulary": "codes"}, "evaluations": {}, "models": {}, "speed": []}
+    (tmp_path / "out" / "evaluations.json").write_text(json.dumps(other))
+    assert lc.main(["--check_args", "--stage", "bases", *_roots(tmp_path), "--tasks", "recall1",
+                    "--final_seeds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "measured under other settings" in out and "listed as if nothing were recorded" in out
+    assert "base-recall1-seed0: new;" in out
 
 
 def test_truncated_rows_keep_the_context_end_within_the_position_budget(lc, tok):
@@ -290,7 +304,7 @@ def test_a_task_can_have_its_own_model_and_older_run_folders_still_pass(lc, tmp_
     others keep --model_config; a settings.json written before the option existed still passes
     without it and is refused with it; a malformed value is refused naming the option."""
     bigger = {**lc.MODEL, "num_hidden_layers": 8}
-    assert lc.main(["--check_args", "--stage", "ablation", "--run_root", str(tmp_path), "--ablation_task",
+    assert lc.main(["--check_args", "--stage", "ablation", *_roots(tmp_path), "--ablation_task",
                     "two_hop", "--ablation_seeds", "0", "--ablation_rows", "scratch",
                     "--task_model_config", f"two_hop={json.dumps(bigger)}"]) == 0
     cells = [line for line in capsys.readouterr().out.splitlines() if ": new;" in line]
@@ -308,7 +322,7 @@ def test_a_task_can_have_its_own_model_and_older_run_folders_still_pass(lc, tmp_
         lc.check_run_root(tmp_path / "old", {k: None for k in lc.TRAINING_SETTINGS} |
                           {"task_model_configs": {"two_hop": bigger}})
     with pytest.raises(SystemExit):
-        lc.main(["--check_args", "--run_root", str(tmp_path), "--task_model_config", "two_hop={nope"])
+        lc.main(["--check_args", *_roots(tmp_path), "--task_model_config", "two_hop={nope"])
     assert "--task_model_config: two_hop: its config is not JSON" in capsys.readouterr().err
 
 

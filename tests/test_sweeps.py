@@ -363,12 +363,19 @@ def test_running_here_matches_the_cell_folder_exactly(tmp_path):
     """A stale running.json whose pid now runs another cell (k1-seed10, a name that k1-seed1 starts)
     is not read as this cell running."""
     import subprocess
+    import time
+    from pathlib import Path
 
     from gist_lightning.sweeps.cell import RUNNING, running_here
 
     other = tmp_path / "k1-seed10"
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(other)])
     try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        for _ in range(200):  # until it has exec'd (before, its cmdline is this process's)
+            if str(other).encode() in cmdline.read_bytes():
+                break
+            time.sleep(0.05)
         for name in ("k1-seed1", "k1-seed10"):
             (tmp_path / name).mkdir()
             (tmp_path / name / RUNNING).write_text(json.dumps({"pid": proc.pid, "host": os.uname().nodename,
