@@ -59,6 +59,7 @@ from gist_lightning import generate
 from gist_lightning.data.long_recall import asks_unseen_key, fact_values, make_long_record
 from gist_lightning.evaluation.stats import format_interval, paired_bootstrap
 from gist_lightning.export import load_pretrained
+from gist_lightning.files import write_text_atomic
 from gist_lightning.long_context import (
     SegmentSettings,
     compress_context,
@@ -696,9 +697,16 @@ def plot(path: Path, summary: dict) -> None:
     fig.savefig(path, dpi=120)
 
 
-def differing(recorded: dict, now: dict) -> list[str]:
-    """The fields whose values differ between two settings dicts."""
-    return sorted(k for k in {*recorded, *now} if recorded.get(k) != now.get(k))
+def differing(recorded: dict, now: dict, trained: set[str] = frozenset()) -> list[str]:
+    """The fields whose values differ between two settings dicts. ``task_model_configs`` is per
+    training set: another model for a training that nothing recorded was trained on (``trained``:
+    those that were) is no difference (the two-hop model can be chosen after the 3-fact ablation)."""
+    out = sorted(k for k in {*recorded, *now} if recorded.get(k) != now.get(k))
+    if "task_model_configs" in out:
+        was, new = recorded.get("task_model_configs") or {}, now.get("task_model_configs") or {}
+        if not {t for t in {*was, *new} if was.get(t) != new.get(t)} & set(trained):
+            out.remove("task_model_configs")
+    return out
 
 
 # what the models of --run_root depend on (the settings of evaluations and reports aside): a cell
@@ -718,15 +726,18 @@ def check_run_root(run_root: Path, settings: dict) -> None:
     path = run_root / "settings.json"
     now = json.loads(json.dumps({k: settings[k] for k in TRAINING_SETTINGS}))
     if path.is_file():
-        differ = differing(json.loads(path.read_text()), now)
+        recorded = json.loads(path.read_text())
+        trained = {parsed[1] for d in run_root.iterdir() if (parsed := parse_run_name(d.name))}
+        differ = differing(recorded, now, trained)
         if differ:
             raise SystemExit(
                 f"{path}: its models were trained under other settings ({', '.join(differ)} differ); "
                 "pass another --run_root, or the settings it records"
             )
-        return
+        if recorded == now:
+            return
     run_root.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(now, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(now, indent=1) + "\n")  # (a task's model added: recorded)
 
 
 class Evaluations:
@@ -744,7 +755,8 @@ class Evaluations:
             if path.is_file()
             else {"settings": self.settings, "evaluations": {}, "models": {}, "speed": []}
         )
-        differ = differing(data["settings"], self.settings)
+        trained = {m.get("task") for m in data["models"].values()}
+        differ = differing(data["settings"], self.settings, trained)
         if differ:
             raise SystemExit(
                 f"{path}: measured under other settings ({', '.join(differ)} differ); pass another --out, "

@@ -317,10 +317,30 @@ def test_a_task_can_have_its_own_model_and_older_run_folders_still_pass(lc, tmp_
     older = {k: None for k in lc.TRAINING_SETTINGS if k != "task_model_configs"}
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "settings.json").write_text(json.dumps(older))
-    lc.check_run_root(tmp_path / "old", {k: None for k in lc.TRAINING_SETTINGS})
+    none = {k: None for k in lc.TRAINING_SETTINGS}
+    lc.check_run_root(tmp_path / "old", none)
+    # a model for a task nothing was trained on yet (here the folder holds a 3-fact base): accepted and
+    # recorded, so two-hop's model can be chosen after the 3-fact ablation ran; another model for a
+    # task that was trained is refused, in the run folder and in the evaluations alike
+    (tmp_path / "old" / "base-recall3-seed0").mkdir()
+    lc.check_run_root(tmp_path / "old", none | {"task_model_configs": {"two_hop": bigger}})
+    assert json.loads((tmp_path / "old" / "settings.json").read_text())["task_model_configs"] == {
+        "two_hop": bigger}
+    both = {"two_hop": bigger, "recall3": bigger}
     with pytest.raises(SystemExit, match="task_model_configs differ"):
-        lc.check_run_root(tmp_path / "old", {k: None for k in lc.TRAINING_SETTINGS} |
-                          {"task_model_configs": {"two_hop": bigger}})
+        lc.check_run_root(tmp_path / "old", none | {"task_model_configs": both})
+    (tmp_path / "old" / "base-two_hop-seed0").mkdir()
+    with pytest.raises(SystemExit, match="task_model_configs differ"):
+        lc.check_run_root(tmp_path / "old", none)
+    ev = lc.Evaluations(tmp_path / "ev.json", {"task_model_configs": None})
+    ev.models["base-recall3-seed0"] = {"task": "recall3"}
+    ev.save()
+    added = lc.Evaluations(tmp_path / "ev.json", {"task_model_configs": {"two_hop": bigger}})
+    added.save()
+    recorded = json.loads((tmp_path / "ev.json").read_text())["settings"]
+    assert recorded["task_model_configs"] == {"two_hop": bigger}
+    with pytest.raises(SystemExit, match="task_model_configs differ"):
+        lc.Evaluations(tmp_path / "ev.json", {"task_model_configs": both})
     with pytest.raises(SystemExit):
         lc.main(["--check_args", *_roots(tmp_path), "--task_model_config", "two_hop={nope"])
     assert "--task_model_config: two_hop: its config is not JSON" in capsys.readouterr().err
