@@ -949,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune_restate", type=float, default=0.0, help="--restate of the gist models")
     p.add_argument("--tune_context_weight", type=float, default=0.0,
                    help="--context_weight of the gist models")
-    p.add_argument("--base_short_steps", type=int, default=6000,
+    p.add_argument("--base_short_steps", type=int, default=4000,
                    help="the bases' first steps, on short contexts (--base_short_words); 0: none")
     p.add_argument("--base_short_words", type=int, nargs=2, default=[6, 12],
                    help="the short contexts' words (low high)")
