@@ -227,15 +227,7 @@ def base_stages(args) -> tuple[Stage, ...]:
     ``--base_short_facts`` facts each), where the lookup forms, no validation (so the export is the
     last stage's model, never a short-context one); then ``--base_steps`` more on the task's
     contexts, validated once at the end. Without short steps: one stage, as before."""
-    total = args.base_short_steps + args.base_steps
-    last = Stage(max_steps=total, args=("--trainer.val_check_interval", str(total)))
-    if not args.base_short_steps:
-        return (last,)
-    short = ["--data.init_args.context_words", json.dumps(list(args.base_short_words)),
-             "--trainer.limit_val_batches", "0"]
-    if args.base_short_facts is not None:
-        short += ["--data.init_args.facts", json.dumps(args.base_short_facts)]
-    return Stage(max_steps=args.base_short_steps, args=tuple(short)), last
+    return curriculum(args.base_short_steps, args.base_steps, args, args.base_short_facts)
 
 
 def base_cell(task: str, seed: int, args) -> Cell:
@@ -274,6 +266,7 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
     # it with, so it starts when that is done
     needs = (run_name("base", task, seed),)
     extra = [a.replace("{base}", str(base)) for a in variant_args(variant, placement)]
+    short = args.tune_short_steps if variant != "scratch" else None
     return Cell(
         name=run_name(method_name(variant, placement), task, seed),
         args=(
@@ -281,9 +274,25 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
             *extra,
             *cell_tail(task, seed, args),
         ),
-        stages=(Stage(max_steps=steps, args=("--trainer.val_check_interval", str(steps))),),
+        stages=curriculum(short, steps, args),
         needs=needs,
     )
+
+
+def curriculum(short_steps: int | None, steps: int, args,
+               short_facts: int | None = None) -> tuple[Stage, ...]:
+    """``short_steps`` on the short contexts (``--base_short_words``; ``short_facts`` facts each, else
+    the task's), unvalidated, then ``steps`` more on the task's, validated once at the end; without
+    short steps, one stage."""
+    total = (short_steps or 0) + steps
+    last = Stage(max_steps=total, args=("--trainer.val_check_interval", str(total)))
+    if not short_steps:
+        return (last,)
+    short = ["--data.init_args.context_words", json.dumps(list(args.base_short_words)),
+             "--trainer.limit_val_batches", "0"]
+    if short_facts is not None:
+        short += ["--data.init_args.facts", json.dumps(short_facts)]
+    return Stage(max_steps=short_steps, args=tuple(short)), last
 
 
 def method_name(variant: str, placement: str) -> str:
@@ -715,7 +724,7 @@ TRAINING_SETTINGS = ("context_words", "train_context_words", "train_on", "segmen
                      "task_model_configs",
                      "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate",
                      "tune_learning_rate", "restate", "context_weight", "tune_restate",
-                     "tune_context_weight", "base_short_steps",
+                     "tune_context_weight", "base_short_steps", "tune_short_steps",
                      "base_short_words", "base_short_facts", "vocabulary", "fit_args")
 EVALUATION_SETTINGS = ("records", "validation_records", "plateau_loss")  # what else an evaluation needs
 
@@ -889,6 +898,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="each base's training steps on the task's contexts (after the short ones)")
     p.add_argument("--tune_steps", type=int, default=1000, help="fine-tuning steps of each gist variant")
     p.add_argument("--scratch_steps", type=int, default=2000, help="steps of the from-scratch variant")
+    p.add_argument("--tune_short_steps", type=int, default=None,
+                   help="fine-tuning steps on short contexts (--base_short_words) before --tune_steps on the "
+                   "task's, as the bases train (default: none)")
     p.add_argument(
         "--placement",
         choices=["auto", "coarse", "fine"],

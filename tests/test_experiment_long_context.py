@@ -63,6 +63,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
                               train_batch_size=16, base_learning_rate=3e-3, train_context_words=None,
                               train_on="task", vocabulary="codes", restate=1.0, context_weight=20.0,
                               base_short_steps=0, base_short_words=[6, 12], base_short_facts=None,
+                              tune_short_steps=None,
                               tune_learning_rate=2e-4, tune_restate=0.0, tune_context_weight=0.5)
     base = lc.base_cell("recall3", 1, args)
     assert _value(list(base.args), "--model.condition") == "pos_control"
@@ -129,6 +130,19 @@ def test_the_base_forms_the_lookup_on_short_contexts_first_then_trains_on_the_ta
     args.base_short_steps = 0
     (only,) = lc.base_stages(args)  # no short steps: one stage, the task's contexts
     assert only.max_steps == 300 and "--data.init_args.context_words" not in only.args
+    # --tune_short_steps: a fine-tuned gist model's curriculum alike (the task's facts); scratch keeps
+    # the plain recipe; without it, one stage as recorded before the option
+    lc.main(["--check_args", *_roots(tmp_path), "--ablation_seeds", "0", "--ablation_rows", "scratch",
+             "--tune_short_steps", "200", "--tune_steps", "500", "--base_short_words", "4", "9"])
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "; 700 steps;" in lines["base-coarse-recall3-seed0"] and "; 2000 steps;" in lines[
+        "scratch-coarse-recall3-seed0"]
+    tune = argparse.Namespace(base_short_words=[4, 9])
+    short, task = lc.curriculum(200, 500, tune)
+    assert (short.max_steps, task.max_steps) == (200, 700)
+    assert json.loads(_value(list(short.args), "--data.init_args.context_words")) == [4, 9]
+    assert "--data.init_args.facts" not in short.args
+    assert [s.max_steps for s in lc.curriculum(None, 500, tune)] == [500]
 
 
 def test_ablation_rows_cut_the_optional_rows_and_segments_must_divide(lc, tmp_path, capsys):
