@@ -622,7 +622,7 @@ def write_outputs(
                 if (
                     m not in BASELINES
                     and not m.startswith("truncation")
-                    and (task, trunc, r, 0) in results
+                    and (task, trunc) in seeds_of  # (truncation is evaluated at every ratio)
                     and seeds_of[(task, trunc)] >= seeds_of[(task, m)]
                 ):
                     paired = np.array(

@@ -296,6 +296,13 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     assert (tmp_path / "long_context.png").stat().st_size > 1000
     base_line = next(line for line in table.splitlines() if line.startswith("| base-coarse | 2"))
     assert base_line.count("[") >= 6  # three ratios, and a paired interval against truncation at each
+    # a row on seed 1 alone (as the ablation runs seed 1 first) is paired with its truncation's seed 1
+    one = {("recall3", m, r, 1): ([1.0] * k + [0.0] * (n - k), [20] * n)
+           for m, k in (("base-coarse+layout", 6), ("truncation+layout", 2)) for r in lc.RATIOS}
+    lc.write_outputs(tmp_path, results | one, {"recall3": 33.3}, plateau, speed, {"recall3": 256.0}, args)
+    layout = next(line for line in (tmp_path / "table.md").read_text().splitlines()
+                  if line.startswith("| base-coarse+layout | 1"))
+    assert layout.count("+40.0 [") == 3, layout
 
 
 def test_test_and_validation_records_ask_the_keys_training_asks(lc):
