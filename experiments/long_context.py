@@ -684,7 +684,7 @@ def plot(path: Path, summary: dict) -> None:
     import matplotlib.ticker
 
     tasks = sorted({t for t, _, _ in summary})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in sorted({m for t, m, _ in summary if t == task}):
             pts = [(r, summary[(task, method, r)]) for r in RATIOS if (task, method, r) in summary]
@@ -701,7 +701,7 @@ def plot(path: Path, summary: dict) -> None:
             title=f"{task} (95% CI)",
         )
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # (beside: lines cross)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
