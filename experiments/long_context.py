@@ -216,6 +216,11 @@ def task_model_config(text: str) -> tuple[str, dict]:
     return training, config
 
 
+def trainings_of(args) -> list[str]:
+    """The training sets ``--tasks`` need, in order, each once (the mixture serves every task)."""
+    return list(dict.fromkeys(trained_on(t, args) for t in args.tasks))
+
+
 def model_config_of(training: str, args) -> dict:
     """The HF config fields of ``training``'s base and scratch models: ``--task_model_config`` for
     that training, else ``--model_config`` (a harder task may need a larger model)."""
@@ -1051,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
         if not choice_path.is_file():
             raise SystemExit(f"{choice_path}: no choice yet; run --stage ablation first")
         choice = json.loads(choice_path.read_text())
-        trainings = list(dict.fromkeys(trained_on(t, args) for t in args.tasks))  # (the mixture: once)
+        trainings = trainings_of(args)
         cells = [  # each base beside its gist model: a sitting cut short leaves whole pairs behind it
             cell
             for t in trainings
@@ -1062,7 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_args:
             return 0
     elif args.stage == "bases":
-        trainings = list(dict.fromkeys(trained_on(t, args) for t in args.tasks))
+        trainings = trainings_of(args)
         run_or_list([base_cell(t, s, args) for t in trainings for s in args.final_seeds], args, extra, ev)
         if args.check_args:
             return 0
