@@ -386,3 +386,48 @@ def test_running_here_matches_the_cell_folder_exactly(tmp_path):
         proc.kill()
         proc.wait()
     assert running_here(tmp_path / "k1-seed10") is None  # its process gone
+
+
+def test_an_attempt_killed_outright_is_counted_when_the_cell_runs_again(tmp_path):
+    """A cell killed by SIGKILL (a session or machine ending) never records its attempt; the next
+    run of the cell records it from its running.json, its minutes up to the last write of its files,
+    so that done.json's minutes count it. A running.json whose process lives is left alone."""
+    import subprocess
+    import time
+
+    from gist_lightning.sweeps import cell as cell_process
+
+    start = time.time() - 3600
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / cell_process.RUNNING).write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename,
+                                                             "start": stamp}))
+    for path, minutes in ((tmp_path / "stdout.log", 7), (tmp_path / "run" / "checkpoints" / "last.ckpt", 8)):
+        path.write_text("x")
+        os.utime(path, (start + 60 * minutes, start + 60 * minutes))
+    cell_process._record_killed_attempt(tmp_path)
+    (attempt,) = json.loads((tmp_path / "attempts.json").read_text())
+    assert attempt["start"] == stamp and abs(attempt["minutes"] - 8.0) < 0.05, attempt
+    assert attempt["ended"].startswith("killed")
+    # done.json of the next attempt's end counts it
+    spec = {"stages": [{"args": [], "max_steps": 1}], "args": [], "summary": {"name": "c"}}
+    (tmp_path / "stage0.done").touch()
+    assert cell_process._stages(tmp_path, spec, tmp_path / "run", tmp_path / "log", True, time.time()) == 0
+    done = json.loads((tmp_path / "run" / "done.json").read_text())
+    assert done["attempts"] == 2 and done["minutes"] >= 8.0
+    # a running.json whose process lives (its cmdline names the folder, as a cell's does) is left alone
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(tmp_path)])
+    try:
+        for _ in range(200):
+            if str(tmp_path).encode() in open(f"/proc/{alive.pid}/cmdline", "rb").read():
+                break
+            time.sleep(0.05)
+        record = {"pid": alive.pid, "host": os.uname().nodename, "start": stamp}
+        (tmp_path / cell_process.RUNNING).write_text(json.dumps(record))
+        cell_process._record_killed_attempt(tmp_path)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert len(json.loads((tmp_path / "attempts.json").read_text())) == 1

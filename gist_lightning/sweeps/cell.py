@@ -113,6 +113,7 @@ def run(folder: str | os.PathLike) -> int:
     log = folder / ("stdout.log" if first else f"stdout.rank{rank()}.log")
     start = time.time()
     if first:
+        _record_killed_attempt(folder)
         write_text_atomic(folder / RUNNING, json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
                                                         "start": time.strftime("%Y-%m-%d %H:%M:%S")}))
     try:
@@ -141,11 +142,31 @@ def _attempts(folder: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def _attempt(folder: Path, start: float) -> None:
+def _record_killed_attempt(folder: Path) -> None:
+    """An attempt killed outright on this machine (SIGKILL, the machine or session ending) left its
+    ``running.json`` and never recorded itself: record it now, its minutes up to the last write of
+    its log or run folder, so that ``done.json``'s minutes count every attempt's training."""
+    try:
+        record = json.loads((folder / RUNNING).read_text())
+        if record["host"] != os.uname().nodename or running_here(folder):
+            return  # another machine's (it may still run) or alive
+        start = time.mktime(time.strptime(record["start"], "%Y-%m-%d %H:%M:%S"))
+    except (OSError, ValueError, KeyError):
+        return
+    run = folder / "run"
+    written = [p.stat().st_mtime for p in [folder / "stdout.log", *(run.rglob("*") if run.is_dir() else [])]
+               if p.is_file()]
+    end = max([start, *written])
+    _attempt(folder, start, end, ended="killed (minutes to its last write)")
+
+
+def _attempt(folder: Path, start: float, end: float | None = None, ended: str | None = None) -> None:
     """Record one attempt (its minutes, host and SLURM job) in ``attempts.json``."""
     record = {"start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
-              "minutes": round((time.time() - start) / 60, 3), "host": os.uname().nodename,
-              "job": os.environ.get("SLURM_JOB_ID"), "restart": os.environ.get("SLURM_RESTART_COUNT")}
+              "minutes": round(((time.time() if end is None else end) - start) / 60, 3),
+              "host": os.uname().nodename, "job": None if ended else os.environ.get("SLURM_JOB_ID"),
+              "restart": None if ended else os.environ.get("SLURM_RESTART_COUNT"),
+              **({"ended": ended} if ended else {})}
     write_text_atomic(folder / "attempts.json", json.dumps(_attempts(folder) + [record], indent=1) + "\n")
 
 
