@@ -787,6 +787,7 @@ class Evaluations:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
                 there = json.loads(self.path.read_text())
+                self.settings["task_model_configs"] = merged_model_configs(there, self.settings, self.path)
                 self.done.update({k: v for k, v in there["evaluations"].items() if k not in self.done})
                 self.models.update({k: v for k, v in there["models"].items() if k not in self.models})
                 if not self.speed:
@@ -810,6 +811,21 @@ class Evaluations:
             if where == split:
                 out.update({(task, method, int(r), int(seed[4:])): tuple(v) for r, v in by_ratio.items()})
         return out
+
+
+def merged_model_configs(there: dict, settings: dict, path: Path) -> dict | None:
+    """The per-training models of a record that ``there`` (what ``path`` holds now) and a writer with
+    ``settings`` add to, each training's once: two drivers (the 3-fact cells on one run folder, the
+    two-hop base with its own model on another) each keep the other's, whichever writes last. The
+    same training under two models, with a model of it recorded, is refused."""
+    was = there["settings"].get("task_model_configs") or {}
+    mine = settings.get("task_model_configs") or {}
+    trained = {m.get("task") for m in there["models"].values()}
+    clash = sorted(t for t in {*was} & {*mine} & trained if was[t] != mine[t])
+    if clash:
+        raise SystemExit(f"{path}: {', '.join(clash)} was trained with another model than this run's "
+                         "--task_model_config gives; pass another --out, or the recorded model")
+    return {**was, **mine} or None
 
 
 def experiment_settings(args, extra: list[str]) -> dict:

@@ -478,3 +478,24 @@ def test_two_processes_recording_evaluations_lose_nothing(lc, tmp_path):
     later = lc.Evaluations(path, settings)
     assert sorted(later.done) == ["test/recall3/base-coarse/seed0", "test/recall3/base-fine/seed0"]
     assert sorted(later.models) == ["base-coarse-recall3-seed0", "base-fine-recall3-seed0"]
+
+
+def test_two_drivers_with_their_own_models_keep_each_others_settings(lc, tmp_path):
+    """The 3-fact driver (no task model) and the two-hop bases' driver (its own model) record into one
+    evaluations.json: whichever saves last, the two-hop model stays recorded, so a later sitting with
+    the two-hop model is accepted and one without it is refused (its two-hop base is recorded)."""
+    path, bigger = tmp_path / "evaluations.json", {"hidden_size": 256}
+    threefact = lc.Evaluations(path, {"context_words": [70, 120], "task_model_configs": None})
+    twohop = lc.Evaluations(path, {"context_words": [70, 120], "task_model_configs": {"two_hop": bigger}})
+    twohop.models["base-two_hop-seed0"] = {"task": "two_hop"}
+    twohop.save()
+    threefact.models["base-recall3-seed0"] = {"task": "recall3"}
+    threefact.save()  # the last writer
+    assert json.loads(path.read_text())["settings"]["task_model_configs"] == {"two_hop": bigger}
+    lc.Evaluations(path, {"context_words": [70, 120], "task_model_configs": {"two_hop": bigger}})
+    with pytest.raises(SystemExit, match="task_model_configs differ"):
+        lc.Evaluations(path, {"context_words": [70, 120], "task_model_configs": None})
+    other = lc.Evaluations(path, {"context_words": [70, 120], "task_model_configs": {"two_hop": bigger}})
+    other.settings["task_model_configs"] = {"two_hop": {"hidden_size": 512}}  # (as a clash met while running)
+    with pytest.raises(SystemExit, match="two_hop was trained with another model"):
+        other.save()
