@@ -261,3 +261,43 @@ def test_training_draws_a_ratio_per_batch_and_the_loss_follows_it(tmp_path):
     # validation batches keep the model's own layout and carry no drawn ratio
     val = next(iter(dm.val_dataloader()[0]))
     assert "gists_per_segment" not in val and ((val["prefix_ids"] == gist).sum(-1) % 4 == 0).all()
+
+
+@pytest.mark.parametrize("vocabulary", ["codes", "words"])
+def test_hop_questions_ask_each_hop_of_the_same_contexts(tmp_path, vocabulary):
+    """``hop_questions``: training two-hop records ask their first hop (the place), their second (the
+    place's value) or the chain, each answerable from the context; the contexts are those drawn
+    without it, and so are the validation splits (always the chain)."""
+    from gist_lightning.data.long_recall import LongRecall, ask_one_hop, asks_unseen_key
+    from gist_lightning.data.records import load_records
+
+    rng = random.Random(5)
+    for r in [make_long_record("two_hop", 40, rng, 2, vocabulary, restate=1.0) for _ in range(100)]:
+        first, second = ask_one_hop(r, first=True), ask_one_hop(r, first=False)
+        assert first["instruction"] == second["instruction"] == r["instruction"]
+        key = re.fullmatch(r"What does (\w+) point to\?", first["input"])[1]
+        assert key in r["input"] and first["output"] != r["output"]
+        assert re.search(rf"(?:^|\. ){key}(?: points to)? {first['output']}\.", r["instruction"]), r
+        assert second["input"] == f"What is the code of {first['output']}?"  # the place the first hop reaches
+        assert _answer_from_context({**second, "task": "recall"}) == second["output"] == r["output"], r
+    with pytest.raises(ValueError, match="not a two-hop question"):
+        ask_one_hop(make_long_record("recall", 40, rng, 2, vocabulary), first=True)
+    kw = dict(train_size=300, validation_size=20, context_words=(30, 40), tasks=("two_hop",), facts=2,
+              vocabulary=vocabulary, batch_size=2)
+    dm, without = (LongRecall(cache_dir=str(tmp_path / "a"), hop_questions=0.5, **kw),
+                   LongRecall(cache_dir=str(tmp_path / "b"), **kw))
+    dm.prepare_data(), without.prepare_data()
+    assert "-hops0.5" in dm.folder.name and "hops" not in without.folder.name
+    train, plain = load_records(dm.split_path("train")), load_records(without.split_path("train"))
+    assert [r["instruction"] for r in train] == [r["instruction"] for r in plain]
+    kinds = ["first" if r["input"].startswith("What does") else "chain" if "what" in r["input"] else "second"
+             for r in train]
+    assert all(50 <= kinds.count(k) <= 110 for k in ("first", "second")), kinds  # 75 each expected
+    assert all(r == p for r, p, k in zip(train, plain, kinds) if k == "chain")
+    assert not any(asks_unseen_key(r, vocabulary) for r in train)
+    for split in ("validation_seen", "validation_unseen", "validation_human"):
+        assert load_records(dm.split_path(split)) == load_records(without.split_path(split))
+    with pytest.raises(ValueError, match="data.hop_questions must be"):
+        LongRecall(cache_dir=str(tmp_path), hop_questions=2.0, **kw)
+    with pytest.raises(ValueError, match="data.hop_questions 0.5 asks two-hop records' hops"):
+        LongRecall(cache_dir=str(tmp_path), hop_questions=0.5, **{**kw, "tasks": ("recall",)})

@@ -153,6 +153,20 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
             "fact_at": round(first_needed / max(len(placed) - 1, 1), 3)}
 
 
+def ask_one_hop(record: dict, first: bool) -> dict:
+    """A ``two_hop`` record asking one of its two hops instead of the chain, about the same context:
+    the first ("What does apple point to?": the place) or the second ("What is the code of river?":
+    the place's value, recall's question). Training data that supervises each lookup the chain
+    composes (``LongRecall(hop_questions=...)``); ``fact_at`` stays the chain's."""
+    key = re.fullmatch(r"What is the code of what (\w+) points to\?", record["input"])
+    if record["task"] != "two_hop" or key is None:
+        raise ValueError(f"not a two-hop question: {record['input']!r}")
+    place = re.search(rf"(?:^|\. ){key[1]}(?: points to)? (\w+)\.", record["instruction"])[1]
+    if first:
+        return {**record, "input": f"What does {key[1]} point to?", "output": place}
+    return {**record, "input": f"What is the code of {place}?"}
+
+
 def fact_values(context: str, vocabulary: str = "codes") -> list[str]:
     """The values (codes) that the facts of ``context`` give, in order: what answering "any code of
     the context" draws from (under ``words`` values occur in the facts alone)."""
@@ -188,7 +202,8 @@ def unseen_keys(vocabulary: str = "codes") -> tuple[str, str]:
 def asks_unseen_key(record: dict, vocabulary: str = "codes") -> bool:
     """Whether ``record``'s question is about a key of :func:`unseen_keys` (never asked in training)."""
     question = record["input"]
-    return any(f"of {k}" in question or f"what {k} " in question for k in unseen_keys(vocabulary))
+    return any(f"of {k}" in question or f"what {k} " in question or f"does {k} " in question
+               for k in unseen_keys(vocabulary))
 
 
 class LongRecall(GistDataModule):
@@ -214,16 +229,23 @@ class LongRecall(GistDataModule):
             each); module docstring.
         restate: the probability that a fact is stated twice in a *training* context (validation
             splits never restate): with ``model.objectives.context_weight``, a dense lookup signal.
+        hop_questions: the probability that a *training* two-hop record asks one of its two hops
+            instead of the chain (:func:`make_long_record`; validation splits always ask the chain).
         kwargs: batch sizes, length limits, ... of :class:`~gist_lightning.data.datamodule.GistDataModule`.
     """
 
     def __init__(self, generation_seed: int = 0, train_size: int = 20000, validation_size: int = 200,
                  context_words: tuple[int, int] = (150, 300), tasks: tuple[str, ...] = TASKS,
                  facts: int | list[int] = 6, vocabulary: str = "codes", restate: float = 0.0,
-                 **kwargs):
+                 hop_questions: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= restate <= 1.0:
             raise ValueError(f"data.restate must be a probability in [0, 1]; got {restate}")
+        if not 0.0 <= hop_questions <= 1.0:
+            raise ValueError(f"data.hop_questions must be a probability in [0, 1]; got {hop_questions}")
+        if hop_questions and "two_hop" not in tasks:
+            raise ValueError(f"data.hop_questions {hop_questions} asks two-hop records' hops, but data.tasks "
+                             f"{list(tasks)} has no two_hop")
         if vocabulary not in VOCABULARIES:
             raise ValueError(f"data.vocabulary must be one of {VOCABULARIES}; got {vocabulary!r}")
         counts = [facts] if isinstance(facts, int) else list(facts)
@@ -245,7 +267,8 @@ class LongRecall(GistDataModule):
                  + ("" if h.facts == 6 else "-facts" + (str(h.facts) if isinstance(h.facts, int)
                                                          else "+".join(map(str, h.facts))))
                  + ("" if h.vocabulary == "codes" else f"-{h.vocabulary}")
-                 + ("" if not h.restate else f"-restate{float(h.restate)!r}"))
+                 + ("" if not h.restate else f"-restate{float(h.restate)!r}")
+                 + ("" if not h.hop_questions else f"-hops{float(h.hop_questions)!r}"))
         return Path(h.cache_dir) / (f"long-recall-v{LONG_RECALL_VERSION}-seed{h.generation_seed}"
                                     f"-train{h.train_size}-val{h.validation_size}-words{lo}-{hi}{tasks}")
 
@@ -262,18 +285,22 @@ class LongRecall(GistDataModule):
 
         counts = [h.facts] if isinstance(h.facts, int) else list(h.facts)  # [3] draws as 3 (one folder)
 
-        def draw(n, words, keep, tasks=tuple(h.tasks), restate=0.0):
+        def draw(n, words, keep, tasks=tuple(h.tasks), restate=0.0, hops=0.0):
             out = []
             while len(out) < n:
                 facts = counts[0] if len(counts) == 1 else rng.choice(counts)
                 rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng, facts,
                                        h.vocabulary, restate)
-                if keep(rec):
+                if keep(rec):  # (on the chain's question: the contexts are those drawn without hops)
+                    hop = random.Random(rec["instruction"] + rec["input"])  # not ``rng``: nothing else moves
+                    if rec["task"] == "two_hop" and hops and hop.random() < hops:
+                        rec = ask_one_hop(rec, first=hop.random() < 0.5)
                     out.append({**rec, "source": "long_recall"})
             return out
 
         splits = {
-            TRAIN: draw(h.train_size, (lo, hi), lambda r: not asked_unseen(r), restate=h.restate),
+            TRAIN: draw(h.train_size, (lo, hi), lambda r: not asked_unseen(r), restate=h.restate,
+                        hops=h.hop_questions),
             "validation_seen": draw(h.validation_size, (lo, hi), lambda r: not asked_unseen(r)),
             "validation_unseen": draw(h.validation_size, (lo, hi), asked_unseen,
                                       tuple(t for t in h.tasks if t in ("recall", "two_hop"))),
