@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -201,8 +202,9 @@ def recipe_args(args, base: bool) -> list[str]:
     return ["--data.init_args.restate", str(restate), "--model.objectives.context_weight", str(weight)]
 
 
-def task_model_config(text: str) -> tuple[str, dict]:
-    """argparse type of ``--task_model_config``: ``TRAINING=JSON`` -> (training, config fields)."""
+def per_training(text: str, kind: type = dict) -> tuple[str, dict | list]:
+    """argparse type of ``--task_model_config`` (``TRAINING=JSON`` object: the config fields) and of
+    ``--task_base_args`` (``TRAINING=JSON`` list of strings: fit arguments) -> (training, value)."""
     training, sep, fields = text.partition("=")
     if not sep or training not in TRAINING:
         raise argparse.ArgumentTypeError(f"{text!r}: expected TRAINING=JSON, TRAINING one of "
@@ -211,8 +213,11 @@ def task_model_config(text: str) -> tuple[str, dict]:
         config = json.loads(fields)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"{training}: its config is not JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise argparse.ArgumentTypeError(f"{training}: its config must be a JSON object")
+    if not isinstance(config, kind):
+        raise argparse.ArgumentTypeError(f"{training}: its config must be a JSON "
+                                         f"{'object' if kind is dict else 'list of strings'}")
+    if kind is list and not all(isinstance(a, str) for a in config):
+        raise argparse.ArgumentTypeError(f"{training}: its arguments must be strings")
     return training, config
 
 
@@ -251,6 +256,7 @@ def base_cell(task: str, seed: int, args) -> Cell:
             "--model.scheduler",
             "constant_with_warmup",
             *cell_tail(task, seed, args, base=True),
+            *(args.task_base_args or {}).get(task, ()),
         ),
         stages=base_stages(args),
     )
@@ -712,25 +718,28 @@ def plot(path: Path, summary: dict) -> None:
 
 
 def differing(recorded: dict, now: dict, trained: set[str] = frozenset()) -> list[str]:
-    """The fields whose values differ between two settings dicts. ``task_model_configs`` is per
-    training set: another model for a training that nothing recorded was trained on (``trained``:
-    those that were) is no difference (the two-hop model can be chosen after the 3-fact ablation)."""
+    """The fields whose values differ between two settings dicts. ``PER_TRAINING`` fields hold a value
+    per training set: another value for a training that nothing recorded was trained on
+    (``trained``: those that were) is no difference (the two-hop model and its bases' arguments can
+    be chosen after the 3-fact ablation)."""
     out = sorted(k for k in {*recorded, *now} if recorded.get(k) != now.get(k))
-    if "task_model_configs" in out:
-        was, new = recorded.get("task_model_configs") or {}, now.get("task_model_configs") or {}
-        if not {t for t in {*was, *new} if was.get(t) != new.get(t)} & set(trained):
-            out.remove("task_model_configs")
+    for key in PER_TRAINING:
+        if key in out:
+            was, new = recorded.get(key) or {}, now.get(key) or {}
+            if not {t for t in {*was, *new} if was.get(t) != new.get(t)} & set(trained):
+                out.remove(key)
     return out
 
 
 # what the models of --run_root depend on (the settings of evaluations and reports aside): a cell
 # finished under other values would otherwise be kept and reported as if trained under these
 TRAINING_SETTINGS = ("context_words", "train_context_words", "train_on", "segment_tokens", "model_config",
-                     "task_model_configs",
+                     "task_model_configs", "task_base_args",
                      "base_steps", "tune_steps", "scratch_steps", "train_batch_size", "base_learning_rate",
                      "tune_learning_rate", "restate", "context_weight", "tune_restate",
                      "tune_context_weight", "base_short_steps", "tune_short_steps",
                      "base_short_words", "base_short_facts", "vocabulary", "fit_args")
+PER_TRAINING = ("task_model_configs", "task_base_args")  # {training: value}, or None
 EVALUATION_SETTINGS = ("records", "validation_records", "plateau_loss")  # what else an evaluation needs
 
 
@@ -787,7 +796,7 @@ class Evaluations:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
                 there = json.loads(self.path.read_text())
-                self.settings["task_model_configs"] = merged_model_configs(there, self.settings, self.path)
+                self.settings.update(merged_per_training(there, self.settings, self.path))
                 self.done.update({k: v for k, v in there["evaluations"].items() if k not in self.done})
                 self.models.update({k: v for k, v in there["models"].items() if k not in self.models})
                 if not self.speed:
@@ -813,19 +822,20 @@ class Evaluations:
         return out
 
 
-def merged_model_configs(there: dict, settings: dict, path: Path) -> dict | None:
-    """The per-training models of a record that ``there`` (what ``path`` holds now) and a writer with
-    ``settings`` add to, each training's once: two drivers (the 3-fact cells on one run folder, the
-    two-hop base with its own model on another) each keep the other's, whichever writes last. The
-    same training under two models, with a model of it recorded, is refused."""
-    was = there["settings"].get("task_model_configs") or {}
-    mine = settings.get("task_model_configs") or {}
-    trained = {m.get("task") for m in there["models"].values()}
-    clash = sorted(t for t in {*was} & {*mine} & trained if was[t] != mine[t])
-    if clash:
-        raise SystemExit(f"{path}: {', '.join(clash)} was trained with another model than this run's "
-                         "--task_model_config gives; pass another --out, or the recorded model")
-    return {**was, **mine} or None
+def merged_per_training(there: dict, settings: dict, path: Path) -> dict:
+    """The ``PER_TRAINING`` settings of a record that ``there`` (what ``path`` holds now) and a writer
+    with ``settings`` add to, each training's once: two drivers (the 3-fact cells on one run folder,
+    the two-hop base with its own model on another) each keep the other's, whichever writes last.
+    One training with two values, a model of it recorded, is refused."""
+    trained, out = {m.get("task") for m in there["models"].values()}, {}
+    for key in PER_TRAINING:
+        was, mine = there["settings"].get(key) or {}, settings.get(key) or {}
+        clash = sorted(t for t in {*was} & {*mine} & trained if was[t] != mine[t])
+        if clash:
+            raise SystemExit(f"{path}: {', '.join(clash)} was trained with another {key} entry than this "
+                             "run's; pass another --out, or the recorded one")
+        out[key] = {**was, **mine} or None
+    return out
 
 
 def experiment_settings(args, extra: list[str]) -> dict:
@@ -945,11 +955,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--task_model_config",
-        type=task_model_config,
+        type=per_training,
         action="append",
         metavar="TRAINING=JSON",
         help="another model for one task's models (a task, or mixture), e.g. two_hop='{...}'; "
         "repeatable; the others keep --model_config",
+    )
+    p.add_argument(
+        "--task_base_args",
+        type=functools.partial(per_training, kind=list),
+        action="append",
+        metavar="TRAINING=JSON",
+        help="fit arguments for one task's bases alone, a JSON list, e.g. "
+        "two_hop='[\"--data.init_args.hop_questions\", \"0.5\"]'; repeatable",
     )
     p.add_argument(
         "--segment_tokens",
@@ -998,6 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)  # unknown arguments go to every fit
     args.context_words = list(args.context_words)
     args.task_model_configs = dict(args.task_model_config or ()) or None  # None: recorded as before
+    args.task_base_args = dict(args.task_base_args or ()) or None
     if args.plateau_loss is None:
         args.plateau_loss = PLATEAU_LOSS[args.vocabulary]
     if args.segment_tokens < 16 or args.segment_tokens % 16:

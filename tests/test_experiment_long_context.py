@@ -59,7 +59,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
 
     args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], base_steps=1500, tune_steps=500,
                               scratch_steps=2000, model_config=lc.MODEL, task_model_configs=None,
-                              segment_tokens=32,
+                              segment_tokens=32, task_base_args=None,
                               train_batch_size=16, base_learning_rate=3e-3, train_context_words=None,
                               train_on="task", vocabulary="codes", restate=1.0, context_weight=20.0,
                               base_short_steps=0, base_short_words=[6, 12], base_short_facts=None,
@@ -497,5 +497,36 @@ def test_two_drivers_with_their_own_models_keep_each_others_settings(lc, tmp_pat
         lc.Evaluations(path, {"context_words": [70, 120], "task_model_configs": None})
     other = lc.Evaluations(path, {"context_words": [70, 120], "task_model_configs": {"two_hop": bigger}})
     other.settings["task_model_configs"] = {"two_hop": {"hidden_size": 512}}  # (as a clash met while running)
-    with pytest.raises(SystemExit, match="two_hop was trained with another model"):
+    with pytest.raises(SystemExit, match="two_hop was trained with another task_model_configs entry"):
         other.save()
+
+
+def test_a_tasks_bases_take_their_own_fit_arguments(lc, tmp_path, capsys):
+    """--task_base_args two_hop='[...]' reaches two-hop's bases alone (not its gist models, not
+    another task's base); it is a per-task setting, accepted for a task nothing was trained on yet,
+    refused for one that was; a value that is not a JSON list of strings is refused naming it."""
+    hops = ["--data.init_args.hop_questions", "0.5"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "choice.json").write_text(json.dumps({"placement": "coarse", "variant": "base"}))
+    assert lc.main(["--check_args", "--stage", "final", *_roots(tmp_path), "--tasks", "two_hop", "recall3",
+                    "--final_seeds", "0", "--task_base_args", f"two_hop={json.dumps(hops)}"]) == 0
+    cells = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines() if ": new;" in line}
+    assert sorted(cells) == ["base-coarse-recall3-seed0", "base-coarse-two_hop-seed0", "base-recall3-seed0",
+                             "base-two_hop-seed0"], cells
+    assert "--data.init_args.hop_questions 0.5" in cells["base-two_hop-seed0"]
+    assert not any("hop_questions" in cells[c] for c in cells if c != "base-two_hop-seed0")
+    args = argparse.Namespace(task_base_args={"two_hop": hops})
+    (tmp_path / "r").mkdir()
+    none = {k: None for k in lc.TRAINING_SETTINGS}
+    lc.check_run_root(tmp_path / "r", none)
+    (tmp_path / "r" / "base-recall3-seed0").mkdir()
+    lc.check_run_root(tmp_path / "r", none | {"task_base_args": args.task_base_args})  # two-hop: untrained
+    (tmp_path / "r" / "base-two_hop-seed0").mkdir()
+    with pytest.raises(SystemExit, match="task_base_args differ"):
+        lc.check_run_root(tmp_path / "r", none)
+    bad_values = (('two_hop={"a": 1}', "must be a JSON list of strings"), ("two_hop=[1]", "must be strings"))
+    for bad, why in bad_values:
+        with pytest.raises(SystemExit):
+            lc.main(["--check_args", *_roots(tmp_path), "--task_base_args", bad])
+        err = capsys.readouterr().err
+        assert "--task_base_args: two_hop: its" in err and why in err, err
