@@ -879,6 +879,18 @@ def evaluate_all(
     return out
 
 
+def choose_variant(ev: Evaluations, task: str, seeds: list[int], placement: str, candidates: list[str],
+                   records: list[dict], args) -> tuple[str, dict]:
+    """The final stage's variant: of ``candidates`` (the plain placement, each addition, their
+    combination), the one with the best validation exact match over ``seeds`` and ratios (the first
+    listed on a tie): the combination of the additions that helped alone is a candidate, not the
+    choice, since additions need not add up. Also each one's mean (%), by method name."""
+    methods = {method_name(v, placement): v for v in candidates}
+    scores = {s: evaluate_all(ev, task, s, list(methods), records, "validation", args) for s in seeds}
+    means = {m: round(100 * float(np.mean([mean_em(scores[s], m) for s in seeds])), 2) for m in methods}
+    return methods[max(methods, key=lambda m: means[m])], means
+
+
 def mean_em(scores: dict, method: str) -> float:
     return float(np.mean([np.mean(scores[(method, r)][0]) for r in RATIOS]))
 
@@ -1077,15 +1089,22 @@ def main(argv: list[str] | None = None) -> int:
         helped = [a for a in rows if gains[a] > 0]
         best = "best" + "".join(helped) if len(helped) > 1 else ("base" + helped[0] if helped else "base")
         print(
-            f"validation gains over {plain} (points): {gains}; chosen: {method_name(best, placement)}",
+            f"validation gains over {plain} (points): {gains}; "
+            f"their combination: {method_name(best, placement)}",
             flush=True,
         )
+        candidates = ["base"] + ["base" + a for a in rows]
         if len(helped) > 1:
             best_cells = [gist_cell(best, placement, training, s, args) for s in seeds]
             run_or_list(bases + best_cells, args, extra, ev)
+            candidates.append(best)
+        variant, validation = choose_variant(ev, task, seeds, placement, candidates, val, args)
+        print(f"validation exact match over seeds and ratios: {validation}; the final stage takes "
+              f"{method_name(variant, placement)}", flush=True)
         choice_path.parent.mkdir(parents=True, exist_ok=True)
         choice_path.write_text(
-            json.dumps({"placement": placement, "variant": best, "gains": gains}, indent=1)
+            json.dumps({"placement": placement, "variant": variant, "gains": gains, "combination": best,
+                        "validation": validation}, indent=1)
         )
     elif args.stage == "final":
         if not choice_path.is_file():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import shlex
 
@@ -530,3 +531,26 @@ def test_a_tasks_bases_take_their_own_fit_arguments(lc, tmp_path, capsys):
             lc.main(["--check_args", *_roots(tmp_path), "--task_base_args", bad])
         err = capsys.readouterr().err
         assert "--task_base_args: two_hop: its" in err and why in err, err
+
+
+def test_the_final_variant_is_the_best_on_validation_the_combination_only_a_candidate(lc, monkeypatch):
+    """Additions need not add up: the final stage takes whichever of the plain placement, each
+    addition and their combination answers best on validation (over seeds and ratios), not the
+    combination because it was built; on a tie, the first listed."""
+    table = {"base-coarse": (0.4, 0.9), "base-coarse+layout": (0.6, 0.95),  # exact match of seeds 0 and 1
+             "base-coarse+importance": (0.9, 0.9), "best-coarse+layout+importance": (0.5, 0.97)}
+
+    def fake_evaluate_all(ev, task, seed, methods, records, split, args):
+        assert split == "validation" and task == "recall3"
+        return {(m, r): ([table[m][seed]], [9]) for m in methods for r in lc.RATIOS}
+
+    monkeypatch.setattr(lc, "evaluate_all", fake_evaluate_all)
+    candidates = ["base", "base+layout", "base+importance", "best+layout+importance"]
+    choose = functools.partial(lc.choose_variant, None, "recall3", [0, 1], "coarse", candidates, [], None)
+    variant, means = choose()
+    assert variant == "base+importance" and means["base-coarse+importance"] == 90.0, means
+    assert means["best-coarse+layout+importance"] == 73.5
+    table["best-coarse+layout+importance"] = (0.9, 0.95)
+    assert choose()[0] == "best+layout+importance"
+    table["base-coarse"] = (0.925, 0.925)  # a tie with the combination: the first listed
+    assert choose()[0] == "base"
