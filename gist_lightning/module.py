@@ -37,6 +37,8 @@ from .objectives import (
 from .splits import VALIDATION_SPLITS, metric_key
 from .tokens import SUITE_TOKENIZER_NAME, add_special_tokens, fit_embeddings, gist_token_id, load_tokenizer
 
+STATISTICS = ("importance_spread",)  # what _losses returns beside the loss terms: logged, never trained
+
 
 def shard_with_fsdp2(model, device_mesh) -> None:
     """Shard ``model`` in place with FSDP2 over the mesh's data-parallel dimension: each block HF
@@ -415,7 +417,8 @@ class GistLitModule(L.LightningModule):
 
     def _losses(self, batch) -> dict[str, torch.Tensor]:
         """``loss`` (what trains) and, with objectives, its terms (``lm``, ``distill``, ``autoencode``,
-        ``context``)."""
+        ``context``) and ``STATISTICS`` (``importance_spread``: the mean |weight - 1| over the loss
+        tokens, logged to see whether the importance weights do anything)."""
         h, o = self.hparams, self.objectives
         if o is None or not o.active:
             return {"loss": self._forward(self.model, batch, h.condition, labels=batch["labels"]).loss}
@@ -429,6 +432,10 @@ class GistLitModule(L.LightningModule):
                 if o.importance_weight:
                     alone = self._forward(teacher, batch, "neg_control").logits
                     weights = importance_weights(full, alone, labels, o.importance_cap)
+                    loss_tokens = labels[:, 1:] != -100
+                    # how far the weights are from uniform (0: the objective changes nothing, as when
+                    # every loss token's gain reaches the cap)
+                    terms["importance_spread"] = (weights - 1).abs()[loss_tokens].mean()
         terms["lm"] = weighted_lm_loss(out.logits, labels, weights, o.importance_weight)
         loss = terms["lm"]
         if o.distill_weight:
@@ -463,7 +470,8 @@ class GistLitModule(L.LightningModule):
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bsz)
         for name, value in losses.items():
             if name != "loss":
-                self.log(f"train/{name}_loss", value, batch_size=bsz)
+                key = f"train/{name}" if name in STATISTICS else f"train/{name}_loss"
+                self.log(key, value, batch_size=bsz)
         return losses["loss"]
 
     # -- validation: generation through the gist cache ----------------------------------------

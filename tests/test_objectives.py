@@ -252,6 +252,9 @@ def test_objectives_train_are_logged_recorded_and_stay_out_of_the_export(tmp_pat
                  "train/context_loss"):
         values = [float(r[term]) for r in logged if r.get(term)]
         assert len(values) == 3 and all(v > 0 for v in values), term
+    spread = [float(r["train/importance_spread"]) for r in logged if r.get("train/importance_spread")]
+    assert len(spread) == 3 and all(v >= 0 for v in spread), spread  # logged as a statistic, not a loss
+    assert not any("importance_spread_loss" in k for k in logged[0])
     teacher = cli.model._teacher[0]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     for k, v in teacher.state_dict().items():
