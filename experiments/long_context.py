@@ -830,7 +830,7 @@ def merged_per_training(there: dict, settings: dict, path: Path) -> dict:
     trained, out = {m.get("task") for m in there["models"].values()}, {}
     for key in PER_TRAINING:
         was, mine = there["settings"].get(key) or {}, settings.get(key) or {}
-        clash = sorted(t for t in {*was} & {*mine} & trained if was[t] != mine[t])
+        clash = sorted(t for t in {*mine} & trained if was.get(t) != mine[t])  # (no entry: the default)
         if clash:
             raise SystemExit(f"{path}: {', '.join(clash)} was trained with another {key} entry than this "
                              "run's; pass another --out, or the recorded one")

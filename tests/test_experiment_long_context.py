@@ -496,6 +496,16 @@ def test_two_drivers_with_their_own_models_keep_each_others_settings(lc, tmp_pat
     lc.Evaluations(path, {"context_words": [70, 120], "task_model_configs": {"two_hop": bigger}})
     with pytest.raises(SystemExit, match="task_model_configs differ"):
         lc.Evaluations(path, {"context_words": [70, 120], "task_model_configs": None})
+    # a writer opened before another recorded a two-hop base under the default model (no entry) may
+    # not relabel that base as trained with its own model when it saves
+    second = tmp_path / "second.json"
+    late = lc.Evaluations(second, {"context_words": [70, 120], "task_model_configs": {"two_hop": bigger}})
+    default = lc.Evaluations(second, {"context_words": [70, 120], "task_model_configs": None})
+    default.models["base-two_hop-seed0"] = {"task": "two_hop"}
+    default.save()
+    with pytest.raises(SystemExit, match="two_hop was trained with another task_model_configs entry"):
+        late.save()
+    assert json.loads(second.read_text())["settings"]["task_model_configs"] is None
     other = lc.Evaluations(path, {"context_words": [70, 120], "task_model_configs": {"two_hop": bigger}})
     other.settings["task_model_configs"] = {"two_hop": {"hidden_size": 512}}  # (as a clash met while running)
     with pytest.raises(SystemExit, match="two_hop was trained with another task_model_configs entry"):

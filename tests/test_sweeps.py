@@ -431,3 +431,43 @@ def test_an_attempt_killed_outright_is_counted_when_the_cell_runs_again(tmp_path
         alive.kill()
         alive.wait()
     assert len(json.loads((tmp_path / "attempts.json").read_text())) == 1
+
+
+def test_the_next_run_of_a_killed_cell_counts_its_attempt_and_a_set_aside_one_does_not(tmp_path, monkeypatch):
+    """Through ``run``: a stale running.json of a dead process (its log written) adds the killed
+    attempt before this one; one whose files were set aside (killed before its first checkpoint)
+    adds none. And the recorded pid being the recording process's own (a fresh machine hands pids
+    out alike), under a command line naming the folder, is no sign of life."""
+    import subprocess
+    import time
+
+    from gist_lightning.sweeps import cell as cell_process
+
+    monkeypatch.setattr(cell_process, "_stages", lambda *a: 0)
+    spec = {"stages": [{"args": [], "max_steps": 1}], "args": [], "summary": {"name": "c"}}
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name, log in (("killed", True), ("set-aside", False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / cell_process.SPEC).write_text(json.dumps(spec))
+        record = {"pid": dead.pid, "host": os.uname().nodename, "start": "2026-01-01 00:00:00",
+                  "started": time.time() - 600}
+        (folder / cell_process.RUNNING).write_text(json.dumps(record))
+        if log:
+            (folder / "stdout.log").write_text("x")
+        assert cell_process.run(folder) == 0
+        attempts = json.loads((folder / "attempts.json").read_text())
+        assert [a.get("ended", "").split(" ")[0] for a in attempts] == (["killed", ""] if log else [""]), name
+        if log:
+            assert 9.9 < attempts[0]["minutes"] < 10.1  # from "started" to the log's write, just now
+    own = tmp_path / "own-pid"
+    own.mkdir()
+    (own / "stdout.log").write_text("x")
+    script = ("import json, os, sys, time; from pathlib import Path; from gist_lightning.sweeps import cell; "
+              "f = Path(sys.argv[1]); (f / cell.RUNNING).write_text(json.dumps({'pid': os.getpid(), "
+              "'host': os.uname().nodename, 'start': '', 'started': time.time() - 60})); "
+              "assert cell.running_here(f); cell._record_killed_attempt(f)")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-c", script, str(own)], check=True, env=env)
+    assert json.loads((own / "attempts.json").read_text())[0]["ended"].startswith("killed")

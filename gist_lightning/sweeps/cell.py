@@ -115,7 +115,8 @@ def run(folder: str | os.PathLike) -> int:
     if first:
         _record_killed_attempt(folder)
         write_text_atomic(folder / RUNNING, json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
-                                                        "start": time.strftime("%Y-%m-%d %H:%M:%S")}))
+                                                        "start": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                        "started": start}))
     try:
         return _stages(folder, spec, run_dir, log, first, start)
     finally:
@@ -148,12 +149,14 @@ def _record_killed_attempt(folder: Path) -> None:
     its log or run folder, so that ``done.json``'s minutes count every attempt's training."""
     try:
         record = json.loads((folder / RUNNING).read_text())
-        if record["host"] != os.uname().nodename or running_here(folder):
-            return  # another machine's (it may still run) or alive
-        start = time.mktime(time.strptime(record["start"], "%Y-%m-%d %H:%M:%S"))
+        if record["host"] != os.uname().nodename or (running_here(folder) and record["pid"] != os.getpid()):
+            return  # another machine's (it may still run) or alive (not merely this process's pid again)
+        start = record.get("started") or time.mktime(time.strptime(record["start"], "%Y-%m-%d %H:%M:%S"))
     except (OSError, ValueError, KeyError):
         return
     run = folder / "run"
+    if not (folder / "stdout.log").exists() and not run.exists():
+        return  # its files were set aside (killed before its first checkpoint): its attempt went with them
     written = [p.stat().st_mtime for p in [folder / "stdout.log", *(run.rglob("*") if run.is_dir() else [])]
                if p.is_file()]
     end = max([start, *written])
