@@ -206,15 +206,16 @@ def per_training(text: str, kind: type = dict) -> tuple[str, dict | list]:
     """argparse type of ``--task_model_config`` (``TRAINING=JSON`` object: the config fields) and of
     ``--task_base_args`` (``TRAINING=JSON`` list of strings: fit arguments) -> (training, value)."""
     training, sep, fields = text.partition("=")
+    what = "config" if kind is dict else "argument list"
     if not sep or training not in TRAINING:
         raise argparse.ArgumentTypeError(f"{text!r}: expected TRAINING=JSON, TRAINING one of "
                                          f"{', '.join(TRAINING)}")
     try:
         config = json.loads(fields)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"{training}: its config is not JSON ({e})") from None
+        raise argparse.ArgumentTypeError(f"{training}: its {what} is not JSON ({e})") from None
     if not isinstance(config, kind):
-        raise argparse.ArgumentTypeError(f"{training}: its config must be a JSON "
+        raise argparse.ArgumentTypeError(f"{training}: its {what} must be a JSON "
                                          f"{'object' if kind is dict else 'list of strings'}")
     if kind is list and not all(isinstance(a, str) for a in config):
         raise argparse.ArgumentTypeError(f"{training}: its arguments must be strings")

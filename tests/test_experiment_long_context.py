@@ -535,7 +535,8 @@ def test_a_tasks_bases_take_their_own_fit_arguments(lc, tmp_path, capsys):
     (tmp_path / "r" / "base-two_hop-seed0").mkdir()
     with pytest.raises(SystemExit, match="task_base_args differ"):
         lc.check_run_root(tmp_path / "r", none)
-    bad_values = (('two_hop={"a": 1}', "must be a JSON list of strings"), ("two_hop=[1]", "must be strings"))
+    bad_values = (('two_hop={"a": 1}', "argument list must be a JSON list of strings"),
+                  ("two_hop=[1]", "must be strings"), ("two_hop=[nope", "argument list is not JSON"))
     for bad, why in bad_values:
         with pytest.raises(SystemExit):
             lc.main(["--check_args", *_roots(tmp_path), "--task_base_args", bad])
