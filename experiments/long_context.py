@@ -114,7 +114,11 @@ ADDITIONS = {
     "+ae": ["--model.objectives.autoencode_weight", "0.5"],
     "+importance": ["--model.objectives.teacher", "{base}", "--model.objectives.importance_weight", "0.5"],
     "+kd": ["--model.objectives.teacher", "{base}", "--model.objectives.distill_weight", "1.0"],
+    "+short": [],  # a curriculum, not arguments: SHORT_TUNE_STEPS of the steps on the short contexts
 }
+# +short: of the fine-tuning's steps, these first on the bases' short contexts (1-2 segments, where
+# the bases' lookup formed), the rest on the task's: the same number of steps as every other row
+SHORT_TUNE_STEPS = 400
 BASELINES = ("full", "truncation", "no_context")
 # the answer loss (per token, over the answer and its end) a model leaves the plateau under, per
 # vocabulary: a code is 3-5 tokens, a word one, so guessing among 3 facts' values costs ~0.55 with
@@ -279,6 +283,8 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
     needs = (run_name("base", task, seed),)
     extra = [a.replace("{base}", str(base)) for a in variant_args(variant, placement)]
     short = args.tune_short_steps if variant != "scratch" else None
+    if "short" in variant.split("+")[1:]:
+        short, steps = SHORT_TUNE_STEPS, steps - SHORT_TUNE_STEPS
     return Cell(
         name=run_name(method_name(variant, placement), task, seed),
         args=(

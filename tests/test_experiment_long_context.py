@@ -53,7 +53,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     want += [f"{m}-recall3-seed{s}" for s in (0, 1) for m in ("scratch-coarse", "base-coarse", "base-fine")]
     want += [f"base-recall3-seed{s}" for s in (0, 1)]  # again: what the additions need (finished: kept)
     want += [f"base-coarse{a}-recall3-seed{s}" for s in (0, 1)
-             for a in ("+layout", "+ae", "+importance", "+kd")]
+             for a in ("+layout", "+ae", "+importance", "+kd", "+short")]
     assert names == want
     assert not any(tmp_path.glob("*/cell.json"))  # a check writes no cell
 
@@ -565,3 +565,22 @@ def test_the_final_variant_is_the_best_on_validation_the_combination_only_a_cand
     assert choose()[0] == "best+layout+importance"
     table["base-coarse"] = (0.925, 0.925)  # a tie with the combination: the first listed
     assert choose()[0] == "base"
+
+
+def test_the_short_row_spends_part_of_the_same_steps_on_the_short_contexts(lc, tmp_path):
+    """+short: SHORT_TUNE_STEPS of the fine-tuning's steps on the bases' short contexts, then the
+    rest on the task's: as many steps as every other row, no other argument; combinable."""
+    args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], tune_steps=1000, scratch_steps=2000,
+                              model_config=lc.MODEL, task_model_configs=None, task_base_args=None,
+                              segment_tokens=16, train_batch_size=32, tune_learning_rate=3e-4,
+                              train_context_words=None, train_on="task", vocabulary="words",
+                              tune_restate=0.0, tune_context_weight=0.0, tune_short_steps=None,
+                              base_short_words=[6, 12])
+    plain, short = (lc.gist_cell(v, "coarse", "recall3", 0, args) for v in ("base", "base+short"))
+    assert [s.max_steps for s in plain.stages] == [1000]
+    assert [s.max_steps for s in short.stages] == [lc.SHORT_TUNE_STEPS, 1000]
+    assert json.loads(_value(list(short.stages[0].args), "--data.init_args.context_words")) == [6, 12]
+    assert short.args == plain.args and short.name == "base-coarse+short-recall3-seed0"
+    both = lc.gist_cell("best+layout+short", "coarse", "recall3", 0, args)
+    assert [s.max_steps for s in both.stages] == [lc.SHORT_TUNE_STEPS, 1000]
+    assert "--model.segments.sink_tokens" in both.args
