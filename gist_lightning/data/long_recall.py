@@ -230,7 +230,7 @@ class LongRecall(GistDataModule):
         restate: the probability that a fact is stated twice in a *training* context (validation
             splits never restate): with ``model.objectives.context_weight``, a dense lookup signal.
         hop_questions: the probability that a *training* two-hop record asks one of its two hops
-            instead of the chain (:func:`make_long_record`; validation splits always ask the chain).
+            instead of the chain (:func:`ask_one_hop`; validation splits always ask the chain).
         kwargs: batch sizes, length limits, ... of :class:`~gist_lightning.data.datamodule.GistDataModule`.
     """
 
@@ -292,9 +292,10 @@ class LongRecall(GistDataModule):
                 rec = make_long_record(tasks[len(out) % len(tasks)], rng.randint(*words), rng, facts,
                                        h.vocabulary, restate)
                 if keep(rec):  # (on the chain's question: the contexts are those drawn without hops)
-                    hop = random.Random(rec["instruction"] + rec["input"])  # not ``rng``: nothing else moves
-                    if rec["task"] == "two_hop" and hops and hop.random() < hops:
-                        rec = ask_one_hop(rec, first=hop.random() < 0.5)
+                    if hops and rec["task"] == "two_hop":
+                        hop = random.Random(rec["instruction"] + rec["input"])  # (not rng: nothing moves)
+                        if hop.random() < hops:
+                            rec = ask_one_hop(rec, first=hop.random() < 0.5)
                     out.append({**rec, "source": "long_recall"})
             return out
 
