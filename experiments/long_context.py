@@ -33,6 +33,7 @@ paired differences against truncation) and ``long_context.png``.
     python experiments/long_context.py --stage ablation               # resumable
     python experiments/long_context.py --stage final
     python experiments/long_context.py --stage bases --tasks two_hop   # whether its bases train
+    python experiments/long_context.py --stage bases --tasks two_hop_chain  # answered with the chain
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ CONFIGS = [
 RATIOS = (4, 8, 16)
 # the tasks: (generator task, facts per context, chance floor: answering any code in the context)
 # (two-hop with 2 facts: 2 pointers and 2 codes, so answering any code of the context is right half
-# the time; with 1 fact the context holds one code and the task needs no second hop)
-TASKS = {"recall1": ("recall", 1), "recall3": ("recall", 3), "two_hop": ("two_hop", 2)}
+# the time; with 1 fact the context holds one code and the task needs no second hop). two_hop_chain:
+# two_hop's contexts and questions answered "place code" (LongRecall's generator), the form in which
+# each answer token is one lookup; its floor is the same (any of the context's 2 chains)
+TASKS = {"recall1": ("recall", 1), "recall3": ("recall", 3), "two_hop": ("two_hop", 2),
+         "two_hop_chain": ("two_hop_chain", 2)}
 # what a model can be trained on: one task, or (``--train_on mixture``) one model per seed for every
 # task: recall and two-hop among 1, 2 or 3 facts per context, drawn per record
 TRAINING = {**{t: ([g], f) for t, (g, f) in TASKS.items()}, "mixture": (["recall", "two_hop"], [1, 2, 3])}
@@ -124,6 +128,14 @@ BASELINES = ("full", "truncation", "no_context")
 # vocabulary: a code is 3-5 tokens, a word one, so guessing among 3 facts' values costs ~0.55 with
 # words (the pilots' ws3k sat there at chance for 3000 steps) and more with codes
 PLATEAU_LOSS = {"codes": 0.5, "words": 0.25}
+# per training, a factor on it: two_hop_chain's answer is place, code and end, so a model that guesses
+# the place between the context's 2 and looks its code up right sits at ln(2)/3 = 0.23 with words
+PLATEAU_SCALE = {"two_hop_chain": 0.5}
+
+
+def plateau_loss(training: str, args) -> float:
+    """The answer loss the models of ``training`` leave the plateau under (``--plateau_loss`` scaled)."""
+    return args.plateau_loss * PLATEAU_SCALE.get(training, 1.0)
 
 
 def training_words(args) -> list[int]:
@@ -401,7 +413,8 @@ def records_of(
     keys never asked are ``validation_unseen``'s: a model that answers asked keys at 96% answered
     those at chance, the base at 68%, and mixing them in hid both)."""
     generator, facts = TASKS[task]
-    rng = random.Random(10_000 + 10_000 * seed + sorted(TASKS).index(task))
+    stream = {"two_hop_chain": "two_hop"}.get(task, task)  # (the chain: two_hop's records, its answers)
+    rng = random.Random(10_000 + 10_000 * seed + sorted(TASKS).index(stream))
     out = []
     while len(out) < n:
         record = make_long_record(generator, rng.randint(*context_words), rng, facts, vocabulary)
@@ -411,7 +424,8 @@ def records_of(
 
 
 def chance_floor(records: list[dict], vocabulary: str = "codes") -> float:
-    """Exact match (%) of answering any code (value) that the context's facts give, uniformly."""
+    """Exact match (%) of answering any code (value) that the context's facts give, uniformly (for
+    two_hop_chain, any of its chains: one per code)."""
     return 100 * float(np.mean([1 / max(1, len(set(fact_values(r["instruction"], vocabulary))))
                                 for r in records]))
 
@@ -669,7 +683,8 @@ def write_outputs(
         lines.append("")
     if plateau:
         lines += [
-            f"## Leaving the plateau (first logged step with train loss < {args.plateau_loss})",
+            f"## Leaving the plateau (first logged step with train loss < {args.plateau_loss}; "
+            + ", ".join(f"{t}: < {plateau_loss(t, args):g}" for t in PLATEAU_SCALE) + ")",
             "",
             "| model | task | seed | step | of |",
             "|---|---|---|---|---|",
@@ -999,7 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="the answer loss a model leaves the plateau under (default: 0.5 for codes; 0.25 for words, "
-        "whose one-token answers sit at ~0.55 when a model picks one of 3 facts' values at random)",
+        "whose one-token answers sit at ~0.55 when a model picks one of 3 facts' values at random; "
+        "two_hop_chain's models: half of it)",
     )
     p.add_argument("--speed", action="store_true", help="also time each objective's training steps")
     p.add_argument("--run_root", type=Path, default=ROOT / "runs" / "long-context")
@@ -1203,7 +1219,7 @@ def record_model(ev: Evaluations, args, name: str) -> None:
         "model": model,
         "task": training,
         "seed": seed,
-        "plateau_step": plateau_step(run, args.plateau_loss),
+        "plateau_step": plateau_step(run, plateau_loss(training, args)),
         "steps": spec["stages"][-1]["max_steps"],  # (a finished cell ran its last stage to its end)
         "minutes": done.get("minutes"),
         "weights_sha256": digest,

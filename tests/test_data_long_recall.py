@@ -27,6 +27,9 @@ def _answer_from_context(rec: dict) -> str:
         return after(re.match(r"What is the code of (\w+)\?", q).group(1))
     if rec["task"] == "two_hop":
         return after(after(re.match(r"What is the code of what (\w+) points to\?", q).group(1)))
+    if rec["task"] == "two_hop_chain":
+        place = after(re.match(r"What is the code of what (\w+) points to\?", q).group(1))
+        return f"{place} {after(place)}"
     if rec["task"] == "count":
         colour = re.match(r"How many boxes of (\w+) are there\?", q).group(1)
         return str(len(re.findall(rf"the box of {colour} holds", ctx)))
@@ -301,3 +304,29 @@ def test_hop_questions_ask_each_hop_of_the_same_contexts(tmp_path, vocabulary):
         LongRecall(cache_dir=str(tmp_path), hop_questions=2.0, **kw)
     with pytest.raises(ValueError, match="data.hop_questions 0.5 asks two-hop records' hops"):
         LongRecall(cache_dir=str(tmp_path), hop_questions=0.5, **{**kw, "tasks": ("recall",)})
+
+
+@pytest.mark.parametrize("vocabulary", ["codes", "words"])
+def test_two_hop_chain_answers_two_hops_contexts_with_the_chain(tmp_path, vocabulary):
+    """``two_hop_chain``: for the same draws, two_hop's context and question, answered "place code",
+    both worked out from the context; not a default task; a DataModule of it alone validates on keys
+    never asked (validation_unseen is not empty)."""
+    from gist_lightning.data.long_recall import ALL_TASKS, LongRecall, asks_unseen_key
+    from gist_lightning.data.records import load_records
+
+    assert "two_hop_chain" in ALL_TASKS and "two_hop_chain" not in TASKS
+    for seed in range(50):
+        hop = make_long_record("two_hop", 60, random.Random(seed), 2, vocabulary)
+        chain = make_long_record("two_hop_chain", 60, random.Random(seed), 2, vocabulary)
+        assert (chain["instruction"], chain["input"], chain["fact_at"]) == (
+            hop["instruction"], hop["input"], hop["fact_at"])
+        assert chain["output"] == _answer_from_context(chain) and chain["output"].split()[1] == hop["output"]
+        assert len(set(fact_values(chain["instruction"], vocabulary))) == 2  # the chance floor's chains
+    dm = LongRecall(cache_dir=str(tmp_path), train_size=20, validation_size=10, context_words=(30, 40),
+                    tasks=("two_hop_chain",), facts=2, vocabulary=vocabulary, batch_size=2)
+    dm.prepare_data()
+    assert dm.folder.name.endswith("-two_hop_chain-facts2" + ("-words" if vocabulary == "words" else ""))
+    unseen = load_records(dm.split_path("validation_unseen"))
+    assert len(unseen) == 10 and all(asks_unseen_key(r, vocabulary) for r in unseen)
+    for r in load_records(dm.split_path("train")):
+        assert r["output"] == _answer_from_context({**r, "task": "two_hop_chain"})  # (files keep no task)

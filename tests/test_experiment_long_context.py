@@ -224,6 +224,11 @@ def test_the_chance_floor_answers_any_code_of_the_context(lc):
     assert 30 <= lc.chance_floor(words, "words") <= 40 and not any(r["output"].isdigit() for r in words)
     two = "apple fox. the book sat near the tree. pear owl. a lamp and a door went to the river."
     assert lc.chance_floor([{"instruction": two}], "words") == 50
+    chains = lc.records_of("two_hop_chain", 20, 0, (70, 120), "words")  # two_hop's, answered "place code"
+    hops = lc.records_of("two_hop", 20, 0, (70, 120), "words")
+    assert [(r["instruction"], r["input"]) for r in chains] == [(r["instruction"], r["input"]) for r in hops]
+    assert [r["output"].split()[1] for r in chains] == [r["output"] for r in hops]
+    assert lc.chance_floor(chains, "words") == 50
 
 
 def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
@@ -231,6 +236,8 @@ def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
     assert lc.plateau_step(tmp_path, 0.5) == 149 and lc.plateau_step(tmp_path, 0.1) is None
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss,train/lm_loss\n0,49,0.4,2.1\n0,99,0.3,0.2\n")
     assert lc.plateau_step(tmp_path, 0.5) == 99  # with objectives: the answer's own loss
+    args = argparse.Namespace(plateau_loss=0.25)  # two_hop_chain: half (a guessed place costs ln(2)/3)
+    assert lc.plateau_loss("recall3", args) == 0.25 and lc.plateau_loss("two_hop_chain", args) == 0.125
     calls, path, settings = [], tmp_path / "out" / "evaluations.json", {"context_words": [70, 120]}
     ev = lc.Evaluations(path, settings)
     compute = lambda: calls.append(1) or {4: ([1.0, 0.0], [10, 12])}  # noqa: E731

@@ -5,6 +5,10 @@ anywhere in a long context, so truncating the context cannot solve them:
   facts; the question asks for one key's value.
 - ``two_hop``: "amber points to river." ... "the code of river is 93."; the question asks for the
   code of what amber points to (two facts, anywhere).
+- ``two_hop_chain``: two_hop's records (the same contexts and question for the same draws), answered
+  with the chain: the place, then its code ("river 93"). Each answer token is then a one-hop lookup
+  (the second of the place just written), where two_hop's single answer token needs both hops
+  composed inside the model. Not among the default ``tasks``.
 - ``count``: how many facts name a given colour (aggregation over every segment).
 - ``buried``: an instruction hidden in the context ("when asked for the secret, answer with the
   word owl.") that the question triggers.
@@ -41,7 +45,9 @@ from .datamodule import GistDataModule
 from .records import write_records
 from .suite import WORDS
 
-TASKS = ("recall", "two_hop", "count", "buried")
+TASKS = ("recall", "two_hop", "count", "buried")  # LongRecall's default tasks
+ALL_TASKS = (*TASKS, "two_hop_chain")
+ASKS_KEY = ("recall", "two_hop", "two_hop_chain")  # the tasks whose question names a key
 KEYS = ("amber", "azure", "coral", "ivory", "jade", "lilac", "olive", "onyx", "ruby", "scarlet", "teal",
         "violet")
 FILLER = ("the {a} sat near the {b} while the {c} watched.", "a {a} and a {b} went to the {c}.",
@@ -91,8 +97,8 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
     with probability ``restate`` (training data whose context is predictable from itself: with the
     context language-model loss, the second statement's value is a lookup of the first's key; never
     for ``count``, whose answer a second statement would change)."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}; got {task!r}")
+    if task not in ALL_TASKS:
+        raise ValueError(f"task must be one of {ALL_TASKS}; got {task!r}")
     if vocabulary not in VOCABULARIES:
         raise ValueError(f"vocabulary must be one of {VOCABULARIES}; got {vocabulary!r}")
     words = vocabulary == "words"
@@ -118,13 +124,15 @@ def make_long_record(task: str, context_words: int, rng: random.Random, n_facts:
         target = rng.choice(keys)
         needed, question, answer = ([code_of(target, codes[target])],
                                     f"What is the code of {target}?", codes[target])
-    elif task == "two_hop":
+    elif task in ("two_hop", "two_hop_chain"):
         places = rng.sample(fill, len(keys))
         place_codes = values(places)
         facts = [points(k, p) for k, p in zip(keys, places)] + [code_of(p, place_codes[p]) for p in places]
         i = rng.randrange(len(keys))
         needed = [points(keys[i], places[i]), code_of(places[i], place_codes[places[i]])]
         question, answer = f"What is the code of what {keys[i]} points to?", place_codes[places[i]]
+        if task == "two_hop_chain":
+            answer = f"{places[i]} {answer}"
     elif task == "count":
         colour = rng.choice(keys)
         n = rng.randint(1, 5)
@@ -223,8 +231,8 @@ class LongRecall(GistDataModule):
         facts: key facts per context (the asked one and its distractors, at most 12); a list: each
             record draws its count from it (a mixture of difficulties in one split, e.g.
             ``[1, 2, 3]``: one model for recall among 1, 2 or 3 facts).
-        tasks: the task families drawn in turn (a subset of ``TASKS``; ``validation_unseen`` keeps
-            those of them that ask about a key: recall and two_hop).
+        tasks: the task families drawn in turn (a subset of ``ALL_TASKS``; ``validation_unseen``
+            keeps those of them that ask about a key: recall, two_hop and two_hop_chain).
         vocabulary: the facts' keys and values: ``codes`` (numeric codes) or ``words`` (one token
             each); module docstring.
         restate: the probability that a fact is stated twice in a *training* context (validation
@@ -252,11 +260,11 @@ class LongRecall(GistDataModule):
         if not counts or not all(isinstance(n, int) and 1 <= n <= len(KEYS) for n in counts):
             raise ValueError(f"data.facts must be 1..{len(KEYS)} key facts per context, or a non-empty list "
                              f"of such counts; got {facts}")
-        unknown = [t for t in tasks if t not in TASKS]
+        unknown = [t for t in tasks if t not in ALL_TASKS]
         if not tasks or unknown:
-            raise ValueError(f"data.tasks must be a non-empty subset of {TASKS}; got {list(tasks)}")
-        if not any(t in ("recall", "two_hop") for t in tasks):
-            raise ValueError(f"data.tasks {list(tasks)} has no task that asks about a key (recall, two_hop), "
+            raise ValueError(f"data.tasks must be a non-empty subset of {ALL_TASKS}; got {list(tasks)}")
+        if not any(t in ASKS_KEY for t in tasks):
+            raise ValueError(f"data.tasks {list(tasks)} has no task that asks about a key {ASKS_KEY}, "
                              "so validation_unseen (keys never asked in training) would be empty")
 
     @property
@@ -304,7 +312,7 @@ class LongRecall(GistDataModule):
                         hops=h.hop_questions),
             "validation_seen": draw(h.validation_size, (lo, hi), lambda r: not asked_unseen(r)),
             "validation_unseen": draw(h.validation_size, (lo, hi), asked_unseen,
-                                      tuple(t for t in h.tasks if t in ("recall", "two_hop"))),
+                                      tuple(t for t in h.tasks if t in ASKS_KEY)),
             HUMAN: draw(h.validation_size, (2 * lo, 2 * hi), lambda r: True),
         }
         for name, records in splits.items():
