@@ -1050,7 +1050,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(cells_at_once=2, threads_per_cell=1)
     args, extra = p.parse_known_args(argv)  # unknown arguments go to every fit
     args.context_words = list(args.context_words)
-    for flag, given in (("--task_model_config", args.task_model_config), ("--task_base_args", args.task_base_args)):
+    for flag, given in (("--task_model_config", args.task_model_config),
+                        ("--task_base_args", args.task_base_args)):
         twice = sorted({t for t, _ in given or () if [u for u, _ in given].count(t) > 1})
         if twice:  # (a dict would keep the last silently)
             p.error(f"{flag} names {', '.join(twice)} more than once; give each training once")

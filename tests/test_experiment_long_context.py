@@ -549,7 +549,8 @@ def test_a_tasks_bases_take_their_own_fit_arguments(lc, tmp_path, capsys):
             lc.main(["--check_args", *_roots(tmp_path), "--task_base_args", bad])
         err = capsys.readouterr().err
         assert "--task_base_args: two_hop: its" in err and why in err, err
-    for flag, value in (("--task_base_args", f"two_hop={json.dumps(hops)}"), ("--task_model_config", "two_hop={}")):
+    for flag, value in (("--task_base_args", f"two_hop={json.dumps(hops)}"),
+                        ("--task_model_config", "two_hop={}")):
         with pytest.raises(SystemExit):  # given twice: refused, not the last kept
             lc.main(["--check_args", *_roots(tmp_path), flag, value, flag, value])
         assert f"{flag} names two_hop more than once" in capsys.readouterr().err
