@@ -30,6 +30,7 @@ from .objectives import (
     build_autoencoder,
     context_labels,
     distill_loss,
+    importance_spread,
     importance_weights,
     load_teacher,
     weighted_lm_loss,
@@ -432,10 +433,7 @@ class GistLitModule(L.LightningModule):
                 if o.importance_weight:
                     alone = self._forward(teacher, batch, "neg_control").logits
                     weights = importance_weights(full, alone, labels, o.importance_cap)
-                    loss_tokens = labels[:, 1:] != -100
-                    # how far the weights are from uniform (0: the objective changes nothing, as when
-                    # every loss token's gain reaches the cap)
-                    terms["importance_spread"] = (weights - 1).abs()[loss_tokens].mean()
+                    terms["importance_spread"] = importance_spread(weights, labels)
         terms["lm"] = weighted_lm_loss(out.logits, labels, weights, o.importance_weight)
         loss = terms["lm"]
         if o.distill_weight:

@@ -103,10 +103,15 @@ def load_teacher(objectives: Objectives, student_tokenizer, dtype: torch.dtype):
     return model.eval()
 
 
+def loss_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, S-1): whether position i predicts a loss token (token i+1's label is not -100)."""
+    return labels[:, 1:] != -100
+
+
 def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits (B, S-1, V), targets (B, S-1), loss mask (B, S-1)): position i predicts token i+1."""
     targets = labels[:, 1:]
-    mask = targets != -100
+    mask = loss_mask(labels)
     return logits[:, :-1].float(), targets.masked_fill(~mask, 0), mask
 
 
@@ -132,6 +137,12 @@ def importance_weights(full_logits: torch.Tensor, alone_logits: torch.Tensor, la
     gain = (token_log_probs(full_logits, labels) - token_log_probs(alone_logits, labels)).clamp(max=cap)
     weights = gain.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
     return weights * mask.sum(-1, keepdim=True)
+
+
+def importance_spread(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How far :func:`importance_weights` are from uniform: the mean |weight - 1| over the loss
+    tokens (0: the objective changes nothing, as when every loss token's gain reaches the cap)."""
+    return (weights - 1).abs()[loss_mask(labels)].mean()
 
 
 def context_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -245,4 +256,4 @@ def autoencode_loss(autoencoder, student_cache, input_ids: torch.Tensor, example
 
 
 __all__ = ["Objectives", "autoencode_loss", "build_autoencoder", "distill_loss", "gist_units",
-           "importance_weights", "load_teacher", "weighted_lm_loss"]
+           "importance_spread", "importance_weights", "load_teacher", "weighted_lm_loss"]
