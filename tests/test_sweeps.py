@@ -338,6 +338,50 @@ def test_a_stop_asked_during_the_last_cells_record_or_while_a_cell_ends_is_kept(
     assert seen2 == ["b"] and sweep2.state(cells[1]) == FINISHED
 
 
+def test_a_slot_a_cell_frees_is_filled_before_its_record_runs(tmp_path):
+    """``on_finished`` (an evaluation of minutes) runs after the slot its cell freed is given to a
+    cell that does not need it, so no slot stands empty meanwhile; a cell that needs it starts only
+    after its record (which may stop the sweep)."""
+    cells = [Cell("a", ()), Cell("b", ()), Cell("c", (), needs=("a",)), Cell("d", ())]
+
+    class Slots(_ScriptedLauncher):
+        def free(self):  # 2 slots, each freed when its cell ends
+            return 2 - len(self.started) + len(ends)
+
+        def finish(self, folder):
+            ends.append(folder)
+            super().finish(folder)
+
+    launcher, ends, done, at_record = Slots(), [], [], {}
+
+    def on_finished(summary):
+        name = summary["name"]
+        at_record[name] = sorted(f.name for f in launcher.started)  # what had started when it ran
+        done.append(name)
+
+    sweep = Sweep(cells, [], tmp_path, launcher, on_finished=on_finished, poll_seconds=0.01)
+    sweep.write_spec = lambda cell: None
+    real_start = sweep._start
+
+    def start(cs):  # a ends as soon as it starts; the others one after another, as cells end
+        real_start(cs)
+        for c in cs:
+            if c.name in ("a", "d", "c"):
+                launcher.finish(sweep.folder(c))
+    sweep._start = start
+    real_finished = sweep._finished
+
+    def finished(cell, tag):
+        out = real_finished(cell, tag)
+        if cell.name == "d":
+            launcher.finish(sweep.folder(cells[1]))  # b ends after d's record
+        return out
+    sweep._finished = finished
+    assert sweep.run() == 0
+    assert at_record["a"] == ["a", "b", "d"], at_record  # d filled a's slot before a's record; c waited
+    assert at_record["c"] == ["a", "b", "c", "d"] and sorted(done) == ["a", "b", "c", "d"]
+
+
 def test_a_cell_asked_to_stop_starts_no_further_fit_and_reads_as_stopped(tmp_path, monkeypatch):
     """The cell process: a stop between two stages (no fit running to pass it to) is not lost, and a
     fit that exits otherwise than 143 after a stop was asked (a SIGINT ends a fit with 1) is a stopped

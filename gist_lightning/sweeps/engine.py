@@ -358,14 +358,8 @@ class Sweep:
                 for c in todo:
                     self.log(f"{self._tag(c)}: not started (the sweep stopped)")
                 todo = []
-            ready = [c for c in todo if all((self.folder(d) / "run" / cell_process.DONE).is_file()
-                                            for d in c.needs)][:max(0, self.launcher.free())]
-            for c in ready:
-                todo.remove(c)
-                running[self.folder(c)] = c
-                started[self.folder(c)] = time.time()
-            if ready:
-                self._start(ready)
+            self._start_ready(todo, running, started)
+            ended = []  # finished now: recorded (on_finished) once the slots they freed are filled
             for folder, code in self.launcher.poll():
                 c = running.pop(folder)
                 since = started.pop(folder, None)  # None: started by an earlier driver
@@ -374,7 +368,7 @@ class Sweep:
                 state = self.state(c)
                 if state == FINISHED:
                     self.log(f"{self._tag(c)}: done{took}" + _headline(self.summary_of(c)))
-                    stop = stop or not self._finished(c, self._tag(c))
+                    ended.append(c)
                     continue
                 tries[c.name] = tries.get(c.name, 0) + 1
                 exit_note = f" (exit {code})" if code is not None else ""
@@ -390,12 +384,31 @@ class Sweep:
                 else:  # stopped from outside (cancelled, killed, a time limit not requeued): resume it
                     self.log(f"{self._tag(c)}: stopped before its end{exit_note}; resumes from its last.ckpt")
                     todo.append(c)
+            if ended and not self.signalled:  # an evaluation in on_finished can take minutes: the freed
+                # slots first, with cells that do not wait on these (whose records may stop the sweep)
+                self._start_ready(todo, running, started, waiting_on={c.name for c in ended})
+            for c in ended:
+                stop = stop or not self._finished(c, self._tag(c))
             if todo or running:
                 time.sleep(self.poll_seconds)
         if self.failed:
             self.log(f"{len(self.failed)} cell(s) failed: "
                      + "; ".join(f"{name} ({why})" for name, why in self.failed.items()))
         return 1 if self.failed or stop else 0
+
+    def _start_ready(self, todo: list[Cell], running: dict[Path, Cell], started: dict[Path, float],
+                     waiting_on: set[str] = frozenset()) -> None:
+        """Start what the launcher has room for among the cells of ``todo`` whose needs finished,
+        leaving those that need a cell of ``waiting_on`` (finished, not yet recorded)."""
+        ready = [c for c in todo if not waiting_on & set(c.needs)
+                 and all((self.folder(d) / "run" / cell_process.DONE).is_file() for d in c.needs)]
+        ready = ready[:max(0, self.launcher.free())]
+        for c in ready:
+            todo.remove(c)
+            running[self.folder(c)] = c
+            started[self.folder(c)] = time.time()
+        if ready:
+            self._start(ready)
 
     def _stop(self, todo: list[Cell], running: dict[Path, Cell]) -> int:
         """The driver was asked to stop (:meth:`run`): stop the running cells, log what each left."""
