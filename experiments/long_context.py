@@ -79,8 +79,8 @@ CONFIGS = [
     ROOT / "configs" / "tiny-long-recall.yaml",
 ]
 RATIOS = (4, 8, 16)
-# the tasks: (generator task, facts per context, chance floor: answering any code in the context)
-# (two-hop with 2 facts: 2 pointers and 2 codes, so answering any code of the context is right half
+# the tasks: (generator task, facts per context); each has a chance floor, answering any code in the
+# context (two-hop with 2 facts: 2 pointers and 2 codes, so answering any code of the context is right half
 # the time; with 1 fact the context holds one code and the task needs no second hop). two_hop_chain:
 # two_hop's contexts and questions answered "place code" (LongRecall's generator), the form in which
 # each answer token is one lookup; its floor is the same (any of the context's 2 chains)
@@ -89,11 +89,18 @@ TASKS = {"recall1": ("recall", 1), "recall3": ("recall", 3), "two_hop": ("two_ho
 # what a model can be trained on: one task, or (``--train_on mixture``) one model per seed for every
 # task: recall and two-hop among 1, 2 or 3 facts per context, drawn per record
 TRAINING = {**{t: ([g], f) for t, (g, f) in TASKS.items()}, "mixture": (["recall", "two_hop"], [1, 2, 3])}
+DEFAULT_TASKS = ["recall1", "recall3", "two_hop"]  # (two_hop_chain: asked for by name)
 
 
 def trained_on(task: str, args) -> str:
     """The training set of the models that answer ``task``: the task itself, or the mixture."""
     return "mixture" if args.train_on == "mixture" else task
+
+
+def answers(training: str, task: str) -> bool:
+    """Whether models trained on ``training`` answer ``task`` (the mixture: recall and two-hop, not
+    the chain's answers)."""
+    return TASKS[task][0] in TRAINING[training][0] and (training == task or training == "mixture")
 
 
 # the bases' model: configs/tiny-long.yaml's ~0.9M-parameter LLaMA (at batch 32, 3e-4 constant,
@@ -130,12 +137,13 @@ BASELINES = ("full", "truncation", "no_context")
 PLATEAU_LOSS = {"codes": 0.5, "words": 0.25}
 # per training, a factor on it: two_hop_chain's answer is place, code and end, so a model that guesses
 # the place between the context's 2 and looks its code up right sits at ln(2)/3 = 0.23 with words
-PLATEAU_SCALE = {"two_hop_chain": 0.5}
+# (with codes, 3-5 tokens more to the answer: ln(2)/7 = 0.10, so a tenth of codes' 0.5)
+PLATEAU_SCALE = {"two_hop_chain": {"codes": 0.1, "words": 0.5}}
 
 
 def plateau_loss(training: str, args) -> float:
     """The answer loss the models of ``training`` leave the plateau under (``--plateau_loss`` scaled)."""
-    return args.plateau_loss * PLATEAU_SCALE.get(training, 1.0)
+    return args.plateau_loss * PLATEAU_SCALE.get(training, {}).get(args.vocabulary, 1.0)
 
 
 def training_words(args) -> list[int]:
@@ -683,8 +691,9 @@ def write_outputs(
         lines.append("")
     if plateau:
         lines += [
-            f"## Leaving the plateau (first logged step with train loss < {args.plateau_loss}; "
-            + ", ".join(f"{t}: < {plateau_loss(t, args):g}" for t in PLATEAU_SCALE) + ")",
+            f"## Leaving the plateau (first logged step with train loss < {args.plateau_loss}"
+            + "".join(f"; {t}: < {plateau_loss(t, args):g}" for t in PLATEAU_SCALE
+                      if any(p["task"] == t for p in plateau)) + ")",
             "",
             "| model | task | seed | step | of |",
             "|---|---|---|---|---|",
@@ -927,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
         "bases: only the full-attention bases of --tasks on --final_seeds (does each train?); "
         "report: write the outputs of what has been evaluated",
     )
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
     p.add_argument(
         "--train_on",
         choices=["task", "mixture"],
@@ -1055,6 +1064,10 @@ def main(argv: list[str] | None = None) -> int:
         twice = sorted({t for t, _ in given or () if [u for u, _ in given].count(t) > 1})
         if twice:  # (a dict would keep the last silently)
             p.error(f"{flag} names {', '.join(twice)} more than once; give each training once")
+    unanswered = [t for t in args.tasks if not answers(trained_on(t, args), t)]
+    if unanswered:
+        p.error(f"--train_on {args.train_on} trains no model that answers {', '.join(unanswered)} "
+                f"(the mixture: {', '.join(TRAINING['mixture'][0])})")
     args.task_model_configs = dict(args.task_model_config or ()) or None  # None: recorded as before
     args.task_base_args = dict(args.task_base_args or ()) or None
     if args.plateau_loss is None:
@@ -1210,7 +1223,7 @@ def record_model(ev: Evaluations, args, name: str) -> None:
         )
     methods = [] if model == "base" else [model]
     for task in TASKS:
-        if trained_on(task, args) != training:
+        if trained_on(task, args) != training or not answers(training, task):
             continue
         splits = [("test", records_of(task, args.records, 0, tuple(args.context_words), args.vocabulary))]
         if task == args.ablation_task:

@@ -179,6 +179,12 @@ def test_the_bases_stage_trains_only_the_bases_of_the_tasks_asked(lc, tmp_path, 
                     str(tmp_path / "out"), "--tasks", "two_hop", "recall1", "--final_seeds", "0", "2"]) == 0
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["base-two_hop-seed0", "base-two_hop-seed2", "base-recall1-seed0", "base-recall1-seed2"]
+    assert lc.main(["--check_args", "--stage", "bases", *_roots(tmp_path), "--final_seeds", "0"]) == 0
+    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]  # the chain: by name only
+    assert names == ["base-recall1-seed0", "base-recall3-seed0", "base-two_hop-seed0"], names
+    with pytest.raises(SystemExit):
+        lc.main(["--check_args", *_roots(tmp_path), "--train_on", "mixture", "--tasks", "two_hop_chain"])
+    assert "--train_on mixture trains no model that answers two_hop_chain" in capsys.readouterr().err
     # a check against an --out measured under other settings still lists the cells, and says so
     (tmp_path / "out").mkdir()
     other = {"settings": {"vocabulary": "codes"}, "evaluations": {}, "models": {}, "speed": []}
@@ -236,8 +242,10 @@ def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
     assert lc.plateau_step(tmp_path, 0.5) == 149 and lc.plateau_step(tmp_path, 0.1) is None
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss,train/lm_loss\n0,49,0.4,2.1\n0,99,0.3,0.2\n")
     assert lc.plateau_step(tmp_path, 0.5) == 99  # with objectives: the answer's own loss
-    args = argparse.Namespace(plateau_loss=0.25)  # two_hop_chain: half (a guessed place costs ln(2)/3)
+    args = argparse.Namespace(plateau_loss=0.25, vocabulary="words")  # the chain: a guessed place costs ln(2)/3
     assert lc.plateau_loss("recall3", args) == 0.25 and lc.plateau_loss("two_hop_chain", args) == 0.125
+    args = argparse.Namespace(plateau_loss=0.5, vocabulary="codes")  # ln(2)/7 with codes' 3-5 tokens
+    assert lc.plateau_loss("two_hop_chain", args) == pytest.approx(0.05)
     calls, path, settings = [], tmp_path / "out" / "evaluations.json", {"context_words": [70, 120]}
     ev = lc.Evaluations(path, settings)
     compute = lambda: calls.append(1) or {4: ([1.0, 0.0], [10, 12])}  # noqa: E731
@@ -426,6 +434,18 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     base_digest = ev.models["base-recall3-seed0"]["weights_sha256"]
     assert tuned["base_sha256"] == base_digest != tuned["weights_sha256"]
     assert lc.weights_digest(runs / "base-recall3-seed0" / "run" / "export") == tuned["base_sha256"]
+    # the chain's models: its test records and its own plateau threshold (words: half of 0.6)
+    calls.clear()
+    _finished_run(lc, runs, "base-two_hop_chain-seed0", base_weights, steps=(49, 99, 149))  # 1, 0.5, 0.33
+    lc.record_model(ev, args, "base-two_hop_chain-seed0")
+    assert calls == [("two_hop_chain", 0, (), "test", 6)]
+    assert ev.models["base-two_hop_chain-seed0"]["plateau_step"] is None  # (under 0.6 at step 99)
+    # a mixture's models are asked every task they were trained for, not the chain's
+    calls.clear()
+    _finished_run(lc, runs, "base-mixture-seed0", base_weights)
+    mixed = lc.Evaluations(tmp_path / "mixed" / "evaluations.json", {"context_words": [70, 120]})
+    lc.record_model(mixed, argparse.Namespace(**{**vars(args), "train_on": "mixture"}), "base-mixture-seed0")
+    assert [c[0] for c in calls if c[3] == "test"] == ["recall1", "recall3", "two_hop"], calls
 
     # a fresh machine: the run folders are gone; what evaluations.json holds is not trained again
     later = lc.Evaluations(out / "evaluations.json", {"context_words": [70, 120]})

@@ -339,10 +339,10 @@ def test_a_stop_asked_during_the_last_cells_record_or_while_a_cell_ends_is_kept(
 
 
 def test_a_slot_a_cell_frees_is_filled_before_its_record_runs(tmp_path):
-    """``on_finished`` (an evaluation of minutes) runs after the slot its cell freed is given to a
-    cell that does not need it, so no slot stands empty meanwhile; a cell that needs it starts only
-    after its record (which may stop the sweep)."""
-    cells = [Cell("a", ()), Cell("b", ()), Cell("c", (), needs=("a",)), Cell("d", ())]
+    """``on_finished`` (an evaluation of minutes) runs after the slot its cell freed is given to the
+    next cell, which does not need it, so no slot stands empty meanwhile; a cell that needs it starts
+    only after its record (which may stop the sweep)."""
+    cells = [Cell("a", ()), Cell("b", ()), Cell("d", ()), Cell("c", (), needs=("a",))]
 
     class Slots(_ScriptedLauncher):
         def free(self):  # 2 slots, each freed when its cell ends
@@ -380,6 +380,77 @@ def test_a_slot_a_cell_frees_is_filled_before_its_record_runs(tmp_path):
     assert sweep.run() == 0
     assert at_record["a"] == ["a", "b", "d"], at_record  # d filled a's slot before a's record; c waited
     assert at_record["c"] == ["a", "b", "c", "d"] and sorted(done) == ["a", "b", "c", "d"]
+
+
+class _OldestEnds:
+    """2 slots; each poll reports the oldest running cell finished (``interrupt``: stopped instead)."""
+
+    def __init__(self):
+        self.running, self.starts, self.ended = [], [], []
+
+    def free(self):
+        return 2 - len(self.running)
+
+    def start(self, folder):
+        self.running.append(folder)
+        self.starts.append(folder.name)
+        return "x"
+
+    def interrupt(self, folder):  # stopped from outside: reported at the next poll, resumable
+        (folder / "run").mkdir(parents=True, exist_ok=True)
+        self.ended.append((folder, 143))
+
+    def finish(self, folder):  # finished: reported at the next poll
+        (folder / "run").mkdir(parents=True, exist_ok=True)
+        (folder / "run" / "done.json").write_text(json.dumps({"name": folder.name}))
+        self.ended.append((folder, 0))
+
+    def poll(self):
+        out, self.ended = self.ended, []
+        if not out and self.running:
+            out = [(self.running[0], 0)]
+            (out[0][0] / "run").mkdir(parents=True, exist_ok=True)
+            (out[0][0] / "run" / "done.json").write_text(json.dumps({"name": out[0][0].name}))
+        for f, _ in out:
+            self.running.remove(f)
+        return out
+
+    def stop_all(self):
+        return []
+
+    def in_flight(self, folder, job=None):
+        return False
+
+
+def test_filling_freed_slots_keeps_the_sweeps_order_and_a_stopped_sweep_starts_nothing(tmp_path):
+    """The early fill takes only cells ahead of the first that needs the cell just finished (bases
+    beside their gist models stay in pairs); after a record stopped the sweep, a cell stopped from
+    outside is not started again, even when another cell finishes in the same poll."""
+    from gist_lightning.sweeps import SweepStopped
+
+    cells = [c for i in range(3) for c in (Cell(f"base{i}", ()), Cell(f"gist{i}", (), needs=(f"base{i}",)))]
+    launcher, at_record = _OldestEnds(), {}
+    sweep = Sweep(cells, [], tmp_path / "order", launcher, poll_seconds=0.0, log=lambda m: None,
+                  on_finished=lambda s: at_record.setdefault(s["name"], list(launcher.starts)))
+    sweep.write_spec = lambda cell: None
+    assert sweep.run() == 0
+    assert launcher.starts == ["base0", "base1", "gist0", "gist1", "base2", "gist2"], launcher.starts
+    assert not any(f"gist{i}" in at_record[f"base{i}"] for i in range(3)), at_record  # after the record
+
+    cells, launcher, logged = [Cell("a", ()), Cell("b", ()), Cell("c", ())], _OldestEnds(), []
+
+    def record(summary):
+        if summary["name"] == "a":  # b is stopped from outside and c ends, both at the next poll
+            launcher.interrupt(sweep.folder("b"))
+            launcher.finish(sweep.folder("c"))
+            raise SweepStopped("a's evaluation failed")
+
+    sweep = Sweep(cells, [], tmp_path / "stop", launcher, on_finished=record, poll_seconds=0.0,
+                  log=logged.append)
+    sweep.write_spec = lambda cell: None
+    assert sweep.run() == 1
+    assert launcher.starts == ["a", "b", "c"], (launcher.starts, logged)  # c filled a's slot; b not again
+    assert any("b: not started (the sweep stopped)" in m for m in logged), logged
 
 
 def test_a_cell_asked_to_stop_starts_no_further_fit_and_reads_as_stopped(tmp_path, monkeypatch):

@@ -38,7 +38,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what stops a ru
 
 
 class SweepStopped(RuntimeError):
-    """Raised by an ``on_finished`` check to stop starting cells (e.g. runs that validated other records)."""
+    """Raised by an ``on_finished`` check to stop starting cells (e.g. runs that validated other records);
+    a cell that filled the slot the checked cell freed while the check ran (one that does not need
+    it) runs to its end."""
 
 
 def cell_args(cell: Cell, configs: list[str], runs: Path, extra: list[str],
@@ -384,8 +386,9 @@ class Sweep:
                 else:  # stopped from outside (cancelled, killed, a time limit not requeued): resume it
                     self.log(f"{self._tag(c)}: stopped before its end{exit_note}; resumes from its last.ckpt")
                     todo.append(c)
-            if ended and not self.signalled:  # an evaluation in on_finished can take minutes: the freed
-                # slots first, with cells that do not wait on these (whose records may stop the sweep)
+            if ended and self.on_finished and not (stop or self.signalled):  # a record (an evaluation)
+                # can take minutes: the freed slots first, with the cells ahead of the first that
+                # needs one of these (whose record may stop the sweep), so the order stays the sweep's
                 self._start_ready(todo, running, started, waiting_on={c.name for c in ended})
             for c in ended:
                 stop = stop or not self._finished(c, self._tag(c))
@@ -398,10 +401,12 @@ class Sweep:
 
     def _start_ready(self, todo: list[Cell], running: dict[Path, Cell], started: dict[Path, float],
                      waiting_on: set[str] = frozenset()) -> None:
-        """Start what the launcher has room for among the cells of ``todo`` whose needs finished,
-        leaving those that need a cell of ``waiting_on`` (finished, not yet recorded)."""
-        ready = [c for c in todo if not waiting_on & set(c.needs)
-                 and all((self.folder(d) / "run" / cell_process.DONE).is_file() for d in c.needs)]
+        """Start what the launcher has room for among the cells of ``todo`` whose needs finished; with
+        ``waiting_on`` (cells finished, not yet recorded), only among the cells ahead of the first that
+        needs one of them."""
+        ahead = next((i for i, c in enumerate(todo) if waiting_on & set(c.needs)), len(todo))
+        ready = [c for c in todo[:ahead]
+                 if all((self.folder(d) / "run" / cell_process.DONE).is_file() for d in c.needs)]
         ready = ready[:max(0, self.launcher.free())]
         for c in ready:
             todo.remove(c)
