@@ -242,7 +242,7 @@ def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
     assert lc.plateau_step(tmp_path, 0.5) == 149 and lc.plateau_step(tmp_path, 0.1) is None
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss,train/lm_loss\n0,49,0.4,2.1\n0,99,0.3,0.2\n")
     assert lc.plateau_step(tmp_path, 0.5) == 99  # with objectives: the answer's own loss
-    args = argparse.Namespace(plateau_loss=0.25, vocabulary="words")  # the chain: a guessed place costs ln(2)/3
+    args = argparse.Namespace(plateau_loss=0.25, vocabulary="words")  # chain: a guessed place: ln(2)/3
     assert lc.plateau_loss("recall3", args) == 0.25 and lc.plateau_loss("two_hop_chain", args) == 0.125
     args = argparse.Namespace(plateau_loss=0.5, vocabulary="codes")  # ln(2)/7 with codes' 3-5 tokens
     assert lc.plateau_loss("two_hop_chain", args) == pytest.approx(0.05)
