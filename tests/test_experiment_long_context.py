@@ -319,6 +319,8 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     layout = next(line for line in (tmp_path / "table.md").read_text().splitlines()
                   if line.startswith("| base-coarse+layout | 1"))
     assert layout.count("+40.0 [") == 3, layout
+    lc.write_outputs(tmp_path, results, {"recall3": 100.0}, plateau, speed, {"recall3": 256.0}, args)
+    assert "(chance floor 100.0%: the context holds one value" in (tmp_path / "table.md").read_text()
 
 
 def test_test_and_validation_records_ask_the_keys_training_asks(lc):
