@@ -1026,7 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the answer loss a model leaves the plateau under (default: 0.5 for codes; 0.25 for words, "
         "whose one-token answers sit at ~0.55 when a model picks one of 3 facts' values at random; "
-        "two_hop_chain's models: half of it)",
+        "two_hop_chain's models: half of it with words, a tenth with codes)",
     )
     p.add_argument("--speed", action="store_true", help="also time each objective's training steps")
     p.add_argument("--run_root", type=Path, default=ROOT / "runs" / "long-context")
