@@ -289,8 +289,10 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     methods = ("base-coarse", "scratch-coarse", "truncation", "full", "no_context")
     results = {("recall3", m, r, s): ([1.0] * right(m, r, s) + [0.0] * (n - right(m, r, s)), [64 // r] * n)
                for m in methods for r in lc.RATIOS for s in seeds}
-    plateau = [{"model": "base-coarse", "task": "recall3", "seed": 0, "plateau_step": 149, "steps": 500},
-               {"model": "scratch-coarse", "task": "recall3", "seed": 0, "plateau_step": None, "steps": 2000}]
+    plateau = [{"model": "base-coarse", "task": "recall3", "seed": 0, "plateau_loss": 0.5,
+                "plateau_step": 149, "steps": 500},
+               {"model": "scratch-coarse", "task": "recall3", "seed": 0, "plateau_loss": 0.5,
+                "plateau_step": None, "steps": 2000}]
     speed = [{"objective": "plain", "steps_per_second": 2.0, "steps_timed": 20, "relative_to_plain": 1.0},
              {"objective": "+kd", "steps_per_second": 1.5, "steps_timed": 20, "relative_to_plain": 0.75}]
     args = argparse.Namespace(records=n, plateau_loss=0.5)
@@ -307,7 +309,7 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     assert "| base-coarse | 2 | 100.0 [100, 100] (16.0x) |" in table
     assert "| scratch-coarse | 2 | " in table and "| full | 2 | 90.0 [" in table
     assert "seed 0: 40.0, seed 1: 30.0" in table  # scratch at 4x, per seed
-    assert "| scratch-coarse | recall3 | 0 | never | 2000 |" in table
+    assert "| scratch-coarse | recall3 | 0 | 0.5 | never | 2000 |" in table
     assert "| +kd | 1.50 | 0.75 |" in table
     assert (tmp_path / "long_context.png").stat().st_size > 1000
     base_line = next(line for line in table.splitlines() if line.startswith("| base-coarse | 2"))
@@ -433,6 +435,7 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
                      ("recall3", 0, coarse, "test", 6), ("recall3", 0, coarse, "validation", 4)]
     tuned = ev.models["base-coarse-recall3-seed0"]
     assert tuned["evaluated"] and tuned["steps"] == 30 and tuned["plateau_step"] == 99
+    assert tuned["plateau_loss"] == 0.6  # the threshold, recorded with the step
     base_digest = ev.models["base-recall3-seed0"]["weights_sha256"]
     assert tuned["base_sha256"] == base_digest != tuned["weights_sha256"]
     assert lc.weights_digest(runs / "base-recall3-seed0" / "run" / "export") == tuned["base_sha256"]
@@ -442,6 +445,7 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     lc.record_model(ev, args, "base-two_hop_chain-seed0")
     assert calls == [("two_hop_chain", 0, (), "test", 6)]
     assert ev.models["base-two_hop_chain-seed0"]["plateau_step"] is None  # (under 0.6 at step 99)
+    assert ev.models["base-two_hop_chain-seed0"]["plateau_loss"] == 0.3
     # a mixture's models are asked every task they were trained for, not the chain's
     calls.clear()
     _finished_run(lc, runs, "base-mixture-seed0", base_weights)
@@ -492,6 +496,34 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     (runs / "base-recall3-seed0" / "run" / "export" / "model.safetensors").unlink()
     with pytest.raises(SystemExit, match="no \\*.safetensors weights"):  # never the digest of nothing
         lc.weights_digest(runs / "base-recall3-seed0" / "run" / "export")
+
+
+def test_the_report_leaves_out_tasks_it_does_not_know_and_gives_each_models_threshold(lc, tmp_path, capsys):
+    """evaluations.json may hold a task that a newer version of the script recorded (a second driver
+    started later): the report writes everything else and names what it left out. Each model's plateau
+    threshold is the one recorded with it (an older record without one: the current one)."""
+    settings = {"context_words": [70, 120]}
+    ev = lc.Evaluations(tmp_path / "out" / "evaluations.json", settings)
+    for task in ("recall3", "four_hop"):
+        for m in ("base-coarse", "truncation", "full", "no_context"):
+            ev.get(f"test/{task}/{m}/seed0", lambda: {r: ([1.0, 0.0], [9, 9]) for r in lc.RATIOS})
+    ev.models["base-coarse-recall3-seed0"] = {"model": "base-coarse", "task": "recall3", "seed": 0,
+                                              "plateau_step": 99, "steps": 500}
+    ev.models["base-coarse-two_hop_chain-seed0"] = {"model": "base-coarse", "task": "two_hop_chain",
+                                                    "seed": 0, "plateau_loss": 0.07, "plateau_step": None,
+                                                    "steps": 500}
+    ev.models["base-coarse-four_hop-seed0"] = {"model": "base-coarse", "task": "four_hop", "seed": 0}
+    ev.save()
+    args = argparse.Namespace(run_root=tmp_path / "runs", out=tmp_path / "out", records=4,
+                              context_words=[70, 120], vocabulary="words", plateau_loss=0.25, speed=False)
+    (tmp_path / "runs").mkdir()
+    lc.report(ev, args)
+    assert "tasks this version does not know: ['four_hop']" in capsys.readouterr().out
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "## recall3" in table and "four_hop" not in table
+    assert "| base-coarse | recall3 | 0 | 0.25 | 99 | 500 |" in table  # (recorded without one)
+    assert "| base-coarse | two_hop_chain | 0 | 0.07 | never | 500 |" in table  # (its own, not 0.125)
+    assert "four_hop" in (tmp_path / "out" / "evaluations.json").read_text()  # kept for the newer version
 
 
 def test_two_processes_recording_evaluations_lose_nothing(lc, tmp_path):
