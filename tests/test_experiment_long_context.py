@@ -180,8 +180,8 @@ def test_the_bases_stage_trains_only_the_bases_of_the_tasks_asked(lc, tmp_path, 
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["base-two_hop-seed0", "base-two_hop-seed2", "base-recall1-seed0", "base-recall1-seed2"]
     assert lc.main(["--check_args", "--stage", "bases", *_roots(tmp_path), "--final_seeds", "0"]) == 0
-    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]  # the chain: by name only
-    assert names == ["base-recall1-seed0", "base-recall3-seed0", "base-two_hop-seed0"], names
+    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]  # two-hop: its chain
+    assert names == ["base-recall1-seed0", "base-recall3-seed0", "base-two_hop_chain-seed0"], names
     with pytest.raises(SystemExit):
         lc.main(["--check_args", *_roots(tmp_path), "--train_on", "mixture", "--tasks", "two_hop_chain"])
     assert "--train_on mixture trains no model that answers two_hop_chain" in capsys.readouterr().err
