@@ -10,7 +10,7 @@ from dataclasses import asdict, replace
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, get_scheduler
 
 from . import adapters, caching, generation, long_context, masks
@@ -166,6 +166,7 @@ class GistLitModule(L.LightningModule):
         self.peft_model = None  # PEFT's wrapper around self.model when model.peft is set
         self.autoencoder = None  # objectives.autoencode_weight: trained and checkpointed, never exported
         self._teacher: list = []  # objectives' frozen teacher, kept out of parameters and checkpoints
+        self._importance_checked = False  # whether the first training batch's importance spread was looked at
 
     def _hf_config(self):
         h = self.hparams
@@ -470,6 +471,15 @@ class GistLitModule(L.LightningModule):
             if name != "loss":
                 key = f"train/{name}" if name in STATISTICS else f"train/{name}_loss"
                 self.log(key, value, batch_size=bsz)
+        if "importance_spread" in losses and not self._importance_checked:
+            self._importance_checked = True
+            if float(losses["importance_spread"]) < 1e-6:
+                rank_zero_warn(
+                    "model.objectives.importance_weight changes nothing: in the first training batch every "
+                    "loss token's gain from the context reached model.objectives.importance_cap "
+                    f"({self.objectives.importance_cap}), so the importance weights are uniform; raise the "
+                    "cap (train/importance_spread logs how far the weights are from uniform)"
+                )
         return losses["loss"]
 
     # -- validation: generation through the gist cache ----------------------------------------

@@ -6,6 +6,7 @@ own gists alone), then trained through the command line, recorded, and kept out 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -269,6 +270,28 @@ def test_objectives_train_are_logged_recorded_and_stay_out_of_the_export(tmp_pat
     model, _, settings = load_pretrained(export)
     assert settings["objectives"]["autoencode_weight"] == 0.3
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in cli.model.model.parameters())
+
+
+@pytest.mark.slow
+def test_importance_weights_that_change_nothing_are_reported_once(tmp_path, monkeypatch):
+    """Where every loss token's gain reaches the cap (here a cap below any gain), the weights are
+    uniform and the objective is the plain loss: the first training batch says so, naming the cap;
+    with a cap the gains stay under, nothing is said."""
+    from gist_lightning.evaluation.callbacks import ExportBest
+
+    monkeypatch.chdir(tmp_path)
+    base = _fit(tmp_path, "base", "--model.condition", "pos_control")
+    teacher = str(next(c for c in base.trainer.callbacks if isinstance(c, ExportBest)).path)
+    for cap, said in ((-1000.0, True), (1000.0, False)):
+        objectives = {"teacher": teacher, "importance_weight": 0.5, "importance_cap": cap}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fit(tmp_path, f"cap{cap}", "--model.model_config", "null", "--model.model_name_or_path", teacher,
+                 "--model.objectives", json.dumps(objectives))
+        told = [str(w.message) for w in caught if "importance_weight changes nothing" in str(w.message)]
+        assert len(told) == (1 if said else 0), (cap, told)
+        if said:
+            assert f"importance_cap ({cap})" in told[0]
 
 
 def test_a_teacher_with_another_vocabulary_is_refused_before_training(make_pair, tmp_path):
