@@ -511,17 +511,33 @@ def bootstrap(matrix: np.ndarray) -> dict:
     return paired_bootstrap(100 * matrix)
 
 
-def plateau_step(run: Path, threshold: float) -> int | None:
-    """The first logged step whose answer loss is under ``threshold`` (None: never): ``train/lm_loss``
-    where objectives add terms to the loss, else ``train/loss``."""
+END_LOGGED = 4  # the last logged answer losses (every 50 steps: the last 200 steps) a model ended at
+
+
+def answer_losses(run: Path) -> list[tuple[int, float]]:
+    """(step, answer loss) of each logged training step: ``train/lm_loss`` where objectives add
+    terms to the loss, else ``train/loss``."""
     path = run / "metrics.csv"
     if not path.is_file():
+        return []
+    return [(int(row["step"]), float(loss)) for row in csv.DictReader(open(path))
+            if (loss := row.get("train/lm_loss") or row.get("train/loss"))]
+
+
+def end_loss(run: Path) -> float | None:
+    """The mean of the last ``END_LOGGED`` logged answer losses (None: nothing logged)."""
+    losses = [loss for _, loss in answer_losses(run)[-END_LOGGED:]]
+    return round(float(np.mean(losses)), 4) if losses else None
+
+
+def plateau_step(run: Path, threshold: float) -> int | None:
+    """The first logged step whose answer loss is under ``threshold``, where the model also ended
+    under it (:func:`end_loss`): a curriculum's short contexts can take a model under it and the
+    task's put it back (None: never, or back on the plateau at the end)."""
+    end = end_loss(run)
+    if end is None or end >= threshold:
         return None
-    for row in csv.DictReader(open(path)):
-        loss = row.get("train/lm_loss") or row.get("train/loss")
-        if loss and float(loss) < threshold:
-            return int(row["step"])
-    return None
+    return next((step for step, loss in answer_losses(run) if loss < threshold), None)
 
 
 class _StepClock(Callback):
@@ -698,14 +714,19 @@ def write_outputs(
         lines.append("")
     if plateau:
         lines += [
-            "## Leaving the plateau (first logged step with the answer's train loss under the threshold)",
+            "## Leaving the plateau",
             "",
-            "| model | task | seed | threshold | step | of |",
-            "|---|---|---|---|---|---|",
+            "The first logged step with the answer's train loss under the threshold, where the model also "
+            f"ended under it (the mean of its last {END_LOGGED} logged answer losses, every 50 steps); "
+            "`never`: not under it, or back above it at the end (a curriculum's short contexts can take a "
+            "model under it and the task's contexts put it back).",
+            "",
+            "| model | task | seed | threshold | step | loss at the end | of |",
+            "|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {p['model']} | {p['task']} | {p['seed']} | {p['plateau_loss']:g} "
-            f"| {p['plateau_step'] or 'never'} | {p['steps']} |"
+            f"| {p['plateau_step'] or 'never'} | {_loss(p.get('end_loss'))} | {p['steps']} |"
             for p in plateau
         ]
         lines.append("")
@@ -722,6 +743,10 @@ def write_outputs(
         ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot(out / "long_context.png", summary)
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def plot(path: Path, summary: dict) -> None:
@@ -1250,6 +1275,7 @@ def record_model(ev: Evaluations, args, name: str) -> None:
         "seed": seed,
         "plateau_loss": plateau_loss(training, args),  # (the threshold: PLATEAU_SCALE may change)
         "plateau_step": plateau_step(run, plateau_loss(training, args)),
+        "end_loss": end_loss(run),
         "steps": spec["stages"][-1]["max_steps"],  # (a finished cell ran its last stage to its end)
         "minutes": done.get("minutes"),
         "weights_sha256": digest,
@@ -1275,12 +1301,18 @@ def report(ev: Evaluations, args) -> None:
     for name in sorted(finished, key=lambda n: (not n.startswith("base-"), n)):  # bases first
         if parse_run_name(name) and not ev.models.get(name, {}).get("evaluated"):
             record_model(ev, args, name)
+        elif parse_run_name(name) and "end_loss" not in ev.models[name]:  # recorded before the end loss was
+            entry, run = ev.models[name], args.run_root / name / "run"
+            threshold = entry.get("plateau_loss") or plateau_loss(entry["task"], args)
+            entry.update(plateau_loss=threshold, plateau_step=plateau_step(run, threshold),
+                         end_loss=end_loss(run))
+            print(f"{name}: plateau step and end loss from {run}/metrics.csv", flush=True)
     ev.save()
     if args.speed:
         base = export_of(args.run_root, "base", trained_on(args.ablation_task, args), args.ablation_seeds[0])
         ev.speed[:] = objective_speed(base, args.ablation_task, args)
         ev.save()
-    fields = ("model", "task", "seed", "plateau_loss", "plateau_step", "steps", "minutes")  # (digests: json)
+    fields = ("model", "task", "seed", "plateau_loss", "plateau_step", "end_loss", "steps", "minutes")
     known = {k: m for k, m in ev.models.items() if m.get("task") in TRAINING}
     plateau = [{f: known[k].get(f) for f in fields} for k in sorted(known)]
     for p in plateau:  # a model recorded before thresholds were: the one it was recorded under

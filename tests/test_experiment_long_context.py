@@ -238,9 +238,17 @@ def test_the_chance_floor_answers_any_code_of_the_context(lc):
 
 
 def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
-    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n0,49,2.1\n0,99,0.9\n0,149,0.4\n0,199,0.6\n")
+    rows = "".join(f"0,{s},{v}\n" for s, v in ((49, 2.1), (99, 0.9), (149, 0.4), (199, 0.6), (249, 0.3),
+                                                (299, 0.2), (349, 0.1)))
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
     assert lc.plateau_step(tmp_path, 0.5) == 149 and lc.plateau_step(tmp_path, 0.1) is None
-    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss,train/lm_loss\n0,49,0.4,2.1\n0,99,0.3,0.2\n")
+    assert lc.end_loss(tmp_path) == pytest.approx(0.3)  # the last 4 logged
+    # under the threshold on a curriculum's short contexts, back above it on the task's: never left it
+    rows += "".join(f"0,{s},1.2\n" for s in (399, 449, 499, 549))
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
+    assert lc.plateau_step(tmp_path, 0.5) is None and lc.end_loss(tmp_path) == pytest.approx(1.2)
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss,train/lm_loss\n0,49,0.4,2.1\n0,99,0.3,0.2\n"
+                                          + "".join(f"0,{s},0.3,0.1\n" for s in (149, 199, 249)))
     assert lc.plateau_step(tmp_path, 0.5) == 99  # with objectives: the answer's own loss
     args = argparse.Namespace(plateau_loss=0.25, vocabulary="words")  # chain: a guessed place: ln(2)/3
     assert lc.plateau_loss("recall3", args) == 0.25 and lc.plateau_loss("two_hop_chain", args) == 0.125
@@ -309,7 +317,7 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     assert "| base-coarse | 2 | 100.0 [100, 100] (16.0x) |" in table
     assert "| scratch-coarse | 2 | " in table and "| full | 2 | 90.0 [" in table
     assert "seed 0: 40.0, seed 1: 30.0" in table  # scratch at 4x, per seed
-    assert "| scratch-coarse | recall3 | 0 | 0.5 | never | 2000 |" in table
+    assert "| scratch-coarse | recall3 | 0 | 0.5 | never | - | 2000 |" in table
     assert "| +kd | 1.50 | 0.75 |" in table
     assert (tmp_path / "long_context.png").stat().st_size > 1000
     base_line = next(line for line in table.splitlines() if line.startswith("| base-coarse | 2"))
@@ -397,7 +405,7 @@ def _finished_run(lc, root, name, weights, steps=(49, 99)):
     (run / "done.json").write_text(json.dumps({"name": name, "minutes": 3.5, "attempts": 1}))
     stages = [{"max_steps": 4000}, {"max_steps": 10 * len(steps)}]
     (root / name / "cell.json").write_text(json.dumps({"name": name, "stages": stages}))
-    rows = "".join(f"0,{s},{1.0 / (i + 1)}\n" for i, s in enumerate(steps))
+    rows = "".join(f"0,{s},{1.0 / (i + 1) ** 2}\n" for i, s in enumerate(steps))
     (run / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
     return run
 
@@ -435,16 +443,16 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
                      ("recall3", 0, coarse, "test", 6), ("recall3", 0, coarse, "validation", 4)]
     tuned = ev.models["base-coarse-recall3-seed0"]
     assert tuned["evaluated"] and tuned["steps"] == 30 and tuned["plateau_step"] == 99
-    assert tuned["plateau_loss"] == 0.6  # the threshold, recorded with the step
+    assert tuned["plateau_loss"] == 0.6 and tuned["end_loss"] == pytest.approx(0.4537, abs=1e-4)
     base_digest = ev.models["base-recall3-seed0"]["weights_sha256"]
     assert tuned["base_sha256"] == base_digest != tuned["weights_sha256"]
     assert lc.weights_digest(runs / "base-recall3-seed0" / "run" / "export") == tuned["base_sha256"]
     # the chain's models: its test records and its own plateau threshold (words: half of 0.6)
     calls.clear()
-    _finished_run(lc, runs, "base-two_hop_chain-seed0", base_weights, steps=(49, 99, 149))  # 1, 0.5, 0.33
+    _finished_run(lc, runs, "base-two_hop_chain-seed0", base_weights, steps=(49, 99, 149))  # 1, .25, .11
     lc.record_model(ev, args, "base-two_hop_chain-seed0")
     assert calls == [("two_hop_chain", 0, (), "test", 6)]
-    assert ev.models["base-two_hop_chain-seed0"]["plateau_step"] is None  # (under 0.6 at step 99)
+    assert ev.models["base-two_hop_chain-seed0"]["plateau_step"] is None  # (ended at 0.45: over 0.3)
     assert ev.models["base-two_hop_chain-seed0"]["plateau_loss"] == 0.3
     # a mixture's models are asked every task they were trained for, not the chain's
     calls.clear()
@@ -509,6 +517,9 @@ def test_the_report_leaves_out_tasks_it_does_not_know_and_gives_each_models_thre
             ev.get(f"test/{task}/{m}/seed0", lambda: {r: ([1.0, 0.0], [9, 9]) for r in lc.RATIOS})
     ev.models["base-coarse-recall3-seed0"] = {"model": "base-coarse", "task": "recall3", "seed": 0,
                                               "plateau_step": 99, "steps": 500}
+    ev.models["base-coarse+short-recall3-seed0"] = {"model": "base-coarse+short", "task": "recall3",
+                                                    "seed": 0, "plateau_step": 99, "steps": 500,
+                                                    "evaluated": True}
     ev.models["base-coarse-two_hop_chain-seed0"] = {"model": "base-coarse", "task": "two_hop_chain",
                                                     "seed": 0, "plateau_loss": 0.07, "plateau_step": None,
                                                     "steps": 500}
@@ -517,12 +528,21 @@ def test_the_report_leaves_out_tasks_it_does_not_know_and_gives_each_models_thre
     args = argparse.Namespace(run_root=tmp_path / "runs", out=tmp_path / "out", records=4,
                               context_words=[70, 120], vocabulary="words", plateau_loss=0.25, speed=False)
     (tmp_path / "runs").mkdir()
+    # recorded before end losses were, its folder still here: under 0.25 on the short contexts, back on
+    # the plateau on the task's, so it never left it
+    run = _finished_run(lc, tmp_path / "runs", "base-coarse+short-recall3-seed0", {}, steps=(49, 99))
+    (run / "metrics.csv").write_text("epoch,step,train/loss\n" + "".join(
+        f"0,{s},{v}\n" for s, v in ((49, 0.9), (99, 0.1), (149, 1.1), (199, 1.2), (249, 1.2), (299, 1.3))))
     lc.report(ev, args)
     assert "tasks this version does not know: ['four_hop']" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "out" / "evaluations.json").read_text())["models"]
+    short = recorded["base-coarse+short-recall3-seed0"]
+    assert short["plateau_step"] is None and short["end_loss"] == pytest.approx(1.2)
     table = (tmp_path / "out" / "table.md").read_text()
     assert "## recall3" in table and "four_hop" not in table
-    assert "| base-coarse | recall3 | 0 | 0.25 | 99 | 500 |" in table  # (recorded without one)
-    assert "| base-coarse | two_hop_chain | 0 | 0.07 | never | 500 |" in table  # (its own, not 0.125)
+    assert "| base-coarse | recall3 | 0 | 0.25 | 99 | - | 500 |" in table  # (recorded without one)
+    assert "| base-coarse | two_hop_chain | 0 | 0.07 | never | - | 500 |" in table  # (its own, not 0.125)
+    assert "| base-coarse+short | recall3 | 0 | 0.25 | never | 1.200 | 500 |" in table
     assert "four_hop" in (tmp_path / "out" / "evaluations.json").read_text()  # kept for the newer version
 
 
