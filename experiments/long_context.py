@@ -25,7 +25,8 @@ command can be stopped and run again): ``ablation`` (every variant on ``--ablati
 ``--ablation_seeds``) then ``final`` (the chosen variant, full attention and truncation on every
 task, on ``--final_seeds``). Outputs (``--out``): ``results.csv`` (``task, method, ratio, seed,
 exact_match``, cached positions, the effective ratio), ``plateau.csv`` (the step each model's answer
-loss first fell under its threshold: ``--plateau_loss``, scaled per task, recorded with the model),
+loss first fell under its threshold, ``--plateau_loss`` scaled per task, if it also ended under it;
+the same on the task's own contexts; the end loss),
 ``speed.csv`` (train steps/s of each objective against the plain loss), ``table.md`` (means with 95%
 bootstrap intervals over seeds and records, per seed, paired differences against truncation) and
 ``long_context.png``.
@@ -511,7 +512,7 @@ def bootstrap(matrix: np.ndarray) -> dict:
     return paired_bootstrap(100 * matrix)
 
 
-END_LOGGED = 4  # the last logged answer losses (every 50 steps: the last 200 steps) a model ended at
+END_LOGGED = 4  # the last logged answer losses (configs/tiny.yaml logs every 50 steps) a model ended at
 
 
 def answer_losses(run: Path) -> list[tuple[int, float]]:
@@ -530,14 +531,28 @@ def end_loss(run: Path) -> float | None:
     return round(float(np.mean(losses)), 4) if losses else None
 
 
-def plateau_step(run: Path, threshold: float) -> int | None:
-    """The first logged step whose answer loss is under ``threshold``, where the model also ended
-    under it (:func:`end_loss`): a curriculum's short contexts can take a model under it and the
-    task's put it back (None: never, or back on the plateau at the end)."""
+def plateau_step(run: Path, threshold: float, start: int = 0) -> int | None:
+    """The first logged step from ``start`` on whose answer loss is under ``threshold``, where the
+    model also ended under it (:func:`end_loss`, a mean that lags: a model that gets under it in its
+    last few logged steps has not left it yet): a curriculum's short contexts can take a model under
+    it and the task's put it back (None: never, or back on the plateau at the end)."""
     end = end_loss(run)
     if end is None or end >= threshold:
         return None
-    return next((step for step, loss in answer_losses(run) if loss < threshold), None)
+    return next((step for step, loss in answer_losses(run) if step >= start and loss < threshold), None)
+
+
+def training_record(cell: Path, threshold: float) -> dict:
+    """What a finished cell's training did against the plateau ``threshold``: the step it left the
+    plateau, the step it did so on the task's own contexts (its last stage: a curriculum's first
+    stages are on short contexts), its end loss and the threshold; {} when nothing was logged."""
+    run = cell / "run"
+    if not answer_losses(run):
+        return {}
+    stages = json.loads((cell / "cell.json").read_text())["stages"]  # (the sweep's record of the cell)
+    task_start = stages[-2]["max_steps"] if len(stages) > 1 else 0
+    return {"plateau_loss": threshold, "plateau_step": plateau_step(run, threshold),
+            "task_plateau_step": plateau_step(run, threshold, task_start), "end_loss": end_loss(run)}
 
 
 class _StepClock(Callback):
@@ -717,16 +732,19 @@ def write_outputs(
             "## Leaving the plateau",
             "",
             "The first logged step with the answer's train loss under the threshold, where the model also "
-            f"ended under it (the mean of its last {END_LOGGED} logged answer losses, every 50 steps); "
+            f"ended under it (the mean of its last {END_LOGGED} logged answer losses, a lagging mean); "
             "`never`: not under it, or back above it at the end (a curriculum's short contexts can take a "
-            "model under it and the task's contexts put it back).",
+            "model under it and the task's contexts put it back). `on the task's contexts`: the same from "
+            "the first step of its last stage (a curriculum's first stages train on short contexts). `-`: "
+            "recorded before end losses were (its step: the first under the threshold).",
             "",
-            "| model | task | seed | threshold | step | loss at the end | of |",
-            "|---|---|---|---|---|---|---|",
+            "| model | task | seed | threshold | step | on the task's contexts | loss at the end | of |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {p['model']} | {p['task']} | {p['seed']} | {p['plateau_loss']:g} "
-            f"| {p['plateau_step'] or 'never'} | {_loss(p.get('end_loss'))} | {p['steps']} |"
+            f"| {p['model']} | {p['task']} | {p['seed']} | {_loss(p.get('plateau_loss'), 'g')} "
+            f"| {_step(p, 'plateau_step')} | {_step(p, 'task_plateau_step')} | {_loss(p.get('end_loss'))} "
+            f"| {p['steps']} |"
             for p in plateau
         ]
         lines.append("")
@@ -745,8 +763,14 @@ def write_outputs(
     plot(out / "long_context.png", summary)
 
 
-def _loss(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _loss(value: float | str | None, form: str = ".3f") -> str:
+    return "-" if value in (None, "") else format(value, form)
+
+
+def _step(p: dict, key: str) -> str:
+    """A plateau step of the table: ``-`` where the record predates that field ("")."""
+    value = p.get(key, "")
+    return "-" if value == "" else str(value or "never")
 
 
 def plot(path: Path, summary: dict) -> None:
@@ -1274,8 +1298,8 @@ def record_model(ev: Evaluations, args, name: str) -> None:
         "task": training,
         "seed": seed,
         "plateau_loss": plateau_loss(training, args),  # (the threshold: PLATEAU_SCALE may change)
-        "plateau_step": plateau_step(run, plateau_loss(training, args)),
-        "end_loss": end_loss(run),
+        "plateau_step": None,
+        **training_record(args.run_root / name, plateau_loss(training, args)),
         "steps": spec["stages"][-1]["max_steps"],  # (a finished cell ran its last stage to its end)
         "minutes": done.get("minutes"),
         "weights_sha256": digest,
@@ -1301,25 +1325,27 @@ def report(ev: Evaluations, args) -> None:
     for name in sorted(finished, key=lambda n: (not n.startswith("base-"), n)):  # bases first
         if parse_run_name(name) and not ev.models.get(name, {}).get("evaluated"):
             record_model(ev, args, name)
-        elif parse_run_name(name) and "end_loss" not in ev.models[name]:  # recorded before the end loss was
-            entry, run = ev.models[name], args.run_root / name / "run"
-            threshold = entry.get("plateau_loss") or plateau_loss(entry["task"], args)
-            entry.update(plateau_loss=threshold, plateau_step=plateau_step(run, threshold),
-                         end_loss=end_loss(run))
-            print(f"{name}: plateau step and end loss from {run}/metrics.csv", flush=True)
+        elif parse_run_name(name) and "task_plateau_step" not in ev.models[name]:  # recorded before it was
+            entry = ev.models[name]
+            found = training_record(args.run_root / name, entry.get("plateau_loss")
+                                    or plateau_loss(entry["task"], args))
+            if found:  # (no metrics.csv left: the record stays as it was)
+                entry.update(found)
+                print(f"{name}: plateau steps and end loss from its metrics.csv", flush=True)
     ev.save()
     if args.speed:
         base = export_of(args.run_root, "base", trained_on(args.ablation_task, args), args.ablation_seeds[0])
         ev.speed[:] = objective_speed(base, args.ablation_task, args)
         ev.save()
-    fields = ("model", "task", "seed", "plateau_loss", "plateau_step", "end_loss", "steps", "minutes")
+    fields = ("model", "task", "seed", "plateau_loss", "plateau_step", "task_plateau_step", "end_loss",
+              "steps", "minutes")
     known = {k: m for k, m in ev.models.items() if m.get("task") in TRAINING}
-    plateau = [{f: known[k].get(f) for f in fields} for k in sorted(known)]
-    for p in plateau:  # a model recorded before thresholds were: the one it was recorded under
-        if p["plateau_loss"] is None:
+    plateau = [{f: known[k].get(f, "") for f in fields} for k in sorted(known)]  # "": not recorded
+    for p in plateau:  # a model recorded before thresholds were: today's (as when it was, unless changed)
+        if p["plateau_loss"] in (None, ""):
             p["plateau_loss"] = plateau_loss(p["task"], args)
     results = {k: v for k, v in ev.results("test").items() if k[0] in TASKS}
-    unknown = sorted({*(m.get("task") for m in ev.models.values() if m.get("task") not in TRAINING),
+    unknown = sorted({*(str(m.get("task")) for m in ev.models.values() if m.get("task") not in TRAINING),
                       *(k[0] for k in ev.results("test") if k[0] not in TASKS)})
     if unknown:  # recorded by a newer version of this script (another driver): left in the json
         print(f"{ev.path}: left out of the report, tasks this version does not know: {unknown}", flush=True)

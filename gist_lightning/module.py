@@ -474,11 +474,11 @@ class GistLitModule(L.LightningModule):
         if "importance_spread" in losses and not self._importance_checked:
             self._importance_checked = True
             if float(losses["importance_spread"]) < 1e-6:
-                rank_zero_warn(
-                    "model.objectives.importance_weight changes nothing: in the first training batch every "
-                    "loss token's gain from the context reached model.objectives.importance_cap "
-                    f"({self.objectives.importance_cap}), so the importance weights are uniform; raise the "
-                    "cap (train/importance_spread logs how far the weights are from uniform)"
+                rank_zero_warn(  # (once a fit: each curriculum stage and each resumed fit looks again)
+                    "model.objectives.importance_weight changes nothing: the importance weights of the first "
+                    "training batch are uniform (every loss token's gain from the context reached "
+                    f"model.objectives.importance_cap ({self.objectives.importance_cap}): raise it; or each "
+                    "row has one loss token); train/importance_spread logs how far they are from uniform"
                 )
         return losses["loss"]
 

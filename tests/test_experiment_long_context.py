@@ -243,6 +243,15 @@ def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
     assert lc.plateau_step(tmp_path, 0.5) == 149 and lc.plateau_step(tmp_path, 0.1) is None
     assert lc.end_loss(tmp_path) == pytest.approx(0.3)  # the last 4 logged
+    assert lc.plateau_step(tmp_path, 0.5, start=200) == 249  # from a stage's first step on
+    cell = tmp_path / "cell"  # a curriculum's cell: its last stage (the task's contexts) from step 200
+    (cell / "run").mkdir(parents=True)
+    (cell / "run" / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
+    (cell / "cell.json").write_text(json.dumps({"stages": [{"max_steps": 200}, {"max_steps": 400}]}))
+    assert lc.training_record(cell, 0.5) == {"plateau_loss": 0.5, "plateau_step": 149,
+                                             "task_plateau_step": 249, "end_loss": pytest.approx(0.3)}
+    (cell / "run" / "metrics.csv").unlink()
+    assert lc.training_record(cell, 0.5) == {}  # nothing logged: nothing to record
     # under the threshold on a curriculum's short contexts, back above it on the task's: never left it
     rows += "".join(f"0,{s},1.2\n" for s in (399, 449, 499, 549))
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
@@ -317,7 +326,7 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     assert "| base-coarse | 2 | 100.0 [100, 100] (16.0x) |" in table
     assert "| scratch-coarse | 2 | " in table and "| full | 2 | 90.0 [" in table
     assert "seed 0: 40.0, seed 1: 30.0" in table  # scratch at 4x, per seed
-    assert "| scratch-coarse | recall3 | 0 | 0.5 | never | - | 2000 |" in table
+    assert "| scratch-coarse | recall3 | 0 | 0.5 | never | - | - | 2000 |" in table
     assert "| +kd | 1.50 | 0.75 |" in table
     assert (tmp_path / "long_context.png").stat().st_size > 1000
     base_line = next(line for line in table.splitlines() if line.startswith("| base-coarse | 2"))
@@ -403,7 +412,7 @@ def _finished_run(lc, root, name, weights, steps=(49, 99)):
     (run / "export").mkdir(parents=True)
     save_file(weights, str(run / "export" / "model.safetensors"))
     (run / "done.json").write_text(json.dumps({"name": name, "minutes": 3.5, "attempts": 1}))
-    stages = [{"max_steps": 4000}, {"max_steps": 10 * len(steps)}]
+    stages = [{"max_steps": 60}, {"max_steps": 10 * len(steps)}]
     (root / name / "cell.json").write_text(json.dumps({"name": name, "stages": stages}))
     rows = "".join(f"0,{s},{1.0 / (i + 1) ** 2}\n" for i, s in enumerate(steps))
     (run / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
@@ -444,6 +453,7 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     tuned = ev.models["base-coarse-recall3-seed0"]
     assert tuned["evaluated"] and tuned["steps"] == 30 and tuned["plateau_step"] == 99
     assert tuned["plateau_loss"] == 0.6 and tuned["end_loss"] == pytest.approx(0.4537, abs=1e-4)
+    assert tuned["task_plateau_step"] == 99  # (its last stage starts at step 60)
     base_digest = ev.models["base-recall3-seed0"]["weights_sha256"]
     assert tuned["base_sha256"] == base_digest != tuned["weights_sha256"]
     assert lc.weights_digest(runs / "base-recall3-seed0" / "run" / "export") == tuned["base_sha256"]
@@ -531,6 +541,12 @@ def test_the_report_leaves_out_tasks_it_does_not_know_and_gives_each_models_thre
     # recorded before end losses were, its folder still here: under 0.25 on the short contexts, back on
     # the plateau on the task's, so it never left it
     run = _finished_run(lc, tmp_path / "runs", "base-coarse+short-recall3-seed0", {}, steps=(49, 99))
+    (run.parent / "cell.json").write_text(json.dumps({"stages": [{"max_steps": 100}, {"max_steps": 300}]}))
+    # one whose metrics.csv is gone: its record stays as it was
+    ev.models["base-fine-recall3-seed0"] = {"model": "base-fine", "task": "recall3", "seed": 0,
+                                            "plateau_step": 299, "steps": 500, "evaluated": True}
+    ev.save()
+    (_finished_run(lc, tmp_path / "runs", "base-fine-recall3-seed0", {}) / "metrics.csv").unlink()
     (run / "metrics.csv").write_text("epoch,step,train/loss\n" + "".join(
         f"0,{s},{v}\n" for s, v in ((49, 0.9), (99, 0.1), (149, 1.1), (199, 1.2), (249, 1.2), (299, 1.3))))
     lc.report(ev, args)
@@ -538,11 +554,15 @@ def test_the_report_leaves_out_tasks_it_does_not_know_and_gives_each_models_thre
     recorded = json.loads((tmp_path / "out" / "evaluations.json").read_text())["models"]
     short = recorded["base-coarse+short-recall3-seed0"]
     assert short["plateau_step"] is None and short["end_loss"] == pytest.approx(1.2)
+    assert short["task_plateau_step"] is None  # (from step 100 on: never under 0.25)
+    assert recorded["base-fine-recall3-seed0"] == ev.models["base-fine-recall3-seed0"]
+    assert "end_loss" not in recorded["base-fine-recall3-seed0"]
     table = (tmp_path / "out" / "table.md").read_text()
     assert "## recall3" in table and "four_hop" not in table
-    assert "| base-coarse | recall3 | 0 | 0.25 | 99 | - | 500 |" in table  # (recorded without one)
-    assert "| base-coarse | two_hop_chain | 0 | 0.07 | never | - | 500 |" in table  # (its own, not 0.125)
-    assert "| base-coarse+short | recall3 | 0 | 0.25 | never | 1.200 | 500 |" in table
+    assert "| base-coarse | recall3 | 0 | 0.25 | 99 | - | - | 500 |" in table  # (recorded without one)
+    assert "| base-coarse | two_hop_chain | 0 | 0.07 | never | - | - | 500 |" in table  # (its own, not 0.125)
+    assert "| base-coarse+short | recall3 | 0 | 0.25 | never | never | 1.200 | 500 |" in table
+    assert "| base-fine | recall3 | 0 | 0.25 | 299 | - | - | 500 |" in table
     assert "four_hop" in (tmp_path / "out" / "evaluations.json").read_text()  # kept for the newer version
 
 
