@@ -132,10 +132,18 @@ ADDITIONS = {
     "+importance": ["--model.objectives.teacher", "{base}", "--model.objectives.importance_weight", "0.5"],
     "+kd": ["--model.objectives.teacher", "{base}", "--model.objectives.distill_weight", "1.0"],
     "+short": [],  # a curriculum, not arguments: SHORT_TUNE_STEPS of the steps on the short contexts
+    "+learn": [],  # a curriculum: the short contexts until learned (LEARN_CAP at most), then the task's
 }
 # +short: of the fine-tuning's steps, these first on the bases' short contexts (1-2 segments, where
 # the bases' lookup formed), the rest on the task's: the same number of steps as every other row
 SHORT_TUNE_STEPS = 400
+# +learn: the short contexts until the mean answer loss of LEARN_WINDOW steps is under the task's
+# plateau threshold (gist_lightning.curriculum.StopWhenLearned), at most LEARN_CAP steps, then the
+# task's contexts up to LEARN_CAP + the steps +short gives them (600): a budget of 1600 steps, the
+# task's stage taking what the short one left. Why: recall3 seed 2's +short cell ended its 400
+# short steps before the lookup was learned and never left the plateau; with 1000 it trained, as
+# did seeds 0 and 1 (pilots, docs/long-context.md). It takes the place of +short where both are.
+LEARN_CAP, LEARN_WINDOW = 1000, 200
 BASELINES = ("full", "truncation", "no_context")
 # the answer loss (per token, over the answer and its end) a model leaves the plateau under, per
 # vocabulary: a code is 3-5 tokens, a word one, so guessing among 3 facts' values costs ~0.55 with
@@ -308,9 +316,15 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
     # it with, so it starts when that is done
     needs = (run_name("base", task, seed),)
     extra = [a.replace("{base}", str(base)) for a in variant_args(variant, placement)]
-    short = args.tune_short_steps if variant != "scratch" else None
-    if "short" in variant.split("+")[1:]:
+    short, stop = (args.tune_short_steps if variant != "scratch" else None), None
+    adds = variant.split("+")[1:]
+    if "short" in adds:
         short, steps = SHORT_TUNE_STEPS, steps - SHORT_TUNE_STEPS
+    if "learn" in adds:
+        short, steps = LEARN_CAP, args.tune_steps - SHORT_TUNE_STEPS
+        # the answer's own loss: train/lm_loss where objectives add terms to the loss
+        objectives = {"ae", "importance", "kd"} & set(adds) or args.tune_context_weight
+        stop = ("train/lm_loss" if objectives else "train/loss", plateau_loss(task, args))
     return Cell(
         name=run_name(method_name(variant, placement), task, seed),
         args=(
@@ -318,16 +332,17 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
             *extra,
             *cell_tail(task, seed, args),
         ),
-        stages=curriculum(short, steps, args),
+        stages=curriculum(short, steps, args, stop=stop),
         needs=needs,
     )
 
 
-def curriculum(short_steps: int | None, steps: int, args,
-               short_facts: int | None = None) -> tuple[Stage, ...]:
+def curriculum(short_steps: int | None, steps: int, args, short_facts: int | None = None,
+               stop: tuple[str, float] | None = None) -> tuple[Stage, ...]:
     """``short_steps`` on the short contexts (``--base_short_words``; ``short_facts`` facts each, else
     the task's), unvalidated, then ``steps`` more on the task's, validated once at the end; without
-    short steps, one stage."""
+    short steps, one stage. ``stop`` (monitor, threshold): the short stage ends earlier, once learned
+    (``StopWhenLearned`` over ``LEARN_WINDOW`` steps), and the task's stage has the steps it left."""
     total = (short_steps or 0) + steps
     last = Stage(max_steps=total, args=("--trainer.val_check_interval", str(total)))
     if not short_steps:
@@ -336,6 +351,10 @@ def curriculum(short_steps: int | None, steps: int, args,
              "--trainer.limit_val_batches", "0"]
     if short_facts is not None:
         short += ["--data.init_args.facts", json.dumps(short_facts)]
+    if stop is not None:
+        short += ["--trainer.callbacks+=gist_lightning.curriculum.StopWhenLearned",
+                  "--trainer.callbacks.monitor", stop[0], "--trainer.callbacks.below", str(stop[1]),
+                  "--trainer.callbacks.window", str(LEARN_WINDOW)]
     return Stage(max_steps=short_steps, args=tuple(short)), last
 
 

@@ -53,7 +53,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     want += [f"{m}-recall3-seed{s}" for s in (0, 1) for m in ("scratch-coarse", "base-coarse", "base-fine")]
     want += [f"base-recall3-seed{s}" for s in (0, 1)]  # again: what the additions need (finished: kept)
     want += [f"base-coarse{a}-recall3-seed{s}" for s in (0, 1)
-             for a in ("+layout", "+ae", "+importance", "+kd", "+short")]
+             for a in ("+layout", "+ae", "+importance", "+kd", "+short", "+learn")]
     assert names == want
     assert not any(tmp_path.glob("*/cell.json"))  # a check writes no cell
 
@@ -690,3 +690,27 @@ def test_the_short_row_spends_part_of_the_same_steps_on_the_short_contexts(lc, t
     both = lc.gist_cell("best+layout+short", "coarse", "recall3", 0, args)
     assert [s.max_steps for s in both.stages] == [lc.SHORT_TUNE_STEPS, 1000]
     assert "--model.segments.sink_tokens" in both.args
+    assert not any("StopWhenLearned" in a for s in short.stages for a in s.args)
+
+
+def test_the_learn_row_keeps_to_the_short_contexts_until_the_lookup_is_learned(lc, tmp_path):
+    """+learn: the short stage ends once the answer loss's mean over LEARN_WINDOW steps is under the
+    task's plateau threshold (LEARN_CAP steps at most), watching the answer's own loss where
+    objectives add terms to the loss; the task's stage then runs to LEARN_CAP + 600 steps."""
+    args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], tune_steps=1000, scratch_steps=2000,
+                              model_config=lc.MODEL, task_model_configs=None, task_base_args=None,
+                              segment_tokens=16, train_batch_size=32, tune_learning_rate=3e-4,
+                              train_context_words=None, train_on="task", vocabulary="words",
+                              tune_restate=0.0, tune_context_weight=0.0, tune_short_steps=None,
+                              base_short_words=[6, 12], plateau_loss=0.25)
+    learn = lc.gist_cell("best+layout+ae+short+learn", "coarse", "two_hop_chain", 0, args)
+    assert [s.max_steps for s in learn.stages] == [lc.LEARN_CAP, lc.LEARN_CAP + 600]
+    first = list(learn.stages[0].args)
+    assert "--trainer.callbacks+=gist_lightning.curriculum.StopWhenLearned" in first
+    assert _value(first, "--trainer.callbacks.monitor") == "train/lm_loss"  # (+ae: the loss has terms)
+    assert float(_value(first, "--trainer.callbacks.below")) == lc.plateau_loss("two_hop_chain", args)
+    assert _value(first, "--trainer.callbacks.window") == str(lc.LEARN_WINDOW)
+    assert json.loads(_value(first, "--data.init_args.context_words")) == [6, 12]
+    plain = lc.gist_cell("base+learn", "coarse", "recall3", 0, args)
+    assert _value(list(plain.stages[0].args), "--trainer.callbacks.monitor") == "train/loss"
+    assert float(_value(list(plain.stages[0].args), "--trainer.callbacks.below")) == 0.25

@@ -1,0 +1,79 @@
+"""StopWhenLearned: a stage that ends once its loss is learned (the mean over a window under a
+threshold), writes the last.ckpt the next stage resumes from, keeps its window in checkpoints, and
+names a metric the run does not log."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from gist_lightning.curriculum import StopWhenLearned
+from gist_lightning.errors import GistError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ('{"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, '
+        '"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}')
+CALLBACK = "--trainer.callbacks+=gist_lightning.curriculum.StopWhenLearned"
+
+
+def _fit(tmp_path, max_steps, *extra):
+    from gist_lightning.cli import cli_main
+
+    return cli_main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                     "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "1000",
+                     "--trainer.limit_val_batches", "0",
+                     "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path),
+                     "--trainer.logger.init_args.version", "run", "--model.model_config", TINY,
+                     "--data.train_size", "64", "--data.validation_size", "2", "--data.batch_size", "4",
+                     "--data.cache_dir", str(tmp_path / "cache"), *extra])
+
+
+def _stopper(cli) -> StopWhenLearned:
+    return next(c for c in cli.trainer.callbacks if isinstance(c, StopWhenLearned))
+
+
+def _steps(run: Path) -> list[int]:
+    return sorted({int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")})
+
+
+@pytest.mark.slow
+def test_a_stage_stops_once_learned_and_the_next_resumes_from_there(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # any loss is under 1e6: learned as soon as the window (3 steps) is full
+    cli = _fit(tmp_path, 10, CALLBACK, "--trainer.callbacks.below", "1e6", "--trainer.callbacks.window", "3")
+    assert cli.trainer.global_step == 3 and _stopper(cli).stopped_at == 3
+    run = Path(cli.trainer.log_dir)
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+    [kept] = [v for k, v in state["callbacks"].items() if "StopWhenLearned" in k]
+    assert len(kept["values"]) == 3  # the window, for a resumed stage
+    # the next stage (no stop) continues from that step to its own max_steps
+    nxt = _fit(tmp_path, 6, "--ckpt_path", "last")
+    assert nxt.trainer.global_step == 6 and _steps(run)[-1] == 5
+    assert Path(nxt.trainer.ckpt_path) == run / "checkpoints" / "last.ckpt"  # (resumed, not restarted)
+    # a loss never under the threshold: the cap (max_steps) ends the stage
+    never = _fit(tmp_path / "never", 5, CALLBACK, "--trainer.callbacks.below", "-1",
+                 "--trainer.callbacks.window", "2")
+    assert never.trainer.global_step == 5 and _stopper(never).stopped_at is None
+
+
+@pytest.mark.slow
+def test_a_metric_the_run_does_not_log_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GistError, match=r"'train/lm_loss' is not logged by this run \(logged: train/loss"):
+        _fit(tmp_path, 3, CALLBACK, "--trainer.callbacks.below", "1",
+             "--trainer.callbacks.monitor", "train/lm_loss")
+
+
+def test_the_window_round_trips_and_must_hold_a_step():
+    stopper = StopWhenLearned(below=0.5, window=3)
+    stopper._values.extend([0.9, 0.4, 0.3, 0.2])  # (the last 3 kept)
+    again = StopWhenLearned(below=0.5, window=3)
+    again.load_state_dict(stopper.state_dict())
+    assert list(again._values) == [0.4, 0.3, 0.2]
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        StopWhenLearned(below=0.5, window=0)
