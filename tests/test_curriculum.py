@@ -77,3 +77,27 @@ def test_the_window_round_trips_and_must_hold_a_step():
     assert list(again._values) == [0.4, 0.3, 0.2]
     with pytest.raises(ValueError, match="window must be >= 1"):
         StopWhenLearned(below=0.5, window=0)
+
+
+@pytest.mark.slow
+def test_a_sweep_cell_takes_a_stopped_stage_as_done_and_extends_it(run_config, tmp_path):
+    """In a sweep cell (the long-context experiment's +learn row), a first stage that stopped once
+    learned counts as done, and the second resumes from where it stopped."""
+    from gist_lightning.sweeps import Cell, Stage, Sweep
+    from gist_lightning.sweeps.engine import LocalLauncher
+
+    config = str(run_config(max_steps=10, val_check_interval=10))
+    stop = (CALLBACK, "--trainer.callbacks.below", "1e6", "--trainer.callbacks.window", "2",
+            "--trainer.limit_val_batches", "0")
+    cell = Cell(name="learn", values={}, seed=0,
+                stages=(Stage(max_steps=10, args=stop), Stage(max_steps=5)))
+    logs: list[str] = []
+    sweep = Sweep([cell], [config], tmp_path / "runs", LocalLauncher(), ["--model.max_new_tokens", "2"],
+                  log=logs.append, poll_seconds=0.2)
+    assert sweep.run() == 0, logs
+    folder = tmp_path / "runs" / "learn"
+    assert (folder / "stage0.done").exists() and (folder / "run" / "done.json").exists()
+    assert "StopWhenLearned: the mean train/loss of the last 2 steps is under 1000000.0; stopping at step 2" \
+        in (folder / "stdout.log").read_text()
+    last = torch.load(folder / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 5
