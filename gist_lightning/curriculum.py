@@ -24,8 +24,9 @@ class StopWhenLearned(L.Callback):
     add terms to it, the answer's own ``train/lm_loss``. The window is kept in checkpoints, so a
     stage killed and resumed stops where the uninterrupted one would; the stop writes ``last.ckpt``
     (:class:`gist_lightning.resume.ClockCheckpoint`), which the next stage resumes from
-    (``--ckpt_path last`` with a larger ``max_steps``). On several devices every rank stops when
-    any rank's window is under ``below``.
+    (``--ckpt_path last`` with a larger ``max_steps``); a stage resumed after its stop (killed before
+    the sweep marked it done) ends at once. On several devices each step's value is the ranks' mean,
+    so every rank holds the same window and stops at the same step.
 
         gist-lightning fit ... --trainer.max_steps 1500 \\
           --trainer.callbacks+=gist_lightning.curriculum.StopWhenLearned \\
@@ -39,6 +40,18 @@ class StopWhenLearned(L.Callback):
         self._values: deque[float] = deque(maxlen=window)
         self.stopped_at: int | None = None  # the global step the fit stopped at, if it did here
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor)
+
+    def _learned(self) -> bool:
+        return len(self._values) == self.window and sum(self._values) / self.window < self.below
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._learned():  # resumed from the checkpoint its stop wrote: nothing more to train
+            trainer.should_stop = True
+            self.stopped_at = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.fit_loop._should_accumulate():  # (one value per optimizer step)
             return
@@ -48,19 +61,20 @@ class StopWhenLearned(L.Callback):
             raise GistError(f"StopWhenLearned.monitor: {self.monitor!r} is not logged by this run "
                             f"(logged: {', '.join(logged) or 'nothing yet'}); train/lm_loss exists only "
                             "with model.objectives")
-        self._values.append(float(value))
-        learned = len(self._values) == self.window and sum(self._values) / self.window < self.below
-        if trainer.strategy.reduce_boolean_decision(learned, all=False):
+        # (the ranks' mean: one window on every rank, as a checkpoint holds rank 0's)
+        self._values.append(float(trainer.strategy.reduce(value.detach().float(), reduce_op="mean")))
+        if self._learned():
             trainer.should_stop = True
             self.stopped_at = trainer.global_step
             rank_zero_info(f"StopWhenLearned: the mean {self.monitor} of the last {self.window} steps is "
                            f"under {self.below}; stopping at step {trainer.global_step}")
 
     def state_dict(self) -> dict:
-        return {"values": list(self._values)}
+        return {"values": list(self._values), "monitor": self.monitor}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._values = deque(state_dict["values"], maxlen=self.window)
+        if state_dict.get("monitor", self.monitor) == self.monitor:  # (another metric's values: dropped)
+            self._values = deque(state_dict["values"], maxlen=self.window)
 
 
 __all__ = ["StopWhenLearned"]

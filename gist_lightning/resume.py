@@ -66,8 +66,8 @@ def decide_validation_once(trainer) -> None:
 
 class ClockCheckpoint(ModelCheckpoint):
     """``last.ckpt`` on a clock: every ``train_time_interval`` or ``every_n_train_steps``, at the
-    last step (``max_steps``; otherwise when training ends), and when a SIGTERM stops training
-    between steps. (Lightning 2.6 refreshes
+    last step (``max_steps``, or a callback's stop; otherwise when training ends), and when a
+    SIGTERM stops training between steps. (Lightning 2.6 refreshes
     ``last.ckpt`` at a validation only when the best checkpoint improved, so without this a killed
     run could lose everything since its last improving validation.)
 
@@ -90,7 +90,8 @@ class ClockCheckpoint(ModelCheckpoint):
         self._validation_due = validation_due(trainer)
         try:
             super().on_train_batch_end(trainer, *args, **kwargs)
-            if last_step(trainer) and not self._deferred and not self._should_skip_saving_checkpoint(trainer):
+            if ((last_step(trainer) or stopping(trainer)) and not self._deferred
+                    and not self._should_skip_saving_checkpoint(trainer)):
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         finally:
             self._validation_due = False
@@ -135,6 +136,14 @@ class ClockCheckpoint(ModelCheckpoint):
 def last_step(trainer) -> bool:
     """Whether the optimizer step that just ended is the run's last (``max_steps`` reached)."""
     return trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+
+
+def stopping(trainer) -> bool:
+    """Whether a callback (e.g. :class:`gist_lightning.curriculum.StopWhenLearned`) asked the run to
+    stop after the step that just ended, and it may: saved then, as at ``max_steps`` (mid-epoch, not
+    after the loop closed the epoch, whose counters a run resumed with a larger ``max_steps`` would
+    start a new epoch from)."""
+    return bool(trainer.should_stop) and trainer.fit_loop._can_stop_early
 
 
 class BestCheckpoint(ModelCheckpoint):

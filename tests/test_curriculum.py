@@ -51,6 +51,12 @@ def test_a_stage_stops_once_learned_and_the_next_resumes_from_there(tmp_path, mo
     assert state["global_step"] == 3
     [kept] = [v for k, v in state["callbacks"].items() if "StopWhenLearned" in k]
     assert len(kept["values"]) == 3  # the window, for a resumed stage
+    # saved at the stop as at max_steps: mid-epoch (16 batches an epoch), not after the loop closed it
+    assert state["epoch"] == 0
+    # the same stage again (killed after its stop, before the sweep marked it done): ends at once
+    again = _fit(tmp_path, 10, CALLBACK, "--trainer.callbacks.below", "1e6",
+                 "--trainer.callbacks.window", "3", "--ckpt_path", "last")
+    assert again.trainer.global_step == 3 and _stopper(again).stopped_at == 3
     # the next stage (no stop) continues from that step to its own max_steps
     nxt = _fit(tmp_path, 6, "--ckpt_path", "last")
     assert nxt.trainer.global_step == 6 and _steps(run)[-1] == 5
@@ -75,6 +81,9 @@ def test_the_window_round_trips_and_must_hold_a_step():
     again = StopWhenLearned(below=0.5, window=3)
     again.load_state_dict(stopper.state_dict())
     assert list(again._values) == [0.4, 0.3, 0.2]
+    other = StopWhenLearned(below=0.5, monitor="train/lm_loss", window=3)
+    other.load_state_dict(stopper.state_dict())  # another metric's window: not taken
+    assert list(other._values) == [] and other.state_key != stopper.state_key
     with pytest.raises(ValueError, match="window must be >= 1"):
         StopWhenLearned(below=0.5, window=0)
 
