@@ -96,6 +96,8 @@ TRAINING = {**{t: ([g], f) for t, (g, f) in TASKS.items()}, "mixture": (["recall
 # the final stage's tasks: two-hop as its chain, the form whose full-attention bases train (97.5-98%;
 # plain two-hop's stayed at chance, 42.5-53%, so its gist rows would measure nothing)
 DEFAULT_TASKS = ["recall1", "recall3", "two_hop_chain"]
+# a task answered otherwise than the task whose records it shares (the chain: two-hop's records)
+SHARES_RECORDS = {"two_hop_chain": "two_hop"}
 
 
 def trained_on(task: str, args) -> str:
@@ -323,7 +325,8 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
     if "learn" in adds:
         short, steps = LEARN_CAP, args.tune_steps - SHORT_TUNE_STEPS
         # the answer's own loss: train/lm_loss where objectives add terms to the loss
-        objectives = {"ae", "importance", "kd"} & set(adds) or args.tune_context_weight
+        objectives = any(a.startswith("--model.objectives.") and a.endswith("_weight") for a in extra) \
+            or args.tune_context_weight
         stop = ("train/lm_loss" if objectives else "train/loss", plateau_loss(task, args))
     return Cell(
         name=run_name(method_name(variant, placement), task, seed),
@@ -446,7 +449,7 @@ def records_of(
     keys never asked are ``validation_unseen``'s: a model that answers asked keys at 96% answered
     those at chance, the base at 68%, and mixing them in hid both)."""
     generator, facts = TASKS[task]
-    stream = {"two_hop_chain": "two_hop"}.get(task, task)  # (the chain: two_hop's records, its answers)
+    stream = SHARES_RECORDS.get(task, task)  # (the chain: two_hop's records, its answers)
     rng = random.Random(10_000 + 10_000 * seed + sorted(TASKS).index(stream))
     out = []
     while len(out) < n:
@@ -544,34 +547,35 @@ def answer_losses(run: Path) -> list[tuple[int, float]]:
             if (loss := row.get("train/lm_loss") or row.get("train/loss"))]
 
 
-def end_loss(run: Path) -> float | None:
-    """The mean of the last ``END_LOGGED`` logged answer losses (None: nothing logged)."""
-    losses = [loss for _, loss in answer_losses(run)[-END_LOGGED:]]
-    return round(float(np.mean(losses)), 4) if losses else None
+def end_loss(losses: list[tuple[int, float]]) -> float | None:
+    """The mean of the last ``END_LOGGED`` of :func:`answer_losses` (None: nothing logged)."""
+    last = [loss for _, loss in losses[-END_LOGGED:]]
+    return round(float(np.mean(last)), 4) if last else None
 
 
-def plateau_step(run: Path, threshold: float, start: int = 0) -> int | None:
-    """The first logged step from ``start`` on whose answer loss is under ``threshold``, where the
-    model also ended under it (:func:`end_loss`, a mean that lags: a model that gets under it in its
-    last few logged steps has not left it yet): a curriculum's short contexts can take a model under
-    it and the task's put it back (None: never, or back on the plateau at the end)."""
-    end = end_loss(run)
+def plateau_step(losses: list[tuple[int, float]], threshold: float, start: int = 0) -> int | None:
+    """The first logged step from ``start`` on whose answer loss (of :func:`answer_losses`) is under
+    ``threshold``, where the model also ended under it (:func:`end_loss`, a mean that lags: a model
+    that gets under it in its last few logged steps has not left it yet): a curriculum's short
+    contexts can take a model under it and the task's put it back (None: never, or back on the
+    plateau at the end)."""
+    end = end_loss(losses)
     if end is None or end >= threshold:
         return None
-    return next((step for step, loss in answer_losses(run) if step >= start and loss < threshold), None)
+    return next((step for step, loss in losses if step >= start and loss < threshold), None)
 
 
 def training_record(cell: Path, threshold: float) -> dict:
     """What a finished cell's training did against the plateau ``threshold``: the step it left the
     plateau, the step it did so on the task's own contexts (its last stage: a curriculum's first
     stages are on short contexts), its end loss and the threshold; {} when nothing was logged."""
-    run = cell / "run"
-    if not answer_losses(run):
+    losses = answer_losses(cell / "run")
+    if not losses:
         return {}
     stages = json.loads((cell / "cell.json").read_text())["stages"]  # (the sweep's record of the cell)
     task_start = stages[-2]["max_steps"] if len(stages) > 1 else 0
-    return {"plateau_loss": threshold, "plateau_step": plateau_step(run, threshold),
-            "task_plateau_step": plateau_step(run, threshold, task_start), "end_loss": end_loss(run)}
+    return {"plateau_loss": threshold, "plateau_step": plateau_step(losses, threshold),
+            "task_plateau_step": plateau_step(losses, threshold, task_start), "end_loss": end_loss(losses)}
 
 
 class _StepClock(Callback):
@@ -1141,8 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
         if twice:  # (a dict would keep the last silently)
             p.error(f"{flag} names {', '.join(twice)} more than once; give each training once")
     if args.tasks is None:
-        args.tasks = [{"two_hop_chain": "two_hop"}.get(t, t) if args.train_on == "mixture" else t
-                      for t in DEFAULT_TASKS]
+        args.tasks = [SHARES_RECORDS.get(t, t) if args.train_on == "mixture" else t for t in DEFAULT_TASKS]
     unanswered = [t for t in args.tasks if not answers(trained_on(t, args), t)]
     if unanswered:
         p.error(f"--train_on {args.train_on} trains no model that answers {', '.join(unanswered)} "
@@ -1312,13 +1315,14 @@ def record_model(ev: Evaluations, args, name: str) -> None:
             evaluate_all(ev, task, seed, methods, records, split, args)
     done = json.loads((run / "done.json").read_text())
     spec = json.loads((args.run_root / name / "cell.json").read_text())  # (the sweep's record of the cell)
+    threshold = plateau_loss(training, args)
     ev.models[name] = {
         "model": model,
         "task": training,
         "seed": seed,
-        "plateau_loss": plateau_loss(training, args),  # (the threshold: PLATEAU_SCALE may change)
-        "plateau_step": None,
-        **training_record(args.run_root / name, plateau_loss(training, args)),
+        "plateau_loss": threshold,  # (the threshold: PLATEAU_SCALE may change)
+        "plateau_step": None,  # (and, from its metrics.csv, the steps and end loss)
+        **training_record(args.run_root / name, threshold),
         "steps": spec["stages"][-1]["max_steps"],  # (a finished cell ran its last stage to its end)
         "minutes": done.get("minutes"),
         "weights_sha256": digest,

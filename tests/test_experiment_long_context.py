@@ -241,9 +241,10 @@ def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
     rows = "".join(f"0,{s},{v}\n" for s, v in ((49, 2.1), (99, 0.9), (149, 0.4), (199, 0.6), (249, 0.3),
                                                 (299, 0.2), (349, 0.1)))
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
-    assert lc.plateau_step(tmp_path, 0.5) == 149 and lc.plateau_step(tmp_path, 0.1) is None
-    assert lc.end_loss(tmp_path) == pytest.approx(0.3)  # the last 4 logged
-    assert lc.plateau_step(tmp_path, 0.5, start=200) == 249  # from a stage's first step on
+    losses = lc.answer_losses(tmp_path)
+    assert lc.plateau_step(losses, 0.5) == 149 and lc.plateau_step(losses, 0.1) is None
+    assert lc.end_loss(lc.answer_losses(tmp_path)) == pytest.approx(0.3)  # the last 4 logged
+    assert lc.plateau_step(lc.answer_losses(tmp_path), 0.5, start=200) == 249  # from a stage's first step on
     cell = tmp_path / "cell"  # a curriculum's cell: its last stage (the task's contexts) from step 200
     (cell / "run").mkdir(parents=True)
     (cell / "run" / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
@@ -255,10 +256,11 @@ def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
     # under the threshold on a curriculum's short contexts, back above it on the task's: never left it
     rows += "".join(f"0,{s},1.2\n" for s in (399, 449, 499, 549))
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
-    assert lc.plateau_step(tmp_path, 0.5) is None and lc.end_loss(tmp_path) == pytest.approx(1.2)
+    assert lc.plateau_step(lc.answer_losses(tmp_path), 0.5) is None
+    assert lc.end_loss(lc.answer_losses(tmp_path)) == pytest.approx(1.2)
     (tmp_path / "metrics.csv").write_text("epoch,step,train/loss,train/lm_loss\n0,49,0.4,2.1\n0,99,0.3,0.2\n"
                                           + "".join(f"0,{s},0.3,0.1\n" for s in (149, 199, 249)))
-    assert lc.plateau_step(tmp_path, 0.5) == 99  # with objectives: the answer's own loss
+    assert lc.plateau_step(lc.answer_losses(tmp_path), 0.5) == 99  # with objectives: the answer's own loss
     args = argparse.Namespace(plateau_loss=0.25, vocabulary="words")  # chain: a guessed place: ln(2)/3
     assert lc.plateau_loss("recall3", args) == 0.25 and lc.plateau_loss("two_hop_chain", args) == 0.125
     args = argparse.Namespace(plateau_loss=0.5, vocabulary="codes")  # ln(2)/7 with codes' 3-5 tokens
