@@ -5,17 +5,18 @@ names a metric the run does not log."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_LLAMA
 
 from gist_lightning.curriculum import StopWhenLearned
 from gist_lightning.errors import GistError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ('{"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, '
-        '"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}')
+TINY = json.dumps(TINY_LLAMA)
 CALLBACK = "--trainer.callbacks+=gist_lightning.curriculum.StopWhenLearned"
 
 
