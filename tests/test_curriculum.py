@@ -69,6 +69,16 @@ def test_a_stage_stops_once_learned_and_the_next_resumes_from_there(tmp_path, mo
 
 
 @pytest.mark.slow
+def test_the_window_counts_optimizer_steps_under_gradient_accumulation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # 2 batches an optimizer step: one value a step, so a window of 3 is full at step 3 (6 batches)
+    cli = _fit(tmp_path, 10, CALLBACK, "--trainer.callbacks.below", "1e6", "--trainer.callbacks.window", "3",
+               "--trainer.accumulate_grad_batches", "2")
+    assert cli.trainer.global_step == 3 and _stopper(cli).stopped_at == 3
+    assert len(_stopper(cli)._values) == 3
+
+
+@pytest.mark.slow
 def test_a_metric_the_run_does_not_log_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(GistError, match=r"'train/lm_loss' is not logged by this run \(logged: train/loss"):
