@@ -15,7 +15,9 @@ Variants (``VARIANTS``): ``scratch`` (coarse, from random weights), ``coarse`` a
 the base); then, on the placement chosen on validation records (``--placement auto``): ``+layout``
 (4 sink tokens and the last raw segment kept: UniGist's layout), ``+ae`` (fine-grained
 autoencoding), ``+importance`` (segment-wise token importance from the base), ``+kd``
-(distillation from the base), and ``best`` (the additions that helped on validation, together).
+(distillation from the base), ``+short`` (400 of the 1000 steps on the bases' short contexts
+first), ``+learn`` (the short contexts until the answer loss is learned, at most 1000 steps, then
+the task's to step 1600), and ``best`` (the additions that helped on validation, together).
 Baselines: ``full`` (the base itself), ``truncation`` (the base given only the context's end, as
 many positions as each gist variant's cache holds: gists, sinks and window included) and
 ``no_context`` (the base asked without the context), beside each task's chance floor.

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import TINY_LLAMA
 
 from gist_lightning import generate
 from gist_lightning.caching import continuation_logits
@@ -16,6 +17,7 @@ from gist_lightning.errors import ContextLengthError
 from gist_lightning.long_context import SegmentSettings, compress_context, encode_context, masked_forward
 from gist_lightning.padding import pad_batch
 from gist_lightning.templates import encode_continuation
+from gist_lightning.tokens import gist_token_id
 
 TOLERANCE = 1e-5
 CONTEXTS = [  # contexts of several segments of 8 tokens, of different lengths (the tiny windows are 8)
@@ -214,6 +216,42 @@ def test_a_segment_model_trains_validates_through_segment_caches_and_exports(tmp
     assert stats["compression_ratio"] == pytest.approx(tokens / (sum(held) / len(held)))
     assert stats["gist_cache_bytes"] == pytest.approx(stats["cached_positions_mean"] * cache.nbytes()
                                                       / int(cache.valid.sum()))
+
+
+@pytest.mark.slow
+def test_compression_statistics_count_a_layouts_sinks_and_window(tmp_path, monkeypatch):
+    """With sinks and the last raw segment kept, the statistics count every position the cache holds
+    (sinks, gists, window), as a cache compressed afresh from the export holds, record by record."""
+    import json
+    from pathlib import Path
+
+    from gist_lightning.cli import cli_main
+    from gist_lightning.data.records import load_records
+    from gist_lightning.evaluation.callbacks import ExportBest
+    from gist_lightning.export import load_pretrained
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(root / "configs" / "tiny.yaml"),
+                    "--config", str(root / "configs" / "tiny-long.yaml"), "--trainer.max_steps", "2",
+                    "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+                    "--model.model_config", json.dumps({**TINY_LLAMA, "max_position_embeddings": 2048}),
+                    "--model.segments.sink_tokens", "4", "--model.segments.recent_segments", "1",
+                    "--data.train_size", "12", "--data.validation_size", "6", "--data.eval_batch_size", "3",
+                    "--data.context_words", "[40, 90]", "--data.cache_dir", str(tmp_path / "cache"),
+                    "--model.max_new_tokens", "2"])
+    model, tok, settings = load_pretrained(next(c for c in cli.trainer.callbacks
+                                                if isinstance(c, ExportBest)).path)
+    layout = SegmentSettings(**settings["segments"])
+    assert (layout.sink_tokens, layout.recent_segments) == (4, 1)
+    records = load_records(cli.datamodule.split_path("validation_seen"))
+    held = [int(compress_context(model, tok, [r["instruction"]], layout).valid.sum()) for r in records]
+    gists = [encode_context(tok, r["instruction"], layout, gist_token_id(tok)).count(gist_token_id(tok))
+             for r in records]
+    assert len(set(held)) > 1 and all(h >= g + 4 for h, g in zip(held, gists))  # sinks and window counted
+    [stats_file] = (Path(cli.trainer.log_dir) / "predictions").glob("*-compression.json")
+    stats = json.loads(stats_file.read_text())["validation_seen"]
+    assert stats["cached_positions_mean"] == pytest.approx(sum(held) / len(held))
 
 
 def test_segment_settings_must_agree_with_k():
