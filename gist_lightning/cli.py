@@ -379,6 +379,17 @@ DEBUG_ENV = "GIST_LIGHTNING_DEBUG"
 EXPECTED = (GistError, ValueError, OSError, KeyError)
 
 
+def _setting_error(text: str) -> str:
+    """An optional dataclass setting (``model.segments``: ``SegmentSettings | None``) that fails its
+    own check reaches here as jsonargparse's error listing each subtype's; the setting's own message
+    is the one that is not ``None``'s."""
+    if not text.startswith("Does not validate against any of the Union subtypes"):
+        return text
+    errors = [line.strip()[2:] for line in text.splitlines() if line.startswith("  - ")]
+    own = [e for e in errors if not e.startswith("Expected a <class 'NoneType'>")]
+    return own[0] if len(own) == 1 else text
+
+
 def print_help(file=sys.stdout) -> None:
     lines = ["usage: gist-lightning COMMAND [options]      (gist-lightning COMMAND --help: its options)", "",
              "training and evaluation (LightningCLI):"]
@@ -418,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     except EXPECTED as e:
         if debug:
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
+        message = " ".join(_setting_error(str(e)).split()) or type(e).__name__
         if not isinstance(e, GistError):
             message = f"{message} ({type(e).__name__})"
         print(f"gist-lightning: error: {message}  [--debug shows the traceback]", file=sys.stderr)

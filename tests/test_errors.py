@@ -155,6 +155,18 @@ def test_expected_failures_are_one_line(exported, tmp_path, capsys):
         assert wanted in one_line_error(argv, capsys), argv
 
 
+def test_a_segment_setting_out_of_range_is_named_alone(capsys):
+    """model.segments' own checks, not jsonargparse's list of the optional type's subtypes."""
+    long = str(CONFIG.parent / "tiny-long.yaml")
+    for flag, value, wanted in [
+        ("sink_tokens", "40", "sink_tokens (40) must be >= 0 and leave room in the first segment"),
+        ("recent_segments", "-1", "recent_segments must be >= 0 segments; got -1"),
+    ]:
+        line = one_line_error(["fit", "--config", str(CONFIG), "--config", long, f"--model.segments.{flag}",
+                               value], capsys)
+        assert line.startswith(f"gist-lightning: error: {wanted}") and "Union" not in line, line
+
+
 def test_the_installed_command_exits_1_with_one_line_and_traceback_on_debug(exported, tmp_path):
     _, _, folder, cache = exported
     truncated = tmp_path / "t.safetensors"
