@@ -275,6 +275,8 @@ class ContextCompression:
         self.gist_id, self.pad_token_id = gist_token_id, pad_token_id
         self.settings, self.condition = settings, condition
         self.n_segments = max(len(c) for c in self.chunks)
+        # the most raw tokens a segment has (the first may hold a template's tokens beside its own)
+        self.widest_raw = max(sum(x != gist_token_id for x in seg) for c in self.chunks for seg in c)
         self.segment = 0  # the next one to run
         device, bsz = model.device, len(rows)
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, H, P, D)
@@ -335,6 +337,12 @@ class ContextCompression:
         else:
             keep = torch.zeros_like(key_real[:, 0])
         width_kept = int(keep.sum(-1).max()) if keep.numel() else 0
+        if condition == "gist":  # the memory bound: sinks + the gists so far + the last raw segments
+            bound = (settings.sink_tokens + (s + 1) * settings.gists_per_segment
+                     + settings.recent_segments * self.widest_raw)
+            if width_kept > bound:
+                raise RuntimeError(f"segment {s}: the cache keeps {width_kept} positions, over the layout's "
+                                   f"bound of {bound} (sinks + gists + recent segments)")
         # the kept columns of each row, left-padded to width_kept: (B, width_kept)
         order = torch.sort(keep.long(), dim=-1, stable=True).indices[:, keep.shape[1] - width_kept:]
         self.kept = [(_take(layer.keys, order), _take(layer.values, order)) for layer in out.cache.layers]

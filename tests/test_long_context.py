@@ -92,6 +92,25 @@ def test_sinks_and_recent_segments_keep_exactly_what_the_rule_lets_through(make_
     assert not torch.allclose(cache.states[-1][0][:, :, -1], plain.states[-1][0][:, :, -1])  # it matters
 
 
+def test_compression_refuses_to_keep_more_than_the_layouts_bound(make_pair, monkeypatch):
+    """The bound (sinks + gists + the last raw segments) is checked as each segment is compressed:
+    a cache over it is an error, never a silent memory blow-up (here the bound is made too small)."""
+    from gist_lightning.long_context import ContextCompression
+
+    model, tok, gist_id = make_pair("llama", "eager")
+    settings = SegmentSettings(segment_tokens=8, gists_per_segment=2, **LAYOUT)
+    compress_context(model, tok, CONTEXTS[:2], settings)  # within the bound
+    init = ContextCompression.__init__
+
+    def narrower(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.widest_raw = 0  # (the last raw segment kept, as if none were)
+
+    monkeypatch.setattr(ContextCompression, "__init__", narrower)
+    with pytest.raises(RuntimeError, match=r"segment 0: the cache keeps \d+ positions, over the layout"):
+        compress_context(model, tok, CONTEXTS[:2], settings)
+
+
 def test_a_window_of_segments_and_generation_from_the_cache(make_pair):
     """With window=1 a segment sees only the previous segment's gists: still exact; and greedy
     generation from the cache runs as from any gist cache. The windowed cache differs from the
