@@ -595,22 +595,25 @@ class _StepClock(Callback):
 
 
 def objective_speed(base: Path, task: str, args, steps: int = 25) -> list[dict]:
-    """Train steps/s of fine-tuning from ``base`` with each objective against the plain loss, one
-    process, one thread, the same batches (batch and context lengths of the task's training)."""
+    """Train steps/s of fine-tuning from ``base`` with each objective (and the layout) against the
+    plain loss, one process, one thread, the same batches (batch and context lengths of the task's
+    training)."""
     from gist_lightning.data import LongRecall
     from gist_lightning.module import GistLitModule
 
     generators, facts = TRAINING[trained_on(task, args)]
     _, _, settings = load_pretrained(base)
     rows = []
-    for name, objectives in [
-        ("plain", None),
-        ("+ae", {"autoencode_weight": 0.5}),
-        ("+importance", {"teacher": str(base), "importance_weight": 0.5}),
-        ("+kd", {"teacher": str(base), "distill_weight": 1.0}),
+    layout = {key.rsplit(".", 1)[1]: int(value) for key, value in zip(LAYOUT[::2], LAYOUT[1::2])}
+    for name, objectives, more in [
+        ("plain", None, {}),
+        ("+layout", None, layout),
+        ("+ae", {"autoencode_weight": 0.5}, {}),
+        ("+importance", {"teacher": str(base), "importance_weight": 0.5}, {}),
+        ("+kd", {"teacher": str(base), "distill_weight": 1.0}, {}),
     ]:
         torch.manual_seed(0)
-        segments = {**settings["segments"], "placement": "coarse"}
+        segments = {**settings["segments"], "placement": "coarse", **more}
         module = GistLitModule(
             model_name_or_path=str(base),
             num_gist_tokens=segments["gists_per_segment"],
@@ -775,7 +778,7 @@ def write_outputs(
         lines.append("")
     if speed:
         lines += [
-            "## Train steps/s of each objective (fine-tuning from a base, one thread)",
+            "## Train steps/s of each objective and the layout (fine-tuning from a base, one thread)",
             "",
             "| objective | steps/s | x plain |",
             "|---|---|---|",

@@ -716,3 +716,27 @@ def test_the_learn_row_keeps_to_the_short_contexts_until_the_lookup_is_learned(l
     plain = lc.gist_cell("base+learn", "coarse", "recall3", 0, args)
     assert _value(list(plain.stages[0].args), "--trainer.callbacks.monitor") == "train/loss"
     assert float(_value(list(plain.stages[0].args), "--trainer.callbacks.below")) == 0.25
+
+
+@pytest.mark.slow
+def test_objective_speed_times_each_objective_and_the_layout_from_one_base(lc, tmp_path, tok):
+    """--speed: the plain loss, the layout and each objective, fine-tuned from the same base on the
+    task's batches, each timed after its warmup, relative to the plain loss."""
+    from conftest import TINY_LLAMA
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gist_lightning.export import export_pretrained
+
+    config = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    config |= {"vocab_size": len(tok), "max_position_embeddings": 2048}
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    base = export_pretrained(model, tok, tmp_path / "base", num_gist_tokens=4, condition="pos_control",
+                             segments={"segment_tokens": 16, "gists_per_segment": 4, "placement": "coarse"})
+    args = argparse.Namespace(train_on="task", vocabulary="words", train_context_words=None,
+                              context_words=[20, 30], train_batch_size=2, run_root=tmp_path)
+    rows = lc.objective_speed(base, "recall3", args, steps=7)
+    assert [r["objective"] for r in rows] == ["plain", "+layout", "+ae", "+importance", "+kd"]
+    assert all(r["steps_timed"] == 2 and r["steps_per_second"] > 0 for r in rows)  # steps 6 and 7
+    assert rows[0]["relative_to_plain"] == 1.0
+    plain = rows[0]["steps_per_second"]
+    assert [r["relative_to_plain"] for r in rows] == [round(r["steps_per_second"] / plain, 3) for r in rows]
