@@ -4,6 +4,9 @@ a prompt that does not fit the model) that the command line prints as one line."
 from __future__ import annotations
 
 import os
+import signal
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # a run stopped by a SIGTERM exits so, as a scheduler expects
 
 
 class GistError(Exception):

@@ -22,9 +22,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .errors import SIGTERM_EXIT
 from .files import atomic_path, remove_strays, remove_strays_at, write_text_atomic
-
-SIGTERM_EXIT = 143  # 128 + SIGTERM: what a scheduler expects of a job it stopped
 
 
 def validation_due(trainer) -> bool:

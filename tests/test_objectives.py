@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_LLAMA
 
 from gist_lightning.long_context import SegmentSettings, encode_context, masked_forward
 from gist_lightning.objectives import (
@@ -213,8 +214,7 @@ def test_autoencoding_without_segments_is_refused():
                                     "num_attention_heads": 2}, objectives={"autoencode_weight": 1.0})
 
 
-TINY = ('{"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, '
-        '"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}')
+TINY = json.dumps({**TINY_LLAMA, "max_position_embeddings": 2048})
 
 
 def _fit(tmp_path, name, *extra):

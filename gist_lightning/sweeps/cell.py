@@ -26,11 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import SIGTERM_EXIT
 from ..files import write_text_atomic
 
 SPEC, DONE, FAILED = "cell.json", "done.json", "failed.json"
 RUNNING = "running.json"  # while a cell's process runs: its pid and host (a second process's listing)
-SIGTERM_EXIT = 128 + signal.SIGTERM  # a fit stopped by a SIGTERM exits so (resume.SIGTERM_EXIT)
 STOPPED = {SIGTERM_EXIT, -signal.SIGTERM, -signal.SIGKILL, 137}  # stopped from outside: resumable, not failed
 _child: subprocess.Popen | None = None
 _stop_asked = False  # a stop signal came: no further fit starts, and the cell's exit reads as stopped
