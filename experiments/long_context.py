@@ -574,10 +574,24 @@ def training_record(cell: Path, threshold: float) -> dict:
     losses = answer_losses(cell / "run")
     if not losses:
         return {}
-    stages = json.loads((cell / "cell.json").read_text())["stages"]  # (the sweep's record of the cell)
-    task_start = stages[-2]["max_steps"] if len(stages) > 1 else 0
     return {"plateau_loss": threshold, "plateau_step": plateau_step(losses, threshold),
-            "task_plateau_step": plateau_step(losses, threshold, task_start), "end_loss": end_loss(losses)}
+            "task_plateau_step": plateau_step(losses, threshold, last_stage_start(cell)),
+            "end_loss": end_loss(losses)}
+
+
+def last_stage_start(cell: Path) -> int:
+    """The step a cell's last stage started from: where the stage before it ended, as its export
+    (``export-stage<i>``, the sweep's) records it; a stage stopped once learned (``+learn``) ends
+    before its ``max_steps``, which is the answer only when that export is gone."""
+    stages = json.loads((cell / "cell.json").read_text())["stages"]  # (the sweep's record of the cell)
+    if len(stages) < 2:
+        return 0
+    before = cell / "run" / f"export-stage{len(stages) - 2}" / "gist_config.json"
+    if before.is_file():
+        step = (json.loads(before.read_text()).get("source") or {}).get("global_step")
+        if step is not None:
+            return int(step)
+    return stages[-2]["max_steps"]
 
 
 class _StepClock(Callback):
@@ -1353,11 +1367,11 @@ def report(ev: Evaluations, args) -> None:
     for name in sorted(finished, key=lambda n: (not n.startswith("base-"), n)):  # bases first
         if parse_run_name(name) and not ev.models.get(name, {}).get("evaluated"):
             record_model(ev, args, name)
-        elif parse_run_name(name) and "task_plateau_step" not in ev.models[name]:  # recorded before it was
+        elif parse_run_name(name):  # recorded earlier, perhaps before a field was, or by older code
             entry = ev.models[name]
             found = training_record(args.run_root / name, entry.get("plateau_loss")
                                     or plateau_loss(entry["task"], args))
-            if found:  # (no metrics.csv left: the record stays as it was)
+            if found and any(entry.get(k) != v for k, v in found.items()):  # (no metrics.csv: kept as it was)
                 entry.update(found)
                 print(f"{name}: plateau steps and end loss from its metrics.csv", flush=True)
     ev.save()
