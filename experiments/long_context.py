@@ -699,9 +699,17 @@ def write_outputs(
                 w = csv.DictWriter(f, fieldnames=list(table[0]))
                 w.writeheader()
                 w.writerows(table)
-    seeds_of = {}
+    seeds_of, steps_of = {}, {}
     for t, m, _, s in results:
         seeds_of.setdefault((t, m), set()).add(s)
+    for p in plateau:  # the training steps of each model (a baseline's: its base's)
+        if p.get("steps"):
+            steps_of.setdefault((p["task"], p["model"]), set()).add(int(p["steps"]))
+
+    def steps(t, m):
+        model = "base" if m in BASELINES or m.startswith("truncation") else m
+        got = steps_of.get((t, model)) or steps_of.get(("mixture", model))
+        return "-" if not got else str(min(got)) if len(got) == 1 else f"{min(got)}-{max(got)}"
 
     def matrix(t, m, r):
         return np.array([results[(t, m, r, s)][0] for s in sorted(seeds_of[(t, m)])])
@@ -711,7 +719,8 @@ def write_outputs(
         "",
         "Exact match (%), mean over seeds and records with a 95% bootstrap interval (seeds and records "
         "resampled); in brackets under each ratio, the effective ratio (context tokens / every cached "
-        "position). `truncation` holds as many positions as the plain gist cache at that ratio "
+        "position); steps: the models' training steps (a baseline's: its base's). `truncation` holds as "
+        "many positions as the plain gist cache at that ratio "
         "(`truncation+layout`: as the layout's). `full` and `no_context` do not depend on the ratio.",
         "",
     ]
@@ -724,8 +733,9 @@ def write_outputs(
             + (": the context holds one value, so copying any is right; no_context is the floor"
                if floors[task] >= 99.95 else "") + ")",
             "",
-            "| method | seeds | " + " | ".join(f"{r}x" for r in RATIOS) + " | vs truncation (4x, 8x, 16x) |",
-            "|---|---|" + "---|" * (len(RATIOS) + 1),
+            "| method | seeds | steps | " + " | ".join(f"{r}x" for r in RATIOS)
+            + " | vs truncation (4x, 8x, 16x) |",
+            "|---|---|---|" + "---|" * (len(RATIOS) + 1),
         ]
         for m in methods:
             cells, diffs = [], []
@@ -750,7 +760,7 @@ def write_outputs(
                     ) - np.array([results[(task, trunc, r, s)][0] for s in sorted(seeds_of[(task, m)])])
                     diffs.append(format_interval(paired_bootstrap(100 * paired)))
             lines.append(
-                f"| {m} | {len(seeds_of[(task, m)])} | "
+                f"| {m} | {len(seeds_of[(task, m)])} | {steps(task, m)} | "
                 + " | ".join(cells)
                 + " | "
                 + ("; ".join(diffs) or "-")

@@ -331,13 +331,13 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
         assert float(r["effective_ratio"]) == pytest.approx(256 / (64 // int(r["ratio"])), abs=0.01)
     table = (tmp_path / "table.md").read_text()
     assert "## recall3 (chance floor 33.3%)" in table
-    assert "| base-coarse | 2 | 100.0 [100, 100] (16.0x) |" in table
-    assert "| scratch-coarse | 2 | " in table and "| full | 2 | 90.0 [" in table
+    assert "| base-coarse | 2 | 500 | 100.0 [100, 100] (16.0x) |" in table
+    assert "| scratch-coarse | 2 | 2000 | " in table and "| full | 2 | - | 90.0 [" in table  # (no base here)
     assert "seed 0: 40.0, seed 1: 30.0" in table  # scratch at 4x, per seed
     assert "| scratch-coarse | recall3 | 0 | 0.5 | never | - | - | 2000 |" in table
     assert "| +kd | 1.50 | 0.75 |" in table
     assert (tmp_path / "long_context.png").stat().st_size > 1000
-    base_line = next(line for line in table.splitlines() if line.startswith("| base-coarse | 2"))
+    base_line = next(line for line in table.splitlines() if line.startswith("| base-coarse | 2 | 500"))
     assert base_line.count("[") >= 6  # three ratios, and a paired interval against truncation at each
     # a row on seed 1 alone (as the ablation runs seed 1 first) is paired with its truncation's seed 1
     one = {("recall3", m, r, 1): ([1.0] * k + [0.0] * (n - k), [20] * n)
@@ -348,6 +348,10 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     assert layout.count("+40.0 [") == 3, layout
     lc.write_outputs(tmp_path, results, {"recall3": 100.0}, plateau, speed, {"recall3": 256.0}, args)
     assert "(chance floor 100.0%: the context holds one value" in (tmp_path / "table.md").read_text()
+    bases = [{"model": "base", "task": "recall3", "seed": s, "steps": 5000 + s} for s in seeds]
+    lc.write_outputs(tmp_path, results, {"recall3": 33.3}, plateau + bases, speed, {"recall3": 256.0}, args)
+    table = (tmp_path / "table.md").read_text()
+    assert "| full | 2 | 5000-5001 | 90.0 [" in table and "| truncation | 2 | 5000-5001 | " in table
 
 
 def test_test_and_validation_records_ask_the_keys_training_asks(lc):
