@@ -582,16 +582,28 @@ def training_record(cell: Path, threshold: float) -> dict:
 def last_stage_start(cell: Path) -> int:
     """The step a cell's last stage started from: where the stage before it ended, as its export
     (``export-stage<i>``, the sweep's) records it; a stage stopped once learned (``+learn``) ends
-    before its ``max_steps``, which is the answer only when that export is gone."""
+    before its ``max_steps``, which is the answer only when that export is gone (a guess:
+    :func:`stage_end_recorded` says which). (The experiment's earlier stages are not validated, so
+    their export is their last step, not a best checkpoint's.)"""
     stages = json.loads((cell / "cell.json").read_text())["stages"]  # (the sweep's record of the cell)
     if len(stages) < 2:
         return 0
-    before = cell / "run" / f"export-stage{len(stages) - 2}" / "gist_config.json"
+    return _stage_end(cell, len(stages) - 2) or stages[-2]["max_steps"]
+
+
+def _stage_end(cell: Path, stage: int) -> int | None:
+    before = cell / "run" / f"export-stage{stage}" / "gist_config.json"
     if before.is_file():
         step = (json.loads(before.read_text()).get("source") or {}).get("global_step")
-        if step is not None:
-            return int(step)
-    return stages[-2]["max_steps"]
+        return None if step is None else int(step)
+    return None
+
+
+def stage_end_recorded(cell: Path) -> bool:
+    """Whether :func:`last_stage_start` read the step (a one-stage cell, or the earlier stage's
+    export), rather than taking the earlier stage's ``max_steps``."""
+    stages = json.loads((cell / "cell.json").read_text())["stages"]
+    return len(stages) < 2 or _stage_end(cell, len(stages) - 2) is not None
 
 
 class _StepClock(Callback):
@@ -1378,9 +1390,15 @@ def report(ev: Evaluations, args) -> None:
         if parse_run_name(name) and not ev.models.get(name, {}).get("evaluated"):
             record_model(ev, args, name)
         elif parse_run_name(name):  # recorded earlier, perhaps before a field was, or by older code
-            entry = ev.models[name]
-            found = training_record(args.run_root / name, entry.get("plateau_loss")
-                                    or plateau_loss(entry["task"], args))
+            entry, cell = ev.models[name], args.run_root / name
+            recorded, export = entry.get("weights_sha256"), cell / "run" / "export"
+            if recorded and (not any(export.glob("*.safetensors")) or recorded != weights_digest(export)):
+                print(f"{name}: its folder holds other weights than the record's; the record is kept",
+                      flush=True)
+                continue
+            found = training_record(cell, entry.get("plateau_loss") or plateau_loss(entry["task"], args))
+            if "task_plateau_step" in entry and not stage_end_recorded(cell):
+                found.pop("task_plateau_step", None)  # (a guess from max_steps: never over a record)
             if found and any(entry.get(k) != v for k, v in found.items()):  # (no metrics.csv: kept as it was)
                 entry.update(found)
                 print(f"{name}: plateau steps and end loss from its metrics.csv", flush=True)

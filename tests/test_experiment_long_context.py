@@ -578,6 +578,41 @@ def test_the_report_leaves_out_tasks_it_does_not_know_and_gives_each_models_thre
     assert "four_hop" in (tmp_path / "out" / "evaluations.json").read_text()  # kept for the newer version
 
 
+def test_a_report_refreshes_a_records_training_fields_only_from_its_own_run(lc, tmp_path, capsys):
+    """A recorded model whose folder is here gets its plateau fields recomputed, but never from a run
+    with other weights under its name, and never a task plateau step guessed from max_steps (its
+    short stage's export gone) over the recorded one."""
+    import torch
+
+    ev = lc.Evaluations(tmp_path / "out" / "evaluations.json", {"context_words": [70, 120]})
+    for m in ("base-coarse+learn", "truncation", "full", "no_context"):
+        ev.get(f"test/recall3/{m}/seed0", lambda: {r: ([1.0, 0.0], [9, 9]) for r in lc.RATIOS})
+    runs = tmp_path / "runs"
+    run = _finished_run(lc, runs, "base-coarse+learn-recall3-seed0", {"w": torch.ones(2)},
+                        steps=(49, 99, 149, 199, 249, 299))  # losses 1, 1/4, 1/9...: under 0.25 from 149
+    digest = lc.weights_digest(run / "export")
+    record = {"model": "base-coarse+learn", "task": "recall3", "seed": 0, "plateau_loss": 0.25,
+              "plateau_step": 99, "task_plateau_step": 99, "end_loss": 0.9, "steps": 300, "evaluated": True}
+    ev.models["base-coarse+learn-recall3-seed0"] = dict(record, weights_sha256="0" * 64)  # another run's
+    ev.save()
+    args = argparse.Namespace(run_root=runs, out=tmp_path / "out", records=4, context_words=[70, 120],
+                              vocabulary="words", plateau_loss=0.25, speed=False)
+    lc.report(ev, args)
+    assert "holds other weights than the record's" in capsys.readouterr().out
+    assert ev.models["base-coarse+learn-recall3-seed0"]["end_loss"] == 0.9  # kept
+    # its own run: the end loss refreshed; its stage-0 export gone, the task step stays the recorded one
+    ev.models["base-coarse+learn-recall3-seed0"] = dict(record, weights_sha256=digest)
+    lc.report(ev, args)
+    refreshed = ev.models["base-coarse+learn-recall3-seed0"]
+    assert refreshed["end_loss"] == pytest.approx((1 / 9 + 1 / 16 + 1 / 25 + 1 / 36) / 4, abs=1e-4)
+    assert refreshed["task_plateau_step"] == 99  # (max_steps 60 would have given 149)
+    # with the export of stage 0 (stopped at step 200): the step is read, and recomputed from there
+    (run / "export-stage0").mkdir()
+    (run / "export-stage0" / "gist_config.json").write_text(json.dumps({"source": {"global_step": 200}}))
+    lc.report(ev, args)
+    assert ev.models["base-coarse+learn-recall3-seed0"]["task_plateau_step"] == 249
+
+
 def test_two_processes_recording_evaluations_lose_nothing(lc, tmp_path):
     """The driver and a report (or two drivers on other run folders with one --out) each write
     evaluations.json as they go: each save merges what the other wrote meanwhile."""
@@ -729,7 +764,7 @@ def test_the_learn_row_keeps_to_the_short_contexts_until_the_lookup_is_learned(l
 
 
 @pytest.mark.slow
-def test_objective_speed_times_each_objective_and_the_layout_from_one_base(lc, tmp_path, tok):
+def test_objective_speed_times_each_objective_and_the_layout_from_one_base(lc, tmp_path, tok, monkeypatch):
     """--speed: the plain loss, the layout and each objective, fine-tuned from the same base on the
     task's batches, each timed after its warmup, relative to the plain loss."""
     from conftest import TINY_LLAMA
@@ -744,8 +779,18 @@ def test_objective_speed_times_each_objective_and_the_layout_from_one_base(lc, t
                              segments={"segment_tokens": 16, "gists_per_segment": 4, "placement": "coarse"})
     args = argparse.Namespace(train_on="task", vocabulary="words", train_context_words=None,
                               context_words=[20, 30], train_batch_size=2, run_root=tmp_path)
+    from gist_lightning.long_context import SegmentSettings
+
+    built, check = [], SegmentSettings.__post_init__
+
+    def recording(self):  # every segment layout a model of the rows is built with
+        built.append((self.sink_tokens, self.recent_segments))
+        check(self)
+
+    monkeypatch.setattr(SegmentSettings, "__post_init__", recording)
     rows = lc.objective_speed(base, "recall3", args, steps=7)
     assert [r["objective"] for r in rows] == ["plain", "+layout", "+ae", "+importance", "+kd"]
+    assert built.count((4, 1)) >= 1 and (0, 0) in built  # the layout's row trained with it
     assert all(r["steps_timed"] == 2 and r["steps_per_second"] > 0 for r in rows)  # steps 6 and 7
     assert rows[0]["relative_to_plain"] == 1.0
     plain = rows[0]["steps_per_second"]
