@@ -567,43 +567,35 @@ def plateau_step(losses: list[tuple[int, float]], threshold: float, start: int =
     return next((step for step, loss in losses if step >= start and loss < threshold), None)
 
 
-def training_record(cell: Path, threshold: float) -> dict:
+def training_record(cell: Path, threshold: float, guessed_start: bool = True) -> dict:
     """What a finished cell's training did against the plateau ``threshold``: the step it left the
     plateau, the step it did so on the task's own contexts (its last stage: a curriculum's first
-    stages are on short contexts), its end loss and the threshold; {} when nothing was logged."""
+    stages are on short contexts), its end loss and the threshold; {} when nothing was logged.
+    ``guessed_start=False``: no task step where the last stage's start is a guess
+    (:func:`last_stage_start`)."""
     losses = answer_losses(cell / "run")
     if not losses:
         return {}
-    return {"plateau_loss": threshold, "plateau_step": plateau_step(losses, threshold),
-            "task_plateau_step": plateau_step(losses, threshold, last_stage_start(cell)),
-            "end_loss": end_loss(losses)}
+    record = {"plateau_loss": threshold, "plateau_step": plateau_step(losses, threshold)}
+    start, read = last_stage_start(cell)
+    if read or guessed_start:
+        record["task_plateau_step"] = plateau_step(losses, threshold, start)
+    return {**record, "end_loss": end_loss(losses)}
 
 
-def last_stage_start(cell: Path) -> int:
-    """The step a cell's last stage started from: where the stage before it ended, as its export
-    (``export-stage<i>``, the sweep's) records it; a stage stopped once learned (``+learn``) ends
-    before its ``max_steps``, which is the answer only when that export is gone (a guess:
-    :func:`stage_end_recorded` says which). (The experiment's earlier stages are not validated, so
-    their export is their last step, not a best checkpoint's.)"""
+def last_stage_start(cell: Path) -> tuple[int, bool]:
+    """The step a cell's last stage started from, and whether it was read rather than guessed: where
+    the stage before it ended, as its export (``export-stage<i>``, the sweep's) records it; a stage
+    stopped once learned (``+learn``) ends before its ``max_steps``, the guess when that export is
+    gone. (The experiment's earlier stages are not validated, so their export is their last step,
+    not a best checkpoint's.)"""
     stages = json.loads((cell / "cell.json").read_text())["stages"]  # (the sweep's record of the cell)
     if len(stages) < 2:
-        return 0
-    return _stage_end(cell, len(stages) - 2) or stages[-2]["max_steps"]
-
-
-def _stage_end(cell: Path, stage: int) -> int | None:
-    before = cell / "run" / f"export-stage{stage}" / "gist_config.json"
-    if before.is_file():
-        step = (json.loads(before.read_text()).get("source") or {}).get("global_step")
-        return None if step is None else int(step)
-    return None
-
-
-def stage_end_recorded(cell: Path) -> bool:
-    """Whether :func:`last_stage_start` read the step (a one-stage cell, or the earlier stage's
-    export), rather than taking the earlier stage's ``max_steps``."""
-    stages = json.loads((cell / "cell.json").read_text())["stages"]
-    return len(stages) < 2 or _stage_end(cell, len(stages) - 2) is not None
+        return 0, True
+    before = cell / "run" / f"export-stage{len(stages) - 2}" / "gist_config.json"
+    source = json.loads(before.read_text()).get("source") if before.is_file() else None
+    step = (source or {}).get("global_step")
+    return (stages[-2]["max_steps"], False) if step is None else (int(step), True)
 
 
 class _StepClock(Callback):
@@ -1391,17 +1383,18 @@ def report(ev: Evaluations, args) -> None:
             record_model(ev, args, name)
         elif parse_run_name(name):  # recorded earlier, perhaps before a field was, or by older code
             entry, cell = ev.models[name], args.run_root / name
+            # (a task step guessed from max_steps never replaces a recorded one)
+            found = training_record(cell, entry.get("plateau_loss") or plateau_loss(entry["task"], args),
+                                    guessed_start="task_plateau_step" not in entry)
+            if not found or all(entry.get(k) == v for k, v in found.items()):  # (no metrics.csv: kept)
+                continue
             recorded, export = entry.get("weights_sha256"), cell / "run" / "export"
             if recorded and (not any(export.glob("*.safetensors")) or recorded != weights_digest(export)):
                 print(f"{name}: its folder holds other weights than the record's; the record is kept",
                       flush=True)
                 continue
-            found = training_record(cell, entry.get("plateau_loss") or plateau_loss(entry["task"], args))
-            if "task_plateau_step" in entry and not stage_end_recorded(cell):
-                found.pop("task_plateau_step", None)  # (a guess from max_steps: never over a record)
-            if found and any(entry.get(k) != v for k, v in found.items()):  # (no metrics.csv: kept as it was)
-                entry.update(found)
-                print(f"{name}: plateau steps and end loss from its metrics.csv", flush=True)
+            entry.update(found)
+            print(f"{name}: plateau steps and end loss from its metrics.csv", flush=True)
     ev.save()
     if args.speed:
         base = export_of(args.run_root, "base", trained_on(args.ablation_task, args), args.ablation_seeds[0])

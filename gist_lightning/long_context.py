@@ -275,8 +275,8 @@ class ContextCompression:
         self.gist_id, self.pad_token_id = gist_token_id, pad_token_id
         self.settings, self.condition = settings, condition
         self.n_segments = max(len(c) for c in self.chunks)
-        # the most raw tokens a segment has (the first may hold a template's tokens beside its own)
-        self.widest_raw = max(sum(x != gist_token_id for x in seg) for c in self.chunks for seg in c)
+        # the most raw tokens a segment has (each holds t gists; the first may hold a template's tokens)
+        self.widest_raw = max(len(seg) for c in self.chunks for seg in c) - t
         self.segment = 0  # the next one to run
         device, bsz = model.device, len(rows)
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, H, P, D)

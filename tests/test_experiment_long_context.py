@@ -251,12 +251,14 @@ def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
     (cell / "cell.json").write_text(json.dumps({"stages": [{"max_steps": 200}, {"max_steps": 400}]}))
     assert lc.training_record(cell, 0.5) == {"plateau_loss": 0.5, "plateau_step": 149,
                                              "task_plateau_step": 249, "end_loss": pytest.approx(0.3)}
+    assert lc.last_stage_start(cell) == (200, False)  # (no export of stage 0: its max_steps, a guess)
     # a first stage stopped once learned (+learn) at step 120, before its max_steps: the last stage
     # starts there, as the stage's export (the sweep's export-stage0) records
     (cell / "run" / "export-stage0").mkdir()
     (cell / "run" / "export-stage0" / "gist_config.json").write_text(
         json.dumps({"source": {"checkpoint": None, "global_step": 120}}))
-    assert lc.last_stage_start(cell) == 120 and lc.training_record(cell, 0.5)["task_plateau_step"] == 149
+    assert lc.last_stage_start(cell) == (120, True)
+    assert lc.training_record(cell, 0.5)["task_plateau_step"] == 149
     (cell / "run" / "metrics.csv").unlink()
     assert lc.training_record(cell, 0.5) == {}  # nothing logged: nothing to record
     # under the threshold on a curriculum's short contexts, back above it on the task's: never left it
