@@ -17,7 +17,9 @@ the base); then, on the placement chosen on validation records (``--placement au
 autoencoding), ``+importance`` (segment-wise token importance from the base), ``+kd``
 (distillation from the base), ``+short`` (400 of the 1000 steps on the bases' short contexts
 first), ``+learn`` (the short contexts until the answer loss is learned, at most 1000 steps, then
-the task's to step 1600), and ``best`` (the additions that helped on validation, together).
+the task's to step 1600), ``+budget`` (a control, never combined: the plain row trained +learn's
+1600 steps, all on the task's contexts, so +learn's gain can be told from its extra steps), and
+``best`` (the additions that helped on validation, together).
 Baselines: ``full`` (the base itself), ``truncation`` (the base given only the context's end, as
 many positions as each gist variant's cache holds: gists, sinks and window included) and
 ``no_context`` (the base asked without the context), beside each task's chance floor.
@@ -137,7 +139,10 @@ ADDITIONS = {
     "+kd": ["--model.objectives.teacher", "{base}", "--model.objectives.distill_weight", "1.0"],
     "+short": [],  # a curriculum, not arguments: SHORT_TUNE_STEPS of the steps on the short contexts
     "+learn": [],  # a curriculum: the short contexts until learned (LEARN_CAP at most), then the task's
+    "+budget": [],  # a control: +learn's steps (learn_budget), all on the task's contexts
 }
+# rows that control for another row, not additions: never in the combination, never the final choice
+CONTROLS = ("+budget",)
 # +short: of the fine-tuning's steps, these first on the bases' short contexts (1-2 segments, where
 # the bases' lookup formed), the rest on the task's: the same number of steps as every other row
 SHORT_TUNE_STEPS = 400
@@ -148,6 +153,13 @@ SHORT_TUNE_STEPS = 400
 # short steps before the lookup was learned and never left the plateau; with 1000 it trained, as
 # did seeds 0 and 1 (pilots, docs/long-context.md). It takes the place of +short where both are.
 LEARN_CAP, LEARN_WINDOW = 1000, 200
+
+
+def learn_budget(args) -> int:
+    """+learn's steps in all (the short stage's cap and the task's 600): +budget trains as many."""
+    return LEARN_CAP + args.tune_steps - SHORT_TUNE_STEPS
+
+
 BASELINES = ("full", "truncation", "no_context")
 # the answer loss (per token, over the answer and its end) a model leaves the plateau under, per
 # vocabulary: a code is 3-5 tokens, a word one, so guessing among 3 facts' values costs ~0.55 with
@@ -324,8 +336,12 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
     adds = variant.split("+")[1:]
     if "short" in adds:
         short, steps = SHORT_TUNE_STEPS, steps - SHORT_TUNE_STEPS
+    if "budget" in adds:  # a control: one stage on the task's contexts, as long as +learn's two
+        if len(adds) > 1:
+            raise ValueError(f"{variant}: +budget is a control of the plain row, not combined with others")
+        steps = learn_budget(args)
     if "learn" in adds:
-        short, steps = LEARN_CAP, args.tune_steps - SHORT_TUNE_STEPS
+        short, steps = LEARN_CAP, learn_budget(args) - LEARN_CAP
         # the answer's own loss: train/lm_loss where objectives add terms to the loss
         objectives = any(a.startswith("--model.objectives.") and a.endswith("_weight") for a in extra) \
             or args.tune_context_weight
@@ -1033,6 +1049,17 @@ def choose_variant(ev: Evaluations, task: str, seeds: list[int], placement: str,
     return methods[max(methods, key=lambda m: means[m])], means
 
 
+def combination(gains: dict[str, float]) -> tuple[str, list[str]]:
+    """From each row's validation gain over the plain placement (points): the combination of the
+    additions that helped (``best+...``; one alone is ``base+...``; none, ``base``) and the final
+    stage's candidates (the plain placement, each addition, the combination where there is one).
+    A control (``CONTROLS``) is neither: it measures another row, it is not a recipe."""
+    helped = [a for a, g in gains.items() if g > 0 and a not in CONTROLS]
+    best = "best" + "".join(helped) if len(helped) > 1 else ("base" + helped[0] if helped else "base")
+    candidates = ["base"] + ["base" + a for a in gains if a not in CONTROLS]
+    return best, candidates + [best] * best.startswith("best")
+
+
 def mean_em(scores: dict, method: str) -> float:
     return float(np.mean([np.mean(scores[(method, r)][0]) for r in RATIOS]))
 
@@ -1242,18 +1269,15 @@ def main(argv: list[str] | None = None) -> int:
                                           for s in seeds])), 2)
             for a in rows
         }
-        helped = [a for a in rows if gains[a] > 0]
-        best = "best" + "".join(helped) if len(helped) > 1 else ("base" + helped[0] if helped else "base")
+        best, candidates = combination(gains)
         print(
             f"validation gains over {plain} (points): {gains}; "
             f"their combination: {method_name(best, placement)}",
             flush=True,
         )
-        candidates = ["base"] + ["base" + a for a in rows]
-        if len(helped) > 1:
+        if best.startswith("best"):
             best_cells = [gist_cell(best, placement, training, s, args) for s in seeds]
             run_or_list(bases + best_cells, args, extra, ev)
-            candidates.append(best)
         variant, validation = choose_variant(ev, task, seeds, placement, candidates, val, args)
         print(f"validation exact match over seeds and ratios: {validation}; the final stage takes "
               f"{method_name(variant, placement)}", flush=True)

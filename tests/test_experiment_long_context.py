@@ -53,7 +53,7 @@ def test_check_args_lists_the_ablation_bases_first_and_variants_fine_tuned_from_
     want += [f"{m}-recall3-seed{s}" for s in (0, 1) for m in ("scratch-coarse", "base-coarse", "base-fine")]
     want += [f"base-recall3-seed{s}" for s in (0, 1)]  # again: what the additions need (finished: kept)
     want += [f"base-coarse{a}-recall3-seed{s}" for s in (0, 1)
-             for a in ("+layout", "+ae", "+importance", "+kd", "+short", "+learn")]
+             for a in ("+layout", "+ae", "+importance", "+kd", "+short", "+learn", "+budget")]
     assert names == want
     assert not any(tmp_path.glob("*/cell.json"))  # a check writes no cell
 
@@ -763,6 +763,31 @@ def test_the_learn_row_keeps_to_the_short_contexts_until_the_lookup_is_learned(l
     plain = lc.gist_cell("base+learn", "coarse", "recall3", 0, args)
     assert _value(list(plain.stages[0].args), "--trainer.callbacks.monitor") == "train/loss"
     assert float(_value(list(plain.stages[0].args), "--trainer.callbacks.below")) == 0.25
+
+
+def test_the_budget_control_trains_the_plain_row_as_many_steps_as_learn_on_the_task(lc, tmp_path):
+    """+budget: the plain row's arguments, one stage on the task's contexts, as many steps as +learn
+    takes in all (so +learn's gain can be told from its extra steps); a control, so it is never in
+    the combination nor a final candidate, whatever its gain, and never combined itself."""
+    args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], tune_steps=1000, scratch_steps=2000,
+                              model_config=lc.MODEL, task_model_configs=None, task_base_args=None,
+                              segment_tokens=16, train_batch_size=32, tune_learning_rate=3e-4,
+                              train_context_words=None, train_on="task", vocabulary="words",
+                              tune_restate=0.0, tune_context_weight=0.0, tune_short_steps=None,
+                              base_short_words=[6, 12], plateau_loss=0.25)
+    plain, budget, learn = (lc.gist_cell(v, "coarse", "recall3", 0, args)
+                            for v in ("base", "base+budget", "base+learn"))
+    assert budget.name == "base-coarse+budget-recall3-seed0" and budget.args == plain.args
+    assert [s.max_steps for s in budget.stages] == [learn.stages[-1].max_steps] == [1600]
+    assert "--data.init_args.context_words" not in budget.stages[0].args
+    with pytest.raises(ValueError, match=r"\+budget"):
+        lc.gist_cell("best+layout+budget", "coarse", "recall3", 0, args)
+    gains = {"+layout": 7.3, "+ae": -1.0, "+learn": 26.7, "+budget": 30.0}
+    best, candidates = lc.combination(gains)
+    assert best == "best+layout+learn"
+    assert candidates == ["base", "base+layout", "base+ae", "base+learn", "best+layout+learn"]
+    assert lc.combination({"+budget": 5.0, "+ae": 1.0}) == ("base+ae", ["base", "base+ae"])
+    assert lc.combination({"+budget": 5.0, "+ae": -1.0}) == ("base", ["base", "base+ae"])
 
 
 @pytest.mark.slow
