@@ -121,3 +121,53 @@ def test_a_sweep_cell_takes_a_stopped_stage_as_done_and_extends_it(run_config, t
         in (folder / "stdout.log").read_text()
     last = torch.load(folder / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 5
+
+
+RANKS_SCRIPT = '''
+import json, sys
+import lightning as L
+import torch
+from gist_lightning.curriculum import StopWhenLearned
+
+class Ranked(L.LightningModule):
+    """Logs a loss that differs by rank (0.0 on rank 0, 1.0 on rank 1): only their mean is under 0.6."""
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+    def training_step(self, batch, batch_idx):
+        self.log("train/loss", torch.tensor(float(self.global_rank)))
+        return self.layer(batch[0]).sum()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(64, 2)), batch_size=2)
+
+stopper = StopWhenLearned(below=0.6, window=3)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False,
+                    callbacks=[stopper], enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)
+trainer.fit(Ranked())
+with open(f"{sys.argv[1]}/rank{trainer.global_rank}.json", "w") as f:
+    json.dump({"stopped_at": stopper.stopped_at, "global_step": trainer.global_step,
+               "window": list(stopper._values)}, f)
+'''
+
+
+@pytest.mark.slow
+def test_every_rank_stops_at_the_same_step_on_the_ranks_mean(tmp_path):
+    """On 2 DDP processes whose losses differ (0 and 1), each rank's window holds the ranks' mean
+    (0.5), so both stop at the window's first full step; a rank judging its own loss alone would
+    stop at once on rank 0 and never on rank 1."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["stopped_at"] for r in ranks] == [3, 3] and [r["global_step"] for r in ranks] == [3, 3], ranks
+    assert ranks[0]["window"] == ranks[1]["window"] == [0.5, 0.5, 0.5]
