@@ -628,24 +628,27 @@ class _StepClock(Callback):
             self.times.append(time.perf_counter() - self._t)
 
 
-def objective_speed(base: Path, task: str, args, steps: int = 25) -> list[dict]:
+def objective_speed(base: Path, task: str, args, steps: int = 25, repeats: int = 3) -> list[dict]:
     """Train steps/s of fine-tuning from ``base`` with each objective (and the layout) against the
     plain loss, one process, one thread, the same batches (batch and context lengths of the task's
-    training)."""
+    training). Each row is timed ``repeats`` times, round ``i`` starting at row ``i`` (so no row is
+    always timed first, after the process's own warmup): the median of a row's rounds (each the
+    median step after 5), its lowest and highest, and the ratio of medians to the plain loss's."""
     from gist_lightning.data import LongRecall
     from gist_lightning.module import GistLitModule
 
     generators, facts = TRAINING[trained_on(task, args)]
     _, _, settings = load_pretrained(base)
-    rows = []
     layout = {key.rsplit(".", 1)[1]: int(value) for key, value in zip(LAYOUT[::2], LAYOUT[1::2])}
-    for name, objectives, more in [
+    variants = [
         ("plain", None, {}),
         ("+layout", None, layout),
         ("+ae", {"autoencode_weight": 0.5}, {}),
         ("+importance", {"teacher": str(base), "importance_weight": 0.5}, {}),
         ("+kd", {"teacher": str(base), "distill_weight": 1.0}, {}),
-    ]:
+    ]
+
+    def time_one(name, objectives, more) -> float:
         torch.manual_seed(0)
         segments = {**settings["segments"], "placement": "coarse", **more}
         module = GistLitModule(
@@ -677,17 +680,27 @@ def objective_speed(base: Path, task: str, args, steps: int = 25) -> list[dict]:
             limit_val_batches=0,
             callbacks=[clock],
         ).fit(module, datamodule=data)
-        rows.append(
-            {
-                "objective": name,
-                "steps_per_second": round(1 / float(np.median(clock.times)), 3),
-                "steps_timed": len(clock.times),
-            }
-        )
-    plain = rows[0]["steps_per_second"]
-    for r in rows:
-        r["relative_to_plain"] = round(r["steps_per_second"] / plain, 3)
-    return rows
+        timed[name] = len(clock.times)
+        return 1 / float(np.median(clock.times))
+
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    timed: dict[str, int] = {}
+    for i in range(repeats):
+        for name, objectives, more in variants[i % len(variants):] + variants[: i % len(variants)]:
+            rates[name].append(time_one(name, objectives, more))
+    plain = float(np.median(rates["plain"]))
+    return [
+        {
+            "objective": name,
+            "steps_per_second": round(float(np.median(rates[name])), 3),
+            "lowest": round(min(rates[name]), 3),
+            "highest": round(max(rates[name]), 3),
+            "repeats": repeats,
+            "steps_timed": timed[name],
+            "relative_to_plain": round(float(np.median(rates[name])) / plain, 3),
+        }
+        for name, _, _ in variants
+    ]
 
 
 def effective_ratio(records: list[dict], tok, positions: list[int]) -> float:
@@ -824,11 +837,13 @@ def write_outputs(
         lines += [
             "## Train steps/s of each objective and the layout (fine-tuning from a base, one thread)",
             "",
-            "| objective | steps/s | x plain |",
-            "|---|---|---|",
+            "| objective | steps/s (median of rounds) | lowest, highest | x plain |",
+            "|---|---|---|---|",
         ]
-        lines += [
-            f"| {r['objective']} | {r['steps_per_second']:.2f} | {r['relative_to_plain']:.2f} |"
+        lines += [  # (a record made before rounds: one round)
+            f"| {r['objective']} | {r['steps_per_second']:.2f} | "
+            f"{r.get('lowest', r['steps_per_second']):.2f}, {r.get('highest', r['steps_per_second']):.2f} "
+            f"| {r['relative_to_plain']:.2f} |"
             for r in speed
         ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -1167,6 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
         "two_hop_chain's models: half of it with words, a tenth with codes)",
     )
     p.add_argument("--speed", action="store_true", help="also time each objective's training steps")
+    p.add_argument("--speed_repeats", type=int, default=3,
+                   help="--speed's rounds: every row timed in each, each round starting at another row")
     p.add_argument("--run_root", type=Path, default=ROOT / "runs" / "long-context")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "long-context-recipes",
                    help="where the outputs and evaluations.json go (commit them: a later sitting on a fresh "
@@ -1217,6 +1234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.segment_tokens < 16 or args.segment_tokens % 16:
         p.error(f"--segment_tokens must be a multiple of 16 (16x keeps segment_tokens/16 gists); got "
                 f"{args.segment_tokens}")
+    if args.speed_repeats < 1:
+        p.error(f"--speed_repeats must be >= 1 round; got {args.speed_repeats}")
     torch.set_num_threads(1)
     settings = experiment_settings(args, extra)  # (a check reads results, and writes none)
     try:
@@ -1422,7 +1441,7 @@ def report(ev: Evaluations, args) -> None:
     ev.save()
     if args.speed:
         base = export_of(args.run_root, "base", trained_on(args.ablation_task, args), args.ablation_seeds[0])
-        ev.speed[:] = objective_speed(base, args.ablation_task, args)
+        ev.speed[:] = objective_speed(base, args.ablation_task, args, repeats=args.speed_repeats)
         ev.save()
     fields = ("model", "task", "seed", "plateau_loss", "plateau_step", "task_plateau_step", "end_loss",
               "steps", "minutes")

@@ -815,10 +815,21 @@ def test_objective_speed_times_each_objective_and_the_layout_from_one_base(lc, t
         check(self)
 
     monkeypatch.setattr(SegmentSettings, "__post_init__", recording)
-    rows = lc.objective_speed(base, "recall3", args, steps=7)
+    fits = []
+    real_fit = lc.L.Trainer.fit
+
+    def fit(self, module, **kw):  # the order rows are timed in, by what each row's module has
+        fits.append((module.segments.sink_tokens, module.objectives))
+        return real_fit(self, module, **kw)
+
+    monkeypatch.setattr(lc.L.Trainer, "fit", fit)
+    rows = lc.objective_speed(base, "recall3", args, steps=7, repeats=2)
     assert [r["objective"] for r in rows] == ["plain", "+layout", "+ae", "+importance", "+kd"]
     assert built.count((4, 1)) >= 1 and (0, 0) in built  # the layout's row trained with it
-    assert all(r["steps_timed"] == 2 and r["steps_per_second"] > 0 for r in rows)  # steps 6 and 7
+    # two rounds, the second starting at the second row: plain is not always timed first
+    assert len(fits) == 10 and fits[0][0] == 0 and not fits[0][1] and fits[5][0] == 4 and not fits[9][1]
+    assert all(r["steps_timed"] == 2 and r["repeats"] == 2 for r in rows)  # steps 6 and 7
+    assert all(0 < r["lowest"] <= r["steps_per_second"] <= r["highest"] for r in rows)
     assert rows[0]["relative_to_plain"] == 1.0
     plain = rows[0]["steps_per_second"]
     assert [r["relative_to_plain"] for r in rows] == [round(r["steps_per_second"] / plain, 3) for r in rows]
