@@ -321,7 +321,8 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
                {"model": "scratch-coarse", "task": "recall3", "seed": 0, "plateau_loss": 0.5,
                 "plateau_step": None, "steps": 2000}]
     speed = [{"objective": "plain", "steps_per_second": 2.0, "steps_timed": 20, "relative_to_plain": 1.0},
-             {"objective": "+kd", "steps_per_second": 1.5, "steps_timed": 20, "relative_to_plain": 0.75}]
+             {"objective": "+kd", "steps_per_second": 1.5, "lowest": 1.4, "highest": 1.6, "repeats": 3,
+              "steps_timed": 20, "relative_to_plain": 0.75}]
     args = argparse.Namespace(records=n, plateau_loss=0.5)
     lc.write_outputs(tmp_path, results, {"recall3": 33.3}, plateau, speed, {"recall3": 256.0}, args)
     with open(tmp_path / "results.csv") as f:
@@ -337,7 +338,8 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     assert "| scratch-coarse | 2 | 2000 | " in table and "| full | 2 | - | 90.0 [" in table  # (no base here)
     assert "seed 0: 40.0, seed 1: 30.0" in table  # scratch at 4x, per seed
     assert "| scratch-coarse | recall3 | 0 | 0.5 | never | - | - | 2000 |" in table
-    assert "| +kd | 1.50 | 0.75 |" in table
+    assert "| +kd | 1.50 | 1.40, 1.60 | 0.75 |" in table
+    assert "| plain | 2.00 | 2.00, 2.00 | 1.00 |" in table  # (recorded before rounds: one round)
     assert (tmp_path / "long_context.png").stat().st_size > 1000
     base_line = next(line for line in table.splitlines() if line.startswith("| base-coarse | 2 | 500"))
     assert base_line.count("[") >= 6  # three ratios, and a paired interval against truncation at each
