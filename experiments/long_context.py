@@ -729,7 +729,7 @@ def write_outputs(
     for name, table in (("results.csv", rows), ("plateau.csv", plateau), ("speed.csv", speed)):
         if table:
             with open(out / name, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(table[0]))
+                w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
                 w.writeheader()
                 w.writerows(table)
     seeds_of, steps_of = {}, {}
