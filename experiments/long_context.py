@@ -156,7 +156,8 @@ LEARN_CAP, LEARN_WINDOW = 1000, 200
 
 
 def learn_budget(args) -> int:
-    """+learn's steps in all (the short stage's cap and the task's 600): +budget trains as many."""
+    """+learn's steps in all (the short stage's cap, then the task's up to --tune_steps less
+    SHORT_TUNE_STEPS more: 1600 at the defaults): +budget trains as many."""
     return LEARN_CAP + args.tune_steps - SHORT_TUNE_STEPS
 
 
@@ -339,7 +340,7 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
     if "budget" in adds:  # a control: one stage on the task's contexts, as long as +learn's two
         if len(adds) > 1:
             raise ValueError(f"{variant}: +budget is a control of the plain row, not combined with others")
-        steps = learn_budget(args)
+        short, steps = None, learn_budget(args)  # (not --tune_short_steps either)
     if "learn" in adds:
         short, steps = LEARN_CAP, learn_budget(args) - LEARN_CAP
         # the answer's own loss: train/lm_loss where objectives add terms to the loss
@@ -688,16 +689,16 @@ def objective_speed(base: Path, task: str, args, steps: int = 25, repeats: int =
     for i in range(repeats):
         for name, objectives, more in variants[i % len(variants):] + variants[: i % len(variants)]:
             rates[name].append(time_one(name, objectives, more))
-    plain = float(np.median(rates["plain"]))
+    median = {name: round(float(np.median(r)), 3) for name, r in rates.items()}
     return [
         {
             "objective": name,
-            "steps_per_second": round(float(np.median(rates[name])), 3),
+            "steps_per_second": median[name],
             "lowest": round(min(rates[name]), 3),
             "highest": round(max(rates[name]), 3),
             "repeats": repeats,
             "steps_timed": timed[name],
-            "relative_to_plain": round(float(np.median(rates[name])) / plain, 3),
+            "relative_to_plain": round(median[name] / median["plain"], 3),  # (of the figures shown)
         }
         for name, _, _ in variants
     ]

@@ -156,18 +156,25 @@ with open(f"{sys.argv[1]}/rank{trainer.global_rank}.json", "w") as f:
 @pytest.mark.slow
 def test_every_rank_stops_at_the_same_step_on_the_ranks_mean(tmp_path):
     """On 2 DDP processes whose losses differ (0 and 1), each rank's window holds the ranks' mean
-    (0.5), so both stop at the window's first full step; a rank judging its own loss alone would
-    stop at once on rank 0 and never on rank 1."""
+    (0.5), so both stop at the window's first full step; ranks judging their own losses alone
+    would hold different windows, and rank 1 would never stop."""
     import os
+    import signal
     import subprocess
     import sys
 
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # its own session: ranks stopping apart would hang in DDP, and the timeout kills every rank
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["stopped_at"] for r in ranks] == [3, 3] and [r["global_step"] for r in ranks] == [3, 3], ranks
     assert ranks[0]["window"] == ranks[1]["window"] == [0.5, 0.5, 0.5]

@@ -782,6 +782,10 @@ def test_the_budget_control_trains_the_plain_row_as_many_steps_as_learn_on_the_t
     assert budget.name == "base-coarse+budget-recall3-seed0" and budget.args == plain.args
     assert [s.max_steps for s in budget.stages] == [learn.stages[-1].max_steps] == [1600]
     assert "--data.init_args.context_words" not in budget.stages[0].args
+    args.tune_short_steps = 200  # the other rows' short stage: not the control's (+learn has its own)
+    assert [s.max_steps for s in lc.gist_cell("base+budget", "coarse", "recall3", 0, args).stages] == [1600]
+    assert [s.max_steps for s in lc.gist_cell("base+learn", "coarse", "recall3", 0, args).stages][-1] == 1600
+    args.tune_short_steps = None
     with pytest.raises(ValueError, match=r"\+budget"):
         lc.gist_cell("best+layout+budget", "coarse", "recall3", 0, args)
     gains = {"+layout": 7.3, "+ae": -1.0, "+learn": 26.7, "+budget": 30.0}
