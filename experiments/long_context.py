@@ -649,7 +649,7 @@ def objective_speed(base: Path, task: str, args, steps: int = 25, repeats: int =
         ("+kd", {"teacher": str(base), "distill_weight": 1.0}, {}),
     ]
 
-    def time_one(name, objectives, more) -> float:
+    def step_times(objectives, more) -> list[float]:
         torch.manual_seed(0)
         segments = {**settings["segments"], "placement": "coarse", **more}
         module = GistLitModule(
@@ -681,14 +681,13 @@ def objective_speed(base: Path, task: str, args, steps: int = 25, repeats: int =
             limit_val_batches=0,
             callbacks=[clock],
         ).fit(module, datamodule=data)
-        timed[name] = len(clock.times)
-        return 1 / float(np.median(clock.times))
+        return clock.times
 
-    rates: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    timed: dict[str, int] = {}
+    rounds: dict[str, list[list[float]]] = {name: [] for name, _, _ in variants}  # each round's step times
     for i in range(repeats):
         for name, objectives, more in variants[i % len(variants):] + variants[: i % len(variants)]:
-            rates[name].append(time_one(name, objectives, more))
+            rounds[name].append(step_times(objectives, more))
+    rates = {name: [1 / float(np.median(times)) for times in r] for name, r in rounds.items()}
     median = {name: round(float(np.median(r)), 3) for name, r in rates.items()}
     return [
         {
@@ -697,7 +696,7 @@ def objective_speed(base: Path, task: str, args, steps: int = 25, repeats: int =
             "lowest": round(min(rates[name]), 3),
             "highest": round(max(rates[name]), 3),
             "repeats": repeats,
-            "steps_timed": timed[name],
+            "steps_timed": len(rounds[name][0]),
             "relative_to_plain": round(median[name] / median["plain"], 3),  # (of the figures shown)
         }
         for name, _, _ in variants

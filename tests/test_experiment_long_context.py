@@ -724,15 +724,20 @@ def test_the_final_variant_is_the_best_on_validation_the_combination_only_a_cand
     assert choose()[0] == "base"
 
 
-def test_the_short_row_spends_part_of_the_same_steps_on_the_short_contexts(lc, tmp_path):
-    """+short: SHORT_TUNE_STEPS of the fine-tuning's steps on the bases' short contexts, then the
-    rest on the task's: as many steps as every other row, no other argument; combinable."""
-    args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], tune_steps=1000, scratch_steps=2000,
+def _tune_args(lc, tmp_path) -> argparse.Namespace:
+    """The driver's arguments a fine-tuned gist cell reads (16-token segments, words, 1000 steps)."""
+    return argparse.Namespace(run_root=tmp_path, context_words=[70, 120], tune_steps=1000, scratch_steps=2000,
                               model_config=lc.MODEL, task_model_configs=None, task_base_args=None,
                               segment_tokens=16, train_batch_size=32, tune_learning_rate=3e-4,
                               train_context_words=None, train_on="task", vocabulary="words",
                               tune_restate=0.0, tune_context_weight=0.0, tune_short_steps=None,
-                              base_short_words=[6, 12])
+                              base_short_words=[6, 12], plateau_loss=0.25)
+
+
+def test_the_short_row_spends_part_of_the_same_steps_on_the_short_contexts(lc, tmp_path):
+    """+short: SHORT_TUNE_STEPS of the fine-tuning's steps on the bases' short contexts, then the
+    rest on the task's: as many steps as every other row, no other argument; combinable."""
+    args = _tune_args(lc, tmp_path)
     plain, short = (lc.gist_cell(v, "coarse", "recall3", 0, args) for v in ("base", "base+short"))
     assert [s.max_steps for s in plain.stages] == [1000]
     assert [s.max_steps for s in short.stages] == [lc.SHORT_TUNE_STEPS, 1000]
@@ -748,12 +753,7 @@ def test_the_learn_row_keeps_to_the_short_contexts_until_the_lookup_is_learned(l
     """+learn: the short stage ends once the answer loss's mean over LEARN_WINDOW steps is under the
     task's plateau threshold (LEARN_CAP steps at most), watching the answer's own loss where
     objectives add terms to the loss; the task's stage then runs to LEARN_CAP + 600 steps."""
-    args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], tune_steps=1000, scratch_steps=2000,
-                              model_config=lc.MODEL, task_model_configs=None, task_base_args=None,
-                              segment_tokens=16, train_batch_size=32, tune_learning_rate=3e-4,
-                              train_context_words=None, train_on="task", vocabulary="words",
-                              tune_restate=0.0, tune_context_weight=0.0, tune_short_steps=None,
-                              base_short_words=[6, 12], plateau_loss=0.25)
+    args = _tune_args(lc, tmp_path)
     learn = lc.gist_cell("best+layout+ae+short+learn", "coarse", "two_hop_chain", 0, args)
     assert [s.max_steps for s in learn.stages] == [lc.LEARN_CAP, lc.LEARN_CAP + 600]
     first = list(learn.stages[0].args)
@@ -771,12 +771,7 @@ def test_the_budget_control_trains_the_plain_row_as_many_steps_as_learn_on_the_t
     """+budget: the plain row's arguments, one stage on the task's contexts, as many steps as +learn
     takes in all (so +learn's gain can be told from its extra steps); a control, so it is never in
     the combination nor a final candidate, whatever its gain, and never combined itself."""
-    args = argparse.Namespace(run_root=tmp_path, context_words=[70, 120], tune_steps=1000, scratch_steps=2000,
-                              model_config=lc.MODEL, task_model_configs=None, task_base_args=None,
-                              segment_tokens=16, train_batch_size=32, tune_learning_rate=3e-4,
-                              train_context_words=None, train_on="task", vocabulary="words",
-                              tune_restate=0.0, tune_context_weight=0.0, tune_short_steps=None,
-                              base_short_words=[6, 12], plateau_loss=0.25)
+    args = _tune_args(lc, tmp_path)
     plain, budget, learn = (lc.gist_cell(v, "coarse", "recall3", 0, args)
                             for v in ("base", "base+budget", "base+learn"))
     assert budget.name == "base-coarse+budget-recall3-seed0" and budget.args == plain.args
