@@ -203,6 +203,16 @@ def run_config(tmp_path):
     return lambda model_config=None, **trainer: _run_config(tmp_path, model_config, **trainer)
 
 
+def ranks_errors(stderr: str, limit: int = 3000) -> str:
+    """What a failed multi-process run printed, for an assertion message: the first traceback (the
+    rank that failed first; the others' tracebacks only say that a peer closed its connection)
+    and the end of the output."""
+    first = stderr.find("Traceback")
+    if first < 0 or first >= len(stderr) - limit:
+        return stderr[-limit:]
+    return f"{stderr[first:first + limit]}\n[...]\n{stderr[-limit:]}"
+
+
 def metrics_rows(run: Path) -> list[dict]:
     """The rows of a run folder's metrics.csv, each without its empty cells."""
     import csv

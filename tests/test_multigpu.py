@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ranks_errors
 
 from gist_lightning.cli import cli_main
 from gist_lightning.splits import QUALITY_METRICS, VALIDATION_SPLITS, metric_key
@@ -36,7 +37,7 @@ def validate(config: Path, export: Path, devices: int, name: str, tmp_path: Path
             "--trainer.logger.init_args.name", name]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, ranks_errors(proc.stderr)
     return last_metrics(tmp_path / "runs" / name / "version_0")
 
 
@@ -104,7 +105,7 @@ def test_two_process_zero_on_cpu_fits_validates_and_converts(tmp_path, tiny_mode
     proc = subprocess.run([sys.executable, str(script), "2", "2", str(tmp_path),  # ZeRO-2, 2 processes
                            json.dumps(tiny_models["llama"])],
                           capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, ranks_errors(proc.stderr)
     assert "validation_unseen" in (tmp_path / "rouge.txt").read_text()
     ckpt = tmp_path / "checkpoints" / "zero.ckpt"
     assert ckpt.is_dir()  # DeepSpeed writes a folder of shards
@@ -146,7 +147,7 @@ def test_two_process_fsdp_fit_equals_ddp_and_its_checkpoint_exports(run_config, 
                                str(ROOT / "configs" / "strategies" / f"{preset}.yaml"),
                                "--trainer.logger.init_args.name", preset, *extra],
                               capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, ranks_errors(proc.stderr)
         runs[preset] = (tmp_path / "runs" / preset / "version_0", proc.stdout)
     (ddp, _), (fsdp, out) = runs["ddp-cpu"], runs["fsdp-cpu"]
     a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
