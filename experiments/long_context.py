@@ -140,9 +140,12 @@ ADDITIONS = {
     "+short": [],  # a curriculum, not arguments: SHORT_TUNE_STEPS of the steps on the short contexts
     "+learn": [],  # a curriculum: the short contexts until learned (LEARN_CAP at most), then the task's
     "+budget": [],  # a control: +learn's steps (learn_budget), all on the task's contexts
+    "+until": [],  # +learn's, the short stage at a constant rate (UNTIL_CAP at most), UNTIL_STEPS in all
 }
 # rows that control for another row, not additions: never in the combination, never the final choice
 CONTROLS = ("+budget",)
+# rows added after the recorded ablation ran: not in --ablation_rows' default (--final_variant names them)
+LATER = ("+until",)
 # +short: of the fine-tuning's steps, these first on the bases' short contexts (1-2 segments, where
 # the bases' lookup formed), the rest on the task's: the same number of steps as every other row
 SHORT_TUNE_STEPS = 400
@@ -153,6 +156,14 @@ SHORT_TUNE_STEPS = 400
 # short steps before the lookup was learned and never left the plateau; with 1000 it trained, as
 # did seeds 0 and 1 (pilots, docs/long-context.md). It takes the place of +short where both are.
 LEARN_CAP, LEARN_WINDOW = 1000, 200
+# +until: +learn's curriculum with the short stage at a constant learning rate after warmup, so the
+# step it learns at does not depend on its cap: +learn's cosine ran over the cap (1000), and on
+# two_hop_chain seeds 0 and 2 reached it unlearned at 0.0-0.2 of the peak rate; pilots capped at
+# 3000 (the cosine over 3000: 0.8-0.9 of the peak there) learned at steps 734-1104. At most
+# UNTIL_CAP short steps, then the task's contexts up to UNTIL_STEPS (1300-1650 task steps for those
+# stops: the pilots' 1000 left seed 0's task loss still falling). It takes the place of +short and
+# +learn where they are.
+UNTIL_CAP, UNTIL_STEPS = 2000, 2400
 
 
 def learn_budget(args) -> int:
@@ -277,6 +288,22 @@ def per_training(text: str, kind: type = dict) -> tuple[str, dict | list]:
     return training, config
 
 
+def final_variant(text: str) -> tuple[str, str]:
+    """argparse type of ``--final_variant``: ``TRAINING=VARIANT`` -> (training, variant)."""
+    training, sep, variant = text.partition("=")
+    if not sep or training not in TRAINING:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAINING=VARIANT, TRAINING one of "
+                                         f"{', '.join(TRAINING)}")
+    head, *adds = variant.split("+")
+    unknown = [a for a in adds if "+" + a not in ADDITIONS]
+    if head not in ("base", "best") or unknown or len(set(adds)) < len(adds):
+        raise argparse.ArgumentTypeError(
+            f"{training}: {variant!r} is not a fine-tuned variant: base or best, then additions from "
+            f"{' '.join(ADDITIONS)}, each once" + (f" ({', '.join('+' + a for a in unknown)} unknown)"
+                                                    if unknown else ""))
+    return training, variant
+
+
 def trainings_of(args) -> list[str]:
     """The training sets ``--tasks`` need, in order, each once (the mixture serves every task)."""
     return list(dict.fromkeys(trained_on(t, args) for t in args.tasks))
@@ -341,8 +368,13 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
         if len(adds) > 1:
             raise ValueError(f"{variant}: +budget is a control of the plain row, not combined with others")
         short, steps = None, learn_budget(args)  # (not --tune_short_steps either)
-    if "learn" in adds:
+    short_args: tuple[str, ...] = ()
+    if "until" in adds:  # (the task's stage: the config's schedule, over every step)
+        short, steps = UNTIL_CAP, UNTIL_STEPS - UNTIL_CAP
+        short_args = ("--model.scheduler", "constant_with_warmup")
+    elif "learn" in adds:
         short, steps = LEARN_CAP, learn_budget(args) - LEARN_CAP
+    if "learn" in adds or "until" in adds:
         # the answer's own loss: train/lm_loss where objectives add terms to the loss
         objectives = any(a.startswith("--model.objectives.") and a.endswith("_weight") for a in extra) \
             or args.tune_context_weight
@@ -354,17 +386,18 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
             *extra,
             *cell_tail(task, seed, args),
         ),
-        stages=curriculum(short, steps, args, stop=stop),
+        stages=curriculum(short, steps, args, stop=stop, short_args=short_args),
         needs=needs,
     )
 
 
 def curriculum(short_steps: int | None, steps: int, args, short_facts: int | None = None,
-               stop: tuple[str, float] | None = None) -> tuple[Stage, ...]:
+               stop: tuple[str, float] | None = None, short_args: tuple[str, ...] = ()) -> tuple[Stage, ...]:
     """``short_steps`` on the short contexts (``--base_short_words``; ``short_facts`` facts each, else
     the task's), unvalidated, then ``steps`` more on the task's, validated once at the end; without
     short steps, one stage. ``stop`` (monitor, threshold): the short stage ends earlier, once learned
-    (``StopWhenLearned`` over ``LEARN_WINDOW`` steps), and the task's stage has the steps it left."""
+    (``StopWhenLearned`` over ``LEARN_WINDOW`` steps), and the task's stage has the steps it left.
+    ``short_args``: more arguments of the short stage alone."""
     total = (short_steps or 0) + steps
     last = Stage(max_steps=total, args=("--trainer.val_check_interval", str(total)))
     if not short_steps:
@@ -377,7 +410,7 @@ def curriculum(short_steps: int | None, steps: int, args, short_facts: int | Non
         short += ["--trainer.callbacks+=gist_lightning.curriculum.StopWhenLearned",
                   "--trainer.callbacks.monitor", stop[0], "--trainer.callbacks.below", str(stop[1]),
                   "--trainer.callbacks.window", str(LEARN_WINDOW)]
-    return Stage(max_steps=short_steps, args=tuple(short)), last
+    return Stage(max_steps=short_steps, args=(*short, *short_args)), last
 
 
 def method_name(variant: str, placement: str) -> str:
@@ -1118,11 +1151,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ablation_rows",
         nargs="+",
-        default=["scratch", *ADDITIONS],
+        default=["scratch", *(a for a in ADDITIONS if a not in LATER)],
         choices=["scratch", *ADDITIONS],
         help="the ablation's optional rows (cut to fit a budget; coarse and fine from the base always run)",
     )
     p.add_argument("--final_seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--final_variant",
+        type=final_variant,
+        action="append",
+        metavar="TRAINING=VARIANT",
+        help="the final stage trains VARIANT (e.g. best+layout+ae+importance+short+until) for one task's "
+        "models instead of the chosen one (choice.json; its placement); repeatable. Its rows are "
+        "reported under their own name, beside the chosen variant's recorded ones",
+    )
     p.add_argument("--base_steps", type=int, default=1000,
                    help="each base's training steps on the task's contexts (after the short ones)")
     p.add_argument("--tune_steps", type=int, default=1000, help="fine-tuning steps of each gist variant")
@@ -1217,7 +1259,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)  # unknown arguments go to every fit
     args.context_words = list(args.context_words)
     for flag, given in (("--task_model_config", args.task_model_config),
-                        ("--task_base_args", args.task_base_args)):
+                        ("--task_base_args", args.task_base_args), ("--final_variant", args.final_variant)):
         twice = sorted({t for t, _ in given or () if [u for u, _ in given].count(t) > 1})
         if twice:  # (a dict would keep the last silently)
             p.error(f"{flag} names {', '.join(twice)} more than once; give each training once")
@@ -1310,11 +1352,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{choice_path}: no choice yet; run --stage ablation first")
         choice = json.loads(choice_path.read_text())
         trainings = trainings_of(args)
+        variants = dict(args.final_variant or ())
         cells = [  # each base beside its gist model: a sitting cut short leaves whole pairs behind it
             cell
             for t in trainings
             for s in args.final_seeds
-            for cell in (base_cell(t, s, args), gist_cell(choice["variant"], choice["placement"], t, s, args))
+            for cell in (base_cell(t, s, args),
+                         gist_cell(variants.get(t, choice["variant"]), choice["placement"], t, s, args))
         ]
         run_or_list(cells, args, extra, ev)
         if args.check_args:

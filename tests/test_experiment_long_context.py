@@ -767,6 +767,32 @@ def test_the_learn_row_keeps_to_the_short_contexts_until_the_lookup_is_learned(l
     assert float(_value(list(plain.stages[0].args), "--trainer.callbacks.below")) == 0.25
 
 
+def test_the_until_row_learns_at_a_constant_rate_then_decays_on_the_task(lc, tmp_path):
+    """+until: +learn's curriculum, the short stage at a constant learning rate after warmup (so the
+    step it learns at does not depend on its cap), UNTIL_CAP steps at most, then the task's contexts
+    under the config's schedule up to UNTIL_STEPS; it takes +short's and +learn's place; no
+    ablation row by default, named for a task's final models by --final_variant."""
+    args = _tune_args(lc, tmp_path)
+    learn, until = (lc.gist_cell(v, "coarse", "two_hop_chain", 0, args)
+                    for v in ("best+layout+ae+short+learn", "best+layout+ae+short+until"))
+    assert until.name == "best-coarse+layout+ae+short+until-two_hop_chain-seed0" and until.args == learn.args
+    assert [s.max_steps for s in until.stages] == [lc.UNTIL_CAP, lc.UNTIL_STEPS] == [2000, 2400]
+    first, last = list(until.stages[0].args), list(until.stages[1].args)
+    assert _value(first, "--model.scheduler") == "constant_with_warmup"
+    assert "--model.scheduler" not in last and "--model.scheduler" not in until.args  # (tiny.yaml's cosine)
+    assert first[:len(learn.stages[0].args)] == list(learn.stages[0].args)  # the same stop, data
+    assert "--model.scheduler" not in learn.stages[0].args
+    assert _value(first, "--trainer.callbacks.monitor") == "train/lm_loss"
+    got = lc.final_variant("two_hop_chain=best+layout+short+until")
+    assert got == ("two_hop_chain", "best+layout+short+until")
+    for bad, said in (("two_hop_chain=best+layout+slow", r"\+slow unknown"),
+                      ("chain=base", "TRAINING one of"),
+                      ("two_hop_chain=scratch", "not a fine-tuned variant"),
+                      ("two_hop_chain=base+ae+ae", "each once")):
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            lc.final_variant(bad)
+
+
 def test_the_budget_control_trains_the_plain_row_as_many_steps_as_learn_on_the_task(lc, tmp_path):
     """+budget: the plain row's arguments, one stage on the task's contexts, as many steps as +learn
     takes in all (so +learn's gain can be told from its extra steps); a control, so it is never in
