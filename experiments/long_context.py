@@ -19,7 +19,10 @@ autoencoding), ``+importance`` (segment-wise token importance from the base), ``
 first), ``+learn`` (the short contexts until the answer loss is learned, at most 1000 steps, then
 the task's to step 1600), ``+budget`` (a control, never combined: the plain row trained +learn's
 1600 steps, all on the task's contexts, so +learn's gain can be told from its extra steps), and
-``best`` (the additions that helped on validation, together).
+``best`` (the additions that helped on validation, together). ``+until`` (not in the ablation by
+default; ``--final_variant`` names it for one task's final models): +learn's curriculum with the
+short stage at a constant learning rate after warmup, at most 2000 steps, then the task's contexts
+to step 2400.
 Baselines: ``full`` (the base itself), ``truncation`` (the base given only the context's end, as
 many positions as each gist variant's cache holds: gists, sinks and window included) and
 ``no_context`` (the base asked without the context), beside each task's chance floor.
@@ -156,13 +159,14 @@ SHORT_TUNE_STEPS = 400
 # short steps before the lookup was learned and never left the plateau; with 1000 it trained, as
 # did seeds 0 and 1 (pilots, docs/long-context.md). It takes the place of +short where both are.
 LEARN_CAP, LEARN_WINDOW = 1000, 200
-# +until: +learn's curriculum with the short stage at a constant learning rate after warmup, so the
-# step it learns at does not depend on its cap: +learn's cosine ran over the cap (1000), and on
-# two_hop_chain seeds 0 and 2 reached it unlearned at 0.0-0.2 of the peak rate; pilots capped at
-# 3000 (the cosine over 3000: 0.8-0.9 of the peak there) learned at steps 734-1104. At most
+# +until: +learn's curriculum with the short stage at a constant learning rate after warmup (5% of
+# its cap), so the rate it learns at does not decay with its cap: +learn's cosine ran over the cap
+# (1000), and on two_hop_chain seeds 0 and 2 reached it unlearned at 0.0-0.2 of the peak rate;
+# pilots capped at 3000 (the cosine over 3000: 0.8-0.9 of the peak there) learned at steps 734-1104. At most
 # UNTIL_CAP short steps, then the task's contexts up to UNTIL_STEPS (1300-1650 task steps for those
-# stops: the pilots' 1000 left seed 0's task loss still falling). It takes the place of +short and
-# +learn where they are.
+# stops: the pilots' 1000 left seed 0's task loss still falling; the task's cosine runs over all
+# UNTIL_STEPS from the step the short stage stopped at, so a stage stopped at the cap leaves 400 task
+# steps at under 7% of the peak rate). It takes +short's place; never with +learn.
 UNTIL_CAP, UNTIL_STEPS = 2000, 2400
 
 
@@ -289,18 +293,26 @@ def per_training(text: str, kind: type = dict) -> tuple[str, dict | list]:
 
 
 def final_variant(text: str) -> tuple[str, str]:
-    """argparse type of ``--final_variant``: ``TRAINING=VARIANT`` -> (training, variant)."""
+    """argparse type of ``--final_variant``: ``TRAINING=VARIANT`` -> (training, variant): a recipe
+    fine-tuned from the base (``base`` with at most one addition, ``best`` with two or more; no
+    control; ``+learn`` or ``+until``, not both)."""
     training, sep, variant = text.partition("=")
     if not sep or training not in TRAINING:
         raise argparse.ArgumentTypeError(f"{text!r}: expected TRAINING=VARIANT, TRAINING one of "
                                          f"{', '.join(TRAINING)}")
     head, *adds = variant.split("+")
-    unknown = [a for a in adds if "+" + a not in ADDITIONS]
-    if head not in ("base", "best") or unknown or len(set(adds)) < len(adds):
+    recipes = [a for a in ADDITIONS if a not in CONTROLS]
+    unknown = ["+" + a for a in adds if "+" + a not in recipes]
+    why = (f"{', '.join(unknown)} is not one of its additions" if unknown
+           else "an addition named twice" if len(set(adds)) < len(adds)
+           else "+learn and +until are two curricula for one stage" if {"learn", "until"} <= set(adds)
+           else "base takes one addition at most, best two or more"
+           if (head == "base" and len(adds) > 1) or (head == "best" and len(adds) < 2)
+           else None if head in ("base", "best") else "it starts neither with base nor with best")
+    if why:
         raise argparse.ArgumentTypeError(
-            f"{training}: {variant!r} is not a fine-tuned variant: base or best, then additions from "
-            f"{' '.join(ADDITIONS)}, each once" + (f" ({', '.join('+' + a for a in unknown)} unknown)"
-                                                    if unknown else ""))
+            f"{training}: {variant!r} is not a recipe fine-tuned from the base ({why}): base or best, "
+            f"then additions from {' '.join(recipes)}")
     return training, variant
 
 
@@ -369,6 +381,8 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
             raise ValueError(f"{variant}: +budget is a control of the plain row, not combined with others")
         short, steps = None, learn_budget(args)  # (not --tune_short_steps either)
     short_args: tuple[str, ...] = ()
+    if "until" in adds and "learn" in adds:
+        raise ValueError(f"{variant}: +learn and +until are two curricula for one stage; name one")
     if "until" in adds:  # (the task's stage: the config's schedule, over every step)
         short, steps = UNTIL_CAP, UNTIL_STEPS - UNTIL_CAP
         short_args = ("--model.scheduler", "constant_with_warmup")
@@ -636,8 +650,8 @@ def training_record(cell: Path, threshold: float, guessed_start: bool = True) ->
 def last_stage_start(cell: Path) -> tuple[int, bool]:
     """The step a cell's last stage started from, and whether it was read rather than guessed: where
     the stage before it ended, as its export (``export-stage<i>``, the sweep's) records it; a stage
-    stopped once learned (``+learn``) ends before its ``max_steps``, the guess when that export is
-    gone. (The experiment's earlier stages are not validated, so their export is their last step,
+    stopped once learned (``+learn``, ``+until``) ends before its ``max_steps``, the guess when that
+    export is gone. (The experiment's earlier stages are not validated, so their export is their last step,
     not a best checkpoint's.)"""
     stages = json.loads((cell / "cell.json").read_text())["stages"]  # (the sweep's record of the cell)
     if len(stages) < 2:
@@ -1269,6 +1283,12 @@ def main(argv: list[str] | None = None) -> int:
     if unanswered:
         p.error(f"--train_on {args.train_on} trains no model that answers {', '.join(unanswered)} "
                 f"(the mixture: {', '.join(TRAINING['mixture'][0])})")
+    if args.final_variant and args.stage != "final":
+        p.error(f"--final_variant names the final stage's models; --stage is {args.stage}")
+    untrained = sorted({t for t, _ in args.final_variant or ()} - set(trainings_of(args)))
+    if untrained:
+        p.error(f"--final_variant names {', '.join(untrained)}, which --tasks and --train_on do not train "
+                f"(they train {', '.join(trainings_of(args))})")
     args.task_model_configs = dict(args.task_model_config or ()) or None  # None: recorded as before
     args.task_base_args = dict(args.task_base_args or ()) or None
     if args.plateau_loss is None:

@@ -208,8 +208,8 @@ def ranks_errors(stderr: str, limit: int = 3000) -> str:
     rank that failed first; the others' tracebacks only say that a peer closed its connection)
     and the end of the output."""
     first = stderr.find("Traceback")
-    if first < 0 or first >= len(stderr) - limit:
-        return stderr[-limit:]
+    if first < 0 or first >= len(stderr) - 2 * limit:  # (within the end: the end alone holds it)
+        return stderr[max(first, 0):][-2 * limit:]
     return f"{stderr[first:first + limit]}\n[...]\n{stderr[-limit:]}"
 
 

@@ -783,14 +783,42 @@ def test_the_until_row_learns_at_a_constant_rate_then_decays_on_the_task(lc, tmp
     assert first[:len(learn.stages[0].args)] == list(learn.stages[0].args)  # the same stop, data
     assert "--model.scheduler" not in learn.stages[0].args
     assert _value(first, "--trainer.callbacks.monitor") == "train/lm_loss"
+    with pytest.raises(ValueError, match=r"\+learn and \+until"):
+        lc.gist_cell("best+layout+learn+until", "coarse", "two_hop_chain", 0, args)
     got = lc.final_variant("two_hop_chain=best+layout+short+until")
     assert got == ("two_hop_chain", "best+layout+short+until")
-    for bad, said in (("two_hop_chain=best+layout+slow", r"\+slow unknown"),
-                      ("chain=base", "TRAINING one of"),
-                      ("two_hop_chain=scratch", "not a fine-tuned variant"),
-                      ("two_hop_chain=base+ae+ae", "each once")):
+    assert lc.final_variant("recall1=base+until") == ("recall1", "base+until")
+    for bad, said in (("two_hop_chain=best+layout+slow", r"\+slow is not one of its additions"),
+                      ("chain=base", "TRAINING one of"), ("two_hop_chain=scratch", "neither with base"),
+                      ("two_hop_chain=base+ae+ae", "named twice"),
+                      ("two_hop_chain=base+budget", r"\+budget is not one"),  # a control, not a recipe
+                      ("two_hop_chain=best+ae+learn+until", "two curricula"),
+                      ("two_hop_chain=best+until", "best two or more"),
+                      ("two_hop_chain=base+ae+until", "base takes one addition")):
         with pytest.raises(argparse.ArgumentTypeError, match=said):
             lc.final_variant(bad)
+
+
+def test_the_final_variant_of_one_task_replaces_the_chosen_one_there_alone(lc, tmp_path, capsys):
+    """--final_variant TRAINING=VARIANT: that task's final gist models train VARIANT, the other tasks'
+    the chosen one; naming a training the stage does not train, or another stage, is refused."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "choice.json").write_text(json.dumps({"placement": "coarse", "variant": "base+ae"}))
+    roots = ["--run_root", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert lc.main(["--check_args", "--stage", "final", *roots, "--final_seeds", "0", "--tasks", "recall1",
+                    "two_hop_chain", "--final_variant", "two_hop_chain=best+layout+short+until"]) == 0
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "base-recall1-seed0", "base-coarse+ae-recall1-seed0",
+        "base-two_hop_chain-seed0", "best-coarse+layout+short+until-two_hop_chain-seed0"]
+    for argv, said in ((["--tasks", "recall1", "--final_variant", "two_hop_chain=base+until"],
+                        "two_hop_chain, which --tasks and --train_on do not train"),
+                       (["--final_variant", "recall1=base+until", "--final_variant", "recall1=base+learn"],
+                        "--final_variant names recall1 more than once"),
+                       (["--stage", "ablation", "--final_variant", "recall1=base+until"],
+                        "names the final stage's models; --stage is ablation")):
+        with pytest.raises(SystemExit):
+            lc.main(["--check_args", "--stage", "final", *roots, *argv])
+        assert said in capsys.readouterr().err
 
 
 def test_the_budget_control_trains_the_plain_row_as_many_steps_as_learn_on_the_task(lc, tmp_path):
