@@ -272,14 +272,20 @@ def recipe_args(args, base: bool) -> list[str]:
     return ["--data.init_args.restate", str(restate), "--model.objectives.context_weight", str(weight)]
 
 
+def split_training(text: str, form: str) -> tuple[str, str]:
+    """``TRAINING=<form>`` -> (training, what follows ``=``), or the argparse error naming ``form``."""
+    training, sep, rest = text.partition("=")
+    if not sep or training not in TRAINING:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAINING={form}, TRAINING one of "
+                                         f"{', '.join(TRAINING)}")
+    return training, rest
+
+
 def per_training(text: str, kind: type = dict) -> tuple[str, dict | list]:
     """argparse type of ``--task_model_config`` (``TRAINING=JSON`` object: the config fields) and of
     ``--task_base_args`` (``TRAINING=JSON`` list of strings: fit arguments) -> (training, value)."""
-    training, sep, fields = text.partition("=")
+    training, fields = split_training(text, "JSON")
     what = "config" if kind is dict else "argument list"
-    if not sep or training not in TRAINING:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAINING=JSON, TRAINING one of "
-                                         f"{', '.join(TRAINING)}")
     try:
         config = json.loads(fields)
     except json.JSONDecodeError as e:
@@ -296,10 +302,7 @@ def final_variant(text: str) -> tuple[str, str]:
     """argparse type of ``--final_variant``: ``TRAINING=VARIANT`` -> (training, variant): a recipe
     fine-tuned from the base (``base`` with at most one addition, ``best`` with two or more; no
     control; ``+learn`` or ``+until``, not both)."""
-    training, sep, variant = text.partition("=")
-    if not sep or training not in TRAINING:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAINING=VARIANT, TRAINING one of "
-                                         f"{', '.join(TRAINING)}")
+    training, variant = split_training(text, "VARIANT")
     head, *adds = variant.split("+")
     recipes = [a for a in ADDITIONS if a not in CONTROLS]
     unknown = ["+" + a for a in adds if "+" + a not in recipes]
@@ -1285,10 +1288,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"(the mixture: {', '.join(TRAINING['mixture'][0])})")
     if args.final_variant and args.stage != "final":
         p.error(f"--final_variant names the final stage's models; --stage is {args.stage}")
-    untrained = sorted({t for t, _ in args.final_variant or ()} - set(trainings_of(args)))
+    trained = trainings_of(args)
+    untrained = sorted({t for t, _ in args.final_variant or ()} - set(trained))
     if untrained:
         p.error(f"--final_variant names {', '.join(untrained)}, which --tasks and --train_on do not train "
-                f"(they train {', '.join(trainings_of(args))})")
+                f"(they train {', '.join(trained)})")
     args.task_model_configs = dict(args.task_model_config or ()) or None  # None: recorded as before
     args.task_base_args = dict(args.task_base_args or ()) or None
     if args.plateau_loss is None:
