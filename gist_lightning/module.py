@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, get_scheduler
 
-from . import adapters, caching, generation, long_context, masks
+from . import adapters, caching, generation, long_context, masks, schedule
 from .adapters import PeftSettings
 from .backends import backend_named, backend_of, gist_forward
 from .cache import GistCache
@@ -89,6 +89,9 @@ class GistLitModule(L.LightningModule):
         dtype: weights' dtype for ``from_pretrained`` (e.g. ``bfloat16``); None keeps the checkpoint's.
         learning_rate / weight_decay / warmup_ratio / scheduler: AdamW with a transformers schedule
             (``cosine``, ``constant_with_warmup``, ``linear``...).
+        stage_schedule: a fit that resumes a checkpoint with a larger ``trainer.max_steps`` (the next
+            stage of a curriculum) runs a schedule of its own, over its own steps and up to its own
+            ``learning_rate`` (:mod:`gist_lightning.schedule`); off, a run has one schedule.
         gradient_checkpointing: trade compute for memory.
         max_new_tokens: greedy generation budget during validation.
         peft: parameter-efficient tuning (:class:`~gist_lightning.adapters.PeftSettings`: LoRA rank,
@@ -118,6 +121,7 @@ class GistLitModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         scheduler: str = "cosine",
+        stage_schedule: bool = False,
         gradient_checkpointing: bool = False,
         max_new_tokens: int = 64,
         peft: PeftSettings | None = None,
@@ -167,6 +171,8 @@ class GistLitModule(L.LightningModule):
         self.autoencoder = None  # objectives.autoencode_weight: trained and checkpointed, never exported
         self._teacher: list = []  # objectives' frozen teacher, kept out of parameters and checkpoints
         self._importance_checked = False  # whether the first training batch's importance spread was looked at
+        self._schedule_start, self._new_stage = 0, False  # model.stage_schedule: this stage's first step
+        self._stage_factor: tuple | None = None  # ((start, total), its factor function)
 
     def _hf_config(self):
         h = self.hparams
@@ -304,13 +310,31 @@ class GistLitModule(L.LightningModule):
         if self.peft is not None:
             keep = self.trainable_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self._trainer is not None:
+            h = self.hparams
+            checkpoint[schedule.RECORD] = schedule.record(self._schedule_start, self.trainer, h.learning_rate,
+                                                          h.stage_schedule)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         # applied at the first training batch of a resumed fit (creating the data iterator draws from
         # the random state); only rank 0's state is saved, so with several processes it is not restored
-        resuming = (self._trainer is not None and self.trainer.state.fn == "fit"
-                    and self.trainer.world_size == 1)
-        self._resumed_rng = checkpoint.get("rng_states") if resuming else None
+        self._resumed_rng = checkpoint.get("rng_states") if fitting and self.trainer.world_size == 1 else None
+        if fitting:  # which stage's schedule this fit runs (model.stage_schedule), or refused
+            h = self.hparams
+            self._schedule_start, self._new_stage = schedule.resumed_stage(
+                checkpoint, self.trainer, h.learning_rate, h.stage_schedule)
+
+    def on_train_start(self) -> None:
+        # (the checkpoint's optimizer and scheduler are restored by now)
+        new_stage, self._new_stage = self._new_stage, False
+        if self.trainer.ckpt_path is not None:
+            for config in self.trainer.lr_scheduler_configs:
+                schedule.resume(config.scheduler, self.hparams.learning_rate if new_stage else None)
+        if new_stage:
+            h, end = self.hparams, int(self.trainer.estimated_stepping_batches)
+            rank_zero_info(f"model.stage_schedule: a new stage from step {self._schedule_start} to {end}, "
+                           f"its own {h.scheduler} schedule up to {h.learning_rate:g}")
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         states, self._resumed_rng = getattr(self, "_resumed_rng", None), None
@@ -541,7 +565,19 @@ class GistLitModule(L.LightningModule):
             [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=h.learning_rate,
         )
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = get_scheduler(h.scheduler, optimizer, num_warmup_steps=int(h.warmup_ratio * total),
-                                  num_training_steps=total)
+        if h.stage_schedule:  # (the stage is known only once the checkpoint is read: looked up per step)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self._stage_rate(step))
+        else:
+            total = int(self.trainer.estimated_stepping_batches)
+            scheduler = get_scheduler(h.scheduler, optimizer, num_warmup_steps=int(h.warmup_ratio * total),
+                                      num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _stage_rate(self, step: int) -> float:
+        """model.stage_schedule's factor of the peak rate at ``step`` (the scheduler's count of
+        optimizer steps, the run's global step): this stage's schedule."""
+        key = (self._schedule_start, int(self.trainer.estimated_stepping_batches))
+        if self._stage_factor is None or self._stage_factor[0] != key:
+            h = self.hparams
+            self._stage_factor = key, schedule.stage_factor(h.scheduler, h.warmup_ratio, *key)
+        return self._stage_factor[1](step)

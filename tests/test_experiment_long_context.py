@@ -420,6 +420,23 @@ def test_a_task_can_have_its_own_model_and_older_run_folders_still_pass(lc, tmp_
     assert "--task_model_config: two_hop: its config is not JSON" in capsys.readouterr().err
 
 
+def test_a_per_training_value_that_is_malformed_is_refused_naming_what(lc):
+    """--task_model_config / --task_base_args: TRAINING=JSON, the training one the experiment trains,
+    the JSON of the option's kind; each malformed value refused in one line saying what is wrong."""
+    assert lc.per_training('two_hop={"num_hidden_layers": 8}') == ("two_hop", {"num_hidden_layers": 8})
+    assert lc.per_training('two_hop=["--a", "1"]', list) == ("two_hop", ["--a", "1"])
+    for text, kind, message in [
+        ('{"num_hidden_layers": 8}', dict, "expected TRAINING=JSON, TRAINING one of recall1, recall3,"),
+        ('nine={"num_hidden_layers": 8}', dict, "expected TRAINING=JSON"),
+        ("two_hop=[1]", dict, "two_hop: its config must be a JSON object"),
+        ('two_hop={"a": 1}', list, "two_hop: its argument list must be a JSON list of strings"),
+        ('two_hop=["--a", 1]', list, "two_hop: its arguments must be strings"),
+        ("two_hop=[", list, r"two_hop: its argument list is not JSON \("),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            lc.per_training(text, kind)
+
+
 def _finished_run(lc, root, name, weights, steps=(49, 99)):
     """A cell folder as a finished fit leaves it: done.json, metrics.csv and an export's weights."""
     from safetensors.torch import save_file
