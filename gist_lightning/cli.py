@@ -89,6 +89,15 @@ class GistCLI(LightningCLI):
         self.command_line = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
         super().parse_arguments(parser, args)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning lays a checkpoint file's hyperparameters over the parsed config (command line
+        included) when ``--ckpt_path`` names a file. A fit resumed so would silently drop what its
+        command line changed (a rate, ``model.stage_schedule``), where ``--ckpt_path last`` keeps
+        it: a fit takes its config as given, however its checkpoint is named (what cannot resume
+        under it is refused by the module); validate / test / predict keep Lightning's rule."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)

@@ -371,6 +371,7 @@ class GistLitModule(L.LightningModule):
         # they are created, and transformers' weight init then fails on the empty shards (padding
         # row of the embedding). Every rank holds the whole model until the engine partitions it.
         self.configure_model()
+        self._schedule_start, self._new_stage = 0, False  # (a resumed fit's checkpoint says otherwise)
         self._check_runnable(stage)
         if stage == "fit" and self.objectives is not None and self.objectives.needs_teacher:
             self.teacher()  # loaded and checked (vocabulary) before any step
@@ -579,5 +580,6 @@ class GistLitModule(L.LightningModule):
         key = (self._schedule_start, int(self.trainer.estimated_stepping_batches))
         if self._stage_factor is None or self._stage_factor[0] != key:
             h = self.hparams
-            self._stage_factor = key, schedule.stage_factor(h.scheduler, h.warmup_ratio, *key)
+            factor = schedule.stage_factor(h.scheduler, h.warmup_ratio, *key, h.learning_rate)
+            self._stage_factor = key, factor
         return self._stage_factor[1](step)

@@ -9,8 +9,10 @@ With ``model.stage_schedule`` each stage has a schedule of its own: its warmup (
 its steps) and its decay (``model.scheduler``'s shape) run over the steps from the checkpoint it
 starts from to its ``max_steps``, up to its own ``model.learning_rate``; the optimizer's moments
 carry on. A fit is a new stage when its ``max_steps`` (or ``max_epochs``) differ from those its
-checkpoint was saved under; a fit resumed under the same ones (a stage killed and resumed) goes on
-with its stage's schedule, exactly where it was.
+checkpoint was saved under, or the checkpoint was saved without ``stage_schedule``; a fit resumed
+under the same ones (a stage killed and resumed) goes on with its stage's schedule, exactly where it
+was. Every resumed fit's first step trains at its schedule's rate for that step (schedules that are
+a factor of the step: transformers' named ones but ``reduce_lr_on_plateau``).
 
     gist-lightning fit ... --trainer.max_steps 1000                       # stage 1
     gist-lightning fit ... --trainer.max_steps 2400 --ckpt_path last \\
@@ -27,6 +29,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
 from .errors import GistError
@@ -68,22 +71,23 @@ def resumed_stage(checkpoint: dict, trainer, learning_rate: float, stage_schedul
     return int(saved["start"]), False
 
 
-def stage_factor(name: str, warmup_ratio: float, start: int, total: int) -> Callable[[int], float]:
-    """The factor of the peak rate at each optimizer step of a stage that runs from step ``start`` to
-    ``total``: transformers' schedule ``name`` over the stage's steps, shifted to start there."""
+def stage_factor(name: str, warmup_ratio: float, start: int, total: int,
+                 learning_rate: float) -> Callable[[int], float]:
+    """The factor of the peak rate ``learning_rate`` at each optimizer step of a stage that runs from
+    step ``start`` to ``total``: transformers' schedule ``name`` over the stage's steps, shifted to
+    start there (built at that rate: ``polynomial`` ends at an absolute rate)."""
     steps = total - start
     if steps < 1:
         raise GistError(f"trainer.max_steps ({total}) must be larger than the step the stage starts at "
                         f"({start}): a stage of model.stage_schedule has steps of its own")
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
     warmup = int(warmup_ratio * steps)
     scheduler = get_scheduler(name, probe, num_warmup_steps=warmup, num_training_steps=steps)
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if not lambdas:
+    if not isinstance(scheduler, LambdaLR):
         raise GistError(f"model.scheduler: {name!r} is not a schedule of the step alone; "
                         "model.stage_schedule takes a schedule of the step (cosine, linear, "
                         "constant_with_warmup...)")
-    shape = lambdas[0]
+    shape = scheduler.lr_lambdas[0]
     return lambda step: shape(step - start)
 
 
@@ -93,9 +97,9 @@ def resume(scheduler, new_stage_rate: float | None = None) -> None:
     step set, which is the schedule's only where the schedule is the checkpoint's: a run extended to a
     larger ``max_steps`` would train one step at the old schedule's rate (0 at the end of a cosine).
     ``new_stage_rate``: a new stage of ``model.stage_schedule``, whose peak is that rate."""
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if not lambdas:  # (not a schedule of the step alone: left as restored)
+    if not isinstance(scheduler, LambdaLR):  # (not a factor of the step alone: left as restored)
         return
+    lambdas = scheduler.lr_lambdas
     if new_stage_rate is not None:
         scheduler.base_lrs = [new_stage_rate for _ in scheduler.base_lrs]
     rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, lambdas)]

@@ -21,7 +21,6 @@ BIN = str(Path(sys.executable).parent / "gist-lightning")
 TESTS = str(Path(__file__).resolve().parent)
 MONITOR = ("--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
            "--trainer.callbacks.logging_interval", "step")
-pytestmark = pytest.mark.slow
 
 
 def _args(config: Path, root: Path, max_steps: int, *extra: str) -> list[str]:
@@ -52,7 +51,15 @@ def _cosine(k: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup)))
 
 
-def test_the_next_stage_runs_its_own_schedule_at_its_own_rate(run_config, tmp_path, monkeypatch):
+def _resume_from(run: Path, how: str) -> str:
+    """``--ckpt_path`` naming the run's last.ckpt as ``last`` or as its file (Lightning once laid a
+    file's hyperparameters over the command line's)."""
+    return "last" if how == "last" else str(run / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["last", "file"])
+def test_the_next_stage_runs_its_own_schedule_at_its_own_rate(run_config, tmp_path, monkeypatch, how):
     monkeypatch.chdir(tmp_path)
     config, root = run_config(), tmp_path / "runs"
     run = root / "t" / "run"
@@ -60,7 +67,7 @@ def test_the_next_stage_runs_its_own_schedule_at_its_own_rate(run_config, tmp_pa
     first = _rates(run)
     assert [round(first[s] / 1e-2, 6) for s in range(6)] == [round(_cosine(s, 6, 1), 6) for s in range(6)]
     _fit(*_args(config, root, 16, "--model.learning_rate", "4e-3", "--model.stage_schedule", "true",
-                "--ckpt_path", "last"))
+                "--ckpt_path", _resume_from(run, how)))
     rates = _rates(run)
     # steps 6..15: a cosine over the stage's 10 steps, 2 of warmup, up to 4e-3 (the run's schedule
     # would have read a cosine over 16 steps at step 6, at 1e-2)
@@ -74,14 +81,17 @@ def test_the_next_stage_runs_its_own_schedule_at_its_own_rate(run_config, tmp_pa
     assert state["lr_schedulers"][0]["base_lrs"] == [4e-3, 4e-3]
 
 
-def test_without_it_a_run_keeps_one_schedule_and_a_changed_rate_is_refused(run_config, tmp_path, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["last", "file"])
+def test_without_it_a_run_keeps_one_schedule_and_a_changed_rate_is_refused(run_config, tmp_path, monkeypatch,
+                                                                           how):
     monkeypatch.chdir(tmp_path)
     config, root = run_config(), tmp_path / "runs"
     run = root / "t" / "run"
     _fit(*_args(config, root, 6, "--model.learning_rate", "1e-2"))
-    with pytest.raises(GistError, match=r"model.learning_rate: 0.004 is not the 0.01 of the checkpoint this "
-                                        r"fit resumes.*model.stage_schedule true"):
-        _fit(*_args(config, root, 16, "--model.learning_rate", "4e-3", "--ckpt_path", "last"))
+    with pytest.raises(GistError, match=r"model.learning_rate: 0.004 is not the 0.01 of the checkpoint "
+                                        r"this fit resumes.*model.stage_schedule true"):
+        _fit(*_args(config, root, 16, "--model.learning_rate", "4e-3", "--ckpt_path", _resume_from(run, how)))
     _fit(*_args(config, root, 16, "--model.learning_rate", "1e-2", "--ckpt_path", "last"))
     # the cosine over all 16 steps (3 of warmup), read from step 6 on: step 6 too (it once trained at
     # the rate stage 1's last step had set, 0 at the end of its cosine)
@@ -103,6 +113,7 @@ def _stage2(config: Path, root: Path, kill_at: str = "", rate: str = "4e-3") -> 
                           capture_output=True, text=True, env=_env(kill_at))
 
 
+@pytest.mark.slow
 def test_a_stage_killed_and_resumed_goes_on_with_its_own_schedule_exactly(run_config, tmp_path, monkeypatch):
     import shutil
 
@@ -132,10 +143,28 @@ def test_a_stage_killed_and_resumed_goes_on_with_its_own_schedule_exactly(run_co
     assert got["gist_schedule"]["start"] == 6
 
 
-def test_a_stage_with_no_steps_of_its_own_is_refused():
+@pytest.mark.parametrize("name", ["cosine", "linear", "polynomial", "constant_with_warmup",
+                                  "inverse_sqrt"])
+def test_a_stage_from_step_0_is_the_plain_schedule_and_one_later_its_shift(name):
+    """The stage's factors are transformers' schedule over its steps, at its rate (polynomial ends at
+    an absolute rate), shifted to its first step."""
+    from transformers import get_scheduler
+
     from gist_lightning.schedule import stage_factor
 
-    assert stage_factor("cosine", 0.0, 6, 16)(6) == 1.0 and stage_factor("cosine", 0.0, 6, 16)(11) == 0.5
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    plain = get_scheduler(name, optimizer, num_warmup_steps=3, num_training_steps=20).lr_lambdas[0]
+    assert [stage_factor(name, 0.15, 0, 20, 1e-3)(s) for s in range(20)] == [plain(s) for s in range(20)]
+    assert [stage_factor(name, 0.15, 7, 27, 1e-3)(s + 7) for s in range(20)] == [plain(s) for s in range(20)]
+
+
+def test_a_stage_with_no_steps_of_its_own_or_no_schedule_of_the_step_is_refused():
+    from gist_lightning.schedule import stage_factor
+
+    factor = stage_factor("cosine", 0.0, 6, 16, 1e-3)
+    assert factor(6) == 1.0 and factor(11) == 0.5
     with pytest.raises(GistError, match=r"trainer.max_steps \(6\) must be larger than the step the stage "
                                         r"starts at \(6\)"):
-        stage_factor("cosine", 0.1, 6, 6)
+        stage_factor("cosine", 0.1, 6, 6, 1e-3)
+    with pytest.raises(GistError, match="'reduce_lr_on_plateau' is not a schedule of the step"):
+        stage_factor("reduce_lr_on_plateau", 0.1, 0, 6, 1e-3)
