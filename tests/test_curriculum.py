@@ -123,6 +123,33 @@ def test_a_sweep_cell_takes_a_stopped_stage_as_done_and_extends_it(run_config, t
     assert last["global_step"] == 5
 
 
+@pytest.mark.slow
+def test_a_stage_of_steps_trains_that_many_after_where_the_stage_before_stopped(run_config, tmp_path):
+    """Stage(steps=3) after a stage StopWhenLearned ended at step 2 trains to step 5, and its
+    ``{max_steps}`` (here its one validation) reads 5; its start is recorded for a resumed attempt."""
+    from gist_lightning.sweeps import Cell, Stage, Sweep
+    from gist_lightning.sweeps.engine import LocalLauncher
+
+    config = str(run_config(max_steps=10, val_check_interval=10))
+    stop = (CALLBACK, "--trainer.callbacks.below", "1e6", "--trainer.callbacks.window", "2",
+            "--trainer.limit_val_batches", "0")
+    cell = Cell(name="learn", values={}, seed=0,
+                stages=(Stage(max_steps=10, args=stop),
+                        Stage(steps=3, args=("--trainer.val_check_interval", "{max_steps}"))))
+    logs: list[str] = []
+    sweep = Sweep([cell], [config], tmp_path / "runs", LocalLauncher(), ["--model.max_new_tokens", "2"],
+                  log=logs.append, poll_seconds=0.2)
+    assert sweep.run() == 0, logs
+    folder = tmp_path / "runs" / "learn"
+    assert (folder / "stage1.start").read_text() == "2"
+    assert "--trainer.val_check_interval 5 --trainer.max_steps 5" in (folder / "stdout.log").read_text()
+    last = torch.load(folder / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 5
+    rows = csv.DictReader(open(folder / "run" / "metrics.csv"))
+    validated = [r for r in rows if r.get("validation_seen/rougeL")]
+    assert [int(r["step"]) for r in validated] == [4]  # (the step counted from 0: the 5th)
+
+
 RANKS_SCRIPT = '''
 import json, sys
 import lightning as L

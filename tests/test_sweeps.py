@@ -56,6 +56,37 @@ def test_the_fit_arguments_are_checked_before_anything_runs(run_config):
         check_args(["--config", config, "--model.num_gist_tokens", "two"])
 
 
+def test_a_stage_of_steps_reads_its_start_once_and_records_it(tmp_path):
+    """Stage.steps: its start is the run's last.ckpt step at its first attempt (0 without one),
+    recorded in stage<i>.start and read back by a resumed attempt whatever the checkpoint's step is
+    then; cell.json names ``steps`` only where given (older folders read the same); a stage with
+    both or with no step is refused; a checkpoint folder cannot say its step and is refused."""
+    import torch
+
+    from gist_lightning.sweeps.cell import stage_start
+    from gist_lightning.sweeps.engine import _stages_of
+
+    run = tmp_path / "run"
+    assert stage_start(tmp_path, run, 0, first=True) == 0 and (tmp_path / "stage0.start").read_text() == "0"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 7}, run / "checkpoints" / "last.ckpt")
+    assert stage_start(tmp_path, run, 1, first=False) == 7 and not (tmp_path / "stage1.start").exists()
+    assert stage_start(tmp_path, run, 1, first=True) == 7
+    torch.save({"global_step": 9}, run / "checkpoints" / "last.ckpt")  # (the stage's own, mid-way)
+    assert stage_start(tmp_path, run, 1, first=False) == 7
+    cell = Cell(name="c", stages=(Stage(max_steps=4, args=("--a",)), Stage(steps=3)))
+    assert _stages_of(cell) == [{"max_steps": 4, "args": ["--a"]},
+                                {"max_steps": None, "args": [], "steps": 3}]
+    with pytest.raises(ValueError, match=r"give max_steps \(4\) or steps \(3\), not both"):
+        Stage(max_steps=4, steps=3)
+    with pytest.raises(ValueError, match="Stage.steps must be >= 1; got 0"):
+        Stage(steps=0)
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "checkpoints" / "last.ckpt").mkdir()
+    with pytest.raises(RuntimeError, match="a checkpoint folder \\(DeepSpeed\\)"):
+        stage_start(tmp_path, run, 2, first=True)
+
+
 def test_a_sweep_with_a_bad_key_runs_nothing(run_config, tmp_path, capsys):
     with pytest.raises(ValueError, match="cell .*: unrecognized arguments: --model.conditon gist"):
         main(["--config", str(run_config()), "--runs", str(tmp_path / "runs"), "--grid",

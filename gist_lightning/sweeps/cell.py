@@ -177,9 +177,12 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
     for i, stage in enumerate(spec["stages"]):
         if (folder / f"stage{i}.done").exists():
             continue
-        args = list(spec["args"]) + list(stage["args"])
-        if stage.get("max_steps") is not None:
-            args += ["--trainer.max_steps", str(stage["max_steps"])]
+        max_steps = stage.get("max_steps")
+        if stage.get("steps") is not None:  # from where the stage starts, recorded at its first attempt
+            max_steps = stage_start(folder, run_dir, i, first) + stage["steps"]
+        args = list(spec["args"]) + [a.replace("{max_steps}", str(max_steps)) for a in stage["args"]]
+        if max_steps is not None:
+            args += ["--trainer.max_steps", str(max_steps)]
         if (run_dir / "checkpoints" / "last.ckpt").exists():
             args += ["--ckpt_path", "last"]
         if first and i > 0:
@@ -202,6 +205,31 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
         write_text_atomic(run_dir / DONE, json.dumps({**spec["summary"], "minutes": minutes,
                                                       "attempts": len(attempts) + 1}, indent=1) + "\n")
     return 0
+
+
+def stage_start(folder: Path, run_dir: Path, stage: int, first: bool) -> int:
+    """The step stage ``stage`` starts at: the step of the run's ``last.ckpt`` (0 without one) when
+    it first runs, recorded in ``stage<i>.start`` by rank 0, so that an attempt resumed from a
+    checkpoint of the stage's own trains to the same end. (Other ranks of a first attempt read the
+    same checkpoint: none of the stage's is written before every rank has started its fit.)"""
+    path = folder / f"stage{stage}.start"
+    if path.exists():
+        return int(path.read_text())
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_dir():
+        raise RuntimeError(f"{last}: a checkpoint folder (DeepSpeed); a stage of steps needs a single-file "
+                           "last.ckpt to read its first step from: give the stage max_steps")
+    step = int(torch_load_step(last)) if last.exists() else 0
+    if first:
+        write_text_atomic(path, str(step))
+    return step
+
+
+def torch_load_step(path: Path) -> int:
+    """The global step of a Lightning checkpoint file (memory-mapped: the weights stay unread)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"]
 
 
 def _keep_export(run_dir: Path, stage: int) -> None:

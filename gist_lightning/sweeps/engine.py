@@ -67,8 +67,10 @@ def _fill(arg: str, runs: Path) -> str:
 
 
 def _stages_of(cell: Cell) -> list[dict]:
-    """The cell's stages as ``cell.json`` records them (JSON's lists for tuples)."""
-    return json.loads(json.dumps([asdict(s) | {"args": list(s.args)} for s in cell.stages]))
+    """The cell's stages as ``cell.json`` records them (JSON's lists for tuples; ``steps`` only where
+    given, so the folders of stages without it read as before)."""
+    stages = [{k: v for k, v in asdict(s).items() if k != "steps" or v is not None} for s in cell.stages]
+    return json.loads(json.dumps([s | {"args": list(s["args"])} for s in stages]))
 
 
 def _without_logger(args: list[str]) -> list[str]:

@@ -20,11 +20,22 @@ CONTROLS = ("pos_control", "neg_control")  # their gist token is present but k d
 
 @dataclass(frozen=True)
 class Stage:
-    """One fit of a cell: trained up to ``max_steps`` (None: the config's) with ``args`` added; each
-    stage after the first continues from the cell's ``last.ckpt``."""
+    """One fit of a cell: trained up to ``max_steps`` (None: the config's), or for ``steps`` steps
+    from the step it starts at (where the stage before it ended, maybe early, by
+    ``gist_lightning.curriculum.StopWhenLearned``; 0 for a first stage), with ``args`` added, in which
+    ``{max_steps}`` stands for the step it trains to (e.g. ``--trainer.val_check_interval
+    {max_steps}``: validated once, at its end). Each stage after the first continues from the cell's
+    ``last.ckpt``."""
 
     max_steps: int | None = None
     args: tuple[str, ...] = ()
+    steps: int | None = None
+
+    def __post_init__(self):
+        if self.steps is not None and self.max_steps is not None:
+            raise ValueError(f"Stage: give max_steps ({self.max_steps}) or steps ({self.steps}), not both")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"Stage.steps must be >= 1; got {self.steps}")
 
 
 @dataclass(frozen=True)
