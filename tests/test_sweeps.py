@@ -83,8 +83,28 @@ def test_a_stage_of_steps_reads_its_start_once_and_records_it(tmp_path):
         Stage(steps=0)
     (run / "checkpoints" / "last.ckpt").unlink()
     (run / "checkpoints" / "last.ckpt").mkdir()
-    with pytest.raises(RuntimeError, match="a checkpoint folder \\(DeepSpeed\\)"):
+    with pytest.raises(RuntimeError, match="a checkpoint folder \\(DeepSpeed"):
         stage_start(tmp_path, run, 2, first=True)
+    with pytest.raises(ValueError, match=r"\{max_steps\} in its arguments needs max_steps or steps"):
+        Stage(args=("--trainer.val_check_interval", "{max_steps}"))
+
+
+def test_a_stage_of_steps_is_checked_with_a_number_for_its_end_and_fails_saying_why(run_config, tmp_path):
+    """Sweep.check parses {max_steps} as a number (an int-typed argument passes); a stage whose start
+    cannot be read fails before its fit with failed.json saying why, not as a stop to resume."""
+    from gist_lightning.sweeps import cell as cell_process
+
+    stage = Stage(steps=3, args=("--trainer.log_every_n_steps", "{max_steps}"))
+    Sweep([Cell(name="c", stages=(Stage(max_steps=2), stage))], [str(run_config())], tmp_path / "runs",
+          LocalLauncher(), []).check()
+    folder = tmp_path / "cell"
+    (folder / "run" / "checkpoints" / "last.ckpt").mkdir(parents=True)  # (a folder: no step to read)
+    (folder / "stage0.done").touch()
+    spec = {"args": [], "stages": [{"max_steps": 2, "args": []}, {"max_steps": None, "args": [], "steps": 3}]}
+    assert cell_process._stages(folder, spec, folder / "run", folder / "stdout.log", True, 0.0) == 1
+    failed = json.loads((folder / "failed.json").read_text())
+    assert failed["stage"] == 1 and "a checkpoint folder" in failed["error"]
+    assert "stage 1 cannot start: RuntimeError" in (folder / "stdout.log").read_text()
 
 
 def test_a_sweep_with_a_bad_key_runs_nothing(run_config, tmp_path, capsys):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import SIGTERM_EXIT
 from ..files import write_text_atomic
+from .grid import MAX_STEPS
 
 SPEC, DONE, FAILED = "cell.json", "done.json", "failed.json"
 RUNNING = "running.json"  # while a cell's process runs: its pid and host (a second process's listing)
@@ -179,8 +180,11 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
             continue
         max_steps = stage.get("max_steps")
         if stage.get("steps") is not None:  # from where the stage starts, recorded at its first attempt
-            max_steps = stage_start(folder, run_dir, i, first) + stage["steps"]
-        args = list(spec["args"]) + [a.replace("{max_steps}", str(max_steps)) for a in stage["args"]]
+            try:
+                max_steps = stage_start(folder, run_dir, i, first) + stage["steps"]
+            except Exception as e:  # noqa: BLE001 - a checkpoint that cannot say its step: failed, said why
+                return _failed_before_fit(folder, log, first, i, f"{type(e).__name__}: {e}")
+        args = list(spec["args"]) + [a.replace(MAX_STEPS, str(max_steps)) for a in stage["args"]]
         if max_steps is not None:
             args += ["--trainer.max_steps", str(max_steps)]
         if (run_dir / "checkpoints" / "last.ckpt").exists():
@@ -207,6 +211,18 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
     return 0
 
 
+def _failed_before_fit(folder: Path, log: Path, first: bool, stage: int, error: str) -> int:
+    """A stage that cannot start: the reason in the cell's log and (rank 0) ``failed.json``, so the
+    driver reports it and sets the attempt aside instead of resuming it again and again."""
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} stage {stage} cannot start: {error}\n")
+    if first:
+        record = {"exit": 1, "stage": stage, "log": str(log), "error": error,
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_text_atomic(folder / FAILED, json.dumps(record))
+    return 1
+
+
 def stage_start(folder: Path, run_dir: Path, stage: int, first: bool) -> int:
     """The step stage ``stage`` starts at: the step of the run's ``last.ckpt`` (0 without one) when
     it first runs, recorded in ``stage<i>.start`` by rank 0, so that an attempt resumed from a
@@ -217,8 +233,9 @@ def stage_start(folder: Path, run_dir: Path, stage: int, first: bool) -> int:
         return int(path.read_text())
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_dir():
-        raise RuntimeError(f"{last}: a checkpoint folder (DeepSpeed); a stage of steps needs a single-file "
-                           "last.ckpt to read its first step from: give the stage max_steps")
+        raise RuntimeError(f"{last}: a checkpoint folder (DeepSpeed, or FSDP's distributed checkpoint); a "
+                           "stage of steps needs a single-file last.ckpt to read its first step from: give "
+                           "the stage max_steps")
     step = int(torch_load_step(last)) if last.exists() else 0
     if first:
         write_text_atomic(path, str(step))

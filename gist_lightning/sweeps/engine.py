@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..files import write_text_atomic
 from . import cell as cell_process
-from .grid import Cell, expand, parse_grid
+from .grid import MAX_STEPS, Cell, expand, parse_grid
 from .launchers import LocalLauncher, SlurmLauncher
 from .tracking import Tracking, add_tracking_arguments, tracking_from
 
@@ -178,7 +178,9 @@ class Sweep:
         checked: set[tuple] = set()
         for cell in self.cells:
             for stage in cell.stages:
-                args = self.args(cell, create=False) + list(stage.args)
+                # (the step a stage of steps trains to is known when it starts: a number stands in)
+                end = str(stage.max_steps or stage.steps or 1)
+                args = self.args(cell, create=False) + [a.replace(MAX_STEPS, end) for a in stage.args]
                 if tuple(args) in checked:
                     continue
                 checked.add(tuple(args))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import yaml
 
 CONDITION, K = "model.condition", "model.num_gist_tokens"
+MAX_STEPS = "{max_steps}"  # in a Stage's arguments: the step it trains to
 CONTROLS = ("pos_control", "neg_control")  # their gist token is present but k does not matter: run once
 
 
@@ -24,7 +25,8 @@ class Stage:
     from the step it starts at (where the stage before it ended, maybe early, by
     ``gist_lightning.curriculum.StopWhenLearned``; 0 for a first stage), with ``args`` added, in which
     ``{max_steps}`` stands for the step it trains to (e.g. ``--trainer.val_check_interval
-    {max_steps}``: validated once, at its end). Each stage after the first continues from the cell's
+    {max_steps}``: validated at its end; Lightning counts that interval in batches, so under gradient
+    accumulation it is not one validation). Each stage after the first continues from the cell's
     ``last.ckpt``."""
 
     max_steps: int | None = None
@@ -36,6 +38,9 @@ class Stage:
             raise ValueError(f"Stage: give max_steps ({self.max_steps}) or steps ({self.steps}), not both")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"Stage.steps must be >= 1; got {self.steps}")
+        if self.max_steps is None and self.steps is None and any(MAX_STEPS in a for a in self.args):
+            raise ValueError(f"Stage: {MAX_STEPS} in its arguments needs max_steps or steps (the config's "
+                             "max_steps is not known to the sweep)")
 
 
 @dataclass(frozen=True)
