@@ -490,8 +490,9 @@ def run_or_list(cells: list[Cell], args, extra: list[str], ev: Evaluations | Non
         raise SystemExit(str(e)) from None
     if args.check_args:
         for cell in sw.cells:
+            last = cell.stages[-1]
             print(
-                f"{cell.name}: {sw.describe(cell)}; {cell.stages[-1].max_steps} steps; "
+                f"{cell.name}: {sw.describe(cell)}; {last.max_steps or f'{last.steps} more'} steps; "
                 f"gist-lightning fit {shlex.join(sw.args(cell, create=False))}"
             )
         return
@@ -659,10 +660,22 @@ def last_stage_start(cell: Path) -> tuple[int, bool]:
     stages = json.loads((cell / "cell.json").read_text())["stages"]  # (the sweep's record of the cell)
     if len(stages) < 2:
         return 0, True
+    recorded = cell / f"stage{len(stages) - 1}.start"  # (a stage of steps records where it started)
+    if recorded.is_file():
+        return int(recorded.read_text()), True
     before = cell / "run" / f"export-stage{len(stages) - 2}" / "gist_config.json"
     source = json.loads(before.read_text()).get("source") if before.is_file() else None
     step = (source or {}).get("global_step")
-    return (stages[-2]["max_steps"], False) if step is None else (int(step), True)
+    return (stage_end(cell, stages, len(stages) - 2), False) if step is None else (int(step), True)
+
+
+def stage_end(cell: Path, stages: list[dict], i: int) -> int:
+    """The step stage ``i`` of a cell trains to: its ``max_steps``, or (a stage of steps) where it
+    started, as recorded, plus its steps (0 where nothing says)."""
+    if stages[i].get("max_steps") is not None:
+        return stages[i]["max_steps"]
+    start = cell / f"stage{i}.start"
+    return int(start.read_text()) + stages[i]["steps"] if start.is_file() else 0
 
 
 class _StepClock(Callback):
@@ -1467,7 +1480,7 @@ def record_model(ev: Evaluations, args, name: str) -> None:
         "plateau_loss": threshold,  # (the threshold: PLATEAU_SCALE may change)
         "plateau_step": None,  # (and, from its metrics.csv, the steps and end loss)
         **training_record(args.run_root / name, threshold),
-        "steps": spec["stages"][-1]["max_steps"],  # (a finished cell ran its last stage to its end)
+        "steps": stage_end(args.run_root / name, spec["stages"], len(spec["stages"]) - 1),  # (ran to its end)
         "minutes": done.get("minutes"),
         "weights_sha256": digest,
         **({"base_sha256": base_digest} if base_digest else {}),

@@ -259,6 +259,12 @@ def test_the_plateau_step_and_kept_evaluations(lc, tmp_path):
         json.dumps({"source": {"checkpoint": None, "global_step": 120}}))
     assert lc.last_stage_start(cell) == (120, True)
     assert lc.training_record(cell, 0.5)["task_plateau_step"] == 149
+    # a last stage of steps (Stage(steps=...)) records where it started; it ends that many later
+    steps = [{"max_steps": 200}, {"max_steps": None, "steps": 150}]
+    assert lc.stage_end(cell, steps, 1) == 0  # (nothing recorded yet)
+    (cell / "stage1.start").write_text("130")
+    assert lc.last_stage_start(cell) == (130, True) and lc.stage_end(cell, steps, 1) == 280
+    (cell / "stage1.start").unlink()
     (cell / "run" / "metrics.csv").unlink()
     assert lc.training_record(cell, 0.5) == {}  # nothing logged: nothing to record
     # under the threshold on a curriculum's short contexts, back above it on the task's: never left it
