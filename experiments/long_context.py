@@ -22,7 +22,9 @@ the task's to step 1600), ``+budget`` (a control, never combined: the plain row 
 ``best`` (the additions that helped on validation, together). ``+until`` (not in the ablation by
 default; ``--final_variant`` names it for one task's final models): +learn's curriculum with the
 short stage at a constant learning rate after warmup, at most 2000 steps, then the task's contexts
-to step 2400.
+to step 2400. ``+stage`` (likewise): +until's short stage, then STAGE_STEPS on the task's contexts
+from wherever it stopped, under a schedule of their own (``model.stage_schedule``: warmup and a
+cosine over those steps, peaking at STAGE_RATE of the fine-tuning rate).
 Baselines: ``full`` (the base itself), ``truncation`` (the base given only the context's end, as
 many positions as each gist variant's cache holds: gists, sinks and window included) and
 ``no_context`` (the base asked without the context), beside each task's chance floor.
@@ -81,6 +83,7 @@ from gist_lightning.long_context import (
 from gist_lightning.masks import interleave_gists
 from gist_lightning.sweeps import Cell, Stage, Sweep, SweepStopped
 from gist_lightning.sweeps.engine import add_launcher_arguments, launcher_from
+from gist_lightning.sweeps.grid import MAX_STEPS
 from gist_lightning.tokens import encode_text, gist_token_id, special_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,11 +147,14 @@ ADDITIONS = {
     "+learn": [],  # a curriculum: the short contexts until learned (LEARN_CAP at most), then the task's
     "+budget": [],  # a control: +learn's steps (learn_budget), all on the task's contexts
     "+until": [],  # +learn's, the short stage at a constant rate (UNTIL_CAP at most), UNTIL_STEPS in all
+    "+stage": [],  # +until's short stage, then STAGE_STEPS task steps under a schedule of their own
 }
 # rows that control for another row, not additions: never in the combination, never the final choice
 CONTROLS = ("+budget",)
 # rows added after the recorded ablation ran: not in --ablation_rows' default (--final_variant names them)
-LATER = ("+until",)
+LATER = ("+until", "+stage")
+# the curricula that decide a cell's stages: one at most
+CURRICULA = ("learn", "until", "stage")
 # +short: of the fine-tuning's steps, these first on the bases' short contexts (1-2 segments, where
 # the bases' lookup formed), the rest on the task's: the same number of steps as every other row
 SHORT_TUNE_STEPS = 400
@@ -168,6 +174,12 @@ LEARN_CAP, LEARN_WINDOW = 1000, 200
 # UNTIL_STEPS from the step the short stage stopped at, so a stage stopped at the cap leaves 400 task
 # steps at under 7% of the peak rate). It takes +short's place; never with +learn.
 UNTIL_CAP, UNTIL_STEPS = 2000, 2400
+# +stage: +until's short stage, then STAGE_STEPS on the task's contexts from the step it stopped at
+# (Stage(steps=...): the same task stage whatever that step; +until's were 1379-1607 steps on
+# two_hop_chain), under a schedule of their own (model.stage_schedule: 5% warmup, the config's cosine
+# over those steps) peaking at STAGE_RATE x --tune_learning_rate: +until's task stage started at
+# 0.62-0.70 of the peak and decayed from there, which on two_hop_chain seed 0 never left the plateau
+STAGE_STEPS, STAGE_RATE = 1500, 1.0
 
 
 def learn_budget(args) -> int:
@@ -301,14 +313,15 @@ def per_training(text: str, kind: type = dict) -> tuple[str, dict | list]:
 def final_variant(text: str) -> tuple[str, str]:
     """argparse type of ``--final_variant``: ``TRAINING=VARIANT`` -> (training, variant): a recipe
     fine-tuned from the base (``base`` with at most one addition, ``best`` with two or more; no
-    control; ``+learn`` or ``+until``, not both)."""
+    control; one of ``+learn``, ``+until`` and ``+stage`` at most)."""
     training, variant = split_training(text, "VARIANT")
     head, *adds = variant.split("+")
     recipes = [a for a in ADDITIONS if a not in CONTROLS]
     unknown = ["+" + a for a in adds if "+" + a not in recipes]
     why = (f"{', '.join(unknown)} is not one of its additions" if unknown
            else "an addition named twice" if len(set(adds)) < len(adds)
-           else "+learn and +until are two curricula for one stage" if {"learn", "until"} <= set(adds)
+           else "+learn, +until and +stage are curricula for one stage: one at most"
+           if len(set(adds) & set(CURRICULA)) > 1
            else "base takes one addition at most, best two or more"
            if (head == "base" and len(adds) > 1) or (head == "best" and len(adds) < 2)
            else None if head in ("base", "best") else "it starts neither with base nor with best")
@@ -384,14 +397,20 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
             raise ValueError(f"{variant}: +budget is a control of the plain row, not combined with others")
         short, steps = None, learn_budget(args)  # (not --tune_short_steps either)
     short_args: tuple[str, ...] = ()
-    if "until" in adds and "learn" in adds:
-        raise ValueError(f"{variant}: +learn and +until are two curricula for one stage; name one")
-    if "until" in adds:  # (the task's stage: the config's schedule, over every step)
+    task_stage: tuple[int, tuple[str, ...]] | None = None
+    curricula = [c for c in CURRICULA if c in adds]
+    if len(curricula) > 1:
+        raise ValueError(f"{variant}: {' and '.join('+' + c for c in curricula)} are curricula for one "
+                         "stage; name one")
+    if "until" in adds or "stage" in adds:  # (+until's task stage: the config's schedule, over every step)
         short, steps = UNTIL_CAP, UNTIL_STEPS - UNTIL_CAP
         short_args = ("--model.scheduler", "constant_with_warmup")
+    if "stage" in adds:
+        task_stage = STAGE_STEPS, ("--model.stage_schedule", "true",
+                             "--model.learning_rate", str(STAGE_RATE * args.tune_learning_rate))
     elif "learn" in adds:
         short, steps = LEARN_CAP, learn_budget(args) - LEARN_CAP
-    if "learn" in adds or "until" in adds:
+    if curricula:
         # the answer's own loss: train/lm_loss where objectives add terms to the loss
         objectives = any(a.startswith("--model.objectives.") and a.endswith("_weight") for a in extra) \
             or args.tune_context_weight
@@ -403,20 +422,24 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
             *extra,
             *cell_tail(task, seed, args),
         ),
-        stages=curriculum(short, steps, args, stop=stop, short_args=short_args),
+        stages=curriculum(short, steps, args, stop=stop, short_args=short_args, task_stage=task_stage),
         needs=needs,
     )
 
 
 def curriculum(short_steps: int | None, steps: int, args, short_facts: int | None = None,
-               stop: tuple[str, float] | None = None, short_args: tuple[str, ...] = ()) -> tuple[Stage, ...]:
+               stop: tuple[str, float] | None = None, short_args: tuple[str, ...] = (),
+               task_stage: tuple[int, tuple[str, ...]] | None = None) -> tuple[Stage, ...]:
     """``short_steps`` on the short contexts (``--base_short_words``; ``short_facts`` facts each, else
     the task's), unvalidated, then ``steps`` more on the task's, validated once at the end; without
     short steps, one stage. ``stop`` (monitor, threshold): the short stage ends earlier, once learned
     (``StopWhenLearned`` over ``LEARN_WINDOW`` steps), and the task's stage has the steps it left.
-    ``short_args``: more arguments of the short stage alone."""
+    ``short_args``: more arguments of the short stage alone. ``task_stage`` (steps, arguments): the
+    task's stage is that many steps from wherever the short one stopped, with those arguments."""
     total = (short_steps or 0) + steps
     last = Stage(max_steps=total, args=("--trainer.val_check_interval", str(total)))
+    if task_stage is not None:
+        last = Stage(steps=task_stage[0], args=("--trainer.val_check_interval", MAX_STEPS, *task_stage[1]))
     if not short_steps:
         return (last,)
     short = ["--data.init_args.context_words", json.dumps(list(args.base_short_words)),

@@ -806,7 +806,7 @@ def test_the_until_row_learns_at_a_constant_rate_then_decays_on_the_task(lc, tmp
     assert first[:len(learn.stages[0].args)] == list(learn.stages[0].args)  # the same stop, data
     assert "--model.scheduler" not in learn.stages[0].args
     assert _value(first, "--trainer.callbacks.monitor") == "train/lm_loss"
-    with pytest.raises(ValueError, match=r"\+learn and \+until"):
+    with pytest.raises(ValueError, match=r"\+learn and \+until are curricula for one stage"):
         lc.gist_cell("best+layout+learn+until", "coarse", "two_hop_chain", 0, args)
     got = lc.final_variant("two_hop_chain=best+layout+short+until")
     assert got == ("two_hop_chain", "best+layout+short+until")
@@ -815,11 +815,37 @@ def test_the_until_row_learns_at_a_constant_rate_then_decays_on_the_task(lc, tmp
                       ("chain=base", "TRAINING one of"), ("two_hop_chain=scratch", "neither with base"),
                       ("two_hop_chain=base+ae+ae", "named twice"),
                       ("two_hop_chain=base+budget", r"\+budget is not one"),  # a control, not a recipe
-                      ("two_hop_chain=best+ae+learn+until", "two curricula"),
+                      ("two_hop_chain=best+ae+learn+until", "curricula for one stage"),
+                      ("two_hop_chain=best+ae+until+stage", "curricula for one stage"),
                       ("two_hop_chain=best+until", "best two or more"),
                       ("two_hop_chain=base+ae+until", "base takes one addition")):
         with pytest.raises(argparse.ArgumentTypeError, match=said):
             lc.final_variant(bad)
+
+
+def test_the_stage_row_gives_the_task_stage_its_own_steps_and_schedule(lc, tmp_path, capsys):
+    """+stage: +until's short stage, then STAGE_STEPS on the task's contexts from the step it stopped
+    at (Stage(steps=...)), validated at their end, under a schedule of their own at STAGE_RATE of the
+    fine-tuning rate; the sweep's check passes its arguments."""
+    args = _tune_args(lc, tmp_path)
+    until, staged = (lc.gist_cell(v, "coarse", "two_hop_chain", 0, args)
+                     for v in ("best+layout+ae+short+until", "best+layout+ae+short+stage"))
+    assert staged.stages[0] == until.stages[0] and staged.args == until.args
+    last = staged.stages[1]
+    assert last.max_steps is None and last.steps == lc.STAGE_STEPS
+    assert _value(list(last.args), "--trainer.val_check_interval") == "{max_steps}"
+    assert _value(list(last.args), "--model.stage_schedule") == "true"
+    assert float(_value(list(last.args), "--model.learning_rate")) == lc.STAGE_RATE * args.tune_learning_rate
+    got = lc.final_variant("two_hop_chain=best+layout+short+stage")
+    assert got == ("two_hop_chain", "best+layout+short+stage")
+    assert "+stage" in lc.LATER  # (not an ablation row by default)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "choice.json").write_text(json.dumps({"placement": "coarse", "variant": "base+ae"}))
+    roots = ["--run_root", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert lc.main(["--check_args", "--stage", "final", *roots, "--final_seeds", "0", "--tasks",
+                    "two_hop_chain", "--final_variant", "two_hop_chain=best+layout+short+stage"]) == 0
+    printed = capsys.readouterr().out
+    assert "best-coarse+layout+short+stage-two_hop_chain-seed0: new; 1500 more steps" in printed
 
 
 def test_the_final_variant_of_one_task_replaces_the_chosen_one_there_alone(lc, tmp_path, capsys):
