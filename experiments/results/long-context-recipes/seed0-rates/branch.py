@@ -1,7 +1,15 @@
 """Branch seed 0's +until cell at the end of its short stage: copies with the task stage's learning
 rate scaled (diagnosis of #32's chain seed 0; not part of the project)."""
-import json, math, os, shutil, subprocess, sys, time
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
+
 import torch
 
 CELL = "best-coarse+layout+ae+importance+short+until-two_hop_chain-seed0"
@@ -9,10 +17,12 @@ BASE = "base-two_hop_chain-seed0"
 SRC = Path("/tmp/lc_chain")
 TARGETS = {"r050": 0.5, "r100": 1.0}  # the task stage's rate at its start, of the peak
 
+
 def cosine(step, total=2400, warmup_ratio=0.05):
     w = int(warmup_ratio * total)
     p = (step - w) / (total - w)
     return max(0.0, 0.5 * (1 + math.cos(math.pi * p)))
+
 
 src = SRC / CELL
 while not (src / "stage0.done").exists():
@@ -49,6 +59,11 @@ for name, target in TARGETS.items():
     torch.save(c, dst / "run/checkpoints/last.ckpt")
     print(name, "multiplier", round(m, 4), "base_lrs", c["lr_schedulers"][0]["base_lrs"], flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.Popen([sys.executable, "-m", "gist_lightning.sweeps.cell", str(dst)], env=env,
-                     stdout=open(root / "cell.out", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    subprocess.Popen(
+        [sys.executable, "-m", "gist_lightning.sweeps.cell", str(dst)],
+        env=env,
+        stdout=open(root / "cell.out", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 print("started", flush=True)
