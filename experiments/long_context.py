@@ -58,6 +58,7 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import random
 import re
 import shlex
@@ -1459,6 +1460,17 @@ def weights_digest(export: Path) -> str:
     return h.hexdigest()
 
 
+def cpu_model() -> str:
+    """This machine's CPU as Linux names it (a retrained base is bit for bit only on the same type)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def record_model(ev: Evaluations, args, name: str) -> None:
     """Evaluate a finished model as soon as it is (its folder may not outlive the sitting): on each
     task it answers, the test records and, for the ablation's models, the validation records, with
@@ -1475,7 +1487,8 @@ def record_model(ev: Evaluations, args, name: str) -> None:
         raise SystemExit(
             f"{name}: its weights now (sha256 {digest[:16]}) differ from those {ev.path} records "
             f"({recorded[:16]}), which its evaluations (and the models fine-tuned from it) were made "
-            "with; train it under the recorded settings on the recorded machine, or pass another --out"
+            "with; train it under the recorded settings on the recorded machine (the same CPU type: "
+            f"floating point differs between CPUs; this one is {cpu_model()}), or pass another --out"
         )
     base = run_name("base", training, seed)
     base_digest = None

@@ -536,7 +536,8 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     shutil.rmtree(runs)
     _finished_run(lc, runs, "base-recall3-seed0", {**base_weights, "b": torch.ones(2) + 1e-6})
     with pytest.raises(SystemExit, match=r"base-recall3-seed0: its weights now \(sha256 \w{16}\) differ from "
-                                         r"those .*evaluations.json records \(\w{16}\)"):
+                                         r"those .*evaluations.json records \(\w{16}\).*the same CPU type: .*"
+                                         r"this one is \S"):
         lc.record_model(later, args, "base-recall3-seed0")
     assert (out / "evaluations.json").read_text() == before
     # in a sweep, that stop is the engine's SweepStopped (it stops starting cells, the log says why)
