@@ -403,14 +403,14 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
     if len(curricula) > 1:
         raise ValueError(f"{variant}: {' and '.join('+' + c for c in curricula)} are curricula for one "
                          "stage; name one")
-    if "until" in adds or "stage" in adds:  # (+until's task stage: the config's schedule, over every step)
+    if "learn" in adds:
+        short, steps = LEARN_CAP, learn_budget(args) - LEARN_CAP
+    elif curricula:  # +until (its task stage: the config's schedule, over every step) or +stage
         short, steps = UNTIL_CAP, UNTIL_STEPS - UNTIL_CAP
         short_args = ("--model.scheduler", "constant_with_warmup")
-    if "stage" in adds:
-        task_stage = STAGE_STEPS, ("--model.stage_schedule", "true",
-                             "--model.learning_rate", str(STAGE_RATE * args.tune_learning_rate))
-    elif "learn" in adds:
-        short, steps = LEARN_CAP, learn_budget(args) - LEARN_CAP
+        if "stage" in adds:
+            task_stage = STAGE_STEPS, ("--model.stage_schedule", "true",
+                                       "--model.learning_rate", str(STAGE_RATE * args.tune_learning_rate))
     if curricula:
         # the answer's own loss: train/lm_loss where objectives add terms to the loss
         objectives = any(a.startswith("--model.objectives.") and a.endswith("_weight") for a in extra) \

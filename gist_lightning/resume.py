@@ -251,6 +251,11 @@ def _at_or_after(row: list[str], col: int, step: int) -> bool:
         return False
 
 
+def checkpoint_step(path: Path) -> int:
+    """The global step of a Lightning checkpoint file (memory-mapped: the weights stay unread)."""
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+
+
 def resume_command(argv: list[str], version) -> str:
     """The command line that resumes the run ``argv`` started: the same arguments with
     ``--ckpt_path last`` and the logger version of the run folder."""
@@ -283,9 +288,9 @@ def stopped_early_message(trainer, argv: list[str]) -> str:
         return (f"stopped early by SIGTERM at {where}; no checkpoint was written yet: run the same command "
                 "again")
     held = ""
-    if last.is_file():  # mmap: the step is read without reading the weights
+    if last.is_file():
         try:
-            held = f" (last.ckpt holds step {torch.load(last, mmap=True, weights_only=True)['global_step']})"
+            held = f" (last.ckpt holds step {checkpoint_step(last)})"
         except Exception:  # noqa: BLE001 - the line is still useful without it
             held = ""
     version = getattr(trainer.logger, "version", None) if trainer.logger else None

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import SIGTERM_EXIT
 from ..files import write_text_atomic
-from .grid import MAX_STEPS
+from .grid import fill_max_steps
 
 SPEC, DONE, FAILED = "cell.json", "done.json", "failed.json"
 RUNNING = "running.json"  # while a cell's process runs: its pid and host (a second process's listing)
@@ -184,7 +184,7 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
                 max_steps = stage_start(folder, run_dir, i, first) + stage["steps"]
             except Exception as e:  # noqa: BLE001 - a checkpoint that cannot say its step: failed, said why
                 return _failed_before_fit(folder, log, first, i, f"{type(e).__name__}: {e}")
-        args = list(spec["args"]) + [a.replace(MAX_STEPS, str(max_steps)) for a in stage["args"]]
+        args = list(spec["args"]) + fill_max_steps(stage["args"], max_steps)
         if max_steps is not None:
             args += ["--trainer.max_steps", str(max_steps)]
         if (run_dir / "checkpoints" / "last.ckpt").exists():
@@ -198,8 +198,7 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
             code = SIGTERM_EXIT
         if code != 0:
             if first and code not in STOPPED:
-                write_text_atomic(folder / FAILED, json.dumps({"exit": code, "stage": i, "log": str(log),
-                                                              "time": time.strftime("%Y-%m-%d %H:%M:%S")}))
+                _record_failed(folder, i, log, code)
             return code
         if first:
             (folder / f"stage{i}.done").touch()
@@ -211,15 +210,20 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
     return 0
 
 
+def _record_failed(folder: Path, stage: int, log: Path, code: int, error: str | None = None) -> None:
+    """``failed.json``: the cell failed on its own (the driver sets the attempt aside and reports it)."""
+    write_text_atomic(folder / FAILED, json.dumps({"exit": code, "stage": stage, "log": str(log),
+                                                  **({"error": error} if error else {}),
+                                                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}))
+
+
 def _failed_before_fit(folder: Path, log: Path, first: bool, stage: int, error: str) -> int:
     """A stage that cannot start: the reason in the cell's log and (rank 0) ``failed.json``, so the
     driver reports it and sets the attempt aside instead of resuming it again and again."""
     with open(log, "a", encoding="utf-8") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} stage {stage} cannot start: {error}\n")
     if first:
-        record = {"exit": 1, "stage": stage, "log": str(log), "error": error,
-                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_text_atomic(folder / FAILED, json.dumps(record))
+        _record_failed(folder, stage, log, 1, error)
     return 1
 
 
@@ -236,17 +240,12 @@ def stage_start(folder: Path, run_dir: Path, stage: int, first: bool) -> int:
         raise RuntimeError(f"{last}: a checkpoint folder (DeepSpeed, or FSDP's distributed checkpoint); a "
                            "stage of steps needs a single-file last.ckpt to read its first step from: give "
                            "the stage max_steps")
-    step = int(torch_load_step(last)) if last.exists() else 0
+    from ..resume import checkpoint_step  # (only a stage of steps needs torch and Lightning here)
+
+    step = checkpoint_step(last) if last.exists() else 0
     if first:
         write_text_atomic(path, str(step))
     return step
-
-
-def torch_load_step(path: Path) -> int:
-    """The global step of a Lightning checkpoint file (memory-mapped: the weights stay unread)."""
-    import torch
-
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"]
 
 
 def _keep_export(run_dir: Path, stage: int) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..files import write_text_atomic
 from . import cell as cell_process
-from .grid import MAX_STEPS, Cell, expand, parse_grid
+from .grid import Cell, expand, fill_max_steps, parse_grid
 from .launchers import LocalLauncher, SlurmLauncher
 from .tracking import Tracking, add_tracking_arguments, tracking_from
 
@@ -179,8 +179,8 @@ class Sweep:
         for cell in self.cells:
             for stage in cell.stages:
                 # (the step a stage of steps trains to is known when it starts: a number stands in)
-                end = str(stage.max_steps or stage.steps or 1)
-                args = self.args(cell, create=False) + [a.replace(MAX_STEPS, end) for a in stage.args]
+                end = stage.max_steps or stage.steps or 1
+                args = self.args(cell, create=False) + fill_max_steps(stage.args, end)
                 if tuple(args) in checked:
                     continue
                 checked.add(tuple(args))

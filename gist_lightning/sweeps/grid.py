@@ -43,6 +43,11 @@ class Stage:
                              "max_steps is not known to the sweep)")
 
 
+def fill_max_steps(args, max_steps: int | None) -> list[str]:
+    """A stage's arguments with ``{max_steps}`` the step it trains to."""
+    return [a.replace(MAX_STEPS, str(max_steps)) for a in args]
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run of the grid. ``values``: config key -> value, as given to ``gist-lightning fit``;
