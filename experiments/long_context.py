@@ -58,7 +58,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import random
 import re
 import shlex
@@ -83,6 +82,7 @@ from gist_lightning.long_context import (
 )
 from gist_lightning.masks import interleave_gists
 from gist_lightning.sweeps import Cell, Stage, Sweep, SweepStopped
+from gist_lightning.sweeps.cell import cpu_model
 from gist_lightning.sweeps.engine import add_launcher_arguments, launcher_from
 from gist_lightning.sweeps.grid import MAX_STEPS
 from gist_lightning.tokens import encode_text, gist_token_id, special_frame
@@ -1460,15 +1460,12 @@ def weights_digest(export: Path) -> str:
     return h.hexdigest()
 
 
-def cpu_model() -> str:
-    """This machine's CPU as Linux names it (a retrained base is bit for bit only on the same type)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+def trained_on_cpus(cell: Path) -> list[str]:
+    """The CPU types a cell's attempts trained on (its ``attempts.json``; attempts recorded before
+    cells named their CPU are left out)."""
+    path = cell / "attempts.json"
+    attempts = json.loads(path.read_text()) if path.exists() else []
+    return sorted({a["cpu"] for a in attempts if a.get("cpu")})
 
 
 def record_model(ev: Evaluations, args, name: str) -> None:
@@ -1483,12 +1480,15 @@ def record_model(ev: Evaluations, args, name: str) -> None:
     run = args.run_root / name / "run"
     digest = weights_digest(run / "export")
     recorded = ev.models.get(name, {}).get("weights_sha256")
+    cpus = trained_on_cpus(args.run_root / name)
     if recorded and recorded != digest:
+        was = " or ".join(ev.models[name].get("cpus") or []) or "a CPU the record does not name"
         raise SystemExit(
             f"{name}: its weights now (sha256 {digest[:16]}) differ from those {ev.path} records "
             f"({recorded[:16]}), which its evaluations (and the models fine-tuned from it) were made "
             "with; train it under the recorded settings on the recorded machine (the same CPU type: "
-            f"floating point differs between CPUs; this one is {cpu_model()}), or pass another --out"
+            f"floating point differs between CPUs; it trained on {' or '.join(cpus) or cpu_model()}, "
+            f"the record's on {was}), or pass another --out"
         )
     base = run_name("base", training, seed)
     base_digest = None
@@ -1520,6 +1520,7 @@ def record_model(ev: Evaluations, args, name: str) -> None:
         "minutes": done.get("minutes"),
         "weights_sha256": digest,
         **({"base_sha256": base_digest} if base_digest else {}),
+        **({"cpus": cpus} if cpus else {}),  # (what it trained on: a retrain is bit for bit on the same)
         "evaluated": True,
     }
     ev.save()

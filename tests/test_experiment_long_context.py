@@ -443,8 +443,9 @@ def test_a_per_training_value_that_is_malformed_is_refused_naming_what(lc):
             lc.per_training(text, kind)
 
 
-def _finished_run(lc, root, name, weights, steps=(49, 99)):
-    """A cell folder as a finished fit leaves it: done.json, metrics.csv and an export's weights."""
+def _finished_run(lc, root, name, weights, steps=(49, 99), cpu=None):
+    """A cell folder as a finished fit leaves it: done.json, metrics.csv and an export's weights (and
+    attempts.json naming the CPU it trained on, if given)."""
     from safetensors.torch import save_file
 
     run = root / name / "run"
@@ -455,6 +456,8 @@ def _finished_run(lc, root, name, weights, steps=(49, 99)):
     (root / name / "cell.json").write_text(json.dumps({"name": name, "stages": stages}))
     rows = "".join(f"0,{s},{1.0 / (i + 1) ** 2}\n" for i, s in enumerate(steps))
     (run / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
+    if cpu:
+        (root / name / "attempts.json").write_text(json.dumps([{"minutes": 3.5, "host": "h", "cpu": cpu}]))
     return run
 
 
@@ -481,7 +484,7 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
                               plateau_loss=0.6)
     ev = lc.Evaluations(out / "evaluations.json", {"context_words": [70, 120]})
     base_weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)}
-    _finished_run(lc, runs, "base-recall3-seed0", base_weights)
+    _finished_run(lc, runs, "base-recall3-seed0", base_weights, cpu="AMD EPYC 7B13")
     _finished_run(lc, runs, "base-coarse-recall3-seed0", {"w": torch.zeros(2, 3)}, steps=(49, 99, 149))
     lc.record_model(ev, args, "base-recall3-seed0")
     lc.record_model(ev, args, "base-coarse-recall3-seed0")
@@ -495,6 +498,7 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     assert tuned["task_plateau_step"] == 99  # (its last stage starts at step 60)
     base_digest = ev.models["base-recall3-seed0"]["weights_sha256"]
     assert tuned["base_sha256"] == base_digest != tuned["weights_sha256"]
+    assert ev.models["base-recall3-seed0"]["cpus"] == ["AMD EPYC 7B13"] and "cpus" not in tuned  # (not named)
     assert lc.weights_digest(runs / "base-recall3-seed0" / "run" / "export") == tuned["base_sha256"]
     # the chain's models: its test records and its own plateau threshold (words: half of 0.6)
     calls.clear()
@@ -530,16 +534,21 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     import shutil
 
     shutil.rmtree(runs)
-    _finished_run(lc, runs, "base-recall3-seed0", dict(base_weights))
+    _finished_run(lc, runs, "base-recall3-seed0", dict(base_weights), cpu="AMD EPYC 7B13")
     lc.record_model(later, args, "base-recall3-seed0")
     before = (out / "evaluations.json").read_text()
     shutil.rmtree(runs)
-    _finished_run(lc, runs, "base-recall3-seed0", {**base_weights, "b": torch.ones(2) + 1e-6})
+    _finished_run(lc, runs, "base-recall3-seed0", {**base_weights, "b": torch.ones(2) + 1e-6},
+                  cpu="Intel(R) Xeon(R) Processor")
     with pytest.raises(SystemExit, match=r"base-recall3-seed0: its weights now \(sha256 \w{16}\) differ from "
                                          r"those .*evaluations.json records \(\w{16}\).*the same CPU type: .*"
-                                         r"this one is \S"):
+                                         r"it trained on Intel\(R\) Xeon\(R\) Processor, the record's on "
+                                         r"AMD EPYC 7B13\)"):
         lc.record_model(later, args, "base-recall3-seed0")
     assert (out / "evaluations.json").read_text() == before
+    del later.models["base-recall3-seed0"]["cpus"]  # recorded before models named their CPU
+    with pytest.raises(SystemExit, match=r"the record's on a CPU the record does not name\)"):
+        lc.record_model(later, args, "base-recall3-seed0")
     # in a sweep, that stop is the engine's SweepStopped (it stops starting cells, the log says why)
     launch = argparse.Namespace(**vars(args), retries=0, launcher="local", cells_at_once=1,
                                 devices_per_cell=0, threads_per_cell=1)

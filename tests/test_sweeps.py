@@ -577,6 +577,7 @@ def test_an_attempt_killed_outright_is_counted_when_the_cell_runs_again(tmp_path
     (attempt,) = json.loads((tmp_path / "attempts.json").read_text())
     assert attempt["start"] == stamp and abs(attempt["minutes"] - 8.0) < 0.05, attempt
     assert attempt["ended"].startswith("killed")
+    assert attempt["host"] == os.uname().nodename and attempt["cpu"] == cell_process.cpu_model() != ""
     # done.json of the next attempt's end counts it
     spec = {"stages": [{"args": [], "max_steps": 1}], "args": [], "summary": {"name": "c"}}
     (tmp_path / "stage0.done").touch()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -46,6 +47,18 @@ def fit_program() -> list[str]:
     """``gist-lightning`` of this Python (Lightning's DDP launcher re-runs that command line)."""
     script = Path(sys.executable).parent / "gist-lightning"
     return [str(script)] if script.exists() else [sys.executable, "-m", "gist_lightning.cli"]
+
+
+def cpu_model() -> str:
+    """This machine's CPU as Linux names it: floating point (and so a retrained model, bit for bit)
+    may differ between CPU types, so each attempt records it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def die_with_parent() -> None:
@@ -165,10 +178,11 @@ def _record_killed_attempt(folder: Path) -> None:
 
 
 def _attempt(folder: Path, start: float, end: float | None = None, ended: str | None = None) -> None:
-    """Record one attempt (its minutes, host and SLURM job) in ``attempts.json``."""
+    """Record one attempt (its minutes, host, CPU and SLURM job) in ``attempts.json``."""
     record = {"start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
               "minutes": round(((time.time() if end is None else end) - start) / 60, 3),
-              "host": os.uname().nodename, "job": None if ended else os.environ.get("SLURM_JOB_ID"),
+              "host": os.uname().nodename, "cpu": cpu_model(),
+              "job": None if ended else os.environ.get("SLURM_JOB_ID"),
               "restart": None if ended else os.environ.get("SLURM_RESTART_COUNT"),
               **({"ended": ended} if ended else {})}
     write_text_atomic(folder / "attempts.json", json.dumps(_attempts(folder) + [record], indent=1) + "\n")
