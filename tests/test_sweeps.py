@@ -165,6 +165,8 @@ def test_a_sweep_runs_cells_at_once_skips_finished_and_reruns_failed(run_config,
         done = json.loads((runs / cell.name / "run" / "done.json").read_text())
         assert done["name"] == cell.name and done["attempts"] == 1 and done["minutes"] > 0
         assert (runs / cell.name / "run" / "export" / "model.safetensors").is_file()
+        # the cell ran as itself: runpy found no copy of it imported with its package
+        assert "found in sys.modules" not in (runs / cell.name / "launcher.log").read_text()
     logs.clear()
     assert sweep.run() == 0 and all("finished before, skipped" in line for line in logs), logs
 
