@@ -56,14 +56,29 @@ def default_callbacks():
 class SaveConfigUnlessResuming(SaveConfigCallback):
     """Refuses, as Lightning's does, to overwrite the config.yaml of a run folder, except that a run
     resumed into its own folder (``--ckpt_path``) writes ``config-resumed.yaml`` (``-1``, ``-2``...)
-    beside it."""
+    beside it. A fit that fails or is stopped before its first training step (a refused resume, a
+    bad setting found in setup) removes the config it wrote: the folder is as it was, and the same
+    command can run again into it."""
+
+    _written: Path | None = None
+    _trained = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        saved_before = self.already_saved
         if self.config.get("ckpt_path") is not None:
             folder = Path(trainer.log_dir or trainer.default_root_dir)
             if (folder / self.config_filename).exists():
                 self.config_filename = free_path(folder / "config-resumed.yaml").name
         super().setup(trainer, pl_module, stage)
+        if self.save_to_log_dir and trainer.is_global_zero and self.already_saved and not saved_before:
+            self._written = Path(trainer.log_dir) / self.config_filename
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self._trained = True
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._written is not None and not self._trained:
+            self._written.unlink(missing_ok=True)
 
 
 class GistCLI(LightningCLI):

@@ -224,3 +224,27 @@ def test_a_checkout_that_is_not_installed_imports_with_its_version(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     from gist_lightning import __version__
     assert done.stdout.split()[-1] == __version__ and re.fullmatch(r"\d+\.\d+\.\d+", __version__)
+
+
+def test_a_fit_that_fails_before_its_first_step_removes_its_config_and_runs_again(run_config, tmp_path,
+                                                                                    monkeypatch):
+    """A fit that fails in setup (here its data) leaves its run folder without the config.yaml it
+    wrote, so the same command runs again into that folder once the cause is fixed (Lightning's
+    SaveConfigCallback would refuse to overwrite it); a fit that trained keeps its config."""
+    from gist_lightning.data.datamodule import GistDataModule
+
+    root = tmp_path / "runs"
+    args = ["fit", "--config", str(run_config(max_steps=2, val_check_interval=2)),
+            "--trainer.logger.init_args.version", "run"]
+
+    def unreadable(self, stage=None):
+        raise OSError("the data cannot be read")
+
+    with monkeypatch.context() as m:
+        m.setattr(GistDataModule, "load", unreadable)
+        with pytest.raises(OSError, match="the data cannot be read"):
+            cli_main(args)
+    run = root / "t" / "run"
+    assert run.is_dir() and not (run / "config.yaml").exists()
+    cli_main(args)
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()

@@ -93,6 +93,8 @@ def test_without_it_a_run_keeps_one_schedule_and_a_changed_rate_is_refused(run_c
                                         r"this fit resumes.*model.stage_schedule true"):
         _fit(*_args(config, root, 16, "--model.learning_rate", "4e-3", "--ckpt_path", _resume_from(run, how)))
     _fit(*_args(config, root, 16, "--model.learning_rate", "1e-2", "--ckpt_path", "last"))
+    # the refused fit removed the config it wrote: one config per fit that trained
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config-resumed.yaml", "config.yaml"]
     # the cosine over all 16 steps (3 of warmup), read from step 6 on: step 6 too (it once trained at
     # the rate stage 1's last step had set, 0 at the end of its cosine)
     rates = _rates(run)
