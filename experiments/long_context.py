@@ -1482,13 +1482,14 @@ def record_model(ev: Evaluations, args, name: str) -> None:
     recorded = ev.models.get(name, {}).get("weights_sha256")
     cpus = trained_on_cpus(args.run_root / name)
     if recorded and recorded != digest:
-        was = " or ".join(ev.models[name].get("cpus") or []) or "a CPU the record does not name"
+        now = " and ".join(cpus) or f"a CPU its attempts do not name (this machine: {cpu_model()})"
+        was = " and ".join(ev.models[name].get("cpus") or []) or "a CPU the record does not name"
         raise SystemExit(
             f"{name}: its weights now (sha256 {digest[:16]}) differ from those {ev.path} records "
             f"({recorded[:16]}), which its evaluations (and the models fine-tuned from it) were made "
             "with; train it under the recorded settings on the recorded machine (the same CPU type: "
-            f"floating point differs between CPUs; it trained on {' or '.join(cpus) or cpu_model()}, "
-            f"the record's on {was}), or pass another --out"
+            f"floating point differs between CPUs; it trained on {now}, the record's on {was}), or "
+            "pass another --out"
         )
     base = run_name("base", training, seed)
     base_digest = None

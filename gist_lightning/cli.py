@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -56,9 +57,10 @@ def default_callbacks():
 class SaveConfigUnlessResuming(SaveConfigCallback):
     """Refuses, as Lightning's does, to overwrite the config.yaml of a run folder, except that a run
     resumed into its own folder (``--ckpt_path``) writes ``config-resumed.yaml`` (``-1``, ``-2``...)
-    beside it. A fit that fails or is stopped before its first training step (a refused resume, a
-    bad setting found in setup) removes the config it wrote: the folder is as it was, and the same
-    command can run again into it."""
+    beside it. A fit that fails (a refused resume, data it cannot read) or is interrupted (Ctrl-C,
+    a SIGTERM during the sanity check) before its first optimizer step removes the config it wrote,
+    so the same command can run again into the folder. (A SIGTERM before Lightning's handler is
+    installed, in setup, kills the process outright: its config stays.)"""
 
     _written: Path | None = None
     _trained = False
@@ -70,15 +72,20 @@ class SaveConfigUnlessResuming(SaveConfigCallback):
             if (folder / self.config_filename).exists():
                 self.config_filename = free_path(folder / "config-resumed.yaml").name
         super().setup(trainer, pl_module, stage)
-        if self.save_to_log_dir and trainer.is_global_zero and self.already_saved and not saved_before:
-            self._written = Path(trainer.log_dir) / self.config_filename
+        # (already_saved is broadcast: the same on every rank, which all make the collective log_dir)
+        if stage == "fit" and self.save_to_log_dir and self.already_saved and not saved_before:
+            log_dir = trainer.log_dir
+            if trainer.is_global_zero:
+                self._written = Path(log_dir) / self.config_filename
 
-    def on_train_batch_end(self, *args, **kwargs) -> None:
-        self._trained = True
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        if not trainer.fit_loop._should_accumulate():  # an optimizer step, not a micro-batch of one
+            self._trained = True
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self._written is not None and not self._trained:
-            self._written.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (never in place of the error that stopped the fit)
+                self._written.unlink(missing_ok=True)
 
 
 class GistCLI(LightningCLI):

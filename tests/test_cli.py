@@ -228,14 +228,18 @@ def test_a_checkout_that_is_not_installed_imports_with_its_version(tmp_path):
 
 def test_a_fit_that_fails_before_its_first_step_removes_its_config_and_runs_again(run_config, tmp_path,
                                                                                     monkeypatch):
-    """A fit that fails in setup (here its data) leaves its run folder without the config.yaml it
+    """A fit that fails in setup (here its data), or in its first optimizer step (the second
+    micro-batch of a gradient accumulation), leaves its run folder without the config.yaml it
     wrote, so the same command runs again into that folder once the cause is fixed (Lightning's
-    SaveConfigCallback would refuse to overwrite it); a fit that trained keeps its config."""
+    SaveConfigCallback would refuse to overwrite it); a fit that failed after an optimizer step
+    trained keeps its config."""
     from gist_lightning.data.datamodule import GistDataModule
+    from gist_lightning.module import GistLitModule
 
     root = tmp_path / "runs"
+    run = root / "t" / "run"
     args = ["fit", "--config", str(run_config(max_steps=2, val_check_interval=2)),
-            "--trainer.logger.init_args.version", "run"]
+            "--trainer.logger.init_args.version", "run", "--trainer.accumulate_grad_batches", "2"]
 
     def unreadable(self, stage=None):
         raise OSError("the data cannot be read")
@@ -244,7 +248,21 @@ def test_a_fit_that_fails_before_its_first_step_removes_its_config_and_runs_agai
         m.setattr(GistDataModule, "load", unreadable)
         with pytest.raises(OSError, match="the data cannot be read"):
             cli_main(args)
-    run = root / "t" / "run"
     assert run.is_dir() and not (run / "config.yaml").exists()
+
+    step = GistLitModule.training_step
+    for failing_batch, kept in ((1, False), (2, True)):  # batches 0 and 1: the first optimizer step
+
+        def fails(self, batch, batch_idx, at=failing_batch):
+            if batch_idx == at:
+                raise RuntimeError(f"batch {at} failed")
+            return step(self, batch, batch_idx)
+
+        with monkeypatch.context() as m:
+            m.setattr(GistLitModule, "training_step", fails)
+            with pytest.raises(RuntimeError, match=f"batch {failing_batch} failed"):
+                cli_main(args)
+        assert (run / "config.yaml").exists() == kept, failing_batch
+    (run / "config.yaml").unlink()
     cli_main(args)
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()

@@ -547,7 +547,9 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
         lc.record_model(later, args, "base-recall3-seed0")
     assert (out / "evaluations.json").read_text() == before
     del later.models["base-recall3-seed0"]["cpus"]  # recorded before models named their CPU
-    with pytest.raises(SystemExit, match=r"the record's on a CPU the record does not name\)"):
+    (runs / "base-recall3-seed0" / "attempts.json").unlink()  # and trained before attempts did
+    with pytest.raises(SystemExit, match=r"it trained on a CPU its attempts do not name \(this machine: "
+                                         r"\S.*\), the record's on a CPU the record does not name\)"):
         lc.record_model(later, args, "base-recall3-seed0")
     # in a sweep, that stop is the engine's SweepStopped (it stops starting cells, the log says why)
     launch = argparse.Namespace(**vars(args), retries=0, launcher="local", cells_at_once=1,

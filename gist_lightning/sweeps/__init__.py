@@ -7,10 +7,17 @@ The names below are imported when first used, not with the package: a cell's pro
 engine) before runpy runs it as ``__main__`` would hold two copies of it (and Python warns so)."""
 
 from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (for type checkers and editors; at run time, __getattr__)
+    from .engine import Sweep, SweepStopped, main
+    from .grid import Cell, Stage, expand, parse_grid
+    from .launchers import LocalLauncher, SlurmLauncher
 
 _WHERE = {"Sweep": "engine", "SweepStopped": "engine", "main": "engine", "Cell": "grid", "Stage": "grid",
           "expand": "grid", "parse_grid": "grid", "LocalLauncher": "launchers", "SlurmLauncher": "launchers"}
-__all__ = sorted(_WHERE)
+__all__ = ["Cell", "LocalLauncher", "SlurmLauncher", "Stage", "Sweep", "SweepStopped", "expand", "main",
+           "parse_grid"]
 
 
 def __getattr__(name: str):
