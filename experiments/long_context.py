@@ -82,7 +82,7 @@ from gist_lightning.long_context import (
 )
 from gist_lightning.masks import interleave_gists
 from gist_lightning.sweeps import Cell, Stage, Sweep, SweepStopped
-from gist_lightning.sweeps.cell import cpu_model
+from gist_lightning.sweeps.cell import cpu_model, recorded_attempts
 from gist_lightning.sweeps.engine import add_launcher_arguments, launcher_from
 from gist_lightning.sweeps.grid import MAX_STEPS
 from gist_lightning.tokens import encode_text, gist_token_id, special_frame
@@ -1463,9 +1463,7 @@ def weights_digest(export: Path) -> str:
 def trained_on_cpus(cell: Path) -> list[str]:
     """The CPU types a cell's attempts trained on (its ``attempts.json``; attempts recorded before
     cells named their CPU are left out)."""
-    path = cell / "attempts.json"
-    attempts = json.loads(path.read_text()) if path.exists() else []
-    return sorted({a["cpu"] for a in attempts if a.get("cpu")})
+    return sorted({a["cpu"] for a in recorded_attempts(cell) if a.get("cpu")})
 
 
 def record_model(ev: Evaluations, args, name: str) -> None:

@@ -152,7 +152,8 @@ def running_here(folder: Path) -> dict | None:
     return record if str(folder) in cmdline.split("\0") else None
 
 
-def _attempts(folder: Path) -> list[dict]:
+def recorded_attempts(folder: Path) -> list[dict]:
+    """A cell folder's ``attempts.json``: one record per attempt (minutes, host, CPU, SLURM job)."""
     path = folder / "attempts.json"
     return json.loads(path.read_text()) if path.exists() else []
 
@@ -185,7 +186,8 @@ def _attempt(folder: Path, start: float, end: float | None = None, ended: str | 
               "job": None if ended else os.environ.get("SLURM_JOB_ID"),
               "restart": None if ended else os.environ.get("SLURM_RESTART_COUNT"),
               **({"ended": ended} if ended else {})}
-    write_text_atomic(folder / "attempts.json", json.dumps(_attempts(folder) + [record], indent=1) + "\n")
+    attempts = recorded_attempts(folder) + [record]
+    write_text_atomic(folder / "attempts.json", json.dumps(attempts, indent=1) + "\n")
 
 
 def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, start: float) -> int:
@@ -217,7 +219,7 @@ def _stages(folder: Path, spec: dict, run_dir: Path, log: Path, first: bool, sta
         if first:
             (folder / f"stage{i}.done").touch()
     if first:  # the minutes of every attempt, this one included
-        attempts = _attempts(folder)
+        attempts = recorded_attempts(folder)
         minutes = round(sum(a["minutes"] for a in attempts) + (time.time() - start) / 60, 2)
         write_text_atomic(run_dir / DONE, json.dumps({**spec["summary"], "minutes": minutes,
                                                       "attempts": len(attempts) + 1}, indent=1) + "\n")
