@@ -24,7 +24,8 @@ default; ``--final_variant`` names it for one task's final models): +learn's cur
 short stage at a constant learning rate after warmup, at most 2000 steps, then the task's contexts
 to step 2400. ``+stage`` (likewise): +until's short stage, then STAGE_STEPS on the task's contexts
 from wherever it stopped, under a schedule of their own (``model.stage_schedule``: warmup and a
-cosine over those steps, peaking at STAGE_RATE of the fine-tuning rate).
+cosine over those steps, peaking at STAGE_RATE of the fine-tuning rate). ``+longstage``: +stage with
+LONG_STAGE_STEPS task steps.
 Baselines: ``full`` (the base itself), ``truncation`` (the base given only the context's end, as
 many positions as each gist variant's cache holds: gists, sinks and window included) and
 ``no_context`` (the base asked without the context), beside each task's chance floor.
@@ -149,13 +150,14 @@ ADDITIONS = {
     "+budget": [],  # a control: +learn's steps (learn_budget), all on the task's contexts
     "+until": [],  # +learn's, the short stage at a constant rate (UNTIL_CAP at most), UNTIL_STEPS in all
     "+stage": [],  # +until's short stage, then STAGE_STEPS task steps under a schedule of their own
+    "+longstage": [],  # +stage with LONG_STAGE_STEPS task steps
 }
 # rows that control for another row, not additions: never in the combination, never the final choice
 CONTROLS = ("+budget",)
 # rows added after the recorded ablation ran: not in --ablation_rows' default (--final_variant names them)
-LATER = ("+until", "+stage")
+LATER = ("+until", "+stage", "+longstage")
 # the curricula that decide a cell's stages: one at most
-CURRICULA = ("learn", "until", "stage")
+CURRICULA = ("learn", "until", "stage", "longstage")
 # +short: of the fine-tuning's steps, these first on the bases' short contexts (1-2 segments, where
 # the bases' lookup formed), the rest on the task's: the same number of steps as every other row
 SHORT_TUNE_STEPS = 400
@@ -181,6 +183,11 @@ UNTIL_CAP, UNTIL_STEPS = 2000, 2400
 # over those steps) peaking at STAGE_RATE x --tune_learning_rate: +until's task stage started at
 # 0.62-0.70 of the peak and decayed from there, which on two_hop_chain seed 0 never left the plateau
 STAGE_STEPS, STAGE_RATE = 1500, 1.0
+# +longstage: +stage with this many task steps. On two_hop_chain (Intel Xeon bases, sitting 9) +stage
+# seed 0 left the plateau at step 1949, ~970 steps into its 1500-step task stage, and ended at 93% of
+# its full model at 4x (the goal: 95%), its last ~530 steps on the cosine's tail; seeds 1 and 2 (98%
+# and 97%) left it at 1199 and never. The row measures whether more task steps close that gap.
+LONG_STAGE_STEPS = 2500
 
 
 def learn_budget(args) -> int:
@@ -314,14 +321,14 @@ def per_training(text: str, kind: type = dict) -> tuple[str, dict | list]:
 def final_variant(text: str) -> tuple[str, str]:
     """argparse type of ``--final_variant``: ``TRAINING=VARIANT`` -> (training, variant): a recipe
     fine-tuned from the base (``base`` with at most one addition, ``best`` with two or more; no
-    control; one of ``+learn``, ``+until`` and ``+stage`` at most)."""
+    control; one curriculum (``+learn``, ``+until``, ``+stage``, ``+longstage``) at most)."""
     training, variant = split_training(text, "VARIANT")
     head, *adds = variant.split("+")
     recipes = [a for a in ADDITIONS if a not in CONTROLS]
     unknown = ["+" + a for a in adds if "+" + a not in recipes]
     why = (f"{', '.join(unknown)} is not one of its additions" if unknown
            else "an addition named twice" if len(set(adds)) < len(adds)
-           else "+learn, +until and +stage are curricula for one stage: one at most"
+           else f"{', '.join('+' + c for c in CURRICULA)} are curricula for one stage: one at most"
            if len(set(adds) & set(CURRICULA)) > 1
            else "base takes one addition at most, best two or more"
            if (head == "base" and len(adds) > 1) or (head == "best" and len(adds) < 2)
@@ -405,12 +412,13 @@ def gist_cell(variant: str, placement: str, task: str, seed: int, args) -> Cell:
                          "stage; name one")
     if "learn" in adds:
         short, steps = LEARN_CAP, learn_budget(args) - LEARN_CAP
-    elif curricula:  # +until (its task stage: the config's schedule, over every step) or +stage
+    elif curricula:  # +until (its task stage: the config's schedule, over every step), +stage, +longstage
         short, steps = UNTIL_CAP, UNTIL_STEPS - UNTIL_CAP
         short_args = ("--model.scheduler", "constant_with_warmup")
-        if "stage" in adds:
-            task_stage = STAGE_STEPS, ("--model.stage_schedule", "true",
-                                       "--model.learning_rate", str(STAGE_RATE * args.tune_learning_rate))
+        if "stage" in adds or "longstage" in adds:
+            task_stage = (STAGE_STEPS if "stage" in adds else LONG_STAGE_STEPS,
+                          ("--model.stage_schedule", "true",
+                           "--model.learning_rate", str(STAGE_RATE * args.tune_learning_rate)))
     if curricula:
         # the answer's own loss: train/lm_loss where objectives add terms to the loss
         objectives = any(a.startswith("--model.objectives.") and a.endswith("_weight") for a in extra) \

@@ -860,6 +860,29 @@ def test_the_stage_row_gives_the_task_stage_its_own_steps_and_schedule(lc, tmp_p
     assert "best-coarse+layout+short+stage-two_hop_chain-seed0: new; 1500 more steps" in printed
 
 
+def test_the_longstage_row_is_the_stage_row_with_a_longer_task_stage(lc, tmp_path, capsys):
+    """+longstage: +stage's short stage, arguments and schedule, LONG_STAGE_STEPS on the task's
+    contexts; a curriculum like the others (never with one of them); not an ablation row by default."""
+    args = _tune_args(lc, tmp_path)
+    staged, longer = (lc.gist_cell(v, "coarse", "two_hop_chain", 0, args)
+                      for v in ("best+layout+ae+short+stage", "best+layout+ae+short+longstage"))
+    assert longer.stages[0] == staged.stages[0] and longer.args == staged.args
+    assert longer.stages[1].args == staged.stages[1].args
+    assert (staged.stages[1].steps, longer.stages[1].steps) == (lc.STAGE_STEPS, lc.LONG_STAGE_STEPS)
+    assert lc.LONG_STAGE_STEPS > lc.STAGE_STEPS and "+longstage" in lc.LATER
+    assert longer.name == "best-coarse+layout+ae+short+longstage-two_hop_chain-seed0"
+    with pytest.raises(argparse.ArgumentTypeError, match="curricula for one stage"):
+        lc.final_variant("two_hop_chain=best+ae+stage+longstage")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "choice.json").write_text(json.dumps({"placement": "coarse", "variant": "base+ae"}))
+    roots = ["--run_root", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert lc.main(["--check_args", "--stage", "final", *roots, "--final_seeds", "0", "--tasks",
+                    "two_hop_chain", "--final_variant", "two_hop_chain=best+layout+short+longstage"]) == 0
+    printed = capsys.readouterr().out
+    assert f"best-coarse+layout+short+longstage-two_hop_chain-seed0: new; {lc.LONG_STAGE_STEPS} more steps" \
+        in printed
+
+
 def test_the_final_variant_of_one_task_replaces_the_chosen_one_there_alone(lc, tmp_path, capsys):
     """--final_variant TRAINING=VARIANT: that task's final gist models train VARIANT, the other tasks'
     the chosen one; naming a training the stage does not train, or another stage, is refused."""
