@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import random
 import statistics
 import time
@@ -35,6 +34,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from gist_lightning.backends import gist_forward
 from gist_lightning.data.collate import pack_rows
+from gist_lightning.machine import describe_machine
 
 SHAPES = {
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -243,9 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        machine = f"{platform.platform()}; torch {torch.__version__}; device {args.device}"
-        machine += (f" ({torch.cuda.get_device_name()})" if args.device == "cuda"
-                    else f", {torch.get_num_threads()} threads")
+        machine = f"{describe_machine()}; device {args.device}"
+        if args.device == "cuda":
+            machine += f" ({torch.cuda.get_device_name()})"
         given = {k: v for k, v in vars(args).items() if k not in ("out", "check_args") and v is not None}
         flags = " ".join(f"--{k} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
                          for k, v in given.items())

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from gist_lightning import caching, generation
 from gist_lightning.backends import gist_forward
 from gist_lightning.data.suite import human_records
 from gist_lightning.export import load_pretrained
+from gist_lightning.machine import cpu_model
 from gist_lightning.padding import pad_batch
 from gist_lightning.templates import encode_example
 from gist_lightning.tokens import add_gist_token, gist_token_id, load_tokenizer
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     records = human_records()[: args.num_prompts]
     examples = [encode_example(tok, r["instruction"], r["input"], None, k, gist_id, False) for r in records]
     device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                   else platform.processor() or "cpu")
+                   else cpu_model())
     header = (f"model: {label}, {args.dtype}, k={k}, device: {args.device} ({device_name}, "
               f"{torch.get_num_threads()} threads), {len(examples)} prompts of the suite's validation_human")
     print(header)

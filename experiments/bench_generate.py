@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -293,10 +292,11 @@ def main(argv=None) -> None:
         return
     import sys
 
+    from gist_lightning.machine import describe_machine
+
     model, tok, instruction, single = build(cfg)
     info = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-            "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}; "
-                       f"{torch.get_num_threads()} torch threads; torch {torch.__version__}",
+            "machine": describe_machine(),
             "shape": cfg.shape, "device": cfg.device, "dtype": cfg.dtype,
             "parameters": sum(p.numel() for p in model.parameters()), "k": cfg.k,
             "instruction_tokens": len(tok(instruction)["input_ids"]), "input_tokens": cfg.input_tokens,

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import platform
 import random
 import statistics
 import sys
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from gist_lightning.machine import describe_machine
 from gist_lightning.serving.launch import ServerProcess
 
 SHAPES = {
@@ -183,8 +183,7 @@ def long_documents(cfg, tmp: Path) -> tuple[dict, list[dict]]:
     def text_of(tokens: int, tag: str) -> str:
         return synthetic_instructions(1, tokens, tokenizer, random.Random(f"{tag}{rng.random()}"))[0]
 
-    info = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.platform()}; "
-            f"{torch.get_num_threads()} torch threads; torch {torch.__version__}",
+    info = {"command": "python " + " ".join(sys.argv), "machine": describe_machine(),
             "model": f"random {cfg.shape} LLaMA shape, segments of 64 + 8 gists", "streams": cfg.streams,
             "documents": cfg.documents, "document_tokens": [2000, 4000], "stream_tokens": cfg.stream_tokens}
     cells = []
@@ -379,8 +378,7 @@ def main(argv=None) -> None:
 
             params = sum(t.numel() for t in load_file(str(weights)).values())
         info = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-                "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}; "
-                           f"{torch.get_num_threads()} torch threads; torch {torch.__version__}",
+                "machine": describe_machine(),
                 "model": cfg.model or f"random {cfg.shape} LLaMA shape", "parameters": params, "k": k,
                 "instructions": len(instructions), "mean_instruction_tokens": statistics.mean(lengths),
                 "distinct_in_workload": len({t for t, _ in requests}), "requests": len(requests),

@@ -81,9 +81,10 @@ from gist_lightning.long_context import (
     compress_context,
     compress_context_ids,
 )
+from gist_lightning.machine import cpu_model
 from gist_lightning.masks import interleave_gists
 from gist_lightning.sweeps import Cell, Stage, Sweep, SweepStopped
-from gist_lightning.sweeps.cell import cpu_model, recorded_attempts
+from gist_lightning.sweeps.cell import recorded_attempts
 from gist_lightning.sweeps.engine import add_launcher_arguments, launcher_from
 from gist_lightning.sweeps.grid import MAX_STEPS
 from gist_lightning.tokens import encode_text, gist_token_id, special_frame

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -32,13 +31,13 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.cli import LightningCLI
 
 from gist_lightning.adapters import parameter_counts
 from gist_lightning.data.datamodule import GistDataModule
 from gist_lightning.evaluation.callbacks import RougeCallback
 from gist_lightning.evaluation.stats import format_mean_sd
+from gist_lightning.machine import describe_machine
 from gist_lightning.module import GistLitModule
 from gist_lightning.splits import SHORT, VALIDATION_SPLITS
 
@@ -192,9 +191,7 @@ def main() -> None:
     text = table(ordered)
     print(text)
     (out / "table.md").write_text(text + "\n")
-    (out / "machine.txt").write_text(
-        f"{platform.platform()}; {platform.processor() or platform.machine()}; torch {torch.__version__}; "
-        f"{torch.get_num_threads()} threads\n")
+    (out / "machine.txt").write_text(describe_machine() + "\n")
 
 
 if __name__ == "__main__":

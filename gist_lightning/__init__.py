@@ -1,17 +1,27 @@
-"""gist-lightning: gist tokens for prompt compression (Mu, Li, Goodman 2023) on PyTorch Lightning."""
+"""gist-lightning: gist tokens for prompt compression (Mu, Li, Goodman 2023) on PyTorch Lightning.
+
+The names below are imported when first used (:mod:`gist_lightning.lazy`): they pull in torch and
+transformers, which a module that needs neither (a sweep cell's process) should not load."""
 
 import re as _re
 from importlib.metadata import PackageNotFoundError as _NotInstalled
 from importlib.metadata import version as _version
 from pathlib import Path as _Path
+from typing import TYPE_CHECKING
 
-from .cache import GistCache
-from .caching import compress
-from .generation import generate
-from .masks import CONDITIONS
-from .tokens import GIST_TOKEN, add_gist_token
+from .lazy import lazy_names as _lazy_names
+
+if TYPE_CHECKING:  # (for type checkers and editors; at run time, __getattr__)
+    from .cache import GistCache
+    from .caching import compress
+    from .generation import generate
+    from .masks import CONDITIONS
+    from .tokens import GIST_TOKEN, add_gist_token
 
 __all__ = ["CONDITIONS", "GIST_TOKEN", "GistCache", "add_gist_token", "compress", "generate"]
+__getattr__, __dir__ = _lazy_names(__name__, {
+    "GistCache": "cache", "compress": "caching", "generate": "generation", "CONDITIONS": "masks",
+    "GIST_TOKEN": "tokens", "add_gist_token": "tokens"})
 
 
 def _source_version() -> str:

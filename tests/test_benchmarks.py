@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from gist_lightning.machine import describe_machine
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +52,7 @@ def test_generation_benchmark_checks_the_methods_agree_and_writes_its_table(tmp_
                            "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"Machine: {describe_machine()}\n" in (tmp_path / "bench_generate-tiny-cpu.md").read_text()
     rows = list(csv.DictReader(open(tmp_path / "bench_generate-tiny-cpu.csv")))
     assert {(r["batch"], r["method"]) for r in rows} == {("3", m) for m in module_methods()}
     assert all(float(r["tokens_per_s_low"]) <= float(r["tokens_per_s"]) <= float(r["tokens_per_s_high"])

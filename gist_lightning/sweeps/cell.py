@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from ..errors import SIGTERM_EXIT
 from ..files import write_text_atomic
+from ..machine import cpu_model
 from .grid import fill_max_steps
 
 SPEC, DONE, FAILED = "cell.json", "done.json", "failed.json"
@@ -47,18 +47,6 @@ def fit_program() -> list[str]:
     """``gist-lightning`` of this Python (Lightning's DDP launcher re-runs that command line)."""
     script = Path(sys.executable).parent / "gist-lightning"
     return [str(script)] if script.exists() else [sys.executable, "-m", "gist_lightning.cli"]
-
-
-def cpu_model() -> str:
-    """This machine's CPU as Linux names it: floating point (and so a retrained model, bit for bit)
-    may differ between CPU types, so each attempt records it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def die_with_parent() -> None:
