@@ -85,6 +85,11 @@ def test_a_stage_of_steps_reads_its_start_once_and_records_it(tmp_path):
     (run / "checkpoints" / "last.ckpt").mkdir()
     with pytest.raises(RuntimeError, match="a checkpoint folder \\(DeepSpeed"):
         stage_start(tmp_path, run, 2, first=True)
+    (run / "checkpoints" / "last.ckpt").rmdir()
+    (run / "checkpoints" / "last.ckpt").write_text("not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"last.ckpt: its step cannot be read \(.*Error"):
+        stage_start(tmp_path, run, 3, first=True)
+    assert not (tmp_path / "stage3.start").exists()
     with pytest.raises(ValueError, match=r"\{max_steps\} in its arguments needs max_steps or steps"):
         Stage(args=("--trainer.val_check_interval", "{max_steps}"))
 

@@ -5,7 +5,7 @@ killed and started again (:mod:`.engine`). The names below are imported when fir
 
 from typing import TYPE_CHECKING
 
-from ..lazy import lazy_names
+from ..lazy import lazy_names as _lazy_names
 
 if TYPE_CHECKING:  # (for type checkers and editors; at run time, __getattr__)
     from .engine import Sweep, SweepStopped, main
@@ -14,6 +14,6 @@ if TYPE_CHECKING:  # (for type checkers and editors; at run time, __getattr__)
 
 __all__ = ["Cell", "LocalLauncher", "SlurmLauncher", "Stage", "Sweep", "SweepStopped", "expand", "main",
            "parse_grid"]
-__getattr__, __dir__ = lazy_names(__name__, {
+__getattr__, __dir__ = _lazy_names(__name__, {
     "Sweep": "engine", "SweepStopped": "engine", "main": "engine", "Cell": "grid", "Stage": "grid",
     "expand": "grid", "parse_grid": "grid", "LocalLauncher": "launchers", "SlurmLauncher": "launchers"})

@@ -244,12 +244,25 @@ def stage_start(folder: Path, run_dir: Path, stage: int, first: bool) -> int:
         raise RuntimeError(f"{last}: a checkpoint folder (DeepSpeed, or FSDP's distributed checkpoint); a "
                            "stage of steps needs a single-file last.ckpt to read its first step from: give "
                            "the stage max_steps")
-    from ..resume import checkpoint_step  # (only a stage of steps needs torch and Lightning here)
-
-    step = checkpoint_step(last) if last.exists() else 0
+    step = _checkpoint_step(last) if last.exists() else 0
     if first:
         write_text_atomic(path, str(step))
     return step
+
+
+def _checkpoint_step(last: Path) -> int:
+    """``last``'s global step, read in a child process: reading it needs torch, which the cell's own
+    process would then hold (~350 MB) for as long as the fit it launches runs."""
+    package_root = str(Path(__file__).resolve().parents[2])  # (this process's gist_lightning, first)
+    paths = [package_root, os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    code = ("import sys; from gist_lightning.resume import checkpoint_step; "
+            "print(checkpoint_step(sys.argv[1]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(last)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        said = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise RuntimeError(f"{last}: its step cannot be read ({said})")
+    return int(proc.stdout.split()[-1])
 
 
 def _keep_export(run_dir: Path, stage: int) -> None:
