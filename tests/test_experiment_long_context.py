@@ -364,6 +364,46 @@ def test_write_outputs_writes_every_table_and_the_plot(lc, tmp_path):
     assert "| full | 2 | 5000-5001 | 90.0 [" in table and "| truncation | 2 | 5000-5001 | " in table
 
 
+def test_the_table_checks_each_seed_against_the_goals(lc, tmp_path):
+    """Per gist model and seed: its share of that seed's full model at each ratio against the
+    task's goal, its paired interval against truncation at the same cache, the step it left the
+    plateau on the task's contexts; each miss named (a full model under 90% too)."""
+    n = 100
+
+    def rows(values):  # exact match % per ratio -> (correct, positions) of n records
+        return {r: ([1.0] * v + [0.0] * (n - v), [10] * n) for r, v in zip(lc.RATIOS, values)}
+
+    got = {("recall3", "full", 0): rows([100] * 3), ("recall3", "full", 1): rows([80] * 3),
+           ("recall3", "truncation+layout", 0): rows([20] * 3),
+           ("recall3", "truncation+layout", 1): rows([20] * 3),
+           ("recall3", "best-coarse+layout", 0): rows([96, 89, 50]),
+           ("recall3", "best-coarse+layout", 1): rows([78, 76, 20]),
+           ("recall1", "full", 0): rows([100] * 3), ("recall1", "truncation", 0): rows([10] * 3),
+           ("recall1", "base-coarse", 0): rows([100, 96, 80])}
+    results = {(t, m, r, s): v for (t, m, s), by in got.items() for r, v in by.items()}
+    plateau = [{"model": "best-coarse+layout", "task": "recall3", "seed": 0, "plateau_loss": 0.5,
+                "plateau_step": 100, "task_plateau_step": 300, "steps": 2000},
+               {"model": "best-coarse+layout", "task": "recall3", "seed": 1, "plateau_loss": 0.5,
+                "plateau_step": 100, "task_plateau_step": None, "steps": 2000}]
+    args = argparse.Namespace(records=n, plateau_loss=0.5)
+    lc.write_outputs(tmp_path, results, {"recall3": 33.3, "recall1": 1.0}, plateau, [],
+                     {"recall3": 256.0, "recall1": 256.0}, args)
+    table = (tmp_path / "table.md").read_text()
+    assert "full attention: seed 0 100.0, seed 1 80.0 (under 90)" in table
+    assert "of full at least 4x 95%, 8x 90%;" in table
+    assert "of full at least 4x 95%, 8x 95%, 16x 85%;" in table
+    goal_rows = [row.strip("| ").split(" | ") for row in table.splitlines() if row.startswith("| b")]
+    line = {(cells[0], cells[1]): cells[2:] for cells in goal_rows if len(cells) == 6}  # (the goals')
+    seed0, seed1 = line[("best-coarse+layout", "0")], line[("best-coarse+layout", "1")]
+    assert seed0[0] == "96.0% / 89.0% / 50.0%" and seed0[1].startswith("+76.0 [")
+    assert seed0[2] == "300" and seed0[3] == "8x 89.0% < 90%"
+    assert seed1[0] == "97.5% / 95.0% / 25.0%" and seed1[2] == "never"
+    assert seed1[3] == "full 80.0 < 90; 16x vs truncation +0.0 [+0.0, +0.0]; never left the plateau"
+    recall1 = line[("base-coarse", "0")]
+    assert recall1[0] == "100.0% / 96.0% / 80.0%" and recall1[2] == "-" and recall1[3] == "16x 80.0% < 85%"
+    assert len(line) == 3  # (no row for a seed without its full model, nor for the baselines)
+
+
 def test_test_and_validation_records_ask_the_keys_training_asks(lc):
     """The experiment's record sets ask only keys that training asks (keys never asked are the
     fits' validation_unseen): without the filter about a sixth of them would not."""
