@@ -958,8 +958,10 @@ def goals_section(task: str, methods: list[str], results: dict, seeds_of: dict,
     """The table's lines that check each seed against the goals (``FULL_GOAL``, ``GOALS``): per gist
     model and seed, its share of that seed's full model and its paired difference to truncation at
     the same cached positions (over records) at each ratio, the step it left the plateau, and what
-    it misses; none where ``full`` is missing."""
-    if (task, "full") not in seeds_of:
+    it misses, each named (what could not be checked too: no full model for the seed, a ratio not
+    evaluated, a plateau not recorded). None where ``full`` is missing or no gist model is."""
+    gist = [m for m in methods if m not in BASELINES and not m.startswith("truncation")]
+    if (task, "full") not in seeds_of or not gist:
         return []
     full_seeds = sorted(seeds_of[(task, "full")])
     full = {s: 100 * float(np.mean(next(results[(task, "full", r, s)][0] for r in RATIOS
@@ -967,7 +969,8 @@ def goals_section(task: str, methods: list[str], results: dict, seeds_of: dict,
     goals = GOALS.get(task, GOALS_ELSE)
     shown = ", ".join(f"{r}x {g:g}%" for r, g in goals.items())
     lines = ["", f"Against the goals (per seed: full attention at least {FULL_GOAL:g}%; of full at least "
-             f"{shown}; above truncation with the paired interval over records above 0 at every ratio):",
+             f"{shown}; above truncation with the paired interval over records above 0 at every ratio; "
+             "left the plateau):",
              "", "full attention: " + ", ".join(
                  f"seed {s} {full[s]:.1f}" + ("" if full[s] >= FULL_GOAL else f" (under {FULL_GOAL:g})")
                  for s in full_seeds), "",
@@ -976,25 +979,35 @@ def goals_section(task: str, methods: list[str], results: dict, seeds_of: dict,
              "| left the plateau (task's contexts) | misses |",
              "|---|---|---|---|---|---|"]
     # the step it left the plateau on the task's own contexts (a curriculum's short stage can leave
-    # it first), or where a record predates that field, its first step under the threshold
-    left = {(p["model"], p["seed"]): p.get("task_plateau_step", "") if p.get("task_plateau_step", "") != ""
-            else p.get("plateau_step", "") for p in plateau if p.get("task") == task}
-    for m in methods:
-        if m in BASELINES or m.startswith("truncation"):
-            continue
+    # it first), or where a record predates that field, its first step under the threshold; a model
+    # trained on the mixture of tasks is recorded under "mixture"
+    left: dict = {}
+    mine = [p for p in plateau if p.get("task") in (task, "mixture")]
+    for p in sorted(mine, key=lambda p: p["task"] == task):  # (the task's own record last: it wins)
+        on_task = p.get("task_plateau_step", "")
+        left[(p["model"], p["seed"])] = on_task if on_task != "" else p.get("plateau_step", "")
+    for m in gist:
         trunc = "truncation+layout" if "layout" in m else "truncation"
         for s in sorted(seeds_of[(task, m)]):
-            if s not in full or not all((task, m, r, s) in results for r in RATIOS):
-                continue
             shares, diffs, misses = [], [], []
-            if full[s] < FULL_GOAL:
+            if s not in full:
+                misses.append("no full model for this seed")
+            elif full[s] < FULL_GOAL:
                 misses.append(f"full {full[s]:.1f} < {FULL_GOAL:g}")
             for r in RATIOS:
+                if (task, m, r, s) not in results:
+                    shares.append("-")
+                    diffs.append("-")
+                    misses.append(f"{r}x not evaluated")
+                    continue
                 ours = results[(task, m, r, s)][0]
-                share = 100 * 100 * float(np.mean(ours)) / full[s] if full[s] else float("nan")
-                shares.append(f"{share:.1f}%")
-                if r in goals and not share >= goals[r]:
-                    misses.append(f"{r}x {share:.1f}% < {goals[r]:g}%")
+                if s in full and full[s]:
+                    share = 100 * 100 * float(np.mean(ours)) / full[s]
+                    shares.append(f"{share:.1f}%")
+                    if r in goals and not share >= goals[r]:  # (two decimals: 94.97 is not 95)
+                        misses.append(f"{r}x {share:.2f}% < {goals[r]:g}%")
+                else:
+                    shares.append("-")
                 if (task, trunc, r, s) in results:
                     d = paired_bootstrap(100 * (np.asarray(ours, float)
                                                 - np.asarray(results[(task, trunc, r, s)][0], float))[None])
@@ -1007,8 +1020,11 @@ def goals_section(task: str, methods: list[str], results: dict, seeds_of: dict,
             step = left.get((m, s), "")
             if step is None:  # (recorded, and never under the threshold at the end)
                 misses.append("never left the plateau")
+            elif step == "":
+                misses.append("plateau not recorded")
             lines.append(f"| {m} | {s} | {' / '.join(shares)} | {'; '.join(diffs)} | "
-                         f"{'-' if step == '' else step or 'never'} | {'; '.join(misses) or 'none'} |")
+                         f"{'-' if step == '' else step if step is not None else 'never'} | "
+                         f"{'; '.join(misses) or 'none'} |")
     return lines
 
 
@@ -1230,8 +1246,12 @@ def combination(gains: dict[str, float]) -> tuple[str, list[str]]:
     """From each row's validation gain over the plain placement (points): the combination of the
     additions that helped (``best+...``; one alone is ``base+...``; none, ``base``) and the final
     stage's candidates (the plain placement, each addition, the combination where there is one).
-    A control (``CONTROLS``) is neither: it measures another row, it is not a recipe."""
+    A control (``CONTROLS``) is neither: it measures another row, it is not a recipe. Of the
+    curricula that helped (``CURRICULA``: one at most in a recipe), the combination takes the one
+    that helped most."""
     helped = [a for a, g in gains.items() if g > 0 and a not in CONTROLS]
+    curricula = [a for a in helped if a[1:] in CURRICULA]  # (one at most in a recipe: the best of them)
+    helped = [a for a in helped if a not in curricula or a == max(curricula, key=gains.__getitem__)]
     best = "best" + "".join(helped) if len(helped) > 1 else ("base" + helped[0] if helped else "base")
     candidates = ["base"] + ["base" + a for a in gains if a not in CONTROLS]
     return best, candidates + [best] * best.startswith("best")
