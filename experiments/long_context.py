@@ -198,6 +198,20 @@ def learn_budget(args) -> int:
 
 
 BASELINES = ("full", "truncation", "no_context")
+
+
+def is_baseline(method: str) -> bool:
+    """A baseline (the base evaluated another way: full, no context, truncation at a gist cache's
+    size), not a gist model."""
+    return method in BASELINES or method.startswith("truncation")
+
+
+def truncation_of(method: str) -> str:
+    """The truncation a gist model is compared with: as many positions as its cache holds (a layout's
+    sinks and window counted: ``truncation+layout``)."""
+    return "truncation+layout" if "layout" in method else "truncation"
+
+
 # issue #32's goals, per seed: full attention at least FULL_GOAL % exact match; each gist model at
 # least this % of its seed's full model at each ratio (1-fact recall: 95 / 95 / 85; the others: 95 at
 # 4x, 90 at 8x), and above truncation at equal cache with its paired interval (over records) above 0
@@ -842,7 +856,7 @@ def write_outputs(
             steps_of.setdefault((p["task"], p["model"]), set()).add(int(p["steps"]))
 
     def steps(t, m):
-        model = "base" if m in BASELINES or m.startswith("truncation") else m
+        model = "base" if is_baseline(m) else m
         got = steps_of.get((t, model)) or steps_of.get(("mixture", model))
         return "-" if not got else str(min(got)) if len(got) == 1 else f"{min(got)}-{max(got)}"
 
@@ -861,8 +875,7 @@ def write_outputs(
     ]
     summary = {}
     for task in sorted({k[0] for k in results}):
-        baseline = lambda m: m in BASELINES or m.startswith("truncation")  # noqa: E731
-        methods = sorted({k[1] for k in results if k[0] == task}, key=lambda m: (baseline(m), m))
+        methods = sorted({k[1] for k in results if k[0] == task}, key=lambda m: (is_baseline(m), m))
         lines += [
             f"## {task} (chance floor {floors[task]:.1f}%"
             + (": the context holds one value, so copying any is right; no_context is the floor"
@@ -883,10 +896,9 @@ def write_outputs(
                 pos = np.mean([np.mean(results[(task, m, r, s)][1]) for s in seeds_of[(task, m)]])
                 eff = f" ({context_tokens[task] / pos:.1f}x)" if pos else ""
                 cells.append(f"{b['mean']:.1f} [{b['low']:.0f}, {b['high']:.0f}]{eff}")
-                trunc = "truncation+layout" if "layout" in m else "truncation"
+                trunc = truncation_of(m)
                 if (
-                    m not in BASELINES
-                    and not m.startswith("truncation")
+                    not is_baseline(m)
                     and (task, trunc) in seeds_of  # (truncation is evaluated at every ratio)
                     and seeds_of[(task, trunc)] >= seeds_of[(task, m)]
                 ):
@@ -960,7 +972,7 @@ def goals_section(task: str, methods: list[str], results: dict, seeds_of: dict,
     the same cached positions (over records) at each ratio, the step it left the plateau, and what
     it misses, each named (what could not be checked too: no full model for the seed, a ratio not
     evaluated, a plateau not recorded). None where ``full`` is missing or no gist model is."""
-    gist = [m for m in methods if m not in BASELINES and not m.startswith("truncation")]
+    gist = [m for m in methods if not is_baseline(m)]
     if (task, "full") not in seeds_of or not gist:
         return []
     full_seeds = sorted(seeds_of[(task, "full")])
@@ -987,7 +999,7 @@ def goals_section(task: str, methods: list[str], results: dict, seeds_of: dict,
         on_task = p.get("task_plateau_step", "")
         left[(p["model"], p["seed"])] = on_task if on_task != "" else p.get("plateau_step", "")
     for m in gist:
-        trunc = "truncation+layout" if "layout" in m else "truncation"
+        trunc = truncation_of(m)
         for s in sorted(seeds_of[(task, m)]):
             shares, diffs, misses = [], [], []
             if s not in full:
@@ -1216,10 +1228,8 @@ def evaluate_all(
             f"{split}/{task}/{m}/seed{seed}", lambda m=m: evaluate(base, m, records, (4,), args.batch_size, 8)
         )
         out.update({(m, r): res[4] for r in RATIOS})
-    for trunc, like in (
-        ("truncation", [m for m in methods if "layout" not in m]),
-        ("truncation+layout", [m for m in methods if "layout" in m]),
-    ):
+    for trunc in ("truncation", "truncation+layout"):
+        like = [m for m in methods if truncation_of(m) == trunc]
         if like:  # as many positions as that gist cache held, record by record
             budgets = {r: out[(like[0], r)][1] for r in RATIOS}
             res = ev.get(

@@ -909,6 +909,20 @@ def test_the_until_row_learns_at_a_constant_rate_then_decays_on_the_task(lc, tmp
             lc.final_variant(bad)
 
 
+def _final_roots(tmp_path) -> list[str]:
+    """--run_root and --out of a final stage whose ablation chose base+ae on coarse (choice.json)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "choice.json").write_text(json.dumps({"placement": "coarse", "variant": "base+ae"}))
+    return ["--run_root", str(tmp_path), "--out", str(tmp_path / "out")]
+
+
+def _checked_cells(lc, tmp_path, capsys, variant: str) -> str:
+    """What --check_args prints for the final stage of two_hop_chain, seed 0, training ``variant``."""
+    assert lc.main(["--check_args", "--stage", "final", *_final_roots(tmp_path), "--final_seeds", "0",
+                    "--tasks", "two_hop_chain", "--final_variant", f"two_hop_chain={variant}"]) == 0
+    return capsys.readouterr().out
+
+
 def test_the_stage_row_gives_the_task_stage_its_own_steps_and_schedule(lc, tmp_path, capsys):
     """+stage: +until's short stage, then STAGE_STEPS on the task's contexts from the step it stopped
     at (Stage(steps=...)), validated at their end, under a schedule of their own at STAGE_RATE of the
@@ -925,12 +939,7 @@ def test_the_stage_row_gives_the_task_stage_its_own_steps_and_schedule(lc, tmp_p
     got = lc.final_variant("two_hop_chain=best+layout+short+stage")
     assert got == ("two_hop_chain", "best+layout+short+stage")
     assert "+stage" in lc.LATER  # (not an ablation row by default)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "choice.json").write_text(json.dumps({"placement": "coarse", "variant": "base+ae"}))
-    roots = ["--run_root", str(tmp_path), "--out", str(tmp_path / "out")]
-    assert lc.main(["--check_args", "--stage", "final", *roots, "--final_seeds", "0", "--tasks",
-                    "two_hop_chain", "--final_variant", "two_hop_chain=best+layout+short+stage"]) == 0
-    printed = capsys.readouterr().out
+    printed = _checked_cells(lc, tmp_path, capsys, "best+layout+short+stage")
     assert "best-coarse+layout+short+stage-two_hop_chain-seed0: new; 1500 more steps" in printed
 
 
@@ -947,12 +956,7 @@ def test_the_longstage_row_is_the_stage_row_with_a_longer_task_stage(lc, tmp_pat
     assert longer.name == "best-coarse+layout+ae+short+longstage-two_hop_chain-seed0"
     with pytest.raises(argparse.ArgumentTypeError, match="curricula for one stage"):
         lc.final_variant("two_hop_chain=best+ae+stage+longstage")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "choice.json").write_text(json.dumps({"placement": "coarse", "variant": "base+ae"}))
-    roots = ["--run_root", str(tmp_path), "--out", str(tmp_path / "out")]
-    assert lc.main(["--check_args", "--stage", "final", *roots, "--final_seeds", "0", "--tasks",
-                    "two_hop_chain", "--final_variant", "two_hop_chain=best+layout+short+longstage"]) == 0
-    printed = capsys.readouterr().out
+    printed = _checked_cells(lc, tmp_path, capsys, "best+layout+short+longstage")
     assert f"best-coarse+layout+short+longstage-two_hop_chain-seed0: new; {lc.LONG_STAGE_STEPS} more steps" \
         in printed
 
@@ -960,9 +964,7 @@ def test_the_longstage_row_is_the_stage_row_with_a_longer_task_stage(lc, tmp_pat
 def test_the_final_variant_of_one_task_replaces_the_chosen_one_there_alone(lc, tmp_path, capsys):
     """--final_variant TRAINING=VARIANT: that task's final gist models train VARIANT, the other tasks'
     the chosen one; naming a training the stage does not train, or another stage, is refused."""
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "choice.json").write_text(json.dumps({"placement": "coarse", "variant": "base+ae"}))
-    roots = ["--run_root", str(tmp_path), "--out", str(tmp_path / "out")]
+    roots = _final_roots(tmp_path)
     assert lc.main(["--check_args", "--stage", "final", *roots, "--final_seeds", "0", "--tasks", "recall1",
                     "two_hop_chain", "--final_variant", "two_hop_chain=best+layout+short+until"]) == 0
     assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [
