@@ -824,12 +824,9 @@ def effective_ratio(records: list[dict], tok, positions: list[int]) -> float:
     return float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]) / np.mean(positions))
 
 
-def write_outputs(
-    out: Path, results: dict, floors: dict, plateau: list[dict], speed: list[dict], context_tokens: dict, args
-) -> None:
-    """results[(task, method, ratio, seed)] = (correct, positions)."""
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [
+def result_rows(results: dict, context_tokens: dict) -> list[dict]:
+    """The rows of ``results.csv`` (and ``validation.csv``): one per task, method, ratio and seed."""
+    return [
         {
             "task": t,
             "method": m,
@@ -842,7 +839,20 @@ def write_outputs(
         }
         for (t, m, r, s), (c, p) in sorted(results.items())
     ]
-    for name, table in (("results.csv", rows), ("plateau.csv", plateau), ("speed.csv", speed)):
+
+
+def write_outputs(
+    out: Path, results: dict, floors: dict, plateau: list[dict], speed: list[dict], context_tokens: dict,
+    args, validation: dict | None = None,
+) -> None:
+    """results[(task, method, ratio, seed)] = (correct, positions) on the test records; ``validation``
+    the same on the validation records (``validation.csv``, and which variant each task's are for)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = result_rows(results, context_tokens)
+    val_rows = result_rows({k: v for k, v in (validation or {}).items() if k[0] in context_tokens},
+                           context_tokens)
+    for name, table in (("results.csv", rows), ("validation.csv", val_rows), ("plateau.csv", plateau),
+                        ("speed.csv", speed)):
         if table:
             with open(out / name, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
@@ -925,6 +935,7 @@ def write_outputs(
                         )
                         + " |"
                     )
+        lines += choice_section(task, validation or {}, seeds_of.get((task, "full"), set()))
         lines += goals_section(task, methods, results, seeds_of, plateau)
         lines.append("")
     if plateau:
@@ -963,6 +974,59 @@ def write_outputs(
         ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot(out / "long_context.png", summary)
+
+
+def choice_section(task: str, validation: dict, final_seeds: set[int]) -> list[str]:
+    """The table's lines that choose ``task``'s variant on its validation records, never its test
+    records: of the gist models evaluated there at every ratio on every seed the task's full
+    attention is reported on, the best mean exact match over seeds, ratios and records (the rule of
+    :func:`choose_variant`; on a tie, the first by name), with its paired difference to the next
+    best; a model on fewer seeds is named, not a candidate. None where no gist model of the task
+    was evaluated on them."""
+    seeds_of: dict = {}
+    for t, m, r, s in validation:
+        if t == task and not is_baseline(m):
+            seeds_of.setdefault(m, {}).setdefault(s, set()).add(r)
+    if not seeds_of or not final_seeds:
+        return []
+    seeds = sorted(final_seeds)
+
+    def on(m):  # (seeds, records) exact match of m on the validation records, averaged over ratios
+        return np.mean([[validation[(task, m, r, s)][0] for s in seeds] for r in RATIOS], axis=0)
+
+    def complete(m):
+        return all(set(RATIOS) <= seeds_of[m].get(s, set()) for s in seeds)
+
+    candidates = sorted((m for m in seeds_of if complete(m)), key=lambda m: (-float(np.mean(on(m))), m))
+    n = len(next(iter(validation[k][0] for k in validation if k[0] == task)))
+    lines = ["", f"Chosen on validation records ({n} per seed, never the test records; exact match %, mean "
+             f"over seeds {', '.join(map(str, seeds))} and records; the choice: the best mean over ratios):"]
+    if candidates:
+        head = " | ".join(f"{r}x" for r in RATIOS)
+        lines += ["", f"| method | {head} | mean over ratios | per seed |",
+                  "|---|" + "---|" * (len(RATIOS) + 2)]
+    for m in candidates:
+        per_ratio = [100 * np.mean([validation[(task, m, r, s)][0] for s in seeds]) for r in RATIOS]
+        per_seed = ", ".join(f"seed {s}: {100 * np.mean(row):.1f}" for s, row in zip(seeds, on(m)))
+        lines.append(f"| {m} | " + " | ".join(f"{v:.1f}" for v in per_ratio)
+                     + f" | {100 * np.mean(on(m)):.1f} | {per_seed} |")
+    fewer = sorted(set(seeds_of) - set(candidates))
+    if fewer:  # (an ablation's rows: fewer seeds than the final stage's)
+        shown = [f"{m} (seeds {', '.join(map(str, sorted(seeds_of[m])))})" for m in fewer]
+        lines += ["", f"Not candidates (not evaluated at every ratio on every one of these seeds): "
+                  f"{', '.join(shown)}."]
+    full = {s: validation[k][0] for s in seeds if (k := (task, "full", RATIOS[0], s)) in validation}
+    if full:
+        lines += ["", "full attention on these records: "
+                  + ", ".join(f"seed {s} {100 * np.mean(c):.1f}" for s, c in full.items())]
+    if not candidates:
+        return lines + ["", "The choice: none (no gist model evaluated at every ratio on every seed)."]
+    choice = (f"The choice: {candidates[0]} ({100 * np.mean(on(candidates[0])):.1f})")
+    if len(candidates) > 1:
+        d = paired_bootstrap(100 * (on(candidates[0]) - on(candidates[1])))
+        choice += (f"; against the next, {candidates[1]}: {format_interval(d)} (paired over seeds and "
+                   "records, mean over ratios)")
+    return lines + ["", choice + "."]
 
 
 def goals_section(task: str, methods: list[str], results: dict, seeds_of: dict,
@@ -1571,10 +1635,48 @@ def trained_on_cpus(cell: Path) -> list[str]:
     return sorted({a["cpu"] for a in recorded_attempts(cell) if a.get("cpu")})
 
 
+def evaluate_splits(ev: Evaluations, args, model: str, training: str, seed: int) -> None:
+    """A model's evaluations (a base's: its baselines) on each task it answers, on the test records
+    and on the validation records (what a choice between variants is made on: the ablation's, and
+    the final stage's where a task has several variants)."""
+    methods = [] if model == "base" else [model]
+    for task in TASKS:
+        if trained_on(task, args) != training or not answers(training, task):
+            continue
+        for split, of, n in (("test", 0, args.records), ("validation", 1, args.validation_records)):
+            records = records_of(task, n, of, tuple(args.context_words), args.vocabulary)
+            evaluate_all(ev, task, seed, methods, records, split, args)
+
+
+def unvalidated(ev: Evaluations, args, name: str) -> list[str]:
+    """The tasks a recorded gist model answers that it has no validation evaluation on (recorded
+    before every model was evaluated on validation records)."""
+    model, training, seed = parse_run_name(name)
+    return [t for t in TASKS if model != "base" and trained_on(t, args) == training and answers(training, t)
+            and f"validation/{t}/{model}/seed{seed}" not in ev.done]
+
+
+def validate_recorded(ev: Evaluations, args, name: str) -> None:
+    """Evaluate a recorded gist model on the validation records it lacks, where its folder and its
+    base's still hold the weights the record names (else it says why not, and changes nothing)."""
+    model, training, seed = parse_run_name(name)
+    entry = ev.models[name]
+    base = args.run_root / run_name("base", training, seed) / "run" / "export"
+    mine = args.run_root / name / "run" / "export"
+    for what, export, recorded in (("its", mine, entry.get("weights_sha256")),
+                                   ("its base's", base, entry.get("base_sha256"))):
+        if not recorded or not any(export.glob("*.safetensors")) or weights_digest(export) != recorded:
+            print(f"{name}: not evaluated on validation records: {what} folder does not hold the weights "
+                  "the record names", flush=True)
+            return
+    evaluate_splits(ev, args, model, training, seed)
+    print(f"{name}: evaluated on validation records", flush=True)
+
+
 def record_model(ev: Evaluations, args, name: str) -> None:
     """Evaluate a finished model as soon as it is (its folder may not outlive the sitting): on each
-    task it answers, the test records and, for the ablation's models, the validation records, with
-    the baselines its evaluation needs (its base's full, no-context and truncation at its cache's
+    task it answers, the test and validation records (:func:`evaluate_splits`), with the baselines
+    its evaluation needs (its base's full, no-context and truncation at its cache's
     size); then record what its training did and the digest of its weights (and a gist model's, of
     its base's). A base trained again (its folder lost with an earlier machine) must come out the
     same, bit for bit, as the base the recorded models were fine-tuned from; else this stops,
@@ -1600,16 +1702,7 @@ def record_model(ev: Evaluations, args, name: str) -> None:
         base_digest = ev.models.get(base, {}).get("weights_sha256") or weights_digest(
             export_of(args.run_root, "base", training, seed)
         )
-    methods = [] if model == "base" else [model]
-    for task in TASKS:
-        if trained_on(task, args) != training or not answers(training, task):
-            continue
-        splits = [("test", records_of(task, args.records, 0, tuple(args.context_words), args.vocabulary))]
-        if task == args.ablation_task:
-            splits.append(("validation", records_of(task, args.validation_records, 1,
-                                                    tuple(args.context_words), args.vocabulary)))
-        for split, records in splits:
-            evaluate_all(ev, task, seed, methods, records, split, args)
+    evaluate_splits(ev, args, model, training, seed)
     done = json.loads((run / "done.json").read_text())
     spec = json.loads((args.run_root / name / "cell.json").read_text())  # (the sweep's record of the cell)
     threshold = plateau_loss(training, args)
@@ -1647,6 +1740,8 @@ def report(ev: Evaluations, args) -> None:
         if parse_run_name(name) and not ev.models.get(name, {}).get("evaluated"):
             record_model(ev, args, name)
         elif parse_run_name(name):  # recorded earlier, perhaps before a field was, or by older code
+            if unvalidated(ev, args, name):
+                validate_recorded(ev, args, name)
             entry, cell = ev.models[name], args.run_root / name
             # (a task step guessed from max_steps never replaces a recorded one)
             found = training_record(cell, entry.get("plateau_loss") or plateau_loss(entry["task"], args),
@@ -1677,7 +1772,8 @@ def report(ev: Evaluations, args) -> None:
                       *(k[0] for k in ev.results("test") if k[0] not in TASKS)})
     if unknown:  # recorded by a newer version of this script (another driver): left in the json
         print(f"{ev.path}: left out of the report, tasks this version does not know: {unknown}", flush=True)
-    write_outputs(args.out, results, floors, plateau, ev.speed, context_tokens, args)
+    validation = {k: v for k, v in ev.results("validation").items() if k[0] in TASKS}
+    write_outputs(args.out, results, floors, plateau, ev.speed, context_tokens, args, validation)
     print(f"wrote {args.out}/results.csv, table.md, long_context.png")
 
 

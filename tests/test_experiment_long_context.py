@@ -438,6 +438,108 @@ def test_the_table_checks_each_seed_against_the_goals(lc, tmp_path):
     assert "Against the goals" not in (tmp_path / "table.md").read_text()
 
 
+def test_a_report_evaluates_recorded_models_on_the_validation_records_they_lack(lc, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A gist model recorded before every model was evaluated on validation records gets them from
+    the report, where its folder and its base's still hold the weights the record names (the
+    baselines come from that base); another model's weights under its name, or another base, are
+    never evaluated in its place: the report says which and records nothing for it."""
+    import torch
+
+    calls = []
+
+    def fake_evaluate_all(ev, task, seed, methods, records, split, args):
+        calls.append((task, seed, tuple(methods), split, len(records)))
+        for m in [*methods, "full"]:
+            ev.get(f"{split}/{task}/{m}/seed{seed}", lambda: {r: ([1.0] * len(records), [9] * len(records))
+                                                                for r in lc.RATIOS})
+
+    monkeypatch.setattr(lc, "evaluate_all", fake_evaluate_all)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    ev = lc.Evaluations(out / "evaluations.json", {"context_words": [70, 120]})
+    digests = {}
+    for seed in (0, 1, 2):
+        base = _finished_run(lc, runs, f"base-recall3-seed{seed}", {"w": torch.full((2,), float(seed))})
+        tuned = _finished_run(lc, runs, f"base-coarse-recall3-seed{seed}",
+                              {"w": torch.full((3,), seed + 5.0)})
+        digests[seed] = lc.weights_digest(base / "export"), lc.weights_digest(tuned / "export")
+        ev.models[f"base-recall3-seed{seed}"] = {"model": "base", "task": "recall3", "seed": seed,
+                                                  "weights_sha256": digests[seed][0], "evaluated": True}
+        for m in ("base-coarse", "full", "truncation", "no_context"):
+            ev.get(f"test/recall3/{m}/seed{seed}", lambda: {r: ([1.0] * 4, [9] * 4) for r in lc.RATIOS})
+        ev.models[f"base-coarse-recall3-seed{seed}"] = {
+            "model": "base-coarse", "task": "recall3", "seed": seed, "weights_sha256": digests[seed][1],
+            "base_sha256": digests[seed][0], "evaluated": True}
+    ev.models["base-coarse-recall3-seed1"]["weights_sha256"] = "1" * 64  # another run's weights here
+    ev.models["base-coarse-recall3-seed2"]["base_sha256"] = "2" * 64  # fine-tuned from another base
+    ev.save()
+    args = argparse.Namespace(run_root=runs, out=out, records=4, validation_records=2, train_on="task",
+                              context_words=[70, 120], vocabulary="words", plateau_loss=0.25, speed=False)
+    lc.report(ev, args)
+    printed = capsys.readouterr().out
+    assert "base-coarse-recall3-seed0: evaluated on validation records" in printed
+    assert ("base-coarse-recall3-seed1: not evaluated on validation records: its folder does not hold the "
+            "weights the record names") in printed
+    assert ("base-coarse-recall3-seed2: not evaluated on validation records: its base's folder does not hold "
+            "the weights the record names") in printed
+    assert ("recall3", 0, ("base-coarse",), "validation", 2) in calls
+    assert not [c for c in calls if c[1] != 0], calls
+    done = json.loads((out / "evaluations.json").read_text())["evaluations"]
+    assert sorted(k for k in done if k.startswith("validation/")) == [
+        "validation/recall3/base-coarse/seed0", "validation/recall3/full/seed0"]
+    assert (out / "validation.csv").read_text().count("recall3,base-coarse,") == 3  # (seed 0's ratios)
+    calls.clear()
+    lc.report(ev, args)  # nothing left to evaluate on seed 0
+    assert not [c for c in calls if c[1] == 0], calls
+
+
+def test_each_tasks_variant_is_chosen_on_its_validation_records_never_its_test_records(lc, tmp_path):
+    """The table names, per task, the gist model with the best validation exact match over the seeds
+    its full attention is reported on (mean over ratios and records), with its paired interval
+    against the next best; a model with fewer seeds there (an ablation's row) is named, not a
+    candidate; validation.csv holds those rows; a task with no validation rows has no choice."""
+    n = 100
+
+    def rows(values):  # exact match % per ratio -> (correct, positions) of n records
+        return {r: ([1.0] * v + [0.0] * (n - v), [10] * n) for r, v in zip(lc.RATIOS, values)}
+
+    test = {("recall3", "full", s): rows([100] * 3) for s in (0, 1)}
+    test |= {("recall3", "best+stage", s): rows([99] * 3) for s in (0, 1)}  # best on the test records
+    test |= {("recall3", "best+until", s): rows([90] * 3) for s in (0, 1)}
+    test |= {("recall1", "full", 0): rows([100] * 3), ("recall1", "base-coarse", 0): rows([100] * 3)}
+    val = {("recall3", "best+stage", 0): rows([90, 90, 84]), ("recall3", "best+stage", 1): rows([80] * 3),
+           ("recall3", "best+until", 0): rows([95, 95, 92]),
+           ("recall3", "best+until", 1): rows([85] * 3),
+           ("recall3", "base-coarse", 0): rows([100] * 3),  # (one seed: the ablation's)
+           ("recall3", "full", 0): rows([99] * 3), ("recall3", "full", 1): rows([98] * 3)}
+    flat = {(t, m, r, s): v for (t, m, s), by in test.items() for r, v in by.items()}
+    flat_val = {(t, m, r, s): v for (t, m, s), by in val.items() for r, v in by.items()}
+    args = argparse.Namespace(records=n, plateau_loss=0.5)
+    lc.write_outputs(tmp_path, flat, {"recall3": 33.3, "recall1": 100.0}, [], [],
+                     {"recall3": 256.0, "recall1": 256.0}, args, flat_val)
+    table = (tmp_path / "table.md").read_text()
+    recall3 = table[table.index("## recall3"):]
+    assert ("Chosen on validation records (100 per seed, never the test records; exact match %, mean over "
+            "seeds 0, 1 and records; the choice: the best mean over ratios):") in recall3
+    assert "| best+until | 90.0 | 90.0 | 88.5 | 89.5 | seed 0: 94.0, seed 1: 85.0 |" in recall3
+    assert "| best+stage | 85.0 | 85.0 | 82.0 | 84.0 | seed 0: 88.0, seed 1: 80.0 |" in recall3
+    assert recall3.index("| best+until | 90.0") < recall3.index("| best+stage | 85.0")
+    assert ("Not candidates (not evaluated at every ratio on every one of these seeds): base-coarse "
+            "(seeds 0).") in recall3
+    assert "full attention on these records: seed 0 99.0, seed 1 98.0" in recall3
+    choice = next(line for line in recall3.splitlines() if line.startswith("The choice: "))
+    assert choice.startswith("The choice: best+until (89.5); against the next, best+stage: +5.5 [")
+    low = float(choice.split("[")[1].split(",")[0])
+    assert 0 < low < 5.5
+    recall1 = table[table.index("## recall1"):table.index("## recall3")]
+    assert "Chosen on validation" not in recall1  # (no validation rows)
+    with open(tmp_path / "validation.csv") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == len(flat_val) and {r["task"] for r in got} == {"recall3"}
+    assert {"method": "best+stage", "ratio": "16", "seed": "0", "exact_match": "84.0"}.items() <= next(
+        r for r in got if (r["method"], r["ratio"], r["seed"]) == ("best+stage", "16", "0")).items()
+
+
 def test_test_and_validation_records_ask_the_keys_training_asks(lc):
     """The experiment's record sets ask only keys that training asks (keys never asked are the
     fits' validation_unseen): without the filter about a sixth of them would not."""
@@ -538,7 +640,7 @@ def _finished_run(lc, root, name, weights, steps=(49, 99), cpu=None):
 def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_only_the_rest(
         lc, tmp_path, monkeypatch, capsys):
     """A sitting's run folders may not outlive its machine, so a finished model is evaluated when it
-    finishes (test records; validation records too on the ablation's task), its training and weights'
+    finishes (on test and validation records, on every task it answers), its training and weights'
     digest recorded in evaluations.json (committed). A later sitting with no run folders trains only
     what that file does not hold, and a base it needs again must come out bit for bit the base the
     recorded models were fine-tuned from, or the sweep stops naming both digests, nothing changed."""
@@ -562,7 +664,7 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     _finished_run(lc, runs, "base-coarse-recall3-seed0", {"w": torch.zeros(2, 3)}, steps=(49, 99, 149))
     lc.record_model(ev, args, "base-recall3-seed0")
     lc.record_model(ev, args, "base-coarse-recall3-seed0")
-    # the ablation's task: test and validation records; the base alone evaluates its baselines
+    # test and validation records; the base alone evaluates its baselines
     coarse = ("base-coarse",)
     assert calls == [("recall3", 0, (), "test", 6), ("recall3", 0, (), "validation", 4),
                      ("recall3", 0, coarse, "test", 6), ("recall3", 0, coarse, "validation", 4)]
@@ -574,11 +676,12 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     assert tuned["base_sha256"] == base_digest != tuned["weights_sha256"]
     assert ev.models["base-recall3-seed0"]["cpus"] == ["AMD EPYC 7B13"] and "cpus" not in tuned  # (not named)
     assert lc.weights_digest(runs / "base-recall3-seed0" / "run" / "export") == tuned["base_sha256"]
-    # the chain's models: its test records and its own plateau threshold (words: half of 0.6)
+    # the chain's models: its test and validation records (a final variant is chosen on them too) and
+    # its own plateau threshold (words: half of 0.6)
     calls.clear()
     _finished_run(lc, runs, "base-two_hop_chain-seed0", base_weights, steps=(49, 99, 149))  # 1, .25, .11
     lc.record_model(ev, args, "base-two_hop_chain-seed0")
-    assert calls == [("two_hop_chain", 0, (), "test", 6)]
+    assert calls == [("two_hop_chain", 0, (), "test", 6), ("two_hop_chain", 0, (), "validation", 4)]
     assert ev.models["base-two_hop_chain-seed0"]["plateau_step"] is None  # (ended at 0.45: over 0.3)
     assert ev.models["base-two_hop_chain-seed0"]["plateau_loss"] == 0.3
     # a mixture's models are asked every task they were trained for, not the chain's
@@ -587,6 +690,7 @@ def test_each_finished_model_is_evaluated_at_once_and_a_fresh_machine_trains_onl
     mixed = lc.Evaluations(tmp_path / "mixed" / "evaluations.json", {"context_words": [70, 120]})
     lc.record_model(mixed, argparse.Namespace(**{**vars(args), "train_on": "mixture"}), "base-mixture-seed0")
     assert [c[0] for c in calls if c[3] == "test"] == ["recall1", "recall3", "two_hop"], calls
+    assert [c[0] for c in calls if c[3] == "validation"] == ["recall1", "recall3", "two_hop"], calls
 
     # a fresh machine: the run folders are gone; what evaluations.json holds is not trained again
     later = lc.Evaluations(out / "evaluations.json", {"context_words": [70, 120]})
@@ -661,7 +765,8 @@ def test_the_report_leaves_out_tasks_it_does_not_know_and_gives_each_models_thre
     ev.models["base-coarse-four_hop-seed0"] = {"model": "base-coarse", "task": "four_hop", "seed": 0}
     ev.save()
     args = argparse.Namespace(run_root=tmp_path / "runs", out=tmp_path / "out", records=4,
-                              context_words=[70, 120], vocabulary="words", plateau_loss=0.25, speed=False)
+                              validation_records=2, train_on="task", context_words=[70, 120],
+                              vocabulary="words", plateau_loss=0.25, speed=False)
     (tmp_path / "runs").mkdir()
     # recorded before end losses were, its folder still here: under 0.25 on the short contexts, back on
     # the plateau on the task's, so it never left it
@@ -708,8 +813,9 @@ def test_a_report_refreshes_a_records_training_fields_only_from_its_own_run(lc, 
               "plateau_step": 99, "task_plateau_step": 99, "end_loss": 0.9, "steps": 300, "evaluated": True}
     ev.models["base-coarse+learn-recall3-seed0"] = dict(record, weights_sha256="0" * 64)  # another run's
     ev.save()
-    args = argparse.Namespace(run_root=runs, out=tmp_path / "out", records=4, context_words=[70, 120],
-                              vocabulary="words", plateau_loss=0.25, speed=False)
+    args = argparse.Namespace(run_root=runs, out=tmp_path / "out", records=4, validation_records=2,
+                              train_on="task", context_words=[70, 120], vocabulary="words", plateau_loss=0.25,
+                              speed=False)
     lc.report(ev, args)
     assert "holds other weights than the record's" in capsys.readouterr().out
     assert ev.models["base-coarse+learn-recall3-seed0"]["end_loss"] == 0.9  # kept
