@@ -563,6 +563,15 @@ def run_or_list(cells: list[Cell], args, extra: list[str], ev: Evaluations | Non
         )
 
 
+VALIDATION_SEED = 1  # records_of's seed of the validation records (the test records': --test_records_seed, 0)
+
+
+def test_seed(args) -> int:
+    """The generator seed of the test records (``--test_records_seed``; 0 where not given)."""
+    seed = getattr(args, "test_records_seed", None)
+    return 0 if seed is None else seed
+
+
 def records_of(
     task: str, n: int, seed: int, context_words: tuple[int, int], vocabulary: str = "codes"
 ) -> list[dict]:
@@ -843,14 +852,17 @@ def result_rows(results: dict, context_tokens: dict) -> list[dict]:
 
 def write_outputs(
     out: Path, results: dict, floors: dict, plateau: list[dict], speed: list[dict], context_tokens: dict,
-    args, validation: dict | None = None,
+    args, validation: dict | None = None, validation_tokens: dict | None = None,
 ) -> None:
     """results[(task, method, ratio, seed)] = (correct, positions) on the test records; ``validation``
-    the same on the validation records (``validation.csv``, and which variant each task's are for)."""
+    the same on the validation records (``validation.csv``, and which variant each task's are for),
+    whose contexts hold ``validation_tokens[task]`` tokens on average (``context_tokens``: the test
+    records')."""
     out.mkdir(parents=True, exist_ok=True)
     rows = result_rows(results, context_tokens)
-    val_rows = result_rows({k: v for k, v in (validation or {}).items() if k[0] in context_tokens},
-                           context_tokens)
+    validation_tokens = validation_tokens or context_tokens
+    val_rows = result_rows({k: v for k, v in (validation or {}).items() if k[0] in validation_tokens},
+                           validation_tokens)
     for name, table in (("results.csv", rows), ("validation.csv", val_rows), ("plateau.csv", plateau),
                         ("speed.csv", speed)):
         if table:
@@ -874,7 +886,8 @@ def write_outputs(
         return np.array([results[(t, m, r, s)][0] for s in sorted(seeds_of[(t, m)])])
 
     lines = [
-        f"# Long contexts: recipes by compression ratio ({args.records} test records per task)",
+        f"# Long contexts: recipes by compression ratio ({args.records} test records per task"
+        + (f", drawn from generator seed {test_seed(args)}" if test_seed(args) else "") + ")",
         "",
         "Exact match (%), mean over seeds and records with a 95% bootstrap interval (seeds and records "
         "resampled); in brackets under each ratio, the effective ratio (context tokens / every cached "
@@ -1167,7 +1180,8 @@ TRAINING_SETTINGS = ("context_words", "train_context_words", "train_on", "segmen
                      "tune_context_weight", "base_short_steps", "tune_short_steps",
                      "base_short_words", "base_short_facts", "vocabulary", "fit_args")
 PER_TRAINING = ("task_model_configs", "task_base_args")  # {training: value}, or None
-EVALUATION_SETTINGS = ("records", "validation_records", "plateau_loss")  # what else an evaluation needs
+# what else an evaluation needs (test_records_seed: recorded where given; records made before it: 0)
+EVALUATION_SETTINGS = ("records", "validation_records", "test_records_seed", "plateau_loss")
 
 
 def check_run_root(run_root: Path, settings: dict) -> None:
@@ -1269,7 +1283,10 @@ def experiment_settings(args, extra: list[str]) -> dict:
     """What an evaluation depends on, besides the task, method and seed: how its models were trained
     (``TRAINING_SETTINGS``) and how they are evaluated."""
     keys = [k for k in (*TRAINING_SETTINGS, *EVALUATION_SETTINGS) if k != "fit_args"]
-    return {**{k: getattr(args, k) for k in keys}, "fit_args": list(extra)}
+    settings = {**{k: getattr(args, k) for k in keys}, "fit_args": list(extra)}
+    if settings["test_records_seed"] is None:
+        del settings["test_records_seed"]  # (as records made before it: seed 0)
+    return settings
 
 
 def evaluate_all(
@@ -1403,6 +1420,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--records", type=int, default=200, help="test records per task")
     p.add_argument("--validation_records", type=int, default=100, help="records the choices are made on")
+    p.add_argument("--test_records_seed", type=int, default=None,
+                   help="generator seed of the test records (default 0, the recorded experiments'): another "
+                   "draws fresh test records, to measure again, with a new --out, a recipe chosen after "
+                   f"its test scores were seen ({VALIDATION_SEED} draws the validation records)")
     p.add_argument(
         "--context_words",
         type=int,
@@ -1508,6 +1529,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.segment_tokens}")
     if args.speed_repeats < 1:
         p.error(f"--speed_repeats must be >= 1 round; got {args.speed_repeats}")
+    if args.test_records_seed == VALIDATION_SEED:
+        p.error(f"--test_records_seed {VALIDATION_SEED} draws the validation records (what variants are "
+                "chosen on); give another seed")
     torch.set_num_threads(1)
     settings = experiment_settings(args, extra)  # (a check reads results, and writes none)
     try:
@@ -1533,7 +1557,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_args:
             placement = "coarse" if args.placement == "auto" else args.placement
         else:
-            val = records_of(task, args.validation_records, 1, tuple(args.context_words), args.vocabulary)
+            val = records_of(task, args.validation_records, VALIDATION_SEED, tuple(args.context_words),
+                             args.vocabulary)
             scores = {
                 s: evaluate_all(ev, task, s, ["base-coarse", "base-fine"], val, "validation", args)
                 for s in seeds
@@ -1643,7 +1668,8 @@ def evaluate_splits(ev: Evaluations, args, model: str, training: str, seed: int)
     for task in TASKS:
         if trained_on(task, args) != training or not answers(training, task):
             continue
-        for split, of, n in (("test", 0, args.records), ("validation", 1, args.validation_records)):
+        for split, of, n in (("test", test_seed(args), args.records),
+                             ("validation", VALIDATION_SEED, args.validation_records)):
             records = records_of(task, n, of, tuple(args.context_words), args.vocabulary)
             evaluate_all(ev, task, seed, methods, records, split, args)
 
@@ -1729,12 +1755,15 @@ def report(ev: Evaluations, args) -> None:
     sittings evaluated is kept in it) and write the outputs of everything ``ev`` holds."""
     from gist_lightning.tokens import load_tokenizer
 
-    floors, context_tokens = {}, {}
+    floors, context_tokens, validation_tokens = {}, {}, {}
     tok = load_tokenizer("suite")  # the experiment's tokenizer (configs/tiny.yaml): context lengths
+    words = tuple(args.context_words)
     for task in TASKS:
-        records = records_of(task, args.records, 0, tuple(args.context_words), args.vocabulary)
+        records = records_of(task, args.records, test_seed(args), words, args.vocabulary)
         floors[task] = chance_floor(records, args.vocabulary)
         context_tokens[task] = float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]))
+        val = records_of(task, args.validation_records, VALIDATION_SEED, words, args.vocabulary)
+        validation_tokens[task] = float(np.mean([len(encode_text(tok, r["instruction"])) for r in val]))
     finished = [d.parent.parent.name for d in args.run_root.glob("*/run/done.json")]
     for name in sorted(finished, key=lambda n: (not n.startswith("base-"), n)):  # bases first
         if parse_run_name(name) and not ev.models.get(name, {}).get("evaluated"):
@@ -1773,7 +1802,8 @@ def report(ev: Evaluations, args) -> None:
     if unknown:  # recorded by a newer version of this script (another driver): left in the json
         print(f"{ev.path}: left out of the report, tasks this version does not know: {unknown}", flush=True)
     validation = {k: v for k, v in ev.results("validation").items() if k[0] in TASKS}
-    write_outputs(args.out, results, floors, plateau, ev.speed, context_tokens, args, validation)
+    write_outputs(args.out, results, floors, plateau, ev.speed, context_tokens, args, validation,
+                  validation_tokens)
     print(f"wrote {args.out}/results.csv, table.md, long_context.png")
 
 

@@ -516,7 +516,7 @@ def test_each_tasks_variant_is_chosen_on_its_validation_records_never_its_test_r
     flat_val = {(t, m, r, s): v for (t, m, s), by in val.items() for r, v in by.items()}
     args = argparse.Namespace(records=n, plateau_loss=0.5)
     lc.write_outputs(tmp_path, flat, {"recall3": 33.3, "recall1": 100.0}, [], [],
-                     {"recall3": 256.0, "recall1": 256.0}, args, flat_val)
+                     {"recall3": 256.0, "recall1": 256.0}, args, flat_val, {"recall3": 128.0})
     table = (tmp_path / "table.md").read_text()
     recall3 = table[table.index("## recall3"):]
     assert ("Chosen on validation records (100 per seed, never the test records; exact match %, mean over "
@@ -536,8 +536,56 @@ def test_each_tasks_variant_is_chosen_on_its_validation_records_never_its_test_r
     with open(tmp_path / "validation.csv") as f:
         got = list(csv.DictReader(f))
     assert len(got) == len(flat_val) and {r["task"] for r in got} == {"recall3"}
-    assert {"method": "best+stage", "ratio": "16", "seed": "0", "exact_match": "84.0"}.items() <= next(
+    # (its effective ratio: the validation records' context tokens over its cached positions)
+    assert {"method": "best+stage", "ratio": "16", "seed": "0", "exact_match": "84.0",
+            "effective_ratio": "12.8"}.items() <= next(
         r for r in got if (r["method"], r["ratio"], r["seed"]) == ("best+stage", "16", "0")).items()
+
+
+def test_fresh_test_records_are_another_draw_recorded_apart_never_the_validation_records(
+        lc, tmp_path, capsys, monkeypatch):
+    """--test_records_seed draws other test records (a recipe chosen after its test scores were seen
+    is measured again on records nobody looked at): the evaluations use them, the table says so, an
+    --out measured on the recorded ones (seed 0, recorded before the setting was) refuses them, and
+    the validation records' seed is refused in one line."""
+    draws = {s: lc.records_of("recall3", 30, s, (70, 120), "words") for s in (0, 1, 2)}
+    texts = {s: [r["instruction"] for r in draws[s]] for s in draws}
+    assert not set(texts[2]) & set(texts[0]) and not set(texts[2]) & set(texts[1])
+    seen = []
+    monkeypatch.setattr(lc, "evaluate_all", lambda ev, task, seed, methods, records, split, args:
+                        seen.append((split, [r["instruction"] for r in records])))
+    args = argparse.Namespace(train_on="task", records=30, validation_records=30, context_words=[70, 120],
+                              vocabulary="words", test_records_seed=2)
+    lc.evaluate_splits(None, args, "base-coarse", "recall3", 0)
+    assert seen == [("test", texts[2]), ("validation", texts[1])]
+    seen.clear()
+    lc.evaluate_splits(None, argparse.Namespace(**{**vars(args), "test_records_seed": None}), "base",
+                       "recall3", 0)
+    assert seen == [("test", texts[0]), ("validation", texts[1])]
+    lc.write_outputs(tmp_path / "t", {("recall3", "full", r, 0): ([1.0], [9]) for r in lc.RATIOS},
+                     {"recall3": 33.3}, [], [], {"recall3": 256.0}, args)
+    assert (tmp_path / "t" / "table.md").read_text().startswith("# Long contexts: recipes by compression "
+                                                               "ratio (30 test records per task, drawn from "
+                                                               "generator seed 2)")
+    # an --out recorded before the setting was (seed 0): the same settings by default, refused with seed 2
+    made = []
+    real = lc.experiment_settings
+    monkeypatch.setattr(lc, "experiment_settings", lambda *a: made.append(real(*a)) or made[-1])
+    roots = _final_roots(tmp_path)
+    assert lc.main(["--check_args", "--stage", "final", *roots, "--final_seeds", "0"]) == 0
+    assert "test_records_seed" not in made[0]
+    (tmp_path / "out" / "evaluations.json").write_text(json.dumps(
+        {"settings": made[0], "evaluations": {}, "models": {}, "speed": []}))
+    capsys.readouterr()
+    assert lc.main(["--check_args", "--stage", "final", *roots, "--final_seeds", "0"]) == 0
+    assert "measured under other settings" not in capsys.readouterr().out
+    assert lc.main(["--check_args", "--stage", "final", *roots, "--final_seeds", "0",
+                    "--test_records_seed", "2"]) == 0
+    assert "measured under other settings (test_records_seed differ)" in capsys.readouterr().out
+    assert made[-1]["test_records_seed"] == 2
+    with pytest.raises(SystemExit):
+        lc.main(["--stage", "report", *roots, "--test_records_seed", "1"])
+    assert "--test_records_seed 1 draws the validation records" in capsys.readouterr().err
 
 
 def test_test_and_validation_records_ask_the_keys_training_asks(lc):
