@@ -37,9 +37,12 @@ task, on ``--final_seeds``). Outputs (``--out``): ``results.csv`` (``task, metho
 exact_match``, cached positions, the effective ratio), ``plateau.csv`` (the step each model's answer
 loss first fell under its threshold, ``--plateau_loss`` scaled per task, if it also ended under it;
 the same on the task's own contexts; the end loss),
-``speed.csv`` (train steps/s of each objective against the plain loss), ``table.md`` (means with 95%
-bootstrap intervals over seeds and records, per seed, paired differences against truncation, and
-each seed against issue #32's goals: ``FULL_GOAL``, ``GOALS``) and ``long_context.png``.
+``speed.csv`` (train steps/s of each objective against the plain loss), ``validation.csv`` (as
+results.csv, on the validation records), ``table.md`` (means with 95% bootstrap intervals over seeds
+and records, per seed, paired differences against truncation, each task's variant chosen on its
+validation records, and each seed against issue #32's goals: ``FULL_GOAL``, ``GOALS``) and
+``long_context.png``. ``--test_records_seed`` draws fresh test records, for a recipe chosen after
+its test scores were seen.
 
     python experiments/long_context.py --check_args                   # the cells, nothing runs
     python experiments/long_context.py --stage ablation               # resumable
