@@ -863,9 +863,10 @@ def write_outputs(
     records')."""
     out.mkdir(parents=True, exist_ok=True)
     rows = result_rows(results, context_tokens)
-    validation_tokens = validation_tokens or context_tokens
+    if validation and validation_tokens is None:
+        raise ValueError("validation results need validation_tokens (their records' context tokens)")
     val_rows = result_rows({k: v for k, v in (validation or {}).items() if k[0] in validation_tokens},
-                           validation_tokens)
+                           validation_tokens) if validation else []
     for name, table in (("results.csv", rows), ("validation.csv", val_rows), ("plateau.csv", plateau),
                         ("speed.csv", speed)):
         if table:
@@ -951,7 +952,7 @@ def write_outputs(
                         )
                         + " |"
                     )
-        lines += choice_section(task, validation or {}, seeds_of.get((task, "full"), set()))
+        lines += choice_section(task, validation, args.final_seeds) if validation else []
         lines += goals_section(task, methods, results, seeds_of, plateau)
         lines.append("")
     if plateau:
@@ -992,13 +993,13 @@ def write_outputs(
     plot(out / "long_context.png", summary)
 
 
-def choice_section(task: str, validation: dict, final_seeds: set[int]) -> list[str]:
+def choice_section(task: str, validation: dict, final_seeds: list[int]) -> list[str]:
     """The table's lines that choose ``task``'s variant on its validation records, never its test
-    records: of the gist models evaluated there at every ratio on every seed the task's full
-    attention is reported on, the best mean exact match over seeds, ratios and records (the rule of
-    :func:`choose_variant`; on a tie, the first by name), with its paired difference to the next
-    best; a model on fewer seeds is named, not a candidate. None where no gist model of the task
-    was evaluated on them."""
+    records: of the gist models evaluated there at every ratio on every one of the final stage's
+    seeds (``--final_seeds``; a model's other seeds are left out), the one with the most right
+    answers over those seeds, ratios and records (the best mean; on a tie, the first by name), with
+    its paired difference to the next best; a model missing one of them is named, not a candidate.
+    No lines where no gist model of the task was evaluated on them."""
     seeds_of: dict = {}
     for t, m, r, s in validation:
         if t == task and not is_baseline(m):
@@ -1013,7 +1014,10 @@ def choice_section(task: str, validation: dict, final_seeds: set[int]) -> list[s
     def complete(m):
         return all(set(RATIOS) <= seeds_of[m].get(s, set()) for s in seeds)
 
-    candidates = sorted((m for m in seeds_of if complete(m)), key=lambda m: (-float(np.mean(on(m))), m))
+    def right(m):  # (a count: exact, where float means of equal counts may differ in their last bit)
+        return sum(sum(validation[(task, m, r, s)][0]) for r in RATIOS for s in seeds)
+
+    candidates = sorted((m for m in seeds_of if complete(m)), key=lambda m: (-right(m), m))
     n = len(next(iter(validation[k][0] for k in validation if k[0] == task)))
     lines = ["", f"Chosen on validation records ({n} per seed, never the test records; exact match %, mean "
              f"over seeds {', '.join(map(str, seeds))} and records; the choice: the best mean over ratios):"]
@@ -1029,7 +1033,7 @@ def choice_section(task: str, validation: dict, final_seeds: set[int]) -> list[s
     fewer = sorted(set(seeds_of) - set(candidates))
     if fewer:  # (an ablation's rows: fewer seeds than the final stage's)
         shown = [f"{m} (seeds {', '.join(map(str, sorted(seeds_of[m])))})" for m in fewer]
-        lines += ["", f"Not candidates (not evaluated at every ratio on every one of these seeds): "
+        lines += ["", "Not candidates (not evaluated at every ratio on every one of these seeds): "
                   f"{', '.join(shown)}."]
     full = {s: validation[k][0] for s in seeds if (k := (task, "full", RATIOS[0], s)) in validation}
     if full:
@@ -1240,6 +1244,10 @@ class Evaluations:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
                 there = json.loads(self.path.read_text())
+                differ = [k for k in differing(there["settings"], self.settings) if k not in PER_TRAINING]
+                if differ:  # (another process created it meanwhile, under other settings)
+                    raise SystemExit(f"{self.path}: written meanwhile under other settings "
+                                     f"({', '.join(differ)} differ); nothing of this process's was added")
                 self.settings.update(merged_per_training(there, self.settings, self.path))
                 self.done.update({k: v for k, v in there["evaluations"].items() if k not in self.done})
                 self.models.update({k: v for k, v in there["models"].items() if k not in self.models})
@@ -1287,8 +1295,8 @@ def experiment_settings(args, extra: list[str]) -> dict:
     (``TRAINING_SETTINGS``) and how they are evaluated."""
     keys = [k for k in (*TRAINING_SETTINGS, *EVALUATION_SETTINGS) if k != "fit_args"]
     settings = {**{k: getattr(args, k) for k in keys}, "fit_args": list(extra)}
-    if settings["test_records_seed"] is None:
-        del settings["test_records_seed"]  # (as records made before it: seed 0)
+    if not settings["test_records_seed"]:
+        del settings["test_records_seed"]  # (0 or not given: as records made before it)
     return settings
 
 
@@ -1426,7 +1434,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test_records_seed", type=int, default=None,
                    help="generator seed of the test records (default 0, the recorded experiments'): another "
                    "draws fresh test records, to measure again, with a new --out, a recipe chosen after "
-                   f"its test scores were seen ({VALIDATION_SEED} draws the validation records)")
+                   f"its test scores were seen (2 or more; {VALIDATION_SEED} draws the validation records)")
     p.add_argument(
         "--context_words",
         type=int,
@@ -1532,9 +1540,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.segment_tokens}")
     if args.speed_repeats < 1:
         p.error(f"--speed_repeats must be >= 1 round; got {args.speed_repeats}")
-    if args.test_records_seed == VALIDATION_SEED:
-        p.error(f"--test_records_seed {VALIDATION_SEED} draws the validation records (what variants are "
-                "chosen on); give another seed")
+    if args.test_records_seed and args.test_records_seed <= VALIDATION_SEED:
+        p.error(f"--test_records_seed must be 0 (the recorded test records) or above {VALIDATION_SEED} "
+                f"(fresh ones); got {args.test_records_seed} ({VALIDATION_SEED} draws the validation "
+                "records, and a negative seed records another split uses)")
     torch.set_num_threads(1)
     settings = experiment_settings(args, extra)  # (a check reads results, and writes none)
     try:
@@ -1685,16 +1694,23 @@ def unvalidated(ev: Evaluations, args, name: str) -> list[str]:
             and f"validation/{t}/{model}/seed{seed}" not in ev.done]
 
 
+def holds(export: Path, digest: str | None) -> bool:
+    """Whether ``export`` holds the weights whose digest (:func:`weights_digest`) is ``digest``."""
+    return bool(digest) and any(export.glob("*.safetensors")) and weights_digest(export) == digest
+
+
 def validate_recorded(ev: Evaluations, args, name: str) -> None:
-    """Evaluate a recorded gist model on the validation records it lacks, where its folder and its
-    base's still hold the weights the record names (else it says why not, and changes nothing)."""
+    """Give a recorded gist model the evaluations it lacks (the validation records', and any test
+    one), where its folder and its base's still hold the weights the record names (else it says why
+    not, and changes nothing)."""
     model, training, seed = parse_run_name(name)
-    entry = ev.models[name]
-    base = args.run_root / run_name("base", training, seed) / "run" / "export"
-    mine = args.run_root / name / "run" / "export"
-    for what, export, recorded in (("its", mine, entry.get("weights_sha256")),
-                                   ("its base's", base, entry.get("base_sha256"))):
-        if not recorded or not any(export.glob("*.safetensors")) or weights_digest(export) != recorded:
+    entry, base = ev.models[name], run_name("base", training, seed)
+    base_digest = entry.get("base_sha256") or ev.models.get(base, {}).get("weights_sha256")
+    for what, export, recorded in (
+        ("its", export_of(args.run_root, model, training, seed), entry.get("weights_sha256")),
+        ("its base's", export_of(args.run_root, "base", training, seed), base_digest),
+    ):
+        if not holds(export, recorded):
             print(f"{name}: not evaluated on validation records: {what} folder does not hold the weights "
                   "the record names", flush=True)
             return
@@ -1781,7 +1797,7 @@ def report(ev: Evaluations, args) -> None:
             if not found or all(entry.get(k) == v for k, v in found.items()):  # (no metrics.csv: kept)
                 continue
             recorded, export = entry.get("weights_sha256"), cell / "run" / "export"
-            if recorded and (not any(export.glob("*.safetensors")) or recorded != weights_digest(export)):
+            if recorded and not holds(export, recorded):
                 print(f"{name}: its folder holds other weights than the record's; the record is kept",
                       flush=True)
                 continue

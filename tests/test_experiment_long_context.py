@@ -474,7 +474,8 @@ def test_a_report_evaluates_recorded_models_on_the_validation_records_they_lack(
     ev.models["base-coarse-recall3-seed2"]["base_sha256"] = "2" * 64  # fine-tuned from another base
     ev.save()
     args = argparse.Namespace(run_root=runs, out=out, records=4, validation_records=2, train_on="task",
-                              context_words=[70, 120], vocabulary="words", plateau_loss=0.25, speed=False)
+                              context_words=[70, 120], vocabulary="words", plateau_loss=0.25, speed=False,
+                              final_seeds=[0, 1, 2])
     lc.report(ev, args)
     printed = capsys.readouterr().out
     assert "base-coarse-recall3-seed0: evaluated on validation records" in printed
@@ -494,27 +495,32 @@ def test_a_report_evaluates_recorded_models_on_the_validation_records_they_lack(
 
 
 def test_each_tasks_variant_is_chosen_on_its_validation_records_never_its_test_records(lc, tmp_path):
-    """The table names, per task, the gist model with the best validation exact match over the seeds
-    its full attention is reported on (mean over ratios and records), with its paired interval
-    against the next best; a model with fewer seeds there (an ablation's row) is named, not a
+    """The table names, per task, the gist model with the best validation exact match over the final
+    stage's seeds (mean over ratios and records; a model's other seeds left out), with its paired
+    interval against the next best; a model missing one of them (an ablation's row) is named, not a
     candidate; validation.csv holds those rows; a task with no validation rows has no choice."""
     n = 100
 
     def rows(values):  # exact match % per ratio -> (correct, positions) of n records
         return {r: ([1.0] * v + [0.0] * (n - v), [10] * n) for r, v in zip(lc.RATIOS, values)}
 
-    test = {("recall3", "full", s): rows([100] * 3) for s in (0, 1)}
-    test |= {("recall3", "best+stage", s): rows([99] * 3) for s in (0, 1)}  # best on the test records
+    test = {("recall3", "full", s): rows([100] * 3) for s in (0, 1, 3)}
+    test |= {("recall3", "best+stage", s): rows([99] * 3) for s in (0, 1, 3)}  # best on the test records
     test |= {("recall3", "best+until", s): rows([90] * 3) for s in (0, 1)}
     test |= {("recall1", "full", 0): rows([100] * 3), ("recall1", "base-coarse", 0): rows([100] * 3)}
     val = {("recall3", "best+stage", 0): rows([90, 90, 84]), ("recall3", "best+stage", 1): rows([80] * 3),
+           ("recall3", "best+stage", 3): rows([100] * 3),  # (a seed the final stage did not train: left out)
            ("recall3", "best+until", 0): rows([95, 95, 92]),
            ("recall3", "best+until", 1): rows([85] * 3),
+           ("recall3", "best+learn", 0): rows([70] * 3), ("recall3", "best+learn", 1): rows([70] * 3),
            ("recall3", "base-coarse", 0): rows([100] * 3),  # (one seed: the ablation's)
            ("recall3", "full", 0): rows([99] * 3), ("recall3", "full", 1): rows([98] * 3)}
     flat = {(t, m, r, s): v for (t, m, s), by in test.items() for r, v in by.items()}
     flat_val = {(t, m, r, s): v for (t, m, s), by in val.items() for r, v in by.items()}
-    args = argparse.Namespace(records=n, plateau_loss=0.5)
+    args = argparse.Namespace(records=n, plateau_loss=0.5, final_seeds=[0, 1])
+    with pytest.raises(ValueError, match="validation results need validation_tokens"):
+        lc.write_outputs(tmp_path, flat, {"recall3": 33.3, "recall1": 100.0}, [], [],
+                         {"recall3": 256.0, "recall1": 256.0}, args, flat_val)
     lc.write_outputs(tmp_path, flat, {"recall3": 33.3, "recall1": 100.0}, [], [],
                      {"recall3": 256.0, "recall1": 256.0}, args, flat_val, {"recall3": 128.0})
     table = (tmp_path / "table.md").read_text()
@@ -523,7 +529,9 @@ def test_each_tasks_variant_is_chosen_on_its_validation_records_never_its_test_r
             "seeds 0, 1 and records; the choice: the best mean over ratios):") in recall3
     assert "| best+until | 90.0 | 90.0 | 88.5 | 89.5 | seed 0: 94.0, seed 1: 85.0 |" in recall3
     assert "| best+stage | 85.0 | 85.0 | 82.0 | 84.0 | seed 0: 88.0, seed 1: 80.0 |" in recall3
-    assert recall3.index("| best+until | 90.0") < recall3.index("| best+stage | 85.0")
+    assert "| best+learn | 70.0 | 70.0 | 70.0 | 70.0 | seed 0: 70.0, seed 1: 70.0 |" in recall3
+    assert recall3.index("| best+until | 90.0") < recall3.index("| best+stage | 85.0") < recall3.index(
+        "| best+learn | 70.0")
     assert ("Not candidates (not evaluated at every ratio on every one of these seeds): base-coarse "
             "(seeds 0).") in recall3
     assert "full attention on these records: seed 0 99.0, seed 1 98.0" in recall3
@@ -583,9 +591,24 @@ def test_fresh_test_records_are_another_draw_recorded_apart_never_the_validation
                     "--test_records_seed", "2"]) == 0
     assert "measured under other settings (test_records_seed differ)" in capsys.readouterr().out
     assert made[-1]["test_records_seed"] == 2
-    with pytest.raises(SystemExit):
-        lc.main(["--stage", "report", *roots, "--test_records_seed", "1"])
-    assert "--test_records_seed 1 draws the validation records" in capsys.readouterr().err
+    assert lc.main(["--check_args", "--stage", "final", *roots, "--final_seeds", "0",
+                    "--test_records_seed", "0"]) == 0  # (0 given: the recorded records, as not given)
+    assert "measured under other settings" not in capsys.readouterr().out
+    for seed in ("1", "-3"):  # (-3 draws the validation records' generator: random takes |seed|)
+        with pytest.raises(SystemExit):
+            lc.main(["--stage", "report", *roots, "--test_records_seed", seed])
+        assert (f"--test_records_seed must be 0 (the recorded test records) or above 1 (fresh ones); got "
+                f"{seed}") in capsys.readouterr().err
+    # the report's chance floor and effective ratios come from the fresh records
+    ev = lc.Evaluations(tmp_path / "fresh" / "evaluations.json", {"test_records_seed": 2})
+    ev.get("test/recall3/full/seed0", lambda: {r: ([1.0] * 30, [9] * 30) for r in lc.RATIOS})
+    lc.report(ev, argparse.Namespace(**{**vars(args), "run_root": tmp_path / "none", "speed": False,
+                                        "out": tmp_path / "fresh", "plateau_loss": 0.25, "final_seeds": [0]}))
+    tok = load_tokenizer("suite")
+    tokens = {s: sum(len(encode_text(tok, t)) for t in texts[s]) / 30 for s in (0, 2)}
+    assert round(tokens[2] / 9, 2) != round(tokens[0] / 9, 2)
+    with open(tmp_path / "fresh" / "results.csv") as f:
+        assert float(next(csv.DictReader(f))["effective_ratio"]) == round(tokens[2] / 9, 2)
 
 
 def test_test_and_validation_records_ask_the_keys_training_asks(lc):
@@ -894,6 +917,16 @@ def test_two_processes_recording_evaluations_lose_nothing(lc, tmp_path):
     later = lc.Evaluations(path, settings)
     assert sorted(later.done) == ["test/recall3/base-coarse/seed0", "test/recall3/base-fine/seed0"]
     assert sorted(later.models) == ["base-coarse-recall3-seed0", "base-fine-recall3-seed0"]
+    # two processes that both found no file, under other settings (fresh test records): never merged
+    fresh, recorded = tmp_path / "fresh.json", {"context_words": [70, 120], "records": 200}
+    first = lc.Evaluations(fresh, recorded)
+    second = lc.Evaluations(fresh, {**recorded, "test_records_seed": 2})
+    first.get("test/recall3/base-coarse/seed0", lambda: {4: ([1.0], [9])})
+    before = fresh.read_text()
+    with pytest.raises(SystemExit, match=r"fresh.json: written meanwhile under other settings \("
+                                         r"test_records_seed differ\); nothing of this process's was added"):
+        second.get("test/recall3/base-coarse/seed0", lambda: {4: ([0.0], [9])})
+    assert fresh.read_text() == before
 
 
 def test_two_drivers_with_their_own_models_keep_each_others_settings(lc, tmp_path):
