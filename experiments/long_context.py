@@ -990,7 +990,8 @@ def write_outputs(
             for r in speed
         ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    plot(out / "long_context.png", summary)
+    if summary:  # (nothing evaluated yet: nothing to plot)
+        plot(out / "long_context.png", summary)
 
 
 def choice_section(task: str, validation: dict, final_seeds: list[int]) -> list[str]:

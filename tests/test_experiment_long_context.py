@@ -570,6 +570,8 @@ def test_fresh_test_records_are_another_draw_recorded_apart_never_the_validation
     lc.evaluate_splits(None, argparse.Namespace(**{**vars(args), "test_records_seed": None}), "base",
                        "recall3", 0)
     assert seen == [("test", texts[0]), ("validation", texts[1])]
+    lc.write_outputs(tmp_path / "t", {}, {}, [], [], {}, args)  # (a report before anything is evaluated)
+    assert not (tmp_path / "t" / "long_context.png").exists()
     lc.write_outputs(tmp_path / "t", {("recall3", "full", r, 0): ([1.0], [9]) for r in lc.RATIOS},
                      {"recall3": 33.3}, [], [], {"recall3": 256.0}, args)
     assert (tmp_path / "t" / "table.md").read_text().startswith("# Long contexts: recipes by compression "
