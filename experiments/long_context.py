@@ -831,9 +831,10 @@ def objective_speed(base: Path, task: str, args, steps: int = 25, repeats: int =
     ]
 
 
-def effective_ratio(records: list[dict], tok, positions: list[int]) -> float:
-    """Context tokens / every cached position (sinks and window included), over the records."""
-    return float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]) / np.mean(positions))
+def context_tokens_of(records: list[dict], tok) -> float:
+    """The mean context length of ``records``, in tokens: what a table's effective ratio (context tokens
+    / every cached position, sinks and window included) divides."""
+    return float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]))
 
 
 def result_rows(results: dict, context_tokens: dict) -> list[dict]:
@@ -1781,9 +1782,9 @@ def report(ev: Evaluations, args) -> None:
     for task in TASKS:
         records = records_of(task, args.records, test_seed(args), words, args.vocabulary)
         floors[task] = chance_floor(records, args.vocabulary)
-        context_tokens[task] = float(np.mean([len(encode_text(tok, r["instruction"])) for r in records]))
+        context_tokens[task] = context_tokens_of(records, tok)
         val = records_of(task, args.validation_records, VALIDATION_SEED, words, args.vocabulary)
-        validation_tokens[task] = float(np.mean([len(encode_text(tok, r["instruction"])) for r in val]))
+        validation_tokens[task] = context_tokens_of(val, tok)
     finished = [d.parent.parent.name for d in args.run_root.glob("*/run/done.json")]
     for name in sorted(finished, key=lambda n: (not n.startswith("base-"), n)):  # bases first
         if parse_run_name(name) and not ev.models.get(name, {}).get("evaluated"):
